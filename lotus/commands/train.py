@@ -1,0 +1,52 @@
+"""Train a ViT from a YAML config, or resume a run.
+
+examples:
+  lotus train --config configs/digits.yaml
+  lotus train --config configs/digits.yaml --set optim.lr=1e-3 --set train.epochs=5 --out runs/try1
+  lotus train --resume runs/try1                 # continue from runs/try1/state.pt
+  lotus train --resume runs/try1 --set train.epochs=20   # continue and train longer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lotus.errors import LotusError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(model, optimiser, schedule, RNG, epoch); uses RUN_DIR/config.yaml")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable; VALUE is YAML)")
+    p.add_argument("--out", "-o", metavar="DIR", help="run directory (default: output.dir or runs/<name>-<time>)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lotus.config import load_config
+    from lotus.train import Trainer
+
+    if bool(args.config) == bool(args.resume):
+        raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            raise LotusError(f"--resume: {args.resume} is not a run directory")
+        if args.out:
+            raise LotusError("--out: cannot be combined with --resume (the run continues in its own directory)")
+        cfg = load_config(os.path.join(args.resume, "config.yaml"), args.set)
+        trainer = Trainer(cfg, run_dir=args.resume, resume=True, quiet=args.quiet)
+    else:
+        cfg = load_config(args.config, args.set)
+        trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet)
+    summary = trainer.fit()
+    if not args.quiet and trainer.dist.is_main:
+        acc = summary.get("final_val_acc")
+        best = summary.get("best_val_acc")
+        print(json.dumps({k: summary[k] for k in ("run_dir", "epochs", "steps", "wall_s")}
+                         | {"final_val_acc": acc, "best_val_acc": best}))
+    return 0

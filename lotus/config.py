@@ -1,0 +1,191 @@
+"""The training config: typed sections validated from YAML, with ``--set a.b=value`` overrides."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from lotus.errors import ConfigError
+from lotus.models.op_block import OPConfig
+from lotus.outliers.config import OutliersConfig
+from lotus.parallel.config import ParallelConfig
+from lotus.prune import PruningConfig
+from lotus.schedule import ScheduleConfig
+from lotus.schema import to_dict, validate
+from lotus.tickets import TicketsConfig
+
+__all__ = [
+    "Config", "ModelConfig", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "OutputConfig",
+    "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which timm model to build. Unset sizes come from the data (channels, classes) or the model."""
+
+    name: str = "lotus_vit_tiny"
+    img_size: int | None = field(default=None, metadata={"min": 1})
+    patch_size: int | None = field(default=None, metadata={"min": 1})
+    in_chans: int | None = field(default=None, metadata={"min": 1})
+    num_classes: int | None = field(default=None, metadata={"min": 2})
+    pretrained: bool = False
+    checkpoint: str | None = None
+    drop_path_rate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    block: Literal["pre_ln", "op"] = "pre_ln"
+    op: OPConfig = field(default_factory=OPConfig)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation (applied on tensors, batched-friendly)."""
+
+    random_crop: int = field(default=0, metadata={"min": 0})  # random shift by up to this many pixels
+    hflip: bool = False
+    random_erasing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    rotate: float = field(default=0.0, metadata={"min": 0.0, "max": 180.0})  # max degrees
+    scale: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})  # zoom in [1-s, 1+s]
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: str = "data"
+    download: bool = False
+    val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True})
+    split_seed: int = 0
+    batch_size: int = field(default=64, metadata={"min": 1})
+    eval_batch_size: int = field(default=256, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})
+    normalize: bool = True
+    limit_train: int | None = field(default=None, metadata={"min": 2})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd", "soap", "shampoo"] = "adamw"
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "min_exclusive": True})
+    weight_decay: float = field(default=0.05, metadata={"min": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = field(default=1e-8, metadata={"min": 0.0, "min_exclusive": True})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    nesterov: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas: expected two floats in [0, 1), got {self.betas!r}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=10, metadata={"min": 1})
+    warmup_epochs: float = field(default=1.0, metadata={"min": 0.0})
+    min_lr: float = field(default=1e-5, metadata={"min": 0.0})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    grad_clip: float | None = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    deterministic: bool = True
+    threads: int | None = field(default=None, metadata={"min": 1})
+    eval_every: int = field(default=1, metadata={"min": 1})
+    max_steps: int | None = field(default=None, metadata={"min": 1})
+
+    def check(self, prefix: str) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(
+                f"{prefix}.warmup_epochs: expected a value <= train.epochs ({self.epochs}), got {self.warmup_epochs!r}"
+            )
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None  # default: runs/<config name>
+    save_best: bool = True
+    save_last: bool = True
+    report: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    outliers: OutliersConfig = field(default_factory=OutliersConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
+    name: str = "run"
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, returning a new dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE such as optim.lr=1e-3")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item}: expected a dotted key such as train.epochs")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """Validate a raw dict (plus overrides) into a :class:`Config`."""
+    return validate(Config, apply_overrides(data or {}, overrides or []), "")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return to_dict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from lotus.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,265 @@
+"""Datasets for training: digits (embedded), MNIST/Fashion-MNIST/CIFAR via torchvision, ImageFolder.
+
+Every item is ``(image, label, index)`` where ``index`` is the sample's position in its dataset, so
+data tickets and dynamic pruning can address samples. In-memory datasets keep images at their native
+resolution and resize per batch, so a 224 px model on CIFAR does not need 30 GB of RAM.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from lotus.errors import LotusError
+
+__all__ = ["TensorImageDataset", "DataBundle", "build_datasets", "batches", "Augmenter"]
+
+
+def _fit_channels(x: torch.Tensor, chans: int) -> torch.Tensor:
+    c = x.shape[-3]
+    if c == chans:
+        return x
+    if c == 1:
+        return x.expand(*x.shape[:-3], chans, *x.shape[-2:])
+    if chans == 1:
+        return x.mean(dim=-3, keepdim=True)
+    raise LotusError(f"data: cannot convert {c}-channel images to {chans} channels (set model.in_chans)")
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as a float tensor [N, C, h, w] in [0, 1]; resized/normalised on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, chans: int,
+                 mean: torch.Tensor, std: torch.Tensor, classes: list[str]):
+        self.images, self.labels = images, labels.long()
+        self.img_size, self.chans = img_size, chans
+        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw batch [B, C, h, w] in [0,1] -> model input [B, chans, img, img], normalised."""
+        x = _fit_channels(x, self.chans)
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def get_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.prepare(self.images[index]), self.labels[index], index
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        x = self.prepare(self.images[i : i + 1])[0]
+        return x, int(self.labels[i]), int(i)
+
+
+class _FolderDataset(Dataset):
+    """torchvision ImageFolder that returns (image, label, index)."""
+
+    def __init__(self, folder: Any, img_size: int, chans: int):
+        from torchvision import transforms as T
+
+        self.folder, self.classes = folder, folder.classes
+        self.labels = torch.tensor(folder.targets, dtype=torch.long)
+        mode = "L" if chans == 1 else "RGB"
+        self.transform = T.Compose([
+            T.Lambda(lambda im: im.convert(mode)),
+            T.Resize((img_size, img_size), antialias=True),
+            T.ToTensor(),
+            T.Normalize([0.5] * chans, [0.5] * chans),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        path, label = self.folder.samples[i]
+        return self.transform(self.folder.loader(path)), int(label), int(i)
+
+
+@dataclass
+class DataBundle:
+    """Train and validation datasets plus what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    labels_train: np.ndarray
+    classes: list[str]
+
+
+def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    try:
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    except ValueError:  # a class too small to stratify: plain seeded split
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
+    return np.sort(tr), np.sort(va)
+
+
+def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = images.mean(dim=(0, 2, 3))
+    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean, std
+
+
+def _digits(cfg: Any):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(d.target)
+    tr, va = _split(d.target, cfg.val_fraction, cfg.split_seed)
+    return images[tr], labels[tr], images[va], labels[va], [str(c) for c in d.target_names]
+
+
+_TV = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def _torchvision(cfg: Any):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TV[cfg.name])
+    sets = []
+    for train in (True, False):
+        try:
+            ds = cls(cfg.root, train=train, download=cfg.download)
+        except RuntimeError as e:
+            if cfg.download:
+                raise LotusError(f"data: cannot download {cfg.name} into {cfg.root} ({e})") from None
+            raise LotusError(
+                f"data.root: {cfg.name} not found under {cfg.root!r}; set data.download: true to download it "
+                "or point data.root at a folder that has it"
+            ) from None
+        except OSError as e:
+            raise LotusError(f"data: cannot download {cfg.name} into {cfg.root} ({e})") from None
+        data = torch.as_tensor(np.asarray(ds.data))
+        images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        sets.append((images.float().div_(255.0), torch.as_tensor(np.asarray(ds.targets))))
+    (xtr, ytr), (xva, yva) = sets
+    return xtr, ytr, xva, yva, [str(c) for c in ds.classes]
+
+
+def _imagefolder(cfg: Any, img_size: int, chans: int | None):
+    from torchvision.datasets import ImageFolder
+
+    out = []
+    for split in ("train", "val"):
+        path = os.path.join(cfg.root, split)
+        if not os.path.isdir(path):
+            raise LotusError(f"data.root: expected class folders in {path} (imagefolder needs train/ and val/)")
+        try:
+            folder = ImageFolder(path)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise LotusError(f"data.root: {path}: {str(e).splitlines()[0]}") from None
+        out.append(folder)
+    train, val = out
+    if train.classes != val.classes:
+        raise LotusError(f"data.root: train/ and val/ in {cfg.root} have different class folders")
+    if chans is None:
+        from PIL import Image
+
+        with Image.open(train.samples[0][0]) as im:
+            chans = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
+    return _FolderDataset(train, img_size, chans), _FolderDataset(val, img_size, chans), train.classes, chans
+
+
+def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None) -> DataBundle:
+    """Build the train/val datasets named by the ``data`` config section.
+
+    ``in_chans`` forces a channel count (model.in_chans); by default the data's own is used.
+    """
+    if cfg.name == "imagefolder":
+        train, val, classes, chans = _imagefolder(cfg, img_size, in_chans)
+        labels = train.labels.numpy()
+    else:
+        xtr, ytr, xva, yva, classes = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+        if cfg.limit_train is not None and cfg.limit_train < len(ytr):
+            keep, _ = _split(ytr.numpy(), 1 - cfg.limit_train / len(ytr), cfg.split_seed)
+            xtr, ytr = xtr[keep], ytr[keep]
+        chans = in_chans or xtr.shape[1]
+        if cfg.normalize:
+            mean, std = _stats(_fit_channels(xtr, chans))
+        else:
+            mean, std = torch.zeros(chans), torch.ones(chans)
+        train = TensorImageDataset(xtr, ytr, img_size, chans, mean, std, classes)
+        val = TensorImageDataset(xva, yva, img_size, chans, mean, std, classes)
+        labels = ytr.numpy()
+    if len(train) == 0 or len(val) == 0:
+        raise LotusError(f"data: {cfg.name} has an empty {'train' if len(train) == 0 else 'val'} split")
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise LotusError(f"data: {cfg.name} training split has only one class ({classes[int(present[0])]}); need >= 2")
+    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes))
+
+
+class Augmenter:
+    """Batched train-time augmentation on tensors: random affine (translate/rotate/scale), flip, erasing.
+
+    Uses its own ``torch.Generator`` so runs are reproducible and resumable.
+    """
+
+    def __init__(self, cfg: Any, seed: int):
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(seed + 7919)
+
+    @property
+    def active(self) -> bool:
+        c = self.cfg
+        return bool(c.random_crop or c.hflip or c.random_erasing or c.rotate or c.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c, g, b = self.cfg, self.gen, x.shape[0]
+        if c.random_crop or c.rotate or c.scale:
+            ang = (torch.rand(b, generator=g) * 2 - 1) * math.radians(c.rotate)
+            scl = 1 + (torch.rand(b, generator=g) * 2 - 1) * c.scale
+            shift = (torch.rand(b, 2, generator=g) * 2 - 1) * (2 * c.random_crop / x.shape[-1])
+            cos, sin = torch.cos(ang) / scl, torch.sin(ang) / scl
+            theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False)
+        if c.hflip:
+            flip = torch.rand(b, generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+        if c.random_erasing:
+            h, w = x.shape[-2:]
+            on = torch.rand(b, generator=g) < c.random_erasing
+            eh = (torch.rand(b, generator=g) * 0.3 + 0.1) * h
+            ew = (torch.rand(b, generator=g) * 0.3 + 0.1) * w
+            cy, cx = torch.rand(b, generator=g) * h, torch.rand(b, generator=g) * w
+            ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+            box = ((ys - cy.view(-1, 1, 1)).abs() < eh.view(-1, 1, 1) / 2) & ((xs - cx.view(-1, 1, 1)).abs() < ew.view(-1, 1, 1) / 2)
+            mask = (box & on.view(-1, 1, 1)).unsqueeze(1).to(x.device)
+            x = x.masked_fill(mask, 0.0)
+        return x
+
+
+def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: int, num_workers: int = 0,
+            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels, index)`` batches over ``indices`` in the given order.
+
+    In-memory datasets are sliced a whole batch at a time (no per-sample Python work); others go through
+    a ``DataLoader`` with the same order.
+    """
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    n = len(idx)
+    stop = n - n % batch_size if drop_last else n
+    if hasattr(dataset, "get_batch"):
+        for s in range(0, stop, batch_size):
+            yield dataset.get_batch(idx[s : s + batch_size])
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=idx[:stop].tolist(), num_workers=num_workers,
+                        drop_last=False, persistent_workers=False)
+    for x, y, i in loader:
+        yield x, y, i

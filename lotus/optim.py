@@ -1,0 +1,79 @@
+"""Optimiser and learning-rate schedule construction from the ``optim``/``train`` config sections."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and never-decayed biases/norms/gains/tokens (ndim <= 1 or listed by
+    the model's ``no_weight_decay()``, as timm's create_optimizer does)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        base = name.replace(".parametrizations.", ".").replace(".original", "")
+        if p.ndim <= 1 or base in skip or any(base.endswith(s) for s in skip):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.outliers.optimizers``."""
+    groups = param_groups(model, optim_cfg.weight_decay)
+    name = optim_cfg.name
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                 **optim_cfg.extra)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                               nesterov=optim_cfg.nesterov, **optim_cfg.extra)
+    from lotus.outliers.optimizers import build
+
+    return build(name, groups, optim_cfg)
+
+
+class CosineSchedule:
+    """Linear warm-up then cosine decay, driven by fractional epochs (robust to subsets that change the
+    number of steps per epoch). ``lr(t) = min_lr + (base - min_lr) * 0.5 * (1 + cos(pi * progress))``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float, warmup: float,
+                 total: float):
+        self.optimizer, self.base_lr, self.min_lr = optimizer, base_lr, min_lr
+        self.warmup, self.total = warmup, total
+        self.position = 0.0
+
+    def lr_at(self, t: float) -> float:
+        if self.warmup > 0 and t < self.warmup:
+            return self.base_lr * max(t, 1e-3 * self.warmup) / self.warmup
+        span = max(self.total - self.warmup, 1e-12)
+        progress = min(max((t - self.warmup) / span, 0.0), 1.0)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def set_position(self, t: float) -> float:
+        self.position = t
+        lr = self.lr_at(t)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_position(float(state["position"]))
+
+
+def count_params(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)
