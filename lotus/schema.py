@@ -7,6 +7,7 @@ Field limits come from ``dataclasses.field(metadata={"min": .., "max": .., "min_
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -14,6 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from lotus.errors import ConfigError
 
 __all__ = ["ConfigError", "validate", "to_dict", "describe_type"]
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 def describe_type(tp: Any) -> str:
     """Human-readable name of a type annotation ("int", "'a' | 'b'", "list of float")."""
@@ -27,10 +30,8 @@ def describe_type(tp: Any) -> str:
     if origin in (list, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
         return f"list of {describe_type(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -94,6 +95,8 @@ def _convert(key: str, tp: Any, value: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(key, tp, meta, value)
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, tp, meta, value)
         value = float(value)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs that train in a second or two on 2 CPU cores."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = {
+    "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
+    "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512},
+    "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+    "train": {"epochs": 2, "warmup_epochs": 0.2, "seed": 0, "label_smoothing": 0.0},
+}
+
+
+@pytest.fixture
+def tiny_cfg_dict():
+    import copy
+
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_cfg_dict):
+    from lotus.config import config_from_dict
+
+    return config_from_dict(tiny_cfg_dict)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path, tiny_cfg_dict):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg_dict))
+    return path

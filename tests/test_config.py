@@ -1,0 +1,75 @@
+import pytest
+
+from lotus.config import Config, config_from_dict, config_to_dict, load_config
+from lotus.errors import ConfigError
+
+
+def test_defaults_and_roundtrip():
+    cfg = config_from_dict({})
+    assert isinstance(cfg, Config)
+    again = config_from_dict(config_to_dict(cfg))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"epochs": "ten"}}, "train.epochs: expected int >= 1, got 'ten'"),
+    ({"train": {"epochs": 0}}, "train.epochs: expected int >= 1, got 0"),
+    ({"train": {"epochz": 3}}, "train.epochz: unknown key"),
+    ({"bogus": {}}, "bogus: unknown key"),
+    ({"optim": {"lr": -1}}, "optim.lr: expected float > 0.0"),
+    ({"optim": {"name": "adam"}}, "optim.name: expected 'adamw' | 'sgd'"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction: expected float > 0.0 and < 1.0, got 1.0"),
+    ({"train": {"deterministic": "yes"}}, "train.deterministic: expected bool, got 'yes'"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas: expected two floats"),
+    ({"model": "vit"}, "model: expected a mapping, got 'vit'"),
+    ({"train": {"epochs": 2, "warmup_epochs": 5}}, "train.warmup_epochs: expected a value <= train.epochs"),
+    ({"data": {"augment": {"rotate": 400}}}, "data.augment.rotate: expected float >= 0.0 and <= 180.0"),
+])
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert message in str(e.value)
+
+
+def test_int_accepted_for_float_and_bool_not_int():
+    cfg = config_from_dict({"optim": {"lr": 1}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        config_from_dict({"train": {"epochs": True}})
+
+
+def test_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(p, ["optim.lr=1e-3", "train.epochs=5", "model.kwargs.qkv_bias=false", "data.augment.hflip=true"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 5
+    assert cfg.model.kwargs == {"qkv_bias": False} and cfg.data.augment.hflip is True
+    assert cfg.name == "c"
+    with pytest.raises(ConfigError, match="--set train: expected KEY=VALUE"):
+        load_config(p, ["train"])
+    with pytest.raises(ConfigError, match="train.epochs: expected int >= 1, got 'x'"):
+        load_config(p, ["train.epochs=x"])
+    with pytest.raises(ConfigError, match="train.epochs is not a section"):
+        load_config(p, ["train.epochs.x=1"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(lst)
+
+
+def test_shipped_configs_validate():
+    import glob
+
+    paths = sorted(glob.glob("configs/*.yaml"))
+    assert "configs/digits.yaml" in paths
+    for p in paths:
+        load_config(p)

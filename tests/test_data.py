@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from lotus.config import config_from_dict
+from lotus.data import Augmenter, batches, build_datasets
+from lotus.errors import LotusError
+
+
+def test_digits_split_is_deterministic_and_indexed():
+    cfg = config_from_dict({"data": {"name": "digits", "val_fraction": 0.25, "split_seed": 3}}).data
+    a = build_datasets(cfg, img_size=16)
+    b = build_datasets(cfg, img_size=16)
+    assert a.num_classes == 10 and a.in_chans == 1
+    assert len(a.train) + len(a.val) == 1797 and abs(len(a.val) - 0.25 * 1797) < 2
+    assert torch.equal(a.train.images, b.train.images)
+    x, y, i = a.train[5]
+    assert x.shape == (1, 16, 16) and i == 5 and y == int(a.labels_train[5])
+    xb, yb, ib = a.train.get_batch(torch.tensor([5, 7]))
+    assert torch.allclose(xb[0], x, atol=1e-6) and ib.tolist() == [5, 7]
+    # normalised with train statistics
+    assert abs(float(a.train.get_batch(torch.arange(len(a.train)))[0].mean())) < 0.1
+    c = build_datasets(config_from_dict({"data": {"split_seed": 4}}).data, img_size=16)
+    assert not torch.equal(a.train.labels[:50], c.train.labels[:50]) or not torch.equal(a.train.images[:50], c.train.images[:50])
+
+
+def test_channels_forced_and_limit():
+    cfg = config_from_dict({"data": {"limit_train": 100}}).data
+    d = build_datasets(cfg, img_size=8, in_chans=3)
+    assert d.in_chans == 3 and len(d.train) == 100 and d.train[0][0].shape == (3, 8, 8)
+    assert len(np.unique(d.labels_train)) == 10  # stratified
+
+
+def _write_folder(root, classes, n, size, mode):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / split / c / f"{k}.png")
+
+
+def test_imagefolder(tmp_path):
+    _write_folder(tmp_path, ["cat", "dog"], 3, (20, 12), "RGB")
+    cfg = config_from_dict({"data": {"name": "imagefolder", "root": str(tmp_path)}}).data
+    d = build_datasets(cfg, img_size=16)
+    assert d.num_classes == 2 and d.in_chans == 3 and d.classes == ["cat", "dog"]
+    x, y, i = d.train[4]
+    assert x.shape == (3, 16, 16) and y == 1 and i == 4
+    xs, ys, idx = next(batches(d.train, np.array([0, 4]), 2))
+    assert xs.shape == (2, 3, 16, 16) and idx.tolist() == [0, 4] and ys.tolist() == [0, 1]
+
+
+def test_imagefolder_grayscale_and_errors(tmp_path):
+    _write_folder(tmp_path, ["a", "b"], 2, (10, 10), "L")
+    cfg = config_from_dict({"data": {"name": "imagefolder", "root": str(tmp_path)}}).data
+    assert build_datasets(cfg, img_size=8).in_chans == 1
+    one = tmp_path / "one"
+    _write_folder(one, ["only"], 2, (8, 8), "L")
+    with pytest.raises(LotusError, match="only one class"):
+        build_datasets(config_from_dict({"data": {"name": "imagefolder", "root": str(one)}}).data, img_size=8)
+    with pytest.raises(LotusError, match="expected class folders in"):
+        build_datasets(config_from_dict({"data": {"name": "imagefolder", "root": str(tmp_path / "nope")}}).data, 8)
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    with pytest.raises(LotusError, match="data.root"):
+        build_datasets(config_from_dict({"data": {"name": "imagefolder", "root": str(empty)}}).data, img_size=8)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100"])
+def test_torchvision_missing_files_is_clear(tmp_path, name):
+    cfg = config_from_dict({"data": {"name": name, "root": str(tmp_path)}}).data
+    with pytest.raises(LotusError, match="set data.download: true"):
+        build_datasets(cfg, img_size=16)
+
+
+def test_mnist_from_local_files(tmp_path):
+    """Write MNIST's raw idx files for a few images; the loader reads them like the real ones."""
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 6)):
+        imgs = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    cfg = config_from_dict({"data": {"name": "mnist", "root": str(tmp_path)}}).data
+    d = build_datasets(cfg, img_size=16)
+    assert len(d.train) == 20 and len(d.val) == 6 and d.num_classes == 10 and d.train[3][0].shape == (1, 16, 16)
+
+
+def test_augmenter_is_seeded_and_changes_images():
+    cfg = config_from_dict({"data": {"augment": {"random_crop": 2, "rotate": 10, "hflip": True, "random_erasing": 0.5}}}).data
+    x = torch.randn(8, 1, 16, 16)
+    a, b = Augmenter(cfg.augment, 0), Augmenter(cfg.augment, 0)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb) and not torch.equal(ya, x) and ya.shape == x.shape
