@@ -361,6 +361,10 @@ class Trainer:
             from lotus.checkpoint import atomic_write_text
 
             atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
+            if self.cfg.output.report:
+                from lotus.report import write_report
+
+                write_report(self.run_dir)
         return summary
 
     def _train_epoch(self, epoch: int, show_bar: bool, steps_cap: int | None) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: tiny models gain nothing from more, and a shared machine stays fast.
+torch.set_num_threads(1)
 
 TINY = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},

@@ -1,0 +1,208 @@
+"""``lotus bench``: several configs x seeds trained side by side, compared on time-to-accuracy.
+
+For each config and seed a normal training run is written under ``OUT/<config>/seed<k>``. The target
+accuracy defaults to the first (baseline) config's mean final accuracy minus 0.5 pp; a run's
+time-to-target is the training time (evaluation excluded, every schedule event such as scoring or
+pruning included) at the first epoch whose validation accuracy reaches it. Runs are interleaved
+(seed 0 of every config, then seed 1, ...) so machine noise hits all configs alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lotus.config import Config, config_to_dict, load_config
+from lotus.errors import LotusError
+from lotus.report import read_metrics
+
+__all__ = ["BenchResult", "run_bench", "analyse", "bench_table", "plot_bench", "write_bench"]
+
+
+@dataclass
+class BenchResult:
+    name: str
+    config: str
+    runs: list[str] = field(default_factory=list)
+
+
+def _time_to(epochs: list[dict], target: float, key: str) -> float:
+    for r in epochs:
+        if r.get("val_acc") is not None and r["val_acc"] >= target - 1e-12:
+            return float(r[key])
+    return math.inf
+
+
+def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
+    """Params, nonzeros, forward FLOPs/img and inference img/s of the run's final model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lotus.checkpoint import read_state_dict
+    from lotus.data import build_datasets
+    from lotus.models import create_model
+    from lotus.train import resolve_img_size
+
+    img = resolve_img_size(cfg)
+    data = build_datasets(cfg.data, img, cfg.model.in_chans)
+    cfg.model.pretrained = False
+    cfg.model.checkpoint = os.path.join(run_dir, "last.safetensors")
+    model = create_model(cfg.model, data.num_classes, data.in_chans, img).eval()
+    sd = read_state_dict(cfg.model.checkpoint)
+    x = data.val.get_batch(torch.arange(min(256, len(data.val))))[0] if hasattr(data.val, "get_batch") else \
+        torch.stack([data.val[i][0] for i in range(min(256, len(data.val)))])
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            model(x[:1])
+        model(x)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "nonzero": int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point())),
+            "flops_per_img": float(fc.get_total_flops()), "img_per_s": len(x) / statistics.median(times)}
+
+
+def run_bench(config_paths: list[str], seeds: int, out: str, overrides: list[str] | None = None,
+              quiet: bool = False, progress: bool = True) -> list[BenchResult]:
+    """Train every config with seeds 0..seeds-1 (interleaved) under ``out``."""
+    from tqdm import tqdm
+
+    from lotus.train import Trainer
+
+    cfgs = []
+    for p in config_paths:
+        cfg = load_config(p, overrides)
+        cfgs.append((p, cfg))
+    names = [c.name for _, c in cfgs]
+    if len(set(names)) != len(names):
+        raise LotusError(f"--configs: config names must differ (got {names}); rename a file")
+    results = [BenchResult(c.name, p) for p, c in cfgs]
+    jobs = [(s, i) for s in range(seeds) for i in range(len(cfgs))]
+    bar = tqdm(jobs, desc="bench", disable=not progress, dynamic_ncols=True)
+    for seed, i in bar:
+        path, base = cfgs[i]
+        run_dir = os.path.join(out, base.name, f"seed{seed}")
+        bar.set_postfix_str(f"{base.name} seed {seed}")
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            results[i].runs.append(run_dir)  # finished earlier: reuse (bench is resumable)
+            continue
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            raise LotusError(f"bench: {run_dir} holds an unfinished run; delete it or resume it with lotus train --resume")
+        cfg = load_config(path, list(overrides or []) + [f"train.seed={base.train.seed + seed}", "output.report=false"])
+        summary = Trainer(cfg, run_dir=run_dir, quiet=True).fit()
+        if not quiet:
+            bar.write(f"{base.name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "
+                      f"in {summary['wall_s']:.1f} s")
+        results[i].runs.append(run_dir)
+    return results
+
+
+def analyse(results: list[BenchResult], target: float | None = None, target_drop: float = 0.005,
+            inference_repeats: int = 5) -> dict:
+    """Aggregate runs into per-config statistics (see module docstring for definitions)."""
+    per = []
+    for res in results:
+        runs = [read_metrics(r) for r in res.runs]
+        per.append((res, runs))
+    base_final = [rs[0][-1]["val_acc"] for rs in per[0][1]]
+    if target is None:
+        target = statistics.fmean(base_final) - target_drop
+    rows = []
+    for res, runs in per:
+        finals = [ep[-1]["val_acc"] for ep, _, _ in runs]
+        tt = [_time_to(ep, target, "wall_s") for ep, _, _ in runs]
+        ft = [_time_to(ep, target, "train_flops") for ep, _, _ in runs]
+        cfg = load_config(os.path.join(res.runs[0], "config.yaml"))
+        inf = [_inference(r, load_config(os.path.join(r, "config.yaml")), inference_repeats) for r in res.runs]
+        rows.append({
+            "name": res.name, "config": res.config, "seeds": len(runs), "runs": res.runs,
+            "final_acc_mean": statistics.fmean(finals), "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "time_to_target": tt, "time_to_target_mean": statistics.fmean(tt) if all(map(math.isfinite, tt)) else math.inf,
+            "flops_to_target": ft, "flops_to_target_mean": statistics.fmean(ft) if all(map(math.isfinite, ft)) else math.inf,
+            "total_time_mean": statistics.fmean(ep[-1]["wall_s"] for ep, _, _ in runs),
+            "samples_mean": statistics.fmean(ep[-1]["samples_seen"] for ep, _, _ in runs),
+            "params": inf[0]["params"], "nonzero": statistics.fmean(i["nonzero"] for i in inf),
+            "inf_flops_per_img": inf[0]["flops_per_img"],
+            "inf_img_per_s": statistics.fmean(i["img_per_s"] for i in inf),
+            "model": cfg.model.name, "curves": [[(r["wall_s"], r.get("train_flops", 0), r.get("val_acc")) for r in ep]
+                                                for ep, _, _ in runs],
+        })
+    base = rows[0]
+    for r in rows:
+        r["speedup_time"] = base["time_to_target_mean"] / r["time_to_target_mean"] if math.isfinite(r["time_to_target_mean"]) else 0.0
+        r["speedup_flops"] = base["flops_to_target_mean"] / r["flops_to_target_mean"] if math.isfinite(r["flops_to_target_mean"]) else 0.0
+        r["inference_speedup"] = r["inf_img_per_s"] / base["inf_img_per_s"]
+    return {"target": target, "target_drop": target_drop, "rows": rows}
+
+
+def bench_table(analysis: dict) -> str:
+    """Markdown table of an :func:`analyse` result."""
+    head = ["config", "final val acc", f"time to {analysis['target'] * 100:.2f}% (s)", "speed-up", "FLOPs to target",
+            "FLOP speed-up", "samples fwd", "params", "nonzero", "inf FLOPs/img", "inf img/s", "inf speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in analysis["rows"]:
+        tt = f"{r['time_to_target_mean']:.1f}" if math.isfinite(r["time_to_target_mean"]) else \
+            f"not reached ({sum(map(math.isfinite, r['time_to_target']))}/{r['seeds']} seeds)"
+        ft = f"{r['flops_to_target_mean']:.3g}" if math.isfinite(r["flops_to_target_mean"]) else "-"
+        lines.append(" | ".join([
+            f"| {r['name']}", f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", tt,
+            f"{r['speedup_time']:.2f}x", ft, f"{r['speedup_flops']:.2f}x", f"{r['samples_mean']:.0f}",
+            f"{r['params']}", f"{r['nonzero']:.0f}", f"{r['inf_flops_per_img']:.3g}", f"{r['inf_img_per_s']:.0f}",
+            f"{r['inference_speedup']:.2f}x |"]))
+    return "\n".join(lines)
+
+
+def plot_bench(analysis: dict, out: str) -> list[str]:
+    """val acc vs wall time and vs training FLOPs: mean line per config with a +-1 std band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for axis, label, fname in ((0, "training time (s)", "acc_vs_time.png"), (1, "training FLOPs", "acc_vs_flops.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in analysis["rows"]:
+            curves = r["curves"]
+            n = min(len(c) for c in curves)
+            xs = np.array([[c[i][axis] for i in range(n)] for c in curves], dtype=float).mean(0)
+            acc = np.array([[(c[i][2] if c[i][2] is not None else np.nan) for i in range(n)] for c in curves], dtype=float) * 100
+            m, s = np.nanmean(acc, 0), np.nanstd(acc, 0)
+            ax.plot(xs, m, label=r["name"])
+            ax.fill_between(xs, m - s, m + s, alpha=0.2)
+        ax.axhline(analysis["target"] * 100, color="grey", ls="--", lw=1, label="target")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val accuracy (%)")
+        lo = analysis["target"] * 100 - 10
+        ax.set_ylim(max(0, lo), 100)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_bench(analysis: dict, out: str) -> str:
+    from lotus.checkpoint import atomic_write_text
+
+    table = bench_table(analysis)
+    plot_bench(analysis, out)
+    slim = {**analysis, "rows": [{k: v for k, v in r.items()} for r in analysis["rows"]]}
+    atomic_write_text(os.path.join(out, "bench.json"), json.dumps(slim, indent=2, default=str))
+    md = [f"# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
+          f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, "",
+          "![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]
+    atomic_write_text(os.path.join(out, "bench.md"), "\n".join(md))
+    return table

@@ -1,0 +1,40 @@
+"""Train several configs x seeds side by side and compare time-to-accuracy.
+
+The first config is the baseline. The target accuracy is its mean final accuracy minus 0.5 pp
+(--target-drop) unless --target is given. Writes OUT/bench.md (table), OUT/bench.json,
+OUT/acc_vs_time.png, OUT/acc_vs_flops.png, and every run under OUT/<config>/seed<k>. Re-running the
+same command reuses finished runs.
+
+example:
+  lotus bench --configs configs/digits.yaml configs/digits_lotus.yaml --seeds 3 --out bench/digits
+"""
+from __future__ import annotations
+
+import argparse
+
+from lotus.errors import LotusError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+", required=True, metavar="YAML", help="configs to compare (first = baseline)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every config (e.g. data.name=imagefolder)")
+    p.add_argument("--target", type=float, help="target val accuracy in [0,1] (default: baseline final - drop)")
+    p.add_argument("--target-drop", type=float, default=0.005, help="target = baseline mean final acc - this (default 0.005)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lotus.bench import analyse, run_bench, write_bench
+
+    if args.seeds < 1:
+        raise LotusError(f"--seeds: expected int >= 1, got {args.seeds}")
+    if args.target is not None and not 0 < args.target <= 1:
+        raise LotusError(f"--target: expected a float in (0, 1], got {args.target}")
+    results = run_bench(args.configs, args.seeds, args.out, args.set, quiet=args.quiet, progress=not args.quiet)
+    print(write_bench(analyse(results, args.target, args.target_drop), args.out))
+    return 0

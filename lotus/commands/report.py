@@ -1,0 +1,21 @@
+"""Summarise a run: print the key numbers and write RUN_DIR/report.md and curves.png.
+
+example:
+  lotus report runs/digits-20261127-101500
+"""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by lotus train")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lotus.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0

@@ -1,0 +1,112 @@
+"""Readable run reports: ``report.md`` plus accuracy/loss plots with schedule events on the time axis."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from lotus.errors import LotusError
+
+__all__ = ["read_metrics", "write_report", "summary_text"]
+
+
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict], dict]:
+    """(epoch records, event records, summary) of a run directory."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise LotusError(f"report: {run_dir} is not a run directory (no metrics.jsonl)")
+    epochs, events = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise LotusError(f"report: {path} line {n} is not JSON") from None
+            (epochs if rec.get("type") == "epoch" else events).append(rec)
+    summary: dict[str, Any] = {}
+    spath = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(spath):
+        with open(spath) as f:
+            summary = json.load(f)
+    # a resumed run may repeat epochs that were re-trained: keep the last record of each epoch
+    by_epoch = {r["epoch"]: r for r in epochs}
+    return [by_epoch[k] for k in sorted(by_epoch)], events, summary
+
+
+def _fmt_pct(v: Any) -> str:
+    return f"{v * 100:.2f}%" if isinstance(v, (int, float)) else "-"
+
+
+def summary_text(run_dir: str) -> str:
+    """A short plain-text summary of the run (what ``lotus report`` prints)."""
+    epochs, events, summary = read_metrics(run_dir)
+    last = epochs[-1] if epochs else {}
+    accs = [r["val_acc"] for r in epochs if "val_acc" in r]
+    lines = [
+        f"run: {os.path.abspath(run_dir)}",
+        f"epochs: {last.get('epoch', 0)}   steps: {last.get('step', 0)}   samples seen: {last.get('samples_seen', 0)}",
+        f"final val acc: {_fmt_pct(last.get('val_acc'))}   best: {_fmt_pct(max(accs) if accs else None)}   "
+        f"final val loss: {last.get('val_loss', float('nan')):.4f}",
+        f"train time: {last.get('wall_s', 0):.1f} s   training FLOPs: {last.get('train_flops', 0):.3g}",
+    ]
+    if summary:
+        lines.append(f"params: {summary.get('params')}   nonzero: {summary.get('nonzero_params')}")
+    if events:
+        lines.append(f"events ({len(events)}):")
+        for e in events:
+            extra = ", ".join(f"{k}={v}" for k, v in e.items()
+                              if k not in ("type", "event", "epoch", "step", "wall_s") and not isinstance(v, (list, dict)))
+            lines.append(f"  - epoch {e.get('epoch')}, step {e.get('step')}, t={e.get('wall_s', 0):.1f}s: {e['event']}"
+                         + (f" ({extra})" if extra else ""))
+    return "\n".join(lines)
+
+
+def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["wall_s"] for r in epochs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ev = [r for r in epochs if "val_acc" in r]
+    ax1.plot([r["wall_s"] for r in ev], [r["val_acc"] * 100 for r in ev], marker="o", ms=3, label="val acc")
+    ax1.set_xlabel("train time (s)")
+    ax1.set_ylabel("val accuracy (%)")
+    ax2.plot(t, [r["train_loss"] for r in epochs], label="train loss")
+    ax2.plot([r["wall_s"] for r in ev], [r["val_loss"] for r in ev], label="val loss")
+    ax2.set_xlabel("train time (s)")
+    ax2.set_ylabel("loss")
+    for ax in (ax1, ax2):
+        for e in events:
+            ax.axvline(e.get("wall_s", 0), color="grey", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    for e in events:
+        ax1.annotate(e["event"], (e.get("wall_s", 0), ax1.get_ylim()[0]), rotation=90, fontsize=7,
+                     va="bottom", ha="right", color="grey")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str) -> str:
+    """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the summary text."""
+    from lotus.checkpoint import atomic_write_text
+
+    epochs, events, summary = read_metrics(run_dir)
+    text = summary_text(run_dir)
+    md = ["# Run report", "", "```", text, "```", ""]
+    if epochs:
+        _plot(epochs, events, os.path.join(run_dir, "curves.png"))
+        md += ["![curves](curves.png)", "", "| epoch | step | time (s) | train loss | val loss | val acc | img/s | lr |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in epochs:
+            md.append(f"| {r['epoch']} | {r['step']} | {r['wall_s']:.1f} | {r['train_loss']:.4f} | "
+                      f"{r.get('val_loss', float('nan')):.4f} | {_fmt_pct(r.get('val_acc'))} | {r.get('throughput')} | "
+                      f"{r.get('lr', 0):.2e} |")
+    atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(md) + "\n")
+    return text
