@@ -126,6 +126,12 @@ class Config:
     lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
     name: str = "run"
 
+    def check(self, prefix: str) -> None:
+        """Cross-section rules: fit the feature sections into the ``lotus:`` schedule's phases."""
+        from lotus.schedule import resolve
+
+        resolve(self)
+
 
 def _parse_scalar(text: str) -> Any:
     try:

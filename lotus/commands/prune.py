@@ -1,0 +1,430 @@
+"""Prune a timm model (magnitude, Wanda, N:M / 2:4, structured heads+neurons) or sweep its essential sparsity.
+
+Writes the pruned weights (safetensors; thinned block widths in the metadata, so `lotus` reloads them) and a
+report (report.json + report.md): params, nonzeros, FLOPs (torch.utils.flop_counter), per-layer sparsity or
+per-block widths, latency before/after measured on this device, and val accuracy before/after when data is
+given (--config or --calib).
+
+examples:
+  lotus prune --model vit_small_patch16_224 --checkpoint weights.safetensors --method structured \\
+              --heads 0.25 --mlp 0.5 --calib configs/digits.yaml --out pruned/
+  lotus prune --model vit_base_patch16_224 --pretrained --method 2:4 --score wanda --calib configs/digits.yaml \\
+              --out pruned/
+  lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --method magnitude --sparsity 0.6
+  lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --sweep magnitude --out sweep/
+
+--model builds a timm model by name (--calib then supplies data only); --config takes model and data from a
+training config. On CPU, 2:4 has no sparse kernels: masked dense weights are used and the report says so.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from lotus.errors import LotusError
+
+__all__ = ["add_arguments", "run"]
+
+_METHODS = ("magnitude", "wanda", "nm", "2:4", "structured")
+_OUTPUTS = ("model.safetensors", "report.json", "report.md", "sweep.json", "sweep.png", "sweep.md")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model")
+    src.add_argument("--model", "-m", help="timm model name (e.g. vit_small_patch16_224)")
+    src.add_argument("--config", "-c", help="training config: model and data sections (instead of --model)")
+    src.add_argument("--checkpoint", help="weights to prune: .safetensors or a torch state dict (weights_only)")
+    src.add_argument("--pretrained", action="store_true",
+                     help="timm pretrained weights (downloads; offline: use --checkpoint)")
+    src.add_argument("--num-classes", type=int, help="classifier size (default: from --checkpoint, the data, or timm)")
+    src.add_argument("--img-size", type=int, help="input size (default: the config's or the timm model's)")
+    src.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value of --config/--calib (repeatable)")
+    how = p.add_argument_group("pruning")
+    how.add_argument("--method", choices=_METHODS, help="what to prune")
+    how.add_argument("--sparsity", type=float, default=0.5,
+                     help="magnitude/wanda: fraction of weights removed, in [0, 1)")
+    how.add_argument("--scope", choices=("layer", "global", "row"),
+                     help="magnitude: layer (default) | global; wanda: row (default) | layer; "
+                          "structured: layer | global")
+    how.add_argument("--score", choices=("magnitude", "wanda"), default="magnitude", help="N:M / 2:4 group scoring")
+    how.add_argument("--n", type=int, default=2, help="N of N:M (method nm)")
+    how.add_argument("--m", type=int, default=4, help="M of N:M (method nm)")
+    how.add_argument("--heads", type=float, default=0.0, help="structured: fraction of attention heads removed")
+    how.add_argument("--mlp", type=float, default=0.0, help="structured: fraction of MLP hidden neurons removed")
+    how.add_argument("--importance", choices=("magnitude", "activation", "taylor"), default="magnitude",
+                     help="structured: head/neuron importance")
+    how.add_argument("--round-to", type=int, default=1, help="structured: kept widths are multiples of this")
+    how.add_argument("--include-head", action="store_true", help="also prune the classifier head")
+    how.add_argument("--include-patch-embed", action="store_true", help="also prune the patch embedding")
+    how.add_argument("--calib", help="config whose data section supplies calibration/validation batches")
+    how.add_argument("--calib-batches", type=int, default=8, help="calibration batches (wanda, activation, taylor)")
+    sweep = p.add_argument_group("essential-sparsity sweep")
+    sweep.add_argument("--sweep", choices=("magnitude",), help="sweep one-shot magnitude sparsity instead of pruning")
+    sweep.add_argument("--sweep-step", type=float, default=0.1, help="sparsity step of the sweep")
+    sweep.add_argument("--max-sparsity", type=float, default=0.9, help="largest swept sparsity")
+    sweep.add_argument("--tolerance", type=float, default=0.01, help="knee: allowed accuracy drop (0.01 = 1 point)")
+    run_ = p.add_argument_group("run")
+    run_.add_argument("--out", "-o", default="pruned", help="output folder (default: pruned/)")
+    run_.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
+    run_.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                      help="auto: bfloat16 for 2:4 on CUDA (the kernels need it), else float32")
+    run_.add_argument("--batch-size", type=int, default=32, help="latency batch size")
+    run_.add_argument("--latency-iters", type=int, default=10, help="timed forward passes (0: skip latency)")
+    run_.add_argument("--max-eval", type=int, help="evaluate on at most this many validation images")
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _check_args(args: argparse.Namespace) -> None:
+    if args.model and args.config:
+        raise LotusError("prune: pass --model NAME or --config FILE, not both (--calib adds data to --model)")
+    if not args.model and not args.config:
+        raise LotusError("prune: pass --model NAME (a timm model) or --config FILE")
+    if args.checkpoint and args.pretrained:
+        raise LotusError("prune: pass --checkpoint FILE or --pretrained, not both")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise LotusError(f"--checkpoint: file not found: {args.checkpoint}")
+    for flag in ("config", "calib"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise LotusError(f"--{flag}: config file not found: {path}")
+    if bool(args.sweep) == bool(args.method):
+        raise LotusError("prune: pass --method METHOD to prune, or --sweep magnitude to sweep sparsity")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise LotusError(f"--sparsity: expected a number in [0, 1), got {args.sparsity:g}")
+    for flag in ("heads", "mlp"):
+        v = getattr(args, flag)
+        if not 0.0 <= v < 1.0:
+            what = "every attention head" if flag == "heads" else "every MLP neuron"
+            extra = f" ({v:g} would remove {what})" if v >= 1.0 else ""
+            raise LotusError(f"--{flag}: expected a fraction in [0, 1){extra}, got {v:g}")
+    if args.method == "structured" and args.heads == 0 and args.mlp == 0:
+        raise LotusError("--method structured: pass --heads and/or --mlp (fractions to remove)")
+    if args.method not in (None, "structured") and (args.heads or args.mlp):
+        raise LotusError(f"--heads/--mlp: only used with --method structured, got --method {args.method}")
+    if args.method == "nm" and not 1 <= args.n < args.m:
+        raise LotusError(f"--n/--m: expected 1 <= n < m, got {args.n}:{args.m}")
+    scopes = {"magnitude": ("layer", "global"), "wanda": ("row", "layer"), "structured": ("layer", "global")}
+    if args.scope and args.scope not in scopes.get(args.method or "magnitude", ()):
+        raise LotusError(f"--scope: {args.scope!r} does not apply to --method {args.method or 'sweep'}")
+    if args.sweep and not (0 < args.sweep_step < 1):
+        raise LotusError(f"--sweep-step: expected a number in (0, 1), got {args.sweep_step:g}")
+    if args.sweep and not (0 <= args.max_sparsity < 1):
+        raise LotusError(f"--max-sparsity: expected a number in [0, 1), got {args.max_sparsity:g}")
+    if args.tolerance < 0:
+        raise LotusError(f"--tolerance: expected a number >= 0, got {args.tolerance:g}")
+    for flag in ("calib_batches", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise LotusError(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    if args.latency_iters < 0:
+        raise LotusError(f"--latency-iters: expected an int >= 0, got {args.latency_iters}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LotusError("--device: cuda requested but no CUDA device is available")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LotusError(f"--out: {args.out} exists and is not a folder")
+    taken = [f for f in _OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if taken and not args.force:
+        raise LotusError(f"--out: {args.out} already holds {taken[0]}; pass --force to overwrite or choose "
+                         "another --out")
+
+
+# ------------------------------------------------------------------------------------------- model + data
+def _load_data_config(args: argparse.Namespace) -> Any:
+    from lotus.config import load_config
+
+    path = args.calib or args.config
+    return load_config(path, args.set) if path else None
+
+
+def _checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | None]:
+    """(num_classes, in_chans) read from a checkpoint's classifier and first conv, when present."""
+    if not path:
+        return None, None
+    import timm
+    from lotus.checkpoint import read_state_dict
+
+    sd = read_state_dict(path, "--checkpoint")
+    pcfg = timm.models.get_pretrained_cfg(name)
+    classifier = getattr(pcfg, "classifier", None) or "head"
+    first = getattr(pcfg, "first_conv", None) or "patch_embed.proj"
+    classes = sd.get(f"{classifier}.weight")
+    conv = sd.get(f"{first}.weight")
+    return (int(classes.shape[0]) if classes is not None and classes.dim() == 2 else None,
+            int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
+
+
+def _build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
+    """(model, model_cfg, data bundle or None)."""
+    import timm
+    from lotus.config import ModelConfig
+    from lotus.data import build_datasets
+    from lotus.models import create_model
+    from lotus.train import resolve_img_size
+
+    if args.config:
+        mcfg = copy.deepcopy(data_cfg.model)
+    else:
+        if not timm.is_model(args.model):
+            import difflib
+
+            close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
+            raise LotusError(f"--model: unknown timm model {args.model!r}{hint}")
+        mcfg = ModelConfig(name=args.model)
+    # --checkpoint wins; else a --config's own model.checkpoint (unless --pretrained)
+    ckpt = args.checkpoint or (mcfg.checkpoint if args.config and not args.pretrained else None)
+    if ckpt and not os.path.isfile(ckpt):
+        raise LotusError(f"model.checkpoint: file not found: {ckpt}")
+    args.checkpoint = ckpt
+    mcfg.checkpoint = None
+    mcfg.pretrained = bool(args.pretrained)
+    if args.img_size:
+        mcfg.img_size = args.img_size
+    if args.num_classes:
+        mcfg.num_classes = args.num_classes
+    ck_classes, ck_chans = _checkpoint_shapes(args.checkpoint, mcfg.name)
+    if mcfg.num_classes is None and ck_classes is not None:
+        mcfg.num_classes = ck_classes
+    if mcfg.in_chans is None and ck_chans is not None:
+        mcfg.in_chans = ck_chans
+    shell = copy.copy(data_cfg) if data_cfg is not None else None
+    bundle = None
+    if data_cfg is not None:
+        shell.model = mcfg
+        img = resolve_img_size(shell)
+        chans = mcfg.in_chans or (3 if not args.config else None)
+        bundle = build_datasets(data_cfg.data, img, chans)
+        num_classes, in_chans, img_size = bundle.num_classes, bundle.in_chans, bundle.img_size
+    else:
+        pcfg = timm.models.get_pretrained_cfg(mcfg.name)
+        num_classes = getattr(pcfg, "num_classes", None) or 1000
+        in_chans = mcfg.in_chans or 3
+        img_size = mcfg.img_size
+    if args.pretrained and mcfg.num_classes is None:
+        pcfg = timm.models.get_pretrained_cfg(mcfg.name)
+        mcfg.num_classes = getattr(pcfg, "num_classes", None) or num_classes
+    try:
+        model = create_model(mcfg, num_classes, in_chans, img_size)
+    except LotusError as e:
+        if args.pretrained and "pretrained" in str(e):
+            raise LotusError(f"--pretrained: cannot download weights for {mcfg.name}; "
+                             "pass --checkpoint FILE (a local .safetensors or state dict) instead") from None
+        raise
+    if args.checkpoint:
+        from lotus.checkpoint import load_weights
+
+        load_weights(model, args.checkpoint, key="--checkpoint")
+    return model, mcfg, bundle
+
+
+def _input_size(model: nn.Module, bundle: Any) -> tuple[int, int, int]:
+    if bundle is not None:
+        x, _, _ = bundle.val[0]
+        return tuple(x.shape)  # type: ignore[return-value]
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
+    if size is None:
+        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:])
+    return (chans, *size)
+
+
+def _calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
+    if bundle is None:
+        return None
+    from lotus.data import batches
+
+    n = len(bundle.train)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n_batches * batch_size].numpy()
+    return [(x, y) for x, y, _ in batches(bundle.train, idx, batch_size)]
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None,
+              batch_size: int = 256) -> float:
+    import numpy as np
+    from lotus.data import batches
+
+    n = len(bundle.val) if limit is None else min(limit, len(bundle.val))
+    was = model.training
+    model.eval()
+    correct = 0
+    for x, y, _ in batches(bundle.val, np.arange(n), batch_size):
+        logits = model(x.to(device=device, dtype=dtype))
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        correct += int((logits.argmax(-1).cpu() == y).sum())
+    model.train(was)
+    return correct / max(n, 1)
+
+
+def _stats(model: nn.Module, example: torch.Tensor) -> dict:
+    from pruning import model_stats
+
+    return model_stats(model, example, latency=False)
+
+
+# ------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    data_cfg = _load_data_config(args)
+    needs_data = args.sweep or args.method == "wanda" or (args.method in ("nm", "2:4") and args.score == "wanda") \
+        or (args.method == "structured" and args.importance != "magnitude")
+    if needs_data and data_cfg is None:
+        what = "the sweep evaluates on validation data" if args.sweep else "this method needs calibration data"
+        raise LotusError(f"--calib: {what}; pass --calib CONFIG.yaml (or --config)")
+    model, mcfg, bundle = _build(args, data_cfg)
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" and args.method == "2:4" else "float32"
+    dtype = getattr(torch, dtype_name)
+    model = model.to(device=device, dtype=dtype).eval()
+    classes_ok = bundle is not None and getattr(model, "num_classes", None) == bundle.num_classes
+    os.makedirs(args.out, exist_ok=True)
+
+    if args.sweep:
+        return _run_sweep(args, model, bundle, device, dtype, classes_ok)
+
+    example = torch.randn(args.batch_size, *_input_size(model, bundle), generator=torch.Generator().manual_seed(0))
+    example = example.to(device=device, dtype=dtype)
+    notes: list[str] = []
+    before = _stats(model, example)
+    if classes_ok:
+        before["val_acc"] = _accuracy(model, bundle, device, dtype, args.max_eval)
+    elif bundle is not None:
+        notes.append(f"val accuracy skipped: the model has {getattr(model, 'num_classes', '?')} classes, "
+                     f"the data {bundle.num_classes}")
+    calib = _calib(bundle, args.calib_batches, data_cfg.data.batch_size if data_cfg else 32)
+    dense = copy.deepcopy(model) if args.latency_iters > 0 else None  # timed side by side with the result
+    report = _prune(args, model, calib)
+    notes += report.get("notes", [])
+    if args.method != "structured":
+        import pruning
+
+        pruning.make_permanent(model)
+    weights_path = os.path.join(args.out, "model.safetensors")
+    from lotus.checkpoint import save_weights
+
+    meta = {"model": mcfg.name, "method": args.method, "num_classes": getattr(model, "num_classes", None),
+            "img_size": mcfg.img_size, "in_chans": mcfg.in_chans, "source": args.checkpoint or
+            ("pretrained" if args.pretrained else "random init")}
+    save_weights(model.float() if dtype != torch.float32 else model, weights_path, meta)
+    model.to(dtype=dtype)
+    after = _stats(model, example)  # counted before 2:4 conversion: FlopCounterMode cannot trace sparse tensors
+    if args.method == "2:4":
+        report["kernels"] = _convert_kernels(model, report, example)
+        if report["kernels"].get("note") and report["kernels"]["note"] not in notes:
+            notes.append(report["kernels"]["note"])
+    if classes_ok:
+        after["val_acc"] = _accuracy(model, bundle, device, dtype, args.max_eval)
+    if dense is not None:
+        from pruning.report import compare_latency
+
+        lat = compare_latency({"before": dense, "after": model}, example, warmup=2, iters=args.latency_iters)
+        before["latency"], after["latency"] = lat["before"], lat["after"]
+        del dense
+    if args.method in ("magnitude", "wanda", "nm"):
+        notes.append("unstructured/N:M zeros run on dense kernels here: expect no latency gain "
+                     "(effective_flops is what a sparse kernel could skip)")
+    full = {"model_name": mcfg.name, "method": args.method, "device": _device_name(device), "dtype": dtype_name,
+            "before": before, "after": after, "notes": notes, "files": {"weights": weights_path}}
+    for k, v in report.items():
+        if k not in ("notes", "kept_indices", "method"):
+            full["model_sparsity" if k == "model" else k] = v
+    if before.get("latency") and after.get("latency"):
+        full["speedup"] = before["latency"]["median_ms"] / after["latency"]["median_ms"]
+    return _write_report(args, full)
+
+
+def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
+    import pruning
+    from pruning.masks import make_filter
+
+    if args.method == "structured":
+        cfg = pruning.StructuredConfig(heads=args.heads, mlp=args.mlp, importance=args.importance,
+                                       scope=args.scope or "layer", round_to=args.round_to)
+        return pruning.prune_(model, cfg, calib_loader=calib)
+    keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
+    if args.method == "magnitude":
+        cfg = pruning.MagnitudeConfig(sparsity=args.sparsity, scope=args.scope or "layer")
+    elif args.method == "wanda":
+        cfg = pruning.WandaConfig(sparsity=args.sparsity, scope=args.scope or "row")
+    else:
+        n, m = (2, 4) if args.method == "2:4" else (args.n, args.m)
+        cfg = pruning.SemiStructuredConfig(n=n, m=m, score=args.score, kernels="off")
+    return pruning.prune_(model, cfg, calib_loader=calib, filter_fn=keep)
+
+
+def _convert_kernels(model: nn.Module, report: dict, example: torch.Tensor) -> dict:
+    """2:4 masked layers -> torch.sparse semi-structured kernels where legal and faster (CUDA only)."""
+    import pruning
+
+    masked = {k for k, v in report.get("layers", {}).items() if v.get("masked")}
+    tokens = example.shape[0] * _tokens(model, example)
+    return pruning.to_semi_structured_(model, filter_fn=lambda m, f: f in masked, probe_tokens=tokens)
+
+
+def _tokens(model: nn.Module, example: torch.Tensor) -> int:
+    pe = getattr(model, "patch_embed", None)
+    n = getattr(pe, "num_patches", None) or 1
+    return int(n) + int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype,
+               classes_ok: bool) -> int:
+    from pruning.masks import make_filter
+    from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
+
+    if not classes_ok:
+        raise LotusError(f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
+                         f"{bundle.num_classes}; pass a --checkpoint trained on this data")
+    keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
+    t0 = time.perf_counter()
+    result = essential_sparsity_sweep(
+        model, lambda m: _accuracy(m, bundle, device, dtype, args.max_eval), step=args.sweep_step,
+        max_sparsity=args.max_sparsity, scope=args.scope or "layer", tolerance=args.tolerance, filter_fn=keep)
+    result.update(model=model.__class__.__name__ if not args.model else args.model, seconds=time.perf_counter() - t0,
+                  source=args.checkpoint or ("pretrained" if args.pretrained else "random init"))
+    paths = save_sweep(result, args.out, title=f"Essential sparsity: {args.model or args.config}")
+    print(sweep_markdown(result))
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
+
+
+def _write_report(args: argparse.Namespace, report: dict) -> int:
+    from lotus.checkpoint import atomic_write_text
+    from pruning.report import format_report
+
+    text = format_report(report)
+    blocks = report.get("blocks")
+    if blocks:
+        from pruning.report import markdown_table
+
+        rows = [{"block": b, **w} for b, w in blocks.items()]
+        text += "\n\n" + markdown_table(rows)
+        text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
+    if report.get("speedup"):
+        text += f"\nlatency speedup (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x"
+    header = f"# lotus prune: {report['model_name']} ({report['method']})\n\n"
+    json_path, md_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "report.md")
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
+    atomic_write_text(md_path, header + text + "\n")
+    print(header + text)
+    print(f"\nwrote {report['files']['weights']}, {json_path}, {md_path}")
+    return 0
