@@ -167,11 +167,18 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return validate(Config, apply_overrides(data or {}, overrides or []), "")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read and validate a YAML config file."""
-    path = os.fspath(path)
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """Read a config file, resolving ``base: other.yaml`` (relative to the file) recursively."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
+        where = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -183,6 +190,25 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if os.path.abspath(base_path) in chain:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return _deep_merge(_read_yaml(base_path, chain + (os.path.abspath(path),)), data)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read and validate a YAML config file.
+
+    A file may start from another with ``base: other.yaml`` (path relative to the file): its sections are
+    merged key by key over the base's, so variants state only what they change.
+    """
+    path = os.fspath(path)
+    data = _read_yaml(path)
     data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return config_from_dict(data, overrides)
 

@@ -73,3 +73,16 @@ def test_shipped_configs_validate():
     assert "configs/digits.yaml" in paths
     for p in paths:
         load_config(p)
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 7\n  seed: 3\noptim:\n  lr: 0.01\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.train.epochs == 9 and cfg.train.seed == 3 and cfg.optim.lr == 0.01 and cfg.name == "b"
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "d.yaml")
