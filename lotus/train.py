@@ -350,13 +350,14 @@ class Trainer:
                 self._write_record(last_metrics)
                 self._print(self._epoch_line(last_metrics))
                 self._checkpoint(last_metrics)
+            summary = self._summary(last_metrics)
+            for cb in self.callbacks:
+                cb.on_fit_end(self, summary)  # may still log events
+            summary["events"] = self.events
         finally:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
-        summary = self._summary(last_metrics)
-        for cb in self.callbacks:
-            cb.on_fit_end(self, summary)
         if self.write and self.dist.is_main:
             from lotus.checkpoint import atomic_write_text
 

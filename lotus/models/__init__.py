@@ -69,7 +69,10 @@ def create_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int 
 
 
 def _default_depth(name: str) -> int:
-    model = timm.create_model(name, pretrained=False, num_classes=2)
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = timm.create_model(name, pretrained=False, num_classes=2)
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise LotusError(f"model.block: op needs a ViT with .blocks; {name} has none")
