@@ -79,15 +79,20 @@ def _structured_widths(model: nn.Module) -> dict | None:
         return None  # not a block-structured model: nothing to record
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write the plain weights as safetensors; block widths (for thinned models) go in the metadata."""
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the plain weights as safetensors; block widths (for thinned models) go in the metadata.
+
+    ``state_dict``: write these full tensors instead of ``model``'s own (FSDP2-sharded models, whose
+    gathered state comes from ``lotus.parallel.get_full_state``)."""
     from safetensors.torch import save_file
 
     meta = dict(metadata or {})
-    widths = _structured_widths(model)
+    widths = _structured_widths(model) if state_dict is None else None
     if widths is not None:
         meta.setdefault("widths", widths)
-    tensors = export_state_dict(model)
+    tensors = export_state_dict(model) if state_dict is None else {
+        k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"lotus": json.dumps(meta)}))
 
 

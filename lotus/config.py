@@ -85,7 +85,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = field(default=10, metadata={"min": 1})
-    warmup_epochs: float = field(default=1.0, metadata={"min": 0.0})
+    warmup_epochs: float = field(default=1.0, metadata={"min": 0.0})  # longer than training: lr ramps throughout
     min_lr: float = field(default=1e-5, metadata={"min": 0.0})
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
     grad_clip: float | None = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
@@ -97,11 +97,6 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata={"min": 1})
     max_steps: int | None = field(default=None, metadata={"min": 1})
 
-    def check(self, prefix: str) -> None:
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(
-                f"{prefix}.warmup_epochs: expected a value <= train.epochs ({self.epochs}), got {self.warmup_epochs!r}"
-            )
 
 
 @dataclass
@@ -164,7 +159,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """Validate a raw dict (plus overrides) into a :class:`Config`."""
-    return validate(Config, apply_overrides(data or {}, overrides or []), "")
+    from lotus.parallel.compat import check_compat
+
+    cfg = validate(Config, apply_overrides(data or {}, overrides or []), "")
+    check_compat(cfg)  # feature combinations that cannot run data-parallel
+    return cfg
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -13,7 +13,8 @@ __all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and never-decayed biases/norms/gains/tokens (ndim <= 1 or listed by
     the model's ``no_weight_decay()``, as timm's create_optimizer does)."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    bare = getattr(model, "module", model)  # inside DistributedDataParallel
+    skip = set(getattr(bare, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -34,8 +35,9 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                                 **optim_cfg.extra)
+        # the fused kernel is several times faster than the for-each one on CPU and CUDA, same maths
+        extra = {"fused": all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]), **optim_cfg.extra}
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **extra)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, **optim_cfg.extra)

@@ -112,12 +112,12 @@ def _feature_callbacks(cfg: Config) -> list[Callback]:
     return cbs
 
 
-def _init_distributed() -> DistInfo:
+def _init_distributed(cfg: Config) -> DistInfo:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     from lotus.parallel.runtime import init_distributed
 
-    return init_distributed()
+    return init_distributed(device=cfg.train.device, backend=cfg.parallel.backend)
 
 
 class Trainer:
@@ -137,7 +137,7 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         self.write = write
-        self.dist = _init_distributed()
+        self.dist = _init_distributed(cfg)
         self.run_dir = run_dir or cfg.output.dir or os.path.join(
             "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.callbacks = sorted(list(callbacks or []) + _feature_callbacks(cfg), key=lambda c: c.order)
@@ -197,7 +197,10 @@ class Trainer:
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
             from lotus.parallel.apply import parallelize
 
-            self.model = parallelize(self.model, self.cfg.parallel, self.dist)
+            self.model = parallelize(
+                self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
+                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
+                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
@@ -250,7 +253,11 @@ class Trainer:
         was_training = model.training
         model.eval()
         n = len(dataset)
-        idx = np.arange(n)[self.dist.rank :: self.dist.world_size]
+        w = self.dist.world_size
+        # Same number of batches on every rank (FSDP2 forwards are collective): pad with repeats, mask them out.
+        pos = np.arange(n + (-n) % w)[self.dist.rank :: w]
+        idx = pos % n
+        offset = 0
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
@@ -258,9 +265,11 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double().cpu()
-            correct += (logits.argmax(-1) == y).sum().double().cpu()
-            count += len(y)
+            valid = torch.as_tensor(pos[offset : offset + len(y)] < n, device=logits.device)
+            offset += len(y)
+            loss_sum += (F.cross_entropy(logits.float(), y, reduction="none") * valid).sum().double().cpu()
+            correct += ((logits.argmax(-1) == y) & valid).sum().double().cpu()
+            count += valid.sum().double().cpu()
         if self.dist.world_size > 1:
             import torch.distributed as dist
 
@@ -402,7 +411,14 @@ class Trainer:
             for cb in self.callbacks:
                 loss_vec = cb.per_sample_loss(self, loss_vec, idx)
             loss = loss_vec.mean()
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach())
+            if self.dist.world_size > 1:  # every rank stops together (no rank left waiting in a collective)
+                import torch.distributed as dist
+
+                flag = finite.to(torch.int32).reshape(1)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag[0].bool()
+            if not finite:
                 raise LotusError(
                     f"train: loss became {loss.item()} at step {self.step + 1} (epoch {epoch + 1}); stopped, the last "
                     f"good checkpoint is kept in {self.run_dir} (try a lower optim.lr or train.grad_clip)"
@@ -487,22 +503,26 @@ class Trainer:
         if not self.dist.is_main:
             return
         bare = unwrap(self.model)
+        from lotus.parallel.checkpoint import is_sharded
+
+        full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
         acc = metrics.get("val_acc")
         meta = {"epoch": self.epoch, "step": self.step, "val_acc": acc, "model": self.cfg.model.name}
         if self.cfg.output.save_best and acc is not None and acc > self.best_acc:
             self.best_acc = acc
             state["best_acc"] = acc
-            save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta)
+            save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
         if self.cfg.output.save_last:
-            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta)
+            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full)
         save_state(os.path.join(self.run_dir, "state.pt"), state)
 
     def _summary(self, last: dict) -> dict:
         bare = unwrap(self.model)
         params = sum(p.numel() for p in bare.parameters())
         from lotus.checkpoint import export_state_dict
+        from lotus.parallel.checkpoint import get_full_state, is_sharded
 
-        sd = export_state_dict(bare)
+        sd = get_full_state(self.model)[0] if is_sharded(bare) else export_state_dict(bare)  # collective under FSDP2
         weights = [v for k, v in sd.items() if v.is_floating_point()]
         nonzero = int(sum(int((v != 0).sum()) for v in weights))
         return {

@@ -44,7 +44,7 @@ def test_usage_error_exit_code():
 def test_pretrained_offline_is_clear(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = main(["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_224",
-                 "--set", "model.pretrained=true", "--set", "train.epochs=2"])
+                 "--set", "model.pretrained=true", "--set", "train.epochs=1"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot download pretrained weights for vit_tiny_patch16_224" in err
     assert "pass model.checkpoint" in err

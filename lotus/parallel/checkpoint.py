@@ -1,25 +1,70 @@
-"""Full (rank-agnostic, CPU) model and optimiser state dicts, via torch.distributed.checkpoint."""
+"""Full, CPU, rank-agnostic training state for plain, DDP and FSDP2 models.
+
+Built on ``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True, cpu_offload=True``:
+parameter and optimizer-state keys are the plain model's names (no ``module.`` or checkpoint-wrapper
+prefixes, no DTensor shards), so a state saved on 4 ranks with FSDP2 resumes on 2 ranks with DDP, or on
+one process, and the reverse. Under a process group the full dicts are gathered on rank 0 (other ranks
+get empty dicts: only rank 0 writes files); every rank must call :func:`get_full_state`.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-__all__ = ["get_full_state", "set_full_state"]
+from lotus.errors import LotusError
 
-_OPTS = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    return (get_model_state_dict(model, options=_OPTS),
-            get_optimizer_state_dict(model, optimizer, options=_OPTS))
+__all__ = ["get_full_state", "set_full_state", "is_sharded"]
 
 
-def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict | None,
-                   optim_sd: dict | None) -> None:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_state, optimizer_state)`` as full CPU state dicts keyed by parameter names.
+
+    Collective under FSDP2 (all ranks call it); rank 0 gets the dicts, other ranks empty ones.
+    ``optimizer`` None gives an empty optimizer state.
+    """
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
+def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                   model_sd: dict[str, Any] | None, optim_sd: dict[str, Any] | None) -> None:
+    """Load full state dicts from :func:`get_full_state` (saved at any world size) into this rank's model
+    and optimizer. Every rank passes the full dicts; ``None`` skips that part (e.g. the Trainer loads the
+    model weights before wrapping and only the optimizer state after)."""
+    opts = StateDictOptions(full_state_dict=True, strict=True)
     if model_sd is not None:
-        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
-    if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        try:
+            set_model_state_dict(model, model_sd, options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise LotusError(f"checkpoint: model state does not match this model ({_first_line(e)})") from None
+    if optimizer is not None and optim_sd:
+        try:
+            set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise LotusError(f"checkpoint: optimizer state does not match this model/optimizer "
+                             f"({_first_line(e)})") from None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` holds FSDP2-sharded (DTensor) parameters: its own ``state_dict()`` is then
+    per-rank shards, so weights must be written from :func:`get_full_state` instead."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -1,0 +1,457 @@
+"""InfoBatch-style dynamic data pruning: a sampler that skips well-learned samples, plus loss re-weighting.
+
+Each sample's score is the last loss seen for it during training (recorded from the per-sample losses of
+every batch). At the start of every epoch the pruner freezes a *plan* for that epoch:
+
+* **pool**: the candidate indices (the whole dataset, a given base index set, or what a user sampler yields);
+* **below-mean set B**: pool samples that have been seen and whose score is strictly below the mean score
+  of the pool's seen samples (samples never seen yet have no score and are always kept, so epoch 0 uses
+  all data);
+* **ratio r** (``ratio``): the pruner drops exactly ``round(r * |B|)`` samples of B, drawn uniformly at
+  random without replacement (seeded by ``(seed, epoch)``). So r is the fraction of the *below-mean*
+  samples dropped, not of the dataset; the fraction of the dataset skipped in an epoch is
+  ``round(r * |B|) / |pool|``;
+* **weights**: the kept samples of B get loss weight ``1 / (1 - r)`` (so the expected gradient
+  contribution of B is unchanged, as in InfoBatch); every other sample gets weight 1;
+* **anneal** (InfoBatch's ``1 - delta``): epochs ``e >= ceil((1 - anneal) * num_epochs)`` use all data with
+  weight 1, so the final epochs train on the full (unbiased) data.
+
+Reference: Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR 2024.
+
+Typical use in a plain PyTorch loop::
+
+    pruner = DynamicPruner(len(train_set), ratio=0.5, num_epochs=epochs, seed=0)
+    loader = DataLoader(train_set, batch_size=64, sampler=pruner)
+    for epoch in range(epochs):
+        pruner.set_epoch(epoch)
+        for images, labels, index in loader:
+            loss_vec = F.cross_entropy(model(images), labels, reduction="none")
+            loss = pruner.reweight(loss_vec, index).mean()   # records scores, applies the weights
+            ...
+
+Distributed: pass ``num_replicas``/``rank`` (or pass your ``DistributedSampler`` as ``sampler`` and the
+pruner adopts its sharding); every rank computes the same plan and takes an equal-length shard, exactly
+like ``DistributedSampler``. Scores recorded on each rank are merged across ranks at every ``set_epoch``
+(one ``all_reduce`` of two vectors of length ``num_samples``) so all ranks keep identical plans.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["DynamicPruner"]
+
+_STATE_VERSION = 1
+
+
+def _as_index_array(index: Any, name: str = "index") -> np.ndarray:
+    if isinstance(index, torch.Tensor):
+        index = index.detach().cpu().numpy()
+    arr = np.asarray(index)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integer sample indices, got dtype {arr.dtype}")
+    return arr.reshape(-1).astype(np.int64, copy=False)
+
+
+class DynamicPruner(Sampler[int]):
+    """Sampler over dataset indices that drops a random fraction ``ratio`` of the below-mean-loss samples.
+
+    Args:
+        num_samples: size of the dataset the indices refer to (or a sized dataset).
+        ratio: r in [0, 1): fraction of the below-mean-score samples dropped each pruning epoch (see module doc).
+        num_epochs: total training epochs (needed for the anneal); ``None`` never anneals.
+        anneal: fraction of the final epochs trained on all data (InfoBatch's ``1 - delta``; 0.125 default).
+        seed: seeds the per-epoch drop choice and shuffle; same seed + same scores = same plan.
+        indices: optional base index set (e.g. a static data ticket); pruning acts within it.
+        sampler: optional user sampler over dataset indices; its order is kept and pruned indices are skipped.
+            Its ``set_epoch`` is forwarded. A ``DistributedSampler`` here is *not* iterated: the pruner
+            adopts its ``num_replicas``, ``rank``, ``shuffle`` and ``drop_last`` instead (see module doc).
+        shuffle: shuffle the kept indices each epoch (ignored when ``sampler`` orders them).
+        num_replicas, rank: shard each epoch's index list across ranks like ``DistributedSampler``.
+        drop_last: with sharding, drop the tail instead of padding with repeated indices.
+        sync_scores: merge scores across ranks at ``set_epoch`` when ``torch.distributed`` is initialised with
+            more than one rank (also when the pruner itself is not sharded and the training loop shards its
+            index list, as ``lotus`` does).
+    """
+
+    def __init__(
+        self,
+        num_samples: int | Sequence,
+        ratio: float = 0.5,
+        num_epochs: int | None = None,
+        anneal: float = 0.125,
+        seed: int = 0,
+        indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        sampler: Sampler[int] | None = None,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+        sync_scores: bool = True,
+    ) -> None:
+        if not isinstance(num_samples, (int, np.integer)):
+            if hasattr(num_samples, "__len__"):
+                num_samples = len(num_samples)
+            else:
+                raise ValueError(f"num_samples: expected an int or a sized dataset, got {type(num_samples).__name__}")
+        num_samples = int(num_samples)
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples}")
+        if not (isinstance(ratio, (int, float)) and 0.0 <= float(ratio) < 1.0):
+            raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
+        if not (isinstance(anneal, (int, float)) and 0.0 <= float(anneal) <= 1.0):
+            raise ValueError(f"anneal: expected a float in [0, 1], got {anneal!r}")
+        if num_epochs is not None and (not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1):
+            raise ValueError(f"num_epochs: expected an int >= 1 or None, got {num_epochs!r}")
+        if isinstance(sampler, DistributedSampler):
+            num_replicas = sampler.num_replicas if num_replicas is None else num_replicas
+            rank = sampler.rank if rank is None else rank
+            shuffle = bool(sampler.shuffle)
+            drop_last = bool(sampler.drop_last)
+            sampler = None
+        if (num_replicas is None) != (rank is None):
+            raise ValueError("num_replicas and rank: pass both or neither")
+        num_replicas = 1 if num_replicas is None else int(num_replicas)
+        rank = 0 if rank is None else int(rank)
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas: expected an int >= 1, got {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank: expected an int in [0, {num_replicas - 1}], got {rank}")
+
+        self.num_samples = num_samples
+        self.ratio = float(ratio)
+        self.num_epochs = None if num_epochs is None else int(num_epochs)
+        self.anneal = float(anneal)
+        self.seed = int(seed)
+        self.sampler = sampler
+        self.shuffle = bool(shuffle)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = bool(drop_last)
+        self.sync_scores = bool(sync_scores)
+        self.pool = self._check_pool(indices)
+
+        self.scores = np.zeros(num_samples, dtype=np.float32)
+        self.seen = np.zeros(num_samples, dtype=bool)
+        self._updated = np.zeros(num_samples, dtype=bool)  # scores changed since the last cross-rank sync
+        self.epoch = 0
+        self._epoch_set = False
+        self._version = 0  # bumped whenever scores or the pool change; a plan is reused while it is current
+        self._plan_version = -1
+        self._plan_epoch: int | None = None
+        self._order = np.zeros(0, dtype=np.int64)  # this epoch's full (unsharded) index order
+        self._weights = np.ones(num_samples, dtype=np.float32)
+        self._stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _check_pool(self, indices: Any) -> np.ndarray | None:
+        if indices is None:
+            return None
+        arr = _as_index_array(indices, "indices")
+        if arr.size == 0:
+            raise ValueError("indices: expected a non-empty base index set")
+        if arr.min() < 0 or arr.max() >= self.num_samples:
+            raise ValueError(
+                f"indices: expected values in [0, {self.num_samples - 1}], got range [{arr.min()}, {arr.max()}]"
+            )
+        return np.unique(arr)
+
+    def set_indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor | None) -> None:
+        """Change the base index set (takes effect at the next plan, i.e. the next ``set_epoch``)."""
+        self.pool = self._check_pool(indices)
+        self._version += 1
+
+    @property
+    def prune_epochs(self) -> int | None:
+        """Number of leading epochs in which pruning is active (``None``: every epoch)."""
+        if self.num_epochs is None:
+            return None
+        return int(math.ceil(self.num_epochs * (1.0 - self.anneal) - 1e-9))
+
+    def is_annealing(self, epoch: int) -> bool:
+        """True when ``epoch`` is in the final full-data phase."""
+        pe = self.prune_epochs
+        return pe is not None and epoch >= pe
+
+    # ------------------------------------------------------------------ scores
+    def update(self, index: Any, losses: Any) -> None:
+        """Record the per-sample (unweighted) losses of a batch as the samples' scores."""
+        idx = _as_index_array(index)
+        if isinstance(losses, torch.Tensor):
+            vals = losses.detach().float().cpu().numpy().reshape(-1)
+        else:
+            vals = np.asarray(losses, dtype=np.float32).reshape(-1)
+        if vals.shape[0] != idx.shape[0]:
+            raise ValueError(f"losses: expected {idx.shape[0]} values (one per index), got {vals.shape[0]}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise ValueError(f"index: expected values in [0, {self.num_samples - 1}], got range [{idx.min()}, {idx.max()}]")
+        ok = np.isfinite(vals)  # a NaN/inf loss would poison the mean; keep the previous score
+        idx, vals = idx[ok], vals[ok]
+        self.scores[idx] = vals
+        self.seen[idx] = True
+        self._updated[idx] = True
+        self._version += 1
+
+    def weights(self, index: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """Loss weights of this epoch's plan for a batch of sample indices (float32 tensor)."""
+        self._ensure_plan()
+        idx = _as_index_array(index)
+        w = torch.from_numpy(self._weights[idx])
+        return w.to(device) if device is not None else w
+
+    def reweight(self, loss_vec: torch.Tensor, index: Any, update: bool = True) -> torch.Tensor:
+        """Record ``loss_vec`` as the batch's scores (if ``update``) and return it times the plan's weights."""
+        if loss_vec.dim() != 1:
+            raise ValueError(f"loss_vec: expected a 1-D per-sample loss (reduction='none'), got shape {tuple(loss_vec.shape)}")
+        if update:
+            self.update(index, loss_vec)
+        return loss_vec * self.weights(index, device=loss_vec.device).to(loss_vec.dtype)
+
+    def sync(self, group: Any = None) -> None:
+        """Merge the scores recorded on every rank since the last sync (collective: call on all ranks)."""
+        import torch.distributed as dist
+
+        upd = torch.from_numpy(self._updated.astype(np.float64))
+        val = torch.from_numpy(np.where(self._updated, self.scores, 0.0).astype(np.float64))
+        backend = dist.get_backend(group)
+        if backend == "nccl":
+            upd, val = upd.cuda(), val.cuda()
+        dist.all_reduce(upd, group=group)
+        dist.all_reduce(val, group=group)
+        self._merge(val.cpu().numpy(), upd.cpu().numpy())
+
+    def _merge(self, value_sum: np.ndarray, count: np.ndarray) -> None:
+        """Apply summed per-rank updates: samples updated on k ranks get the mean of their k losses."""
+        hit = count > 0
+        self.scores[hit] = (value_sum[hit] / count[hit]).astype(np.float32)
+        self.seen |= hit
+        self._updated[:] = False
+        self._version += 1
+
+    # ------------------------------------------------------------------ planning
+    def set_epoch(self, epoch: int) -> None:
+        """Freeze the plan for ``epoch`` from the scores recorded so far (call at each epoch start)."""
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+        if self.sync_scores:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self.sync()
+        self._epoch_set = True
+        if self._plan_epoch == epoch and self._plan_version == self._version:
+            return  # nothing changed since this epoch's plan was made (e.g. set_epoch called twice)
+        self.epoch = int(epoch)
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+        self._make_plan()
+
+    def _ensure_plan(self) -> None:
+        if self._plan_epoch != self.epoch:
+            self._make_plan()
+
+    def _rng(self, epoch: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, stream])
+
+    def keep_mask(
+        self, epoch: int, pool: np.ndarray | None = None, anneal: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Plan for ``epoch`` from the current scores: (kept mask over the dataset, weights, stats).
+
+        Pure (no state change). ``anneal=False`` ignores the full-data phase.
+        """
+        pool = (np.arange(self.num_samples) if self.pool is None else self.pool) if pool is None else pool
+        keep = np.zeros(self.num_samples, dtype=bool)
+        keep[pool] = True
+        weights = np.ones(self.num_samples, dtype=np.float32)
+        annealing = anneal and self.is_annealing(epoch)
+        below = np.zeros(0, dtype=np.int64)
+        dropped = np.zeros(0, dtype=np.int64)
+        seen = pool[self.seen[pool]]
+        if not annealing and self.ratio > 0 and seen.size:
+            mean = float(self.scores[seen].astype(np.float64).mean())
+            below = seen[self.scores[seen] < mean]
+            n_drop = int(round(self.ratio * below.size))
+            if n_drop:
+                dropped = self._rng(epoch, 0).choice(below, size=n_drop, replace=False)
+                keep[dropped] = False
+                kept_below = below[keep[below]]
+                weights[kept_below] = 1.0 / (1.0 - self.ratio)
+        stats = {
+            "epoch": int(epoch),
+            "pool": int(pool.size),
+            "kept": int(pool.size - dropped.size),
+            "pruned": int(dropped.size),
+            "below_mean": int(below.size),
+            "weight": float(1.0 / (1.0 - self.ratio)) if dropped.size else 1.0,
+            "annealing": bool(annealing),
+        }
+        return keep, weights, stats
+
+    def _make_plan(self) -> None:
+        epoch = self.epoch
+        if self.sampler is not None:
+            base = _as_index_array(list(iter(self.sampler)), "sampler")
+            if base.size and (base.min() < 0 or base.max() >= self.num_samples):
+                raise ValueError(
+                    f"sampler: yielded indices outside [0, {self.num_samples - 1}] (range [{base.min()}, {base.max()}])"
+                )
+            if self.pool is not None:
+                base = base[np.isin(base, self.pool)]
+            pool = np.unique(base)
+            if pool.size == 0:
+                raise ValueError("sampler: yielded no indices for this epoch")
+            keep, weights, stats = self.keep_mask(epoch, pool)
+            order = base[keep[base]]
+        else:
+            keep, weights, stats = self.keep_mask(epoch)
+            order = np.flatnonzero(keep)
+            if self.shuffle:
+                order = self._rng(epoch, 1).permutation(order)
+        stats["yielded"] = int(order.size)
+        self._order = order.astype(np.int64)
+        self._weights = weights
+        self._stats = stats
+        self._plan_epoch = epoch
+        self._plan_version = self._version
+
+    # ------------------------------------------------------------------ Sampler protocol
+    def _shard(self, order: np.ndarray) -> np.ndarray:
+        if self.num_replicas == 1:
+            return order
+        n = order.size
+        per_rank = self._per_rank(n)
+        total = per_rank * self.num_replicas
+        if total > n:  # pad by repeating from the start, like DistributedSampler
+            order = np.resize(order, total) if n else order
+        else:
+            order = order[:total]
+        return order[self.rank:total:self.num_replicas]
+
+    def epoch_indices(self) -> np.ndarray:
+        """This rank's indices for the current epoch, in iteration order."""
+        self._ensure_plan()
+        return self._shard(self._order)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self._epoch_set and self._plan_epoch is not None:
+            # set_epoch was not called since the last pass: advance automatically (epoch 0, 1, 2, ...)
+            self.epoch = self._plan_epoch + 1
+            self._make_plan()
+        self._epoch_set = False
+        return iter(self.epoch_indices().tolist())
+
+    def __len__(self) -> int:
+        self._ensure_plan()
+        return self._per_rank(self._order.size)
+
+    def _per_rank(self, n: int) -> int:
+        if self.num_replicas == 1:
+            return n
+        if self.drop_last and n % self.num_replicas:
+            return max(0, math.ceil((n - self.num_replicas) / self.num_replicas))
+        return math.ceil(n / self.num_replicas)
+
+    # ------------------------------------------------------------------ introspection / export
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts of the current plan: pool, kept, pruned, below_mean, weight, annealing, yielded."""
+        self._ensure_plan()
+        return dict(self._stats)
+
+    def kept_indices(self) -> np.ndarray:
+        """Sorted dataset indices kept in the current epoch's plan (all ranks together)."""
+        self._ensure_plan()
+        return np.unique(self._order)
+
+    def final_kept_indices(self) -> np.ndarray:
+        """The kept set a pruning epoch would use with the final scores (anneal ignored), sorted.
+
+        That is every seen sample at or above the mean loss, every unseen sample, and a seeded random
+        ``1 - r`` share of the below-mean ones. Deterministic by ``seed`` and the scores.
+        """
+        epoch = self.num_epochs if self.num_epochs is not None else self.epoch + 1
+        keep, _, _ = self.keep_mask(epoch, anneal=False)
+        return np.flatnonzero(keep)
+
+    def to_ticket(self, dataset: Any = None, labels: Any = None, extra: dict[str, Any] | None = None):
+        """Export :meth:`final_kept_indices` as a :class:`data_tickets.TicketFile`.
+
+        ``scores`` holds the last seen loss of every dataset index (``nan`` for samples never seen). Pass the
+        ``dataset`` (and/or ``labels``) to store its fingerprint so training refuses a mismatched dataset.
+        """
+        from .ticket_file import TicketFile
+
+        idx = self.final_kept_indices()
+        pool_size = self.num_samples if self.pool is None else int(self.pool.size)
+        info = {"dynamic": {"ratio": self.ratio, "anneal": self.anneal, "num_epochs": self.num_epochs,
+                            "last_epoch": int(self.epoch), "seen": int(self.seen.sum())}}
+        info.update(extra or {})
+        fields = dict(
+            scores=np.where(self.seen, self.scores, np.nan).astype(np.float32),
+            scorer="dynamic_last_loss", policy="infobatch", fraction=float(idx.size / pool_size),
+            seed=self.seed, extra=info,
+        )
+        if dataset is None and labels is None:
+            return TicketFile(idx, **fields).check()
+        return TicketFile.create(idx, dataset=dataset, labels=labels, **fields)
+
+    def export_ticket(self, path: str, dataset: Any = None, labels: Any = None,
+                      extra: dict[str, Any] | None = None) -> str:
+        """Write :meth:`to_ticket` to ``path`` (a ``.npz`` ticket file, atomically) and return the path."""
+        self.to_ticket(dataset=dataset, labels=labels, extra=extra).save(path)
+        return str(path)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume mid-run (tensors/numbers only, loadable with ``weights_only=True``)."""
+        self._ensure_plan()
+        return {
+            "version": _STATE_VERSION,
+            "num_samples": self.num_samples,
+            "ratio": self.ratio,
+            "anneal": self.anneal,
+            "num_epochs": -1 if self.num_epochs is None else self.num_epochs,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "scores": torch.from_numpy(self.scores.copy()),
+            "seen": torch.from_numpy(self.seen.copy()),
+            "updated": torch.from_numpy(self._updated.copy()),
+            "order": torch.from_numpy(self._order.copy()),
+            "weights": torch.from_numpy(self._weights.copy()),
+            "plan_stats": dict(self._stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the dataset size must match."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("DynamicPruner state: expected a dict from DynamicPruner.state_dict() (version 1)")
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"DynamicPruner state: saved for {int(state['num_samples'])} samples, this dataset has {self.num_samples}"
+            )
+        self.ratio = float(state["ratio"])
+        self.anneal = float(state["anneal"])
+        self.num_epochs = None if int(state["num_epochs"]) < 0 else int(state["num_epochs"])
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.scores = state["scores"].numpy().astype(np.float32).copy()
+        self.seen = state["seen"].numpy().astype(bool).copy()
+        self._updated = state["updated"].numpy().astype(bool).copy()
+        self._order = state["order"].numpy().astype(np.int64).copy()
+        self._weights = state["weights"].numpy().astype(np.float32).copy()
+        self._stats = dict(state.get("plan_stats", {}))
+        self._plan_epoch = self.epoch
+        self._version += 1
+        self._plan_version = self._version
+        self._epoch_set = True
+
+    def __repr__(self) -> str:
+        return (f"DynamicPruner(num_samples={self.num_samples}, ratio={self.ratio}, num_epochs={self.num_epochs}, "
+                f"anneal={self.anneal}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})")

@@ -1,0 +1,371 @@
+"""Per-sample informativeness scorers (one registry).
+
+Every scorer returns a float32 CPU tensor ``s`` of length ``len(dataset)`` where ``s[i]`` belongs to dataset
+index ``i``; **higher means more informative** (harder, rarer, more uncertain). Policies in
+:mod:`data_tickets.policies` turn scores into subsets.
+
+=============== ============================================================================ ========
+scorer          score (higher = more informative)                                             needs
+=============== ============================================================================ ========
+loss            cross-entropy of the model on the sample                                      labels
+el2n            ``||softmax(f(x)) - onehot(y)||_2`` (Paul et al. 2021), mean over ``repeats``  labels
+                briefly trained proxy models (seeds ``seed .. seed+repeats-1``)
+grand           per-sample gradient norm ``||d loss / d theta||_2`` (Paul et al. 2021), all   labels
+                parameters (or ``params="head"``), computed with ``torch.func`` vmap
+forgetting      forgetting events (correct -> wrong between consecutive epoch-end evaluations labels,
+                of a proxy training, Toneva et al. 2019); never-learned samples get          proxy
+                ``max + 1``
+entropy         predictive entropy ``-sum p log p`` (uncertainty)                              -
+margin          ``1 - (p_top1 - p_top2)`` (small margin = uncertain); ``use_labels=True``     -
+                uses ``max_{k!=y} p_k - p_y`` instead
+prototype       label-free (Sorscher et al. 2022): k-means (scikit-learn) on L2-normalised    -
+                embeddings, cosine-space distance to the nearest centroid (far = atypical)
+cls_attention   ViT only: normalised entropy of the CLS token's attention over the patches    -
+                (diffuse attention = no compact discriminative region = harder image)
+=============== ============================================================================ ========
+
+Models come from ``proxy`` when given (``repeats`` fresh proxy trainings, see :mod:`data_tickets.proxy`)
+and otherwise are the ``model`` argument itself (``repeats`` must then be 1). Single-pass scorers run batched
+under :func:`torch.inference_mode` with the model in eval mode.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ._batches import Batch, dataset_labels, map_batches, resolve_device
+from .attention import _attn_modules, cls_attention
+from .proxy import Proxy
+
+__all__ = ["Scorer", "ScoreContext", "SCORERS", "register_scorer", "score"]
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer function receives besides its own keyword options."""
+
+    model: nn.Module | None
+    dataset: Dataset
+    proxy: Proxy | None
+    batch_size: int
+    device: torch.device | str | None
+    num_workers: int
+    progress: bool | None
+    seed: int
+    name: str
+
+    def map(self, model: nn.Module, fn: Callable[[nn.Module, Batch], torch.Tensor], *, grad: bool = False,
+            batch_size: int | None = None, desc: str | None = None) -> torch.Tensor:
+        return map_batches(model, self.dataset, fn, batch_size=batch_size or self.batch_size, device=self.device,
+                           num_workers=self.num_workers, progress=self.progress, desc=desc or self.name,
+                           grad=grad)
+
+    def models(self, repeats: int) -> Iterator[nn.Module]:
+        """``repeats`` proxy-trained models, or the given model once."""
+        if repeats < 1:
+            raise ValueError(f"repeats: expected int >= 1, got {repeats}")
+        if self.proxy is None:
+            if self.model is None:
+                raise ValueError(f"scorer '{self.name}': pass a model or a proxy= trainer")
+            if repeats != 1:
+                raise ValueError(f"scorer '{self.name}': repeats={repeats} needs proxy= (a trainer for fresh "
+                                 "models); with a fixed model use repeats=1")
+            yield self.model
+            return
+        for k in range(repeats):
+            m = self.proxy(self.seed + k, None)
+            if self.device is not None:
+                m.to(self.device)
+            yield m
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    needs_labels: bool
+    needs_proxy: bool
+    description: str
+
+    def options(self) -> list[str]:
+        return [p for p in inspect.signature(self.fn).parameters if p != "ctx"]
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, *, needs_labels: bool = True, needs_proxy: bool = False,
+                    description: str | None = None) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator registering ``fn(ctx: ScoreContext, **options) -> Tensor[len(dataset)]`` under ``name``.
+
+    Convention: higher score = more informative. Re-registering a name replaces the scorer.
+    """
+    def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
+        SCORERS[name] = Scorer(name, fn, needs_labels, needs_proxy, doc)
+        return fn
+    return deco
+
+
+def score(model: nn.Module | None, dataset: Dataset, scorer: str = "el2n", *, proxy: Proxy | None = None,
+          batch_size: int = 256, device: str | torch.device | None = None, progress: bool | None = None,
+          num_workers: int = 0, seed: int = 0, **kw: Any) -> torch.Tensor:
+    """Score every sample of ``dataset``; returns a float32 tensor aligned with dataset indices.
+
+    ``model`` is scored directly unless ``proxy`` is given, in which case fresh models are trained by the
+    proxy (required for ``forgetting``; recommended for ``el2n``). Scorer options go in ``**kw``
+    (e.g. ``repeats=3`` for el2n, ``params="head"`` for grand, ``layer="rollout"`` for cls_attention).
+    ``seed`` is the first proxy seed (proxy run ``k`` uses ``seed + k``) and seeds k-means.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer: expected one of {', '.join(sorted(SCORERS))}, got {scorer!r}")
+    spec = SCORERS[scorer]
+    allowed = spec.options()
+    for key in kw:
+        if key not in allowed:
+            raise ValueError(f"scorer '{scorer}' has no option {key!r} (options: {', '.join(allowed) or 'none'})")
+    if spec.needs_proxy and proxy is None:
+        raise ValueError(f"scorer '{scorer}' needs proxy= (a callable proxy(seed, on_epoch_end) -> model that "
+                         "trains a fresh model; see data_tickets.proxy.make_proxy)")
+    if model is None and proxy is None:
+        raise ValueError(f"scorer '{scorer}': pass a model or a proxy= trainer")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: nothing to score")
+    ctx = ScoreContext(model, dataset, proxy, batch_size, device if device is not None else
+                       (resolve_device(model, None) if model is not None else None),
+                       num_workers, progress, seed, scorer)
+    out = spec.fn(ctx, **kw).float().cpu().reshape(-1)
+    if out.numel() != len(dataset):
+        raise RuntimeError(f"scorer '{scorer}' returned {out.numel()} scores for {len(dataset)} samples")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"scorer '{scorer}' produced non-finite scores (diverged model?)")
+    return out
+
+
+def _mean_over(ctx: ScoreContext, repeats: int, fn: Callable[[nn.Module, Batch], torch.Tensor]) -> torch.Tensor:
+    total = None
+    for k, m in enumerate(ctx.models(repeats)):
+        s = ctx.map(m, fn, desc=f"{ctx.name} {k + 1}/{repeats}" if repeats > 1 else ctx.name)
+        total = s if total is None else total + s
+    return total / repeats
+
+
+@register_scorer("loss")
+def _loss(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
+    """Cross-entropy loss of the model on each sample (hard/mislabelled samples score high)."""
+    return _mean_over(ctx, repeats, lambda m, b: F.cross_entropy(m(b.images), b.labels, reduction="none"))
+
+
+@register_scorer("el2n")
+def _el2n(ctx: ScoreContext, repeats: int | None = None) -> torch.Tensor:
+    """EL2N: L2 norm of softmax error, averaged over proxy models (default 3 with a proxy, else 1)."""
+    if repeats is None:
+        repeats = 3 if ctx.proxy is not None else 1
+
+    def fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        logits = m(b.images)
+        err = logits.softmax(-1) - F.one_hot(b.labels, logits.shape[-1]).to(logits.dtype)
+        return err.norm(dim=-1)
+    return _mean_over(ctx, repeats, fn)
+
+
+@register_scorer("entropy", needs_labels=False)
+def _entropy(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
+    """Predictive entropy of the softmax (uncertain samples score high)."""
+    def fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        logp = m(b.images).float().log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
+    return _mean_over(ctx, repeats, fn)
+
+
+@register_scorer("margin", needs_labels=False)
+def _margin(ctx: ScoreContext, repeats: int = 1, use_labels: bool = False) -> torch.Tensor:
+    """1 - (top1 - top2 probability); with use_labels: max other-class probability minus true-class one."""
+    def fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        p = m(b.images).float().softmax(-1)
+        if use_labels:
+            py = p.gather(1, b.labels[:, None]).squeeze(1)
+            other = p.scatter(1, b.labels[:, None], float("-inf")).amax(1)
+            return other - py
+        top = p.topk(2, dim=-1).values
+        return 1.0 - (top[:, 0] - top[:, 1])
+    return _mean_over(ctx, repeats, fn)
+
+
+def _head_module(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("grand params='head': model has no classifier (get_classifier()) or Linear layer")
+    return linears[-1]
+
+
+def _grad_params(model: nn.Module, params: str | Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    if params == "all":
+        keep = {k for k, v in named.items() if v.requires_grad}
+    elif params == "head":
+        head_ids = {id(p) for p in _head_module(model).parameters()}
+        keep = {k for k, v in named.items() if id(v) in head_ids}
+    elif callable(params):
+        keep = {k for k in named if params(k)}
+    else:
+        raise ValueError(f"grand params: expected 'all', 'head' or a callable(name) -> bool, got {params!r}")
+    if not keep:
+        raise ValueError("grand: no parameters selected for the gradient norm")
+    return {k: named[k].detach() for k in named if k in keep}
+
+
+def _sdpa_math():
+    """vmap has no batching rule for the fused CPU flash-attention kernels; the math kernel decomposes."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover - older torch
+        return nullcontext()
+
+
+@register_scorer("grand")
+def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bool] = "all",
+           method: str = "vmap", chunk_size: int | None = 32) -> torch.Tensor:
+    """Per-sample gradient norm of the loss w.r.t. the parameters (torch.func vmap; method='loop' for reference)."""
+    from torch.func import functional_call, grad, vmap
+
+    if method not in ("vmap", "loop"):
+        raise ValueError(f"grand method: expected 'vmap' or 'loop', got {method!r}")
+
+    checked: dict[int, bool] = {}
+
+    def target(m: nn.Module, b: Batch) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+        """(module to differentiate, its selected params, its inputs).
+
+        With ``params="head"`` on a timm-style model the embeddings are computed once, batched and without
+        autograd, and only the classifier runs per sample (logits = head(forward_head(.., pre_logits=True))).
+        """
+        if params == "head" and hasattr(m, "forward_features") and hasattr(m, "forward_head"):
+            head = _head_module(m)
+            with torch.no_grad():
+                h = m.forward_head(m.forward_features(b.images), pre_logits=True)
+                if id(m) not in checked:  # the head must map these embeddings to the model's logits
+                    checked[id(m)] = torch.allclose(head(h[:2]), m(b.images[:2]), rtol=1e-4, atol=1e-5)
+            if checked[id(m)]:
+                return head, {k: v.detach() for k, v in head.named_parameters()}, h
+        return m, _grad_params(m, params), b.images
+
+    def per_sample_vmap(m: nn.Module, b: Batch) -> torch.Tensor:
+        mod, p, inputs = target(m, b)
+        buffers = {k: v.detach() for k, v in mod.named_buffers()}
+
+        def loss_fn(pp: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(mod, (pp, buffers), (x.unsqueeze(0),), strict=False)
+            return F.cross_entropy(out, y.unsqueeze(0))
+
+        def sq_norm(pp: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            g = grad(loss_fn)(pp, x, y)
+            return sum(t.pow(2).sum() for t in g.values())
+
+        with _sdpa_math():
+            sq = vmap(sq_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)(p, inputs, b.labels)
+        return sq.sqrt()
+
+    def per_sample_loop(m: nn.Module, b: Batch) -> torch.Tensor:
+        mod, p, inputs = target(m, b)
+        names = set(p)
+        plist = [v for k, v in mod.named_parameters() if k in names]
+        out = []
+        for i in range(b.labels.numel()):
+            loss = F.cross_entropy(mod(inputs[i:i + 1]), b.labels[i:i + 1])
+            gs = torch.autograd.grad(loss, plist)
+            out.append(torch.stack([g.pow(2).sum() for g in gs]).sum())
+        return torch.stack(out).sqrt()
+
+    fn = per_sample_vmap if method == "vmap" else per_sample_loop
+    total = None
+    for k, m in enumerate(ctx.models(repeats)):
+        s = ctx.map(m, fn, grad=True, desc=f"grand {k + 1}/{repeats}" if repeats > 1 else "grand")
+        total = s if total is None else total + s
+    return total / repeats
+
+
+@register_scorer("forgetting", needs_proxy=True)
+def _forgetting(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
+    """Forgetting events during proxy training (epoch-end evaluations); never-learned samples get max + 1."""
+    assert ctx.proxy is not None
+    total = torch.zeros(len(ctx.dataset))
+    for k in range(repeats):
+        state: dict[str, torch.Tensor] = {}
+        n = len(ctx.dataset)
+        state["prev"] = torch.zeros(n, dtype=torch.bool)
+        state["events"] = torch.zeros(n)
+        state["learned"] = torch.zeros(n, dtype=torch.bool)
+        state["evals"] = torch.zeros(())
+
+        def on_epoch_end(model: nn.Module, epoch: int) -> None:
+            correct = ctx.map(model, lambda m, b: (m(b.images).argmax(-1) == b.labels).float(),
+                              desc=f"forgetting eval epoch {epoch}").bool()
+            state["events"] += (state["prev"] & ~correct).float()
+            state["learned"] |= correct
+            state["prev"] = correct
+            state["evals"] += 1
+
+        ctx.proxy(ctx.seed + k, on_epoch_end)
+        if int(state["evals"]) < 2:
+            raise ValueError("scorer 'forgetting': the proxy must train >= 2 epochs and call on_epoch_end after "
+                             f"each (got {int(state['evals'])} evaluations)")
+        ev = state["events"]
+        ev[~state["learned"]] = ev.max() + 1
+        total += ev
+    return total / repeats
+
+
+def _embed(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if hasattr(m, "forward_features") and hasattr(m, "forward_head"):
+        return m.forward_head(m.forward_features(images), pre_logits=True)
+    raise ValueError("scorer 'prototype' needs a model with forward_features/forward_head (timm) or embed_fn=")
+
+
+@register_scorer("prototype", needs_labels=False)
+def _prototype(ctx: ScoreContext, n_clusters: int | None = None, normalize: bool = True,
+               embed_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+               n_init: int = 3) -> torch.Tensor:
+    """Distance to the nearest k-means centroid of the (L2-normalised) embeddings; label-free."""
+    from sklearn.cluster import KMeans
+
+    model = next(ctx.models(1))
+    embed = embed_fn or _embed
+    feats = ctx.map(model, lambda m, b: embed(m, b.images).flatten(1), desc="prototype embed")
+    if normalize:
+        feats = F.normalize(feats, dim=1)
+    n = feats.shape[0]
+    if n_clusters is None:  # only the number of classes is used, never the labels themselves
+        n_clusters = int(torch.unique(dataset_labels(ctx.dataset, ctx.batch_size)).numel())
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"prototype n_clusters: expected 1..{n} (dataset size), got {n_clusters}")
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=ctx.seed)
+    dist = km.fit_transform(feats.double().numpy()).min(axis=1)
+    return torch.from_numpy(np.asarray(dist, dtype=np.float32))
+
+
+@register_scorer("cls_attention", needs_labels=False)
+def _cls_attention(ctx: ScoreContext, layer: int | str = -1) -> torch.Tensor:
+    """Normalised entropy of the CLS-to-patch attention (last block or 'rollout'), mean over heads."""
+    model = next(ctx.models(1))
+    _attn_modules(model)  # clear error for non-ViTs before the first batch
+
+    def fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        a = cls_attention(m, b.images, layer=layer)
+        ent = -(a * a.clamp_min(1e-12).log()).sum(-1)
+        return ent / float(np.log(a.shape[-1])) if a.shape[-1] > 1 else ent
+    return ctx.map(model, fn, desc="cls_attention")
