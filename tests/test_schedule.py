@@ -1,0 +1,117 @@
+"""The lotus: schedule: validation of phases, events at the right time, resume across events, bench."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from lotus.config import config_from_dict
+from lotus.errors import ConfigError
+from lotus.train import Callback, Trainer
+
+
+def _cfg(d, **sections):
+    d = {**d, **sections}
+    d["train"] = {**d["train"], "epochs": 4}
+    return d
+
+
+@pytest.mark.parametrize("lotus, extra, message", [
+    ({"enabled": True, "warmup_epochs": 2, "anneal_epochs": 2}, {}, "warmup_epochs + anneal_epochs (2 + 2) must be < train.epochs (4)"),
+    ({"enabled": True, "warmup_epochs": 2}, {"pruning": {"structured": {"mlp": 0.5, "at_epoch": 1}}}, "pruning.structured.at_epoch: epoch 1 falls inside the lotus warm-up"),
+    ({"enabled": True, "warmup_epochs": 1}, {"pruning": {"method": "magnitude", "at_epoch": 0.5}}, "pruning.at_epoch: epoch 0.5 falls inside the lotus warm-up"),
+    ({"enabled": True, "anneal_epochs": 1, "reselect": {"enabled": True, "epochs": [3]}}, {}, "lotus.reselect.epochs: epoch 3 is outside the reduced phase"),
+    ({"enabled": True, "reselect": {"enabled": True, "scorer": "nope"}}, {}, "lotus.reselect.scorer: expected one of"),
+    ({"enabled": True, "reselect": {"enabled": True, "scorer": "el2n"}}, {}, "el2n needs proxy trainings"),
+    ({"enabled": True, "reselect": {"enabled": True}}, {"tickets": {"file": "t.npz"}}, "cannot be combined with tickets.file"),
+    ({"enabled": False, "reselect": {"enabled": True}}, {}, "needs lotus.enabled: true"),
+    ({"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
+     {"tickets": {"patches": {"enabled": True, "schedule": [[0, 0.5]]}}}, "overlaps the lotus warm-up/anneal"),
+])
+def test_impossible_schedules_are_errors(tiny_cfg_dict, lotus, extra, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(_cfg(tiny_cfg_dict, lotus=lotus, **extra))
+    assert message in str(e.value)
+
+
+def test_schedule_derives_phase_settings(tiny_cfg_dict):
+    cfg = config_from_dict(_cfg(tiny_cfg_dict, lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
+                                tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}}))
+    assert cfg.tickets.patches.schedule == [[0.0, 1.0], [1.0, 0.5], [3.0, 1.0]]
+    assert cfg.tickets.dynamic.anneal == pytest.approx(0.25)
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(__import__("lotus.config").config.config_to_dict(cfg))))
+    assert again.tickets.patches.schedule == cfg.tickets.patches.schedule
+
+
+class _Record(Callback):
+    order = 1000
+
+    def __init__(self):
+        self.subsets = []
+
+    def on_epoch_start(self, trainer, epoch):
+        self.subsets.append(None if trainer.subset is None else len(trainer.subset))
+
+
+def _lotus_cfg(tiny_cfg_dict):
+    d = _cfg(tiny_cfg_dict,
+             lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1,
+                    "reselect": {"enabled": True, "scorer": "loss", "policy": "random", "fraction": 0.5}},
+             pruning={"structured": {"mlp": 0.5, "at_epoch": 2}})
+    return config_from_dict(d)
+
+
+def test_events_fire_in_their_phase(tmp_path, tiny_cfg_dict):
+    rec = _Record()
+    t = Trainer(_lotus_cfg(tiny_cfg_dict), run_dir=str(tmp_path / "r"), quiet=True, callbacks=[rec])
+    summary = t.fit()
+    names = [(e["event"], e["epoch"]) for e in summary["events"]]
+    assert ("reselect", 1) in names and ("anneal_full_data", 3) in names
+    assert ("phase_reduce", 1) in names and ("phase_anneal", 3) in names
+    prune = [e for e in summary["events"] if e["event"] == "prune_structured"]
+    assert len(prune) == 1 and prune[0]["step"] == math.ceil(1437 / 32) + math.ceil(718 / 32)
+    assert rec.subsets == [None, 718, 718, None]  # full data in warm-up and anneal, half in between
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in recs if r["type"] == "event" and r["event"] == "reselect"] == ["reselect"]
+    assert summary["params"] < 69962  # the MLPs were thinned
+
+
+class _Stop(Callback):
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+
+def test_resume_across_events(tmp_path, tiny_cfg_dict):
+    cfg = _lotus_cfg(tiny_cfg_dict)
+    full = Trainer(cfg, run_dir=str(tmp_path / "full"), quiet=True)
+    full.fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run_dir=str(tmp_path / "cut"), quiet=True, callbacks=[_Stop()]).fit()
+    resumed = Trainer(cfg, run_dir=str(tmp_path / "cut"), quiet=True, resume=True)
+    resumed.fit()  # rebuilds the thinned shapes and the selected subset from the saved state
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
+    from lotus.bench import analyse, run_bench, write_bench
+
+    tiny_cfg_dict["train"]["epochs"] = 2
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_cfg_dict))
+    other = tmp_path / "lot.yaml"
+    other.write_text(yaml.safe_dump({"base": "base.yaml", "tickets": {"dynamic": {"enabled": True}}}))
+    res = run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), progress=False, quiet=True)
+    analysis = analyse(res, inference_repeats=1)
+    table = write_bench(analysis, str(tmp_path / "b"))
+    assert "| base |" in table and "| lot |" in table
+    rows = {r["name"]: r for r in analysis["rows"]}
+    assert rows["base"]["seeds"] == 2 and rows["lot"]["samples_mean"] < rows["base"]["samples_mean"]
+    assert math.isclose(analysis["target"], rows["base"]["final_acc_mean"] - 0.005)
+    for f in ("bench.md", "bench.json", "acc_vs_time.png", "acc_vs_flops.png"):
+        assert (tmp_path / "b" / f).is_file()
+    # rerunning reuses the finished runs
+    again = run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), progress=False, quiet=True)
+    assert again[0].runs == res[0].runs
