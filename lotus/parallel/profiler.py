@@ -34,8 +34,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import os
+import sys
+
 from lotus.parallel.planner import BlockCost, CostTable, OptionCost, StageCost
 from lotus.parallel.strategies import transformer_blocks, wrap_block
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Mute the C++ profiler's own start/stop lines (kineto writes them straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 __all__ = [
     "MemoryMeasure",
@@ -104,7 +122,8 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str = "cpu")
                                   torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                            record_shapes=False) as prof:
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).upper().endswith("CPU")]
