@@ -14,12 +14,11 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from lotus.config import Config, config_to_dict, load_config
+from lotus.config import Config, load_config
 from lotus.errors import LotusError
 from lotus.report import read_metrics
 
@@ -201,7 +200,7 @@ def write_bench(analysis: dict, out: str) -> str:
     plot_bench(analysis, out)
     slim = {**analysis, "rows": [{k: v for k, v in r.items()} for r in analysis["rows"]]}
     atomic_write_text(os.path.join(out, "bench.json"), json.dumps(slim, indent=2, default=str))
-    md = [f"# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
+    md = ["# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
           f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, "",
           "![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]
     atomic_write_text(os.path.join(out, "bench.md"), "\n".join(md))

@@ -33,7 +33,6 @@ from lotus.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from lotus.config import Config
-    from lotus.train import Trainer
 
 __all__ = ["ScheduleConfig", "ReselectConfig", "resolve", "callbacks", "phase_of", "reselect_epochs"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
-import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from lotus.errors import ConfigError

@@ -13,7 +13,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +26,7 @@ from lotus.data import Augmenter, DataBundle, batches, build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, unwrap
 from lotus.optim import CosineSchedule, build_optimizer
+from lotus.parallel.runtime import DistInfo
 
 __all__ = ["Callback", "Trainer", "train", "DistInfo", "resolve_img_size", "default_forward"]
 
@@ -74,15 +74,6 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    is_main: bool = True
-    device: torch.device | None = None
 
 
 def default_forward(model: nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -160,7 +151,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.device == "cuda" and not torch.cuda.is_available():
             raise LotusError("train.device: cuda requested but no CUDA device is available")
-        if self.dist.device is not None:
+        if self.dist.world_size > 1:  # torchrun chose this rank's device
             self.device = self.dist.device
         else:
             self.device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

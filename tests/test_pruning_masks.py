@@ -12,13 +12,6 @@ from pruning import MagnitudeConfig, WandaConfig, prune_
 from pruning.masks import collect_input_norms, effective_weight, make_filter, masked_modules
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def vit(depth: int = 2, **kw) -> nn.Module:
     torch.manual_seed(0)

@@ -12,13 +12,6 @@ from pruning.masks import is_nm_sparse, masked_modules, nm_mask
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, check_legality, enable_sparse_training_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def vit(depth: int = 1) -> nn.Module:
     torch.manual_seed(0)

@@ -10,13 +10,6 @@ from pruning import GradualPruner, GradualSchedule, MagnitudeConfig, OneShotSche
 from pruning.masks import masked_modules
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def test_cubic_values():
     s = GradualSchedule(final_sparsity=0.8, start_step=10, end_step=110, frequency=10)

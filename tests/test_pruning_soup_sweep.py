@@ -13,13 +13,6 @@ from pruning.soup import merge_masks
 from pruning.sweep import essential_sparsity_sweep, find_knee, save_sweep, sparsity_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def test_merge_masks_semantics():
     a = {"w": torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool)}

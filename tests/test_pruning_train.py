@@ -11,13 +11,6 @@ from lotus.errors import ConfigError
 from lotus.train import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(tiny_cfg_dict, pruning_section, **train):
     d = tiny_cfg_dict
