@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lotus.config import Config, load_config
+from lotus.config import Config, config_to_dict, load_config
 from lotus.errors import LotusError
 from lotus.report import read_metrics
 
@@ -91,12 +91,21 @@ def run_bench(config_paths: list[str], seeds: int, out: str, overrides: list[str
         path, base = cfgs[i]
         run_dir = os.path.join(out, base.name, f"seed{seed}")
         bar.set_postfix_str(f"{base.name} seed {seed}")
+        run_overrides = list(overrides or []) + [f"train.seed={base.train.seed + seed}", "output.report=false"]
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            results[i].runs.append(run_dir)  # finished earlier: reuse (bench is resumable)
+            wanted = config_to_dict(load_config(path, run_overrides))
+            wanted["output"]["dir"] = None
+            saved = config_to_dict(load_config(os.path.join(run_dir, "config.yaml")))
+            saved["output"]["dir"] = None
+            saved["name"] = wanted["name"]
+            if saved != wanted:
+                raise LotusError(f"bench: {run_dir} was trained with another config than {path} (+ --set); "
+                                 "delete it or use another --out")
+            results[i].runs.append(run_dir)  # finished earlier with the same config: reuse (bench is resumable)
             continue
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             raise LotusError(f"bench: {run_dir} holds an unfinished run; delete it or resume it with lotus train --resume")
-        cfg = load_config(path, list(overrides or []) + [f"train.seed={base.train.seed + seed}", "output.report=false"])
+        cfg = load_config(path, run_overrides)
         summary = Trainer(cfg, run_dir=run_dir, quiet=True).fit()
         if not quiet:
             bar.write(f"{base.name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "

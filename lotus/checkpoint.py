@@ -33,6 +33,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600; use what open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

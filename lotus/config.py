@@ -213,7 +213,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return to_dict(cfg)
+    """The config as plain data, with the user's values (not those the ``lotus:`` schedule derived from
+    them), so a saved config re-resolves correctly when, say, ``train.epochs`` changes on resume."""
+    out = to_dict(cfg)
+    for key, value in getattr(cfg.lotus, "_derived", {}).items():
+        node = out
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = copy.deepcopy(value)
+    return out
 
 
 def save_config(cfg: Config, path: str) -> None:

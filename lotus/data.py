@@ -97,14 +97,17 @@ class DataBundle:
     classes: list[str]
 
 
-def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(labels: np.ndarray, val_fraction: float | None, seed: int,
+           train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified seeded split: ``val_fraction`` of the samples to val, or exactly ``train_size`` to train."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
+    kw = {"train_size": train_size} if train_size is not None else {"test_size": val_fraction}
     try:
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+        tr, va = train_test_split(idx, random_state=seed, stratify=labels, **kw)
     except ValueError:  # a class too small to stratify: plain seeded split
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
+        tr, va = train_test_split(idx, random_state=seed, **kw)
     return np.sort(tr), np.sort(va)
 
 
@@ -181,12 +184,15 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None) -> Data
     ``in_chans`` forces a channel count (model.in_chans); by default the data's own is used.
     """
     if cfg.name == "imagefolder":
+        if cfg.limit_train is not None:
+            raise LotusError("data.limit_train: only supported for in-memory datasets (digits, mnist, fashion_mnist, "
+                             "cifar10, cifar100); for imagefolder use a ticket file (tickets.file) or a smaller folder")
         train, val, classes, chans = _imagefolder(cfg, img_size, in_chans)
         labels = train.labels.numpy()
     else:
         xtr, ytr, xva, yva, classes = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
         if cfg.limit_train is not None and cfg.limit_train < len(ytr):
-            keep, _ = _split(ytr.numpy(), 1 - cfg.limit_train / len(ytr), cfg.split_seed)
+            keep, _ = _split(ytr.numpy(), None, cfg.split_seed, train_size=cfg.limit_train)
             xtr, ytr = xtr[keep], ytr[keep]
         chans = in_chans or xtr.shape[1]
         if cfg.normalize:

@@ -237,6 +237,6 @@ class PruningCallback(Callback):
 
 def _own_state(state: dict) -> dict:
     for key, value in (state.get("callbacks") or {}).items():
-        if key.split(":", 1)[-1] == "PruningCallback" and isinstance(value, dict):
+        if key.split(":", 1)[0] == "PruningCallback" and isinstance(value, dict):  # keys are "<class>:<n>"
             return value
     return {}

@@ -116,9 +116,12 @@ def resolve(cfg: "Config") -> None:
             if e < s.warmup_epochs or e >= reduce_end:
                 raise ConfigError(f"lotus.reselect.epochs: epoch {e} is outside the reduced phase "
                                   f"[{s.warmup_epochs:g}, {reduce_end:g})")
+    derived: dict[str, Any] = {}  # what resolve() filled in: config_to_dict writes the user's value back
+    s.__dict__["_derived"] = derived
     p = cfg.tickets.patches
     if p.enabled:
         if not p.schedule:
+            derived["tickets.patches.schedule"] = []
             sched = [[0.0, 1.0]] if s.warmup_epochs > 0 else []
             sched.append([float(s.warmup_epochs), float(p.keep_rate)])
             if s.anneal_epochs > 0:
@@ -130,8 +133,9 @@ def resolve(cfg: "Config") -> None:
                     raise ConfigError(f"tickets.patches.schedule: keep rate {rate:g} at epoch {e:g} overlaps the "
                                       f"lotus warm-up/anneal (full tokens before {s.warmup_epochs:g} and from {reduce_end:g})")
     d = cfg.tickets.dynamic
-    if d.enabled and s.anneal_epochs > 0:
-        d.anneal = max(d.anneal, s.anneal_epochs / total)
+    if d.enabled and s.anneal_epochs > 0 and d.anneal < s.anneal_epochs / total:
+        derived["tickets.dynamic.anneal"] = d.anneal
+        d.anneal = s.anneal_epochs / total
     pr = cfg.pruning
     events = []
     if getattr(pr, "masks_enabled", False):

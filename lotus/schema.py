@@ -7,6 +7,7 @@ Field limits come from ``dataclasses.field(metadata={"min": .., "max": .., "min_
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -46,6 +47,8 @@ def _limits(meta: dict) -> str:
 def _fail(key: str, tp: Any, meta: dict, value: Any) -> None:
     lim = _limits(meta)
     expected = describe_type(tp) + (f" {lim}" if lim else "")
+    if isinstance(value, float) and not math.isfinite(value):
+        expected = f"a finite {expected}"
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
@@ -103,6 +106,8 @@ def _convert(key: str, tp: Any, value: Any, meta: dict) -> Any:
         if not isinstance(value, str):
             _fail(key, tp, meta, value)
     elif isinstance(tp, type) and not isinstance(value, tp):
+        _fail(key, tp, meta, value)
+    if isinstance(value, float) and not math.isfinite(value):
         _fail(key, tp, meta, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("min"), meta.get("max")

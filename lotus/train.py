@@ -184,7 +184,12 @@ class Trainer:
         if state is not None:
             for cb in self.callbacks:
                 cb.on_load_checkpoint(self, state)
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise LotusError(f"resume: the saved model does not fit this config (changed model settings?): "
+                                 f"{first}") from None
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
             from lotus.parallel.apply import parallelize
 
@@ -322,6 +327,10 @@ class Trainer:
         if state is not None:
             self._restore(state)
             start_epoch = self.epoch
+            capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
+            if start_epoch >= cfg.train.epochs or capped:
+                raise LotusError(f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
+                                 "pass --set train.epochs=N (or train.max_steps) with a larger value to continue")
         self._open_log()
         if self.write and self.dist.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -341,7 +350,8 @@ class Trainer:
                 last_metrics = self._train_epoch(epoch, show_bar, steps_cap)
                 self.wall = self._wall_now()
                 self._segment_start = None
-                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                stopping = steps_cap is not None and self.step >= steps_cap
+                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs or stopping:
                     last_metrics.update(self.evaluate())
                 last_metrics["wall_s"] = round(self.wall, 4)
                 for cb in self.callbacks:
@@ -462,7 +472,7 @@ class Trainer:
             "rng_numpy": _numpy_state(), "rng_python": _python_state(),
             "rng_augment": self.augment.gen.get_state(),
             "subset": None if self.subset is None else torch.as_tensor(np.asarray(self.subset)),
-            "callbacks": {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "callbacks": {key: cb.state_dict() for key, cb in self._callback_keys()},
             "events": self.events,
         }
 
@@ -481,11 +491,24 @@ class Trainer:
         self.augment.gen.set_state(state["rng_augment"])
         self.subset = None if state.get("subset") is None else state["subset"].numpy()
         self.events = list(state.get("events", []))
-        saved = state.get("callbacks", {})
-        for i, cb in enumerate(self.callbacks):
-            key = f"{i}:{type(cb).__name__}"
+        saved = dict(state.get("callbacks", {}))
+        for key, cb in self._callback_keys():
             if key in saved:
-                cb.load_state_dict(saved[key])
+                cb.load_state_dict(saved.pop(key))
+        dropped = [k for k, v in saved.items() if v]
+        if dropped:
+            raise LotusError(f"resume: the run was saved with feature state ({', '.join(dropped)}) that this config "
+                             "does not use; resume with the run's own config (no --set that switches features off)")
+
+    def _callback_keys(self) -> list[tuple[str, Callback]]:
+        """Stable keys for callback state: class name plus a counter among callbacks of that class."""
+        seen: dict[str, int] = {}
+        out = []
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            out.append((f"{name}:{seen[name]}", cb))
+        return out
 
     def _checkpoint(self, metrics: dict) -> None:
         if not self.write:
@@ -499,10 +522,11 @@ class Trainer:
         full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
         acc = metrics.get("val_acc")
         meta = {"epoch": self.epoch, "step": self.step, "val_acc": acc, "model": self.cfg.model.name}
-        if self.cfg.output.save_best and acc is not None and acc > self.best_acc:
+        if acc is not None and acc > self.best_acc:
             self.best_acc = acc
             state["best_acc"] = acc
-            save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
+            if self.cfg.output.save_best:
+                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
         if self.cfg.output.save_last:
             save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full)
         save_state(os.path.join(self.run_dir, "state.pt"), state)

@@ -85,3 +85,15 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_non_finite_floats_rejected():
+    with pytest.raises(ConfigError, match="optim.lr: expected a finite float"):
+        config_from_dict({"optim": {"lr": float("nan")}})
+
+
+def test_limit_train_is_exact():
+    from lotus.data import build_datasets
+
+    for k in (413, 414, 1000):
+        assert len(build_datasets(config_from_dict({"data": {"limit_train": k}}).data, 8).train) == k

@@ -40,8 +40,12 @@ def test_schedule_derives_phase_settings(tiny_cfg_dict):
                                 tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}}))
     assert cfg.tickets.patches.schedule == [[0.0, 1.0], [1.0, 0.5], [3.0, 1.0]]
     assert cfg.tickets.dynamic.anneal == pytest.approx(0.25)
-    again = config_from_dict(yaml.safe_load(yaml.safe_dump(__import__("lotus.config").config.config_to_dict(cfg))))
-    assert again.tickets.patches.schedule == cfg.tickets.patches.schedule
+    from lotus.config import config_to_dict
+
+    saved = config_to_dict(cfg)  # the user's values, not the derived ones
+    assert saved["tickets"]["patches"]["schedule"] == [] and saved["tickets"]["dynamic"]["anneal"] == 0.0
+    longer = config_from_dict(yaml.safe_load(yaml.safe_dump(saved)), ["train.epochs=8"])
+    assert longer.tickets.patches.schedule == [[0.0, 1.0], [1.0, 0.5], [7.0, 1.0]]
 
 
 class _Record(Callback):
@@ -112,6 +116,11 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
     assert math.isclose(analysis["target"], rows["base"]["final_acc_mean"] - 0.005)
     for f in ("bench.md", "bench.json", "acc_vs_time.png", "acc_vs_flops.png"):
         assert (tmp_path / "b" / f).is_file()
-    # rerunning reuses the finished runs
+    # rerunning reuses the finished runs, but not runs made with another config
     again = run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), progress=False, quiet=True)
     assert again[0].runs == res[0].runs
+    from lotus.errors import LotusError
+
+    with pytest.raises(LotusError, match="was trained with another config"):
+        run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), overrides=["optim.lr=0.01"],
+                  progress=False, quiet=True)

@@ -165,3 +165,39 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(p, boom)
     assert p.read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_resume_of_finished_run_is_refused_and_keeps_results(tmp_path, tiny_cfg_dict):
+    tiny_cfg_dict["train"]["epochs"] = 1
+    cfg = config_from_dict(tiny_cfg_dict)
+    Trainer(cfg, run_dir=str(tmp_path / "r"), quiet=True).fit()
+    before = (tmp_path / "r" / "summary.json").read_text()
+    with pytest.raises(LotusError, match="already finished"):
+        Trainer(cfg, run_dir=str(tmp_path / "r"), quiet=True, resume=True).fit()
+    assert (tmp_path / "r" / "summary.json").read_text() == before
+
+
+def test_max_steps_still_evaluates_and_best_without_saving(tmp_path, tiny_cfg_dict):
+    tiny_cfg_dict["train"].update(epochs=4, max_steps=5, eval_every=3)
+    tiny_cfg_dict["output"] = {"save_best": False}
+    s = Trainer(config_from_dict(tiny_cfg_dict), run_dir=str(tmp_path / "r"), quiet=True).fit()
+    assert s["steps"] == 5 and s["final_val_acc"] is not None and s["best_val_acc"] == s["final_val_acc"]
+    assert not (tmp_path / "r" / "best.safetensors").exists()
+    mode = os.stat(tmp_path / "r" / "last.safetensors").st_mode & 0o777
+    assert mode & 0o044  # readable by others like any file the user creates (umask permitting)
+
+
+def test_resume_with_incompatible_model_is_one_line(tmp_path, tiny_cfg_dict, capsys):
+    import yaml
+
+    from lotus.cli import main
+
+    tiny_cfg_dict["train"]["epochs"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_cfg_dict))
+    assert main(["train", "--config", str(p), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    code = main(["train", "--resume", str(tmp_path / "r"), "--set", "train.epochs=2", "--set", "model.patch_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit this config" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--config", str(p), "--out", str(tmp_path / "afile"), "--quiet"]) == 2
