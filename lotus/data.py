@@ -63,7 +63,7 @@ class TensorImageDataset(Dataset):
 class _FolderDataset(Dataset):
     """torchvision ImageFolder that returns (image, label, index)."""
 
-    def __init__(self, folder: Any, img_size: int, chans: int):
+    def __init__(self, folder: Any, img_size: int, chans: int, normalize: bool = True):
         from torchvision import transforms as T
 
         self.folder, self.classes = folder, folder.classes
@@ -73,7 +73,7 @@ class _FolderDataset(Dataset):
             T.Lambda(lambda im: im.convert(mode)),
             T.Resize((img_size, img_size), antialias=True),
             T.ToTensor(),
-            T.Normalize([0.5] * chans, [0.5] * chans),
+            *([T.Normalize([0.5] * chans, [0.5] * chans)] if normalize else []),
         ])
 
     def __len__(self) -> int:
@@ -175,7 +175,8 @@ def _imagefolder(cfg: Any, img_size: int, chans: int | None):
 
         with Image.open(train.samples[0][0]) as im:
             chans = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
-    return _FolderDataset(train, img_size, chans), _FolderDataset(val, img_size, chans), train.classes, chans
+    return (_FolderDataset(train, img_size, chans, cfg.normalize), _FolderDataset(val, img_size, chans, cfg.normalize),
+            train.classes, chans)
 
 
 def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None) -> DataBundle:
