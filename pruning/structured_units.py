@@ -287,6 +287,15 @@ def group_reduce(t: torch.Tensor, c: Coupled, num_groups: int, group_size: int) 
     return t.sum(dim=(0, 2, 3)).to(torch.float64).cpu()
 
 
+
+def _inner_norm_coupled(norm: nn.Module | None) -> list[Coupled]:
+    """The affine parameters of a norm over the pruned inner width (sliced with the heads/neurons)."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return []
+    return [Coupled(f"norm.{p}", t, 0, is_weight=False)
+            for p in ("weight", "bias") if (t := getattr(norm, p, None)) is not None]
+
+
 class Unit:
     """Base class: a prunable module (attention or MLP) inside a transformer block."""
     kind: str = ""
@@ -384,11 +393,7 @@ class AttentionUnit(Unit):
                 if t is not None:
                     out.append(Coupled(pname, t, 0, is_param=isinstance(t, nn.Parameter), is_weight=False))
         lin("gate")
-        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
-            for pname in ("weight", "bias"):
-                t = getattr(m.norm, pname, None)
-                if t is not None:
-                    out.append(Coupled(f"norm.{pname}", t, 0, is_weight=False))
+        out.extend(_inner_norm_coupled(getattr(m, "norm", None)))
         out.append(Coupled("proj.weight", m.proj.weight, 1, consumer=True))
         return out
 
@@ -471,11 +476,7 @@ class MlpUnit(Unit):
             out.append(Coupled(f"{child}.weight", layer.weight, 0, rep))
             if layer.bias is not None:
                 out.append(Coupled(f"{child}.bias", layer.bias, 0, rep, is_weight=False))
-        if not isinstance(m.norm, nn.Identity):
-            for pname in ("weight", "bias"):
-                t = getattr(m.norm, pname, None)
-                if t is not None:
-                    out.append(Coupled(f"norm.{pname}", t, 0, is_weight=False))
+        out.extend(_inner_norm_coupled(m.norm))
         out.append(Coupled("fc2.weight", m.fc2.weight, 1, consumer=True))
         return out
 
