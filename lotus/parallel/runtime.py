@@ -131,4 +131,5 @@ def barrier() -> None:
 def destroy() -> None:
     """Tear down the process group if this process created one (safe to call more than once)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo while a peer still has collectives in flight
         dist.destroy_process_group()
