@@ -5,6 +5,10 @@ accuracy defaults to the first (baseline) config's mean final accuracy minus 0.5
 time-to-target is the training time (evaluation excluded, every schedule event such as scoring or
 pruning included) at the first epoch whose validation accuracy reaches it. Runs are interleaved
 (seed 0 of every config, then seed 1, ...) so machine noise hits all configs alike.
+
+A config whose seeds do not all reach the target has no mean time-to-target. If that config is the
+baseline, the speed-ups of the others are reported as lower bounds: the baseline's unreached seeds are
+counted at their full training time (they would have needed at least that), shown as ``>= N.NNx``.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from lotus.config import Config, config_to_dict, load_config
 from lotus.errors import LotusError
 from lotus.report import read_metrics
 
-__all__ = ["BenchResult", "run_bench", "analyse", "bench_table", "plot_bench", "write_bench"]
+__all__ = ["BenchResult", "run_bench", "analyse", "add_speedups", "bench_table", "plot_bench", "write_bench"]
 
 
 @dataclass
@@ -144,12 +148,37 @@ def analyse(results: list[BenchResult], target: float | None = None, target_drop
             "model": cfg.model.name, "curves": [[(r["wall_s"], r.get("train_flops", 0), r.get("val_acc")) for r in ep]
                                                 for ep, _, _ in runs],
         })
+    censored = add_speedups(rows)
+    return {"target": target, "target_drop": target_drop, "baseline_censored": censored, "rows": rows}
+
+
+def add_speedups(rows: list[dict]) -> bool:
+    """Fill each row's time/FLOP speed-ups vs ``rows[0]`` (the baseline) and its inference speed-up.
+
+    When a baseline seed never reaches the target, its time (FLOPs) to target is unknown but at least its full
+    training time (FLOPs): the baseline mean is then a lower bound, and so is every speed-up against it
+    (``speedup_is_lower_bound``). A config that misses the target in some seed gets speed-up 0 (none).
+    Returns whether the baseline was censored.
+    """
     base = rows[0]
+    censored = not math.isfinite(base["time_to_target_mean"])
+    for kind, axis in (("time", 0), ("flops", 1)):
+        ref = statistics.fmean(t if math.isfinite(t) else curve[-1][axis]
+                               for t, curve in zip(base[f"{kind}_to_target"], base["curves"]))
+        for r in rows:
+            value = r[f"{kind}_to_target_mean"]
+            r[f"speedup_{kind}"] = ref / value if math.isfinite(value) and math.isfinite(ref) and value > 0 else 0.0
+    base["speedup_time"] = base["speedup_flops"] = 1.0
     for r in rows:
-        r["speedup_time"] = base["time_to_target_mean"] / r["time_to_target_mean"] if math.isfinite(r["time_to_target_mean"]) else 0.0
-        r["speedup_flops"] = base["flops_to_target_mean"] / r["flops_to_target_mean"] if math.isfinite(r["flops_to_target_mean"]) else 0.0
+        r["speedup_is_lower_bound"] = censored and r is not base and r["speedup_time"] > 0
         r["inference_speedup"] = r["inf_img_per_s"] / base["inf_img_per_s"]
-    return {"target": target, "target_drop": target_drop, "rows": rows}
+    return censored
+
+
+def _ratio(r: dict, key: str) -> str:
+    if r[key] <= 0:
+        return "-"
+    return f"{'>= ' if r.get('speedup_is_lower_bound') else ''}{r[key]:.2f}x"
 
 
 def bench_table(analysis: dict) -> str:
@@ -163,7 +192,8 @@ def bench_table(analysis: dict) -> str:
         ft = f"{r['flops_to_target_mean']:.3g}" if math.isfinite(r["flops_to_target_mean"]) else "-"
         lines.append(" | ".join([
             f"| {r['name']}", f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", tt,
-            f"{r['speedup_time']:.2f}x", ft, f"{r['speedup_flops']:.2f}x", f"{r['samples_mean']:.0f}",
+            "1.00x" if r is analysis["rows"][0] else _ratio(r, "speedup_time"), ft,
+            "1.00x" if r is analysis["rows"][0] else _ratio(r, "speedup_flops"), f"{r['samples_mean']:.0f}",
             f"{r['params']}", f"{r['nonzero']:.0f}", f"{r['inf_flops_per_img']:.3g}", f"{r['inf_img_per_s']:.0f}",
             f"{r['inference_speedup']:.2f}x |"]))
     return "\n".join(lines)
@@ -210,7 +240,10 @@ def write_bench(analysis: dict, out: str) -> str:
     slim = {**analysis, "rows": [{k: v for k, v in r.items()} for r in analysis["rows"]]}
     atomic_write_text(os.path.join(out, "bench.json"), json.dumps(slim, indent=2, default=str))
     md = ["# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
-          f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, "",
-          "![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]
+          f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, ""]
+    if analysis.get("baseline_censored"):
+        md += ["Not every baseline seed reached the target: its unreached seeds count at their full training "
+               "time, so the speed-ups are lower bounds (>=).", ""]
+    md += ["![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]
     atomic_write_text(os.path.join(out, "bench.md"), "\n".join(md))
     return table

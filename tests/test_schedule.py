@@ -124,3 +124,29 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
     with pytest.raises(LotusError, match="was trained with another config"):
         run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), overrides=["optim.lr=0.01"],
                   progress=False, quiet=True)
+
+
+def test_bench_speedups_lower_bound_when_baseline_misses_target():
+    from lotus.bench import add_speedups, bench_table
+
+    def row(name, tt, ft, curves):
+        mean = lambda xs: sum(xs) / len(xs) if all(map(math.isfinite, xs)) else math.inf  # noqa: E731
+        return {"name": name, "seeds": len(tt), "final_acc_mean": 0.9, "final_acc_std": 0.0, "time_to_target": tt,
+                "time_to_target_mean": mean(tt), "flops_to_target": ft, "flops_to_target_mean": mean(ft),
+                "samples_mean": 1, "params": 1, "nonzero": 1, "inf_flops_per_img": 1, "inf_img_per_s": 10.0,
+                "curves": curves}
+
+    # baseline: seed 0 reaches the target at 40 s, seed 1 never does (its run ends at 100 s / 1000 FLOPs)
+    base = row("base", [40.0, math.inf], [400.0, math.inf], [[(100.0, 1000.0, 0.9)], [(100.0, 1000.0, 0.8)]])
+    fast = row("fast", [10.0, 20.0], [100.0, 200.0], [[(30.0, 300.0, 0.9)]] * 2)
+    slow = row("slow", [10.0, math.inf], [100.0, math.inf], [[(30.0, 300.0, 0.9)]] * 2)
+    assert add_speedups([base, fast, slow]) is True
+    assert math.isclose(fast["speedup_time"], 70.0 / 15.0) and fast["speedup_is_lower_bound"]
+    assert math.isclose(fast["speedup_flops"], 700.0 / 150.0)
+    assert slow["speedup_time"] == 0.0 and not slow["speedup_is_lower_bound"]
+    table = bench_table({"target": 0.9, "rows": [base, fast, slow]})
+    assert "| fast |" in table and ">= 4.67x" in table and "not reached (1/2 seeds)" in table
+    # a baseline that reaches the target in every seed gives plain ratios
+    base2 = row("base", [40.0, 60.0], [400.0, 600.0], [[(100.0, 1000.0, 0.9)]] * 2)
+    assert add_speedups([base2, fast]) is False
+    assert math.isclose(fast["speedup_time"], 50.0 / 15.0) and not fast["speedup_is_lower_bound"]
