@@ -3,8 +3,8 @@
 Used to check that configs tuned on digits still behave on another ImageFolder dataset::
 
     python benchmarks/make_shapes.py --out data/shapes --train 250 --val 60
-    lotus bench --configs configs/digits.yaml configs/digits_lotus.yaml --seeds 2 --out bench/shapes \
-        --set data.name=imagefolder --set data.root=data/shapes --set model.img_size=16
+    lotus bench --configs configs/digits.yaml configs/digits_op.yaml configs/digits_lotus.yaml --seeds 3 \
+        --out bench/shapes --set data.name=imagefolder --set data.root=data/shapes
 
 Classes: filled/outlined circle, square, triangle, cross, at random position, size, colour and rotation,
 with Gaussian noise, so the task needs real shape features (not colour or position).

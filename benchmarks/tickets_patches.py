@@ -194,6 +194,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config override for every training run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true", help="throughput part only")
+    p.add_argument("--skip-throughput", action="store_true", help="accuracy (training) part only")
     p.add_argument("--scorer-epochs", type=int, default=5,
                    help="offline variant: epochs of the dense scorer whose CLS attention makes the ticket file "
                         "(its training and ranking time count in that variant's wall time); 0 skips the variant")
@@ -214,13 +215,15 @@ def main() -> None:
                   "optim.lr=3e-3", "tickets.patches.schedule=[[0,1.0],[1,0.5],[5,1.0]]", "tickets.patches.refresh_every=2"]
     batches = (a.batch * len(a.models))[: len(a.models)] if len(a.batch) < len(a.models) else a.batch
 
-    print(f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, {torch.get_num_threads()} threads)\n")
     tp = []
-    for spec, bs in zip(a.models, batches):
+    for spec, bs in zip([] if a.skip_throughput else a.models, batches):
         tp.append(throughput(spec, bs, a.keep_rate, a.repeats, a.iters))
-    print("| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | CPU-time speedup "
-          "| + online rank per batch | + rank every 3 epochs | target |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if tp:
+        print(f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, "
+              f"{torch.get_num_threads()} threads)\n")
+        print("| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | CPU-time speedup "
+              "| + online rank per batch | + rank every 3 epochs | target |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in tp:
         ok = "met" if r["speedup"] >= TARGET else "MISSED"
         print(f"| {r['model']} | {r['img_size']}/{r['patch_size']} | {r['patches']} -> {r['kept']} | {r['batch']} "
