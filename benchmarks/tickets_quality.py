@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 600 images, 5 epochs, el2n+loss x top+ccs, 2 seeds")
     p.add_argument("--out", default="benchmarks/results/tickets_quality.json")
     args = p.parse_args()
+    user_set = list(args.set)
     args.set = [f"model.name={args.model}", f"model.patch_size={args.patch_size}", *args.set]
     if args.quick:
         args.set = ["data.limit_train=600", "train.warmup_epochs=0.5", *args.set]
@@ -143,7 +144,8 @@ def main() -> None:
                         "seeds": len(table[key])})
             rows.append(f"| {frac:.0%} | {key[0]} | {m * 100:.2f} +- {s * 100:.2f} | {d * 100:+.2f} | {verdict} |")
     header = (f"### Digits data tickets: final val accuracy (%), mean +- std over seeds {args.seeds}, "
-              f"{cfg.train.epochs} epochs, {cfg.model.name}, full data = {full_m * 100:.2f} +- {full_s * 100:.2f}\n\n"
+              f"{cfg.train.epochs} epochs, {cfg.model.name}{' (' + ', '.join(user_set) + ')' if user_set else ''}, "
+              f"full data = {full_m * 100:.2f} +- {full_s * 100:.2f}\n\n"
               "| subset | method (scorer/policy) | val acc | vs random (pp) | beats random |\n|---|---|---|---|---|")
     cost = "\n".join(f"| {k} | {statistics.fmean(v):.1f} |" for k, v in scoring_s.items())
     text = (header + "\n" + "\n".join(rows) + "\n\n### Scoring cost per seed (proxy training + scoring, s)\n\n"

@@ -17,6 +17,7 @@ from ._version import __version__
 from .attention import capture_attention, cls_attention
 from .dynamic import DynamicPruner
 from .fingerprint import compare_fingerprints, dataset_fingerprint
+from .grad_norms import per_sample_grad_sq_norms
 from .patches import (KeepRateSchedule, KeptPatchTokens, PatchTicket, apply_patch_tickets, forward_kept_tokens,
                       num_kept, patch_attention, random_patch_scores)
 from .policies import POLICIES, budget, register_policy, select
@@ -30,7 +31,7 @@ __all__ = [
     "select", "POLICIES", "register_policy", "budget",
     "TicketFile", "dataset_fingerprint", "compare_fingerprints",
     "Proxy", "make_proxy", "train_proxy",
-    "cls_attention", "capture_attention",
+    "cls_attention", "capture_attention", "per_sample_grad_sq_norms",
     "DynamicPruner", "PatchTicket", "KeepRateSchedule", "KeptPatchTokens", "apply_patch_tickets",
     "forward_kept_tokens", "num_kept", "patch_attention", "random_patch_scores",
 ]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,7 @@ from torch.utils.data import Dataset
 
 from ._batches import Batch, dataset_labels, map_batches, resolve_device
 from .attention import _attn_modules, cls_attention
+from .grad_norms import per_sample_grad_sq_norms, sdpa_math
 from .proxy import Proxy
 
 __all__ = ["Scorer", "ScoreContext", "SCORERS", "register_scorer", "score"]
@@ -228,23 +228,21 @@ def _grad_params(model: nn.Module, params: str | Callable[[str], bool]) -> dict[
     return {k: named[k].detach() for k in named if k in keep}
 
 
-def _sdpa_math():
-    """vmap has no batching rule for the fused CPU flash-attention kernels; the math kernel decomposes."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # pragma: no cover - older torch
-        return nullcontext()
-
-
 @register_scorer("grand")
 def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bool] = "all",
-           method: str = "vmap", chunk_size: int | None = 32) -> torch.Tensor:
-    """Per-sample gradient norm of the loss w.r.t. the parameters (torch.func vmap; method='loop' for reference)."""
+           method: str = "vmap", chunk_size: int | None = None) -> torch.Tensor:
+    """Per-sample gradient norm of the loss w.r.t. the parameters.
+
+    method: ``vmap`` (torch.func vmap; Linear layers by input/output-gradient factorisation, see
+    :mod:`data_tickets.grad_norms`), ``vmap_plain`` (vmap of the full per-sample gradient) or ``loop``
+    (one backward per sample; the reference). chunk_size: samples per vmap call (default: the whole batch
+    for ``vmap``, whose memory is that of a training batch; 32 for ``vmap_plain``, which holds a full
+    gradient per sample).
+    """
     from torch.func import functional_call, grad, vmap
 
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"grand method: expected 'vmap' or 'loop', got {method!r}")
+    if method not in ("vmap", "vmap_plain", "loop"):
+        raise ValueError(f"grand method: expected 'vmap', 'vmap_plain' or 'loop', got {method!r}")
 
     checked: dict[int, bool] = {}
 
@@ -266,6 +264,10 @@ def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bo
 
     def per_sample_vmap(m: nn.Module, b: Batch) -> torch.Tensor:
         mod, p, inputs = target(m, b)
+        return per_sample_grad_sq_norms(mod, p, inputs, b.labels, chunk_size=chunk_size).sqrt()
+
+    def per_sample_vmap_plain(m: nn.Module, b: Batch) -> torch.Tensor:
+        mod, p, inputs = target(m, b)
         buffers = {k: v.detach() for k, v in mod.named_buffers()}
 
         def loss_fn(pp: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -276,8 +278,8 @@ def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bo
             g = grad(loss_fn)(pp, x, y)
             return sum(t.pow(2).sum() for t in g.values())
 
-        with _sdpa_math():
-            sq = vmap(sq_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)(p, inputs, b.labels)
+        with sdpa_math():
+            sq = vmap(sq_norm, in_dims=(None, 0, 0), chunk_size=chunk_size or 32)(p, inputs, b.labels)
         return sq.sqrt()
 
     def per_sample_loop(m: nn.Module, b: Batch) -> torch.Tensor:
@@ -291,7 +293,7 @@ def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bo
             out.append(torch.stack([g.pow(2).sum() for g in gs]).sum())
         return torch.stack(out).sqrt()
 
-    fn = per_sample_vmap if method == "vmap" else per_sample_loop
+    fn = {"vmap": per_sample_vmap, "vmap_plain": per_sample_vmap_plain, "loop": per_sample_loop}[method]
     total = None
     for k, m in enumerate(ctx.models(repeats)):
         s = ctx.map(m, fn, grad=True, desc=f"grand {k + 1}/{repeats}" if repeats > 1 else "grand")

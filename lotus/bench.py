@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,16 +233,28 @@ def plot_bench(analysis: dict, out: str) -> list[str]:
     return paths
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a target never reached) as None, so bench.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_bench(analysis: dict, out: str) -> str:
     from lotus.checkpoint import atomic_write_text
 
+    os.makedirs(out, exist_ok=True)
     table = bench_table(analysis)
     plot_bench(analysis, out)
-    slim = {**analysis, "rows": [{k: v for k, v in r.items()} for r in analysis["rows"]]}
-    atomic_write_text(os.path.join(out, "bench.json"), json.dumps(slim, indent=2, default=str))
+    atomic_write_text(os.path.join(out, "bench.json"), json.dumps(_finite(analysis), indent=2, default=str,
+                                                                  allow_nan=False))
     md = ["# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
           f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, ""]
-    if analysis.get("baseline_censored"):
+    if any(r.get("speedup_is_lower_bound") for r in analysis["rows"]):
         md += ["Not every baseline seed reached the target: its unreached seeds count at their full training "
                "time, so the speed-ups are lower bounds (>=).", ""]
     md += ["![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]

@@ -116,6 +116,11 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
     assert math.isclose(analysis["target"], rows["base"]["final_acc_mean"] - 0.005)
     for f in ("bench.md", "bench.json", "acc_vs_time.png", "acc_vs_flops.png"):
         assert (tmp_path / "b" / f).is_file()
+    # an unreachable target: no speed-ups, and bench.json stays strict JSON (null, not Infinity)
+    table = write_bench(analyse(res, target=1.01, inference_repeats=1), str(tmp_path / "u"))
+    assert "not reached (0/2 seeds)" in table and "lower bounds" not in (tmp_path / "u" / "bench.md").read_text()
+    strict = json.loads((tmp_path / "u" / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict["rows"][0]["time_to_target_mean"] is None
     # rerunning reuses the finished runs, but not runs made with another config
     again = run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), progress=False, quiet=True)
     assert again[0].runs == res[0].runs
@@ -137,15 +142,19 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
                 "curves": curves}
 
     # baseline: seed 0 reaches the target at 40 s, seed 1 never does (its run ends at 100 s / 1000 FLOPs)
-    base = row("base", [40.0, math.inf], [400.0, math.inf], [[(100.0, 1000.0, 0.9)], [(100.0, 1000.0, 0.8)]])
+    base = row("base", [40.0, math.inf], [400.0, math.inf], [[(100.0, 2000.0, 0.9)], [(100.0, 2000.0, 0.8)]])
     fast = row("fast", [10.0, 20.0], [100.0, 200.0], [[(30.0, 300.0, 0.9)]] * 2)
     slow = row("slow", [10.0, math.inf], [100.0, math.inf], [[(30.0, 300.0, 0.9)]] * 2)
     assert add_speedups([base, fast, slow]) is True
     assert math.isclose(fast["speedup_time"], 70.0 / 15.0) and fast["speedup_is_lower_bound"]
-    assert math.isclose(fast["speedup_flops"], 700.0 / 150.0)
+    assert math.isclose(fast["speedup_flops"], 1200.0 / 150.0)
     assert slow["speedup_time"] == 0.0 and not slow["speedup_is_lower_bound"]
-    table = bench_table({"target": 0.9, "rows": [base, fast, slow]})
-    assert "| fast |" in table and ">= 4.67x" in table and "not reached (1/2 seeds)" in table
+    assert base["speedup_time"] == base["speedup_flops"] == 1.0 and not base["speedup_is_lower_bound"]
+    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in bench_table({"target": 0.9, "rows": [base, fast, slow]})
+             .splitlines()}
+    assert lines["| base"][2:6] == ["not reached (1/2 seeds)", "1.00x", "-", "1.00x"]
+    assert lines["| fast"][2:6] == ["15.0", ">= 4.67x", "150", ">= 8.00x"]
+    assert lines["| slow"][2:6] == ["not reached (1/2 seeds)", "-", "-", "-"]
     # a baseline that reaches the target in every seed gives plain ratios
     base2 = row("base", [40.0, 60.0], [400.0, 600.0], [[(100.0, 1000.0, 0.9)]] * 2)
     assert add_speedups([base2, fast]) is False

@@ -311,3 +311,48 @@ def test_register_custom_scorer(digits):
         torch.testing.assert_close(s, x[:10].flatten(1).mean(1) * 2)
     finally:
         dt.SCORERS.pop("test_pixel_mean")
+
+
+def _plain_sq_norms(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Reference: one autograd backward per sample."""
+    out = []
+    for i in range(len(y)):
+        gs = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(params.values()),
+                                 allow_unused=True)
+        out.append(sum(g.pow(2).sum() for g in gs if g is not None))
+    return torch.stack(out)
+
+
+class _Shared(nn.Module):
+    """A Linear used twice per forward (falls back to the plain per-sample gradient) plus a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.norm = nn.Linear(64, 16), nn.Linear(16, 16), nn.LayerNorm(16)
+        self.out = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1).unsqueeze(1).expand(-1, 3, -1))  # 3 "tokens" per sample
+        h = self.shared(torch.relu(self.shared(h)))
+        return self.out(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize("select", ["all", "biases", "linear_weights"])
+def test_grad_norms_factorised_equal_autograd(digits, select):
+    from data_tickets.grad_norms import _linear_units, per_sample_grad_sq_norms
+
+    x, y = digits
+    x, y = x[:10], y[:10]
+    torch.manual_seed(0)
+    for model in (micro_vit(), _Shared()):
+        named = {k: v for k, v in model.named_parameters()}
+        keep = {"all": lambda k: True, "biases": lambda k: k.endswith("bias"),
+                "linear_weights": lambda k: k.endswith("weight") and named[k].dim() == 2}[select]
+        params = {k: v.detach() for k, v in named.items() if keep(k)}
+        got = per_sample_grad_sq_norms(model, params, x, y, chunk_size=4)
+        ref = _plain_sq_norms(model, {k: named[k] for k in params}, x, y)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+        if isinstance(model, _Shared):  # the twice-called Linear is not factorised; the others are
+            units = _linear_units(model, set(named), x)
+            assert "shared" not in units and {"inp", "out"} <= set(units)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
