@@ -159,3 +159,23 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
     base2 = row("base", [40.0, 60.0], [400.0, 600.0], [[(100.0, 1000.0, 0.9)]] * 2)
     assert add_speedups([base2, fast]) is False
     assert math.isclose(fast["speedup_time"], 50.0 / 15.0) and not fast["speedup_is_lower_bound"]
+
+
+def test_resume_op_block_with_dynamic_pruning_and_thinning(tmp_path, tiny_cfg_dict):
+    """The shipped digits_lotus recipe (OP block, dynamic data pruning, MLP + head thinning, anneal) resumes
+    exactly from a run killed after the thinning event."""
+    d = _cfg(tiny_cfg_dict, model={**tiny_cfg_dict["model"], "block": "op"},
+             lotus={"enabled": True, "anneal_epochs": 1},
+             tickets={"dynamic": {"enabled": True, "ratio": 0.5}},
+             pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 2, "importance": "taylor"}})
+    cfg = config_from_dict(d)
+    full = Trainer(cfg, run_dir=str(tmp_path / "full"), quiet=True)
+    summary = full.fit()
+    assert any(e["event"] == "prune_structured" for e in summary["events"])
+    assert summary["samples_seen"] < 4 * 1437  # dynamic pruning skipped samples
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run_dir=str(tmp_path / "cut"), quiet=True, callbacks=[_Stop()]).fit()
+    resumed = Trainer(cfg, run_dir=str(tmp_path / "cut"), quiet=True, resume=True)
+    resumed.fit()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
