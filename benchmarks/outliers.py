@@ -159,7 +159,8 @@ def goal(agg: dict) -> dict:
 def markdown(results: dict) -> str:
     lines = []
     for recipe, data in results["recipes"].items():
-        lines += [f"### Recipe `{recipe}`" + (f" ({', '.join(RECIPES[recipe])})" if RECIPES[recipe] else ""), "",
+        lines += [f"### Recipe `{recipe}`, {data['epochs']} epochs"
+                  + (f" ({', '.join(RECIPES[recipe])})" if RECIPES[recipe] else ""), "",
                   "| variant | val acc % | kurtosis max (end) | kurtosis mean (end) | peak kurtosis | MMR max | "
                   "int8 drop pp | int8 logit err % | probe time % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, runs in data["runs"].items():
@@ -184,7 +185,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {o['model']} | {o['optimizer']} | {o['step_s']:.3f} | {o['probe_s']:.3f} "
                          f"({o['probe_batch_size']}) | {o['every_n_steps']} | {100 * o['overhead']:.2f} |")
         lines.append("")
-    lines.append(f"seeds {results['seeds']}, base {results['base']}, epochs {results['epochs']}, "
+    lines.append(f"seeds {results['seeds']}, base {results['base']}, base epochs {results['epochs']}, "
                  f"{results['threads']} threads, mean ± std over seeds; probe time % = probe time / training wall "
                  f"time at the sweep's interval (every {results['every_n_steps']} steps)")
     return "\n".join(lines)
