@@ -324,17 +324,20 @@ def _plain_sq_norms(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Te
 
 
 class _Shared(nn.Module):
-    """A Linear used twice per forward (falls back to the plain per-sample gradient) plus a LayerNorm."""
+    """A Linear used twice per forward and a weight tied between two Linears (both fall back to the plain
+    per-sample gradient), a LayerNorm, and a narrow Linear on 32 tokens (the outer-product branch)."""
 
     def __init__(self):
         super().__init__()
-        self.inp, self.shared, self.norm = nn.Linear(64, 16), nn.Linear(16, 16), nn.LayerNorm(16)
-        self.out = nn.Linear(16, N_CLASSES)
+        self.inp, self.shared, self.norm = nn.Linear(2, 16), nn.Linear(16, 16), nn.LayerNorm(16)
+        self.narrow, self.tied_a, self.tied_b = nn.Linear(16, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.tied_b.weight = self.tied_a.weight
+        self.out = nn.Linear(3, N_CLASSES)
 
     def forward(self, x):
-        h = self.inp(x.flatten(1).unsqueeze(1).expand(-1, 3, -1))  # 3 "tokens" per sample
-        h = self.shared(torch.relu(self.shared(h)))
-        return self.out(self.norm(h).mean(1))
+        h = self.inp(x.flatten(1).reshape(x.shape[0], 32, 2))  # 32 "tokens" of 2 features per sample
+        h = self.narrow(self.norm(self.shared(torch.relu(self.shared(h)))))  # 32 tokens > 16 * 3
+        return self.out(self.tied_b(torch.tanh(self.tied_a(h))).mean(1))
 
 
 @pytest.mark.parametrize("select", ["all", "biases", "linear_weights"])
@@ -352,7 +355,29 @@ def test_grad_norms_factorised_equal_autograd(digits, select):
         got = per_sample_grad_sq_norms(model, params, x, y, chunk_size=4)
         ref = _plain_sq_norms(model, {k: named[k] for k in params}, x, y)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
-        if isinstance(model, _Shared):  # the twice-called Linear is not factorised; the others are
-            units = _linear_units(model, set(named), x)
-            assert "shared" not in units and {"inp", "out"} <= set(units)
-    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+        units = set(_linear_units(model, set(named), x))
+        if isinstance(model, _Shared):  # the twice-called and the tied Linears are not factorised
+            assert units == {"inp", "narrow", "out"}
+        else:
+            assert {"blocks.0.attn.qkv", "blocks.1.mlp.fc2", "head"} <= units
+        assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_grad_norms_rejects_a_forward_that_changes_after_the_shape_pass(digits):
+    from data_tickets.grad_norms import per_sample_grad_sq_norms
+
+    class Flaky(nn.Module):  # runs its Linear once in the shape pass (no grad), twice when differentiated
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, N_CLASSES)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.fc(x) + (self.fc(x) if torch.is_grad_enabled() else 0)
+
+    x, y = digits
+    model = Flaky()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="ran twice"):
+        per_sample_grad_sq_norms(model, params, x[:4], y[:4])
+    assert not model.fc._forward_hooks

@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet)
     summary = trainer.fit()
+    if trainer.dist.world_size > 1:
+        # all ranks meet, then tear gloo/nccl down before the interpreter exits: leaving the group to
+        # interpreter shutdown can abort a rank ("terminate called without an active exception")
+        from lotus.parallel.runtime import destroy
+
+        destroy()
     if not args.quiet and trainer.dist.is_main:
         acc = summary.get("final_val_acc")
         best = summary.get("best_val_acc")
