@@ -157,6 +157,8 @@ def test_grand_vmap_matches_per_sample_loop(digits):
     v = dt.score(model, ds, "grand", batch_size=12, progress=False)
     loop = dt.score(model, ds, "grand", method="loop", batch_size=12, progress=False)
     torch.testing.assert_close(v, loop, rtol=1e-3, atol=1e-4)
+    plain = dt.score(model, ds, "grand", method="vmap_plain", batch_size=12, progress=False)
+    torch.testing.assert_close(plain, loop, rtol=1e-3, atol=1e-4)
     head = dt.score(model, ds, "grand", params="head", batch_size=12, progress=False)
     assert bool((head < v).all())  # a subset of the gradient has a smaller norm
     # head-only gradient of a linear classifier has the closed form ||p - onehot|| * ||[h, 1]||
