@@ -6,18 +6,22 @@ final val accuracy, kurtosis max/mean over layers at the end, peak kurtosis over
 and probe steps), max-median ratio, int8 accuracy drop, and the probe overhead (share of training time spent
 in the outlier probe at the configured interval).
 
-Two recipes:
+Three recipes:
 - ``default``: the base config as is (configs/digits.yaml unless --base);
 - ``provoke``: the same with settings the paper identifies as causing outlier features (higher lr, tiny Adam
-  eps, no weight decay, longer training), for when the small default model shows none.
+  eps, no weight decay, no label smoothing) at twice the budget;
+- ``long``: those settings without gradient clipping, on a 64-wide model (2 heads) trained 300 epochs
+  (~6.9k steps). On 2 CPU cores this is the only one in which Pre-LN+AdamW grows real outlier features while
+  every variant reaches the same accuracy: the 192-wide model cannot be trained that long here, and at 30
+  epochs it shows none.
 
 Goal checked in the output: OP+SOAP peak kurtosis >= 10x lower than Pre-LN+AdamW at equal accuracy (+-1 pp)
 and a smaller int8 drop.
 
 examples:
   python benchmarks/outliers.py --quick                       # smoke run (~minutes on 2 cores)
-  python benchmarks/outliers.py                               # full: 2 recipes x 4 variants x 3 seeds
-  python benchmarks/outliers.py --recipe provoke --seeds 0 1 2 --out results/outliers.json
+  python benchmarks/outliers.py --jobs 2 --threads 1          # default + long, 4 variants x 3 seeds (~1 h)
+  python benchmarks/outliers.py --recipe long --jobs 2 --threads 1 --out benchmarks/results/outliers_long.json
 """
 from __future__ import annotations
 
@@ -43,10 +47,17 @@ VARIANTS = {
 COMMON = ["model.patch_size=4", "outliers.enabled=true", "outliers.quant_check=true", "outliers.report=false",
           "output.save_best=false", "output.save_last=false"]
 
+# He et al. (2024), section 5: a large lr and a small Adam eps increase outlier features; so does long training.
+_PROVOKE = ["optim.lr=3e-3", "optim.eps=1e-12", "optim.weight_decay=0.0", "train.label_smoothing=0.0"]
+
 RECIPES = {
     "default": [],
-    # He et al. (2024), section 5: large lr and small eps in Adam increase outlier features; so does long training.
-    "provoke": ["optim.lr=3e-3", "optim.eps=1e-12", "optim.weight_decay=0.0", "train.label_smoothing=0.0"],
+    # the provoking optimiser settings at twice the base budget (--provoke-epochs-factor)
+    "provoke": _PROVOKE,
+    # the same settings, no gradient clipping and a 64-wide model (2 heads) trained --long-epochs: cheap enough
+    # per step on CPU to train ~7k steps, which is what it takes for outliers to grow at this scale
+    "long": _PROVOKE + ["train.grad_clip=null", "train.warmup_epochs=5", "model.kwargs.embed_dim=64",
+                        "model.kwargs.num_heads=2"],
 }
 
 
@@ -149,7 +160,8 @@ def goal(agg: dict) -> dict:
         return {}
     ratio = base["kurtosis_peak"] / op["kurtosis_peak"]
     acc_gap = 100 * (op["val_acc"] - base["val_acc"])
-    res = {"peak_kurtosis_ratio": ratio, "acc_gap_pp": acc_gap,
+    res = {"peak_kurtosis_ratio": ratio, "end_kurtosis_ratio": base["kurtosis_max"] / op["kurtosis_max"],
+           "acc_gap_pp": acc_gap,
            "int8_drop_preln_adamw_pp": base.get("int8_drop_pp"), "int8_drop_op_soap_pp": op.get("int8_drop_pp"),
            "int8_logit_err_preln_adamw": base.get("int8_logit_err"), "int8_logit_err_op_soap": op.get("int8_logit_err")}
     res["met"] = bool(ratio >= 10 and abs(acc_gap) <= 1.0 and op.get("int8_drop_pp", 0) < base.get("int8_drop_pp", 0))
@@ -170,7 +182,8 @@ def markdown(results: dict) -> str:
                          f"{col('int8_logit_err', 100)} | {col('probe_fraction', 100)} |")
         g = data.get("goal")
         if g:
-            lines += ["", f"Pre-LN+AdamW / OP+SOAP peak kurtosis: **{g['peak_kurtosis_ratio']:.1f}x** (goal >= 10x); "
+            lines += ["", f"Pre-LN+AdamW / OP+SOAP peak kurtosis: **{g['peak_kurtosis_ratio']:.1f}x** (goal >= 10x; "
+                      f"{g['end_kurtosis_ratio']:.1f}x at the end of training); "
                       f"accuracy gap OP+SOAP - Pre-LN+AdamW: {g['acc_gap_pp']:+.2f} pp (goal within ±1); int8 drop "
                       f"{g['int8_drop_op_soap_pp']:.2f} vs {g['int8_drop_preln_adamw_pp']:.2f} pp (int8 logit error "
                       f"{100 * g['int8_logit_err_op_soap']:.2f}% vs {100 * g['int8_logit_err_preln_adamw']:.2f}%); "
@@ -191,21 +204,67 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_epochs(recipe: str, epochs: int, args: argparse.Namespace) -> int:
+    """Training epochs of a recipe: the base budget, twice it (provoke) or --long-epochs (long)."""
+    if recipe == "provoke":
+        return max(1, round(epochs * args.provoke_epochs_factor))
+    if recipe == "long":
+        return args.long_epochs
+    return epochs
+
+
+def _run_task(task: tuple) -> dict:
+    base, overrides, run_dir, threads = task
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_one(base, overrides, run_dir)
+
+
+def _print_run(recipe: str, name: str, seed: int, r: dict) -> None:
+    print(f"[{recipe}] {name} seed {seed}: acc {100 * r['val_acc']:.2f}%  kurt max {r['kurtosis_max']:.2f} "
+          f"peak {r['kurtosis_peak']:.2f}  int8 drop {r['int8_drop_pp']:.2f} pp (logit err "
+          f"{100 * r['int8_logit_err']:.2f}%)  {r['wall_s']:.0f}s", flush=True)
+
+
+def render(path: str) -> int:
+    """Rewrite ``<path>.md`` from an earlier run's JSON, recomputing each recipe's goal from its stored means."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        for data in results["recipes"].values():
+            data["goal"] = goal(data["mean"])
+        md = markdown(results)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --render {path}: not a readable outliers.py result ({e})", file=sys.stderr)
+        return 2
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(md + "\n")
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="configs/digits.yaml", help="base config (default configs/digits.yaml)")
-    p.add_argument("--recipe", choices=("default", "provoke", "both"), default="both")
+    p.add_argument("--recipe", nargs="+", choices=(*RECIPES, "all"), default=["default", "long"],
+                   help="recipes to run (default: default long)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs for the default recipe (default: the config's)")
     p.add_argument("--provoke-epochs-factor", type=float, default=2.0, help="provoke recipe trains this much longer")
+    p.add_argument("--long-epochs", type=int, default=300, help="epochs of the long recipe (default 300)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--every", type=int, default=None, help="outliers.every_n_steps (default: the config default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads; default 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, 2 epochs (provoke: 4), 300 training images, lotus_vit_micro")
     p.add_argument("--out", default="benchmarks/results/outliers.json", help="JSON output path")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run's JSON (no training)")
     args = p.parse_args(argv)
+    if args.render:
+        return render(args.render)
 
     import torch
 
@@ -220,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         epochs, seeds = 2, seeds[:1]
         extra += ["model.name=lotus_vit_micro", "data.limit_train=300", "train.warmup_epochs=0.5",
                   "outliers.every_n_steps=2", "outliers.probe_batch_size=64", "outliers.quant.calib_batches=2"]
+        args.long_epochs = min(args.long_epochs, 4)
     if args.every:
         extra.append(f"outliers.every_n_steps={args.every}")
-    recipes = ["default", "provoke"] if args.recipe == "both" else [args.recipe]
+    recipes = list(RECIPES) if "all" in args.recipe else list(dict.fromkeys(args.recipe))
     every = load_config(args.base, COMMON + extra).outliers.every_n_steps
-    results = {"base": args.base, "seeds": seeds, "epochs": epochs, "threads": args.threads, "quick": args.quick,
+    results = {"base": args.base, "seeds": seeds, "epochs": epochs, "threads": args.threads, "jobs": args.jobs,
+               "quick": args.quick,
                "every_n_steps": every, "torch": torch.__version__, "recipes": {}}
     # overhead at the config's default interval, on the base config's own model (not the sweep's patch size)
     ov_steps = 4 if args.quick else 20
@@ -233,26 +294,41 @@ def main(argv: list[str] | None = None) -> int:
     for o in results["overhead"]:
         print(f"[overhead] {o['optimizer']}: step {o['step_s']:.3f}s probe {o['probe_s']:.3f}s every "
               f"{o['every_n_steps']} -> {100 * o['overhead']:.2f}%", flush=True)
+    jobs = []  # (recipe, variant, seed, epochs, overrides), in report order
+    for recipe in recipes:
+        ep = recipe_epochs(recipe, epochs, args)
+        for name in args.variants:
+            for seed in seeds:
+                jobs.append((recipe, name, seed, ep, COMMON + RECIPES[recipe] + VARIANTS[name] + extra + [
+                    f"train.epochs={ep}", f"train.seed={seed}"]))
     with tempfile.TemporaryDirectory(prefix="lotus-outliers-") as tmp:
-        for recipe in recipes:
-            ep = epochs if recipe == "default" else max(1, round(epochs * args.provoke_epochs_factor))
-            runs: dict[str, list[dict]] = {}
-            for name in args.variants:
-                for seed in seeds:
-                    overrides = COMMON + RECIPES[recipe] + VARIANTS[name] + extra + [
-                        f"train.epochs={ep}", f"train.seed={seed}"]
-                    run_dir = os.path.join(tmp, f"{recipe}-{name.replace('+', '_')}-{seed}")
-                    r = run_one(args.base, overrides, run_dir)
-                    r["seed"] = seed
-                    runs.setdefault(name, []).append(r)
-                    print(f"[{recipe}] {name} seed {seed}: acc {100 * r['val_acc']:.2f}%  "
-                          f"kurt max {r['kurtosis_max']:.2f} peak {r['kurtosis_peak']:.2f}  "
-                          f"int8 drop {r['int8_drop_pp']:.2f} pp (logit err {100 * r['int8_logit_err']:.2f}%)  "
-                          f"{r['wall_s']:.0f}s",
-                          flush=True)
-            agg = {name: aggregate(rs) for name, rs in runs.items()}
-            results["recipes"][recipe] = {"epochs": ep, "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
-                                          "goal": goal(agg)}
+        tasks = [(args.base, ov, os.path.join(tmp, f"{rc}-{n.replace('+', '_')}-{sd}"), args.threads)
+                 for rc, n, sd, _, ov in jobs]
+        if args.jobs > 1:  # independent runs side by side, each on its own --threads (spawned: no shared state)
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_task, t) for t in tasks]
+                outs = []
+                for (rc, n, sd, _, _), fut in zip(jobs, futures):
+                    outs.append(fut.result())
+                    _print_run(rc, n, sd, outs[-1])
+        else:
+            outs = []
+            for (rc, n, sd, _, _), t in zip(jobs, tasks):
+                outs.append(_run_task(t))
+                _print_run(rc, n, sd, outs[-1])
+    for recipe in recipes:
+        runs: dict[str, list[dict]] = {}
+        ep = None
+        for (rc, n, sd, e, _), r in zip(jobs, outs):
+            if rc == recipe:
+                ep = e
+                runs.setdefault(n, []).append({**r, "seed": sd})
+        agg = {name: aggregate(rs) for name, rs in runs.items()}
+        results["recipes"][recipe] = {"epochs": ep, "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
+                                      "goal": goal(agg)}
     md = markdown(results)
     print()
     print(md)
