@@ -221,6 +221,18 @@ def _run_task(task: tuple) -> dict:
     return run_one(base, overrides, run_dir)
 
 
+def _run_all(tasks: list[tuple], jobs: int):
+    """Results of ``tasks`` in order; with ``jobs > 1`` that many run side by side in spawned processes."""
+    if jobs <= 1:
+        yield from map(_run_task, tasks)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        yield from pool.map(_run_task, tasks)
+
+
 def _print_run(recipe: str, name: str, seed: int, r: dict) -> None:
     print(f"[{recipe}] {name} seed {seed}: acc {100 * r['val_acc']:.2f}%  kurt max {r['kurtosis_max']:.2f} "
           f"peak {r['kurtosis_peak']:.2f}  int8 drop {r['int8_drop_pp']:.2f} pp (logit err "
@@ -304,21 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lotus-outliers-") as tmp:
         tasks = [(args.base, ov, os.path.join(tmp, f"{rc}-{n.replace('+', '_')}-{sd}"), args.threads)
                  for rc, n, sd, _, ov in jobs]
-        if args.jobs > 1:  # independent runs side by side, each on its own --threads (spawned: no shared state)
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_run_task, t) for t in tasks]
-                outs = []
-                for (rc, n, sd, _, _), fut in zip(jobs, futures):
-                    outs.append(fut.result())
-                    _print_run(rc, n, sd, outs[-1])
-        else:
-            outs = []
-            for (rc, n, sd, _, _), t in zip(jobs, tasks):
-                outs.append(_run_task(t))
-                _print_run(rc, n, sd, outs[-1])
+        outs = []
+        for (rc, n, sd, _, _), r in zip(jobs, _run_all(tasks, args.jobs)):
+            outs.append(r)
+            _print_run(rc, n, sd, r)
     for recipe in recipes:
         runs: dict[str, list[dict]] = {}
         ep = None
