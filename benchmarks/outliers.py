@@ -322,13 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_run(rc, n, sd, r)
     for recipe in recipes:
         runs: dict[str, list[dict]] = {}
-        ep = None
-        for (rc, n, sd, e, _), r in zip(jobs, outs):
+        for (rc, n, sd, _, _), r in zip(jobs, outs):
             if rc == recipe:
-                ep = e
                 runs.setdefault(n, []).append({**r, "seed": sd})
         agg = {name: aggregate(rs) for name, rs in runs.items()}
-        results["recipes"][recipe] = {"epochs": ep, "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
+        results["recipes"][recipe] = {"epochs": recipe_epochs(recipe, epochs, args), "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
                                       "goal": goal(agg)}
     md = markdown(results)
     print()

@@ -287,7 +287,6 @@ def group_reduce(t: torch.Tensor, c: Coupled, num_groups: int, group_size: int) 
     return t.sum(dim=(0, 2, 3)).to(torch.float64).cpu()
 
 
-
 def _inner_norm_coupled(norm: nn.Module | None) -> list[Coupled]:
     """The affine parameters of a norm over the pruned inner width (sliced with the heads/neurons)."""
     if norm is None or isinstance(norm, nn.Identity):
