@@ -24,7 +24,7 @@ from lotus.config import config_from_dict  # noqa: E402
 from lotus.data import build_datasets  # noqa: E402
 from lotus.models import create_model  # noqa: E402
 from lotus.optim import build_optimizer  # noqa: E402
-from lotus.train import Trainer  # noqa: E402
+from lotus.training import Trainer  # noqa: E402
 
 
 def make_cfg(args) -> dict:
@@ -63,7 +63,7 @@ def bare_loop(cfg) -> list[float]:
 def lotus_loop(cfg) -> list[float]:
     t = Trainer(cfg, write=False, quiet=True)
     rates: list[float] = []
-    from lotus.train import Callback
+    from lotus.callbacks import Callback
 
     class Rec(Callback):
         def on_epoch_end(self, trainer, epoch, metrics):

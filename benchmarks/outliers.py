@@ -63,7 +63,7 @@ RECIPES = {
 
 def run_one(base: str, overrides: list[str], run_dir: str) -> dict:
     from lotus.config import load_config
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     cfg = load_config(base, overrides)
     t0 = time.perf_counter()
@@ -95,11 +95,11 @@ def measure_overhead(base: str, extra: list[str], steps: int = 20, probes: int =
     from lotus.data import batches, build_datasets
     from lotus.models import create_model
     from lotus.optim import build_optimizer
-    from lotus.outliers.hooks import ResidualStreamProbe
-    from lotus.train import resolve_img_size
+    from lotus.features.outliers.hooks import ResidualStreamProbe
+    from lotus.models import resolve_img_size
 
     cfg = load_config(base, [o for o in extra if not o.startswith("model.name")])
-    data = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     model = create_model(cfg.model, data.num_classes, data.in_chans, data.img_size)
     opt = build_optimizer(cfg.optim, model)
     idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).numpy()

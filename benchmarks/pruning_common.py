@@ -25,7 +25,8 @@ def trained_model(
     from lotus.config import load_config
     from lotus.data import build_datasets
     from lotus.models import create_model
-    from lotus.train import Trainer, resolve_img_size
+    from lotus.models import resolve_img_size
+    from lotus.training import Trainer
 
     cfg = load_config(config, overrides)
     info: dict[str, Any] = {"config": config, "overrides": overrides}
@@ -38,7 +39,7 @@ def trained_model(
             info["train"] = {k: summary[k] for k in ("epochs", "wall_s", "best_val_acc", "final_val_acc")}
             checkpoint = os.path.join(run_dir, "best.safetensors")
     info["checkpoint"] = checkpoint
-    bundle = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    bundle = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     model = create_model(cfg.model, bundle.num_classes, bundle.in_chans, bundle.img_size)
     load_weights(model, checkpoint)
     return model.eval(), cfg, bundle, info

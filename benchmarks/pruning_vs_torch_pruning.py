@@ -181,7 +181,7 @@ def digits_config(epochs: int, lr: float, seed: int, threads: int, warmup: float
 def _prune_callback(tool: str, importance: str, ratio: float, dense_state: dict, calib_batches: int,
                     record: dict):
     """A lotus callback: at fit start load the dense weights, prune with ``tool``, rebuild the optimizer."""
-    from lotus.train import Callback
+    from lotus.callbacks import Callback
 
     class PruneAtStart(Callback):
         def on_fit_start(self, trainer) -> None:
@@ -206,7 +206,7 @@ def _prune_callback(tool: str, importance: str, ratio: float, dense_state: dict,
 
 
 def part_accuracy(args) -> list[dict]:
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,10 +72,10 @@ def build(model_name: str, cfg_path: str, overrides: list[str]):
     from lotus.config import load_config
     from lotus.data import build_datasets
     from lotus.models import create_model
-    from lotus.train import resolve_img_size
+    from lotus.models import resolve_img_size
 
     cfg = load_config(cfg_path, [*overrides, f"model.name={model_name}"])
-    data = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     torch.manual_seed(0)
     model = create_model(cfg.model, data.num_classes, data.in_chans, data.img_size).eval()
     return cfg, data, model

@@ -40,7 +40,7 @@ TARGET_SAVED = 0.40  # InfoBatch's ~40% saved at no loss
 
 def run(path: str, sets: list[str], seed: int) -> dict:
     from lotus.config import load_config
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     cfg = load_config(ROOT / path, sets + [f"train.seed={seed}"])
     t0 = time.perf_counter()

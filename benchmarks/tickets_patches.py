@@ -114,8 +114,8 @@ def _file_ticket(seed: int, extra: list[str], scorer_epochs: int, workdir: Path)
     from lotus.checkpoint import save_weights
     from lotus.config import load_config
     from lotus.models import unwrap
-    from lotus.tickets_online import make_patch_ticket_file
-    from lotus.train import Trainer
+    from lotus.features.patches.ticket_file import make_patch_ticket_file
+    from lotus.training import Trainer
 
     t0 = time.perf_counter()
     scfg = load_config(ROOT / "configs/digits.yaml", extra + [f"train.seed={seed}", f"train.epochs={scorer_epochs}",
@@ -135,7 +135,7 @@ def train_runs(variants: list[tuple[str, str, list[str]]], seeds: list[int], ext
     import tempfile
 
     from lotus.config import load_config
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="lotus-patch-bench-") as tmp:

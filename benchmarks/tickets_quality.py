@@ -66,12 +66,13 @@ def main() -> None:
 
     from lotus.config import load_config
     from lotus.data import build_datasets
-    from lotus.tickets import make_proxy
-    from lotus.train import Trainer, resolve_img_size
+    from lotus.features.tickets.proxy import make_proxy
+    from lotus.models import resolve_img_size
+    from lotus.training import Trainer
 
     base = [*args.set, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
     cfg = load_config(args.config, base)
-    data = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     train, labels, n = data.train, data.labels_train, len(data.train)
     tmp = Path(tempfile.mkdtemp(prefix="tickets_quality_"))
     runs: list[dict] = []

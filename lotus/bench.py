@@ -25,7 +25,7 @@ import torch
 
 from lotus.config import Config, config_to_dict, load_config
 from lotus.errors import LotusError
-from lotus.report import read_metrics
+from lotus.run_report import read_metrics
 
 __all__ = ["BenchResult", "run_bench", "analyse", "add_speedups", "bench_table", "plot_bench", "write_bench"]
 
@@ -50,10 +50,9 @@ def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
 
     from lotus.checkpoint import read_state_dict
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.train import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
 
-    img = resolve_img_size(cfg)
+    img = resolve_img_size(cfg.model)
     data = build_datasets(cfg.data, img, cfg.model.in_chans)
     cfg.model.pretrained = False
     cfg.model.checkpoint = os.path.join(run_dir, "last.safetensors")
@@ -80,7 +79,7 @@ def run_bench(config_paths: list[str], seeds: int, out: str, overrides: list[str
     """Train every config with seeds 0..seeds-1 (interleaved) under ``out``."""
     from tqdm import tqdm
 
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     cfgs = []
     for p in config_paths:

@@ -8,14 +8,17 @@ from typing import Any, Literal
 
 import yaml
 
+from lotus.checkpoint import atomic_write_text
 from lotus.errors import ConfigError
+from lotus.features.outliers.config import OutliersConfig
+from lotus.features.pruning.config import PruningConfig
+from lotus.features.schedule.config import ScheduleConfig
+from lotus.features.schedule.plan import Schedule
+from lotus.features.tickets.config import TicketsConfig
 from lotus.models.op_block import OPConfig
-from lotus.outliers.config import OutliersConfig
+from lotus.parallel.compat import check_compat
 from lotus.parallel.config import ParallelConfig
-from lotus.prune import PruningConfig
-from lotus.schedule import ScheduleConfig
 from lotus.schema import to_dict, validate
-from lotus.tickets import TicketsConfig
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "OutputConfig",
@@ -96,8 +99,8 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"min": 1})
     eval_every: int = field(default=1, metadata={"min": 1})
     max_steps: int | None = field(default=None, metadata={"min": 1})
-
-
+    # steps between checks that the loss stayed finite (each check is one host sync; epochs end with one too)
+    finite_check_every: int = field(default=100, metadata={"min": 1})
 
 @dataclass
 class OutputConfig:
@@ -122,10 +125,9 @@ class Config:
     name: str = "run"
 
     def check(self, prefix: str) -> None:
-        """Cross-section rules: fit the feature sections into the ``lotus:`` schedule's phases."""
-        from lotus.schedule import resolve
-
-        resolve(self)
+        """Cross-section rules: the feature sections must fit the run's schedule (built, then dropped:
+        the Trainer builds its own; the config is never changed)."""
+        Schedule(self)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -159,8 +161,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """Validate a raw dict (plus overrides) into a :class:`Config`."""
-    from lotus.parallel.compat import check_compat
-
     cfg = validate(Config, apply_overrides(data or {}, overrides or []), "")
     check_compat(cfg)  # feature combinations that cannot run data-parallel
     return cfg
@@ -213,19 +213,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """The config as plain data, with the user's values (not those the ``lotus:`` schedule derived from
-    them), so a saved config re-resolves correctly when, say, ``train.epochs`` changes on resume."""
-    out = to_dict(cfg)
-    for key, value in getattr(cfg.lotus, "_derived", {}).items():
-        node = out
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node[k]
-        node[leaf] = copy.deepcopy(value)
-    return out
+    """The config as plain data (what the user gave, with defaults filled in)."""
+    return to_dict(cfg)
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from lotus.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

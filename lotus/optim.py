@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.outliers.optimizers``."""
+    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.features.outliers.optimizers``."""
     groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
     if name == "adamw":
@@ -41,7 +41,7 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, **optim_cfg.extra)
-    from lotus.outliers.optimizers import build
+    from lotus.features.outliers.optimizers import build
 
     return build(name, groups, optim_cfg)
 

@@ -140,7 +140,11 @@ def validate(cls: type, data: dict | None, prefix: str = "") -> Any:
             kwargs[name] = validate(hints[name], {}, key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # a library config (e.g. pruning.StructuredConfig) validating itself
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{str(e).removeprefix(cls.__name__ + '.')}") from None
     check = getattr(obj, "check", None)
     if callable(check):
         check(prefix)

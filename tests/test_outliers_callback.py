@@ -9,9 +9,10 @@ import yaml
 from lotus.cli import main
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.outliers import callbacks
-from lotus.outliers.callback import OutlierMonitor
-from lotus.outliers.report import layer_table, read_outlier_records
+from lotus.features.registry import build_callbacks
+from lotus.features.schedule.plan import Schedule
+from lotus.features.outliers.callback import OutlierMonitor
+from lotus.features.outliers.layer_report import layer_table, read_outlier_records
 
 TINY_OP = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op"},
@@ -21,6 +22,10 @@ TINY_OP = {
     "outliers": {"enabled": True, "every_n_steps": 3, "probe_batch_size": 16, "quant_check": True,
                  "quant": {"calib_batches": 1}},
 }
+
+
+def callbacks(cfg):
+    return build_callbacks(cfg, Schedule(cfg))
 
 
 def test_config_section_defaults_and_errors():
@@ -39,7 +44,7 @@ def test_config_section_defaults_and_errors():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     run_dir = tmp_path_factory.mktemp("run") / "op"
     cfg = config_from_dict(TINY_OP)
@@ -69,7 +74,7 @@ def test_callback_logs_per_layer_metrics_during_training(trained_run):
 
 def test_probe_does_not_change_training(trained_run, tmp_path):
     """Eval-mode, no-grad probing leaves the trajectory bit-identical to a run without the monitor."""
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     _, _, summary = trained_run
     plain = {**TINY_OP, "outliers": {"enabled": False}}
@@ -122,7 +127,7 @@ def test_commands_reject_bad_inputs_with_one_line_errors(trained_run, tmp_path, 
 def test_resume_continues_the_outlier_history(trained_run, tmp_path):
     import shutil
 
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     run_dir, _, _ = trained_run
     copy = tmp_path / "resumed"

@@ -8,8 +8,8 @@ import timm
 import torch
 
 import lotus.models  # noqa: F401  (registers lotus_vit_*)
-from lotus.outliers.hooks import FINAL, ResidualStreamProbe, find_blocks, measure, site_names
-from lotus.outliers.metrics import OutlierStats, kurtosis, max_median_ratio, neuron_rms
+from lotus.features.outliers.hooks import FINAL, ResidualStreamProbe, find_blocks, measure, site_names
+from lotus.features.outliers.metrics import OutlierStats, kurtosis, max_median_ratio, neuron_rms
 
 
 def test_kurtosis_is_one_for_equal_rms_neurons():

@@ -8,8 +8,8 @@ import timm
 import torch
 
 import lotus.models  # noqa: F401
-from lotus.outliers.optimizers import build, optimizer_class
-from lotus.outliers.quant import (QuantConfig, W8A8Linear, block_linear_filter, calibrate_activation_scales,
+from lotus.features.outliers.optimizers import build, optimizer_class
+from lotus.features.outliers.quant import (QuantConfig, W8A8Linear, block_linear_filter, calibrate_activation_scales,
                                   quantcheck, quantize_w8a8_)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.train import Trainer
+from lotus.training import Trainer
 
 
 
@@ -115,6 +115,7 @@ def test_schedule_past_training_is_an_error(tmp_path, tiny_cfg_dict):
 
 
 def test_disabled_by_default(tiny_cfg):
-    from lotus.prune import callbacks
+    from lotus.features.registry import build_callbacks
+    from lotus.features.schedule.plan import Schedule
 
-    assert not tiny_cfg.pruning.enabled and callbacks(tiny_cfg) == []
+    assert not tiny_cfg.pruning.enabled and build_callbacks(tiny_cfg, Schedule(tiny_cfg)) == []

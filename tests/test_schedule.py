@@ -8,7 +8,8 @@ import yaml
 
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.train import Callback, Trainer
+from lotus.callbacks import Callback
+from lotus.training import Trainer
 
 
 def _cfg(d, **sections):

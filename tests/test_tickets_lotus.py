@@ -14,7 +14,8 @@ from data_tickets import TicketFile, score
 from lotus.cli import main
 from lotus.config import config_from_dict, load_config
 from lotus.errors import LotusError
-from lotus.train import Callback, Trainer
+from lotus.callbacks import Callback
+from lotus.training import Trainer
 
 SMALL = ["--set", "data.limit_train=300"]  # 300 train images: fast proxies and fingerprints
 
@@ -120,7 +121,7 @@ def test_select_with_checkpoint_and_patch_tickets(tmp_path, capsys, small_yaml):
 def test_lotus_proxy_forgetting_and_determinism(small_yaml):
     from data_tickets.proxy import Proxy  # noqa: F401  (protocol documented there)
     from lotus.data import build_datasets
-    from lotus.tickets import make_proxy
+    from lotus.features.tickets.proxy import make_proxy
 
     cfg = load_config(small_yaml)
     proxy = make_proxy(cfg, epochs=2)

@@ -9,7 +9,8 @@ import torch
 
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError, LotusError
-from lotus.train import Callback, Trainer
+from lotus.callbacks import Callback
+from lotus.training import Trainer
 
 TRAIN_SIZE = 1437  # digits train split (val_fraction 0.2)
 
@@ -47,9 +48,10 @@ class Recorder(Callback):
 def test_sections_default_to_disabled(tiny_cfg_dict):
     cfg = config_from_dict(tiny_cfg_dict)
     assert not cfg.tickets.dynamic.enabled and not cfg.tickets.patches.enabled
-    from lotus import tickets_online
+    from lotus.features.registry import build_callbacks
+    from lotus.features.schedule.plan import Schedule
 
-    assert tickets_online.callbacks(cfg) == []
+    assert build_callbacks(cfg, Schedule(cfg)) == []
 
 
 @pytest.mark.parametrize(
@@ -204,7 +206,7 @@ def test_patch_tickets_from_a_file(tmp_path, tiny_cfg_dict):
 
     from lotus.checkpoint import save_weights
     from lotus.models import create_model
-    from lotus.tickets_online import make_patch_ticket_file
+    from lotus.features.patches.ticket_file import make_patch_ticket_file
 
     cfg0 = config_from_dict(tiny_cfg_dict)
     scorer = create_model(cfg0.model, 10, 1, 16)

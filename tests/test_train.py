@@ -7,7 +7,8 @@ import torch
 from lotus.checkpoint import read_state_dict
 from lotus.config import config_from_dict
 from lotus.errors import LotusError
-from lotus.train import Callback, Trainer
+from lotus.callbacks import Callback
+from lotus.training import Trainer
 
 
 def test_training_learns_and_writes_outputs(tmp_path, tiny_cfg_dict):

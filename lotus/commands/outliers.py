@@ -36,10 +36,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lotus.data import batches
-    from lotus.outliers.hooks import ResidualStreamProbe
-    from lotus.outliers.loading import load_model_and_data
-    from lotus.outliers.report import (layer_table, plot_history, plot_layers, read_outlier_records,
-                                       summarize)
+    from lotus.features.outliers.hooks import ResidualStreamProbe
+    from lotus.features.outliers.layer_report import (
+        layer_table,
+        plot_history,
+        plot_layers,
+        read_outlier_records,
+        summarize,
+    )
+    from lotus.features.outliers.loading import load_model_and_data
 
     if args.samples < 1:
         raise LotusError(f"--samples: expected an integer >= 1, got {args.samples}")

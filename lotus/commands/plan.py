@@ -80,10 +80,10 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
     from lotus.models import create_model
     from lotus.optim import build_optimizer
     from lotus.parallel.profiler import profile_model
-    from lotus.train import resolve_img_size
+    from lotus.models import resolve_img_size
 
     classes, chans = _data_shape(cfg)
-    img = resolve_img_size(cfg)
+    img = resolve_img_size(cfg.model)
     # Weights do not change costs: never download or load them for planning.
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, checkpoint=None)
     model = create_model(model_cfg, classes, chans, img)

@@ -149,6 +149,7 @@ def _checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | N
     if not path:
         return None, None
     import timm
+
     from lotus.checkpoint import read_state_dict
 
     sd = read_state_dict(path, "--checkpoint")
@@ -164,10 +165,10 @@ def _checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | N
 def _build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
     """(model, model_cfg, data bundle or None)."""
     import timm
+
     from lotus.config import ModelConfig
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.train import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
 
     if args.config:
         mcfg = copy.deepcopy(data_cfg.model)
@@ -199,7 +200,7 @@ def _build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any
     bundle = None
     if data_cfg is not None:
         shell.model = mcfg
-        img = resolve_img_size(shell)
+        img = resolve_img_size(mcfg)
         chans = mcfg.in_chans or (3 if not args.config else None)
         bundle = build_datasets(data_cfg.data, img, chans)
         num_classes, in_chans, img_size = bundle.num_classes, bundle.in_chans, bundle.img_size
@@ -251,6 +252,7 @@ def _calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
 def _accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None,
               batch_size: int = 256) -> float:
     import numpy as np
+
     from lotus.data import batches
 
     n = len(bundle.val) if limit is None else min(limit, len(bundle.val))

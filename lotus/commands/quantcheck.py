@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from lotus.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
-    from lotus.outliers.quant import quantcheck
+    from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
+    from lotus.features.outliers.quant import quantcheck
 
     lm = load_model_and_data(args.config, args.checkpoint, args.set, args.device)
     qcfg = lm.cfg.outliers.quant

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.report import write_report
+    from lotus.run_report import write_report
 
     print(write_report(args.run_dir))
     return 0

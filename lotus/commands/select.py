@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
     from data_tickets import SCORERS, PatchTicket, TicketFile, score, select
     from lotus.config import load_config
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.tickets import load_ticket, make_proxy
-    from lotus.train import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
+    from lotus.features.tickets.callback import load_ticket
+    from lotus.features.tickets.proxy import make_proxy
 
     cfg = load_config(args.config, args.set)
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError("--proxy-epochs: forgetting needs >= 2 epochs")
     t0 = time.perf_counter()
 
-    data = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     train_set, labels = data.train, data.labels_train
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     progress = None if not args.quiet else False

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lotus.config import load_config
-    from lotus.train import Trainer
+    from lotus.training import Trainer
 
     if bool(args.config) == bool(args.resume):
         raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")

@@ -10,7 +10,19 @@ import torch.nn as nn
 from lotus.errors import LotusError
 from lotus.models import vit as _vit  # noqa: F401  (registers lotus_vit_* with timm)
 
-__all__ = ["create_model", "model_kwargs", "unwrap"]
+__all__ = ["create_model", "model_kwargs", "resolve_img_size", "unwrap"]
+
+
+def resolve_img_size(model_cfg: Any) -> int:
+    """Model input size: ``model.img_size`` or the timm model's own default (224 if it has none)."""
+    if model_cfg.img_size:
+        return model_cfg.img_size
+    if timm.is_model(model_cfg.name):
+        pcfg = timm.models.get_pretrained_cfg(model_cfg.name)
+        size = getattr(pcfg, "input_size", None) if pcfg is not None else None
+        if size:
+            return int(size[-1])
+    return 224
 
 
 def model_kwargs(model_cfg: Any, num_classes: int, in_chans: int, img_size: int | None) -> dict:

@@ -5,9 +5,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lotus.outliers.quant import QuantConfig
+from lotus.errors import ConfigError
 
 __all__ = ["OutliersConfig", "QuantConfig"]
+
+@dataclass
+class QuantConfig:
+    """Settings of the W8A8 check (defaults: int8 weights per channel, int8 activations per tensor, absmax)."""
+
+    weight_bits: int = field(default=8, metadata={"min": 2, "max": 8})
+    act_bits: int = field(default=8, metadata={"min": 2, "max": 8})
+    calib_batches: int = field(default=4, metadata={"min": 1})
+    act_observer: Literal["absmax", "percentile"] = "absmax"
+    percentile: float = field(default=99.99, metadata={"min": 50.0, "max": 100.0})
+    scope: Literal["blocks", "all"] = "blocks"  # Linear layers inside .blocks, or every Linear (incl. head)
+
 
 _SITE = re.compile(r"^(blocks\.\d+|final)$")
 
@@ -33,8 +45,6 @@ class OutliersConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def check(self, prefix: str) -> None:
-        from lotus.errors import ConfigError
-
         for i, name in enumerate(self.layers):
             if not _SITE.match(name):
                 raise ConfigError(f"{prefix}.layers[{i}]: expected 'blocks.<i>' or 'final', got {name!r}")

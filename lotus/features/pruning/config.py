@@ -1,7 +1,7 @@
 """The ``pruning:`` config section: sparsity masks and structured thinning applied during training.
 
 Disabled by default (``method: none`` and no ``structured`` ratios), so a config without the section trains
-dense. Examples::
+dense. The section is the library's own configs (:mod:`pruning`) plus *when* to apply them. Examples::
 
     pruning:                      # gradual magnitude pruning to 80% over epochs 1-6 (Zhu & Gupta cubic)
       method: magnitude
@@ -16,52 +16,52 @@ dense. Examples::
       score: wanda
       sparse_kernels: true        # CUDA: train with the semi-structured forward kernel
 
-    pruning:
+    pruning:                      # pruning.StructuredConfig's fields, plus at_epoch
       structured: {heads: 0.25, mlp: 0.5, importance: taylor, round_to: 8, at_epoch: 0}
-
-The callback that does the work lives in ``lotus.prune_callback`` (imported lazily: ``lotus.train`` imports
-this module through ``lotus.config``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+import pruning
 from lotus.errors import ConfigError
+from pruning import MagnitudeConfig, SemiStructuredConfig, WandaConfig
 
-__all__ = ["PruningConfig", "StructuredPruningConfig", "callbacks"]
+__all__ = ["PruningConfig", "StructuredPruningConfig"]
 
 _RATIO = {"min": 0.0, "max": 1.0, "max_exclusive": True}
 
 
 @dataclass
-class StructuredPruningConfig:
-    """Structured thinning (whole heads / MLP neurons removed; the model gets smaller and faster)."""
+class StructuredPruningConfig(pruning.StructuredConfig):
+    """``pruning.structured``: :class:`pruning.StructuredConfig` (validated by it) plus when to thin."""
 
-    heads: float = field(default=0.0, metadata=_RATIO)
-    mlp: float = field(default=0.0, metadata=_RATIO)
-    importance: Literal["magnitude", "activation", "taylor"] = "magnitude"
-    scope: Literal["layer", "global"] = "layer"
-    round_to: int = field(default=1, metadata={"min": 1})
-    min_heads: int = field(default=1, metadata={"min": 1})
-    at_epoch: float = field(default=0.0, metadata={"min": 0.0})  # when to thin (fractional epochs allowed)
+    at_epoch: float = field(default=0.0, metadata={"min": 0.0})  # fractional epochs allowed
 
     @property
     def enabled(self) -> bool:
         return self.heads > 0 or self.mlp > 0
+
+    def library(self) -> pruning.StructuredConfig:
+        """The plain library config (without the schedule field)."""
+        names = [f.name for f in dataclasses.fields(pruning.StructuredConfig)]
+        return pruning.StructuredConfig(**{n: getattr(self, n) for n in names})
 
 
 @dataclass
 class PruningConfig:
     """Unstructured / N:M masks on a schedule, plus optional structured thinning.
 
-    ``method``: none | magnitude | wanda | nm (``n``:``m``) | "2:4". ``scope``: magnitude ``layer``/``global``;
-    wanda ``row`` (default for wanda)/``layer``. ``schedule``: ``one_shot`` at ``at_epoch`` or ``gradual``
-    (cubic from ``initial_sparsity`` at ``start_epoch`` to ``sparsity`` at ``end_epoch``, default 3/4 of
-    training, updated every ``frequency`` optimizer steps; magnitude and wanda only). The classifier head and
-    patch embedding stay dense unless ``include_head``/``include_patch_embed``; ``exclude`` lists more layer
-    prefixes to keep dense. ``calib_batches`` training batches (no augmentation) feed Wanda and
-    activation/Taylor importance.
+    ``method``: none | magnitude | wanda | nm (``n``:``m``) | "2:4"; it picks the library config
+    (:class:`pruning.MagnitudeConfig`, :class:`pruning.WandaConfig`, :class:`pruning.SemiStructuredConfig`),
+    which validates ``sparsity``/``scope``/``n``/``m``/``score``. ``schedule``: ``one_shot`` at ``at_epoch``
+    or ``gradual`` (cubic from ``initial_sparsity`` at ``start_epoch`` to ``sparsity`` at ``end_epoch``,
+    default 3/4 of training, updated every ``frequency`` optimizer steps; magnitude and wanda only). The
+    classifier head and patch embedding stay dense unless ``include_head``/``include_patch_embed``;
+    ``exclude`` lists more layer prefixes to keep dense. ``calib_batches`` training batches (no
+    augmentation) feed Wanda and activation/Taylor importance.
     """
 
     method: Literal["none", "magnitude", "wanda", "nm", "2:4"] | int = "none"
@@ -96,18 +96,27 @@ class PruningConfig:
         """When masks first appear (one-shot epoch, or the start of the gradual ramp)."""
         return self.start_epoch if self.schedule == "gradual" else self.at_epoch
 
+    def mask_config(self, sparsity: float | None = None) -> MagnitudeConfig | WandaConfig | SemiStructuredConfig:
+        """The library config of ``method`` (at ``sparsity``, default the final one); N:M ignores it."""
+        target = self.sparsity if sparsity is None else sparsity
+        if self.method == "magnitude":
+            return MagnitudeConfig(sparsity=target, scope=self.scope or "layer")
+        if self.method == "wanda":
+            return WandaConfig(sparsity=target, scope=self.scope or "row")
+        n, m = (2, 4) if self.method == "2:4" else (self.n, self.m)
+        return SemiStructuredConfig(n=n, m=m, score=self.score, kernels="off")
+
     def check(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
         if isinstance(self.method, int):
             raise ConfigError(
                 f'{p}method: got the number {self.method}; YAML reads an unquoted 2:4 as a number, write method: "2:4"'
             )
-        scopes = {"magnitude": ("layer", "global"), "wanda": ("row", "layer")}
-        if self.scope is not None and self.method in scopes and self.scope not in scopes[self.method]:
-            allowed = " or ".join(repr(s) for s in scopes[self.method])
-            raise ConfigError(f"{p}scope: expected {allowed} for method {self.method}, got {self.scope!r}")
-        if self.method == "nm" and self.n >= self.m:
-            raise ConfigError(f"{p}n: expected n < m for N:M sparsity, got {self.n}:{self.m}")
+        if self.masks_enabled:
+            try:
+                self.mask_config()
+            except ValueError as e:
+                raise ConfigError(f"{p}{e}") from None
         if self.schedule == "gradual":
             if self.method not in ("magnitude", "wanda"):
                 raise ConfigError(f"{p}schedule: gradual needs method magnitude or wanda (N:M sparsity is fixed), "
@@ -124,33 +133,3 @@ class PruningConfig:
                 f"{p}structured.at_epoch: thinning must happen at or before the masks appear "
                 f"(epoch {self.mask_epoch:g}), got {self.structured.at_epoch:g}"
             )
-
-
-def callbacks(cfg: Any) -> list:
-    """The pruning callback when the ``pruning:`` section is enabled (else nothing)."""
-    pcfg: PruningConfig | None = getattr(cfg, "pruning", None)
-    if pcfg is None or not pcfg.enabled:
-        return []
-    epochs = cfg.train.epochs
-    for name, value in (("at_epoch", pcfg.at_epoch if pcfg.masks_enabled and pcfg.schedule == "one_shot" else None),
-                        ("start_epoch", pcfg.start_epoch if pcfg.schedule == "gradual" else None),
-                        ("end_epoch", pcfg.end_epoch if pcfg.schedule == "gradual" else None),
-                        ("structured.at_epoch", pcfg.structured.at_epoch if pcfg.structured.enabled else None)):
-        limit_ok = value is None or (value <= epochs if name == "end_epoch" else value < epochs)
-        if not limit_ok:
-            rel = "<=" if name == "end_epoch" else "<"
-            raise ConfigError(f"pruning.{name}: expected a value {rel} train.epochs ({epochs}), got {value:g}")
-    if cfg.parallel.mode != "none":
-        raise ConfigError(f"pruning: not supported with parallel.mode {cfg.parallel.mode!r} yet; "
-                          "use parallel.mode: none")
-    from lotus.prune_callback import PruningCallback
-
-    return [PruningCallback(pcfg)]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PruningCallback":
-        from lotus.prune_callback import PruningCallback
-
-        return PruningCallback
-    raise AttributeError(f"module 'lotus.prune' has no attribute {name!r}")

@@ -15,12 +15,13 @@ gives the same rounding and clipping error as an int8 kernel with int32 accumula
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lotus.features.outliers.config import QuantConfig
 
 __all__ = [
     "QuantConfig", "W8A8Linear", "block_linear_filter", "calibrate_activation_scales", "quantize_w8a8_",
@@ -28,18 +29,6 @@ __all__ = [
 ]
 
 _QUANTILE_MAX = 1 << 24  # torch.quantile's input limit; larger inputs are subsampled with a fixed stride
-
-
-@dataclass
-class QuantConfig:
-    """Settings of the W8A8 check (defaults: int8 weights per channel, int8 activations per tensor, absmax)."""
-
-    weight_bits: int = field(default=8, metadata={"min": 2, "max": 8})
-    act_bits: int = field(default=8, metadata={"min": 2, "max": 8})
-    calib_batches: int = field(default=4, metadata={"min": 1})
-    act_observer: Literal["absmax", "percentile"] = "absmax"
-    percentile: float = field(default=99.99, metadata={"min": 50.0, "max": 100.0})
-    scope: Literal["blocks", "all"] = "blocks"  # Linear layers inside .blocks, or every Linear (incl. head)
 
 
 def _qrange(bits: int) -> tuple[int, int]:

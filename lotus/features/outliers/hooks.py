@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from lotus.outliers.metrics import OutlierStats
+from lotus.features.outliers.metrics import OutlierStats
 
 __all__ = ["FINAL", "find_blocks", "site_names", "ResidualStreamProbe", "measure"]
 

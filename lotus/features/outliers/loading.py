@@ -38,15 +38,14 @@ def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | Non
     from lotus.checkpoint import load_weights
     from lotus.config import load_config
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.train import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
 
     if not checkpoint:
         raise LotusError("--checkpoint: required (a .safetensors or state-dict file from a run)")
     if not os.path.isfile(checkpoint):
         raise LotusError(f"--checkpoint: file not found: {checkpoint}")
     cfg = load_config(config, overrides or [])
-    data = build_datasets(cfg.data, resolve_img_size(cfg), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     model_cfg = dataclasses.replace(cfg.model, checkpoint=None, pretrained=False)
     model = create_model(model_cfg, data.num_classes, data.in_chans, data.img_size)
     load_weights(model, checkpoint, key="--checkpoint")

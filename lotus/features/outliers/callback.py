@@ -9,13 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from lotus.callbacks import Callback
+from lotus.data import batches
 from lotus.errors import LotusError
-from lotus.outliers.config import OutliersConfig
-from lotus.outliers.hooks import ResidualStreamProbe, find_blocks
-from lotus.outliers.report import summarize
-from lotus.train import Callback
+from lotus.features.outliers.config import OutliersConfig
+from lotus.features.outliers.hooks import ResidualStreamProbe, find_blocks
+from lotus.features.outliers.layer_report import read_outlier_records, summarize, write_run_report
+from lotus.features.outliers.loading import EvalBatches, calibration_batches
+from lotus.features.outliers.quant import quantcheck
 
-__all__ = ["OutlierMonitor", "callbacks"]
+__all__ = ["OutlierMonitor"]
 
 
 def _round(v: float) -> float:
@@ -32,8 +35,6 @@ class OutlierMonitor(Callback):
     Every rank runs the probe (needed under FSDP); only rank 0 writes.
     """
 
-    order = 100  # after pruning/mask callbacks, so the probe sees the weights the step produced
-
     def __init__(self, cfg: OutliersConfig):
         self.cfg = cfg
         self.probe_s = 0.0
@@ -44,8 +45,6 @@ class OutlierMonitor(Callback):
 
     # ---------------------------------------------------------------- setup
     def _probe_images(self, trainer: Any) -> torch.Tensor:
-        from lotus.data import batches
-
         dataset = trainer.val_set if self.cfg.probe_split == "val" else trainer.train_set
         n = min(self.cfg.probe_batch_size, len(dataset))
         g = torch.Generator().manual_seed(int(trainer.cfg.train.seed) + 2024)
@@ -120,10 +119,6 @@ class OutlierMonitor(Callback):
                 summary["quant"] = self._quant_check(trainer)
                 trainer.log("quantcheck", **summary["quant"])
         if self.cfg.report and getattr(trainer, "write", True) and is_main:
-            from lotus.outliers.report import write_run_report
-
-            from lotus.outliers.report import read_outlier_records
-
             path = os.path.join(trainer.run_dir, "metrics.jsonl")
             records = read_outlier_records(path) if os.path.isfile(path) else []
             if not records or records[-1]["step"] != self.last_step:
@@ -131,9 +126,6 @@ class OutlierMonitor(Callback):
             out["report"] = write_run_report(trainer.run_dir, records)
 
     def _quant_check(self, trainer: Any) -> dict:
-        from lotus.outliers.loading import EvalBatches, calibration_batches
-        from lotus.outliers.quant import quantcheck
-
         model = getattr(trainer, "unwrapped_model", None) or trainer.model
         calib = calibration_batches(trainer.train_set, trainer.cfg, self.cfg.quant.calib_batches)
         evals = EvalBatches(trainer.val_set, trainer.cfg.data.eval_batch_size)
@@ -150,8 +142,3 @@ class OutlierMonitor(Callback):
         self.last_step = int(state.get("last_step", -1))
         self.last = state.get("last") or None
 
-
-def callbacks(cfg: Any) -> list[Callback]:
-    """The outlier monitor when ``outliers.enabled`` (else nothing)."""
-    ocfg = getattr(cfg, "outliers", None)
-    return [OutlierMonitor(ocfg)] if ocfg is not None and ocfg.enabled else []

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 import pruning
+from lotus.callbacks import Callback
+from lotus.data import batches
+from lotus.features.pruning.config import PruningConfig
 from pruning.masks import make_filter, masked_modules, set_mask
 from pruning.schedule import cubic_sparsity
 from pruning.semi_structured import SemiSparseLinear, resolve_backend
 from pruning.structured import optimizer_param_names, slice_optimizer_state
-
-from lotus.prune import PruningConfig
-from lotus.train import Callback
 
 __all__ = ["PruningCallback"]
 
@@ -33,8 +33,6 @@ _MASK_SUFFIX = ".parametrizations.weight.0.mask"
 
 class PruningCallback(Callback):
     """Applies the ``pruning:`` section during training (see the module docstring)."""
-
-    order = -50  # before callbacks that read weights after a step (outlier probes run at 100)
 
     def __init__(self, cfg: PruningConfig) -> None:
         self.cfg = cfg
@@ -59,8 +57,6 @@ class PruningCallback(Callback):
     def _calib_batches(self, trainer: Any) -> list:
         """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run."""
         if self._calib is None:
-            from lotus.data import batches
-
             n = len(trainer.train_set)
             bs = trainer.cfg.data.batch_size
             g = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)

@@ -1,0 +1,1 @@
+"""Dynamic data pruning (``tickets.dynamic``, InfoBatch-style)."""

@@ -1,0 +1,45 @@
+"""Offline patch tickets: rank every train image's patches with a scorer ViT and store them in a ticket
+file that ``tickets.patches: {source: file}`` trains on (``lotus select --patches``)."""
+from __future__ import annotations
+
+import os
+
+from data_tickets import PatchTicket, TicketFile
+from data_tickets.patches import num_kept
+from lotus.checkpoint import load_weights
+from lotus.config import Config
+from lotus.data import build_datasets
+from lotus.errors import LotusError
+from lotus.models import create_model, resolve_img_size
+
+__all__ = ["make_patch_ticket_file"]
+
+
+def make_patch_ticket_file(cfg: Config, out: str, checkpoint: str | None = None, rollout: bool = False,
+                           keep_rate: float = 1.0, batch_size: int | None = None, progress: bool = True) -> TicketFile:
+    """Rank the patches of every train-split image of ``cfg`` with a scorer ViT and save a ticket file.
+
+    The scorer is ``cfg.model`` with the weights of ``checkpoint`` (e.g. ``runs/x/best.safetensors``; without
+    one the untrained model is used, which is rarely what you want). ``keep_rate`` < 1 stores only the best
+    ``keep_rate`` share of each image's patches (smaller file; training may then use at most that rate).
+    The file holds every train index, the rankings (``patch_indices``) and the train split's fingerprint;
+    train on it with ``tickets.patches: {enabled: true, source: file, file: OUT}``. Returns the TicketFile.
+    """
+    if not str(out).endswith(".npz"):
+        raise LotusError(f"--out: expected a .npz ticket file name, got {out!r}")
+    bundle = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
+    model = create_model(cfg.model, bundle.num_classes, bundle.in_chans, bundle.img_size)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    if getattr(model, "cls_token", None) is None:
+        raise LotusError(f"model.name: patch tickets rank patches by CLS attention; {cfg.model.name} has no class token")
+    n = int(model.patch_embed.num_patches)
+    ticket = PatchTicket(keep_rate=keep_rate, rollout=rollout, seed=cfg.train.seed)
+    rank = ticket.compute(model, bundle.train, batch_size=batch_size or cfg.data.eval_batch_size,
+                          store=num_kept(n, keep_rate), progress=progress)
+    tf = ticket.to_ticket(rank, num_patches=n, dataset=bundle.train, labels=bundle.labels_train,
+                          extra={"config": cfg.name, "model": cfg.model.name,
+                                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None})
+    tf.proxy = {"model": cfg.model.name, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
+    tf.save(out)
+    return tf

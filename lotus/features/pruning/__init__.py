@@ -1,0 +1,1 @@
+"""Sparsity masks and structured thinning during training (``pruning:``), on the :mod:`pruning` library."""

@@ -1,0 +1,1 @@
+"""Offline ticket files (``tickets.file``) and proxy trainings for offline scorers."""

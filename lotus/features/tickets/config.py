@@ -1,0 +1,24 @@
+"""The ``tickets:`` config section: an offline ticket file, plus the dynamic-pruning and patch-ticket
+subsections (each its own feature: :mod:`lotus.features.dynamic`, :mod:`lotus.features.patches`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lotus.errors import ConfigError
+from lotus.features.dynamic.config import DynamicConfig
+from lotus.features.patches.config import PatchConfig
+
+__all__ = ["TicketsConfig"]
+
+
+@dataclass
+class TicketsConfig:
+    """``tickets:`` section. ``file``: a ticket ``.npz`` (from ``lotus select``); train on its subset only."""
+
+    file: str | None = None
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+
+    def check(self, prefix: str) -> None:
+        if self.file is not None and not str(self.file).endswith(".npz"):
+            raise ConfigError(f"{prefix}.file: expected a ticket .npz file (from lotus select), got {self.file!r}")

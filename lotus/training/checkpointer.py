@@ -1,0 +1,129 @@
+"""The checkpoint manager: what a run writes at each epoch end and how a resumed run reads it back.
+
+Files in the run directory (every write atomic, see :mod:`lotus.checkpoint`):
+
+* ``state.pt``: model and optimiser (full, rank-agnostic state dicts), lr-schedule position, the
+  :class:`~lotus.training.state.TrainState` counters, every RNG, the epoch subset, each callback's state
+  (keyed by class name) and the events so far; loaded with ``weights_only=True``.
+* ``best.safetensors`` / ``last.safetensors``: plain weights with the model's block widths in the metadata,
+  so a thinned model loads anywhere (``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``).
+
+On resume, callbacks get their saved state first, then ``on_load_checkpoint`` (where pruning rebuilds
+thinned widths and masks), then the model weights load.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
+from lotus.errors import LotusError
+from lotus.models import unwrap
+from lotus.parallel.checkpoint import get_full_state, is_sharded, set_full_state
+from lotus.training.state import capture_rng, restore_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lotus.training.trainer import Trainer
+
+__all__ = ["CheckpointManager", "callback_keys", "full_model_state"]
+
+
+def callback_keys(callbacks: list) -> list[tuple[str, Any]]:
+    """Stable keys for callback state: class name plus a counter among callbacks of that class."""
+    seen: dict[str, int] = {}
+    out = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] = seen.get(name, 0) + 1
+        out.append((f"{name}:{seen[name]}", cb))
+    return out
+
+
+class CheckpointManager:
+    """Saves and restores one run's checkpoints (files on rank 0; the gather is collective under FSDP2)."""
+
+    def __init__(self, run_dir: str, write: bool):
+        self.run_dir, self.write = run_dir, write
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.run_dir, "state.pt")
+
+    # ------------------------------------------------------------------ read
+    def load(self) -> dict:
+        """The saved training state of this run directory (a one-line error if missing or corrupt)."""
+        return load_state(self.state_path)
+
+    def restore_model(self, trainer: "Trainer", state: dict) -> None:
+        """Callback state, then shapes (``on_load_checkpoint``), then weights, into the unwrapped model."""
+        self._restore_callbacks(trainer, state)
+        for cb in trainer.callbacks:
+            cb.on_load_checkpoint(trainer, state)
+        try:
+            trainer.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LotusError(f"resume: the saved model does not fit this config (changed model settings?): "
+                             f"{first}") from None
+
+    def restore_training(self, trainer: "Trainer", state: dict) -> None:
+        """Optimiser, lr position, counters, RNG, subset and events (after the optimiser is built)."""
+        set_full_state(trainer.model, trainer.optimizer, None, state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.state.load_state_dict(state)
+        restore_rng(state, trainer.augment.gen)
+        trainer.subset = None if state.get("subset") is None else state["subset"].numpy()
+        trainer.run_log.events[:] = list(state.get("events", []))
+
+    @staticmethod
+    def _restore_callbacks(trainer: "Trainer", state: dict) -> None:
+        saved = dict(state.get("callbacks", {}))
+        for key, cb in callback_keys(trainer.callbacks):
+            if key in saved:
+                cb.load_state_dict(saved.pop(key))
+        dropped = [k for k, v in saved.items() if v]
+        if dropped:
+            raise LotusError(f"resume: the run was saved with feature state ({', '.join(dropped)}) that this config "
+                             "does not use; resume with the run's own config (no --set that switches features off)")
+
+    # ----------------------------------------------------------------- write
+    def state_of(self, trainer: "Trainer") -> dict:
+        """Everything a resume needs (collective under FSDP2: every rank calls it)."""
+        model_sd, optim_sd = get_full_state(trainer.model, trainer.optimizer)
+        return {
+            "model": model_sd, "optimizer": optim_sd, "scheduler": trainer.scheduler.state_dict(),
+            **trainer.state.state_dict(), **capture_rng(trainer.augment.gen),
+            "subset": None if trainer.subset is None else torch.as_tensor(np.asarray(trainer.subset)),
+            "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer.callbacks)},
+            "events": list(trainer.run_log.events),
+        }
+
+    def save(self, trainer: "Trainer", metrics: dict) -> None:
+        """End of an epoch: ``best``/``last`` weights (as configured) and ``state.pt``."""
+        if not self.write:
+            return
+        state = self.state_of(trainer)
+        if not trainer.dist.is_main:
+            return
+        bare = unwrap(trainer.model)
+        full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
+        out = trainer.cfg.output
+        acc = metrics.get("val_acc")
+        st = trainer.state
+        meta = {"epoch": st.epoch, "step": st.step, "val_acc": acc, "model": trainer.cfg.model.name}
+        if acc is not None and acc > st.best_acc:
+            st.best_acc = state["best_acc"] = acc
+            if out.save_best:
+                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
+        if out.save_last:
+            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full)
+        save_state(self.state_path, state)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain weights of ``model`` (gathered under FSDP2; collective there)."""
+    return get_full_state(model)[0] if is_sharded(unwrap(model)) else export_state_dict(unwrap(model))

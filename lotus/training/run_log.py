@@ -1,0 +1,71 @@
+"""The run log: metrics.jsonl records, the event list, console lines and progress bars (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+from tqdm import tqdm
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """Writes one JSON record per line to ``run_dir/metrics.jsonl`` and keeps the run's events.
+
+    ``write``: whether this process writes files (rank 0 of a run that has a run directory);
+    ``show``: whether it prints epoch lines and events (``quiet`` off, rank 0).
+    """
+
+    def __init__(self, run_dir: str, write: bool, show: bool):
+        self.run_dir, self.write, self.show = run_dir, write, show
+        self.events: list[dict] = []
+        self._file: IO[str] | None = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    def open(self) -> None:
+        if self.write:
+            os.makedirs(self.run_dir, exist_ok=True)
+            self._file = open(self.path, "a")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def record(self, record: dict) -> None:
+        """Append one record (an epoch's metrics or an event) to metrics.jsonl."""
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def event(self, record: dict) -> None:
+        """Keep an event for the summary, write it, and print its scalar fields."""
+        self.events.append(record)
+        self.record(record)
+        fields = {k: v for k, v in record.items() if k not in ("type", "event", "epoch", "step", "wall_s")}
+        self.print(f"[{record['event']}] " + ", ".join(f"{k}={v}" for k, v in fields.items()
+                                                        if not isinstance(v, (list, dict))))
+
+    def print(self, text: str) -> None:
+        if self.show:
+            tqdm.write(text)
+
+    def progress(self, it: Iterable, total: int, desc: str) -> Iterator | Iterable:
+        """``it`` wrapped in a tqdm bar when printing to a terminal, else ``it`` itself."""
+        if self.show and sys.stdout.isatty():
+            return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return it
+
+    @staticmethod
+    def epoch_line(m: dict[str, Any], epochs: int) -> str:
+        parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.4f}"]
+        if "val_acc" in m:
+            parts += [f"val_loss {m['val_loss']:.4f}", f"val_acc {m['val_acc'] * 100:.2f}%"]
+        parts += [f"{m['throughput']} img/s", f"{m['wall_s']:.1f}s"]
+        return "  ".join(parts)

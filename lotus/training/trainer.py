@@ -1,0 +1,358 @@
+"""The Lotus trainer: config in, run directory out.
+
+It wires together parts that each own one concern: the :class:`~lotus.training.state.TrainState`
+(counters, RNG), the :class:`~lotus.training.run_log.RunLog` (metrics.jsonl, console, progress), the
+:class:`~lotus.training.checkpointer.CheckpointManager` (save, resume), :func:`~lotus.training.step.train_step`
+(the optimisation step) and the run's :class:`~lotus.features.schedule.plan.Schedule` (what each epoch
+does). Features plug in as :class:`~lotus.callbacks.Callback` objects from :mod:`lotus.features.registry`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lotus.callbacks import Callback, Forward, default_forward
+from lotus.checkpoint import atomic_write_text
+from lotus.config import Config, load_config, save_config
+from lotus.data import Augmenter, DataBundle, batches, build_datasets
+from lotus.errors import LotusError
+from lotus.evaluation import evaluate
+from lotus.features.registry import build_callbacks
+from lotus.features.schedule.plan import EpochPlan, Schedule
+from lotus.models import create_model, resolve_img_size, unwrap
+from lotus.optim import CosineSchedule, build_optimizer
+from lotus.parallel.apply import parallelize
+from lotus.parallel.runtime import DistInfo, init_distributed
+from lotus.run_report import write_report
+from lotus.training.checkpointer import CheckpointManager, full_model_state
+from lotus.training.run_log import RunLog
+from lotus.training.state import TrainState
+from lotus.training.step import LossMeter, train_step
+
+__all__ = ["Trainer", "train"]
+
+
+def _init_distributed(cfg: Config) -> DistInfo:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    return init_distributed(device=cfg.train.device, backend=cfg.parallel.backend)
+
+
+class _Counter:
+    """A :class:`TrainState` field exposed as a trainer attribute (``trainer.step`` etc.)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.state, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.state, self.name, value)
+
+
+class Trainer:
+    """Runs one training job described by a :class:`~lotus.config.Config`.
+
+    Args:
+        cfg: the validated config.
+        callbacks: extra callbacks, run after the features' own (in the order given).
+        run_dir: output folder (default ``output.dir`` or ``runs/<name>-<time>``).
+        resume: continue the run in ``run_dir`` from its ``state.pt``.
+        quiet: no progress bar and no printed epoch lines.
+        write: write the run directory (off for proxy trainings).
+    """
+
+    epoch = _Counter()
+    step = _Counter()
+    samples_seen = _Counter()
+    train_flops = _Counter()
+    wall = _Counter()
+    best_acc = _Counter()
+
+    def __init__(self, cfg: Config, callbacks: list[Callback] | None = None, run_dir: str | None = None,
+                 resume: bool = False, quiet: bool = False, write: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.quiet = quiet
+        self.write = write
+        self.dist = _init_distributed(cfg)
+        self.run_dir = run_dir or cfg.output.dir or os.path.join(
+            "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.schedule = Schedule(cfg)
+        self.callbacks: list[Callback] = build_callbacks(cfg, self.schedule) + list(callbacks or [])
+        self.state = TrainState()
+        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir, write)
+        self.forward: Forward = default_forward
+        self.plan: EpochPlan = self.schedule.plan(0)
+        self.subset: np.ndarray | None = None
+        self.sampler: Any = None
+        self.steps_per_epoch = 0
+        self._segment_start: float | None = None
+
+    @property
+    def events(self) -> list[dict]:
+        return self.run_log.events
+
+    # ----------------------------------------------------------------- setup
+    def _setup_runtime(self) -> None:
+        t = self.cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise LotusError("train.device: cuda requested but no CUDA device is available")
+        if self.dist.world_size > 1:  # torchrun chose this rank's device
+            self.device = self.dist.device
+        else:
+            self.device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        bf16 = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast: Callable[[], Any] = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
+        torch.manual_seed(t.seed)  # same init on every rank
+        np.random.seed(t.seed % 2**32)
+        random.seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    def _setup_data(self) -> None:
+        self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans)
+        self.train_set, self.val_set = self.data.train, self.data.val
+        self.labels_train = self.data.labels_train
+        self.augment = Augmenter(self.cfg.data.augment, self.cfg.train.seed)
+
+    def _setup_model(self, state: dict | None) -> None:
+        d = self.data
+        self.model = create_model(self.cfg.model, d.num_classes, d.in_chans, d.img_size).to(self.device)
+        self.unwrapped_model = self.model
+        if state is not None:
+            self.checkpoints.restore_model(self, state)
+        if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
+            self.model = parallelize(
+                self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
+                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
+                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
+
+    def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
+        """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
+        the position in the lr schedule; ``state_transform(old, new)`` may carry optimiser state over."""
+        old = getattr(self, "optimizer", None)
+        self.optimizer = build_optimizer(self.cfg.optim, self.model)
+        if old is not None and state_transform is not None:
+            state_transform(old, self.optimizer)
+        position = self.scheduler.position if hasattr(self, "scheduler") else 0.0
+        t = self.cfg.train
+        self.scheduler = CosineSchedule(self.optimizer, self.cfg.optim.lr, t.min_lr, t.warmup_epochs, t.epochs)
+        self.scheduler.set_position(position)
+
+    # ---------------------------------------------------------------- services
+    def log(self, event: str, **fields: Any) -> None:
+        """Record an event (what, when, how long, result) in metrics.jsonl and the run summary."""
+        self.run_log.event({"type": "event", "event": event, "epoch": self.epoch, "step": self.step,
+                            "wall_s": round(self._wall_now(), 4), **fields})
+
+    def _wall_now(self) -> float:
+        start = self._segment_start
+        return self.wall + (time.perf_counter() - start if start is not None else 0.0)
+
+    def evaluate(self, model: nn.Module | None = None, dataset: Any = None) -> dict:
+        """Top-1 accuracy and mean loss on the validation set (sharded and summed across ranks)."""
+        out = evaluate(model or self.model, dataset or self.val_set, batch_size=self.cfg.data.eval_batch_size,
+                       device=self.device, autocast=self.autocast, num_workers=self.cfg.data.num_workers,
+                       rank=self.dist.rank, world_size=self.dist.world_size)
+        return {"val_loss": out["val_loss"], "val_acc": out["val_acc"]}
+
+    # ------------------------------------------------------------ epoch order
+    def _start_epoch(self, epoch: int) -> None:
+        """Ask the schedule for this epoch's plan, then the owners of the subset and sampler slots."""
+        self.plan = self.schedule.plan(epoch)
+        if self.schedule.enabled and epoch > 0 and self.plan.phase != self.schedule.phase(epoch - 1):
+            self.log(f"phase_{self.plan.phase}", epoch_start=epoch)
+        answers = [s for s in (cb.epoch_subset(self, epoch) for cb in self.callbacks) if s is not None]
+        if len(answers) > 1:
+            raise RuntimeError("two callbacks set the epoch subset; only one feature may own it")
+        self.subset = answers[0] if answers else None
+        samplers = [s for s in (cb.epoch_sampler(self, epoch, self.subset) for cb in self.callbacks) if s is not None]
+        if len(samplers) > 1:
+            raise RuntimeError("two callbacks set the epoch sampler; only one feature may own it")
+        self.sampler = samplers[0] if samplers else None
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, epoch)
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        if self.sampler is not None:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
+            order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+        else:
+            base = np.arange(len(self.train_set)) if self.subset is None else np.asarray(self.subset, dtype=np.int64)
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
+            order = base[torch.randperm(len(base), generator=g).numpy()]
+        if self.dist.world_size > 1:  # pad to a multiple of world size, then stripe across ranks
+            w = self.dist.world_size
+            pad = (-len(order)) % w
+            if pad:
+                order = np.concatenate([order, order[:pad]])
+            order = order[self.dist.rank :: w]
+        return order
+
+    def _measure_flops(self, images: torch.Tensor, index: torch.Tensor) -> float:
+        """Forward FLOPs per sample of the current training forward (x3 for forward+backward)."""
+        n = min(2, len(images))
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                self.forward(self.model, images[:n], index[:n])
+            return fc.get_total_flops() / n
+        except Exception:  # noqa: BLE001 - FLOP counting is informational only
+            return float("nan")
+        finally:
+            self.model.train(was)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> dict:
+        """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict."""
+        cfg = self.cfg
+        state = self.checkpoints.load() if self.resume else None
+        if state is None and self.run_log.write and os.path.exists(self.run_log.path):
+            raise LotusError(f"output.dir: {self.run_dir} already holds a run; resume it with --resume "
+                             f"{self.run_dir} or choose another --out")
+        self._setup_runtime()
+        self._setup_data()
+        self._setup_model(state)
+        self.rebuild_optimizer()
+        if state is not None:
+            self.checkpoints.restore_training(self, state)
+            capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
+            if self.epoch >= cfg.train.epochs or capped:
+                raise LotusError(f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
+                                 "pass --set train.epochs=N (or train.max_steps) with a larger value to continue")
+        self.run_log.open()
+        if self.run_log.write:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        for cb in self.callbacks:
+            self.forward = cb.wrap_forward(self, self.forward)
+        steps_cap = cfg.train.max_steps
+        last_metrics: dict = {}
+        try:
+            for epoch in range(self.epoch, cfg.train.epochs):
+                if steps_cap is not None and self.step >= steps_cap:
+                    break
+                self.epoch = epoch
+                self._segment_start = time.perf_counter()
+                self._start_epoch(epoch)
+                last_metrics = self._train_epoch(epoch, steps_cap)
+                self.wall = self._wall_now()
+                self._segment_start = None
+                stopping = steps_cap is not None and self.step >= steps_cap
+                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs or stopping:
+                    last_metrics.update(self.evaluate())
+                last_metrics["wall_s"] = round(self.wall, 4)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, last_metrics)
+                self.epoch = epoch + 1
+                self.run_log.record(last_metrics)
+                self.run_log.print(RunLog.epoch_line(last_metrics, cfg.train.epochs))
+                self.checkpoints.save(self, last_metrics)
+            summary = self._summary(last_metrics)
+            for cb in self.callbacks:
+                cb.on_fit_end(self, summary)  # may still log events
+            summary["events"] = self.events
+        finally:
+            self.run_log.close()
+        if self.run_log.write:
+            atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
+            if cfg.output.report:
+                write_report(self.run_dir)
+        return summary
+
+    def _check_finite(self, meter: LossMeter, epoch: int) -> None:
+        bad = meter.first_non_finite(self.dist.world_size)  # every rank checks at the same steps
+        if bad is not None:
+            step, value = bad
+            kept = (f"the last good checkpoint is kept in {self.run_dir}" if os.path.isfile(self.checkpoints.state_path)
+                    else "no checkpoint was written yet")
+            raise LotusError(f"train: loss became {value} at step {step} (epoch {epoch + 1}); stopped, {kept} "
+                             "(try a lower optim.lr or train.grad_clip)")
+
+    def _train_epoch(self, epoch: int, steps_cap: int | None) -> dict:
+        cfg = self.cfg
+        order = self._epoch_indices(epoch)
+        bs = cfg.data.batch_size
+        n_batches = max(1, math.ceil(len(order) / bs))
+        self.steps_per_epoch = n_batches
+        self.model.train()
+        meter = LossMeter(self.device)
+        check_every = cfg.train.finite_check_every
+        epoch_flops = None
+        t0 = time.perf_counter()
+        it = self.run_log.progress(batches(self.train_set, order, bs, cfg.data.num_workers), n_batches,
+                                   f"epoch {epoch + 1}/{cfg.train.epochs}")
+        for b, (x, y, idx) in enumerate(it):
+            if steps_cap is not None and self.step >= steps_cap:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.augment.active:
+                x = self.augment(x)
+            for cb in self.callbacks:
+                x, y, idx = cb.transform_batch(self, x, y, idx)
+            if epoch_flops is None:
+                epoch_flops = self._measure_flops(x, idx)
+            self.scheduler.set_position(epoch + b / n_batches)
+            loss = train_step(self.model, self.optimizer, self.forward, self.callbacks, self, x, y, idx,
+                              self.autocast, cfg.train.label_smoothing, cfg.train.grad_clip)
+            self.step += 1
+            meter.add(loss, len(y), self.step)
+            if self.step % check_every == 0:
+                self._check_finite(meter, epoch)
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.step)  # may replace self.model / self.optimizer
+        self._check_finite(meter, epoch)
+        dt = time.perf_counter() - t0
+        seen_all = meter.count * self.dist.world_size
+        self.samples_seen += seen_all
+        flops = (epoch_flops or 0.0) * 3 * seen_all
+        if not math.isnan(flops):
+            self.train_flops += flops
+        return {"type": "epoch", "epoch": epoch + 1, "step": self.step, "samples_seen": self.samples_seen,
+                "train_loss": meter.mean(), "lr": self.optimizer.param_groups[0]["lr"],
+                "throughput": round(seen_all / dt, 2) if dt > 0 else None, "epoch_samples": seen_all,
+                "train_flops": self.train_flops}
+
+    def _summary(self, last: dict) -> dict:
+        bare = unwrap(self.model)
+        sd = full_model_state(self.model)  # collective under FSDP2
+        nonzero = int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point()))
+        return {
+            "name": self.cfg.name, "run_dir": os.path.abspath(self.run_dir), "model": self.cfg.model.name,
+            "epochs": self.epoch, "steps": self.step, "samples_seen": self.samples_seen,
+            "wall_s": round(self.wall, 3), "train_flops": self.train_flops,
+            "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
+            "best_val_acc": self.best_acc if self.best_acc >= 0 else None,
+            "params": sum(p.numel() for p in bare.parameters()), "nonzero_params": nonzero,
+            "device": str(self.device), "world_size": self.dist.world_size, "events": self.events,
+        }
+
+
+def train(cfg: Config | str, overrides: list[str] | None = None, **kwargs: Any) -> dict:
+    """Train from a :class:`Config` or a YAML path; returns the run summary."""
+    if not isinstance(cfg, Config):
+        cfg = load_config(cfg, overrides)
+    return Trainer(cfg, **kwargs).fit()
