@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from data_tickets.patches import PatchTicket, apply_patch_tickets, num_kept  # noqa: E402
+from data_tickets import PatchTicket, apply_patch_tickets  # noqa: E402
+from data_tickets.keep_rate import num_kept  # noqa: E402
 
 TARGET = 1.8
 

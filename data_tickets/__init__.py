@@ -11,27 +11,43 @@ Score every training sample by informativeness, select a subset with a policy, s
                       fraction=0.5, seed=0).save("tickets/el2n-50.npz")
 
 Datasets yield ``(image, label, index)`` (or ``(image, label)``; the position is used as the index).
-This package never imports ``lotus``.
+This package never imports ``lotus``. The top level exports the main entry points; everything else is
+imported from its module:
+
+=============== ==========================================================================================
+module          holds
+=============== ==========================================================================================
+scorers         ``score``, ``SCORERS``, ``register_scorer``, ``Scorer``, ``ScoreContext``
+policies        ``select``, ``POLICIES``, ``register_policy``, ``budget``
+ticket_file     ``TicketFile`` (the ``.npz`` ticket format)
+fingerprint     ``dataset_fingerprint``, ``compare_fingerprints``
+proxy           ``make_proxy``, ``train_proxy``, the ``Proxy`` protocol
+grad_norms      ``per_sample_grad_sq_norms`` (GraNd without per-sample weight gradients)
+attention       ``cls_attention``, ``capture_attention`` (attention weights from q/k, via hooks)
+dynamic         ``DynamicPruner`` (the InfoBatch-style sampler; state, sync, export, resume)
+dynamic_plan    the per-epoch pruning rule and sharding as pure functions
+patches         ``PatchTicket`` (keep selection, offline rankings), ``patch_attention``,
+                ``random_patch_scores``, ``rank_patches``
+kept_tokens     ``forward_kept_tokens``, ``KeptPatchTokens``, ``apply_patch_tickets``
+keep_rate       ``num_kept``, ``KeepRateSchedule``
+=============== ==========================================================================================
 """
 from ._version import __version__
-from .attention import capture_attention, cls_attention
 from .dynamic import DynamicPruner
-from .fingerprint import compare_fingerprints, dataset_fingerprint
+from .fingerprint import dataset_fingerprint
 from .grad_norms import per_sample_grad_sq_norms
-from .patches import (KeepRateSchedule, KeptPatchTokens, PatchTicket, apply_patch_tickets, forward_kept_tokens,
-                      num_kept, patch_attention, random_patch_scores)
-from .policies import POLICIES, budget, register_policy, select
-from .proxy import Proxy, make_proxy, train_proxy
-from .scorers import SCORERS, Scorer, ScoreContext, register_scorer, score
+from .keep_rate import KeepRateSchedule
+from .kept_tokens import apply_patch_tickets
+from .patches import PatchTicket
+from .policies import POLICIES, register_policy, select
+from .proxy import make_proxy
+from .scorers import SCORERS, register_scorer, score
 from .ticket_file import TicketFile
 
 __all__ = [
     "__version__",
-    "score", "SCORERS", "Scorer", "ScoreContext", "register_scorer",
-    "select", "POLICIES", "register_policy", "budget",
-    "TicketFile", "dataset_fingerprint", "compare_fingerprints",
-    "Proxy", "make_proxy", "train_proxy",
-    "cls_attention", "capture_attention", "per_sample_grad_sq_norms",
-    "DynamicPruner", "PatchTicket", "KeepRateSchedule", "KeptPatchTokens", "apply_patch_tickets",
-    "forward_kept_tokens", "num_kept", "patch_attention", "random_patch_scores",
+    "score", "SCORERS", "register_scorer",
+    "select", "POLICIES", "register_policy",
+    "TicketFile", "dataset_fingerprint", "make_proxy", "per_sample_grad_sq_norms",
+    "DynamicPruner", "PatchTicket", "KeepRateSchedule", "apply_patch_tickets",
 ]

@@ -1,22 +1,10 @@
 """InfoBatch-style dynamic data pruning: a sampler that skips well-learned samples, plus loss re-weighting.
 
 Each sample's score is the last loss seen for it during training (recorded from the per-sample losses of
-every batch). At the start of every epoch the pruner freezes a *plan* for that epoch:
-
-* **pool**: the candidate indices (the whole dataset, a given base index set, or what a user sampler yields);
-* **below-mean set B**: pool samples that have been seen and whose score is strictly below the mean score
-  of the pool's seen samples (samples never seen yet have no score and are always kept, so epoch 0 uses
-  all data);
-* **ratio r** (``ratio``): the pruner drops exactly ``round(r * |B|)`` samples of B, drawn uniformly at
-  random without replacement (seeded by ``(seed, epoch)``). So r is the fraction of the *below-mean*
-  samples dropped, not of the dataset; the fraction of the dataset skipped in an epoch is
-  ``round(r * |B|) / |pool|``;
-* **weights**: the kept samples of B get loss weight ``1 / (1 - r)`` (so the expected gradient
-  contribution of B is unchanged, as in InfoBatch); every other sample gets weight 1;
-* **anneal** (InfoBatch's ``1 - delta``): epochs ``e >= ceil((1 - anneal) * num_epochs)`` use all data with
-  weight 1, so the final epochs train on the full (unbiased) data.
-
-Reference: Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR 2024.
+every batch). At the start of every epoch the pruner freezes a *plan* for that epoch: it drops a seeded
+random share ``ratio`` of the pool's below-mean-score samples, up-weights the kept below-mean ones by
+``1 / (1 - ratio)`` and trains the final ``anneal`` share of epochs on all data. The rule itself, with
+its exact counts, is in :mod:`data_tickets.dynamic_plan`.
 
 Typical use in a plain PyTorch loop::
 
@@ -36,7 +24,6 @@ like ``DistributedSampler``. Scores recorded on each rank are merged across rank
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,12 +32,15 @@ import torch
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from .dynamic_plan import check_sharding, infobatch_plan, per_rank_count, prune_epochs, shard_order
+
 __all__ = ["DynamicPruner"]
 
 _STATE_VERSION = 1
 
 
 def _as_index_array(index: Any, name: str = "index") -> np.ndarray:
+    """``index`` (tensor, array or sequence of integers) as a flat int64 array; ``name`` prefixes errors."""
     if isinstance(index, torch.Tensor):
         index = index.detach().cpu().numpy()
     arr = np.asarray(index)
@@ -64,7 +54,7 @@ class DynamicPruner(Sampler[int]):
 
     Args:
         num_samples: size of the dataset the indices refer to (or a sized dataset).
-        ratio: r in [0, 1): fraction of the below-mean-score samples dropped each pruning epoch (see module doc).
+        ratio: r in [0, 1): fraction of the below-mean-score samples dropped per pruning epoch (see ``dynamic_plan``).
         num_epochs: total training epochs (needed for the anneal); ``None`` never anneals.
         anneal: fraction of the final epochs trained on all data (InfoBatch's ``1 - delta``; 0.125 default).
         seed: seeds the per-epoch drop choice and shuffle; same seed + same scores = same plan.
@@ -115,14 +105,7 @@ class DynamicPruner(Sampler[int]):
             shuffle = bool(sampler.shuffle)
             drop_last = bool(sampler.drop_last)
             sampler = None
-        if (num_replicas is None) != (rank is None):
-            raise ValueError("num_replicas and rank: pass both or neither")
-        num_replicas = 1 if num_replicas is None else int(num_replicas)
-        rank = 0 if rank is None else int(rank)
-        if num_replicas < 1:
-            raise ValueError(f"num_replicas: expected an int >= 1, got {num_replicas}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank: expected an int in [0, {num_replicas - 1}], got {rank}")
+        num_replicas, rank = check_sharding(num_replicas, rank)
 
         self.num_samples = num_samples
         self.ratio = float(ratio)
@@ -170,9 +153,7 @@ class DynamicPruner(Sampler[int]):
     @property
     def prune_epochs(self) -> int | None:
         """Number of leading epochs in which pruning is active (``None``: every epoch)."""
-        if self.num_epochs is None:
-            return None
-        return int(math.ceil(self.num_epochs * (1.0 - self.anneal) - 1e-9))
+        return prune_epochs(self.num_epochs, self.anneal)
 
     def is_annealing(self, epoch: int) -> bool:
         """True when ``epoch`` is in the final full-data phase."""
@@ -267,32 +248,10 @@ class DynamicPruner(Sampler[int]):
         Pure (no state change). ``anneal=False`` ignores the full-data phase.
         """
         pool = (np.arange(self.num_samples) if self.pool is None else self.pool) if pool is None else pool
-        keep = np.zeros(self.num_samples, dtype=bool)
-        keep[pool] = True
-        weights = np.ones(self.num_samples, dtype=np.float32)
         annealing = anneal and self.is_annealing(epoch)
-        below = np.zeros(0, dtype=np.int64)
-        dropped = np.zeros(0, dtype=np.int64)
-        seen = pool[self.seen[pool]]
-        if not annealing and self.ratio > 0 and seen.size:
-            mean = float(self.scores[seen].astype(np.float64).mean())
-            below = seen[self.scores[seen] < mean]
-            n_drop = int(round(self.ratio * below.size))
-            if n_drop:
-                dropped = self._rng(epoch, 0).choice(below, size=n_drop, replace=False)
-                keep[dropped] = False
-                kept_below = below[keep[below]]
-                weights[kept_below] = 1.0 / (1.0 - self.ratio)
-        stats = {
-            "epoch": int(epoch),
-            "pool": int(pool.size),
-            "kept": int(pool.size - dropped.size),
-            "pruned": int(dropped.size),
-            "below_mean": int(below.size),
-            "weight": float(1.0 / (1.0 - self.ratio)) if dropped.size else 1.0,
-            "annealing": bool(annealing),
-        }
-        return keep, weights, stats
+        keep, weights, counts = infobatch_plan(self.scores, self.seen, pool, self.ratio, self._rng(epoch, 0),
+                                               annealing=annealing)
+        return keep, weights, {"epoch": int(epoch), **counts}
 
     def _make_plan(self) -> None:
         epoch = self.epoch
@@ -322,22 +281,10 @@ class DynamicPruner(Sampler[int]):
         self._plan_version = self._version
 
     # ------------------------------------------------------------------ Sampler protocol
-    def _shard(self, order: np.ndarray) -> np.ndarray:
-        if self.num_replicas == 1:
-            return order
-        n = order.size
-        per_rank = self._per_rank(n)
-        total = per_rank * self.num_replicas
-        if total > n:  # pad by repeating from the start, like DistributedSampler
-            order = np.resize(order, total) if n else order
-        else:
-            order = order[:total]
-        return order[self.rank:total:self.num_replicas]
-
     def epoch_indices(self) -> np.ndarray:
         """This rank's indices for the current epoch, in iteration order."""
         self._ensure_plan()
-        return self._shard(self._order)
+        return shard_order(self._order, self.num_replicas, self.rank, self.drop_last)
 
     def __iter__(self) -> Iterator[int]:
         if not self._epoch_set and self._plan_epoch is not None:
@@ -349,14 +296,7 @@ class DynamicPruner(Sampler[int]):
 
     def __len__(self) -> int:
         self._ensure_plan()
-        return self._per_rank(self._order.size)
-
-    def _per_rank(self, n: int) -> int:
-        if self.num_replicas == 1:
-            return n
-        if self.drop_last and n % self.num_replicas:
-            return max(0, math.ceil((n - self.num_replicas) / self.num_replicas))
-        return math.ceil(n / self.num_replicas)
+        return per_rank_count(self._order.size, self.num_replicas, self.drop_last)
 
     # ------------------------------------------------------------------ introspection / export
     @property

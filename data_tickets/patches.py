@@ -1,4 +1,5 @@
-"""Patch tickets: rank each image's patches by a scorer ViT's CLS attention and train on the kept tokens only.
+"""Patch tickets: rank each image's patches (by a scorer ViT's CLS attention, or seeded at random) and keep
+the best ones; :class:`PatchTicket` ties scoring, keep selection and the kept-token forward together.
 
 * :func:`patch_attention` computes, for every image, how much attention the CLS token pays to each patch
   (last layer, or attention rollout over all layers; mean over heads). timm's fused attention
@@ -6,24 +7,17 @@
   block's attention module captures its input and the weights are recomputed as
   ``softmax(q k^T / sqrt(d))`` from the module's own ``qkv`` projection (and ``q_norm``/``k_norm``), see
   :mod:`data_tickets.attention`. Nothing is monkey-patched; the hooks are removed when the call returns.
-* :func:`forward_kept_tokens` runs a timm ``VisionTransformer`` on a subset of patch tokens per image:
-  patch embedding, gather of the kept patch tokens and their position embeddings, prefix (class/register)
-  tokens, blocks, final norm and head. Blocks see ``prefix + K`` tokens instead of ``prefix + N``, so the
-  compute of every block really drops (attention quadratically, MLPs linearly).
-* :class:`KeptPatchTokens` / :func:`apply_patch_tickets` do the same through the model's own ``forward``
-  (timm's ``patch_drop`` slot), so wrapped models (DDP, FSDP2, ``torch.compile``) train on kept tokens too.
-* :class:`PatchTicket` ties both together (plus a seeded random-patch baseline with the same keep rate) and
-  computes patch tickets for a whole dataset offline (a per-sample ranking that a ticket file can store).
-* :class:`KeepRateSchedule` gives the keep rate per epoch (step or linear between points).
+* :func:`random_patch_scores` is the seeded random baseline; :func:`rank_patches` sorts patches best first.
+* :class:`PatchTicket` selects kept patches (:meth:`PatchTicket.keep_from_rank`,
+  :meth:`PatchTicket.keep_from_scores`: ``(B, K)`` indices in the layout the kept-token forward expects)
+  and computes patch tickets for a whole dataset offline (a per-sample ranking that a ticket file can store).
 
-The kept count for N patches and keep rate k is ``K = max(1, floor(k * N + 0.5))``.
+The kept-token forward lives in :mod:`data_tickets.kept_tokens`, :func:`num_kept` and
+:class:`KeepRateSchedule` in :mod:`data_tickets.keep_rate`; they are re-exported here for existing imports.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -31,32 +25,19 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = [
-    "PatchTicket", "KeepRateSchedule", "KeptPatchTokens", "apply_patch_tickets", "patch_attention",
-    "forward_kept_tokens", "random_patch_scores",
-    "num_kept", "rank_patches",
-]
+from .keep_rate import num_kept
+from .kept_tokens import _num_patches, _require_vit, forward_kept_tokens
+
+# re-exported so existing ``from data_tickets.patches import ...`` lines keep working (lotus uses them)
+from .keep_rate import KeepRateSchedule  # noqa: F401
+from .kept_tokens import KeptPatchTokens, apply_patch_tickets  # noqa: F401
+
+__all__ = ["PatchTicket", "patch_attention", "random_patch_scores", "rank_patches"]
 
 Scorer = Literal["cls_attention", "random"]
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def num_kept(num_patches: int, keep_rate: float) -> int:
-    """Number of patches kept out of ``num_patches`` at ``keep_rate``: ``max(1, floor(k*N + 0.5))``."""
-    if not 0.0 < keep_rate <= 1.0:
-        raise ValueError(f"keep_rate: expected a float in (0, 1], got {keep_rate!r}")
-    return max(1, min(num_patches, int(math.floor(keep_rate * num_patches + 0.5))))
-
-
-def _require_vit(model: nn.Module, what: str) -> None:
-    missing = [a for a in ("patch_embed", "blocks", "norm", "forward_head", "num_prefix_tokens") if not hasattr(model, a)]
-    if missing:
-        raise ValueError(
-            f"{what}: expected a timm VisionTransformer (patch_embed, pos_embed, blocks, norm, forward_head), "
-            f"got {type(model).__name__} without {', '.join(missing)}"
-        )
-
-
+# ---------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def patch_attention(model: nn.Module, images: torch.Tensor, rollout: bool = False) -> torch.Tensor:
     """CLS attention over the patches of each image, mean over heads: ``(B, num_patches)``.
@@ -81,6 +62,7 @@ _GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
         z = z + _GOLD
         z = (z ^ (z >> np.uint64(30))) * _M1
@@ -108,203 +90,14 @@ def rank_patches(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _keep_from_rank(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` columns of a best-first ranking, sorted spatially (see :meth:`PatchTicket.keep_from_rank`)."""
+    if rank.dim() != 2:
+        raise ValueError(f"rank: expected a (batch, patches) ranking, got shape {tuple(rank.shape)}")
+    if k < 1:
+        raise ValueError(f"keep_idx: expected at least one kept patch per image, got k={k}")
     if k > rank.shape[1]:
         raise ValueError(f"keep_idx: {k} patches requested but the ranking stores only {rank.shape[1]}")
     return torch.sort(rank[:, :k].long(), dim=1).values  # spatial order (deterministic)
-
-
-# ---------------------------------------------------------------------------------------------- forward
-def _check_keep_idx(keep_idx: torch.Tensor, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(keep_idx, torch.Tensor):
-        keep_idx = torch.as_tensor(np.asarray(keep_idx))
-    if keep_idx.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8):
-        raise ValueError(f"keep_idx: expected integer patch indices, got dtype {keep_idx.dtype}")
-    keep_idx = keep_idx.to(device=device, dtype=torch.long)
-    if keep_idx.dim() == 1:
-        keep_idx = keep_idx.unsqueeze(0).expand(batch, -1)
-    if keep_idx.dim() != 2 or keep_idx.shape[0] != batch:
-        raise ValueError(f"keep_idx: expected shape (K,) or ({batch}, K), got {tuple(keep_idx.shape)}")
-    if keep_idx.shape[1] == 0:
-        raise ValueError("keep_idx: expected at least one kept patch per image")
-    lo, hi = int(keep_idx.min()), int(keep_idx.max())
-    if lo < 0 or hi >= num_patches:
-        raise ValueError(f"keep_idx: expected patch indices in [0, {num_patches - 1}], got range [{lo}, {hi}]")
-    return keep_idx
-
-
-def forward_kept_tokens(
-    model: nn.Module,
-    images: torch.Tensor,
-    keep_idx: torch.Tensor,
-    pre_logits: bool = False,
-) -> torch.Tensor:
-    """Logits of a timm ``VisionTransformer`` that sees only the patches ``keep_idx`` of each image.
-
-    ``keep_idx`` is ``(B, K)`` (or ``(K,)`` shared by the batch) indices into the row-major patch grid.
-    Equivalent to ``model(images)`` when every patch is kept (any order: attention is permutation
-    equivariant and the patch's position embedding travels with it). Handles class and register tokens,
-    ``no_embed_class``, ``dynamic_img_size`` (position embeddings resampled to the input grid), pre-norm,
-    patch dropout and gradient checkpointing.
-    """
-    _require_vit(model, "forward_kept_tokens")
-    x = model.patch_embed(images)
-    grid = None
-    if x.dim() == 4:  # dynamic_img_size: NHWC
-        B, H, W, C = x.shape
-        grid = (H, W)
-        x = x.reshape(B, H * W, C)
-    B, N, C = x.shape
-    keep_idx = _check_keep_idx(keep_idx, B, N, x.device)
-    x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, C))
-
-    npt = int(model.num_prefix_tokens)
-    no_embed_class = bool(getattr(model, "no_embed_class", False))
-    prefix = []
-    if getattr(model, "cls_token", None) is not None:
-        prefix.append(model.cls_token.expand(B, -1, -1))
-    if getattr(model, "reg_token", None) is not None:
-        prefix.append(model.reg_token.expand(B, -1, -1))
-    prefix_x = torch.cat(prefix, dim=1) if prefix else None
-
-    pos = getattr(model, "pos_embed", None)
-    if pos is not None:
-        pos_prefix = 0 if no_embed_class else npt
-        if grid is not None and getattr(model, "dynamic_img_size", False):
-            from timm.layers import resample_abs_pos_embed
-
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=model.patch_embed.grid_size,
-                                         num_prefix_tokens=pos_prefix)
-        if pos.shape[1] != N + pos_prefix:
-            raise ValueError(
-                f"forward_kept_tokens: pos_embed has {pos.shape[1]} positions, expected {N + pos_prefix} "
-                f"for {N} patches (image size differs from the model's; build it with dynamic_img_size=True)"
-            )
-        x = x + pos[0, pos_prefix:][keep_idx]
-        if prefix_x is not None and pos_prefix:
-            prefix_x = prefix_x + pos[:, :pos_prefix]
-    if prefix_x is not None:
-        x = torch.cat([prefix_x, x], dim=1)
-    x = model.pos_drop(x) if hasattr(model, "pos_drop") else x
-    x = model.patch_drop(x) if hasattr(model, "patch_drop") else x
-    x = model.norm_pre(x) if hasattr(model, "norm_pre") else x
-    if getattr(model, "grad_checkpointing", False) and not torch.jit.is_scripting():
-        from timm.models import checkpoint_seq
-
-        x = checkpoint_seq(model.blocks, x)
-    else:
-        x = model.blocks(x)
-    x = model.norm(x)
-    return model.forward_head(x, pre_logits=pre_logits)
-
-
-class KeptPatchTokens(nn.Module):
-    """Drop-in for a timm ViT's ``patch_drop`` slot that keeps only chosen patch tokens of each image.
-
-    timm's ``VisionTransformer.forward_features`` calls ``self.patch_drop(x)`` right after the position
-    embedding (the slot timm's own random ``PatchDropout`` uses), so putting this module there makes the
-    model's *own* forward run its blocks on ``prefix + K`` tokens. Unlike :func:`forward_kept_tokens` this
-    goes through ``model(images)``, so DDP/FSDP2 wrappers, activation-checkpoint wrappers and
-    ``torch.compile`` keep working. No keep set = identity (full tokens, e.g. for evaluation). The module
-    has no parameters, so state dicts are unchanged. Install it with :func:`apply_patch_tickets`.
-    """
-
-    def __init__(self, num_prefix_tokens: int, inner: nn.Module | None = None) -> None:
-        super().__init__()
-        self.num_prefix_tokens = int(num_prefix_tokens)
-        self.inner = inner if inner is not None else nn.Identity()  # the model's original patch_drop
-        self.keep_idx: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_idx is not None:
-            npt = self.num_prefix_tokens
-            B, L, C = x.shape
-            idx = _check_keep_idx(self.keep_idx, B, L - npt, x.device)
-            patches = torch.gather(x[:, npt:], 1, idx.unsqueeze(-1).expand(-1, -1, C))
-            x = torch.cat([x[:, :npt], patches], dim=1) if npt else patches
-        return self.inner(x)
-
-    @contextmanager
-    def keep(self, keep_idx: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, forwards keep ``keep_idx`` ((B, K) or (K,)) patch tokens; ``None`` keeps all."""
-        prev, self.keep_idx = self.keep_idx, keep_idx
-        try:
-            yield
-        finally:
-            self.keep_idx = prev
-
-    def extra_repr(self) -> str:
-        return f"num_prefix_tokens={self.num_prefix_tokens}"
-
-
-def apply_patch_tickets(model: nn.Module) -> KeptPatchTokens:
-    """Install :class:`KeptPatchTokens` in ``model.patch_drop`` (idempotent) and return it.
-
-    Usage::
-
-        kept = apply_patch_tickets(model)
-        with kept.keep(keep_idx):
-            logits = model(images)        # blocks see the kept tokens only
-    """
-    _require_vit(model, "apply_patch_tickets")
-    current = getattr(model, "patch_drop", None)
-    if isinstance(current, KeptPatchTokens):
-        return current
-    if not hasattr(model, "patch_drop"):
-        raise ValueError(f"apply_patch_tickets: {type(model).__name__} has no patch_drop slot (timm VisionTransformer)")
-    module = KeptPatchTokens(int(model.num_prefix_tokens), inner=current)
-    model.patch_drop = module
-    return module
-
-
-# ---------------------------------------------------------------------------------------------- schedule
-@dataclass
-class KeepRateSchedule:
-    """Keep rate per epoch from ``(epoch, keep_rate)`` points.
-
-    ``mode="step"``: the rate of the last point whose epoch is <= the current epoch (before the first point:
-    the first point's rate). ``mode="linear"``: linear interpolation between points, constant outside.
-    Example: ``[(0, 1.0), (2, 0.5), (9, 1.0)]`` = full tokens for 2 epochs, half until epoch 9, full after.
-    """
-
-    points: Sequence[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.5)])
-    mode: Literal["step", "linear"] = "step"
-
-    def __post_init__(self) -> None:
-        pts = []
-        for i, p in enumerate(self.points):
-            if not isinstance(p, (list, tuple)) or len(p) != 2:
-                raise ValueError(f"schedule[{i}]: expected an [epoch, keep_rate] pair, got {p!r}")
-            try:
-                e, r = float(p[0]), float(p[1])
-            except (TypeError, ValueError):
-                raise ValueError(f"schedule[{i}]: expected numbers [epoch, keep_rate], got {list(p)!r}") from None
-            if e < 0:
-                raise ValueError(f"schedule[{i}]: epoch must be >= 0, got {p[0]!r}")
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"schedule[{i}]: keep_rate must be in (0, 1], got {p[1]!r}")
-            if pts and e <= pts[-1][0]:
-                raise ValueError(f"schedule[{i}]: epochs must increase, got {p[0]!r} after {pts[-1][0]!r}")
-            pts.append((e, r))
-        if not pts:
-            raise ValueError("schedule: expected at least one [epoch, keep_rate] point")
-        if self.mode not in ("step", "linear"):
-            raise ValueError(f"schedule mode: expected 'step' or 'linear', got {self.mode!r}")
-        self.points = pts
-
-    def __call__(self, epoch: float) -> float:
-        pts = self.points
-        if epoch <= pts[0][0]:
-            return pts[0][1]
-        for (e0, r0), (e1, r1) in zip(pts, pts[1:]):
-            if epoch < e1:
-                if self.mode == "step":
-                    return r0
-                return r0 + (r1 - r0) * (epoch - e0) / (e1 - e0)
-        return pts[-1][1]
-
-    @property
-    def min_rate(self) -> float:
-        return min(r for _, r in self.points)
 
 
 # ---------------------------------------------------------------------------------------------- ticket
@@ -327,7 +120,7 @@ class PatchTicket:
 
     Offline: ``rank = ticket.compute(scorer_model, dataset)`` gives a ``(len(dataset), N)`` ranking per
     sample (best patch first); ``PatchTicket.keep_from_rank(rank[index], k)`` recovers any keep rate <= the
-    stored one.
+    stored one. From per-patch scores of your own: ``PatchTicket.keep_from_scores(scores, k)``.
     """
 
     keep_rate: float = 0.5
@@ -341,6 +134,7 @@ class PatchTicket:
             raise ValueError(f"scorer: expected 'cls_attention' or 'random', got {self.scorer!r}")
 
     def num_kept(self, num_patches: int, keep_rate: float | None = None) -> int:
+        """Kept patch count for ``num_patches`` at ``keep_rate`` (default: this ticket's rate)."""
         return num_kept(num_patches, self.keep_rate if keep_rate is None else keep_rate)
 
     def scores(self, model: nn.Module, images: torch.Tensor, index: Any = None, epoch: int = 0) -> torch.Tensor:
@@ -365,10 +159,29 @@ class PatchTicket:
 
     @staticmethod
     def keep_from_rank(rank: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
-        """First ``k`` patches of a stored ranking, sorted spatially: ``(B, k)`` int64."""
+        """Kept patch indices from a best-first ranking: its first ``k`` columns, sorted spatially.
+
+        ``rank`` is ``(B, S)`` patch indices, best first (from :meth:`rank`, :meth:`compute` or a ticket
+        file; any integer dtype, torch or numpy; ``S`` may be fewer than all patches if ``k <= S``). Returns
+        ``(B, k)`` int64 on ``rank``'s device, each row ascending, which is the layout
+        :func:`~data_tickets.kept_tokens.forward_kept_tokens` and ``KeptPatchTokens.keep`` expect (spatial
+        token order, whatever the ranking order). Raises ``ValueError`` when ``rank`` is not 2-D, ``k < 1``
+        or ``k > S``.
+        """
         if isinstance(rank, np.ndarray):
             rank = torch.from_numpy(rank.astype(np.int64))
         return _keep_from_rank(rank, k)
+
+    @staticmethod
+    def keep_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Kept patch indices ``(B, k)`` from per-patch scores ``(B, N)`` (higher = kept first).
+
+        The ``k`` best-scoring patches of each image (ties: lower index first), in the layout of
+        :meth:`keep_from_rank`; e.g. ``keep_from_scores(random_patch_scores(index, N, seed, epoch), k)``.
+        """
+        if scores.dim() != 2:
+            raise ValueError(f"scores: expected (batch, patches) scores, got shape {tuple(scores.shape)}")
+        return _keep_from_rank(rank_patches(scores), k)
 
     def forward(self, model: nn.Module, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """:func:`forward_kept_tokens` (logits from the kept tokens only)."""
@@ -419,7 +232,6 @@ class PatchTicket:
         ranks = np.concatenate(out)
         dtype = np.int16 if ranks.shape[1] <= np.iinfo(np.int16).max else np.int32
         return ranks.astype(dtype)
-
 
     def to_ticket(
         self,
@@ -474,11 +286,3 @@ class PatchTicket:
             raise ValueError(f"{where}: stores {rank.shape[1]} patches per image, keep_rate {keep_rate} needs "
                              f"{num_kept(num_patches, keep_rate)}")
         return rank
-
-
-def _num_patches(model: nn.Module, images: torch.Tensor) -> int:
-    pe = model.patch_embed
-    if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-        gh, gw = pe.dynamic_feat_size(tuple(images.shape[-2:]))
-        return int(gh * gw)
-    return int(pe.num_patches)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler, SequentialSampler
 
 from data_tickets.dynamic import DynamicPruner
+from data_tickets.dynamic_plan import infobatch_plan, per_rank_count, prune_epochs, shard_order
 
 N = 100
 
@@ -145,6 +146,29 @@ def _kept_reference() -> np.ndarray:
     p = _scored()
     p.set_epoch(1)
     return p.kept_indices()
+
+
+def test_infobatch_plan_on_plain_arrays():
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 10.0, 0.5, 0.0], dtype=np.float32)
+    seen = np.array([1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)  # mean of the seen = 26.5 / 7 ~ 3.79
+    keep, w, c = infobatch_plan(scores, seen, np.arange(8), 0.4, np.random.default_rng(0))
+    below = np.array([0, 1, 2, 3, 6])
+    assert c == {"pool": 8, "kept": 6, "pruned": 2, "below_mean": 5, "weight": 1 / 0.6, "annealing": False}
+    assert keep[[4, 5, 7]].all() and keep[below].sum() == 3  # above mean and unseen: always kept
+    assert np.allclose(w[below[keep[below]]], 1 / 0.6) and (w[~np.isin(np.arange(8), below)] == 1).all()
+    keep, w, c = infobatch_plan(scores, seen, np.arange(8), 0.4, np.random.default_rng(0), annealing=True)
+    assert keep.all() and (w == 1).all() and c["pruned"] == 0 and c["annealing"]
+    keep, _, c = infobatch_plan(scores, seen, np.array([0, 4, 5]), 0.5, np.random.default_rng(0))
+    assert c["pool"] == 3 and c["below_mean"] == 1 and not keep[[1, 2, 3, 6, 7]].any()  # only the pool
+    assert (prune_epochs(10, 0.2), prune_epochs(None, 0.2)) == (8, None)
+
+
+@pytest.mark.parametrize("n,replicas,drop_last", [(10, 3, False), (10, 3, True), (12, 4, False), (5, 1, False)])
+def test_shard_order_matches_distributed_sampler(n, replicas, drop_last):
+    for rank in range(replicas):
+        ref = list(DistributedSampler(range(n), num_replicas=replicas, rank=rank, shuffle=False, drop_last=drop_last))
+        assert shard_order(np.arange(n), replicas, rank, drop_last).tolist() == ref
+        assert per_rank_count(n, replicas, drop_last) == len(ref)
 
 
 def test_adopts_distributed_sampler_settings():

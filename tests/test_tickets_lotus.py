@@ -247,7 +247,7 @@ def test_select_patches_from_a_cached_proxy(tmp_path, capsys, small_yaml, monkey
 @pytest.mark.parametrize("qk_norm", ["rms", "tanh"])
 def test_cls_attention_on_op_block_vits(qk_norm):
     """q/k recomputation also matches the OP block's attention (RMS-normed q/k, or soft-capped logits)."""
-    from data_tickets import cls_attention
+    from data_tickets.attention import cls_attention
     from lotus.models import create_model
 
     cfg = config_from_dict({"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op",

@@ -8,16 +8,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import TensorDataset
 
-from data_tickets import PatchTicket, TicketFile
-from data_tickets.patches import (
-    KeepRateSchedule,
-    KeptPatchTokens,
-    apply_patch_tickets,
-    forward_kept_tokens,
-    num_kept,
-    patch_attention,
-    random_patch_scores,
-)
+from data_tickets import KeepRateSchedule, PatchTicket, TicketFile, apply_patch_tickets
+from data_tickets.keep_rate import num_kept
+from data_tickets.kept_tokens import KeptPatchTokens, forward_kept_tokens
+from data_tickets.patches import patch_attention, random_patch_scores
 
 torch.manual_seed(0)
 
@@ -229,6 +223,42 @@ def test_offline_tickets_round_trip(tmp_path):
         PatchTicket.rank_from_ticket(short, num_patches=16, keep_rate=0.5)
     with pytest.raises(ValueError, match="no patch tickets"):
         PatchTicket.rank_from_ticket(TicketFile(np.arange(3)), num_patches=16)
+
+
+def test_public_keep_selection_layout_and_errors():
+    rank = torch.tensor([[5, 0, 3, 1], [2, 7, 6, 4]])
+    keep = PatchTicket.keep_from_rank(rank, 3)
+    assert keep.dtype == torch.int64 and keep.tolist() == [[0, 3, 5], [2, 6, 7]]  # best 3, spatial order
+    assert torch.equal(PatchTicket.keep_from_rank(rank.numpy().astype(np.int16), 3), keep)  # stored (numpy) rank
+    scores = random_patch_scores(torch.arange(4), 16, seed=3)
+    keep = PatchTicket.keep_from_scores(scores, 5)
+    assert torch.equal(keep, scores.topk(5, dim=1).indices.sort(dim=1).values)
+    assert PatchTicket.keep_from_scores(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2).tolist() == [[1, 2]]  # ties
+    for bad, match in [(lambda: PatchTicket.keep_from_rank(rank, 5), "stores only 4"),
+                       (lambda: PatchTicket.keep_from_rank(rank, 0), "at least one"),
+                       (lambda: PatchTicket.keep_from_rank(rank[0], 2), "rank: expected"),
+                       (lambda: PatchTicket.keep_from_scores(scores[0], 2), "scores: expected")]:
+        with pytest.raises(ValueError, match=match):
+            bad()
+
+
+def test_public_keep_selection_feeds_kept_token_forward():
+    m = vit()
+    x, index = torch.randn(3, 3, 16, 16), torch.tensor([4, 9, 2])
+    t = PatchTicket(keep_rate=0.25, scorer="random", seed=1)
+    keep = PatchTicket.keep_from_scores(random_patch_scores(index, 16, seed=1, epoch=2), num_kept(16, 0.25))
+    assert torch.equal(keep, t.select(m, x, index=index, epoch=2))
+    ref = forward_kept_tokens(m, x, keep)
+    with apply_patch_tickets(m).keep(keep):
+        assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+def test_patches_module_keeps_the_names_lotus_imports():
+    from data_tickets import patches
+
+    for name in ("num_kept", "apply_patch_tickets", "KeepRateSchedule", "_keep_from_rank",
+                 "random_patch_scores", "rank_patches", "PatchTicket"):
+        assert hasattr(patches, name), name
 
 
 @pytest.mark.parametrize("name", ["cls", "reg_no_embed_class", "no_cls_avg"])

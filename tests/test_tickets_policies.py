@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_tickets import POLICIES, budget, select
+from data_tickets import POLICIES, select
+from data_tickets.policies import budget
 
 ALL = sorted(POLICIES)
 
