@@ -45,17 +45,10 @@ def trained_model(
     return model.eval(), cfg, bundle, info
 
 
-@torch.inference_mode()
 def accuracy(model: nn.Module, dataset: Any, batch_size: int = 512) -> float:
-    from lotus.data import batches
+    from lotus.evaluation import evaluate
 
-    was = model.training
-    model.eval()
-    correct = 0
-    for x, y, _ in batches(dataset, np.arange(len(dataset)), batch_size):
-        correct += int((model(x).argmax(-1) == y).sum())
-    model.train(was)
-    return correct / len(dataset)
+    return evaluate(model, dataset, batch_size=batch_size)["val_acc"]
 
 
 def finetune(model: nn.Module, dataset: Any, epochs: float, lr: float, seed: int, fraction: float = 1.0,

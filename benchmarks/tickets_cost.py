@@ -48,18 +48,11 @@ class _Head(Dataset):
         return self.ds.get_batch(index)
 
 
-@torch.inference_mode()
 def eval_pass(model: torch.nn.Module, dataset: Dataset, batch_size: int) -> float:
-    """The lotus Trainer.evaluate loop over ``dataset`` (batched slices, forward, CE, argmax)."""
-    from lotus.data import batches
+    """The lotus evaluation loop (``lotus.evaluation.evaluate``, as the Trainer runs it) over ``dataset``."""
+    from lotus.evaluation import evaluate
 
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y, _ in batches(dataset, np.arange(len(dataset)), batch_size):
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return loss_sum
+    return evaluate(model, dataset, batch_size=batch_size)["val_loss"]
 
 
 def timed(fn) -> float:

@@ -123,6 +123,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
     name: str = "run"
+    # what the user gave (file, ``base:`` merged, plus ``--set`` overrides): what ``save_config`` writes
+    source: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check(self, prefix: str) -> None:
         """Cross-section rules: the feature sections must fit the run's schedule (built, then dropped:
@@ -161,8 +163,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """Validate a raw dict (plus overrides) into a :class:`Config`."""
-    cfg = validate(Config, apply_overrides(data or {}, overrides or []), "")
+    source = apply_overrides(data or {}, overrides or [])
+    cfg = validate(Config, source, "")
     check_compat(cfg)  # feature combinations that cannot run data-parallel
+    cfg.source = source
     return cfg
 
 
@@ -213,9 +217,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """The config as plain data (what the user gave, with defaults filled in)."""
+    """The full config as plain data (every key, defaults filled in)."""
     return to_dict(cfg)
 
 
 def save_config(cfg: Config, path: str) -> None:
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write what the user gave (``cfg.source``; the full config when it was built in code), so a resumed
+    run re-reads the same choices and takes defaults from the code it runs with."""
+    atomic_write_text(path, yaml.safe_dump(cfg.source or config_to_dict(cfg), sort_keys=False))

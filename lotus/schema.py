@@ -154,7 +154,7 @@ def validate(cls: type, data: dict | None, prefix: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict/list tree (for YAML/JSON)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

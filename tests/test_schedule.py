@@ -36,17 +36,38 @@ def test_impossible_schedules_are_errors(tiny_cfg_dict, lotus, extra, message):
     assert message in str(e.value)
 
 
-def test_schedule_derives_phase_settings(tiny_cfg_dict):
+def test_schedule_derives_phase_settings_without_changing_the_config(tiny_cfg_dict):
+    from lotus.config import config_to_dict
+    from lotus.features.schedule.plan import Schedule
+
     cfg = config_from_dict(_cfg(tiny_cfg_dict, lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
                                 tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}}))
-    assert cfg.tickets.patches.schedule == [[0.0, 1.0], [1.0, 0.5], [3.0, 1.0]]
-    assert cfg.tickets.dynamic.anneal == pytest.approx(0.25)
-    from lotus.config import config_to_dict
+    before = config_to_dict(cfg)
+    s = Schedule(cfg)
+    assert [list(p) for p in s.patch_keep_rates.points] == [[0.0, 1.0], [1.0, 0.5], [3.0, 1.0]]
+    assert s.dynamic_anneal == pytest.approx(0.25)
+    plans = s.plans()
+    assert [p.phase for p in plans] == ["warmup", "reduce", "reduce", "anneal"]
+    assert [p.patch_keep_rate for p in plans] == [1.0, 0.5, 0.5, 1.0]
+    assert [p.dynamic_ratio for p in plans] == [0.5, 0.5, 0.5, 0.0]
+    assert [p.full_data for p in plans] == [True, False, False, True]
+    assert config_to_dict(cfg) == before  # nothing derived is written back
+    assert before["tickets"]["patches"]["schedule"] == [] and before["tickets"]["dynamic"]["anneal"] == 0.0
+    longer = config_from_dict(yaml.safe_load(yaml.safe_dump(before)), ["train.epochs=8"])
+    assert [list(p) for p in Schedule(longer).patch_keep_rates.points] == [[0.0, 1.0], [1.0, 0.5], [7.0, 1.0]]
 
-    saved = config_to_dict(cfg)  # the user's values, not the derived ones
-    assert saved["tickets"]["patches"]["schedule"] == [] and saved["tickets"]["dynamic"]["anneal"] == 0.0
-    longer = config_from_dict(yaml.safe_load(yaml.safe_dump(saved)), ["train.epochs=8"])
-    assert longer.tickets.patches.schedule == [[0.0, 1.0], [1.0, 0.5], [7.0, 1.0]]
+
+def test_saved_config_is_what_the_user_gave(tmp_path, tiny_cfg_dict):
+    from lotus.config import load_config, save_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg_dict))
+    cfg = load_config(path, ["optim.lr=0.01"])
+    save_config(cfg, str(tmp_path / "saved.yaml"))
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    expect = {**tiny_cfg_dict, "name": "c"}
+    expect["optim"] = {**expect["optim"], "lr": 0.01}
+    assert saved == expect
 
 
 class _Record(Callback):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lotus.errors import LotusError
+from lotus.evaluation import evaluate
 
 __all__ = ["add_arguments", "run"]
 
@@ -248,23 +249,13 @@ def _calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
     return [(x, y) for x, y, _ in batches(bundle.train, idx, batch_size)]
 
 
-@torch.inference_mode()
 def _accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None,
               batch_size: int = 256) -> float:
-    import numpy as np
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = m(x.to(dtype=dtype))
+        return out[0] if isinstance(out, tuple) else out
 
-    from lotus.data import batches
-
-    n = len(bundle.val) if limit is None else min(limit, len(bundle.val))
-    was = model.training
-    model.eval()
-    correct = 0
-    for x, y, _ in batches(bundle.val, np.arange(n), batch_size):
-        logits = model(x.to(device=device, dtype=dtype))
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        correct += int((logits.argmax(-1).cpu() == y).sum())
-    model.train(was)
-    return correct / max(n, 1)
+    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward)["val_acc"]
 
 
 def _stats(model: nn.Module, example: torch.Tensor) -> dict:

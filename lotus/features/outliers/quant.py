@@ -25,7 +25,7 @@ from lotus.features.outliers.config import QuantConfig
 
 __all__ = [
     "QuantConfig", "W8A8Linear", "block_linear_filter", "calibrate_activation_scales", "quantize_w8a8_",
-    "accuracy", "quantcheck",
+    "quantcheck",
 ]
 
 _QUANTILE_MAX = 1 << 24  # torch.quantile's input limit; larger inputs are subsampled with a fixed stride
@@ -155,25 +155,6 @@ def quantize_w8a8_(model: nn.Module, act_scales: dict[str, float], cfg: Optional
             _set_submodule(model, name, W8A8Linear.from_linear(module, act_scales[name], cfg.weight_bits,
                                                                cfg.act_bits))
     return model
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", forward=None) -> float:
-    """Top-1 accuracy (0..1) of ``model`` over ``loader`` batches ``(images, labels, ...)`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    fwd = forward or (lambda m, x: m(x))
-    correct = total = 0
-    try:
-        for batch in loader:
-            images, labels = batch[0].to(device), batch[1].to(device)
-            correct += int((fwd(model, images).argmax(dim=-1) == labels).sum())
-            total += int(labels.numel())
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("quantcheck: the evaluation set is empty")
-    return correct / total
 
 
 def quantcheck(model: nn.Module, calib_batches: Iterable[torch.Tensor], eval_loader: Iterable,

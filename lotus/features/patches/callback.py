@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from data_tickets import KeepRateSchedule, PatchTicket
-from data_tickets.patches import _keep_from_rank, apply_patch_tickets, num_kept, random_patch_scores, rank_patches
+from data_tickets import KeepRateSchedule, PatchTicket, apply_patch_tickets
+from data_tickets.keep_rate import num_kept
+from data_tickets.patches import random_patch_scores
 from lotus.callbacks import Callback, Forward
 from lotus.data import batches
 from lotus.errors import LotusError
@@ -162,11 +163,11 @@ class PatchTicketsCallback(Callback):
             return None
         if self.cfg.scorer == "random" and self.cfg.source == "online":
             scores = random_patch_scores(index, self.num_patches, seed=self.seed, epoch=self.epoch)
-            return _keep_from_rank(rank_patches(scores), self.k).to(images.device)
+            return PatchTicket.keep_from_scores(scores, self.k).to(images.device)
         if self.cfg.source == "online" and self.cfg.refresh_every == 0:
             with trainer.autocast():
                 rank = self.ticket.rank(unwrap(trainer.model), images)
-            return _keep_from_rank(rank, self.k)
+            return PatchTicket.keep_from_rank(rank, self.k)
         rows = index.cpu().numpy()
         rank = torch.from_numpy(self.rank[rows].astype(np.int64))
         missing = ~self.scored[rows]
@@ -175,7 +176,7 @@ class PatchTicketsCallback(Callback):
             with trainer.autocast():
                 fresh = self.ticket.rank(unwrap(trainer.model), images[sel.to(images.device)]).cpu()
             rank[sel] = fresh[:, : rank.shape[1]]
-        return _keep_from_rank(rank, self.k).to(images.device)
+        return PatchTicket.keep_from_rank(rank, self.k).to(images.device)
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         metrics.update(patch_keep_rate=round(self.keep_rate, 6), patch_kept=min(self.k, self.num_patches))

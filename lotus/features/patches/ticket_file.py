@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from data_tickets import PatchTicket, TicketFile
-from data_tickets.patches import num_kept
+from data_tickets.keep_rate import num_kept
 from lotus.checkpoint import load_weights
 from lotus.config import Config
 from lotus.data import build_datasets
