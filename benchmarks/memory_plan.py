@@ -38,15 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from lotus.parallel.config import format_bytes, parse_bytes  # noqa: E402
-from lotus.parallel.planner import (  # noqa: E402
-    PlanInfeasible,
-    evaluate,
-    make_plan,
-    minimum_memory,
-    scale_batch,
-    uniform_choices,
-)
-from lotus.parallel.profiler import _now, measure_training_step, profile_model, use_clock  # noqa: E402
+from lotus.parallel.cost_model import evaluate  # noqa: E402
+from lotus.parallel.cost_table import scale_batch  # noqa: E402
+from lotus.parallel.measure import measure_training_step, use_clock  # noqa: E402
+from lotus.parallel.measure import now as _now  # noqa: E402
+from lotus.parallel.plan import uniform_choices  # noqa: E402
+from lotus.parallel.planner import PlanInfeasible, make_plan, minimum_memory  # noqa: E402
+from lotus.parallel.profiler import profile_model  # noqa: E402
 from lotus.parallel.strategies import wrap_block  # noqa: E402
 
 QUICK = {"model": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "depth": 4, "batch": 16, "repeats": 2}

@@ -104,7 +104,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     from lotus.parallel import get_full_state
-    from lotus.parallel.planner import BlockChoice, Plan, write_plan
+    from lotus.parallel.plan import BlockChoice, Plan, write_plan
 
     out = tmp_path_factory.mktemp("dist")
     plan = Plan(mode="fsdp", world_size=2, blocks=[BlockChoice("full", False), BlockChoice("selective", True)])

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lotus.parallel.planner import BlockChoice, evaluate, make_plan, uniform_choices
-from lotus.parallel.profiler import measure_memory, measure_training_step, profile_model, saved_activation_bytes
+from lotus.parallel.cost_model import evaluate
+from lotus.parallel.measure import measure_memory, measure_training_step, saved_activation_bytes
+from lotus.parallel.plan import BlockChoice, uniform_choices
+from lotus.parallel.planner import make_plan
+from lotus.parallel.profiler import profile_model
 from lotus.parallel.strategies import wrap_block
 
 BATCH = 16

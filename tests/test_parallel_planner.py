@@ -10,24 +10,10 @@ import torch
 
 from lotus.errors import ConfigError, LotusError
 from lotus.parallel.config import ParallelConfig, format_bytes, parse_bandwidth, parse_bytes
-from lotus.parallel.planner import (
-    BlockChoice,
-    BlockCost,
-    CostTable,
-    OptionCost,
-    Plan,
-    PlanInfeasible,
-    StageCost,
-    brute_force,
-    evaluate,
-    make_plan,
-    minimum_memory,
-    read_plan,
-    solve_dp,
-    solve_greedy,
-    uniform_choices,
-    write_plan,
-)
+from lotus.parallel.cost_model import evaluate
+from lotus.parallel.cost_table import BlockCost, CostTable, OptionCost, StageCost
+from lotus.parallel.plan import BlockChoice, Plan, read_plan, uniform_choices, write_plan
+from lotus.parallel.planner import PlanInfeasible, brute_force, make_plan, minimum_memory, solve_dp, solve_greedy
 
 
 def synthetic_table(rng: random.Random, n_blocks: int, world: int = 1, offload: bool = False,

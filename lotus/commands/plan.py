@@ -15,11 +15,13 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from lotus.errors import LotusError
+from lotus.parallel.config import format_bytes, parse_bandwidth, parse_bytes
 
 __all__ = ["add_arguments", "run"]
 
@@ -73,8 +75,8 @@ def _data_shape(cfg) -> tuple[int, int]:
 
 
 def _profile_from_config(cfg, args, world_size: int, device_name: str):
-    import dataclasses
-
+    """Build the config's model (no weights) and profile it at the per-rank batch size."""
+    # Heavy (torch, timm, the trainer): only when a model is profiled, not when the CLI starts.
     import torch
 
     from lotus.models import create_model
@@ -97,8 +99,6 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
                                                      and torch.cuda.is_bf16_supported())) else None
     bw = None
     if args.bandwidth:
-        from lotus.parallel.config import parse_bandwidth
-
         bw = parse_bandwidth(args.bandwidth, "--bandwidth")
     elif cfg.parallel.bandwidth:
         bw = cfg.parallel.bandwidth_bytes_per_s
@@ -114,8 +114,14 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.parallel.config import format_bytes, parse_bytes
-    from lotus.parallel.planner import CostTable, evaluate, make_plan, plan_table, uniform_choices, write_plan
+    """Profile (or load a profile), solve, print the plan against uniform baselines, write it."""
+    # Heavy (torch.distributed, numpy, the config loader): only when the command runs.
+    from lotus.checkpoint import atomic_write_text
+    from lotus.config import load_config
+    from lotus.parallel.cost_model import evaluate
+    from lotus.parallel.cost_table import CostTable
+    from lotus.parallel.plan import plan_table, uniform_choices, write_plan
+    from lotus.parallel.planner import make_plan
     from lotus.parallel.runtime import destroy, init_distributed, launched_by_torchrun
 
     if bool(args.config) == bool(args.profile):
@@ -125,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
     _positive("--repeats", args.repeats)
     cfg = None
     if args.config:
-        from lotus.config import load_config
-
         cfg = load_config(args.config, args.set)
     elif args.set:
         raise LotusError("--set: only used with --config")
@@ -164,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
     if not is_main:
         return 0
     if args.save_profile:
-        from lotus.checkpoint import atomic_write_text
-
         atomic_write_text(args.save_profile, json.dumps(table.to_dict(), indent=1) + "\n")
     if args.mode in ("ddp", "fsdp"):
         modes = [args.mode]

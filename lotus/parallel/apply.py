@@ -5,12 +5,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 
 from lotus.errors import LotusError
 from lotus.parallel.config import ParallelConfig
-from lotus.parallel.planner import BlockChoice, Plan, PlanInfeasible, make_plan, read_plan
-from lotus.parallel.runtime import DistInfo
+from lotus.parallel.plan import BlockChoice, Plan, read_plan
+from lotus.parallel.planner import PlanInfeasible, make_plan
+from lotus.parallel.profiler import profile_model
+from lotus.parallel.runtime import DistInfo, single_process_mesh
 from lotus.parallel.strategies import apply_ddp, apply_fsdp, transformer_blocks, wrap_block
 
 __all__ = ["parallelize", "resolve_plan", "get_plan", "PLAN_ATTR"]
@@ -24,6 +27,7 @@ def get_plan(model: nn.Module) -> Plan | None:
 
 
 def _uniform_plan(cfg: ParallelConfig, n: int, world_size: int) -> Plan:
+    """The plan of modes none/ddp/fsdp: the config's one memory option on its chosen blocks."""
     chosen = set(range(n)) if cfg.blocks is None else set(cfg.blocks)
     bad = sorted(b for b in chosen if b >= n)
     if bad:
@@ -60,8 +64,6 @@ def resolve_plan(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch
     if batch_size is None:
         raise LotusError("parallel.memory_budget: planning at start-up needs the per-rank batch size; "
                          "write a plan with `lotus plan --config C --out plan.json` and set parallel.plan")
-    from lotus.parallel.profiler import profile_model
-
     table = profile_model(model, batch_size, device=dist.device, world_size=dist.world_size,
                           repeats=cfg.profile_repeats, build_optimizer=build_optimizer,
                           mixed_precision=cfg.mixed_precision, autocast_dtype=autocast_dtype,
@@ -75,8 +77,6 @@ def resolve_plan(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch
         except PlanInfeasible as e:
             error = str(e)
     if dist.world_size > 1:
-        import torch.distributed as tdist
-
         box = [plan, error]
         tdist.broadcast_object_list(box, src=0)
         plan, error = box
@@ -87,6 +87,7 @@ def resolve_plan(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch
 
 
 def _check_device(cfg: ParallelConfig, plan: Plan, device: torch.device) -> None:
+    """Refuse CUDA-only options on a CPU device, with the setting to change."""
     if device.type == "cuda":
         return
     if cfg.cpu_offload:
@@ -133,8 +134,6 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch_
                                cpu_offload=cfg.cpu_offload, mixed_precision=cfg.mixed_precision)
     elif mode == "fsdp" and (cfg.cpu_offload or cfg.mixed_precision):
         # One process: nothing to shard, but FSDP2's CPU offload / bf16 policies still apply.
-        from lotus.parallel.runtime import single_process_mesh
-
         model = apply_fsdp(model, single_process_mesh(device), [c.reshard_after_forward for c in plan.blocks],
                            cpu_offload=cfg.cpu_offload, mixed_precision=cfg.mixed_precision)
     plan.mode = mode

@@ -19,15 +19,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
+from lotus.checkpoint import _first_line
 from lotus.errors import LotusError
 
 __all__ = ["get_full_state", "set_full_state", "is_sharded"]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -65,6 +62,4 @@ def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` holds FSDP2-sharded (DTensor) parameters: its own ``state_dict()`` is then
     per-rank shards, so weights must be written from :func:`get_full_state` instead."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())

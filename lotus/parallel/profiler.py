@@ -1,183 +1,64 @@
 """Measure what the planner needs: per-block time and memory under each memory option, plus comms.
 
-Memory is measured at the allocator, so it counts everything a block really holds (saved activations,
-selective-checkpoint caches, checkpoint inputs, workspaces):
-
-* CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` around the measured call.
-* CPU: the PyTorch profiler's allocation events (``profile_memory=True``): every CPU allocation and
-  free inside the call, replayed in order to get the net retained bytes and the peak. Saved-tensor
-  hooks (:func:`saved_activation_bytes`) give the size of the tensors autograd saves, as a cross-check.
-
 Each block is profiled on a copy, in isolation, with the activation it receives in the real model
 (captured with a forward pre-hook); blocks with identical structure share one profile. Parameters,
-gradients and optimizer state are measured on a copy of the model with the real optimizer. Times are the
-fastest of the (interleaved) repeats; as recomputation cannot make a block faster, a checkpointing option measured
-faster than a lighter one (timing noise) is raised to the lighter one's time.
-
-Communication: with a process group of more than one rank, the all-gather / reduce-scatter (FSDP)
-and all-reduce (DDP) of each block's parameter bytes are timed with the real collectives. Without one
-(``lotus plan --world-size 4`` on a laptop) a ring model is used: ``(W-1)/W * bytes / bandwidth +
-(W-1) * latency`` per all-gather or reduce-scatter and twice that for an all-reduce, with
-``bandwidth`` from ``--bandwidth`` / ``parallel.bandwidth`` or a device default (CUDA 50 GB/s: a
-conservative NVLink/InfiniBand figure; CPU/gloo 2 GB/s).
+gradients and optimizer state are measured on a copy of the model with the real optimizer. Memory comes
+from the allocator (:mod:`lotus.parallel.measure`), communication from :mod:`lotus.parallel.comm`.
+Times are the fastest of the (interleaved) repeats; as recomputation cannot make a block faster, a
+checkpointing option measured faster than a lighter one (timing noise) is raised to the lighter one's time.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import statistics
-import time
+import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import os
-import sys
-
-from lotus.parallel.planner import BlockCost, CostTable, OptionCost, StageCost
+from lotus.parallel.comm import comm_costs
+from lotus.parallel.cost_table import BlockCost, CostTable, OptionCost, StageCost
+from lotus.parallel.measure import MemoryMeasure, maybe_autocast, measure_memory, median_time, now, sync
 from lotus.parallel.strategies import transformer_blocks, wrap_block
 
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Mute the C++ profiler's own start/stop lines (kineto writes them straight to file descriptor 2)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-__all__ = [
-    "MemoryMeasure",
-    "measure_memory",
-    "saved_activation_bytes",
-    "profile_block",
-    "profile_model",
-    "comm_costs",
-    "StepMeasure",
-    "measure_training_step",
-    "use_clock",
-    "DEFAULT_BANDWIDTH",
-    "DEFAULT_LATENCY",
-]
-
-DEFAULT_BANDWIDTH = {"cuda": 50e9, "cpu": 2e9}  # bytes/s used by the ring model without a process group
-DEFAULT_LATENCY = {"cuda": 20e-6, "cpu": 100e-6}  # seconds per ring step
+__all__ = ["profile_block", "profile_model", "default_optimizer"]
 
 
-@dataclass
-class MemoryMeasure:
-    retained_bytes: float  # allocated after the call minus before (what the call left behind)
-    peak_bytes: float  # highest allocation during the call, minus before
+def _nbytes(params: Iterable[nn.Parameter]) -> float:
+    return float(sum(p.numel() * p.element_size() for p in params))
 
 
-_CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-_clock = [time.perf_counter]
+def _grad_nbytes(params: Iterable[nn.Parameter]) -> float:
+    return float(sum(p.numel() * p.element_size() for p in params if p.requires_grad))
 
 
-def _now() -> float:
-    return _clock[0]()
+def _measure_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
+                     reset: Callable[[], None], device: torch.device) -> tuple[MemoryMeasure, MemoryMeasure]:
+    """Allocator footprint of ``fwd()`` and of ``bwd(y)`` on its output, after one warm-up pass
+    (allocations, kernel selection); ``reset()`` drops gradients after each pass."""
+    y = fwd()
+    bwd(y)
+    del y
+    reset()
+    y, mf = measure_memory(fwd, device)
+    _, mb = measure_memory(functools.partial(bwd, y), device)
+    del y
+    reset()
+    return mf, mb
 
 
-@contextlib.contextmanager
-def use_clock(name: str):
-    """Time with ``"wall"`` (default) or ``"process"`` CPU time while the context is open.
-
-    Process time (CPU seconds of this process, all threads) is far steadier than wall time on a CPU
-    shared with other jobs; it only makes sense for CPU work (CUDA kernels run asynchronously).
-    """
-    if name not in _CLOCKS:
-        raise ValueError(f"clock: expected 'wall' or 'process', got {name!r}")
-    old = _clock[0]
-    _clock[0] = _CLOCKS[name]
-    try:
-        yield
-    finally:
-        _clock[0] = old
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, MemoryMeasure]:
-    """Run ``fn()`` and measure its allocator footprint on ``device``; returns (fn's result, measure)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        _sync(device)
-        return out, MemoryMeasure(torch.cuda.memory_allocated(device) - before,
-                                  torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                                            record_shapes=False) as prof:
-        out = fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).upper().endswith("CPU")]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return out, MemoryMeasure(float(cur), float(peak))
-
-
-def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> tuple[object, float]:
-    """Bytes of distinct storages autograd saves for backward while ``fn()`` runs (parameters excluded).
-
-    Tensors saved inside a checkpointed region are invisible to outer hooks (checkpointing installs its
-    own); use :func:`measure_memory` for those.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip and s.data_ptr() != 0:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, float(sum(seen.values()))
-
-
-def _median_time(fn: Callable[[], None], repeats: int, device: torch.device, best: bool = False) -> float:
-    """Median (or with ``best``, fastest) wall time of ``fn`` over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = _now()
-        fn()
-        _sync(device)
-        times.append(_now() - t0)
-    return min(times) if best else statistics.median(times)
-
-
-def _param_bytes(module: nn.Module) -> float:
-    return float(sum(p.numel() * p.element_size() for p in module.parameters()))
-
-
-def _grad_bytes(module: nn.Module) -> float:
-    return float(sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad))
-
-
-def _clear_grads(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.grad = None
+def _time_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
+                  device: torch.device) -> tuple[float, float]:
+    """(forward s, backward s) of one pass, synchronised so each reading covers its own kernels."""
+    sync(device)
+    t0 = now()
+    y = fwd()
+    sync(device)
+    t1 = now()
+    bwd(y)
+    sync(device)
+    return t1 - t0, now() - t1
 
 
 def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], repeats: int = 3,
@@ -196,54 +77,37 @@ def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], rep
                              offload=opt == "offload")
         wrapped.train()
         runs[opt] = (wrapped, x.detach().clone().requires_grad_(True))
+    grad_out: list[torch.Tensor] = []  # one incoming gradient for every option, drawn after the first forward
 
-    def fwd(opt):
+    def fwd(opt: str) -> torch.Tensor:
         wrapped, inp = runs[opt]
-        if autocast_dtype is None:
-            return wrapped(inp)
-        with torch.autocast(device.type, dtype=autocast_dtype):
+        with maybe_autocast(device, autocast_dtype):
             return wrapped(inp)
 
-    def reset(opt):
+    def bwd(y: torch.Tensor) -> None:
+        if not grad_out:
+            grad_out.append(torch.randn_like(y))
+        y.backward(grad_out[0])
+
+    def reset(opt: str) -> None:
         wrapped, inp = runs[opt]
-        _clear_grads(wrapped)
+        wrapped.zero_grad(set_to_none=True)
         inp.grad = None
 
-    g = None
-    mem = {}
-    for opt in options:
-        y = fwd(opt)  # warm-up (allocations, kernel selection)
-        if g is None:
-            g = torch.randn_like(y)
-        y.backward(g)
-        del y
-        reset(opt)
-        y, mf = measure_memory(lambda: fwd(opt), device)
-        _, mb = measure_memory(lambda: y.backward(g), device)
-        del y
-        reset(opt)
-        mem[opt] = (mf, mb)
-    times = {opt: ([], []) for opt in options}
+    mem = {opt: _measure_fwd_bwd(functools.partial(fwd, opt), bwd, functools.partial(reset, opt), device)
+           for opt in options}
+    times: dict[str, tuple[list[float], list[float]]] = {opt: ([], []) for opt in options}
     for _ in range(repeats):
         for opt in options:
-            _sync(device)
-            t0 = _now()
-            y = fwd(opt)
-            _sync(device)
-            t1 = _now()
-            y.backward(g)
-            _sync(device)
-            t2 = _now()
-            times[opt][0].append(t1 - t0)
-            times[opt][1].append(t2 - t1)
-            del y
+            f, b = _time_fwd_bwd(functools.partial(fwd, opt), bwd, device)
+            times[opt][0].append(f)
+            times[opt][1].append(b)
             reset(opt)
     out_costs: dict[str, OptionCost] = {}
     for opt in options:
         mf, mb = mem[opt]
         out_costs[opt] = OptionCost(fwd_s=min(times[opt][0]), bwd_s=min(times[opt][1]),
                                     retained_bytes=mf.retained_bytes, peak_bytes=max(0.0, mb.peak_bytes))
-    del runs
     # Recomputation never makes a block faster: keep none <= selective <= full in total time so that
     # timing noise on tiny or busy machines cannot make the planner checkpoint for "speed".
     order = [o for o in ("none", "selective", "full") if o in out_costs]
@@ -255,7 +119,8 @@ def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], rep
     return out_costs
 
 
-def _vit_parts(model: nn.Module):
+def _vit_parts(model: nn.Module) -> tuple[Callable, Callable]:
+    """The embedding (image -> block-0 input) and the head (last block output -> logits) of a timm ViT."""
     needed = ("patch_embed", "_pos_embed", "norm", "forward_head")
     missing = [n for n in needed if not hasattr(model, n)]
     if missing:
@@ -273,45 +138,8 @@ def _vit_parts(model: nn.Module):
 
 
 def _signature(block: nn.Module) -> tuple:
+    """Blocks with equal signatures cost the same: profile one of them."""
     return (type(block).__name__,) + tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
-
-
-def comm_costs(nbytes: float, world_size: int, device: torch.device, bandwidth: float | None = None,
-               measure: bool = True, repeats: int = 3) -> tuple[float, float, float, str]:
-    """(all-gather s, reduce-scatter s, all-reduce s, source) for ``nbytes`` of full parameters.
-
-    Measured with the real collectives when a process group with ``world_size`` ranks exists (a
-    collective: every rank must call this with the same sizes), else the ring model.
-    """
-    import torch.distributed as dist
-
-    if world_size <= 1:
-        return 0.0, 0.0, 0.0, "none"
-    if measure and bandwidth is None and dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() == world_size:
-        n = max(1, int(nbytes) // 4 // world_size)
-        shard = torch.ones(n, dtype=torch.float32, device=device)
-        full = torch.empty(n * world_size, dtype=torch.float32, device=device)
-
-        def ag():
-            dist.all_gather_into_tensor(full, shard)
-
-        def rs():
-            dist.reduce_scatter_tensor(shard, full)
-
-        def ar():
-            dist.all_reduce(full)
-
-        out = []
-        for fn in (ag, rs, ar):
-            fn()  # warm-up / connection set-up
-            dist.barrier()
-            out.append(_median_time(fn, repeats, device, best=True))
-        return out[0], out[1], out[2], "measured"
-    bw = bandwidth or DEFAULT_BANDWIDTH.get(device.type, DEFAULT_BANDWIDTH["cpu"])
-    lat = DEFAULT_LATENCY.get(device.type, DEFAULT_LATENCY["cpu"])
-    step = (world_size - 1) / world_size * nbytes / bw + (world_size - 1) * lat
-    return step, step, 2 * step, f"ring model at {bw / 1e9:.1f} GB/s"
 
 
 def _optimizer_costs(model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
@@ -326,12 +154,13 @@ def _optimizer_costs(model: nn.Module, build_optimizer: Callable[[nn.Module], to
     state = first.retained_bytes
     _, second = measure_memory(opt.step, device)
     temps = max(0.0, second.peak_bytes - max(0.0, second.retained_bytes))
-    t = _median_time(opt.step, repeats, device, best=True)
+    t = median_time(opt.step, repeats, device, best=True)
     del opt, m
     return float(state), float(temps), t
 
 
 def default_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW: what :func:`profile_model` measures when no optimizer builder is given."""
     return torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
@@ -418,14 +247,15 @@ def _profile_model(model, batch_size, img_size, in_chans, device, world_size, op
         sig = _signature(b) + (tuple(x.shape), x.dtype)
         if sig not in cache:
             cache[sig] = profile_block(b, x, options, repeats, autocast_dtype)
-        pbytes = _param_bytes(b)
+        pbytes = _nbytes(b.parameters())
         gathered = pbytes / 2 if mixed_precision else pbytes  # FSDP2 gathers bf16 copies
         ag, rs, ar, comm_src = comm(gathered)
         if mixed_precision:  # gradients are reduced in fp32
             _, rs, ar, _ = comm(pbytes)
         table_blocks.append(BlockCost(
             options={k: OptionCost(**vars(v)) for k, v in cache[sig].items()},
-            param_bytes=pbytes, grad_bytes=_grad_bytes(b), output_bytes=float(x.numel() * x.element_size()),
+            param_bytes=pbytes, grad_bytes=_grad_nbytes(b.parameters()),
+            output_bytes=float(x.numel() * x.element_size()),
             gathered_bytes=gathered, allgather_s=ag, reduce_scatter_s=rs, allreduce_s=ar,
         ))
 
@@ -441,8 +271,8 @@ def _profile_model(model, batch_size, img_size, in_chans, device, world_size, op
     other = [p for p in model.parameters() if id(p) not in block_params]
     for stage, params in ((pre, [p for p in other if id(p) not in post_ids]),
                           (post, [p for p in other if id(p) in post_ids])):
-        stage.param_bytes = float(sum(p.numel() * p.element_size() for p in params))
-        stage.grad_bytes = float(sum(p.numel() * p.element_size() for p in params if p.requires_grad))
+        stage.param_bytes = _nbytes(params)
+        stage.grad_bytes = _grad_nbytes(params)
         ag, rs, ar, _ = comm(stage.param_bytes)
         stage.allgather_s, stage.reduce_scatter_s, stage.allreduce_s = ag, rs, ar
 
@@ -457,99 +287,31 @@ def _profile_model(model, batch_size, img_size, in_chans, device, world_size, op
                      meta=info)
 
 
-def _profile_stage(fn, model: nn.Module, device: torch.device, repeats: int,
+def _profile_stage(fn: Callable, model: nn.Module, device: torch.device, repeats: int,
                    autocast_dtype: torch.dtype | None, tail: torch.Tensor | None) -> StageCost:
     """Cost of the embedding (``tail is None``: fn() -> block-0 input) or of norm+head+loss (fn(x) -> loss)."""
-    def run():
-        if tail is None:
-            return fn()
-        return fn(tail_in)
-
     tail_in = None if tail is None else tail.detach().clone().requires_grad_(True)
 
-    def fwd():
-        if autocast_dtype is None:
-            return run()
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            return run()
+    def fwd() -> torch.Tensor:
+        with maybe_autocast(device, autocast_dtype):
+            return fn() if tail_in is None else fn(tail_in)
 
-    def bwd(y):
+    def bwd(y: torch.Tensor) -> None:
         if y.dim() == 0:
             y.backward()
         else:
             y.backward(torch.ones_like(y))
 
-    y = fwd()
-    bwd(y)
-    del y
-    model.zero_grad(set_to_none=True)
-    y, mf = measure_memory(fwd, device)
-    _, mb = measure_memory(lambda: bwd(y), device)
-    del y
-    model.zero_grad(set_to_none=True)
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    mf, mb = _measure_fwd_bwd(fwd, bwd, reset, device)
     f_t, b_t = [], []
     for _ in range(repeats):
-        _sync(device)
-        t0 = _now()
-        y = fwd()
-        _sync(device)
-        t1 = _now()
-        bwd(y)
-        _sync(device)
-        f_t.append(t1 - t0)
-        b_t.append(_now() - t1)
-        del y
-        model.zero_grad(set_to_none=True)
+        f, b = _time_fwd_bwd(fwd, bwd, device)
+        f_t.append(f)
+        b_t.append(b)
+        reset()
     # The embedding's output is block 0's input and is counted as its retained memory here.
     return StageCost(fwd_s=min(f_t), bwd_s=min(b_t),
                      retained_bytes=mf.retained_bytes, peak_bytes=max(0.0, mb.peak_bytes))
-
-
-@dataclass
-class StepMeasure:
-    activation_bytes: float  # allocated by the forward pass and still held when it ends (incl. the loss)
-    peak_bytes: float  # highest allocation during forward + backward + optimizer step, above the start
-    static_bytes: float  # parameters + optimizer state held before the step
-    step_time_s: float  # median wall time of a whole step (no profiler attached)
-
-
-def measure_training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                          optimizer: torch.optim.Optimizer, repeats: int = 3,
-                          autocast_dtype: torch.dtype | None = None) -> StepMeasure:
-    """Measure one real training step of ``model`` (already wrapped by a plan) at the allocator.
-
-    A warm-up step first creates the optimizer state; gradients are dropped (``set_to_none``) before
-    each measured step, as the Trainer does. ``static_bytes`` counts parameter and optimizer-state
-    storage directly.
-    """
-    device = images.device
-
-    def fwd():
-        if autocast_dtype is None:
-            return F.cross_entropy(model(images).float(), labels)
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            return F.cross_entropy(model(images).float(), labels)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = fwd()
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    step()  # warm-up: optimizer state, allocator caches
-    optimizer.zero_grad(set_to_none=True)
-    loss, mf = measure_memory(fwd, device)
-    del loss
-    _, ms = measure_memory(step, device)
-    optimizer.zero_grad(set_to_none=True)
-    t = _median_time(step, repeats, device)
-    storages: dict[int, int] = {}
-    for p in model.parameters():
-        storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    for st in optimizer.state.values():
-        for v in st.values():
-            if torch.is_tensor(v) and v.device == device:
-                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return StepMeasure(activation_bytes=mf.retained_bytes, peak_bytes=ms.peak_bytes,
-                       static_bytes=float(sum(storages.values())), step_time_s=t)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lotus.errors import LotusError
 
-__all__ = ["DistInfo", "init_distributed", "single_process_mesh", "destroy", "launched_by_torchrun", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "single_process_mesh", "destroy", "launched_by_torchrun"]
 
 
 @dataclass
@@ -30,12 +30,7 @@ class DistInfo:
     is_main: bool = True
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
-    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
-
-    @property
-    def distributed(self) -> bool:
-        """True when a process group with more than one rank exists."""
-        return self.world_size > 1
+    mesh: DeviceMesh | None = None  # set when world_size > 1 (FSDP2 shards over it)
 
 
 def launched_by_torchrun() -> bool:
@@ -44,6 +39,7 @@ def launched_by_torchrun() -> bool:
 
 
 def _env_int(name: str) -> int:
+    """An integer torchrun variable, or a one-line error naming it."""
     raw = os.environ.get(name, "")
     try:
         return int(raw)
@@ -52,6 +48,7 @@ def _env_int(name: str) -> int:
 
 
 def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+    """This rank's device from ``train.device`` (``auto``: CUDA when available) and its local rank."""
     if isinstance(device, torch.device):
         return device
     want = (device or "auto").lower()
@@ -101,18 +98,14 @@ def init_distributed(device: str | torch.device | None = "auto", backend: str = 
         except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LotusError(f"could not initialise the {backend} process group (rank {rank}/{world}): {first}") from None
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(rank=rank, world_size=world, local_rank=local, is_main=rank == 0, device=dev,
                     backend=backend, mesh=mesh)
 
 
-def single_process_mesh(device: torch.device):
+def single_process_mesh(device: torch.device) -> DeviceMesh:
     """A one-rank process group and device mesh for FSDP2 in a single process (e.g. one GPU with
     ``cpu_offload``: parameters, gradients and optimizer state in host memory). Reuses an existing group."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -120,12 +113,6 @@ def single_process_mesh(device: torch.device):
     if dist.get_world_size() != 1:
         raise LotusError("parallel: a process group with several ranks exists; use init_distributed()")
     return init_device_mesh(device.type, (1,), mesh_dim_names=("dp",))
-
-
-def barrier() -> None:
-    """Wait for all ranks (no-op without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def destroy() -> None:

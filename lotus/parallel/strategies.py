@@ -21,6 +21,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
 )
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 __all__ = [
@@ -184,7 +187,7 @@ def apply_offload(model: nn.Module, blocks: Iterable[int] | None = None) -> nn.M
 
 def apply_fsdp(
     model: nn.Module,
-    mesh,
+    mesh: DeviceMesh,
     reshard_after_forward: bool | Sequence[bool] = True,
     cpu_offload: bool = False,
     mixed_precision: bool = False,
@@ -197,8 +200,6 @@ def apply_fsdp(
     parameters, gradients and optimizer step on the host). ``mixed_precision``: bf16 parameters for
     compute, fp32 gradient reduction (``MixedPrecisionPolicy``).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     seq = transformer_blocks(model)
     n = len(seq)
     if isinstance(reshard_after_forward, bool):
@@ -222,8 +223,6 @@ def apply_fsdp(
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """Wrap in ``DistributedDataParallel`` (gradients as bucket views: no second gradient copy)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     model = model.to(device)
     return DistributedDataParallel(
         model,
