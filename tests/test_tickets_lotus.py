@@ -61,7 +61,7 @@ def test_select_writes_ticket_and_training_uses_only_it(tmp_path, capsys, small_
     assert info["count"] == 90 and info["train_size"] == 300
     t = TicketFile.load(out)
     assert t.count == 90 and t.scores.shape == (300,) and t.scorer == "loss" and t.policy == "top"
-    assert t.proxy["trainer"] == "lotus.train.Trainer" and t.proxy["epochs"] == 1
+    assert t.proxy["trainer"] == "lotus.training.Trainer" and t.proxy["epochs"] == 1
     t.validate_against(small_bundle.train, labels=small_bundle.labels_train)
     labels = small_bundle.labels_train
     assert np.array_equal(np.bincount(labels[t.indices], minlength=10),  # class balanced
@@ -133,7 +133,7 @@ def test_lotus_proxy_forgetting_and_determinism(small_yaml):
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     f = score(None, data.train, "forgetting", proxy=proxy, progress=False)
     assert f.shape == (300,) and bool((f >= 0).all())
-    assert proxy.config["trainer"] == "lotus.train.Trainer"
+    assert proxy.config["trainer"] == "lotus.training.Trainer"
 
 
 def _ticket_for(bundle, indices, **kw) -> TicketFile:

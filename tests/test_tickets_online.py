@@ -279,5 +279,7 @@ def test_shipped_configs_enable_the_sections():
     for cfg in (dyn, pat):  # same run as the baseline apart from the tickets section
         for section in ("model", "data", "optim", "train"):
             assert getattr(cfg, section) == getattr(base, section), section
-    sched = pat.tickets.patches.keep_rate_schedule()
+    from lotus.features.schedule.plan import Schedule
+
+    sched = Schedule(pat).patch_keep_rates
     assert sched(0) == 1.0 and sched(base.train.epochs - 1) == 1.0 and sched.min_rate == 0.5

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
 from lotus.errors import LotusError
-from lotus.evaluation import evaluate
 
 __all__ = ["add_arguments", "run"]
 
@@ -137,143 +137,16 @@ def _check_args(args: argparse.Namespace) -> None:
                          "another --out")
 
 
-# ------------------------------------------------------------------------------------------- model + data
-def _load_data_config(args: argparse.Namespace) -> Any:
-    from lotus.config import load_config
-
-    path = args.calib or args.config
-    return load_config(path, args.set) if path else None
-
-
-def _checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | None]:
-    """(num_classes, in_chans) read from a checkpoint's classifier and first conv, when present."""
-    if not path:
-        return None, None
-    import timm
-
-    from lotus.checkpoint import read_state_dict
-
-    sd = read_state_dict(path, "--checkpoint")
-    pcfg = timm.models.get_pretrained_cfg(name)
-    classifier = getattr(pcfg, "classifier", None) or "head"
-    first = getattr(pcfg, "first_conv", None) or "patch_embed.proj"
-    classes = sd.get(f"{classifier}.weight")
-    conv = sd.get(f"{first}.weight")
-    return (int(classes.shape[0]) if classes is not None and classes.dim() == 2 else None,
-            int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
-
-
-def _build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
-    """(model, model_cfg, data bundle or None)."""
-    import timm
-
-    from lotus.config import ModelConfig
-    from lotus.data import build_datasets
-    from lotus.models import create_model, resolve_img_size
-
-    if args.config:
-        mcfg = copy.deepcopy(data_cfg.model)
-    else:
-        if not timm.is_model(args.model):
-            import difflib
-
-            close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
-            raise LotusError(f"--model: unknown timm model {args.model!r}{hint}")
-        mcfg = ModelConfig(name=args.model)
-    # --checkpoint wins; else a --config's own model.checkpoint (unless --pretrained)
-    ckpt = args.checkpoint or (mcfg.checkpoint if args.config and not args.pretrained else None)
-    if ckpt and not os.path.isfile(ckpt):
-        raise LotusError(f"model.checkpoint: file not found: {ckpt}")
-    args.checkpoint = ckpt
-    mcfg.checkpoint = None
-    mcfg.pretrained = bool(args.pretrained)
-    if args.img_size:
-        mcfg.img_size = args.img_size
-    if args.num_classes:
-        mcfg.num_classes = args.num_classes
-    ck_classes, ck_chans = _checkpoint_shapes(args.checkpoint, mcfg.name)
-    if mcfg.num_classes is None and ck_classes is not None:
-        mcfg.num_classes = ck_classes
-    if mcfg.in_chans is None and ck_chans is not None:
-        mcfg.in_chans = ck_chans
-    shell = copy.copy(data_cfg) if data_cfg is not None else None
-    bundle = None
-    if data_cfg is not None:
-        shell.model = mcfg
-        img = resolve_img_size(mcfg)
-        chans = mcfg.in_chans or (3 if not args.config else None)
-        bundle = build_datasets(data_cfg.data, img, chans)
-        num_classes, in_chans, img_size = bundle.num_classes, bundle.in_chans, bundle.img_size
-    else:
-        pcfg = timm.models.get_pretrained_cfg(mcfg.name)
-        num_classes = getattr(pcfg, "num_classes", None) or 1000
-        in_chans = mcfg.in_chans or 3
-        img_size = mcfg.img_size
-    if args.pretrained and mcfg.num_classes is None:
-        pcfg = timm.models.get_pretrained_cfg(mcfg.name)
-        mcfg.num_classes = getattr(pcfg, "num_classes", None) or num_classes
-    try:
-        model = create_model(mcfg, num_classes, in_chans, img_size)
-    except LotusError as e:
-        if args.pretrained and "pretrained" in str(e):
-            raise LotusError(f"--pretrained: cannot download weights for {mcfg.name}; "
-                             "pass --checkpoint FILE (a local .safetensors or state dict) instead") from None
-        raise
-    if args.checkpoint:
-        from lotus.checkpoint import load_weights
-
-        load_weights(model, args.checkpoint, key="--checkpoint")
-    return model, mcfg, bundle
-
-
-def _input_size(model: nn.Module, bundle: Any) -> tuple[int, int, int]:
-    if bundle is not None:
-        x, _, _ = bundle.val[0]
-        return tuple(x.shape)  # type: ignore[return-value]
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
-    if size is None:
-        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:])
-    return (chans, *size)
-
-
-def _calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
-    if bundle is None:
-        return None
-    from lotus.data import batches
-
-    n = len(bundle.train)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n_batches * batch_size].numpy()
-    return [(x, y) for x, y, _ in batches(bundle.train, idx, batch_size)]
-
-
-def _accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None,
-              batch_size: int = 256) -> float:
-    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = m(x.to(dtype=dtype))
-        return out[0] if isinstance(out, tuple) else out
-
-    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward)["val_acc"]
-
-
-def _stats(model: nn.Module, example: torch.Tensor) -> dict:
-    from pruning import model_stats
-
-    return model_stats(model, example, latency=False)
-
-
 # ------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    data_cfg = _load_data_config(args)
+    data_cfg = load_data_config(args)
     needs_data = args.sweep or args.method == "wanda" or (args.method in ("nm", "2:4") and args.score == "wanda") \
         or (args.method == "structured" and args.importance != "magnitude")
     if needs_data and data_cfg is None:
         what = "the sweep evaluates on validation data" if args.sweep else "this method needs calibration data"
         raise LotusError(f"--calib: {what}; pass --calib CONFIG.yaml (or --config)")
-    model, mcfg, bundle = _build(args, data_cfg)
+    model, mcfg, bundle = build(args, data_cfg)
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype
     if dtype_name == "auto":
@@ -286,18 +159,18 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         return _run_sweep(args, model, bundle, device, dtype, classes_ok)
 
-    example = torch.randn(args.batch_size, *_input_size(model, bundle), generator=torch.Generator().manual_seed(0))
+    example = torch.randn(args.batch_size, *input_size(model, bundle), generator=torch.Generator().manual_seed(0))
     example = example.to(device=device, dtype=dtype)
     notes: list[str] = []
-    before = _stats(model, example)
+    before = stats(model, example)
     if classes_ok:
-        before["val_acc"] = _accuracy(model, bundle, device, dtype, args.max_eval)
+        before["val_acc"] = accuracy(model, bundle, device, dtype, args.max_eval)
     elif bundle is not None:
         notes.append(f"val accuracy skipped: the model has {getattr(model, 'num_classes', '?')} classes, "
                      f"the data {bundle.num_classes}")
-    calib = _calib(bundle, args.calib_batches, data_cfg.data.batch_size if data_cfg else 32)
+    calib_data = calib(bundle, args.calib_batches, data_cfg.data.batch_size if data_cfg else 32)
     dense = copy.deepcopy(model) if args.latency_iters > 0 else None  # timed side by side with the result
-    report = _prune(args, model, calib)
+    report = _prune(args, model, calib_data)
     notes += report.get("notes", [])
     if args.method != "structured":
         import pruning
@@ -311,13 +184,13 @@ def run(args: argparse.Namespace) -> int:
             ("pretrained" if args.pretrained else "random init")}
     save_weights(model.float() if dtype != torch.float32 else model, weights_path, meta)
     model.to(dtype=dtype)
-    after = _stats(model, example)  # counted before 2:4 conversion: FlopCounterMode cannot trace sparse tensors
+    after = stats(model, example)  # counted before 2:4 conversion: FlopCounterMode cannot trace sparse tensors
     if args.method == "2:4":
         report["kernels"] = _convert_kernels(model, report, example)
         if report["kernels"].get("note") and report["kernels"]["note"] not in notes:
             notes.append(report["kernels"]["note"])
     if classes_ok:
-        after["val_acc"] = _accuracy(model, bundle, device, dtype, args.max_eval)
+        after["val_acc"] = accuracy(model, bundle, device, dtype, args.max_eval)
     if dense is not None:
         from pruning.report import compare_latency
 
@@ -390,7 +263,7 @@ def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: 
     keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
     t0 = time.perf_counter()
     result = essential_sparsity_sweep(
-        model, lambda m: _accuracy(m, bundle, device, dtype, args.max_eval), step=args.sweep_step,
+        model, lambda m: accuracy(m, bundle, device, dtype, args.max_eval), step=args.sweep_step,
         max_sparsity=args.max_sparsity, scope=args.scope or "layer", tolerance=args.tolerance, filter_fn=keep)
     result.update(model=model.__class__.__name__ if not args.model else args.model, seconds=time.perf_counter() - t0,
                   source=args.checkpoint or ("pretrained" if args.pretrained else "random init"))
