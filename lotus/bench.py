@@ -22,10 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
+from lotus.checkpoint import atomic_write_text, read_state_dict
 from lotus.config import Config, config_to_dict, load_config
+from lotus.data import build_datasets
 from lotus.errors import LotusError
+from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
+from lotus.training import Trainer
 
 __all__ = ["BenchResult", "run_bench", "analyse", "add_speedups", "bench_table", "plot_bench", "write_bench"]
 
@@ -46,12 +52,6 @@ def _time_to(epochs: list[dict], target: float, key: str) -> float:
 
 def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
     """Params, nonzeros, forward FLOPs/img and inference img/s of the run's final model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lotus.checkpoint import read_state_dict
-    from lotus.data import build_datasets
-    from lotus.models import create_model, resolve_img_size
-
     img = resolve_img_size(cfg.model)
     data = build_datasets(cfg.data, img, cfg.model.in_chans)
     cfg.model.pretrained = False
@@ -77,10 +77,6 @@ def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
 def run_bench(config_paths: list[str], seeds: int, out: str, overrides: list[str] | None = None,
               quiet: bool = False, progress: bool = True) -> list[BenchResult]:
     """Train every config with seeds 0..seeds-1 (interleaved) under ``out``."""
-    from tqdm import tqdm
-
-    from lotus.training import Trainer
-
     cfgs = []
     for p in config_paths:
         cfg = load_config(p, overrides)
@@ -243,8 +239,6 @@ def _finite(obj: Any) -> Any:
 
 
 def write_bench(analysis: dict, out: str) -> str:
-    from lotus.checkpoint import atomic_write_text
-
     os.makedirs(out, exist_ok=True)
     table = bench_table(analysis)
     plot_bench(analysis, out)

@@ -14,9 +14,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
 from lotus.errors import LotusError
+from pruning import apply_widths, get_widths
 
 __all__ = [
     "atomic_write", "atomic_write_text", "export_state_dict", "save_weights", "load_weights",
@@ -73,10 +76,6 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _structured_widths(model: nn.Module) -> dict | None:
     try:
-        from pruning.structured import get_widths
-    except ImportError:  # pragma: no cover - pruning is part of this distribution
-        return None
-    try:
         return get_widths(model)
     except (ValueError, AttributeError, TypeError):
         return None  # not a block-structured model: nothing to record
@@ -88,8 +87,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
 
     ``state_dict``: write these full tensors instead of ``model``'s own (FSDP2-sharded models, whose
     gathered state comes from ``lotus.parallel.get_full_state``)."""
-    from safetensors.torch import save_file
-
     meta = dict(metadata or {})
     widths = _structured_widths(model) if state_dict is None else None
     if widths is not None:
@@ -113,8 +110,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not _is_safetensors(path):
         return {}
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -138,8 +133,6 @@ def read_state_dict(path: str | os.PathLike, key: str = "checkpoint") -> dict[st
         raise LotusError(f"{key}: file not found: {path}")
     try:
         if _is_safetensors(path):
-            from safetensors.torch import load_file
-
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -165,8 +158,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, key: str = "checkpoi
     sd = read_state_dict(path, key)
     widths = read_metadata(path).get("widths")
     if widths:
-        from pruning.structured import apply_widths, get_widths
-
         if get_widths(model) != widths:
             apply_widths(model, widths)
     own = model.state_dict()

@@ -7,6 +7,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from lotus.features.outliers.optimizers import build
+
 __all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
 
 
@@ -41,8 +43,6 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, **optim_cfg.extra)
-    from lotus.features.outliers.optimizers import build
-
     return build(name, groups, optim_cfg)
 
 

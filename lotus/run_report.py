@@ -5,6 +5,7 @@ import json
 import os
 from typing import Any
 
+from lotus.checkpoint import atomic_write_text
 from lotus.errors import LotusError
 
 __all__ = ["read_metrics", "write_report", "summary_text"]
@@ -95,8 +96,6 @@ def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
 
 def write_report(run_dir: str) -> str:
     """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the summary text."""
-    from lotus.checkpoint import atomic_write_text
-
     epochs, events, summary = read_metrics(run_dir)
     text = summary_text(run_dir)
     md = ["# Run report", "", "```", text, "```", ""]

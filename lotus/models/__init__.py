@@ -5,10 +5,14 @@ import difflib
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
+from lotus.checkpoint import load_weights
 from lotus.errors import LotusError
 from lotus.models import vit as _vit  # noqa: F401  (registers lotus_vit_* with timm)
+from lotus.models.op_block import op_model_kwargs
 
 __all__ = ["create_model", "model_kwargs", "resolve_img_size", "unwrap"]
 
@@ -57,8 +61,6 @@ def create_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int 
     _check_name(model_cfg.name)
     kw = model_kwargs(model_cfg, num_classes, in_chans, img_size)
     if model_cfg.block == "op":
-        from lotus.models.op_block import op_model_kwargs
-
         depth = kw.get("depth") or _default_depth(model_cfg.name)
         kw.update(op_model_kwargs(model_cfg.op, depth))
     try:
@@ -74,15 +76,11 @@ def create_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int 
             ) from None
         raise LotusError(f"model: cannot build {model_cfg.name}: {str(e).splitlines()[0] if str(e) else e}") from None
     if model_cfg.checkpoint:
-        from lotus.checkpoint import load_weights
-
         load_weights(model, model_cfg.checkpoint, key="model.checkpoint")
     return model
 
 
 def _default_depth(name: str) -> int:
-    import torch
-
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = timm.create_model(name, pretrained=False, num_classes=2)
     blocks = getattr(model, "blocks", None)
@@ -93,8 +91,6 @@ def _default_depth(name: str) -> int:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare timm model inside DDP/compile wrappers."""
-    from torch.nn.parallel import DistributedDataParallel
-
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module

@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Type
 import torch
 import torch.nn as nn
 from timm.layers import Attention, DropPath, LayerScale, Mlp, RmsNorm
+from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["OPConfig", "SoftcapAttention", "OPBlock", "op_model_kwargs", "build_op_vit", "resolve_beta"]
 
@@ -215,8 +216,6 @@ def op_model_kwargs(op_cfg: OPConfig, depth: int) -> dict:
 
 def build_op_vit(op_cfg: OPConfig | None = None, **timm_kwargs: Any) -> nn.Module:
     """A timm ``VisionTransformer`` with OP blocks; ``timm_kwargs`` as for ``VisionTransformer(...)``."""
-    from timm.models.vision_transformer import VisionTransformer
-
     op_cfg = op_cfg or OPConfig()
     depth = int(timm_kwargs.get("depth", 12))
     return VisionTransformer(**{**timm_kwargs, **op_model_kwargs(op_cfg, depth)})

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Iterable
 
+from lotus.checkpoint import atomic_write, atomic_write_text
+
 __all__ = ["read_outlier_records", "layer_table", "summarize", "plot_history", "plot_layers", "write_run_report"]
 
 METRICS = ("kurtosis", "mmr", "rms", "max_abs")
@@ -73,8 +75,6 @@ def _scale(ax, values: list[float]) -> None:
 
 
 def _save(fig, plt, path) -> str:
-    from lotus.checkpoint import atomic_write
-
     path = os.fspath(path)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -129,8 +129,6 @@ def plot_layers(layers: dict[str, dict], path: str | os.PathLike, title: str = "
 
 def write_run_report(run_dir: str | os.PathLike, records: list[dict] | None = None) -> dict[str, str]:
     """Write ``outliers.md`` (last per-layer table + history) and ``outliers_history.png`` into ``run_dir``."""
-    from lotus.checkpoint import atomic_write_text
-
     run_dir = os.fspath(run_dir)
     if records is None:
         records = read_outlier_records(os.path.join(run_dir, "metrics.jsonl"))

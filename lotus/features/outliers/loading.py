@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lotus.checkpoint import load_weights
+from lotus.config import load_config
+from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
+from lotus.models import create_model, resolve_img_size
 
 __all__ = ["LoadedModel", "load_model_and_data", "resolve_device", "calibration_batches", "EvalBatches"]
 
@@ -33,13 +38,6 @@ def resolve_device(name: str) -> torch.device:
 def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | None = None,
                         device: str = "auto") -> LoadedModel:
     """Build the config's model and datasets, then load ``checkpoint`` (safetensors or state dict)."""
-    import os
-
-    from lotus.checkpoint import load_weights
-    from lotus.config import load_config
-    from lotus.data import build_datasets
-    from lotus.models import create_model, resolve_img_size
-
     if not checkpoint:
         raise LotusError("--checkpoint: required (a .safetensors or state-dict file from a run)")
     if not os.path.isfile(checkpoint):
@@ -55,8 +53,6 @@ def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | Non
 
 def calibration_batches(dataset: Any, cfg: Any, n_batches: int):
     """``n_batches`` un-augmented training batches (seeded order) for activation-range calibration."""
-    from lotus.data import batches
-
     bs = cfg.data.batch_size
     g = torch.Generator().manual_seed(int(cfg.train.seed) + 17)
     idx = torch.randperm(len(dataset), generator=g)[: n_batches * bs].numpy()
@@ -71,6 +67,4 @@ class EvalBatches:
         self.dataset, self.batch_size = dataset, batch_size
 
     def __iter__(self):
-        from lotus.data import batches
-
         return batches(self.dataset, np.arange(len(self.dataset)), self.batch_size)
