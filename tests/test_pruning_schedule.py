@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import pruning
-from pruning import GradualPruner, GradualSchedule, MagnitudeConfig, OneShotSchedule, WandaConfig, cubic_sparsity
-from pruning.masks import masked_modules
-
+from pruning import GradualPruner, GradualSchedule, MagnitudeConfig, OneShotSchedule, WandaConfig
+from pruning.masks import get_mask, is_masked, masked_modules, masks_state
+from pruning.schedule import cubic_sparsity
 
 
 def test_cubic_values():
@@ -84,7 +84,7 @@ def test_gradual_pruner_reaches_target_monotonically_and_resumes():
         nn.functional.mse_loss(model(x), x[:, :4]).backward()
         opt.step()
         if pruner.step(step):
-            masks_over_time.append(pruning.masks_state(model))
+            masks_over_time.append(masks_state(model))
     assert [h["step"] for h in pruner.history] == [6, 10]  # step 2 is the ramp start: target 0
     for a, b in zip(masks_over_time, masks_over_time[1:]):
         for k in a:
@@ -101,9 +101,9 @@ def test_gradual_pruner_reaches_target_monotonically_and_resumes():
     _train(clone, pruner2, range(12, 25), seed=1)
     rep = pruning.sparsity_report(clone)
     assert rep["total"]["nonzeros"] == rep["total"]["params"] - round(0.75 * rep["total"]["params"])
-    assert not pruning.is_masked(clone[4])
+    assert not is_masked(clone[4])
     for mod in masked_modules(clone).values():  # stored weights stay exactly zero under the mask
-        assert (mod.parametrizations.weight.original[~pruning.get_mask(mod)] == 0).all()
+        assert (mod.parametrizations.weight.original[~get_mask(mod)] == 0).all()
 
 
 def test_gradual_pruner_catches_up_after_skipping_updates_and_wanda_needs_data():
@@ -117,3 +117,4 @@ def test_gradual_pruner_catches_up_after_skipping_updates_and_wanda_needs_data()
     wp = GradualPruner(_model(), GradualSchedule(0.5, 0, 4, 2), WandaConfig(), calib_loader=loader)
     wp.step(4)
     assert wp.current == pytest.approx(0.5)
+
