@@ -56,7 +56,7 @@ def cuda_time_ms(fn: Callable[[], Any], warmup: int, iters: int, repeats: int) -
 
 
 def two_four(w: torch.Tensor) -> torch.Tensor:
-    from pruning.masks import nm_mask
+    from pruning.mask_scores import nm_mask
 
     return w * nm_mask(w.abs().float(), 2, 4).to(w.dtype)
 
@@ -95,7 +95,7 @@ def bench_linear(args: argparse.Namespace, backends: list[str], dtypes: list[tor
 
 def bench_train_step(args: argparse.Namespace, backends: list[str], dtypes: list[torch.dtype]) -> list[dict]:
     """Forward+backward of one layer: dense nn.Linear vs SemiSparseLinear (sparse fwd, dense bwd, masked grad)."""
-    from pruning.masks import nm_mask
+    from pruning.mask_scores import nm_mask
     from pruning.semi_structured import SemiSparseLinear
 
     rows = []
@@ -146,6 +146,7 @@ def bench_vit(args: argparse.Namespace, dtypes: list[torch.dtype]) -> list[dict]
     import timm
 
     import pruning
+    from pruning.mask_scores import is_nm_sparse
 
     rows = []
     name = args.vit
@@ -164,7 +165,7 @@ def bench_vit(args: argparse.Namespace, dtypes: list[torch.dtype]) -> list[dict]
                     pruning.make_permanent(m)  # masked dense: 2:4 zeros, dense kernels
                     if mode != "masked":
                         cands = {f for f, mod in m.named_modules() if isinstance(mod, nn.Linear)
-                                 and pruning.is_nm_sparse(mod.weight, 2, 4) and not f.startswith("head")}
+                                 and is_nm_sparse(mod.weight, 2, 4) and not f.startswith("head")}
                         t0 = time.perf_counter()
                         rep = pruning.to_semi_structured_(m, filter_fn=lambda mod, f, c=cands: f in c,
                                                           probe=mode == "probe", probe_tokens=batch * 197)

@@ -56,7 +56,7 @@ def finetune(model: nn.Module, dataset: Any, epochs: float, lr: float, seed: int
     """AdamW with cosine decay on ``fraction`` of ``dataset`` (seeded subset); masks stay enforced."""
     from lotus.data import batches
 
-    from pruning import enforce_masks_
+    from pruning.masks import enforce_masks_
 
     g = torch.Generator().manual_seed(seed)
     n = len(dataset)

@@ -50,6 +50,7 @@ def main() -> int:
 
     import pruning
     from pruning.report import markdown_table
+    from pruning.soup import instant_soup_prune_
 
     dense, cfg, bundle, info = trained_model(args.config, overrides, args.checkpoint, out)
     dense_acc = accuracy(dense, bundle.val)
@@ -66,8 +67,8 @@ def main() -> int:
                     finetune(copy_model, bundle.train, args.weak_epochs, args.weak_lr, seed=1000 + seed,
                              fraction=args.fraction)
 
-                rep = pruning.instant_soup_prune_(model, weak_train, s, k=args.k, merge=args.merge,
-                                                  seeds=list(range(args.k)))
+                rep = instant_soup_prune_(model, weak_train, s, k=args.k, merge=args.merge,
+                                          seeds=list(range(args.k)))
                 extra_epochs = args.k * args.weak_epochs * args.fraction
             prune_s = time.perf_counter() - t0
             acc0 = accuracy(model, bundle.val)

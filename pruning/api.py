@@ -7,12 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import MagnitudeConfig, SemiStructuredConfig, WandaConfig
-from .masks import (
-    FilterFn, collect_input_norms, magnitude_masks, nm_masks, select_modules, set_mask, sparsity_report, wanda_masks,
-)
+from .config import MagnitudeConfig, SemiStructuredConfig, StructuredConfig, WandaConfig
+from .mask_scores import collect_input_norms, magnitude_masks, nm_masks, wanda_masks
+from .masks import FilterFn, select_modules, set_mask
+from .report import sparsity_report
 from .semi_structured import CPU_NOTE, to_semi_structured_
-from .structured import StructuredConfig, prune_structured
+from .structured import prune_structured
 
 __all__ = ["prune_", "PruneConfig"]
 

@@ -1,14 +1,28 @@
 """Small config dataclasses that say *what* to prune; ``prune_`` decides *how*.
 
 Each config validates itself on construction so a bad value fails at the call site with a one-line
-``ValueError`` naming the field, long before any calibration data is touched.
+``ValueError`` naming the field, long before any calibration data is touched. Messages start with the bare
+field name and a colon (``heads: expected ...``) so a caller can prefix its own key path.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MagnitudeConfig", "WandaConfig", "SemiStructuredConfig", "check_sparsity"]
+__all__ = ["MagnitudeConfig", "WandaConfig", "SemiStructuredConfig", "StructuredConfig", "IMPORTANCE",
+           "check_int", "check_sparsity"]
+
+Importance = Literal["magnitude", "activation", "taylor"]
+IMPORTANCE: tuple[str, ...] = ("magnitude", "activation", "taylor")
+
+
+def check_int(value: object, field: str, minimum: int = 1, optional: bool = False) -> None:
+    """Raise a one-line ``ValueError`` naming ``field`` unless ``value`` is an int >= ``minimum`` (or None)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field}: expected an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
 def check_sparsity(value: float, field: str = "sparsity") -> float:
@@ -53,8 +67,7 @@ class WandaConfig:
         self.sparsity = check_sparsity(self.sparsity)
         if self.scope not in ("row", "layer"):
             raise ValueError(f"scope: expected 'row' or 'layer', got {self.scope!r}")
-        if self.max_calib_batches is not None and self.max_calib_batches < 1:
-            raise ValueError(f"max_calib_batches: expected an int >= 1 or None, got {self.max_calib_batches!r}")
+        check_int(self.max_calib_batches, "max_calib_batches", optional=True)
 
 
 @dataclass
@@ -77,10 +90,8 @@ class SemiStructuredConfig:
     max_calib_batches: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n", "m"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        check_int(self.n, "n")
+        check_int(self.m, "m")
         if self.n >= self.m:
             raise ValueError(f"n: expected n < m for N:M sparsity, got {self.n}:{self.m}")
         if self.score not in ("magnitude", "wanda"):
@@ -89,11 +100,48 @@ class SemiStructuredConfig:
             raise ValueError(f"kernels: expected 'auto' or 'off', got {self.kernels!r}")
         if self.backend not in ("auto", "cutlass", "cusparselt"):
             raise ValueError(f"backend: expected 'auto', 'cutlass' or 'cusparselt', got {self.backend!r}")
-        if self.probe_tokens < 1:
-            raise ValueError(f"probe_tokens: expected an int >= 1, got {self.probe_tokens!r}")
-        if self.max_calib_batches is not None and self.max_calib_batches < 1:
-            raise ValueError(f"max_calib_batches: expected an int >= 1 or None, got {self.max_calib_batches!r}")
+        check_int(self.probe_tokens, "probe_tokens")
+        check_int(self.max_calib_batches, "max_calib_batches", optional=True)
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
+
+
+@dataclass
+class StructuredConfig:
+    """Structured thinning (:func:`pruning.structured.prune_structured`): what to remove and how to rank it.
+
+    heads / mlp: fraction of attention heads / MLP hidden neurons to remove, in [0, 1).
+    importance: ``magnitude`` (L2 of the group's weights; no data), ``activation`` (calibration L2 norm of the
+        group's activations times the L2 norm of its output-projection columns) or ``taylor`` (first-order
+        Taylor, sum of |w * dL/dw| over the group's weights, accumulated over calibration batches).
+    scope: ``layer`` removes the fraction from every block; ``global`` ranks the groups of all blocks together
+        by raw score (taylor estimates the loss change and activation the output contribution, both comparable
+        across blocks), so blocks lose different amounts; each still keeps ``min_heads`` heads and at least
+        ``round_to`` neurons.
+    round_to: kept MLP widths (and kept ``heads * head_dim``, where head_dim allows) are multiples of this.
+    min_heads: every block keeps at least this many heads.
+    """
+
+    heads: float = 0.0
+    mlp: float = 0.0
+    importance: Importance = "magnitude"
+    scope: Literal["layer", "global"] = "layer"
+    round_to: int = 1
+    min_heads: int = 1
+
+    def __post_init__(self) -> None:
+        for name, what in (("heads", "head"), ("mlp", "MLP neuron")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a fraction in [0, 1), got {v!r}")
+            if v >= 1:
+                raise ValueError(f"{name}: expected a fraction in [0, 1), got {v!r} (that would remove every {what})")
+            setattr(self, name, float(v))
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance: expected one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope: expected one of layer, global, got {self.scope!r}")
+        check_int(self.round_to, "round_to")
+        check_int(self.min_heads, "min_heads")

@@ -1,19 +1,72 @@
-"""What a pruned model costs: parameters, nonzeros, FLOPs (``torch.utils.flop_counter``) and measured latency."""
+"""What a pruned model costs: sparsity per layer, parameters, nonzeros, FLOPs (``torch.utils.flop_counter``),
+measured latency, and text/markdown renderings of these reports."""
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from .masks import effective_parameters, effective_weight
+from .masks import PRUNABLE_TYPES, effective_weight, is_masked
 
-__all__ = ["count_params", "count_nonzeros", "count_flops", "count_sparse_flops", "measure_latency",
-           "compare_latency", "model_stats", "markdown_table", "format_report"]
+__all__ = ["sparsity_report", "effective_parameters", "count_params", "count_nonzeros", "count_flops",
+           "count_sparse_flops", "measure_latency", "compare_latency", "model_stats", "markdown_table",
+           "format_report"]
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Per-layer and total sparsity of the effective (masked) weights.
+
+    ``layers`` lists every Linear/Conv2d (pruned or not) unless ``modules`` restricts it; ``total`` sums the
+    pruned (masked) layers; ``model`` counts every parameter of the model.
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    items = modules.items() if modules is not None else (
+        (fqn, m) for fqn, m in model.named_modules() if fqn and isinstance(m, PRUNABLE_TYPES)
+    )
+    tot_p = tot_nz = 0
+    for fqn, m in items:
+        w = effective_weight(m)
+        numel, nnz = w.numel(), int((w != 0).sum())
+        masked = is_masked(m)
+        layers[fqn] = {
+            "shape": list(w.shape), "params": numel, "nonzeros": nnz,
+            "sparsity": 1.0 - nnz / numel if numel else 0.0, "masked": masked,
+            "kernel": "2:4" if type(m.weight).__name__.startswith("SparseSemiStructured") else "dense",
+        }
+        if masked or layers[fqn]["kernel"] == "2:4":
+            tot_p += numel
+            tot_nz += nnz
+    model_p = model_nz = 0
+    for _, t in effective_parameters(model):
+        model_p += t.numel()
+        model_nz += int((t != 0).sum())
+    return {
+        "layers": layers,
+        "total": {"params": tot_p, "nonzeros": tot_nz, "sparsity": 1.0 - tot_nz / tot_p if tot_p else 0.0},
+        "model": {"params": model_p, "nonzeros": model_nz, "sparsity": 1.0 - model_nz / model_p if model_p else 0.0},
+    }
+
+
+def effective_parameters(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """Every parameter of the model as the forward sees it (masked weights, not their originals)."""
+    for mod_name, mod in model.named_modules():
+        if ".parametrizations." in f".{mod_name}.":
+            continue  # originals live here; the parametrized module yields the effective tensor instead
+        params = dict(mod.named_parameters(recurse=False))
+        if parametrize.is_parametrized(mod):
+            for pname in mod.parametrizations.keys():
+                yield f"{mod_name}.{pname}".lstrip("."), getattr(mod, pname)
+        for pname, p in params.items():
+            if pname == "weight" and isinstance(mod, PRUNABLE_TYPES):
+                p = effective_weight(mod)
+            yield f"{mod_name}.{pname}".lstrip("."), p
 
 
 def count_params(model: nn.Module) -> int:
@@ -43,7 +96,7 @@ def count_flops(model: nn.Module, example: Tensor) -> int:
 @torch.no_grad()
 def count_sparse_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     """Dense FLOPs and the FLOPs left if zero weights were skipped (``dense - 2 * rows * zeros`` for every
-    Linear/Conv2d, masked or already squashed). The second number is what a perfect sparse kernel would do;
+    Linear/Conv2d, masked or made permanent). The second number is what a perfect sparse kernel would do;
     it is not a measured speedup."""
     dense = count_flops(model, example)
     rows: dict[nn.Module, int] = {}

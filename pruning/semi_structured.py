@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .masks import FilterFn, get_mask, is_nm_sparse, masked_modules, set_mask
+from .mask_scores import is_nm_sparse
+from .masks import FilterFn, get_mask, masked_modules, set_mask
 
 __all__ = [
     "CPU_NOTE", "SemiSparseLinear", "resolve_backend", "check_legality", "probe_shape",
@@ -238,7 +239,7 @@ class SemiSparseLinear(nn.Linear):
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         # not persistent: the state dict stays that of a plain Linear (exports load into a fresh timm model);
-        # save masks with ``pruning.masks_state`` to resume training
+        # save masks with ``pruning.masks.masks_state`` to resume training
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=False)
         self.backend = backend
 

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import check_sparsity
-from .masks import FilterFn, effective_weight, magnitude_masks, select_modules, set_mask, sparsity_report, topk_mask
+from .mask_scores import magnitude_masks, topk_mask
+from .masks import FilterFn, effective_weight, select_modules, set_mask
+from .report import sparsity_report
 
 __all__ = ["instant_soup_prune_", "merge_masks"]
 

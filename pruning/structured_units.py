@@ -13,33 +13,22 @@ MLP ``timm.layers.Mlp``, ``GluMlp`` (SwiGLU packed), ``SwiGLU``.
 
 timm's ``Attention`` and ``AttentionRope`` compute their inner width as ``num_heads * head_dim``
 (``attn_dim``), so a thinned one is the same module timm would build with ``attn_head_dim`` and fewer heads;
-only its declared sizes change. ``EvaAttention.forward`` reshapes its output to the *input* width ``C``,
-which is wrong once heads are removed, so a thinned EVA attention becomes :class:`ThinnedEvaAttention`, a
-state-dict compatible subclass whose forward uses ``num_heads * head_dim``.
+only its declared sizes change. A thinned ``EvaAttention`` becomes
+:class:`pruning.structured_eva.ThinnedEvaAttention`. The slicing itself is in :mod:`pruning.structured_slicing`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils import parametrize, skip_init
 
-from timm.layers import (
-    Attention,
-    AttentionRope,
-    GluMlp,
-    LayerNorm as TimmLayerNorm,
-    Mlp,
-    RmsNorm as TimmRmsNorm,
-    SwiGLU,
-    apply_rot_embed_cat,
-    maybe_add_mask,
-    resolve_self_attn_mask,
-)
+from timm.layers import Attention, AttentionRope, GluMlp, Mlp, SwiGLU
 from timm.models.eva import EvaAttention
+
+from .structured_eva import ThinnedEvaAttention
+from .structured_slicing import channel_index, check_linear, norm_factory, qualname, sliced_linear, sliced_norm
 
 __all__ = [
     "Coupled",
@@ -47,111 +36,12 @@ __all__ = [
     "AttentionUnit",
     "MlpUnit",
     "BlockUnits",
-    "ThinnedEvaAttention",
     "find_blocks",
+    "group_reduce",
     "register_attention",
     "SUPPORTED_ATTENTION",
     "SUPPORTED_MLP",
 ]
-
-
-class ThinnedEvaAttention(EvaAttention):
-    """EVA attention whose inner width is ``num_heads * head_dim`` instead of the input width.
-
-    Same parameters and buffers (names and layout) as :class:`timm.models.eva.EvaAttention`; only the final
-    reshape differs, so checkpoints of thinned EVA models load into it with ``strict=True``.
-    """
-
-    @classmethod
-    def from_module(cls, src: EvaAttention, num_heads: int) -> "ThinnedEvaAttention":
-        """Build an instance with ``src``'s settings and ``num_heads`` heads (weights uninitialised)."""
-        fused = src.qkv is not None
-        ref = src.qkv if fused else src.q_proj
-        has_bias = (src.q_bias is not None) if fused else (src.q_proj.bias is not None)
-        qk_norm = not isinstance(src.q_norm, nn.Identity)
-        scale_norm = not isinstance(src.norm, nn.Identity)
-        new = cls(
-            dim=ref.in_features,
-            num_heads=num_heads,
-            qkv_bias=has_bias,
-            qkv_fused=fused,
-            qkv_bias_separate=src.qkv_bias_separate,
-            num_prefix_tokens=src.num_prefix_tokens,
-            attn_drop=src.attn_drop.p,
-            proj_drop=src.proj_drop.p,
-            attn_head_dim=src.head_dim,
-            # placeholder; the real (sliced) norms are installed by AttentionUnit.thin
-            norm_layer=nn.LayerNorm if (qk_norm or scale_norm) else None,
-            qk_norm=qk_norm,
-            scale_norm=scale_norm,
-            rotate_half=src.rotate_half,
-            gated=src.gate is not None,
-            device=ref.weight.device,
-            dtype=ref.weight.dtype,
-        )
-        new.fused_attn = src.fused_attn
-        new.train(src.training)
-        return new
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            rope: Optional[torch.Tensor] = None,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        B, N, _ = x.shape
-        attn_dim = self.num_heads * self.head_dim
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-
-        if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-        else:
-            q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-
-        q, k = self.q_norm(q), self.k_norm(k)
-
-        if rope is not None:
-            npt = self.num_prefix_tokens
-            half = getattr(self, 'rotate_half', False)
-            q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
-            k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
-
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=attn_mask,
-                dropout_p=self.attn_drop.p if self.training else 0.,
-                is_causal=is_causal,
-            )
-        else:
-            q = q * self.scale
-            attn = q @ k.transpose(-2, -1)
-            attn_bias = resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal)
-            attn = maybe_add_mask(attn, attn_bias)
-            attn = attn.softmax(dim=-1)
-            attn = self.attn_drop(attn)
-            x = attn @ v
-
-        x = x.transpose(1, 2).reshape(B, N, attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
 
 
 SUPPORTED_ATTENTION: tuple[type, ...] = (Attention, AttentionRope, EvaAttention, ThinnedEvaAttention)
@@ -175,83 +65,10 @@ def register_attention(cls: type) -> type:
 
 def _is_supported_attention(m: nn.Module) -> bool:
     return type(m) in SUPPORTED_ATTENTION or type(m) in _REGISTERED_ATTENTION
+
+
 _SUPPORTED_TEXT = ("supported: attention timm Attention/AttentionRope/EvaAttention, "
                    "MLP timm Mlp/GluMlp/SwiGLU")
-
-
-def _qualname(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# slicing primitives (new modules, never resized in place)
-
-def _check_linear(lin: nn.Module, where: str) -> nn.Linear:
-    if parametrize.is_parametrized(lin):
-        raise ValueError(f"{where} with a parametrization (make pruning masks permanent first)")
-    if type(lin) is not nn.Linear:
-        raise ValueError(f"{where} ({_qualname(lin)}, expected a plain torch.nn.Linear)")
-    return lin
-
-
-def sliced_linear(lin: nn.Linear, out_idx: Optional[torch.Tensor] = None,
-                  in_idx: Optional[torch.Tensor] = None) -> nn.Linear:
-    """A new ``nn.Linear`` holding the selected output rows / input columns of ``lin``."""
-    with torch.no_grad():
-        w = lin.weight
-        if out_idx is not None:
-            w = w.index_select(0, out_idx.to(w.device))
-        if in_idx is not None:
-            w = w.index_select(1, in_idx.to(w.device))
-        b = lin.bias
-        if b is not None and out_idx is not None:
-            b = b.index_select(0, out_idx.to(b.device))
-        elif b is not None:
-            b = b.clone()
-    new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
-    new.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
-    if b is not None:
-        new.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad)
-    new.train(lin.training)
-    return new
-
-
-def _norm_factory(norm: nn.Module, where: str = "inner norm") -> Callable[[int], nn.Module]:
-    """Constructor of a same-type norm over ``n`` channels (only norms with a known signature)."""
-    t = type(norm)
-    has_w = getattr(norm, "weight", None) is not None
-    has_b = getattr(norm, "bias", None) is not None
-    dd = {}
-    if has_w:
-        dd = {"device": norm.weight.device, "dtype": norm.weight.dtype}
-    if t is nn.LayerNorm:
-        return lambda n: nn.LayerNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
-                                      bias=has_b, **dd)
-    if t is TimmLayerNorm:
-        return lambda n: TimmLayerNorm(n, eps=norm.eps, affine=norm.elementwise_affine, bias=has_b, **dd)
-    if t is TimmRmsNorm:
-        return lambda n: TimmRmsNorm(n, eps=norm.eps, affine=norm.elementwise_affine, **dd)
-    if t is nn.RMSNorm:
-        return lambda n: nn.RMSNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine, **dd)
-    raise ValueError(f"{where} ({_qualname(norm)}; resizable norms: nn.LayerNorm, nn.RMSNorm, "
-                     f"timm LayerNorm/RmsNorm)")
-
-
-def sliced_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
-    """A new norm of the same type over the channels ``idx`` of ``norm`` (Identity passes through)."""
-    if isinstance(norm, nn.Identity):
-        return norm
-    new = _norm_factory(norm)(int(idx.numel()))
-    with torch.no_grad():
-        for pname in ("weight", "bias"):
-            src = getattr(norm, pname, None)
-            if src is not None:
-                dst = getattr(new, pname)
-                dst.copy_(src.index_select(0, idx.to(src.device)))
-                dst.requires_grad_(src.requires_grad)
-    new.train(norm.training)
-    return new
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,13 +88,6 @@ class Coupled:
     consumer: bool = False
     is_param: bool = True
     is_weight: bool = True  # a Linear weight matrix (used by magnitude importance)
-
-
-def channel_index(keep: torch.Tensor, num_groups: int, group_size: int, repeats: int) -> torch.Tensor:
-    """Channel indices of the kept groups, for a dimension of ``repeats * num_groups * group_size``."""
-    keep = keep.to(torch.long).cpu()
-    inner = (keep[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
-    return torch.cat([r * num_groups * group_size + inner for r in range(repeats)])
 
 
 def group_reduce(t: torch.Tensor, c: Coupled, num_groups: int, group_size: int) -> torch.Tensor:
@@ -356,10 +166,10 @@ class AttentionUnit(Unit):
         for child in ("qkv", "q_proj", "k_proj", "v_proj", "gate", "proj"):
             lin = getattr(m, child, None)
             if lin is not None:
-                _check_linear(lin, f"{self.name}.{child}")
+                check_linear(lin, f"{self.name}.{child}")
         norm = getattr(m, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity):
-            _norm_factory(norm, f"{self.name}.norm")  # raises for norm types we cannot resize
+            norm_factory(norm, f"{self.name}.norm")  # raises for norm types we cannot resize
 
     @property
     def num_groups(self) -> int:
@@ -457,9 +267,9 @@ class MlpUnit(Unit):
         m = self.module
         for child in ("fc1", "fc1_g", "fc1_x", "fc2"):
             if hasattr(m, child):
-                _check_linear(getattr(m, child), f"{self.name}.{child}")
+                check_linear(getattr(m, child), f"{self.name}.{child}")
         if not isinstance(m.norm, nn.Identity):
-            _norm_factory(m.norm, f"{self.name}.norm")
+            norm_factory(m.norm, f"{self.name}.norm")
 
     @property
     def num_groups(self) -> int:
@@ -526,7 +336,7 @@ def find_blocks(model: nn.Module) -> dict[str, BlockUnits]:
             except ValueError as e:
                 problems.append(str(e))
         else:
-            problems.append(f"{prefix}attn ({_qualname(attn)})")
+            problems.append(f"{prefix}attn ({qualname(attn)})")
         mlp = m._modules.get("mlp")
         if mlp is not None:
             if type(mlp) in SUPPORTED_MLP:
@@ -535,14 +345,14 @@ def find_blocks(model: nn.Module) -> dict[str, BlockUnits]:
                 except ValueError as e:
                     problems.append(str(e))
             else:
-                problems.append(f"{prefix}mlp ({_qualname(mlp)})")
+                problems.append(f"{prefix}mlp ({qualname(mlp)})")
         blocks[name] = BlockUnits(name, a_unit, mlp_unit)
     # timm ViT/EVA keep their blocks in `model.blocks`; every one must be a block we understand
     seq = model._modules.get("blocks")
     if isinstance(seq, (nn.Sequential, nn.ModuleList)):
         for i, blk in enumerate(seq):
             if f"blocks.{i}" not in blocks:
-                problems.append(f"blocks.{i} ({_qualname(blk)}, no separate attn module)")
+                problems.append(f"blocks.{i} ({qualname(blk)}, no separate attn module)")
     if problems:
         raise ValueError("structured pruning does not support " + "; ".join(problems) + f" ({_SUPPORTED_TEXT})")
     if not blocks:

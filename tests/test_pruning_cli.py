@@ -120,7 +120,7 @@ def test_two_four_on_cpu_and_sweep(setup, capsys):
     assert rep["total"]["sparsity"] == pytest.approx(0.5)
     from safetensors.torch import load_file
 
-    from pruning import is_nm_sparse
+    from pruning.mask_scores import is_nm_sparse
 
     w = load_file(out / "model.safetensors")
     assert is_nm_sparse(w["blocks.1.mlp.fc2.weight"], 2, 4) and not (w["head.weight"] == 0).any()

@@ -7,7 +7,8 @@ from torch import nn
 
 import pruning
 from pruning import SemiStructuredConfig, prune_
-from pruning.masks import is_nm_sparse, masked_modules
+from pruning.mask_scores import is_nm_sparse
+from pruning.masks import enforce_masks_, get_mask, masked_modules
 from pruning.semi_structured import (
     SemiSparseLinear, check_legality, enable_sparse_training_, probe_shape, semi_structured_available,
     to_semi_structured_,
@@ -70,7 +71,7 @@ def test_probe_shape_reports_times():
 def test_sparse_training_forward_kernel_and_masked_grads():
     m = mlp(torch.bfloat16).train()
     prune_(m, SemiStructuredConfig(kernels="off"))
-    masks = {f: pruning.get_mask(mod).clone() for f, mod in masked_modules(m).items()}
+    masks = {f: get_mask(mod).clone() for f, mod in masked_modules(m).items()}
     x = torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = m(x).float()
@@ -83,7 +84,7 @@ def test_sparse_training_forward_kernel_and_masked_grads():
     out.float().pow(2).mean().backward()
     assert (m[0].weight.grad[~masks["0"]] == 0).all()
     opt.step()
-    pruning.enforce_masks_(m)
+    enforce_masks_(m)
     assert is_nm_sparse(m[0].weight, 2, 4) and is_nm_sparse(m[2].weight, 2, 4)
     pruning.make_permanent(m)
     assert type(m[0]) is nn.Linear

@@ -9,8 +9,11 @@ from torch.nn.utils import parametrize
 
 import pruning
 from pruning import MagnitudeConfig, WandaConfig, prune_
-from pruning.masks import collect_input_norms, effective_weight, make_filter, masked_modules
-
+from pruning.mask_scores import collect_input_norms
+from pruning.masks import (
+    effective_weight, enforce_masks_, get_mask, load_masks, make_filter, masked_modules, masks_state,
+)
+from pruning.report import format_report
 
 
 def vit(depth: int = 2, **kw) -> nn.Module:
@@ -41,7 +44,7 @@ def test_layer_magnitude_exact_and_head_patch_dense():
         assert int((w == 0).sum()) == round(0.3 * w.numel()), fqn
         # smallest magnitudes were removed: every pruned |w| <= every kept |w|
         orig = mod.parametrizations.weight.original.detach().abs()
-        mask = pruning.get_mask(mod)
+        mask = get_mask(mod)
         assert orig[~mask].max() <= orig[mask].min()
     assert rep["layers"]["head"]["sparsity"] == 0.0 and not rep["layers"]["head"]["masked"]
     assert rep["layers"]["patch_embed.proj"]["sparsity"] == 0.0
@@ -71,12 +74,12 @@ def test_gradients_of_pruned_weights_are_zero_and_masks_survive_steps():
         nn.functional.cross_entropy(m(x), y).backward()
         fc1 = m.blocks[0].mlp.fc1
         grad = fc1.parametrizations.weight.original.grad
-        assert (grad[~pruning.get_mask(fc1)] == 0).all()
+        assert (grad[~get_mask(fc1)] == 0).all()
         opt.step()
-        pruning.enforce_masks_(m)
+        enforce_masks_(m)
     for mod in masked_modules(m).values():
         orig = mod.parametrizations.weight.original
-        assert (orig[~pruning.get_mask(mod)] == 0).all()
+        assert (orig[~get_mask(mod)] == 0).all()
         assert abs(float((mod.weight == 0).float().mean()) - 0.5) < 1e-6
 
 
@@ -99,17 +102,17 @@ def test_make_permanent_keeps_output_params_and_plain_state_dict():
 def test_masks_state_roundtrip_and_regrowth_never_happens():
     m = vit(depth=1)
     prune_(m, MagnitudeConfig(sparsity=0.4))
-    state = pruning.masks_state(m)
+    state = masks_state(m)
     first = {k: v.clone() for k, v in state.items()}
     prune_(m, MagnitudeConfig(sparsity=0.7))  # re-scoring on masked weights: old zeros stay pruned
     for fqn, mod in masked_modules(m).items():
-        new = pruning.get_mask(mod)
+        new = get_mask(mod)
         assert not (new & ~first[fqn]).any()
     other = vit(depth=1)
-    pruning.load_masks(other, pruning.masks_state(m))
+    load_masks(other, masks_state(m))
     assert set(masked_modules(other)) == set(masked_modules(m))
     with pytest.raises(ValueError, match="not found"):
-        pruning.load_masks(other, {"blocks.9.mlp.fc1": torch.ones(3, dtype=torch.bool)})
+        load_masks(other, {"blocks.9.mlp.fc1": torch.ones(3, dtype=torch.bool)})
 
 
 def test_wanda_differs_from_magnitude_when_activations_are_skewed():
@@ -125,7 +128,7 @@ def test_wanda_differs_from_magnitude_when_activations_are_skewed():
     wan[0].load_state_dict(lin.state_dict())
     prune_(mag, MagnitudeConfig(sparsity=0.25))
     prune_(wan, WandaConfig(sparsity=0.25), calib_loader=loader)
-    mag_mask, wan_mask = pruning.get_mask(mag[0]), pruning.get_mask(wan[0])
+    mag_mask, wan_mask = get_mask(mag[0]), get_mask(wan[0])
     assert not mag_mask[:, :4].any()  # magnitude drops the small-weight channels entirely
     assert wan_mask[:, :4].all()  # Wanda keeps them: |w| * ||x|| is large
     assert int((~wan_mask).sum(1).unique().numel()) == 1  # row scope: same count per output row
@@ -199,7 +202,7 @@ def test_cost_report_counts_flops_and_effective_flops():
     assert after["effective_flops"] < after["flops"]
     assert after["nonzeros"] < dense["nonzeros"] and after["params"] == dense["params"]
     assert after["latency"]["median_ms"] > 0 and after["latency"]["batch"] == 2
-    text = pruning.format_report({"method": "magnitude", **pruning.sparsity_report(m), "before": dense, "after": after})
+    text = format_report({"method": "magnitude", **pruning.sparsity_report(m), "before": dense, "after": after})
     assert "blocks.0.mlp.fc1" in text and "sparsity 0.5000" in text
 
 

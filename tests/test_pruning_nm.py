@@ -8,9 +8,11 @@ from torch import nn
 
 import pruning
 from pruning import SemiStructuredConfig, prune_
-from pruning.masks import is_nm_sparse, masked_modules, nm_mask
-from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, check_legality, enable_sparse_training_
-
+from pruning.mask_scores import is_nm_sparse, nm_mask
+from pruning.masks import enforce_masks_, get_mask, is_masked, masked_modules
+from pruning.semi_structured import (
+    CPU_NOTE, SemiSparseLinear, check_legality, disable_sparse_training_, enable_sparse_training_,
+)
 
 
 def vit(depth: int = 1) -> nn.Module:
@@ -62,8 +64,8 @@ def test_wanda_scored_nm_differs_from_magnitude_with_skewed_inputs():
     wan.load_state_dict(nn.Sequential(base).state_dict())
     prune_(mag, SemiStructuredConfig(score="magnitude"))
     prune_(wan, SemiStructuredConfig(score="wanda"), calib_loader=loader)
-    assert pruning.get_mask(mag[0])[:, [0, 1, 4, 5]].all() and not pruning.get_mask(mag[0])[:, [2, 3, 6, 7]].any()
-    assert pruning.get_mask(wan[0])[:, [2, 3, 6, 7]].all() and not pruning.get_mask(wan[0])[:, [0, 1, 4, 5]].any()
+    assert get_mask(mag[0])[:, [0, 1, 4, 5]].all() and not get_mask(mag[0])[:, [2, 3, 6, 7]].any()
+    assert get_mask(wan[0])[:, [2, 3, 6, 7]].all() and not get_mask(wan[0])[:, [0, 1, 4, 5]].any()
     with pytest.raises(ValueError, match="calib_loader"):
         prune_(nn.Sequential(nn.Linear(8, 4)), SemiStructuredConfig(score="wanda"))
 
@@ -120,15 +122,15 @@ def test_semi_sparse_linear_cpu_fallback_trains_with_masked_gradient():
     opt = torch.optim.SGD(sp.parameters(), lr=0.1, weight_decay=0.5)
     opt.step()
     assert (sp.weight[~mask] != 0).any()  # weight decay moved pruned entries ...
-    pruning.enforce_masks_(nn.Sequential(sp))
+    enforce_masks_(nn.Sequential(sp))
     assert (sp.weight[~mask] == 0).all()  # ... enforce_masks_ puts them back to zero
     seq = nn.Sequential(sp)
     assert "0" in masked_modules(seq)
     pruning.make_permanent(seq)
     assert type(seq[0]) is nn.Linear and is_nm_sparse(seq[0].weight, 2, 4)
     seq2 = nn.Sequential(SemiSparseLinear.from_linear(nn.Linear(16, 8), mask, "cutlass"))
-    pruning.disable_sparse_training_(seq2)
-    assert type(seq2[0]).__name__ == "ParametrizedLinear" and pruning.is_masked(seq2[0])
+    disable_sparse_training_(seq2)
+    assert type(seq2[0]).__name__ == "ParametrizedLinear" and is_masked(seq2[0])
 
 
 def test_one_shot_nm_through_gradual_pruner():

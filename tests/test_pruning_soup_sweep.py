@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 import pruning
-from pruning.masks import masked_modules
-from pruning.soup import merge_masks
+from pruning.masks import get_mask, masked_modules
+from pruning.soup import instant_soup_prune_, merge_masks
 from pruning.sweep import essential_sparsity_sweep, find_knee, save_sweep, sparsity_grid
-
 
 
 def test_merge_masks_semantics():
@@ -57,7 +56,7 @@ def _train_fn(model: nn.Module, seed: int) -> dict:
 def test_instant_soup_prune(merge):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = pruning.instant_soup_prune_(model, _train_fn, sparsity=0.6, k=3, merge=merge, filter_fn=_keep)
+    rep = instant_soup_prune_(model, _train_fn, sparsity=0.6, k=3, merge=merge, filter_fn=_keep)
     assert len(rep["copies"]) == 3 and all("loss" in c for c in rep["copies"])
     assert 0.0 < rep["agreement"] <= 1.0
     total = rep["total"]
@@ -75,16 +74,16 @@ def test_instant_soup_prune(merge):
     # the ISSP mask is not just the main model's own magnitude mask (copies were trained)
     own = _model()
     pruning.prune_(own, pruning.MagnitudeConfig(0.6), filter_fn=_keep)
-    assert not torch.equal(pruning.get_mask(own[2]), pruning.get_mask(model[2]))
+    assert not torch.equal(get_mask(own[2]), get_mask(model[2]))
 
 
 def test_soup_validation():
     with pytest.raises(ValueError, match="seeds"):
-        pruning.instant_soup_prune_(_model(), _train_fn, 0.5, k=2, seeds=[1], filter_fn=_keep)
+        instant_soup_prune_(_model(), _train_fn, 0.5, k=2, seeds=[1], filter_fn=_keep)
     with pytest.raises(ValueError, match="k:"):
-        pruning.instant_soup_prune_(_model(), _train_fn, 0.5, k=0, filter_fn=_keep)
+        instant_soup_prune_(_model(), _train_fn, 0.5, k=0, filter_fn=_keep)
     with pytest.raises(ValueError, match="sparsity"):
-        pruning.instant_soup_prune_(_model(), _train_fn, 1.2, filter_fn=_keep)
+        instant_soup_prune_(_model(), _train_fn, 1.2, filter_fn=_keep)
 
 
 def test_find_knee_uses_first_drop():

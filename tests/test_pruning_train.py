@@ -86,7 +86,7 @@ def test_one_shot_two_four_on_cpu_logs_masked_dense(tmp_path, tiny_cfg_dict):
     assert any(n and "no 2:4 kernels on CPU" in n for n in notes)
     from safetensors.torch import load_file
 
-    from pruning import is_nm_sparse
+    from pruning.mask_scores import is_nm_sparse
 
     w = load_file(tmp_path / "r" / "last.safetensors")["blocks.0.attn.qkv.weight"]
     assert is_nm_sparse(w, 2, 4)
