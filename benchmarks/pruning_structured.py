@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pruning.structured import StructuredConfig, get_widths, prune_structured  # noqa: E402
+from pruning import StructuredConfig, get_widths, prune_structured  # noqa: E402
 
 TARGET = 1.8
 

@@ -47,7 +47,7 @@ import timm  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pruning.structured import StructuredConfig, get_widths, prune_structured  # noqa: E402
+from pruning import StructuredConfig, get_widths, prune_structured  # noqa: E402
 
 
 def import_torch_pruning():

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import sys
 
+from lotus import __version__
 from lotus.errors import LotusError
 
 __all__ = ["main", "COMMANDS"]
@@ -34,7 +35,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lotus", description="Lotus: cheaper vision-transformer training "
                      "(data tickets + pruning + outlier monitoring + memory planning).")
-    from lotus import __version__
 
     parser.add_argument("--version", action="version", version=f"lotus {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -31,11 +31,6 @@ from .semi_structured import enable_sparse_training_, to_semi_structured_
 from .structured import prune_structured
 from .structured_widths import apply_widths, get_widths
 
-# Transitional, not part of the API: lotus/ still reads these as ``pruning.X``; drop them once it imports
-# them from their modules (``pruning.masks.enforce_masks_``, ``pruning.semi_structured.CPU_NOTE``).
-from .masks import enforce_masks_  # noqa: E402,F401
-from .semi_structured import CPU_NOTE  # noqa: E402,F401
-
 __all__ = [
     # one entry point + configs
     "prune_", "MagnitudeConfig", "WandaConfig", "SemiStructuredConfig", "StructuredConfig",

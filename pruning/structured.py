@@ -22,7 +22,7 @@ The pieces live next to it: :mod:`pruning.structured_importance` (scores), :mod:
 (``get_widths`` / ``apply_widths``), :mod:`pruning.optimizer_state` (``optimizer_param_names`` /
 ``slice_optimizer_state``, to keep the optimizer state of the unpruned model), :mod:`pruning.structured_units`
 and :mod:`pruning.structured_slicing` (what each head/neuron is made of and how it is cut). ``StructuredConfig``
-(from :mod:`pruning.config`), the widths and the optimizer-state helpers stay importable from here.
+lives in :mod:`pruning.config`.
 """
 from __future__ import annotations
 
@@ -34,19 +34,11 @@ import torch
 import torch.nn as nn
 
 from .config import StructuredConfig
-from .optimizer_state import optimizer_param_names, slice_optimizer_state
 from .structured_importance import LossFn, unit_scores
 from .structured_units import Unit, find_blocks
-from .structured_widths import apply_widths, check_thinnable, get_widths
+from .structured_widths import check_thinnable, get_widths
 
-__all__ = [
-    "StructuredConfig",
-    "prune_structured",
-    "get_widths",
-    "apply_widths",
-    "optimizer_param_names",
-    "slice_optimizer_state",
-]
+__all__ = ["prune_structured"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_build_op_vit_state_dict_roundtrip_and_token_dropping():
 
 def test_structured_pruning_of_op_blocks():
     """The pruning package's structured thinning works on OP blocks (timm Attention + Mlp inside)."""
-    from pruning.structured import StructuredConfig, apply_widths, get_widths, prune_structured
+    from pruning import StructuredConfig, apply_widths, get_widths, prune_structured
 
     torch.manual_seed(0)
     model = _op_vit(depth=2).eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from lotus.bench import analyse, run_bench, write_bench
 from lotus.errors import LotusError
 
 __all__ = ["add_arguments", "run"]
@@ -29,8 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.bench import analyse, run_bench, write_bench
-
     if args.seeds < 1:
         raise LotusError(f"--seeds: expected int >= 1, got {args.seeds}")
     if args.target is not None and not 0 < args.target <= 1:

@@ -14,7 +14,15 @@ import argparse
 import json
 import os
 
+import numpy as np
+import torch
+
+from lotus.checkpoint import atomic_write_text
+from lotus.data import batches
 from lotus.errors import LotusError
+from lotus.features.outliers.hooks import ResidualStreamProbe
+from lotus.features.outliers.layer_report import layer_table, plot_history, plot_layers, read_outlier_records, summarize
+from lotus.features.outliers.loading import load_model_and_data
 
 __all__ = ["add_arguments", "run"]
 
@@ -32,20 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from lotus.data import batches
-    from lotus.features.outliers.hooks import ResidualStreamProbe
-    from lotus.features.outliers.layer_report import (
-        layer_table,
-        plot_history,
-        plot_layers,
-        read_outlier_records,
-        summarize,
-    )
-    from lotus.features.outliers.loading import load_model_and_data
-
     if args.samples < 1:
         raise LotusError(f"--samples: expected an integer >= 1, got {args.samples}")
     if args.batch_size < 1:
@@ -68,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    from lotus.checkpoint import atomic_write_text
 
     title = f"{stem} ({lm.cfg.model.name}, block={lm.cfg.model.block}, {n} {args.split} images)"
     table = layer_table(layers)

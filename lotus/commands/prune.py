@@ -22,14 +22,20 @@ import argparse
 import copy
 import json
 import os
+import platform
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+import pruning
+from lotus.checkpoint import atomic_write_text, save_weights
 from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
 from lotus.errors import LotusError
+from pruning.masks import make_filter
+from pruning.report import format_report
+from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
 __all__ = ["add_arguments", "run"]
 
@@ -177,7 +183,6 @@ def run(args: argparse.Namespace) -> int:
 
         pruning.make_permanent(model)
     weights_path = os.path.join(args.out, "model.safetensors")
-    from lotus.checkpoint import save_weights
 
     meta = {"model": mcfg.name, "method": args.method, "num_classes": getattr(model, "num_classes", None),
             "img_size": mcfg.img_size, "in_chans": mcfg.in_chans, "source": args.checkpoint or
@@ -211,9 +216,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
-    import pruning
-    from pruning.masks import make_filter
-
     if args.method == "structured":
         cfg = pruning.StructuredConfig(heads=args.heads, mlp=args.mlp, importance=args.importance,
                                        scope=args.scope or "layer", round_to=args.round_to)
@@ -231,7 +233,6 @@ def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> di
 
 def _convert_kernels(model: nn.Module, report: dict, example: torch.Tensor) -> dict:
     """2:4 masked layers -> torch.sparse semi-structured kernels where legal and faster (CUDA only)."""
-    import pruning
 
     masked = {k for k, v in report.get("layers", {}).items() if v.get("masked")}
     tokens = example.shape[0] * _tokens(model, example)
@@ -247,15 +248,12 @@ def _tokens(model: nn.Module, example: torch.Tensor) -> int:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype,
                classes_ok: bool) -> int:
-    from pruning.masks import make_filter
-    from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
     if not classes_ok:
         raise LotusError(f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
@@ -274,9 +272,6 @@ def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: 
 
 
 def _write_report(args: argparse.Namespace, report: dict) -> int:
-    from lotus.checkpoint import atomic_write_text
-    from pruning.report import format_report
-
     text = format_report(report)
     blocks = report.get("blocks")
     if blocks:

@@ -7,18 +7,22 @@ import copy
 import os
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
+from lotus.checkpoint import read_state_dict
+from lotus.config import ModelConfig, load_config
+from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
+from lotus.models import create_model, resolve_img_size
+from pruning import model_stats
 
 __all__ = ["load_data_config", "checkpoint_shapes", "build", "input_size", "calib", "accuracy", "stats"]
 
 
 def load_data_config(args: argparse.Namespace) -> Any:
-    from lotus.config import load_config
-
     path = args.calib or args.config
     return load_config(path, args.set) if path else None
 
@@ -27,9 +31,6 @@ def checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | No
     """(num_classes, in_chans) read from a checkpoint's classifier and first conv, when present."""
     if not path:
         return None, None
-    import timm
-
-    from lotus.checkpoint import read_state_dict
 
     sd = read_state_dict(path, "--checkpoint")
     pcfg = timm.models.get_pretrained_cfg(name)
@@ -43,11 +44,6 @@ def checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | No
 
 def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
     """(model, model_cfg, data bundle or None)."""
-    import timm
-
-    from lotus.config import ModelConfig
-    from lotus.data import build_datasets
-    from lotus.models import create_model, resolve_img_size
 
     if args.config:
         mcfg = copy.deepcopy(data_cfg.model)
@@ -120,7 +116,6 @@ def input_size(model: nn.Module, bundle: Any) -> tuple[int, int, int]:
 def calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
     if bundle is None:
         return None
-    from lotus.data import batches
 
     n = len(bundle.train)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n_batches * batch_size].numpy()
@@ -137,6 +132,4 @@ def accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.d
 
 
 def stats(model: nn.Module, example: torch.Tensor) -> dict:
-    from pruning import model_stats
-
     return model_stats(model, example, latency=False)

@@ -11,9 +11,12 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from lotus.errors import LotusError
+from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
+from lotus.features.outliers.quant import quantcheck
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,11 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
-    from lotus.features.outliers.quant import quantcheck
-
     lm = load_model_and_data(args.config, args.checkpoint, args.set, args.device)
     qcfg = lm.cfg.outliers.quant
     changes = {}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from lotus.run_report import write_report
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -15,7 +17,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.run_report import write_report
-
     print(write_report(args.run_dir))
     return 0

@@ -22,14 +22,21 @@ import json
 import os
 import time
 
+import numpy as np
+import torch
+
+from data_tickets import POLICIES, SCORERS, PatchTicket, TicketFile, score, select
+from lotus.config import load_config
+from lotus.data import build_datasets
 from lotus.errors import LotusError
+from lotus.features.tickets.callback import load_ticket
+from lotus.features.tickets.proxy import make_proxy
+from lotus.models import create_model, resolve_img_size
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from data_tickets import POLICIES, SCORERS
-
     p.add_argument("--config", "-c", required=True, help="YAML training config (its data/model/optim sections are used)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.limit_train=500 (repeatable)")
@@ -79,16 +86,6 @@ def _default_out(cfg, scorer: str | None, policy: str, fraction: float | None, c
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from data_tickets import SCORERS, PatchTicket, TicketFile, score, select
-    from lotus.config import load_config
-    from lotus.data import build_datasets
-    from lotus.models import create_model, resolve_img_size
-    from lotus.features.tickets.callback import load_ticket
-    from lotus.features.tickets.proxy import make_proxy
-
     cfg = load_config(args.config, args.set)
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise LotusError(f"--fraction: expected a number in (0, 1], got {args.fraction}")

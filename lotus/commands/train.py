@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 
+from lotus.config import load_config
 from lotus.errors import LotusError
+from lotus.training import Trainer
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,9 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.config import load_config
-    from lotus.training import Trainer
-
     if bool(args.config) == bool(args.resume):
         raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")
     if args.resume:

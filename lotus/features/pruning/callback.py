@@ -1,30 +1,34 @@
-"""The training-loop side of the ``pruning:`` section: a :class:`lotus.train.Callback` driving ``pruning``.
+"""The training-loop side of the ``pruning:`` section, on the :mod:`pruning` library.
 
-- Structured thinning (``pruning.structured``) at ``structured.at_epoch``, then ``trainer.rebuild_optimizer``
-  with the optimizer state (Adam moments) sliced to the kept heads/neurons.
-- Masks (magnitude / Wanda / N:M) one-shot at ``at_epoch`` or on the Zhu & Gupta cubic ramp, re-scored every
-  ``frequency`` steps; after every optimizer step the stored weights under the masks are zeroed again.
-- 2:4 with ``sparse_kernels`` on CUDA: masked Linears become ``pruning.SemiSparseLinear`` (semi-structured
-  forward kernel); on CPU the run logs that masked dense is used.
-- Resume: thinned widths (from this callback's state) and masks (from the model state's parametrization
-  keys) are rebuilt in ``on_load_checkpoint`` before the weights load.
+- Structured thinning (``pruning.structured``) at ``structured.at_epoch`` with :func:`pruning.prune_structured`,
+  then ``trainer.rebuild_optimizer`` with the optimizer state (Adam moments) sliced to the kept heads/neurons.
+- Masks: a :class:`pruning.GradualPruner` whose clock is the fractional epoch (one-shot at ``at_epoch``, or
+  Zhu & Gupta's cubic ramp evaluated continuously and re-applied every ``frequency`` optimizer steps); it
+  re-zeroes the weights under the masks after every step and re-scores when the target rises. Calibration
+  batches (Wanda) are built only when a prune needs them.
+- 2:4 with ``sparse_kernels`` on CUDA: masked Linears become ``SemiSparseLinear`` (semi-structured forward
+  kernel); on CPU the run logs that masked dense is used.
+- Resume: this callback's state is restored first, then ``on_load_checkpoint`` rebuilds the thinned widths
+  and the masks (from the model state's parametrization keys) before the weights load.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 import pruning
+import torch
+from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
+from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
+from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
+from torch import nn
+
 from lotus.callbacks import Callback
 from lotus.data import batches
 from lotus.features.pruning.config import PruningConfig
-from pruning.masks import make_filter, masked_modules, set_mask
-from pruning.schedule import cubic_sparsity
-from pruning.semi_structured import SemiSparseLinear, resolve_backend
-from pruning.structured import optimizer_param_names, slice_optimizer_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lotus.training import Trainer
 
 __all__ = ["PruningCallback"]
 
@@ -36,25 +40,25 @@ class PruningCallback(Callback):
 
     def __init__(self, cfg: PruningConfig) -> None:
         self.cfg = cfg
-        self.current = 0.0  # unstructured target applied so far
+        self.pruner: pruning.GradualPruner | None = None
+        self.current = 0.0  # mask sparsity target applied so far (restored into the pruner)
         self.structured_done = False
         self.widths: dict | None = None
         self.kernels_enabled = False
+        self._semi_masks: dict = {}
         self._batch = 0
         self._calib: list | None = None
-        self._end_epoch: float | None = None
-        self._model_ref: nn.Module | None = None  # for state_dict (semi-structured masks)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _model(trainer: Any) -> nn.Module:
-        return getattr(trainer, "unwrapped_model", None) or trainer.model
+    def _model(trainer: "Trainer") -> nn.Module:
+        return trainer.unwrapped_model
 
-    def _progress(self, trainer: Any) -> float:
-        spe = max(int(getattr(trainer, "steps_per_epoch", 0) or 0), 1)
+    def _progress(self, trainer: "Trainer") -> float:
+        spe = max(int(trainer.steps_per_epoch or 0), 1)
         return trainer.epoch + min(self._batch / spe, 1.0)
 
-    def _calib_batches(self, trainer: Any) -> list:
+    def _calib_batches(self, trainer: "Trainer") -> list:
         """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run."""
         if self._calib is None:
             n = len(trainer.train_set)
@@ -64,44 +68,28 @@ class PruningCallback(Callback):
             self._calib = [(x, y) for x, y, _ in batches(trainer.train_set, idx, bs, trainer.cfg.data.num_workers)]
         return self._calib
 
-    def _target(self, progress: float) -> float:
+    def _schedule(self, epochs: int) -> pruning.GradualSchedule | pruning.OneShotSchedule:
         c = self.cfg
-        if c.method in ("nm", "2:4"):
-            n, m = (2, 4) if c.method == "2:4" else (c.n, c.m)
-            return 1.0 - n / m if progress >= c.at_epoch else 0.0
-        if c.schedule == "one_shot":
-            return c.sparsity if progress >= c.at_epoch else 0.0
-        return cubic_sparsity(progress, c.sparsity, c.start_epoch, self._end_epoch, None, c.initial_sparsity)
-
-    def _library_config(self, target: float) -> Any:
-        c = self.cfg
-        if c.method == "magnitude":
-            return pruning.MagnitudeConfig(sparsity=target, scope=c.scope or "layer")
-        if c.method == "wanda":
-            return pruning.WandaConfig(sparsity=target, scope=c.scope or "row")
-        n, m = (2, 4) if c.method == "2:4" else (c.n, c.m)
-        return pruning.SemiStructuredConfig(n=n, m=m, score=c.score, kernels="off")
-
-    def _needs_calib(self) -> bool:
-        c = self.cfg
-        return c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
+        if c.schedule == "gradual":
+            end = c.end_epoch if c.end_epoch is not None else c.start_epoch + 0.75 * (epochs - c.start_epoch)
+            return pruning.GradualSchedule(final_sparsity=c.sparsity, start_step=c.start_epoch, end_step=end,
+                                           frequency=None, initial_sparsity=c.initial_sparsity)
+        return pruning.OneShotSchedule(sparsity=c.mask_config().sparsity, step=c.at_epoch)
 
     # ---------------------------------------------------------------- pruning
-    def _maybe_structured(self, trainer: Any, progress: float) -> None:
+    def _maybe_structured(self, trainer: "Trainer", progress: float) -> None:
         s = self.cfg.structured
         if not s.enabled or self.structured_done or progress < s.at_epoch:
             return
         model = self._model(trainer)
         t0 = time.perf_counter()
-        config = pruning.StructuredConfig(heads=s.heads, mlp=s.mlp, importance=s.importance, scope=s.scope,
-                                          round_to=s.round_to, min_heads=s.min_heads)
         try:
             names = optimizer_param_names(trainer.optimizer, model)
         except ValueError:
             names = None
         calib = self._calib_batches(trainer) if s.importance != "magnitude" else None
         was = model.training
-        report = pruning.prune_structured(model, config, calib_loader=calib)
+        report = pruning.prune_structured(model, s.library(), calib_loader=calib)
         model.train(was)
         old_state = trainer.optimizer.state_dict()
 
@@ -117,26 +105,36 @@ class PruningCallback(Callback):
                     optimizer_state_kept=names is not None, seconds=round(time.perf_counter() - t0, 3),
                     widths=report["widths"])
 
-    def _maybe_prune(self, trainer: Any, progress: float) -> None:
-        if not self.cfg.masks_enabled:
+    def _ensure_pruner(self, trainer: "Trainer") -> pruning.GradualPruner:
+        """The mask pruner, built on first use (after any thinning, so its layer filter sees the final modules)."""
+        if self.pruner is None:
+            c, model = self.cfg, self._model(trainer)
+            keep = make_filter(model, c.include_head, c.include_patch_embed, c.exclude)
+            needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
+            self.pruner = pruning.GradualPruner(
+                model, self._schedule(trainer.cfg.train.epochs), c.mask_config(), filter_fn=keep,
+                calib_loader=(lambda: self._calib_batches(trainer)) if needs_calib else None)
+            self.pruner.current = self.current  # resumed: the masks are back in the model already
+        return self.pruner
+
+    def _maybe_prune(self, trainer: "Trainer", progress: float) -> None:
+        if not self.cfg.masks_enabled or progress < self.cfg.mask_epoch:
             return
-        target = self._target(progress)
-        if target <= self.current + 1e-9 or target <= 0.0:
-            return
-        model = self._model(trainer)
+        pruner = self._ensure_pruner(trainer)
         t0 = time.perf_counter()
-        keep = make_filter(model, self.cfg.include_head, self.cfg.include_patch_embed, self.cfg.exclude)
-        calib = self._calib_batches(trainer) if self._needs_calib() else None
-        report = pruning.prune_(model, self._library_config(target), calib_loader=calib, filter_fn=keep)
-        self.current = target
-        trainer.log("prune", method=self.cfg.method, target=round(target, 6),
+        report = pruner.step(progress)  # enforces the masks; prunes when the target rose
+        if report is None:
+            return
+        self.current = pruner.current
+        model = self._model(trainer)
+        trainer.log("prune", method=self.cfg.method, target=round(self.current, 6),
                     sparsity=round(report["total"]["sparsity"], 6), nonzeros=report["model"]["nonzeros"],
                     params=report["model"]["params"], layers=len(masked_modules(model)),
                     skipped=report["skipped"], notes=report["notes"], seconds=round(time.perf_counter() - t0, 3))
         if self.cfg.sparse_kernels:
             self._enable_kernels(trainer)
 
-    def _enable_kernels(self, trainer: Any) -> None:
+    def _enable_kernels(self, trainer: "Trainer") -> None:
         if self.kernels_enabled:
             return
         model = self._model(trainer)
@@ -147,12 +145,10 @@ class PruningCallback(Callback):
                     note=rep["note"])
 
     # ---------------------------------------------------------------- callbacks
-    def on_load_checkpoint(self, trainer: Any, state: dict) -> None:
+    def on_load_checkpoint(self, trainer: "Trainer", state: dict) -> None:
         model = self._model(trainer)
-        mine = _own_state(state)
-        widths = mine.get("widths")
-        if widths:
-            pruning.apply_widths(model, widths)
+        if self.widths:
+            pruning.apply_widths(model, self.widths)
         modules = dict(model.named_modules())
         for key, mask in state.get("model", {}).items():
             if key.endswith(_MASK_SUFFIX):
@@ -160,47 +156,41 @@ class PruningCallback(Callback):
                 if fqn not in modules:
                     raise ValueError(f"resume: masked layer {fqn} is not in the model")
                 set_mask(modules[fqn], mask)
-        semi = mine.get("semi_masks") or {}
-        if semi:
-            backend = mine.get("backend") or "cutlass"
-            if torch.cuda.is_available():
-                backend = resolve_backend("auto")
-            for fqn, mask in semi.items():
-                lin = modules[fqn]
+        if self._semi_masks:
+            backend = resolve_backend("auto") if torch.cuda.is_available() else "cutlass"
+            for fqn, mask in self._semi_masks.items():
                 parent, _, child = fqn.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
-                        SemiSparseLinear.from_linear(lin, mask, backend))
+                        SemiSparseLinear.from_linear(modules[fqn], mask, backend))
             self.kernels_enabled = True
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, trainer: "Trainer") -> None:
         c = self.cfg
-        epochs = trainer.cfg.train.epochs
-        self._end_epoch = c.end_epoch if c.end_epoch is not None else c.start_epoch + 0.75 * (epochs - c.start_epoch)
         if c.sparse_kernels and trainer.device.type != "cuda":
-            trainer.log("sparse_kernels", swapped=0, note=pruning.CPU_NOTE)
-        self._model_ref = self._model(trainer)
+            trainer.log("sparse_kernels", swapped=0, note=CPU_NOTE)
         self._batch = 0
         progress = float(trainer.epoch)
         self._maybe_structured(trainer, progress)
         self._maybe_prune(trainer, progress)
 
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         self._batch = 0
         self._maybe_structured(trainer, float(epoch))
         if self.cfg.schedule == "one_shot":
             self._maybe_prune(trainer, float(epoch))
 
-    def on_step_end(self, trainer: Any, step: int) -> None:
+    def on_step_end(self, trainer: "Trainer", step: int) -> None:
         self._batch += 1
-        model = self._model(trainer)
-        if self.current > 0:
-            pruning.enforce_masks_(model)
         progress = self._progress(trainer)
         self._maybe_structured(trainer, progress)
-        if self.cfg.schedule == "one_shot" or step % self.cfg.frequency == 0 or progress >= self._end_epoch:
+        end = getattr(self.pruner.schedule, "end_step", 0.0) if self.pruner is not None else float("inf")
+        update = self.cfg.schedule == "one_shot" or step % self.cfg.frequency == 0 or progress >= end
+        if update:
             self._maybe_prune(trainer, progress)
+        elif self.current > 0:
+            enforce_masks_(self._model(trainer))
 
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         model = self._model(trainer)
         if self.current > 0:
             rep = pruning.sparsity_report(model, masked_modules(model))
@@ -208,7 +198,7 @@ class PruningCallback(Callback):
         if self.structured_done:
             metrics["params"] = sum(p.numel() for p in model.parameters())
 
-    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+    def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
         model = self._model(trainer)
         rep = pruning.sparsity_report(model, masked_modules(model)) if self.current > 0 else None
         summary["pruning"] = {
@@ -219,8 +209,8 @@ class PruningCallback(Callback):
 
     def state_dict(self) -> dict:
         semi = {}
-        if self.kernels_enabled and self._model_ref is not None:
-            semi = {f: m.weight_mask.detach().cpu().clone() for f, m in self._model_ref.named_modules()
+        if self.kernels_enabled and self.pruner is not None:
+            semi = {f: m.weight_mask.detach().cpu().clone() for f, m in self.pruner.model.named_modules()
                     if isinstance(m, SemiSparseLinear)}
         return {"current": self.current, "structured_done": self.structured_done, "widths": self.widths,
                 "semi_masks": semi}
@@ -229,10 +219,4 @@ class PruningCallback(Callback):
         self.current = float(state.get("current", 0.0))
         self.structured_done = bool(state.get("structured_done", False))
         self.widths = state.get("widths")
-
-
-def _own_state(state: dict) -> dict:
-    for key, value in (state.get("callbacks") or {}).items():
-        if key.split(":", 1)[0] == "PruningCallback" and isinstance(value, dict):  # keys are "<class>:<n>"
-            return value
-    return {}
+        self._semi_masks = dict(state.get("semi_masks") or {})
