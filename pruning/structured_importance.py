@@ -164,19 +164,21 @@ def unit_scores(model: nn.Module, units: Sequence[Unit], importance: str, calib_
     return _taylor_scores(model, units, calib_loader, loss_fn, max_batches)
 
 
+def _importance(model: nn.Module, kind: str, importance: Importance, calib_loader: Optional[Iterable],
+                loss_fn: Optional[LossFn], max_batches: Optional[int]) -> dict[str, torch.Tensor]:
+    """``{block name: scores}`` of one unit kind (``attn`` heads or ``mlp`` neurons) of every block."""
+    blocks = [b for b in find_blocks(model).values() if getattr(b, kind) is not None]
+    by_unit = unit_scores(model, [getattr(b, kind) for b in blocks], importance, calib_loader, loss_fn, max_batches)
+    return {b.name: by_unit[getattr(b, kind).name] for b in blocks}
+
+
 def head_importance(model: nn.Module, importance: Importance = "magnitude", calib_loader: Optional[Iterable] = None,
                     loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Score of every attention head, ``{block name: tensor[num_heads]}`` (higher = more important)."""
-    blocks = find_blocks(model)
-    units = [b.attn for b in blocks.values() if b.attn is not None]
-    by_unit = unit_scores(model, units, importance, calib_loader, loss_fn, max_batches)
-    return {b.name: by_unit[b.attn.name] for b in blocks.values() if b.attn is not None}
+    return _importance(model, "attn", importance, calib_loader, loss_fn, max_batches)
 
 
 def neuron_importance(model: nn.Module, importance: Importance = "magnitude", calib_loader: Optional[Iterable] = None,
                       loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Score of every MLP hidden neuron, ``{block name: tensor[hidden]}`` (higher = more important)."""
-    blocks = find_blocks(model)
-    units = [b.mlp for b in blocks.values() if b.mlp is not None]
-    by_unit = unit_scores(model, units, importance, calib_loader, loss_fn, max_batches)
-    return {b.name: by_unit[b.mlp.name] for b in blocks.values() if b.mlp is not None}
+    return _importance(model, "mlp", importance, calib_loader, loss_fn, max_batches)
