@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from lotus.errors import ConfigError
 from lotus.features.outliers.optimizers import build
 
 __all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
@@ -33,17 +34,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.features.outliers.optimizers``."""
+    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.features.outliers.optimizers``.
+
+    A bad ``optim.extra`` keyword or value raises a :class:`~lotus.errors.ConfigError` naming it.
+    """
     groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
-    if name == "adamw":
-        # the fused kernel is several times faster than the for-each one on CPU and CUDA, same maths
-        extra = {"fused": all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]), **optim_cfg.extra}
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **extra)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                               nesterov=optim_cfg.nesterov, **optim_cfg.extra)
-    return build(name, groups, optim_cfg)
+    try:
+        if name == "adamw":
+            # the fused kernel is several times faster than the for-each one on CPU and CUDA, same maths
+            extra = {"fused": all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]),
+                     **optim_cfg.extra}
+            return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                     **extra)
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                                   nesterov=optim_cfg.nesterov, **optim_cfg.extra)
+        return build(name, groups, optim_cfg)
+    except TypeError as e:  # an optim.extra keyword the torch optimiser does not take
+        if not optim_cfg.extra:
+            raise
+        raise ConfigError(f"optim.extra: {name} does not accept {', '.join(map(str, optim_cfg.extra))} "
+                          f"({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # messages name the key (optim.name, optim.extra.<key>) or say optim: cannot build
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(text if text.startswith("optim") else f"optim: cannot build {name}: {text}") from None
 
 
 class CosineSchedule:

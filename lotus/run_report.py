@@ -31,7 +31,10 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict], dict]:
     spath = os.path.join(run_dir, "summary.json")
     if os.path.isfile(spath):
         with open(spath) as f:
-            summary = json.load(f)
+            try:
+                summary = json.load(f)
+            except json.JSONDecodeError as e:
+                raise LotusError(f"report: {spath} is not valid JSON ({e.msg} at line {e.lineno})") from None
     # a resumed run may repeat epochs that were re-trained: keep the last record of each epoch
     by_epoch = {r["epoch"]: r for r in epochs}
     return [by_epoch[k] for k in sorted(by_epoch)], events, summary

@@ -32,8 +32,9 @@ from lotus.parallel.cost_model import evaluate
 from lotus.parallel.cost_table import CostTable
 from lotus.parallel.plan import plan_table, uniform_choices, write_plan
 from lotus.parallel.planner import make_plan
-from lotus.parallel.profiler import profile_model
+from lotus.parallel.profiler import _vit_parts, profile_model
 from lotus.parallel.runtime import destroy, init_distributed, launched_by_torchrun
+from lotus.parallel.strategies import transformer_blocks
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,6 +73,14 @@ def _positive(name: str, value: int | None) -> None:
         raise LotusError(f"{name}: expected an integer >= 1, got {value}")
 
 
+def _user_value(parse, text: str, flag: str) -> int | float:
+    """``parse(text, flag)`` with its ValueError (which names ``flag``) as a LotusError."""
+    try:
+        return parse(text, flag)
+    except ValueError as e:
+        raise LotusError(str(e)) from None
+
+
 def _data_shape(cfg) -> tuple[int, int]:
     classes, chans = _DATA_SHAPES.get(cfg.data.name, (None, None))
     if cfg.data.name == "imagefolder":
@@ -105,10 +114,15 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
                                                      and torch.cuda.is_bf16_supported())) else None
     bw = None
     if args.bandwidth:
-        bw = parse_bandwidth(args.bandwidth, "--bandwidth")
+        bw = _user_value(parse_bandwidth, args.bandwidth, "--bandwidth")
     elif cfg.parallel.bandwidth:
         bw = cfg.parallel.bandwidth_bytes_per_s
     batch = args.batch_size or cfg.data.batch_size
+    try:  # the profiler times a timm ViT block by block: refuse other models by name
+        transformer_blocks(model)
+        _vit_parts(model)
+    except ValueError as e:
+        raise LotusError(f"model.name: cannot plan {cfg.model.name}: {str(e).splitlines()[0]}") from None
     return profile_model(
         model, batch, img_size=img, in_chans=chans, device=device, world_size=world_size,
         repeats=args.repeats or cfg.parallel.profile_repeats,
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     budget_text = args.memory_budget or (cfg.parallel.memory_budget if cfg is not None else None)
     if budget_text is None:
         raise LotusError("--memory-budget: required (e.g. --memory-budget 8GiB), or set parallel.memory_budget")
-    budget = parse_bytes(budget_text, "--memory-budget")
+    budget = _user_value(parse_bytes, budget_text, "--memory-budget" if args.memory_budget else "parallel.memory_budget")
     is_main = True
     if args.profile:
         if not os.path.isfile(args.profile):

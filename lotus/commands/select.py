@@ -28,7 +28,7 @@ import torch
 from data_tickets import POLICIES, SCORERS, PatchTicket, TicketFile, score, select
 from lotus.config import load_config
 from lotus.data import build_datasets
-from lotus.errors import LotusError
+from lotus.errors import LotusError, library_error
 from lotus.features.tickets.callback import load_ticket
 from lotus.features.tickets.proxy import make_proxy
 from lotus.models import create_model, resolve_img_size
@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", help="output .npz (default tickets/<config>-<scorer>-<policy>-<pct>.npz)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or proxy logs")
+
+
+# library field -> flag, for data_tickets' "field: reason" errors
+_FLAGS = {"count": "--count", "fraction": "--fraction", "ccs beta": "--beta", "ccs strata": "--strata",
+          "class_balanced": "--class-balanced", "repeats": "--repeats"}
 
 
 def _checkpoint_file(path: str) -> str:
@@ -155,14 +160,20 @@ def run(args: argparse.Namespace) -> int:
             raise LotusError(f"--from-ticket: {args.from_ticket} stores no scores")
         scores, scorer, proxy_meta = torch.from_numpy(src.scores), src.scorer, src.proxy
     elif scorer is not None:
-        scores = score(model, train_set, scorer, proxy=proxy, batch_size=bs, device=device, progress=progress,
-                       seed=args.seed, **kw)
+        try:
+            scores = score(model, train_set, scorer, proxy=proxy, batch_size=bs, device=device, progress=progress,
+                           seed=args.seed, **kw)
+        except ValueError as e:  # e.g. a model the scorer cannot use, scores that diverged
+            raise library_error(e, _FLAGS, f"--scorer {scorer}") from None
     if proxy_meta is not None and args.repeats is not None:
         proxy_meta["repeats"] = args.repeats
 
     base = scores if scores is not None else np.zeros(len(train_set))
-    idx = select(base, args.policy, fraction=args.fraction, count=args.count, labels=labels,
-                 class_balanced=args.class_balanced, seed=args.seed, **pol_kw)
+    try:
+        idx = select(base, args.policy, fraction=args.fraction, count=args.count, labels=labels,
+                     class_balanced=args.class_balanced, seed=args.seed, **pol_kw)
+    except ValueError as e:
+        raise library_error(e, _FLAGS, f"--policy {args.policy}") from None
 
     patch_rank = None
     extra: dict = {"config": os.path.abspath(args.config), "overrides": list(args.set), "policy_options": pol_kw,
@@ -170,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
     if args.patches is not None:
         pmodel = model if model is not None else proxy(args.seed, None).to(device)
         ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
-        patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
+        try:
+            patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
+        except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
+            raise LotusError(f"--patches: {e}") from None
         # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
         extra["patches"] = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
                             "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}

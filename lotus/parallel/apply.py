@@ -113,6 +113,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch_
     the per-rank batch size, the optimizer the Trainer will build, and the autocast dtype it uses.
     """
     device = dist.device if dist.device is not None else next(model.parameters()).device
+    try:  # per-block plans need a ViT's block list
+        transformer_blocks(model)
+    except ValueError as e:
+        raise LotusError(f"parallel.mode: {cfg.mode} is not supported for this model: {e}") from None
     if dist.world_size > 1 and cfg.mode == "none":
         raise LotusError(f"parallel.mode: 'none' with {dist.world_size} ranks would train {dist.world_size} "
                          "independent models; set parallel.mode to ddp, fsdp or auto")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lotus.errors import LotusError
+from lotus.errors import LotusError, RankError
 
 __all__ = ["DistInfo", "init_distributed", "single_process_mesh", "destroy", "launched_by_torchrun"]
 
@@ -59,7 +59,7 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
             raise LotusError("train.device: 'cuda' requested but no CUDA device is available; use 'cpu' or 'auto'")
         n = torch.cuda.device_count()
         if local_rank >= n:
-            raise LotusError(
+            raise RankError(  # only the ranks past the visible devices see it: each prints it
                 f"LOCAL_RANK {local_rank}: only {n} CUDA device(s) visible; use --nproc_per_node <= {n}"
             )
         return torch.device("cuda", local_rank)
@@ -97,7 +97,7 @@ def init_distributed(device: str | torch.device | None = "auto", backend: str = 
             )
         except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LotusError(f"could not initialise the {backend} process group (rank {rank}/{world}): {first}") from None
+            raise RankError(f"could not initialise the {backend} process group (rank {rank}/{world}): {first}") from None
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(rank=rank, world_size=world, local_rank=local, is_main=rank == 0, device=dev,
                     backend=backend, mesh=mesh)
