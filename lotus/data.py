@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lotus.errors import LotusError
+from lotus.errors import LotusError, RankError
 
 __all__ = ["TensorImageDataset", "DataBundle", "build_datasets", "batches", "Augmenter"]
 
@@ -81,7 +81,16 @@ class _FolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         path, label = self.folder.samples[i]
-        return self.transform(self.folder.loader(path)), int(label), int(i)
+        return self.transform(load_image(path, self.folder.loader)), int(label), int(i)
+
+
+def load_image(path: str, loader: Any) -> Any:
+    """``loader(path)`` (PIL open + decode), with a decode failure as a one-line error naming the file."""
+    try:
+        return loader(path)
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error, ... on bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankError(f"data.root: {path}: not a readable image ({reason}); remove or replace the file") from None
 
 
 @dataclass
@@ -173,7 +182,8 @@ def _imagefolder(cfg: Any, img_size: int, chans: int | None):
     if chans is None:
         from PIL import Image
 
-        with Image.open(train.samples[0][0]) as im:
+        first = train.samples[0][0]
+        with load_image(first, Image.open) as im:
             chans = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
     return (_FolderDataset(train, img_size, chans, cfg.normalize), _FolderDataset(val, img_size, chans, cfg.normalize),
             train.classes, chans)
@@ -268,5 +278,19 @@ def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: in
         return
     loader = DataLoader(dataset, batch_size=batch_size, sampler=idx[:stop].tolist(), num_workers=num_workers,
                         drop_last=False, persistent_workers=False)
-    for x, y, i in loader:
-        yield x, y, i
+    try:
+        for x, y, i in loader:
+            yield x, y, i
+    except LotusError as e:
+        raise _from_worker(e) from None
+
+
+def _from_worker(e: LotusError) -> LotusError:
+    """A LotusError re-raised by a DataLoader worker carries "Caught ... Original Traceback ..." text; get
+    back the original one-line message (the traceback's last line, ``lotus.errors.X: message``)."""
+    text = str(e).strip()
+    if not text.startswith("Caught "):
+        return e
+    last = text.splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return type(e)(message if sep and name.endswith(type(e).__name__) else last)

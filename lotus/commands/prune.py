@@ -32,7 +32,8 @@ from torch import nn
 import pruning
 from lotus.checkpoint import atomic_write_text, save_weights
 from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
-from lotus.errors import LotusError
+from lotus.errors import LotusError, library_error
+from lotus.features.pruning.checks import check_nm_shapes
 from pruning.masks import make_filter
 from pruning.report import format_report
 from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
@@ -40,6 +41,10 @@ from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 __all__ = ["add_arguments", "run"]
 
 _METHODS = ("magnitude", "wanda", "nm", "2:4", "structured")
+# library field -> flag, for the pruning library's "field: reason" errors
+_FLAGS = {"sparsity": "--sparsity", "scope": "--scope", "n": "--n", "m": "--m", "score": "--score",
+          "heads": "--heads", "mlp": "--mlp", "importance": "--importance", "round_to": "--round-to",
+          "calib_loader": "--calib", "min_heads": "--heads", "min_mlp": "--mlp"}
 _OUTPUTS = ("model.safetensors", "report.json", "report.md", "sweep.json", "sweep.png", "sweep.md")
 
 
@@ -216,6 +221,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
+    """Prune ``model`` in place as the flags say; library errors name the flag."""
+    try:
+        return _prune_with_library(args, model, calib)
+    except ValueError as e:
+        raise library_error(e, _FLAGS, f"--method {args.method}") from None
+
+
+def _prune_with_library(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
     if args.method == "structured":
         cfg = pruning.StructuredConfig(heads=args.heads, mlp=args.mlp, importance=args.importance,
                                        scope=args.scope or "layer", round_to=args.round_to)
@@ -228,6 +241,7 @@ def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> di
     else:
         n, m = (2, 4) if args.method == "2:4" else (args.n, args.m)
         cfg = pruning.SemiStructuredConfig(n=n, m=m, score=args.score, kernels="off")
+        check_nm_shapes(model, keep, m, "--method 2:4" if args.method == "2:4" else f"--method nm with --m {m}")
     return pruning.prune_(model, cfg, calib_loader=calib, filter_fn=keep)
 
 

@@ -7,10 +7,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
 from lotus.checkpoint import load_weights
-from lotus.errors import LotusError
+from lotus.errors import ConfigError, LotusError
 from lotus.models import vit as _vit  # noqa: F401  (registers lotus_vit_* with timm)
 from lotus.models.op_block import op_model_kwargs
 
@@ -56,37 +57,52 @@ def create_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int 
     """Build ``model_cfg.name`` with timm, then load ``model_cfg.checkpoint`` if given.
 
     ``model.pretrained: true`` uses timm's normal download; offline that fails with a message saying to
-    pass ``model.checkpoint`` (a local safetensors/state-dict file) instead.
+    pass ``model.checkpoint`` (a local safetensors/state-dict file) instead. ``model.block: op`` rebuilds a
+    timm ``VisionTransformer`` with OP blocks; other families are refused naming ``model.block``.
     """
     _check_name(model_cfg.name)
     kw = model_kwargs(model_cfg, num_classes, in_chans, img_size)
     if model_cfg.block == "op":
-        depth = kw.get("depth") or _default_depth(model_cfg.name)
-        kw.update(op_model_kwargs(model_cfg.op, depth))
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            probe = _build(model_cfg, kw, pretrained=False)
+        depth = _check_op_family(probe, model_cfg.name)
+        try:
+            kw.update(op_model_kwargs(model_cfg.op, depth))
+        except ValueError as e:  # messages name the model.op key
+            raise ConfigError(str(e)) from None
+    model = _build(model_cfg, kw, pretrained=model_cfg.pretrained)
+    if model_cfg.checkpoint:
+        load_weights(model, model_cfg.checkpoint, key="model.checkpoint")
+    return model
+
+
+def _build(model_cfg: Any, kw: dict, pretrained: bool) -> nn.Module:
+    """``timm.create_model`` with its failures as one-line errors naming the config key."""
     try:
-        model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, **kw)
+        return timm.create_model(model_cfg.name, pretrained=pretrained, **kw)
     except TypeError as e:
         raise LotusError(f"model.kwargs: {model_cfg.name} does not accept these arguments ({e})") from None
     except (OSError, ConnectionError, RuntimeError, ValueError) as e:
-        if model_cfg.pretrained:
+        if pretrained:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LotusError(
                 f"model.pretrained: cannot download pretrained weights for {model_cfg.name} ({first}); "
                 "pass model.checkpoint (a local .safetensors or state-dict file) instead"
             ) from None
         raise LotusError(f"model: cannot build {model_cfg.name}: {str(e).splitlines()[0] if str(e) else e}") from None
-    if model_cfg.checkpoint:
-        load_weights(model, model_cfg.checkpoint, key="model.checkpoint")
-    return model
 
 
-def _default_depth(name: str) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = timm.create_model(name, pretrained=False, num_classes=2)
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise LotusError(f"model.block: op needs a ViT with .blocks; {name} has none")
-    return len(blocks)
+def _check_op_family(model: nn.Module, name: str) -> int:
+    """The depth of ``model`` if ``model.block: op`` can rebuild it (a timm VisionTransformer made of timm's
+    ``Block``), else a ConfigError naming ``model.block`` and the model's family."""
+    what = "model.block: op supports timm VisionTransformer models (vit_*, deit_*, lotus_vit_*)"
+    if not isinstance(model, VisionTransformer):
+        cls = type(model).__name__
+        raise ConfigError(f"{what}; {name} is {'an' if cls[:1].upper() in 'AEIOU' else 'a'} {cls}")
+    other = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
+    if other:
+        raise ConfigError(f"{what} built from timm's Block; {name} uses {', '.join(other)}")
+    return len(model.blocks)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

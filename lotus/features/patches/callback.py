@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data_tickets import KeepRateSchedule, PatchTicket, apply_patch_tickets
+from data_tickets.attention import capture_attention
 from data_tickets.keep_rate import num_kept
 from data_tickets.patches import random_patch_scores
 from lotus.callbacks import Callback, Forward
@@ -70,6 +71,12 @@ class PatchTicketsCallback(Callback):
         if self.cfg.scorer == "cls_attention" and self.cfg.source == "online" and getattr(model, "cls_token", None) is None:
             raise LotusError(f"tickets.patches.scorer: cls_attention needs a model with a class token "
                              f"({trainer.cfg.model.name} has none); use scorer: random or a ticket file")
+        if self.cfg.scorer == "cls_attention" and self.cfg.source == "online":
+            try:  # the scorer reads each block's fused qkv: check now, not at the first refresh
+                with capture_attention(model, [-1]):
+                    pass
+            except ValueError as e:
+                raise LotusError(f"tickets.patches.scorer: {e}; use scorer: random") from None
         n = len(trainer.train_set)
         if self.cfg.source == "file":
             self._load_file(trainer)

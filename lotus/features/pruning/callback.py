@@ -14,18 +14,20 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 import pruning
-import torch
+from lotus.callbacks import Callback
+from lotus.data import batches
+from lotus.errors import LotusError, library_error
+from lotus.features.pruning.checks import check_nm_shapes
+from lotus.features.pruning.config import PruningConfig
 from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
-from torch import nn
-
-from lotus.callbacks import Callback
-from lotus.data import batches
-from lotus.features.pruning.config import PruningConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from lotus.training import Trainer
@@ -33,6 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PruningCallback"]
 
 _MASK_SUFFIX = ".parametrizations.weight.0.mask"
+# library field -> config key, for the library's "field: reason" errors
+_MASK_KEYS = {f: f"pruning.{f}" for f in ("sparsity", "scope", "n", "m", "score", "initial_sparsity")}
+_MASK_KEYS["calib_loader"] = "pruning.calib_batches"
+_STRUCTURED_KEYS = {f: f"pruning.structured.{f}" for f in ("heads", "mlp", "importance", "scope", "round_to",
+                                                           "min_heads", "min_mlp")}
+_STRUCTURED_KEYS["calib_loader"] = "pruning.calib_batches"
 
 
 class PruningCallback(Callback):
@@ -89,7 +97,10 @@ class PruningCallback(Callback):
             names = None
         calib = self._calib_batches(trainer) if s.importance != "magnitude" else None
         was = model.training
-        report = pruning.prune_structured(model, s.library(), calib_loader=calib)
+        try:
+            report = pruning.prune_structured(model, s.library(), calib_loader=calib)
+        except ValueError as e:  # e.g. a ratio that removes every head of a small block, a model it cannot thin
+            raise library_error(e, _STRUCTURED_KEYS, "pruning.structured") from None
         model.train(was)
         old_state = trainer.optimizer.state_dict()
 
@@ -110,6 +121,10 @@ class PruningCallback(Callback):
         if self.pruner is None:
             c, model = self.cfg, self._model(trainer)
             keep = make_filter(model, c.include_head, c.include_patch_embed, c.exclude)
+            if c.method in ("nm", "2:4"):
+                nm = c.mask_config()
+                what = 'pruning.method: "2:4"' if c.method == "2:4" else f"pruning.method: nm with pruning.m={nm.m}"
+                check_nm_shapes(model, keep, nm.m, what)
             needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
             self.pruner = pruning.GradualPruner(
                 model, self._schedule(trainer.cfg.train.epochs), c.mask_config(), filter_fn=keep,
@@ -122,7 +137,10 @@ class PruningCallback(Callback):
             return
         pruner = self._ensure_pruner(trainer)
         t0 = time.perf_counter()
-        report = pruner.step(progress)  # enforces the masks; prunes when the target rose
+        try:
+            report = pruner.step(progress)  # enforces the masks; prunes when the target rose
+        except ValueError as e:
+            raise library_error(e, _MASK_KEYS, "pruning") from None
         if report is None:
             return
         self.current = pruner.current
@@ -154,7 +172,8 @@ class PruningCallback(Callback):
             if key.endswith(_MASK_SUFFIX):
                 fqn = key[: -len(_MASK_SUFFIX)]
                 if fqn not in modules:
-                    raise ValueError(f"resume: masked layer {fqn} is not in the model")
+                    raise LotusError(f"resume: masked layer {fqn} of the saved run is not in this model "
+                                     "(changed model or pruning settings?)")
                 set_mask(modules[fqn], mask)
         if self._semi_masks:
             backend = resolve_backend("auto") if torch.cuda.is_available() else "cutlass"
