@@ -6,6 +6,11 @@
   compute of every block really drops (attention quadratically, MLPs linearly).
 * :class:`KeptPatchTokens` / :func:`apply_patch_tickets` do the same through the model's own ``forward``
   (timm's ``patch_drop`` slot), so wrapped models (DDP, FSDP2, ``torch.compile``) train on kept tokens too.
+  Each timm family calls that slot its own way: ``VisionTransformer`` (and subclasses such as DeiT's
+  distilled model) expects a tensor back; ``Eva`` (EVA-02 and the other rotary-embedding ViTs in
+  ``timm.models.eva``) expects ``(x, keep_indices)`` and slices its rotary embedding with the indices.
+  ``VisionTransformerSAM`` (windowed attention on the patch grid) and ``NaFlexVit`` (variable-resolution
+  sequences, no fixed grid) are refused.
 
 Kept indices are ``(B, K)`` (or ``(K,)`` shared by the batch) integer indices into the row-major patch grid,
 e.g. from :meth:`data_tickets.PatchTicket.keep_from_rank`.
@@ -20,6 +25,49 @@ import torch
 import torch.nn as nn
 
 __all__ = ["forward_kept_tokens", "KeptPatchTokens", "apply_patch_tickets"]
+
+
+def _families() -> tuple[tuple[type, bool | str], ...]:
+    """(timm class, contract) in lookup order: True = the caller unpacks ``(x, keep_indices)`` from
+    ``patch_drop``, False = it takes a tensor, a string = why the family is refused."""
+    from timm.models.eva import Eva
+    from timm.models.naflexvit import NaFlexVit
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    return (
+        (Eva, True),
+        (VisionTransformerSAM, "its blocks run windowed attention on the (H, W) patch grid, so tokens cannot be dropped"),
+        (NaFlexVit, "it embeds variable-resolution patch sequences, with no fixed patch grid to keep patches of"),
+        (VisionTransformer, False),
+    )
+
+
+def _family_contract(model: nn.Module) -> bool | str | None:
+    """The contract of ``model``'s timm family (see :func:`_families`), or None for another class."""
+    for cls, contract in _families():
+        if isinstance(model, cls):
+            return contract
+    return None
+
+
+def _patch_drop_contract(model: nn.Module, what: str) -> bool:
+    """Whether ``model``'s forward expects ``(x, keep_indices)`` (True) or a tensor (False) from its
+    ``patch_drop`` slot; a ``ValueError`` naming the class when kept tokens cannot be supported."""
+    from timm.layers import PatchDropout, PatchDropoutWithIndices
+
+    contract = _family_contract(model)
+    if isinstance(contract, str):
+        raise ValueError(f"{what}: {type(model).__name__} is not supported ({contract})")
+    if contract is not None:
+        return contract
+    slot = getattr(model, "patch_drop", None)
+    if isinstance(slot, PatchDropoutWithIndices):  # another family: its own module says what its caller expects
+        return True
+    if isinstance(slot, (PatchDropout, nn.Identity)):
+        return False
+    raise ValueError(f"{what}: {type(model).__name__} is not supported (cannot tell what its forward expects "
+                     f"from its patch_drop slot, a {type(slot).__name__})")
 
 
 def _require_vit(model: nn.Module, what: str) -> None:
@@ -75,6 +123,11 @@ def forward_kept_tokens(
     patch dropout and gradient checkpointing.
     """
     _require_vit(model, "forward_kept_tokens")
+    contract = _family_contract(model)
+    if contract is not None and contract is not False:  # Eva (rotary embeddings), or a refused family
+        why = contract if isinstance(contract, str) else "its forward applies rotary position embeddings"
+        raise ValueError(f"forward_kept_tokens: {type(model).__name__} is not supported ({why}); "
+                         "use apply_patch_tickets(model) and model(images) for Eva models")
     x = model.patch_embed(images)
     grid = None
     if x.dim() == 4:  # dynamic_img_size: NHWC
@@ -113,7 +166,7 @@ def forward_kept_tokens(
     if prefix_x is not None:
         x = torch.cat([prefix_x, x], dim=1)
     x = model.pos_drop(x) if hasattr(model, "pos_drop") else x
-    x = model.patch_drop(x) if hasattr(model, "patch_drop") else x
+    x = model.patch_drop(x) if getattr(model, "patch_drop", None) is not None else x
     x = model.norm_pre(x) if hasattr(model, "norm_pre") else x
     if getattr(model, "grad_checkpointing", False) and not torch.jit.is_scripting():
         from timm.models import checkpoint_seq
@@ -134,22 +187,35 @@ class KeptPatchTokens(nn.Module):
     goes through ``model(images)``, so DDP/FSDP2 wrappers, activation-checkpoint wrappers and
     ``torch.compile`` keep working. No keep set = identity (full tokens, e.g. for evaluation). The module
     has no parameters, so state dicts are unchanged. Install it with :func:`apply_patch_tickets`.
+
+    ``with_indices`` follows the caller's contract: ``False`` returns the tokens (timm ``VisionTransformer``),
+    ``True`` returns ``(tokens, keep_indices)`` with ``(B, K)`` patch indices, or ``None`` when all are kept
+    (timm ``Eva``, which slices its rotary embedding with them). The model's original module (``inner``,
+    e.g. timm's random patch dropout) runs on the kept tokens; indices it returns are composed with ours.
     """
 
-    def __init__(self, num_prefix_tokens: int, inner: nn.Module | None = None) -> None:
+    def __init__(self, num_prefix_tokens: int, inner: nn.Module | None = None, with_indices: bool = False) -> None:
         super().__init__()
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.inner = inner if inner is not None else nn.Identity()  # the model's original patch_drop
+        self.with_indices = bool(with_indices)
         self.keep_idx: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        idx = None
         if self.keep_idx is not None:
             npt = self.num_prefix_tokens
             B, L, C = x.shape
             idx = _check_keep_idx(self.keep_idx, B, L - npt, x.device)
             patches = torch.gather(x[:, npt:], 1, idx.unsqueeze(-1).expand(-1, -1, C))
             x = torch.cat([x[:, :npt], patches], dim=1) if npt else patches
-        return self.inner(x)
+        out = self.inner(x)
+        if not self.with_indices:
+            return out
+        x, inner_idx = out if isinstance(out, tuple) else (out, None)
+        if inner_idx is not None:  # the original dropout kept a subset of our kept patches
+            idx = inner_idx if idx is None else torch.gather(idx, 1, inner_idx)
+        return x, idx
 
     @contextmanager
     def keep(self, keep_idx: torch.Tensor | None) -> Iterator[None]:
@@ -161,24 +227,29 @@ class KeptPatchTokens(nn.Module):
             self.keep_idx = prev
 
     def extra_repr(self) -> str:
-        return f"num_prefix_tokens={self.num_prefix_tokens}"
+        return f"num_prefix_tokens={self.num_prefix_tokens}, with_indices={self.with_indices}"
 
 
 def apply_patch_tickets(model: nn.Module) -> KeptPatchTokens:
     """Install :class:`KeptPatchTokens` in ``model.patch_drop`` (idempotent) and return it.
 
-    Usage::
+    Supports timm ``VisionTransformer`` (and subclasses) and ``Eva``; raises a ``ValueError`` naming the class
+    for families whose forward cannot run on kept tokens (see the module docstring). Usage::
 
         kept = apply_patch_tickets(model)
         with kept.keep(keep_idx):
             logits = model(images)        # blocks see the kept tokens only
     """
-    _require_vit(model, "apply_patch_tickets")
     current = getattr(model, "patch_drop", None)
     if isinstance(current, KeptPatchTokens):
         return current
+    reason = _family_contract(model)
+    if isinstance(reason, str):  # a refused family: say why before listing missing parts
+        raise ValueError(f"apply_patch_tickets: {type(model).__name__} is not supported ({reason})")
+    _require_vit(model, "apply_patch_tickets")
     if not hasattr(model, "patch_drop"):
         raise ValueError(f"apply_patch_tickets: {type(model).__name__} has no patch_drop slot (timm VisionTransformer)")
-    module = KeptPatchTokens(int(model.num_prefix_tokens), inner=current)
+    with_indices = _patch_drop_contract(model, "apply_patch_tickets")
+    module = KeptPatchTokens(int(model.num_prefix_tokens), inner=current, with_indices=with_indices)
     model.patch_drop = module
     return module
