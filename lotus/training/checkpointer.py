@@ -78,6 +78,7 @@ class CheckpointManager:
         restore_rng(state, trainer.augment.gen)
         trainer.subset = None if state.get("subset") is None else state["subset"].numpy()
         trainer.run_log.events[:] = list(state.get("events", []))
+        trainer.resumed_log_bytes = state.get("log_bytes")
 
     @staticmethod
     def _restore_callbacks(trainer: "Trainer", state: dict) -> None:
@@ -99,7 +100,7 @@ class CheckpointManager:
             **trainer.state.state_dict(), **capture_rng(trainer.augment.gen),
             "subset": None if trainer.subset is None else torch.as_tensor(np.asarray(trainer.subset)),
             "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer.callbacks)},
-            "events": list(trainer.run_log.events),
+            "events": list(trainer.run_log.events), "log_bytes": trainer.run_log.size(),
         }
 
     def save(self, trainer: "Trainer", metrics: dict) -> None:
@@ -109,6 +110,7 @@ class CheckpointManager:
         state = self.state_of(trainer)
         if not trainer.dist.is_main:
             return
+        state["last_metrics"] = dict(metrics)  # a run killed after its last checkpoint is finalised from it
         bare = unwrap(trainer.model)
         full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
         out = trainer.cfg.output

@@ -9,6 +9,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from lotus.training.run_dir import truncate_log
+
 __all__ = ["RunLog"]
 
 
@@ -28,10 +30,17 @@ class RunLog:
     def path(self) -> str:
         return os.path.join(self.run_dir, "metrics.jsonl")
 
-    def open(self) -> None:
+    def open(self, truncate_to: int | None = None) -> None:
+        """Open metrics.jsonl for appending; on resume first cut it back to its length at the checkpoint
+        (``truncate_to`` bytes), so work redone after a kill is not recorded twice."""
         if self.write:
             os.makedirs(self.run_dir, exist_ok=True)
+            truncate_log(self.path, truncate_to)
             self._file = open(self.path, "a")
+
+    def size(self) -> int | None:
+        """Bytes written to metrics.jsonl so far (saved with each checkpoint)."""
+        return self._file.tell() if self._file is not None else None
 
     def close(self) -> None:
         if self._file is not None:

@@ -36,6 +36,7 @@ from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
 from lotus.training.checkpointer import CheckpointManager, full_model_state
+from lotus.training.run_dir import RunDir
 from lotus.training.run_log import RunLog
 from lotus.training.state import TrainState
 from lotus.training.step import LossMeter, train_step
@@ -82,9 +83,12 @@ class Trainer:
     best_acc = _Counter()
 
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None, run_dir: str | None = None,
-                 resume: bool = False, quiet: bool = False, write: bool = True):
+                 resume: bool = False, quiet: bool = False, write: bool = True, force: bool = False,
+                 overrides: list[str] | None = None):
         self.cfg = cfg
         self.resume = resume
+        self.force = force
+        self.overrides = list(overrides or [])  # the --set of this invocation (recorded in config_history.jsonl)
         self.quiet = quiet
         self.write = write
         self.dist = _init_distributed(cfg)
@@ -95,6 +99,9 @@ class Trainer:
         self.state = TrainState()
         self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main)
         self.checkpoints = CheckpointManager(self.run_dir, write)
+        self.dir = RunDir(self.run_dir)
+        self.resumed_log_bytes: int | None = None
+        self.restored = False
         self.forward: Forward = default_forward
         self.plan: EpochPlan = self.schedule.plan(0)
         self.subset: np.ndarray | None = None
@@ -226,12 +233,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict:
-        """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict."""
+        """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict.
+
+        The process that writes the run directory holds its lock for the whole run."""
+        owner = self.run_log.write
+        if owner:
+            self.dir.lock()
+        try:
+            return self._fit(self.dir.prepare(self.resume, self.force) if owner else [])
+        finally:
+            self.dir.unlock()
+
+    def _fit(self, notes: list[str]) -> dict:
         cfg = self.cfg
-        state = self.checkpoints.load() if self.resume else None
-        if state is None and self.run_log.write and os.path.exists(self.run_log.path):
-            raise LotusError(f"output.dir: {self.run_dir} already holds a run; resume it with --resume "
-                             f"{self.run_dir} or choose another --out")
+        restart = self.resume and not self.dir.has_state and self.dir.has_run  # half-made: start over
+        state = self.checkpoints.load() if self.resume and not restart else None
         self._setup_runtime()
         self._setup_data()
         self._setup_model(state)
@@ -239,18 +255,25 @@ class Trainer:
         if state is not None:
             self.checkpoints.restore_training(self, state)
             capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
-            if self.epoch >= cfg.train.epochs or capped:
+            finished = self.epoch >= cfg.train.epochs or capped
+            if finished and os.path.exists(self.dir.file("summary.json")):
                 raise LotusError(f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
                                  "pass --set train.epochs=N (or train.max_steps) with a larger value to continue")
-        self.run_log.open()
-        if self.run_log.write:
+        resumed_at = self.step
+        self.restored = state is not None  # features log their start-of-run events only when False
+        config_pending = self.resume  # a resumed run's --set reaches config.yaml with its first checkpoint
+        if self.run_log.write and not config_pending:  # before the log: a log always has its config
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.run_log.open(truncate_to=self.resumed_log_bytes)
+        for note in notes:
+            self.log("run_dir", note=note)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         for cb in self.callbacks:
             self.forward = cb.wrap_forward(self, self.forward)
         steps_cap = cfg.train.max_steps
-        last_metrics: dict = {}
+        last_metrics: dict = dict(state.get("last_metrics") or {}) if state is not None else {}  # killed
+        # after the last checkpoint: the loop below has nothing left and the run is finalised
         try:
             for epoch in range(self.epoch, cfg.train.epochs):
                 if steps_cap is not None and self.step >= steps_cap:
@@ -271,6 +294,9 @@ class Trainer:
                 self.run_log.record(last_metrics)
                 self.run_log.print(RunLog.epoch_line(last_metrics, cfg.train.epochs))
                 self.checkpoints.save(self, last_metrics)
+                if config_pending and self.run_log.write:
+                    self.dir.record_config(cfg, resumed_at, self.overrides)
+                    config_pending = False
             summary = self._summary(last_metrics)
             for cb in self.callbacks:
                 cb.on_fit_end(self, summary)  # may still log events

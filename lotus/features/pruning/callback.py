@@ -14,18 +14,18 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import pruning
 import torch
-from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
-from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
-from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
 from torch import nn
 
+import pruning
 from lotus.callbacks import Callback
 from lotus.data import batches
 from lotus.features.pruning.config import PruningConfig
+from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
+from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
+from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from lotus.training import Trainer
@@ -166,7 +166,7 @@ class PruningCallback(Callback):
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         c = self.cfg
-        if c.sparse_kernels and trainer.device.type != "cuda":
+        if c.sparse_kernels and trainer.device.type != "cuda" and not trainer.restored:
             trainer.log("sparse_kernels", swapped=0, note=CPU_NOTE)
         self._batch = 0
         progress = float(trainer.epoch)
