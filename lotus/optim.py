@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_layer_decay
 
 from lotus.features.outliers.optimizers import build
 
@@ -34,7 +35,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD here; SOAP/Shampoo come from ``lotus.features.outliers.optimizers``."""
-    groups = param_groups(model, optim_cfg.weight_decay)
+    if getattr(optim_cfg, "layer_decay", None):
+        bare = getattr(model, "module", model)  # timm's grouping by block depth (group_matcher of the model)
+        groups = param_groups_layer_decay(bare, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay,
+                                          no_weight_decay_list=set(getattr(bare, "no_weight_decay", lambda: set())()))
+    else:
+        groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
     if name == "adamw":
         # the fused kernel is several times faster than the for-each one on CPU and CUDA, same maths

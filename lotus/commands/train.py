@@ -6,6 +6,7 @@ examples:
   lotus train --resume runs/try1                 # continue from runs/try1/state.pt
   lotus train --resume runs/try1 --set train.epochs=20   # continue and train longer
   lotus train --config configs/digits.yaml --out runs/try1 --force   # start runs/try1 over
+  lotus train --config configs/digits.yaml --print-config            # every key, with its default
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import argparse
 import json
 import os
 
-from lotus.config import load_config
+import yaml
+
+from lotus.config import config_to_dict, load_config
 from lotus.errors import LotusError
 from lotus.parallel.runtime import destroy
 from lotus.training import Trainer
@@ -31,11 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="start over in a --out that holds a run (deletes that "
                    "run's files; nothing else in the folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--print-config", action="store_true", help="print the full resolved config (every key, "
+                   "defaults filled in) as YAML and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.resume):
         raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")
+    if args.print_config:
+        path = os.path.join(args.resume, "config.yaml") if args.resume else args.config
+        print(yaml.safe_dump(config_to_dict(load_config(path, args.set)), sort_keys=False), end="")
+        return 0
     if args.resume:
         if not os.path.isdir(args.resume):
             raise LotusError(f"--resume: {args.resume} is not a run directory")

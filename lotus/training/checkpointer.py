@@ -75,6 +75,7 @@ class CheckpointManager:
         set_full_state(trainer.model, trainer.optimizer, None, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.state.load_state_dict(state)
+        trainer.stepper.load_state_dict(state.get("stepper") or {})
         restore_rng(state, trainer.augment.gen)
         trainer.subset = None if state.get("subset") is None else state["subset"].numpy()
         trainer.run_log.events[:] = list(state.get("events", []))
@@ -101,6 +102,7 @@ class CheckpointManager:
             "subset": None if trainer.subset is None else torch.as_tensor(np.asarray(trainer.subset)),
             "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer.callbacks)},
             "events": list(trainer.run_log.events), "log_bytes": trainer.run_log.size(),
+            "stepper": trainer.stepper.state_dict(),
         }
 
     def save(self, trainer: "Trainer", metrics: dict) -> None:

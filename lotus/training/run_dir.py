@@ -22,7 +22,7 @@ __all__ = ["RunDir", "RUN_FILES", "truncate_log"]
 # Files a Lotus run writes (what --force removes; anything else in the folder is left alone).
 RUN_FILES = ("metrics.jsonl", "state.pt", "best.safetensors", "last.safetensors", "summary.json", "report.md",
              "curves.png", "config.yaml", "config_history.jsonl", "outliers.md", "outliers_history.png",
-             "outliers_layers.png", "dynamic_ticket.npz")
+             "outliers_layers.png", "dynamic_ticket.npz", "ema.safetensors")
 
 
 class RunDir:

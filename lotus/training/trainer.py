@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +37,9 @@ from lotus.run_report import write_report
 from lotus.training.checkpointer import CheckpointManager, full_model_state
 from lotus.training.run_dir import RunDir
 from lotus.training.run_log import RunLog
+from lotus.training.runtime import maybe_compile, setup_runtime
 from lotus.training.state import TrainState
-from lotus.training.step import LossMeter, train_step
+from lotus.training.step import LossMeter, Stepper
 
 __all__ = ["Trainer", "train"]
 
@@ -115,26 +115,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _setup_runtime(self) -> None:
-        t = self.cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        if t.device == "cuda" and not torch.cuda.is_available():
-            raise LotusError("train.device: cuda requested but no CUDA device is available")
-        if self.dist.world_size > 1:  # torchrun chose this rank's device
-            self.device = self.dist.device
-        else:
-            self.device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        bf16 = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.autocast: Callable[[], Any] = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
-        torch.manual_seed(t.seed)  # same init on every rank
-        np.random.seed(t.seed % 2**32)
-        random.seed(t.seed)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        rt = setup_runtime(self.cfg.train, self.dist)
+        self.device, self.autocast = rt.device, rt.autocast
+        self.stepper = Stepper(self.cfg.train, self.device, fp16=rt.fp16)
 
     def _setup_data(self) -> None:
         self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans)
@@ -153,6 +136,7 @@ class Trainer:
                 self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
                 build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
                 autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
+        self.model = maybe_compile(self.model, self.cfg.train, self.device)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
@@ -323,7 +307,9 @@ class Trainer:
         order = self._epoch_indices(epoch)
         bs = cfg.data.batch_size
         n_batches = max(1, math.ceil(len(order) / bs))
-        self.steps_per_epoch = n_batches
+        self.steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate_steps)  # optimiser steps
+        self.stepper.start_epoch()
+        log_every = cfg.train.log_every_n_steps
         self.model.train()
         meter = LossMeter(self.device)
         check_every = cfg.train.finite_check_every
@@ -342,12 +328,19 @@ class Trainer:
             if epoch_flops is None:
                 epoch_flops = self._measure_flops(x, idx)
             self.scheduler.set_position(epoch + b / n_batches)
-            loss = train_step(self.model, self.optimizer, self.forward, self.callbacks, self, x, y, idx,
-                              self.autocast, cfg.train.label_smoothing, cfg.train.grad_clip)
+            loss, stepped = self.stepper.micro_step(self.model, self.optimizer, self.forward, self.callbacks, self,
+                                                    x, y, idx, self.autocast, last=b + 1 == n_batches)
+            meter.add(loss, len(y), self.step + 1)
+            if not stepped:
+                continue
             self.step += 1
-            meter.add(loss, len(y), self.step)
             if self.step % check_every == 0:
                 self._check_finite(meter, epoch)
+            if log_every and self.step % log_every == 0:  # one host sync per record
+                self.run_log.record({"type": "step", "epoch": epoch + 1, "step": self.step, "loss": float(loss),
+                                     "lr": self.optimizer.param_groups[0]["lr"],
+                                     "throughput": round(meter.count * self.dist.world_size /
+                                                         max(time.perf_counter() - t0, 1e-9), 2)})
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step)  # may replace self.model / self.optimizer
         self._check_finite(meter, epoch)

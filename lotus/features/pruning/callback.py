@@ -98,6 +98,8 @@ class PruningCallback(Callback):
                 new.load_state_dict(slice_optimizer_state(old_state, report["kept_indices"], names))
 
         trainer.rebuild_optimizer(carry_state)
+        for cb in trainer.callbacks:  # e.g. the EMA copy is thinned the same way
+            cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
         trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
