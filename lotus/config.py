@@ -100,7 +100,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # fp16: CUDA only, with a GradScaler
     deterministic: bool = True
-    threads: int | None = field(default=None, metadata={"min": 1})
+    # auto (CPU): the fastest thread count for this model, timed at start and re-checked when step time jumps
+    # (not bit-reproducible across machine loads); an int pins it; null keeps torch's default
+    threads: int | Literal["auto"] | None = field(default="auto", metadata={"min": 1})
     eval_every: int = field(default=1, metadata={"min": 1})
     max_steps: int | None = field(default=None, metadata={"min": 1})
     # steps between checks that the loss stayed finite (each check is one host sync; epochs end with one too)

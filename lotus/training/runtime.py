@@ -28,7 +28,7 @@ class Runtime:
 
 def setup_runtime(t: Any, dist: DistInfo) -> Runtime:
     """Apply ``train.threads``/``device``/``amp``/``seed``/``deterministic`` (the ``train:`` section)."""
-    if t.threads:
+    if isinstance(t.threads, int):
         torch.set_num_threads(t.threads)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise LotusError("train.device: cuda requested but no CUDA device is available")

@@ -40,6 +40,7 @@ from lotus.training.run_log import RunLog
 from lotus.training.runtime import maybe_compile, setup_runtime
 from lotus.training.state import TrainState
 from lotus.training.step import LossMeter, Stepper
+from lotus.training.threads import ThreadTuner, probe_step_fn
 
 __all__ = ["Trainer", "train"]
 
@@ -255,6 +256,8 @@ class Trainer:
             cb.on_fit_start(self)
         for cb in self.callbacks:
             self.forward = cb.wrap_forward(self, self.forward)
+        self.thread_tuner = (ThreadTuner() if cfg.train.threads == "auto" and self.device.type == "cpu"
+                             and self.dist.world_size == 1 else None)
         steps_cap = cfg.train.max_steps
         last_metrics: dict = dict(state.get("last_metrics") or {}) if state is not None else {}  # killed
         # after the last checkpoint: the loop below has nothing left and the run is finalised
@@ -293,6 +296,11 @@ class Trainer:
                 write_report(self.run_dir)
         return summary
 
+    def _tune_threads(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``train.threads: auto``: time a few probe steps (on a copy of the model) per thread count."""
+        self.thread_tuner.tune(probe_step_fn(unwrap(self.model), x, y, autocast=self.autocast))
+        self.log("threads_tuned", **self.thread_tuner.describe())
+
     def _check_finite(self, meter: LossMeter, epoch: int) -> None:
         bad = meter.first_non_finite(self.dist.world_size)  # every rank checks at the same steps
         if bad is not None:
@@ -328,9 +336,15 @@ class Trainer:
             if epoch_flops is None:
                 epoch_flops = self._measure_flops(x, idx)
             self.scheduler.set_position(epoch + b / n_batches)
+            tuner = self.thread_tuner
+            if tuner is not None and tuner.threads is None:  # first batch of the run (also after a resume)
+                self._tune_threads(x, y)
+            t_step = time.perf_counter()
             loss, stepped = self.stepper.micro_step(self.model, self.optimizer, self.forward, self.callbacks, self,
                                                     x, y, idx, self.autocast, last=b + 1 == n_batches)
             meter.add(loss, len(y), self.step + 1)
+            if tuner is not None and tuner.observe(time.perf_counter() - t_step):
+                self._tune_threads(x, y)
             if not stepped:
                 continue
             self.step += 1
