@@ -5,8 +5,9 @@ Files in the run directory (every write atomic, see :mod:`lotus.checkpoint`):
 * ``state.pt``: model and optimiser (full, rank-agnostic state dicts), lr-schedule position, the
   :class:`~lotus.training.state.TrainState` counters, every RNG, the epoch subset, each callback's state
   (keyed by class name) and the events so far; loaded with ``weights_only=True``.
-* ``best.safetensors`` / ``last.safetensors``: plain weights with the model's block widths in the metadata,
-  so a thinned model loads anywhere (``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``).
+* ``best.safetensors`` / ``last.safetensors``: plain weights with the full model section (name, resolved
+  sizes, kwargs, block, widths) in the metadata, so a thinned model loads anywhere (``lotus export``,
+  ``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``) and commands take ``--checkpoint`` alone.
 
 On resume, callbacks get their saved state first, then ``on_load_checkpoint`` (where pruning rebuilds
 thinned widths and masks), then the model weights load.
@@ -122,9 +123,11 @@ class CheckpointManager:
         if acc is not None and acc > st.best_acc:
             st.best_acc = state["best_acc"] = acc
             if out.save_best:
-                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
+                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full,
+                             model_cfg=trainer.cfg.model)
         if out.save_last:
-            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full)
+            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full,
+                         model_cfg=trainer.cfg.model)
         save_state(self.state_path, state)
 
 

@@ -54,7 +54,8 @@ class EmaCallback(Callback):
         metrics.update(ema_val_loss=out["val_loss"], ema_val_acc=out["val_acc"])
         if trainer.write and trainer.dist.is_main:
             save_weights(self.ema.module, os.path.join(trainer.run_dir, "ema.safetensors"),
-                         {"epoch": epoch + 1, "step": trainer.step, "val_acc": out["val_acc"], "ema": True})
+                         {"epoch": epoch + 1, "step": trainer.step, "val_acc": out["val_acc"], "ema": True},
+                         model_cfg=trainer.cfg.model)
 
     def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
         summary["ema"] = {"decay": self.cfg.decay, "warmup": self.cfg.warmup}
