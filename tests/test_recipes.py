@@ -173,3 +173,24 @@ def test_compile_without_a_cpu_compiler_says_so(tiny_cfg_dict, monkeypatch):
     tiny_cfg_dict["train"].update(compile=True, device="cpu")
     with pytest.raises(LotusError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler"):
         Trainer(config_from_dict(tiny_cfg_dict), write=False, quiet=True).fit()
+
+
+@pytest.mark.parametrize("name", ["digits_recipe", "digits_finetune", "deit_tiny_cifar10", "finetune_deit_small"])
+def test_shipped_recipe_configs_load(name):
+    from pathlib import Path
+
+    from lotus.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.ema.enabled
+
+
+def test_digits_recipe_config_trains_a_few_steps(tmp_path):
+    from pathlib import Path
+
+    from lotus.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits_recipe.yaml",
+                      ["train.epochs=1", "train.max_steps=4", "train.threads=1", "data.limit_train=256"])
+    s = Trainer(cfg, run_dir=str(tmp_path / "r"), quiet=True).fit()
+    assert s["steps"] == 4 and (tmp_path / "r" / "ema.safetensors").is_file()
