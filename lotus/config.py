@@ -120,6 +120,7 @@ class OutputConfig:
     save_best: bool = True
     save_last: bool = True
     report: bool = True
+    tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install lotus-vit[tensorboard])
 
 
 @dataclass

@@ -194,3 +194,45 @@ def test_digits_recipe_config_trains_a_few_steps(tmp_path):
                       ["train.epochs=1", "train.max_steps=4", "train.threads=1", "data.limit_train=256"])
     s = Trainer(cfg, run_dir=str(tmp_path / "r"), quiet=True).fit()
     assert s["steps"] == 4 and (tmp_path / "r" / "ema.safetensors").is_file()
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, tiny_cfg_dict, monkeypatch):
+    from lotus.training import run_log
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setattr(run_log, "tensorboard_writer", FakeWriter)
+    d = _cfg(tiny_cfg_dict, output={"tensorboard": True})
+    d["train"].update(epochs=1, log_every_n_steps=4)
+    _fit(d, run_dir=str(tmp_path / "r"), write=True)
+    tags = {w[0] for w in written if w != "closed"}
+    assert {"epoch/train_loss", "epoch/val_acc", "step/loss", "step/lr"} <= tags and written[-1] == "closed"
+    recs = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    epoch = next(r for r in recs if r["type"] == "epoch")
+    assert ("epoch/val_acc", epoch["val_acc"], epoch["step"]) in written
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_cfg_dict, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tb(name, *a, **kw):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    d = _cfg(tiny_cfg_dict, output={"tensorboard": True})
+    with pytest.raises(LotusError, match="output.tensorboard: needs the tensorboard package"):
+        _fit(d, run_dir=str(tmp_path / "r"), write=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from typing import Any
 
 import timm
@@ -138,7 +139,8 @@ def accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.d
         out = m(x.to(dtype=dtype))
         return out[0] if isinstance(out, tuple) else out
 
-    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward)["val_acc"]
+    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward,
+                    progress=sys.stderr.isatty())["val_acc"]
 
 
 def stats(model: nn.Module, example: torch.Tensor) -> dict:

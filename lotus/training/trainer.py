@@ -98,7 +98,8 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.callbacks: list[Callback] = build_callbacks(cfg, self.schedule) + list(callbacks or [])
         self.state = TrainState()
-        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main)
+        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main,
+                              tensorboard=cfg.output.tensorboard)
         self.checkpoints = CheckpointManager(self.run_dir, write)
         self.dir = RunDir(self.run_dir)
         self.resumed_log_bytes: int | None = None
