@@ -1,10 +1,14 @@
 """Training-loop overhead: Lotus' Trainer vs a bare hand-written PyTorch loop, side by side.
 
-Same model, batch size, data (digits tensors in memory, no augmentation) and optimiser; runs are
-interleaved (bare, lotus, bare, lotus, ...) so machine noise hits both alike. Reported: median train
-images/s over epochs after the first, and the ratio lotus/bare (target >= 0.95).
+Same model, batch size, data (digits tensors in memory, no augmentation), optimiser and thread count;
+runs are interleaved (bare, lotus, lotus+recipe, bare, ...) so machine noise hits all alike. Reported:
+median train images/s over epochs after the first, per-repeat ratios (median, range) of lotus/bare
+(target >= 0.95: recipe options off cost nothing) and of lotus+EMA+mixup / lotus (target: overhead
+<= 10 %). ``--compile`` instead compares ``train.compile: true`` with eager on the same model (step-time
+ratio, and the compile time = the first epoch's extra seconds).
 
     python benchmarks/loop_overhead.py               # full
+    python benchmarks/loop_overhead.py --compile     # torch.compile vs eager (CPU: inductor, C++ compiler)
     python benchmarks/loop_overhead.py --quick       # smoke run
 """
 from __future__ import annotations
@@ -32,8 +36,12 @@ def make_cfg(args) -> dict:
         "model": {"name": args.model, "img_size": args.img_size, "patch_size": args.patch_size},
         "data": {"name": "digits", "batch_size": args.batch_size},
         "optim": {"name": "adamw", "lr": 1e-3},
-        "train": {"epochs": args.epochs, "warmup_epochs": 0.0, "grad_clip": 1.0, "seed": 0, "eval_every": args.epochs},
+        "train": {"epochs": args.epochs, "warmup_epochs": 0.0, "grad_clip": 1.0, "seed": 0, "eval_every": args.epochs,
+                  "threads": args.threads},
     }
+
+
+RECIPE = {"mixup": {"enabled": True, "mixup_alpha": 0.8, "cutmix_alpha": 1.0}, "ema": {"enabled": True, "eval": False}}
 
 
 def bare_loop(cfg) -> list[float]:
@@ -63,6 +71,7 @@ def bare_loop(cfg) -> list[float]:
 def lotus_loop(cfg) -> list[float]:
     t = Trainer(cfg, write=False, quiet=True)
     rates: list[float] = []
+    wall: list[float] = []
     from lotus.callbacks import Callback
 
     class Rec(Callback):
@@ -72,6 +81,32 @@ def lotus_loop(cfg) -> list[float]:
     t.callbacks.append(Rec())
     t.fit()
     return rates
+
+
+def _ratio_stats(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+
+
+def compare_compile(args) -> None:
+    eager_cfg = config_from_dict(make_cfg(args))
+    comp = make_cfg(args)
+    comp["train"]["compile"] = True
+    comp_cfg = config_from_dict(comp)
+    eager, compiled, first_extra = [], [], []
+    for _ in range(args.repeats):
+        e, c = lotus_loop(eager_cfg), lotus_loop(comp_cfg)
+        eager += e[1:]
+        compiled += c[1:]
+        n = 1437 - round(1437 * 0.2)  # train images per epoch (digits, 20 % held out)
+        first_extra.append(n / c[0] - n / e[0])
+    ratios = [c / e for c, e in zip(compiled, eager)]
+    rows = [["eager", round(statistics.median(eager), 1)], ["torch.compile", round(statistics.median(compiled), 1)],
+            ["speed ratio compile/eager, per epoch (median, range)", _ratio_stats(ratios)],
+            ["compile time: first epoch extra seconds (median)", round(statistics.median(first_extra), 1)]]
+    table = md_table(["loop", "train img/s (median)"], rows)
+    write_results(None if args.quick else args.out, "loop_compile",
+                  {"args": vars(args), "eager": eager, "compiled": compiled, "ratios": ratios,
+                   "compile_s": first_extra}, table)
 
 
 def main() -> None:
@@ -84,20 +119,33 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every loop (fixed: fair comparison)")
+    ap.add_argument("--compile", action="store_true", help="compare train.compile: true with eager instead")
     args = ap.parse_args()
     if args.quick:
         args.model, args.epochs, args.repeats, args.patch_size = "lotus_vit_micro", 2, 1, 4
+    torch.set_num_threads(args.threads)
+    if args.compile:
+        return compare_compile(args)
     cfg = config_from_dict(make_cfg(args))
-    bare, lot = [], []
+    recipe_cfg = config_from_dict({**make_cfg(args), **RECIPE})
+    bare, lot, rec, r_lotus, r_recipe = [], [], [], [], []
     for _ in range(args.repeats):
-        bare += bare_loop(cfg)[1:]
-        lot += lotus_loop(cfg)[1:]
+        b, l_, r = bare_loop(cfg)[1:], lotus_loop(cfg)[1:], lotus_loop(recipe_cfg)[1:]
+        bare += b
+        lot += l_
+        rec += r
+        r_lotus.append(statistics.median(l_) / statistics.median(b))
+        r_recipe.append(statistics.median(r) / statistics.median(l_))
     b, l_ = statistics.median(bare), statistics.median(lot)
-    rows = [["bare PyTorch loop", round(b, 1)], ["lotus Trainer", round(l_, 1)], ["ratio lotus/bare", round(l_ / b, 3)]]
+    rows = [["bare PyTorch loop", round(b, 1)], ["lotus Trainer", round(l_, 1)],
+            ["lotus Trainer + EMA + mixup/cutmix", round(statistics.median(rec), 1)],
+            ["ratio lotus/bare, per repeat (median, range)", _ratio_stats(r_lotus)],
+            ["ratio (lotus + EMA + mixup)/lotus, per repeat", _ratio_stats(r_recipe)]]
     table = md_table(["loop", "train img/s (median)"], rows)
     write_results(None if args.quick else args.out, "loop_overhead",
-                  {"args": vars(args), "bare": bare, "lotus": lot, "ratio": l_ / b}, table)
-
+                  {"args": vars(args), "bare": bare, "lotus": lot, "lotus_recipe": rec, "ratio": l_ / b,
+                   "ratios_lotus_bare": r_lotus, "ratios_recipe_lotus": r_recipe}, table)
 
 if __name__ == "__main__":
     main()

@@ -85,6 +85,9 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", step: int) -> None:
         """After ``optimizer.step()`` (e.g. re-apply masks, prune on a schedule)."""
 
+    def on_model_thinned(self, trainer: "Trainer", report: dict) -> None:
+        """After structured thinning (``report``: ``pruning.prune_structured``'s): follow the new shapes."""
+
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         return {}

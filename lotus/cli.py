@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "outliers": ("lotus.commands.outliers", "per-layer outlier-feature metrics (kurtosis, max/median) of a model"),
     "quantcheck": ("lotus.commands.quantcheck", "accuracy drop of simulated int8 W8A8 quantisation"),
     "plan": ("lotus.commands.plan", "plan per-block memory optimisation and sharding under a memory budget"),
+    "export": ("lotus.commands.export", "export weights for plain timm: model.safetensors + config.json + load.py"),
 }
 
 

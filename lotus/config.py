@@ -10,6 +10,8 @@ import yaml
 
 from lotus.checkpoint import atomic_write_text
 from lotus.errors import ConfigError
+from lotus.features.ema.config import EmaConfig
+from lotus.features.mixup.config import MixupConfig
 from lotus.features.outliers.config import OutliersConfig
 from lotus.features.pruning.config import PruningConfig
 from lotus.features.schedule.config import ScheduleConfig
@@ -78,6 +80,8 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata={"min": 0.0, "min_exclusive": True})
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     nesterov: bool = False
+    # layer-wise lr decay (BEiT/DeiT-III fine-tuning): groups from timm.optim.create_optimizer_v2, lr x decay^depth
+    layer_decay: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
@@ -94,13 +98,21 @@ class TrainConfig:
     grad_clip: float | None = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # fp16: CUDA only, with a GradScaler
     deterministic: bool = True
-    threads: int | None = field(default=None, metadata={"min": 1})
+    # auto (CPU): the fastest thread count for this model, timed at start and re-checked when step time jumps
+    # (not bit-reproducible across machine loads); an int pins it; null keeps torch's default
+    threads: int | Literal["auto"] | None = field(default="auto", metadata={"min": 1})
     eval_every: int = field(default=1, metadata={"min": 1})
     max_steps: int | None = field(default=None, metadata={"min": 1})
     # steps between checks that the loss stayed finite (each check is one host sync; epochs end with one too)
     finite_check_every: int = field(default=100, metadata={"min": 1})
+    accumulate_steps: int = field(default=1, metadata={"min": 1})  # micro-batches per optimiser step
+    clip_mode: Literal["norm", "value", "agc"] = "norm"  # how grad_clip applies (timm.utils.dispatch_clip_grad)
+    loss: Literal["ce", "bce"] = "ce"  # bce: binary cross-entropy on (smoothed / mixed) one-hot targets
+    bce_target_thresh: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    compile: bool = False  # torch.compile the model (inductor; CPU needs a C++ compiler)
+    log_every_n_steps: int = field(default=0, metadata={"min": 0})  # step records in metrics.jsonl (0: off)
 
 @dataclass
 class OutputConfig:
@@ -108,6 +120,7 @@ class OutputConfig:
     save_best: bool = True
     save_last: bool = True
     report: bool = True
+    tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install lotus-vit[tensorboard])
 
 
 @dataclass
@@ -122,6 +135,8 @@ class Config:
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     name: str = "run"
     # what the user gave (file, ``base:`` merged, plus ``--set`` overrides): what ``save_config`` writes
     source: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -130,6 +145,9 @@ class Config:
         """Cross-section rules: the feature sections must fit the run's schedule (built, then dropped:
         the Trainer builds its own; the config is never changed)."""
         Schedule(self)
+        if self.ema.enabled and self.pruning.masks_enabled:
+            raise ConfigError("ema.enabled: not supported together with pruning masks (pruning.method "
+                              f"{self.pruning.method!r}) yet; structured thinning works with EMA")
 
 
 def _parse_scalar(text: str) -> Any:

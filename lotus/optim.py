@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_layer_decay
 
 from lotus.errors import ConfigError
 from lotus.features.outliers.optimizers import build
@@ -38,7 +39,12 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
 
     A bad ``optim.extra`` keyword or value raises a :class:`~lotus.errors.ConfigError` naming it.
     """
-    groups = param_groups(model, optim_cfg.weight_decay)
+    if getattr(optim_cfg, "layer_decay", None):
+        bare = getattr(model, "module", model)  # timm's grouping by block depth (group_matcher of the model)
+        groups = param_groups_layer_decay(bare, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay,
+                                          no_weight_decay_list=set(getattr(bare, "no_weight_decay", lambda: set())()))
+    else:
+        groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
     try:
         if name == "adamw":

@@ -26,7 +26,11 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict], dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise LotusError(f"report: {path} line {n} is not JSON") from None
-            (epochs if rec.get("type") == "epoch" else events).append(rec)
+            kind = rec.get("type")
+            if kind == "epoch":
+                epochs.append(rec)
+            elif kind == "event":
+                events.append(rec)  # "step" records (train.log_every_n_steps) are not part of the report
     summary: dict[str, Any] = {}
     spath = os.path.join(run_dir, "summary.json")
     if os.path.isfile(spath):

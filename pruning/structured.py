@@ -38,7 +38,7 @@ from .structured_importance import LossFn, unit_scores
 from .structured_units import Unit, find_blocks
 from .structured_widths import check_thinnable, get_widths
 
-__all__ = ["prune_structured"]
+__all__ = ["prune_structured", "apply_kept"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,3 +173,18 @@ def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: O
         "kept": kept,
         "kept_indices": kept_indices,
     }
+
+
+def apply_kept(model: nn.Module, kept: dict[str, dict[str, list[int]]]) -> nn.Module:
+    """Thin ``model`` to exactly the heads / neurons in ``kept`` (``prune_structured``'s ``report["kept"]``),
+    in place: for a second copy of the same architecture (an EMA model, a teacher) that must follow the
+    decision made on the first."""
+    blocks = find_blocks(model)
+    for bname, fields in kept.items():
+        if bname not in blocks:
+            raise ValueError(f"kept: block {bname} is not in the model")
+        for field, idx in fields.items():
+            unit = blocks[bname].attn if field == "heads" else blocks[bname].mlp
+            device = next(model.parameters()).device
+            unit.thin(torch.as_tensor(idx, dtype=torch.long, device=device))
+    return model

@@ -14,7 +14,7 @@ TINY = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
     "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512},
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
-    "train": {"epochs": 2, "warmup_epochs": 0.2, "seed": 0, "label_smoothing": 0.0},
+    "train": {"epochs": 2, "warmup_epochs": 0.2, "seed": 0, "label_smoothing": 0.0, "threads": 1},
 }
 
 

@@ -12,9 +12,11 @@ examples:
               --out pruned/
   lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --method magnitude --sparsity 0.6
   lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --sweep magnitude --out sweep/
+  lotus prune --checkpoint runs/x/best.safetensors --method structured --heads 0.25 --out pruned/
 
 --model builds a timm model by name (--calib then supplies data only); --config takes model and data from a
-training config. On CPU, 2:4 has no sparse kernels: masked dense weights are used and the report says so.
+training config. A --checkpoint written by Lotus records its model section (name, sizes, kwargs, block), which
+is the default for every model setting that --model/--config/--img-size/--num-classes do not give. On CPU, 2:4 has no sparse kernels: masked dense weights are used and the report says so.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--model", "-m", help="timm model name (e.g. vit_small_patch16_224)")
     src.add_argument("--config", "-c", help="training config: model and data sections (instead of --model)")
-    src.add_argument("--checkpoint", help="weights to prune: .safetensors or a torch state dict (weights_only)")
+    src.add_argument("--checkpoint", help="weights to prune: .safetensors or a torch state dict (weights_only); "
+                     "a Lotus file also gives the model (no --model/--config needed)")
     src.add_argument("--pretrained", action="store_true",
                      help="timm pretrained weights (downloads; offline: use --checkpoint)")
     src.add_argument("--num-classes", type=int, help="classifier size (default: from --checkpoint, the data, or timm)")
@@ -98,8 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if args.model and args.config:
         raise LotusError("prune: pass --model NAME or --config FILE, not both (--calib adds data to --model)")
-    if not args.model and not args.config:
-        raise LotusError("prune: pass --model NAME (a timm model) or --config FILE")
+    if not args.model and not args.config and not args.checkpoint:
+        raise LotusError("prune: pass --model NAME (a timm model), --config FILE, or a --checkpoint written by Lotus "
+                         "(it records its model)")
     if args.checkpoint and args.pretrained:
         raise LotusError("prune: pass --checkpoint FILE or --pretrained, not both")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     if args.sweep:
-        return _run_sweep(args, model, bundle, device, dtype, classes_ok)
+        return _run_sweep(args, model, mcfg.name, bundle, device, dtype, classes_ok)
 
     example = torch.randn(args.batch_size, *input_size(model, bundle), generator=torch.Generator().manual_seed(0))
     example = example.to(device=device, dtype=dtype)
@@ -189,10 +193,8 @@ def run(args: argparse.Namespace) -> int:
         pruning.make_permanent(model)
     weights_path = os.path.join(args.out, "model.safetensors")
 
-    meta = {"model": mcfg.name, "method": args.method, "num_classes": getattr(model, "num_classes", None),
-            "img_size": mcfg.img_size, "in_chans": mcfg.in_chans, "source": args.checkpoint or
-            ("pretrained" if args.pretrained else "random init")}
-    save_weights(model.float() if dtype != torch.float32 else model, weights_path, meta)
+    meta = {"method": args.method, "source": args.checkpoint or ("pretrained" if args.pretrained else "random init")}
+    save_weights(model.float() if dtype != torch.float32 else model, weights_path, meta, model_cfg=mcfg)
     model.to(dtype=dtype)
     after = stats(model, example)  # counted before 2:4 conversion: FlopCounterMode cannot trace sparse tensors
     if args.method == "2:4":
@@ -266,8 +268,8 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype,
-               classes_ok: bool) -> int:
+def _run_sweep(args: argparse.Namespace, model: nn.Module, name: str, bundle: Any, device: torch.device,
+               dtype: torch.dtype, classes_ok: bool) -> int:
 
     if not classes_ok:
         raise LotusError(f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
@@ -277,9 +279,9 @@ def _run_sweep(args: argparse.Namespace, model: nn.Module, bundle: Any, device: 
     result = essential_sparsity_sweep(
         model, lambda m: accuracy(m, bundle, device, dtype, args.max_eval), step=args.sweep_step,
         max_sparsity=args.max_sparsity, scope=args.scope or "layer", tolerance=args.tolerance, filter_fn=keep)
-    result.update(model=model.__class__.__name__ if not args.model else args.model, seconds=time.perf_counter() - t0,
+    result.update(model=name, seconds=time.perf_counter() - t0,
                   source=args.checkpoint or ("pretrained" if args.pretrained else "random init"))
-    paths = save_sweep(result, args.out, title=f"Essential sparsity: {args.model or args.config}")
+    paths = save_sweep(result, args.out, title=f"Essential sparsity: {name}")
     print(sweep_markdown(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from lotus.checkpoint import read_state_dict
+from lotus.checkpoint import load_weights, model_config_from_checkpoint, read_model_metadata, read_state_dict
 from lotus.config import ModelConfig, load_config
 from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
@@ -42,30 +43,42 @@ def checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | No
             int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
 
 
-def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
-    """(model, model_cfg, data bundle or None)."""
-
+def _model_config(args: argparse.Namespace, data_cfg: Any) -> ModelConfig:
+    """The model section: --config's (or --model's), with a --checkpoint's recorded section as defaults."""
     if args.config:
-        mcfg = copy.deepcopy(data_cfg.model)
-    else:
+        mcfg, given = copy.deepcopy(data_cfg.model), dict(data_cfg.source.get("model") or {})
+    elif args.model:
         if not timm.is_model(args.model):
             import difflib
 
             close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
             raise LotusError(f"--model: unknown timm model {args.model!r}{hint}")
-        mcfg = ModelConfig(name=args.model)
+        mcfg, given = ModelConfig(name=args.model), {"name": args.model}
+    else:
+        mcfg, given = ModelConfig(), {}
     # --checkpoint wins; else a --config's own model.checkpoint (unless --pretrained)
     ckpt = args.checkpoint or (mcfg.checkpoint if args.config and not args.pretrained else None)
     if ckpt and not os.path.isfile(ckpt):
         raise LotusError(f"model.checkpoint: file not found: {ckpt}")
     args.checkpoint = ckpt
+    if ckpt:
+        if not args.model and not args.config and not read_model_metadata(ckpt, "--checkpoint"):
+            raise LotusError(f"--checkpoint: {ckpt} records no model (not written by Lotus, or by an older "
+                             "version); pass --model NAME or --config FILE")
+        mcfg = model_config_from_checkpoint(mcfg, ckpt, given, "--checkpoint")
     mcfg.checkpoint = None
     mcfg.pretrained = bool(args.pretrained)
     if args.img_size:
         mcfg.img_size = args.img_size
     if args.num_classes:
         mcfg.num_classes = args.num_classes
+    return mcfg
+
+
+def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]:
+    """(model, model_cfg, data bundle or None)."""
+    mcfg = _model_config(args, data_cfg)
     ck_classes, ck_chans = checkpoint_shapes(args.checkpoint, mcfg.name)
     if mcfg.num_classes is None and ck_classes is not None:
         mcfg.num_classes = ck_classes
@@ -95,8 +108,6 @@ def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]
                              "pass --checkpoint FILE (a local .safetensors or state dict) instead") from None
         raise
     if args.checkpoint:
-        from lotus.checkpoint import load_weights
-
         load_weights(model, args.checkpoint, key="--checkpoint")
     return model, mcfg, bundle
 
@@ -128,7 +139,8 @@ def accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.d
         out = m(x.to(dtype=dtype))
         return out[0] if isinstance(out, tuple) else out
 
-    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward)["val_acc"]
+    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward,
+                    progress=sys.stderr.isatty())["val_acc"]
 
 
 def stats(model: nn.Module, example: torch.Tensor) -> dict:

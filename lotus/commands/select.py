@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data_tickets import POLICIES, SCORERS, PatchTicket, TicketFile, score, select
+from lotus.checkpoint import load_weights, model_config_from_checkpoint
 from lotus.config import load_config
 from lotus.data import build_datasets
 from lotus.errors import LotusError, library_error
@@ -131,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError("--proxy-epochs: forgetting needs >= 2 epochs")
     t0 = time.perf_counter()
 
+    ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
+    if ckpt:  # the model section the checkpoint records fills in what the config does not set
+        given = dict(cfg.source.get("model") or {}, **({"name": args.model} if args.model else {}))
+        cfg.model = model_config_from_checkpoint(cfg.model, ckpt, given, "--checkpoint")
     data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     train_set, labels = data.train, data.labels_train
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -139,10 +144,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = proxy = None
     proxy_meta: dict | None = None
-    if args.checkpoint:
-        ckpt = _checkpoint_file(args.checkpoint)
-        mcfg = dataclasses.replace(cfg.model, name=args.model or cfg.model.name, checkpoint=ckpt, pretrained=False)
-        model = create_model(mcfg, data.num_classes, data.in_chans, data.img_size).to(device).eval()
+    if ckpt:
+        mcfg = dataclasses.replace(cfg.model, name=args.model or cfg.model.name, checkpoint=None, pretrained=False)
+        model = create_model(mcfg, data.num_classes, data.in_chans, data.img_size)
+        model = load_weights(model, ckpt, key="--checkpoint").to(device).eval()
         proxy_meta = {"checkpoint": os.path.abspath(ckpt), "model": mcfg.name}
     elif scorer is not None or args.patches is not None:
         proxy = make_proxy(cfg, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,

@@ -5,6 +5,8 @@ examples:
   lotus train --config configs/digits.yaml --set optim.lr=1e-3 --set train.epochs=5 --out runs/try1
   lotus train --resume runs/try1                 # continue from runs/try1/state.pt
   lotus train --resume runs/try1 --set train.epochs=20   # continue and train longer
+  lotus train --config configs/digits.yaml --out runs/try1 --force   # start runs/try1 over
+  lotus train --config configs/digits.yaml --print-config            # every key, with its default
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import argparse
 import json
 import os
 
-from lotus.config import load_config
+import yaml
+
+from lotus.config import config_to_dict, load_config
 from lotus.errors import LotusError
+from lotus.parallel.runtime import destroy
 from lotus.training import Trainer
 
 __all__ = ["add_arguments", "run"]
@@ -26,28 +31,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable; VALUE is YAML)")
     p.add_argument("--out", "-o", metavar="DIR", help="run directory (default: output.dir or runs/<name>-<time>)")
+    p.add_argument("--force", action="store_true", help="start over in a --out that holds a run (deletes that "
+                   "run's files; nothing else in the folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--print-config", action="store_true", help="print the full resolved config (every key, "
+                   "defaults filled in) as YAML and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.resume):
         raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")
+    if args.print_config:
+        path = os.path.join(args.resume, "config.yaml") if args.resume else args.config
+        print(yaml.safe_dump(config_to_dict(load_config(path, args.set)), sort_keys=False), end="")
+        return 0
     if args.resume:
         if not os.path.isdir(args.resume):
             raise LotusError(f"--resume: {args.resume} is not a run directory")
-        if args.out:
-            raise LotusError("--out: cannot be combined with --resume (the run continues in its own directory)")
+        if args.out or args.force:
+            flag = "--out" if args.out else "--force"
+            raise LotusError(f"{flag}: cannot be combined with --resume (the run continues in its own directory)")
+        if not os.path.isfile(os.path.join(args.resume, "config.yaml")):
+            raise LotusError(f"--resume: {args.resume} has no config.yaml (not a Lotus run directory)")
         cfg = load_config(os.path.join(args.resume, "config.yaml"), args.set)
-        trainer = Trainer(cfg, run_dir=args.resume, resume=True, quiet=args.quiet)
+        trainer = Trainer(cfg, run_dir=args.resume, resume=True, quiet=args.quiet, overrides=args.set)
     else:
         cfg = load_config(args.config, args.set)
-        trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet)
+        trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet, force=args.force, overrides=args.set)
     summary = trainer.fit()
     if trainer.dist.world_size > 1:
         # all ranks meet, then tear gloo/nccl down before the interpreter exits: leaving the group to
         # interpreter shutdown can abort a rank ("terminate called without an active exception")
-        from lotus.parallel.runtime import destroy
-
         destroy()
     if not args.quiet and trainer.dist.is_main:
         acc = summary.get("final_val_acc")

@@ -1,13 +1,14 @@
 """The one list of training features: which config section turns each on, what it may change on the
 trainer, and the order its hooks run in.
 
-Order is the data path: which samples (``subset``), in which order (``sampler``), then the model (pruning),
-then which tokens (``forward``), then monitoring. Slots a feature writes, and the hook that writes each:
+Order is the data path: which samples (``subset``), in which order (``sampler``), how they are mixed
+(``batch``), then the model (pruning, then its EMA), then which tokens (``forward``), then monitoring. Slots a feature writes, and the hook that writes each:
 
 =========== ============================ ===================================================================
 slot        hook                         meaning
 =========== ============================ ===================================================================
 subset      ``epoch_subset``             the epoch's train indices (at most one feature answers per epoch)
+batch       ``transform_batch``          the training batch and its targets (e.g. mixup's soft targets)
 sampler     ``epoch_sampler``            the epoch's index order drawn from the subset
 loss        ``per_sample_loss``          re-weighted per-sample losses
 forward     ``wrap_forward``             the training forward (e.g. kept patch tokens only)
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from lotus.callbacks import Callback, overrides
 from lotus.config import Config
 from lotus.features.dynamic.callback import DynamicPruningCallback
+from lotus.features.ema.callback import EmaCallback
+from lotus.features.mixup.callback import MixupCallback
 from lotus.features.outliers.callback import OutlierMonitor
 from lotus.features.patches.callback import PatchTicketsCallback
 from lotus.features.pruning.callback import PruningCallback
@@ -31,8 +34,8 @@ from lotus.features.tickets.callback import TicketSubset
 
 __all__ = ["Feature", "FEATURES", "SLOT_HOOKS", "build_callbacks"]
 
-SLOT_HOOKS: dict[str, str] = {"subset": "epoch_subset", "sampler": "epoch_sampler", "loss": "per_sample_loss",
-                              "forward": "wrap_forward"}
+SLOT_HOOKS: dict[str, str] = {"subset": "epoch_subset", "sampler": "epoch_sampler", "batch": "transform_batch",
+                              "loss": "per_sample_loss", "forward": "wrap_forward"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ FEATURES: tuple[Feature, ...] = (
             if cfg.tickets.dynamic.enabled else []),
     Feature("pruning", "pruning", ("model",),
             lambda cfg, s: [PruningCallback(cfg.pruning)] if cfg.pruning.enabled else []),
+    Feature("mixup", "mixup", ("batch",),
+            lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else []),
+    Feature("ema", "ema", (), lambda cfg, s: [EmaCallback(cfg.ema)] if cfg.ema.enabled else []),
     Feature("patches", "tickets.patches", ("forward",),
             lambda cfg, s: [PatchTicketsCallback(cfg.tickets.patches, cfg.train.seed, s.patch_keep_rates)]
             if cfg.tickets.patches.enabled else []),

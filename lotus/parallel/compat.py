@@ -16,6 +16,7 @@ Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a 
   2:4 sparse kernels are per rank / cannot be all-reduced. (``lotus.prune`` refuses the same
   combination when it builds its callback; this check reports it when the config is loaded.)
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
+* ``ema`` under FSDP2: the EMA copy is not sharded.
 """
 from __future__ import annotations
 
@@ -57,3 +58,6 @@ def check_compat(cfg: Any) -> None:
     if sharded and optim in ("soap", "shampoo"):
         raise ConfigError(f"optim.name: {optim} is not supported with {where} (its preconditioners need whole "
                           "parameter matrices, FSDP2 shards them); use parallel.mode ddp or optim.name adamw")
+    if sharded and _get(cfg, "ema.enabled", False):
+        raise ConfigError(f"ema.enabled: not supported with {where} (the EMA copy would need the same FSDP2 "
+                          "sharding); use parallel.mode ddp or none")

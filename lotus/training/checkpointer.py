@@ -5,8 +5,9 @@ Files in the run directory (every write atomic, see :mod:`lotus.checkpoint`):
 * ``state.pt``: model and optimiser (full, rank-agnostic state dicts), lr-schedule position, the
   :class:`~lotus.training.state.TrainState` counters, every RNG, the epoch subset, each callback's state
   (keyed by class name) and the events so far; loaded with ``weights_only=True``.
-* ``best.safetensors`` / ``last.safetensors``: plain weights with the model's block widths in the metadata,
-  so a thinned model loads anywhere (``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``).
+* ``best.safetensors`` / ``last.safetensors``: plain weights with the full model section (name, resolved
+  sizes, kwargs, block, widths) in the metadata, so a thinned model loads anywhere (``lotus export``,
+  ``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``) and commands take ``--checkpoint`` alone.
 
 On resume, callbacks get their saved state first, then ``on_load_checkpoint`` (where pruning rebuilds
 thinned widths and masks), then the model weights load.
@@ -75,9 +76,11 @@ class CheckpointManager:
         set_full_state(trainer.model, trainer.optimizer, None, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.state.load_state_dict(state)
+        trainer.stepper.load_state_dict(state.get("stepper") or {})
         restore_rng(state, trainer.augment.gen)
         trainer.subset = None if state.get("subset") is None else state["subset"].numpy()
         trainer.run_log.events[:] = list(state.get("events", []))
+        trainer.resumed_log_bytes = state.get("log_bytes")
 
     @staticmethod
     def _restore_callbacks(trainer: "Trainer", state: dict) -> None:
@@ -99,7 +102,8 @@ class CheckpointManager:
             **trainer.state.state_dict(), **capture_rng(trainer.augment.gen),
             "subset": None if trainer.subset is None else torch.as_tensor(np.asarray(trainer.subset)),
             "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer.callbacks)},
-            "events": list(trainer.run_log.events),
+            "events": list(trainer.run_log.events), "log_bytes": trainer.run_log.size(),
+            "stepper": trainer.stepper.state_dict(),
         }
 
     def save(self, trainer: "Trainer", metrics: dict) -> None:
@@ -109,6 +113,7 @@ class CheckpointManager:
         state = self.state_of(trainer)
         if not trainer.dist.is_main:
             return
+        state["last_metrics"] = dict(metrics)  # a run killed after its last checkpoint is finalised from it
         bare = unwrap(trainer.model)
         full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
         out = trainer.cfg.output
@@ -118,9 +123,11 @@ class CheckpointManager:
         if acc is not None and acc > st.best_acc:
             st.best_acc = state["best_acc"] = acc
             if out.save_best:
-                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full)
+                save_weights(bare, os.path.join(self.run_dir, "best.safetensors"), meta, state_dict=full,
+                             model_cfg=trainer.cfg.model)
         if out.save_last:
-            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full)
+            save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full,
+                         model_cfg=trainer.cfg.model)
         save_state(self.state_path, state)
 
 

@@ -9,7 +9,20 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-__all__ = ["RunLog"]
+from lotus.errors import LotusError
+from lotus.training.run_dir import truncate_log
+
+__all__ = ["RunLog", "tensorboard_writer"]
+
+
+def tensorboard_writer(log_dir: str) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` (the optional ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency
+    except ImportError:
+        raise LotusError("output.tensorboard: needs the tensorboard package (pip install 'lotus-vit[tensorboard]' "
+                         "or pip install tensorboard), or set output.tensorboard: false") from None
+    return SummaryWriter(log_dir=log_dir)
 
 
 class RunLog:
@@ -19,21 +32,35 @@ class RunLog:
     ``show``: whether it prints epoch lines and events (``quiet`` off, rank 0).
     """
 
-    def __init__(self, run_dir: str, write: bool, show: bool):
+    def __init__(self, run_dir: str, write: bool, show: bool, tensorboard: bool = False):
         self.run_dir, self.write, self.show = run_dir, write, show
         self.events: list[dict] = []
         self._file: IO[str] | None = None
+        self.tensorboard = tensorboard and write
+        self._tb: Any = None
 
     @property
     def path(self) -> str:
         return os.path.join(self.run_dir, "metrics.jsonl")
 
-    def open(self) -> None:
+    def open(self, truncate_to: int | None = None) -> None:
+        """Open metrics.jsonl for appending; on resume first cut it back to its length at the checkpoint
+        (``truncate_to`` bytes), so work redone after a kill is not recorded twice."""
         if self.write:
             os.makedirs(self.run_dir, exist_ok=True)
+            truncate_log(self.path, truncate_to)
             self._file = open(self.path, "a")
+        if self.tensorboard:
+            self._tb = tensorboard_writer(os.path.join(self.run_dir, "tensorboard"))
+
+    def size(self) -> int | None:
+        """Bytes written to metrics.jsonl so far (saved with each checkpoint)."""
+        return self._file.tell() if self._file is not None else None
 
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -43,6 +70,11 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._tb is not None and record.get("type") in ("epoch", "step"):
+            kind = record["type"]
+            for key, value in record.items():
+                if key not in ("type", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def event(self, record: dict) -> None:
         """Keep an event for the summary, write it, and print its scalar fields."""

@@ -1,7 +1,7 @@
 """One optimisation step, and the loss bookkeeping that keeps it free of host syncs.
 
 The step is plain PyTorch: forward (the trainer's possibly-wrapped forward), per-sample loss, callbacks'
-re-weighting, mean, backward, clip, optimiser step. The loss is summed on the device; whether it stayed
+re-weighting, mean, backward (accumulated over micro-batches), clip, optimiser step. The loss is summed on the device; whether it stayed
 finite is tracked on the device too (with the first bad step) and looked at only every
 ``train.finite_check_every`` steps and at the end of each epoch, so on CUDA no step waits for the host.
 """
@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from lotus.callbacks import Callback, Forward
+from lotus.training.loss import per_sample_loss
 
-__all__ = ["LossMeter", "train_step"]
+__all__ = ["LossMeter", "Stepper"]
 
 
 class LossMeter:
@@ -57,22 +58,53 @@ class LossMeter:
         return float(self.loss_sum) / max(self.count, 1)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward: Forward, callbacks: Sequence[Callback],
-               trainer: Any, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-               autocast: Callable[[], Any], label_smoothing: float = 0.0,
-               grad_clip: float | None = None) -> torch.Tensor:
-    """Forward, loss, backward and optimiser step on one batch; returns the (detached) mean loss."""
-    with autocast():
-        logits = forward(model, images, index)
-    loss_vec = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
-    for cb in callbacks:
-        loss_vec = cb.per_sample_loss(trainer, loss_vec, index)
-    loss = loss_vec.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for cb in callbacks:
-        cb.on_after_backward(trainer)
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach()
+class Stepper:
+    """Optimisation steps over micro-batches: ``accumulate`` micro-batches per optimiser step (the loss of
+    each divided by ``accumulate``), clipping by norm / value / AGC (``timm.utils.dispatch_clip_grad``) and,
+    for fp16, a ``torch.amp.GradScaler``. ``micro_step`` returns the detached mean loss of the micro-batch
+    and whether the optimiser stepped."""
+
+    def __init__(self, train_cfg: Any, device: torch.device, fp16: bool = False):
+        self.cfg = train_cfg
+        self.accumulate = int(train_cfg.accumulate_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=True) if fp16 else None
+        self.micro = 0
+
+    def start_epoch(self) -> None:
+        self.micro = 0
+
+    def micro_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, forward: Forward,
+                   callbacks: Sequence[Callback], trainer: Any, images: torch.Tensor, targets: torch.Tensor,
+                   index: torch.Tensor, autocast: Callable[[], Any], last: bool) -> tuple[torch.Tensor, bool]:
+        c = self.cfg
+        with autocast():
+            logits = forward(model, images, index)
+        loss_vec = per_sample_loss(logits, targets, c.loss, c.label_smoothing, c.bce_target_thresh)
+        for cb in callbacks:
+            loss_vec = cb.per_sample_loss(trainer, loss_vec, index)
+        loss = loss_vec.mean()
+        self.micro += 1
+        scaled = loss / self.accumulate if self.accumulate > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.micro % self.accumulate and not last:
+            return loss.detach(), False
+        for cb in callbacks:
+            cb.on_after_backward(trainer)
+        if c.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            dispatch_clip_grad(model.parameters(), c.grad_clip, mode=c.clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), True
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,9 +35,12 @@ from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
 from lotus.training.checkpointer import CheckpointManager, full_model_state
+from lotus.training.run_dir import RunDir
 from lotus.training.run_log import RunLog
+from lotus.training.runtime import maybe_compile, setup_runtime
 from lotus.training.state import TrainState
-from lotus.training.step import LossMeter, train_step
+from lotus.training.step import LossMeter, Stepper
+from lotus.training.threads import ThreadTuner, probe_step_fn
 
 __all__ = ["Trainer", "train"]
 
@@ -82,9 +84,12 @@ class Trainer:
     best_acc = _Counter()
 
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None, run_dir: str | None = None,
-                 resume: bool = False, quiet: bool = False, write: bool = True):
+                 resume: bool = False, quiet: bool = False, write: bool = True, force: bool = False,
+                 overrides: list[str] | None = None):
         self.cfg = cfg
         self.resume = resume
+        self.force = force
+        self.overrides = list(overrides or [])  # the --set of this invocation (recorded in config_history.jsonl)
         self.quiet = quiet
         self.write = write
         self.dist = _init_distributed(cfg)
@@ -93,8 +98,12 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.callbacks: list[Callback] = build_callbacks(cfg, self.schedule) + list(callbacks or [])
         self.state = TrainState()
-        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main)
+        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main,
+                              tensorboard=cfg.output.tensorboard)
         self.checkpoints = CheckpointManager(self.run_dir, write)
+        self.dir = RunDir(self.run_dir)
+        self.resumed_log_bytes: int | None = None
+        self.restored = False
         self.forward: Forward = default_forward
         self.plan: EpochPlan = self.schedule.plan(0)
         self.subset: np.ndarray | None = None
@@ -108,26 +117,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _setup_runtime(self) -> None:
-        t = self.cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        if t.device == "cuda" and not torch.cuda.is_available():
-            raise LotusError("train.device: cuda requested but no CUDA device is available")
-        if self.dist.world_size > 1:  # torchrun chose this rank's device
-            self.device = self.dist.device
-        else:
-            self.device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        bf16 = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.autocast: Callable[[], Any] = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
-        torch.manual_seed(t.seed)  # same init on every rank
-        np.random.seed(t.seed % 2**32)
-        random.seed(t.seed)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        rt = setup_runtime(self.cfg.train, self.dist)
+        self.device, self.autocast = rt.device, rt.autocast
+        self.stepper = Stepper(self.cfg.train, self.device, fp16=rt.fp16)
 
     def _setup_data(self) -> None:
         self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans)
@@ -146,6 +138,7 @@ class Trainer:
                 self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
                 build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
                 autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
+        self.model = maybe_compile(self.model, self.cfg.train, self.device)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
@@ -226,12 +219,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict:
-        """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict."""
+        """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict.
+
+        The process that writes the run directory holds its lock for the whole run."""
+        owner = self.run_log.write
+        if owner:
+            self.dir.lock()
+        try:
+            return self._fit(self.dir.prepare(self.resume, self.force) if owner else [])
+        finally:
+            self.dir.unlock()
+
+    def _fit(self, notes: list[str]) -> dict:
         cfg = self.cfg
-        state = self.checkpoints.load() if self.resume else None
-        if state is None and self.run_log.write and os.path.exists(self.run_log.path):
-            raise LotusError(f"output.dir: {self.run_dir} already holds a run; resume it with --resume "
-                             f"{self.run_dir} or choose another --out")
+        restart = self.resume and not self.dir.has_state and self.dir.has_run  # half-made: start over
+        state = self.checkpoints.load() if self.resume and not restart else None
         self._setup_runtime()
         self._setup_data()
         self._setup_model(state)
@@ -239,18 +241,27 @@ class Trainer:
         if state is not None:
             self.checkpoints.restore_training(self, state)
             capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
-            if self.epoch >= cfg.train.epochs or capped:
+            finished = self.epoch >= cfg.train.epochs or capped
+            if finished and os.path.exists(self.dir.file("summary.json")):
                 raise LotusError(f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
                                  "pass --set train.epochs=N (or train.max_steps) with a larger value to continue")
-        self.run_log.open()
-        if self.run_log.write:
+        resumed_at = self.step
+        self.restored = state is not None  # features log their start-of-run events only when False
+        config_pending = self.resume  # a resumed run's --set reaches config.yaml with its first checkpoint
+        if self.run_log.write and not config_pending:  # before the log: a log always has its config
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.run_log.open(truncate_to=self.resumed_log_bytes)
+        for note in notes:
+            self.log("run_dir", note=note)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         for cb in self.callbacks:
             self.forward = cb.wrap_forward(self, self.forward)
+        self.thread_tuner = (ThreadTuner() if cfg.train.threads == "auto" and self.device.type == "cpu"
+                             and self.dist.world_size == 1 else None)
         steps_cap = cfg.train.max_steps
-        last_metrics: dict = {}
+        last_metrics: dict = dict(state.get("last_metrics") or {}) if state is not None else {}  # killed
+        # after the last checkpoint: the loop below has nothing left and the run is finalised
         try:
             for epoch in range(self.epoch, cfg.train.epochs):
                 if steps_cap is not None and self.step >= steps_cap:
@@ -271,6 +282,9 @@ class Trainer:
                 self.run_log.record(last_metrics)
                 self.run_log.print(RunLog.epoch_line(last_metrics, cfg.train.epochs))
                 self.checkpoints.save(self, last_metrics)
+                if config_pending and self.run_log.write:
+                    self.dir.record_config(cfg, resumed_at, self.overrides)
+                    config_pending = False
             summary = self._summary(last_metrics)
             for cb in self.callbacks:
                 cb.on_fit_end(self, summary)  # may still log events
@@ -282,6 +296,11 @@ class Trainer:
             if cfg.output.report:
                 write_report(self.run_dir)
         return summary
+
+    def _tune_threads(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``train.threads: auto``: time a few probe steps (on a copy of the model) per thread count."""
+        self.thread_tuner.tune(probe_step_fn(unwrap(self.model), x, y, autocast=self.autocast))
+        self.log("threads_tuned", **self.thread_tuner.describe())
 
     def _check_finite(self, meter: LossMeter, epoch: int) -> None:
         bad = meter.first_non_finite(self.dist.world_size)  # every rank checks at the same steps
@@ -297,7 +316,9 @@ class Trainer:
         order = self._epoch_indices(epoch)
         bs = cfg.data.batch_size
         n_batches = max(1, math.ceil(len(order) / bs))
-        self.steps_per_epoch = n_batches
+        self.steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate_steps)  # optimiser steps
+        self.stepper.start_epoch()
+        log_every = cfg.train.log_every_n_steps
         self.model.train()
         meter = LossMeter(self.device)
         check_every = cfg.train.finite_check_every
@@ -316,12 +337,25 @@ class Trainer:
             if epoch_flops is None:
                 epoch_flops = self._measure_flops(x, idx)
             self.scheduler.set_position(epoch + b / n_batches)
-            loss = train_step(self.model, self.optimizer, self.forward, self.callbacks, self, x, y, idx,
-                              self.autocast, cfg.train.label_smoothing, cfg.train.grad_clip)
+            tuner = self.thread_tuner
+            if tuner is not None and tuner.threads is None:  # first batch of the run (also after a resume)
+                self._tune_threads(x, y)
+            t_step = time.perf_counter()
+            loss, stepped = self.stepper.micro_step(self.model, self.optimizer, self.forward, self.callbacks, self,
+                                                    x, y, idx, self.autocast, last=b + 1 == n_batches)
+            meter.add(loss, len(y), self.step + 1)
+            if tuner is not None and tuner.observe(time.perf_counter() - t_step):
+                self._tune_threads(x, y)
+            if not stepped:
+                continue
             self.step += 1
-            meter.add(loss, len(y), self.step)
             if self.step % check_every == 0:
                 self._check_finite(meter, epoch)
+            if log_every and self.step % log_every == 0:  # one host sync per record
+                self.run_log.record({"type": "step", "epoch": epoch + 1, "step": self.step, "loss": float(loss),
+                                     "lr": self.optimizer.param_groups[0]["lr"],
+                                     "throughput": round(meter.count * self.dist.world_size /
+                                                         max(time.perf_counter() - t0, 1e-9), 2)})
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step)  # may replace self.model / self.optimizer
         self._check_finite(meter, epoch)

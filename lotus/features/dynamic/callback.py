@@ -51,8 +51,9 @@ class DynamicPruningCallback(Callback):
                 raise LotusError(f"tickets.dynamic: cannot resume the pruner state ({e})") from None
             self.pruned_total = int(self._pending.get("pruned_total", 0))
             self._annealing_logged = bool(self._pending.get("annealing_logged", False))
-        trainer.log("dynamic_pruning", ratio=self.cfg.ratio, anneal=self.anneal, seed=self.seed,
-                    prune_epochs=self.pruner.prune_epochs, train_size=n)
+        if not trainer.restored:  # logged once per run, not again on resume
+            trainer.log("dynamic_pruning", ratio=self.cfg.ratio, anneal=self.anneal, seed=self.seed,
+                        prune_epochs=self.pruner.prune_epochs, train_size=n)
 
     def epoch_sampler(self, trainer: "Trainer", epoch: int, subset: np.ndarray | None) -> DynamicPruner:
         p = self.pruner

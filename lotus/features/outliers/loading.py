@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lotus.checkpoint import load_weights
+from lotus.checkpoint import load_weights, model_config_from_checkpoint
 from lotus.config import load_config
 from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
@@ -37,12 +37,15 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | None = None,
                         device: str = "auto") -> LoadedModel:
-    """Build the config's model and datasets, then load ``checkpoint`` (safetensors or state dict)."""
+    """Build the config's model and datasets, then load ``checkpoint`` (safetensors or state dict).
+
+    The model section the checkpoint records (Lotus files) supplies every model key the config does not set."""
     if not checkpoint:
         raise LotusError("--checkpoint: required (a .safetensors or state-dict file from a run)")
     if not os.path.isfile(checkpoint):
         raise LotusError(f"--checkpoint: file not found: {checkpoint}")
     cfg = load_config(config, overrides or [])
+    cfg.model = model_config_from_checkpoint(cfg.model, checkpoint, cfg.source.get("model"), "--checkpoint")
     data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
     model_cfg = dataclasses.replace(cfg.model, checkpoint=None, pretrained=False)
     model = create_model(model_cfg, data.num_classes, data.in_chans, data.img_size)

@@ -89,11 +89,12 @@ class PatchTicketsCallback(Callback):
                                  f"the train split has {n}")
         if self._pending:
             self.refresh_seconds = float(self._pending.get("refresh_seconds", 0.0))
-        trainer.log("patch_tickets", source=self.cfg.source, scorer=self.cfg.scorer, rollout=self.cfg.rollout,
-                    keep_rate=self.cfg.keep_rate if not self.cfg.schedule else None,
-                    schedule=[list(p) for p in self.schedule.points], num_patches=self.num_patches,
-                    refresh_every=self.cfg.refresh_every if self.cfg.source == "online" else None,
-                    file=os.path.abspath(self.cfg.file) if self.cfg.file else None)
+        if not trainer.restored:  # logged once per run, not again on resume
+            trainer.log("patch_tickets", source=self.cfg.source, scorer=self.cfg.scorer, rollout=self.cfg.rollout,
+                        keep_rate=self.cfg.keep_rate if not self.cfg.schedule else None,
+                        schedule=[list(p) for p in self.schedule.points], num_patches=self.num_patches,
+                        refresh_every=self.cfg.refresh_every if self.cfg.source == "online" else None,
+                        file=os.path.abspath(self.cfg.file) if self.cfg.file else None)
 
     def wrap_forward(self, trainer: "Trainer", forward: Forward) -> Forward:
         def kept_forward(model: torch.nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class PatchTicketsCallback(Callback):
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         self.epoch = epoch
         rate = float(self.schedule(epoch))
-        if rate != self.keep_rate or epoch == 0 or self.k == 0:
+        if epoch == 0 or rate != float(self.schedule(epoch - 1)):  # a function of the epoch: no repeat on resume
             trainer.log("keep_rate", keep_rate=round(rate, 6), kept_patches=num_kept(self.num_patches, rate),
                         num_patches=self.num_patches)
         self.keep_rate = rate

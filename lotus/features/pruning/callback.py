@@ -109,6 +109,8 @@ class PruningCallback(Callback):
                 new.load_state_dict(slice_optimizer_state(old_state, report["kept_indices"], names))
 
         trainer.rebuild_optimizer(carry_state)
+        for cb in trainer.callbacks:  # e.g. the EMA copy is thinned the same way
+            cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
         trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
@@ -185,7 +187,7 @@ class PruningCallback(Callback):
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         c = self.cfg
-        if c.sparse_kernels and trainer.device.type != "cuda":
+        if c.sparse_kernels and trainer.device.type != "cuda" and not trainer.restored:
             trainer.log("sparse_kernels", swapped=0, note=CPU_NOTE)
         self._batch = 0
         progress = float(trainer.epoch)

@@ -54,8 +54,9 @@ class TicketSubset(Callback):
                              "restore the original file or start a new run")
         self.indices = idx
         n = len(trainer.train_set)
-        trainer.log("tickets", file=os.path.abspath(self.path), count=int(idx.size), train_size=n,
-                    fraction=round(idx.size / n, 6), scorer=ticket.scorer, policy=ticket.policy, seed=ticket.seed)
+        if not trainer.restored:  # logged once per run, not again on resume
+            trainer.log("tickets", file=os.path.abspath(self.path), count=int(idx.size), train_size=n,
+                        fraction=round(idx.size / n, 6), scorer=ticket.scorer, policy=ticket.policy, seed=ticket.seed)
 
     def epoch_subset(self, trainer: "Trainer", epoch: int) -> np.ndarray | None:
         return self.indices

@@ -1,0 +1,133 @@
+"""The run directory as a resource: one process at a time, no stale temp files, and a clear answer to
+"what is in here" (nothing, a half-made run, a run with a checkpoint) before anything is written.
+
+The lock is an exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` held for the whole run (the kernel drops it
+when the process dies, so a SIGKILL never leaves a stale lock); the file holds the holder's pid for the
+error message a second process gets.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+import time
+from typing import IO
+
+from lotus.config import Config, save_config
+from lotus.errors import LotusError
+
+__all__ = ["RunDir", "RUN_FILES", "truncate_log"]
+
+# Files a Lotus run writes (what --force removes; anything else in the folder is left alone).
+RUN_FILES = ("metrics.jsonl", "state.pt", "best.safetensors", "last.safetensors", "summary.json", "report.md",
+             "curves.png", "config.yaml", "config_history.jsonl", "outliers.md", "outliers_history.png",
+             "outliers_layers.png", "dynamic_ticket.npz", "ema.safetensors")
+
+
+class RunDir:
+    """One run directory: ``lock()`` it, then ask what it holds (``has_state``, ``has_run``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock: IO[str] | None = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def has_state(self) -> bool:
+        return os.path.isfile(self.file("state.pt"))
+
+    @property
+    def has_run(self) -> bool:
+        """Something a run wrote: a log or a saved config (a half-made run has these but no state.pt)."""
+        return any(os.path.exists(self.file(n)) for n in ("metrics.jsonl", "config.yaml", "state.pt"))
+
+    # ------------------------------------------------------------------ lock
+    def lock(self) -> None:
+        """Take the run-dir lock or raise a one-line error naming the process that holds it."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise LotusError(f"output.dir: {self.path} exists and is not a directory")
+        os.makedirs(self.path, exist_ok=True)
+        f = open(self.file(".lock"), "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise LotusError(f"output.dir: {self.path} is in use by another Lotus process (pid {holder}); "
+                             "wait for it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    # --------------------------------------------------------------- cleanup
+    def remove_stale_temps(self) -> list[str]:
+        """Delete temp files a killed writer left (``.tmp-<name>-*``); only call while holding the lock."""
+        stale = sorted(glob.glob(self.file(".tmp-*")))
+        for p in stale:
+            os.remove(p)
+        return stale
+
+    def clear_run(self, keep: tuple[str, ...] = ()) -> list[str]:
+        """Delete the files of the run that is here (only Lotus' own outputs, except ``keep``)."""
+        gone = [n for n in RUN_FILES if n not in keep and os.path.exists(self.file(n))]
+        for n in gone:
+            os.remove(self.file(n))
+        return gone
+
+    def record_config(self, cfg: Config, resumed_at: int, overrides: list[str]) -> None:
+        """After a resumed run's first checkpoint: its config (with this invocation's ``--set``) becomes the
+        run's ``config.yaml``, and the overrides are appended to ``config_history.jsonl``."""
+        save_config(cfg, self.file("config.yaml"))
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_at_step": resumed_at, "overrides": overrides}
+        with open(self.file("config_history.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def prepare(self, resume: bool, force: bool) -> list[str]:
+        """Make the locked folder ready for a run; returns notes for the event log.
+
+        A new run needs a folder without a run (``force`` deletes the old one); ``resume`` continues from
+        ``state.pt``, or restarts a half-made run (a config and a log but no checkpoint yet)."""
+        notes = []
+        stale = self.remove_stale_temps()
+        if stale:
+            notes.append(f"removed {len(stale)} temp file(s) a killed write left: {', '.join(map(os.path.basename, stale))}")
+        if resume:
+            if not self.has_state and self.has_run:
+                self.clear_run(keep=("config.yaml",))
+                notes.append("no checkpoint yet: the run starts over from its config.yaml")
+            return notes
+        if self.has_run and not self.has_state and not os.path.exists(self.file("config.yaml")):
+            notes.append(f"removed what a run killed before saving its config left ({', '.join(self.clear_run())})")
+        if self.has_run:
+            if force:
+                notes.append(f"--force: removed the previous run ({', '.join(self.clear_run())})")
+            elif self.has_state:
+                raise LotusError(f"output.dir: {self.path} already holds a run; resume it with --resume {self.path}, "
+                                 "start over with --force, or choose another --out")
+            else:
+                raise LotusError(f"output.dir: {self.path} holds a run that stopped before its first checkpoint; "
+                                 f"restart it with --resume {self.path}, start over with --force, or choose another --out")
+        return notes
+
+
+def truncate_log(path: str, size: int | None) -> None:
+    """Cut ``metrics.jsonl`` back to ``size`` bytes (its length at the restored checkpoint), dropping the
+    records of work a killed run did after it; ``None`` (an older state) leaves the file as it is."""
+    if size is None or not os.path.isfile(path) or os.path.getsize(path) <= size:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
