@@ -73,3 +73,21 @@ def test_train_and_resume_cli(tmp_path, tiny_yaml):
     assert [x["epoch"] for x in recs if x["type"] == "epoch"] == [1, 2]
     r = run_cli("train", "--config", str(tiny_yaml), "--out", str(out), "--quiet")
     assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
+def test_pretrained_without_network_fails_fast_in_one_line(monkeypatch, capsys):
+    """No HF_HUB_OFFLINE, but the hub unreachable: one line within seconds, not minutes of retries."""
+    import socket
+    import time
+
+    def unreachable(*a, **kw):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    t0 = time.perf_counter()
+    code = main(["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_224",
+                 "--set", "model.pretrained=true", "--set", "train.epochs=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not in the local hub cache" in err[0] and "model.checkpoint" in err[0]
+    assert time.perf_counter() - t0 < 5

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lotus.checkpoint import load_weights
 from lotus.errors import ConfigError, LotusError
 from lotus.models import vit as _vit  # noqa: F401  (registers lotus_vit_* with timm)
+from lotus.models.hub import hub_reachable, offline_pretrained_overlay
 from lotus.models.op_block import op_model_kwargs
 
 __all__ = ["create_model", "model_kwargs", "resolve_img_size", "unwrap"]
@@ -78,6 +79,8 @@ def create_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int 
 
 def _build(model_cfg: Any, kw: dict, pretrained: bool) -> nn.Module:
     """``timm.create_model`` with its failures as one-line errors naming the config key."""
+    if pretrained and not hub_reachable():  # fail (or use the cache) now, not after minutes of retries
+        kw = {**kw, "pretrained_cfg_overlay": offline_pretrained_overlay(model_cfg.name)}
     try:
         return timm.create_model(model_cfg.name, pretrained=pretrained, **kw)
     except TypeError as e:
