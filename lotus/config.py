@@ -10,6 +10,7 @@ import yaml
 
 from lotus.checkpoint import atomic_write_text
 from lotus.errors import ConfigError
+from lotus.features.distill.config import DistillConfig
 from lotus.features.ema.config import EmaConfig
 from lotus.features.mixup.config import MixupConfig
 from lotus.features.outliers.config import OutliersConfig
@@ -137,6 +138,7 @@ class Config:
     lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     name: str = "run"
     # what the user gave (file, ``base:`` merged, plus ``--set`` overrides): what ``save_config`` writes
     source: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -91,6 +91,9 @@ def worker(out_dir: str, plan_path: str) -> None:
     from lotus.parallel.runtime import destroy
 
     destroy()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads can still abort the process
 
 
 def _free_port() -> int:

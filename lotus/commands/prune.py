@@ -3,7 +3,9 @@
 Writes the pruned weights (safetensors; thinned block widths in the metadata, so `lotus` reloads them) and a
 report (report.json + report.md): params, nonzeros, FLOPs (torch.utils.flop_counter), per-layer sparsity or
 per-block widths, latency before/after measured on this device, and val accuracy before/after when data is
-given (--config or --calib).
+given (--config or --calib). --finetune-epochs N then recovers accuracy: the pruned model is fine-tuned on the
+data of --config/--calib (optionally distilled from the unpruned model, --distill), and the report gives the
+accuracy before pruning, after pruning and after recovery (see lotus/commands/prune_recover.py).
 
 examples:
   lotus prune --model vit_small_patch16_224 --checkpoint weights.safetensors --method structured \\
@@ -13,6 +15,8 @@ examples:
   lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --method magnitude --sparsity 0.6
   lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --sweep magnitude --out sweep/
   lotus prune --checkpoint runs/x/best.safetensors --method structured --heads 0.25 --out pruned/
+  lotus prune --config configs/digits.yaml --checkpoint runs/x/best.safetensors --method structured \\
+              --heads 0.25 --mlp 0.5 --finetune-epochs 5 --distill --out pruned/
 
 --model builds a timm model by name (--calib then supplies data only); --config takes model and data from a
 training config. A --checkpoint written by Lotus records its model section (name, sizes, kwargs, block), which
@@ -33,10 +37,11 @@ from torch import nn
 
 import pruning
 from lotus.checkpoint import atomic_write_text, save_weights
+from lotus.commands import prune_recover
 from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
 from lotus.errors import LotusError, library_error
 from lotus.features.pruning.checks import check_nm_shapes
-from pruning.masks import make_filter
+from pruning.masks import make_filter, masks_state
 from pruning.report import format_report
 from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
@@ -47,7 +52,8 @@ _METHODS = ("magnitude", "wanda", "nm", "2:4", "structured")
 _FLAGS = {"sparsity": "--sparsity", "scope": "--scope", "n": "--n", "m": "--m", "score": "--score",
           "heads": "--heads", "mlp": "--mlp", "importance": "--importance", "round_to": "--round-to",
           "calib_loader": "--calib", "min_heads": "--heads", "min_mlp": "--mlp"}
-_OUTPUTS = ("model.safetensors", "report.json", "report.md", "sweep.json", "sweep.png", "sweep.md")
+_OUTPUTS = ("model.safetensors", "report.json", "report.md", "sweep.json", "sweep.png", "sweep.md",
+            "pruned.safetensors", "teacher.safetensors", "finetune")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=32, help="latency batch size")
     run_.add_argument("--latency-iters", type=int, default=10, help="timed forward passes (0: skip latency)")
     run_.add_argument("--max-eval", type=int, help="evaluate on at most this many validation images")
+    prune_recover.add_arguments(p)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -146,6 +153,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LotusError("--device: cuda requested but no CUDA device is available")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise LotusError(f"--out: {args.out} exists and is not a folder")
+    prune_recover.check_args(args)
     taken = [f for f in _OUTPUTS if os.path.exists(os.path.join(args.out, f))]
     if taken and not args.force:
         raise LotusError(f"--out: {args.out} already holds {taken[0]}; pass --force to overwrite or choose "
@@ -183,17 +191,25 @@ def run(args: argparse.Namespace) -> int:
     elif bundle is not None:
         notes.append(f"val accuracy skipped: the model has {getattr(model, 'num_classes', '?')} classes, "
                      f"the data {bundle.num_classes}")
+    finetune = args.finetune_epochs > 0
+    if finetune and not classes_ok:
+        raise LotusError(f"--finetune-epochs: the model predicts {getattr(model, 'num_classes', '?')} classes, the "
+                         f"data has {bundle.num_classes}; recovery fine-tunes a model trained on this data")
+    meta = {"method": args.method, "source": args.checkpoint or ("pretrained" if args.pretrained else "random init")}
+    teacher_path = os.path.join(args.out, "teacher.safetensors") if args.distill else None
+    if teacher_path:  # the unpruned model, as the fine-tune's teacher
+        save_weights(model.float() if dtype != torch.float32 else model, teacher_path,
+                     {**meta, "method": "none", "teacher": True}, model_cfg=mcfg)
+        model.to(dtype=dtype)
     calib_data = calib(bundle, args.calib_batches, data_cfg.data.batch_size if data_cfg else 32)
     dense = copy.deepcopy(model) if args.latency_iters > 0 else None  # timed side by side with the result
     report = _prune(args, model, calib_data)
     notes += report.get("notes", [])
+    masks = None
     if args.method != "structured":
-        import pruning
-
+        masks = masks_state(model) if finetune else None  # what the fine-tune must keep
         pruning.make_permanent(model)
-    weights_path = os.path.join(args.out, "model.safetensors")
-
-    meta = {"method": args.method, "source": args.checkpoint or ("pretrained" if args.pretrained else "random init")}
+    weights_path = os.path.join(args.out, "pruned.safetensors" if finetune else "model.safetensors")
     save_weights(model.float() if dtype != torch.float32 else model, weights_path, meta, model_cfg=mcfg)
     model.to(dtype=dtype)
     after = stats(model, example)  # counted before 2:4 conversion: FlopCounterMode cannot trace sparse tensors
@@ -219,6 +235,14 @@ def run(args: argparse.Namespace) -> int:
             full["model_sparsity" if k == "model" else k] = v
     if before.get("latency") and after.get("latency"):
         full["speedup"] = before["latency"]["median_ms"] / after["latency"]["median_ms"]
+    if finetune:
+        del model
+        rec = prune_recover.recover(args, data_cfg, mcfg, bundle, device, dtype, weights_path, teacher_path, masks)
+        full["recovery"] = rec
+        full["accuracy"] = {"before_pruning": before.get("val_acc"), "after_pruning": after.get("val_acc"),
+                            "after_recovery": rec["val_acc"]}
+        full["files"] = {"weights": os.path.join(args.out, "model.safetensors"), "pruned": weights_path,
+                         **({"teacher": teacher_path} if teacher_path else {}), "finetune_dir": rec["run_dir"]}
     return _write_report(args, full)
 
 
@@ -298,10 +322,12 @@ def _write_report(args: argparse.Namespace, report: dict) -> int:
         text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
     if report.get("speedup"):
         text += f"\nlatency speedup (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x"
+    if report.get("recovery"):
+        text += "\n\n" + prune_recover.markdown(report)
     header = f"# lotus prune: {report['model_name']} ({report['method']})\n\n"
     json_path, md_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "report.md")
     atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
     atomic_write_text(md_path, header + text + "\n")
     print(header + text)
-    print(f"\nwrote {report['files']['weights']}, {json_path}, {md_path}")
+    print(f"\nwrote {', '.join(map(str, report['files'].values()))}, {json_path}, {md_path}")
     return 0

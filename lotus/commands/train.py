@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import yaml
 
@@ -59,13 +60,16 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet, force=args.force, overrides=args.set)
     summary = trainer.fit()
-    if trainer.dist.world_size > 1:
-        # all ranks meet, then tear gloo/nccl down before the interpreter exits: leaving the group to
-        # interpreter shutdown can abort a rank ("terminate called without an active exception")
-        destroy()
     if not args.quiet and trainer.dist.is_main:
         acc = summary.get("final_val_acc")
         best = summary.get("best_val_acc")
         print(json.dumps({k: summary[k] for k in ("run_dir", "epochs", "steps", "wall_s")}
                          | {"final_val_acc": acc, "best_val_acc": best}))
+    if trainer.dist.world_size > 1:
+        # all ranks meet, then tear gloo/nccl down; skip interpreter teardown, where gloo's threads can still
+        # abort a rank ("terminate called without an active exception") after all work is saved
+        destroy()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

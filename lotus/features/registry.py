@@ -8,7 +8,7 @@ Order is the data path: which samples (``subset``), in which order (``sampler``)
 slot        hook                         meaning
 =========== ============================ ===================================================================
 subset      ``epoch_subset``             the epoch's train indices (at most one feature answers per epoch)
-batch       ``transform_batch``          the training batch and its targets (e.g. mixup's soft targets)
+batch       ``transform_batch``          the batch and its targets (mixup's, then distill's soft targets)
 sampler     ``epoch_sampler``            the epoch's index order drawn from the subset
 loss        ``per_sample_loss``          re-weighted per-sample losses
 forward     ``wrap_forward``             the training forward (e.g. kept patch tokens only)
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from lotus.callbacks import Callback, overrides
 from lotus.config import Config
+from lotus.features.distill.callback import DistillCallback
 from lotus.features.dynamic.callback import DynamicPruningCallback
 from lotus.features.ema.callback import EmaCallback
 from lotus.features.mixup.callback import MixupCallback
@@ -61,6 +62,8 @@ FEATURES: tuple[Feature, ...] = (
             lambda cfg, s: [PruningCallback(cfg.pruning)] if cfg.pruning.enabled else []),
     Feature("mixup", "mixup", ("batch",),
             lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else []),
+    Feature("distill", "distill", ("batch",),  # after mixup: the teacher labels the mixed images
+            lambda cfg, s: [DistillCallback(cfg.distill, cfg.train.label_smoothing)] if cfg.distill.enabled else []),
     Feature("ema", "ema", (), lambda cfg, s: [EmaCallback(cfg.ema)] if cfg.ema.enabled else []),
     Feature("patches", "tickets.patches", ("forward",),
             lambda cfg, s: [PatchTicketsCallback(cfg.tickets.patches, cfg.train.seed, s.patch_keep_rates)]

@@ -1,0 +1,1 @@
+"""Knowledge distillation (``distill:``): a frozen teacher's softmax mixed into the training targets."""
