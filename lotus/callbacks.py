@@ -19,9 +19,11 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from lotus.training import Trainer
+Trainer = Any
+"""Annotation for ``lotus.training.Trainer`` in hooks (that module imports the features, so they cannot
+import it back; its attributes are documented in docs/architecture.md)."""
 
-__all__ = ["Callback", "Forward", "default_forward", "HOOKS", "overrides"]
+__all__ = ["Callback", "Forward", "Trainer", "default_forward", "HOOKS", "overrides"]
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``forward(model, images, index) -> logits``: the training forward (patch tickets replace it)."""

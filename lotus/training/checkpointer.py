@@ -15,20 +15,18 @@ thinned widths and masks), then the model weights load.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from lotus.callbacks import Trainer
 from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
 from lotus.errors import LotusError
 from lotus.models import unwrap
 from lotus.parallel.checkpoint import get_full_state, is_sharded, set_full_state
 from lotus.training.state import capture_rng, restore_rng
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training.trainer import Trainer
 
 __all__ = ["CheckpointManager", "callback_keys", "full_model_state"]
 

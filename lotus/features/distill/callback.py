@@ -11,20 +11,17 @@ distillation at temperature 1 (no ``T^2`` rescaling; a hotter temperature is not
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.checkpoint import load_weights, model_config_from_checkpoint, read_model_metadata
 from lotus.config import ModelConfig
 from lotus.errors import LotusError
 from lotus.features.distill.config import DistillConfig
 from lotus.models import create_model
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["DistillCallback", "build_teacher"]
 

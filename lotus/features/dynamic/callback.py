@@ -11,18 +11,14 @@ multi-rank runs (scores are merged across ranks every epoch).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from data_tickets import DynamicPruner
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.errors import LotusError
 from lotus.features.dynamic.config import DynamicConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["DynamicPruningCallback"]
 

@@ -8,19 +8,15 @@ run continues the same average.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from timm.utils import ModelEmaV3
 
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.checkpoint import save_weights
 from lotus.errors import LotusError
 from lotus.features.ema.config import EmaConfig
 from pruning.structured import apply_kept
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["EmaCallback"]
 

@@ -8,17 +8,12 @@ timm's Mixup needs an even batch; an odd last batch mixes all but its last sampl
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.features.mixup.config import MixupConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["MixupCallback"]
 

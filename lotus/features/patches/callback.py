@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,15 +22,12 @@ from data_tickets import KeepRateSchedule, PatchTicket, apply_patch_tickets
 from data_tickets.attention import capture_attention
 from data_tickets.keep_rate import num_kept
 from data_tickets.patches import random_patch_scores
-from lotus.callbacks import Callback, Forward
+from lotus.callbacks import Callback, Forward, Trainer
 from lotus.data import batches
 from lotus.errors import LotusError
 from lotus.features.patches.config import PatchConfig
 from lotus.features.tickets.callback import load_ticket
 from lotus.models import unwrap
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["PatchTicketsCallback"]
 

@@ -14,13 +14,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import pruning
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
 from lotus.errors import LotusError, library_error
 from lotus.features.pruning.checks import check_nm_shapes
@@ -28,9 +27,6 @@ from lotus.features.pruning.config import PruningConfig
 from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["PruningCallback"]
 

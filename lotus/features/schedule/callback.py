@@ -3,17 +3,13 @@ train on the selected subset during the reduced phase (see :mod:`lotus.features.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from data_tickets import score, select
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.features.schedule.config import ReselectConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["ReselectCallback"]
 

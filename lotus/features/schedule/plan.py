@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from data_tickets import POLICIES, SCORERS, KeepRateSchedule
 from lotus.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.config import Config
+Config = Any  # lotus.config.Config (which imports this module to validate schedules)
 
 __all__ = ["Schedule", "EpochPlan", "Phase"]
 

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data_tickets import TicketFile
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.errors import LotusError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lotus.training import Trainer
 
 __all__ = ["TicketSubset", "load_ticket"]
 
