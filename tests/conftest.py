@@ -39,3 +39,12 @@ def tiny_yaml(tmp_path, tiny_cfg_dict):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_cfg_dict))
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread for the test and restore the previous count after (CLI runs may change it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
