@@ -53,7 +53,7 @@ def _time_to(epochs: list[dict], target: float, key: str) -> float:
 def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
     """Params, nonzeros, forward FLOPs/img and inference img/s of the run's final model."""
     img = resolve_img_size(cfg.model)
-    data = build_datasets(cfg.data, img, cfg.model.in_chans)
+    data = build_datasets(cfg.data, img, cfg.model.in_chans, model_cfg=cfg.model)
     cfg.model.pretrained = False
     cfg.model.checkpoint = os.path.join(run_dir, "last.safetensors")
     model = create_model(cfg.model, data.num_classes, data.in_chans, img).eval()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 
 from lotus.checkpoint import atomic_write_text
+from lotus.data_transforms import TransformConfig
 from lotus.errors import ConfigError
 from lotus.features.distill.config import DistillConfig
 from lotus.features.ema.config import EmaConfig
@@ -24,7 +25,7 @@ from lotus.parallel.config import ParallelConfig
 from lotus.schema import to_dict, validate
 
 __all__ = [
-    "Config", "ModelConfig", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "OutputConfig",
+    "Config", "ModelConfig", "DataConfig", "AugmentConfig", "TransformConfig", "OptimConfig", "TrainConfig", "OutputConfig",
     "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
 ]
 
@@ -69,7 +70,19 @@ class DataConfig:
     num_workers: int = field(default=0, metadata={"min": 0})
     normalize: bool = True
     limit_train: int | None = field(default=None, metadata={"min": 2})
+    # imagefolder: memory decodes every image once (uint8) and augments on the fly; none decodes each epoch
+    cache: Literal["none", "memory"] = "none"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)  # timm's PIL transforms (off by default)
+
+    def check(self, prefix: str) -> None:
+        if self.cache == "memory" and self.name != "imagefolder":
+            raise ConfigError(f"{prefix}.cache: memory is for imagefolder ({self.name} is held in memory already)")
+        a = self.augment
+        on = [k for k in ("random_crop", "hflip", "random_erasing", "rotate", "scale") if getattr(a, k)]
+        if self.transform.enabled and on:
+            raise ConfigError(f"{prefix}.augment.{on[0]}: the tensor augmenter does not combine with "
+                              f"{prefix}.transform (timm); use its options (scale, hflip, re_prob, auto_augment)")
 
 
 @dataclass
@@ -83,11 +96,23 @@ class OptimConfig:
     nesterov: bool = False
     # layer-wise lr decay (BEiT/DeiT-III fine-tuning): groups from timm.optim.create_optimizer_v2, lr x decay^depth
     layer_decay: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    # lr schedule after train.warmup_epochs (timm.scheduler); cosine/poly/tanh decay to train.min_lr by
+    # train.epochs - cooldown_epochs, then hold it; step: x decay_rate every decay_epochs; multistep: x decay_rate
+    # at each of decay_milestones; plateau: x decay_rate after patience_epochs evaluations without a better val_acc
+    sched: Literal["cosine", "step", "multistep", "plateau", "poly", "tanh"] = "cosine"
+    cooldown_epochs: float = field(default=0.0, metadata={"min": 0.0})
+    decay_epochs: float = field(default=30.0, metadata={"min": 0.0, "min_exclusive": True})
+    decay_milestones: list[float] = field(default_factory=lambda: [30.0, 60.0])
+    decay_rate: float = field(default=0.1, metadata={"min": 0.0, "min_exclusive": True})  # poly: the power
+    patience_epochs: int = field(default=10, metadata={"min": 0})
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas: expected two floats in [0, 1), got {self.betas!r}")
+        if any(b <= a for a, b in zip(self.decay_milestones, self.decay_milestones[1:])) or \
+                any(m <= 0 for m in self.decay_milestones):
+            raise ConfigError(f"{prefix}.decay_milestones: expected increasing epochs > 0, got {self.decay_milestones!r}")
 
 
 @dataclass
@@ -122,6 +147,8 @@ class OutputConfig:
     save_last: bool = True
     report: bool = True
     tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install lotus-vit[tensorboard])
+    # also keep the N best epochs' weights (by val_acc) as checkpoint-<epoch>.safetensors + checkpoints.json
+    keep_checkpoints: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass
@@ -147,6 +174,10 @@ class Config:
         """Cross-section rules: the feature sections must fit the run's schedule (built, then dropped:
         the Trainer builds its own; the config is never changed)."""
         Schedule(self)
+        if self.optim.sched in ("cosine", "poly", "tanh") and \
+                self.optim.cooldown_epochs >= self.train.epochs - self.train.warmup_epochs > 0:
+            raise ConfigError(f"optim.cooldown_epochs: {self.optim.cooldown_epochs} leaves no decay between the "
+                              f"warm-up ({self.train.warmup_epochs}) and train.epochs ({self.train.epochs})")
         if self.ema.enabled and self.pruning.masks_enabled:
             raise ConfigError("ema.enabled: not supported together with pruning masks (pruning.method "
                               f"{self.pruning.method!r}) yet; structured thinning works with EMA")

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lotus.data_cache import Decoded, NativeSize, decoded, from_worker, pil_to_chw
+from lotus.data_transforms import SeededTransformDataset, build_transform, resolve_mean_std, timm_data_config
+from lotus.data_transforms import uses_pretrained_norm as _pretrained_norm
 from lotus.errors import LotusError, RankError
 
 __all__ = ["TensorImageDataset", "DataBundle", "build_datasets", "batches", "Augmenter"]
@@ -33,7 +36,8 @@ def _fit_channels(x: torch.Tensor, chans: int) -> torch.Tensor:
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as a float tensor [N, C, h, w] in [0, 1]; resized/normalised on access."""
+    """Images held in memory as a float tensor [N, C, h, w] in [0, 1] (or uint8 in [0, 255]); resized and
+    normalised on access."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, chans: int,
                  mean: torch.Tensor, std: torch.Tensor, classes: list[str]):
@@ -46,7 +50,9 @@ class TensorImageDataset(Dataset):
         return len(self.labels)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw batch [B, C, h, w] in [0,1] -> model input [B, chans, img, img], normalised."""
+        """Raw batch [B, C, h, w] in [0,1] (or uint8) -> model input [B, chans, img, img], normalised."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         x = _fit_channels(x, self.chans)
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
@@ -63,25 +69,30 @@ class TensorImageDataset(Dataset):
 class _FolderDataset(Dataset):
     """torchvision ImageFolder that returns (image, label, index)."""
 
-    def __init__(self, folder: Any, img_size: int, chans: int, normalize: bool = True):
+    def __init__(self, folder: Any, img_size: int, chans: int, mean: list[float], std: list[float]):
         from torchvision import transforms as T
 
         self.folder, self.classes = folder, folder.classes
         self.labels = torch.tensor(folder.targets, dtype=torch.long)
-        mode = "L" if chans == 1 else "RGB"
-        self.transform = T.Compose([
-            T.Lambda(lambda im: im.convert(mode)),
-            T.Resize((img_size, img_size), antialias=True),
-            T.ToTensor(),
-            *([T.Normalize([0.5] * chans, [0.5] * chans)] if normalize else []),
-        ])
+        self.mode = "L" if chans == 1 else "RGB"
+        self.resize = T.Resize((img_size, img_size), antialias=True)
+        self.transform = T.Compose([self.resize, T.ToTensor(), T.Normalize(mean, std)])
+
+    def pil(self, i: int) -> tuple[Any, int]:
+        """Sample ``i`` decoded, in the model's colour mode, and its label."""
+        path, label = self.folder.samples[i]
+        return load_image(path, self.folder.loader).convert(self.mode), int(label)
+
+    def load_size(self, i: int) -> np.ndarray:
+        """Sample ``i`` resized to the load size (what every epoch would resize it to), uint8 [C, H, W]."""
+        return pil_to_chw(self.resize(self.pil(i)[0]))
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        path, label = self.folder.samples[i]
-        return self.transform(load_image(path, self.folder.loader)), int(label), int(i)
+        image, label = self.pil(i)
+        return self.transform(image), label, int(i)
 
 
 def load_image(path: str, loader: Any) -> Any:
@@ -104,6 +115,7 @@ class DataBundle:
     img_size: int
     labels_train: np.ndarray
     classes: list[str]
+    train_aug: Dataset | None = None  # the training loop's view (timm's random transform); None: ``train``
 
 
 def _split(labels: np.ndarray, val_fraction: float | None, seed: int,
@@ -163,7 +175,7 @@ def _torchvision(cfg: Any):
     return xtr, ytr, xva, yva, [str(c) for c in ds.classes]
 
 
-def _imagefolder(cfg: Any, img_size: int, chans: int | None):
+def _imagefolder(cfg: Any, img_size: int, chans: int | None, model_cfg: Any):
     from torchvision.datasets import ImageFolder
 
     out = []
@@ -185,21 +197,71 @@ def _imagefolder(cfg: Any, img_size: int, chans: int | None):
         first = train.samples[0][0]
         with load_image(first, Image.open) as im:
             chans = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
-    return (_FolderDataset(train, img_size, chans, cfg.normalize), _FolderDataset(val, img_size, chans, cfg.normalize),
-            train.classes, chans)
+    mean, std = _norm(cfg, model_cfg, chans, ([0.5] * chans, [0.5] * chans))  # no dataset pass: 0.5 unless set
+    return (_FolderDataset(train, img_size, chans, mean, std), _FolderDataset(val, img_size, chans, mean, std),
+            train.classes, chans, mean, std)
 
 
-def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None) -> DataBundle:
+def _norm(cfg: Any, model_cfg: Any, chans: int, stats: tuple) -> tuple:
+    """Normalisation of the inputs: none (``data.normalize: false``), else :func:`resolve_mean_std`."""
+    if not cfg.normalize:
+        return [0.0] * chans, [1.0] * chans
+    return resolve_mean_std(getattr(cfg, "transform", None), model_cfg, chans, stats)
+
+
+def _cache_folder(cfg: Any, ds: "_FolderDataset", mean: list[float], std: list[float]) -> Any:
+    """The tensor path's cache: images at the load size in one uint8 tensor, sliced a batch at a time."""
+    images = torch.stack(decoded(len(ds), ds.load_size, cfg.num_workers, ds.folder.root))
+    return TensorImageDataset(images, ds.labels, images.shape[-1], images.shape[1], torch.tensor(mean),
+                              torch.tensor(std), ds.classes)
+
+
+def _timm_views(cfg: Any, model_cfg: Any, img_size: int, chans: int, mean: list, std: list, seed: int,
+                sources: list[tuple[Any, int, torch.Tensor]], classes: list[str]) -> tuple[Dataset, Dataset, Dataset]:
+    """``data.transform``: (train with timm's random transform, train with its eval transform, val)."""
+    tcfg = cfg.transform
+    dcfg = timm_data_config(tcfg, model_cfg, img_size, chans, mean, std)
+    train_tf, eval_tf = build_transform(tcfg, dcfg, True), build_transform(tcfg, dcfg, False)
+    (tr_load, tr_n, tr_labels), (va_load, va_n, va_labels) = sources
+    return (SeededTransformDataset(tr_load, tr_n, train_tf, tr_labels, classes, seed=seed),
+            SeededTransformDataset(tr_load, tr_n, eval_tf, tr_labels, classes),
+            SeededTransformDataset(va_load, va_n, eval_tf, va_labels, classes))
+
+
+def _folder_source(cfg: Any, ds: "_FolderDataset") -> tuple[Any, int, torch.Tensor]:
+    if getattr(cfg, "cache", "none") != "memory":
+        return ds.pil, len(ds), ds.labels
+    arrays = decoded(len(ds), NativeSize(ds), cfg.num_workers, ds.folder.root)
+    return Decoded(arrays, ds.labels, ds.mode), len(ds), ds.labels
+
+
+def _tensor_source(images: torch.Tensor, labels: torch.Tensor, chans: int) -> tuple[Any, int, torch.Tensor]:
+    u8 = images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)  # exact for data loaded as uint8 (CIFAR, MNIST)
+    return Decoded(u8, labels.long(), "L" if chans == 1 else "RGB"), len(labels), labels.long()
+
+
+def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_cfg: Any = None,
+                   seed: int = 0) -> DataBundle:
     """Build the train/val datasets named by the ``data`` config section.
 
-    ``in_chans`` forces a channel count (model.in_chans); by default the data's own is used.
+    ``in_chans`` forces a channel count (model.in_chans); by default the data's own is used. ``model_cfg``
+    (the ``model`` section) picks the pretrained mean/std when fine-tuning timm weights and timm's
+    interpolation / crop_pct defaults; ``seed`` (``train.seed``) seeds timm's random train transform.
     """
+    transform = getattr(cfg, "transform", None)
+    timm_on = transform is not None and transform.enabled
+    train_aug = None
     if cfg.name == "imagefolder":
         if cfg.limit_train is not None:
             raise LotusError("data.limit_train: only supported for in-memory datasets (digits, mnist, fashion_mnist, "
                              "cifar10, cifar100); for imagefolder use a ticket file (tickets.file) or a smaller folder")
-        train, val, classes, chans = _imagefolder(cfg, img_size, in_chans)
+        train, val, classes, chans, mean, std = _imagefolder(cfg, img_size, in_chans, model_cfg)
         labels = train.labels.numpy()
+        if timm_on:
+            sources = [_folder_source(cfg, train), _folder_source(cfg, val)]
+            train_aug, train, val = _timm_views(cfg, model_cfg, img_size, chans, mean, std, seed, sources, classes)
+        elif getattr(cfg, "cache", "none") == "memory":
+            train, val = _cache_folder(cfg, train, mean, std), _cache_folder(cfg, val, mean, std)
     else:
         xtr, ytr, xva, yva, classes = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
         if cfg.limit_train is not None and cfg.limit_train < len(ytr):
@@ -210,15 +272,21 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None) -> Data
             mean, std = _stats(_fit_channels(xtr, chans))
         else:
             mean, std = torch.zeros(chans), torch.ones(chans)
+        if cfg.normalize and (getattr(transform, "mean", None) is not None or _pretrained_norm(model_cfg)):
+            mean, std = (torch.tensor(v) for v in _norm(cfg, model_cfg, chans, (mean.tolist(), std.tolist())))
         train = TensorImageDataset(xtr, ytr, img_size, chans, mean, std, classes)
         val = TensorImageDataset(xva, yva, img_size, chans, mean, std, classes)
         labels = ytr.numpy()
+        if timm_on:
+            sources = [_tensor_source(xtr, ytr, chans), _tensor_source(xva, yva, chans)]
+            train_aug, _, val = _timm_views(cfg, model_cfg, img_size, chans, mean.tolist(), std.tolist(), seed,
+                                            sources, classes)  # the clean train view stays batch-sliced
     if len(train) == 0 or len(val) == 0:
         raise LotusError(f"data: {cfg.name} has an empty {'train' if len(train) == 0 else 'val'} split")
     present = np.unique(labels)
     if len(present) < 2:
         raise LotusError(f"data: {cfg.name} training split has only one class ({classes[int(present[0])]}); need >= 2")
-    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes))
+    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes), train_aug)
 
 
 class Augmenter:
@@ -263,11 +331,11 @@ class Augmenter:
 
 
 def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: int, num_workers: int = 0,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            drop_last: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels, index)`` batches over ``indices`` in the given order.
 
     In-memory datasets are sliced a whole batch at a time (no per-sample Python work); others go through
-    a ``DataLoader`` with the same order.
+    a ``DataLoader`` with the same order (``pin_memory``: page-locked batches for a CUDA copy).
     """
     idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
     n = len(idx)
@@ -277,20 +345,9 @@ def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: in
             yield dataset.get_batch(idx[s : s + batch_size])
         return
     loader = DataLoader(dataset, batch_size=batch_size, sampler=idx[:stop].tolist(), num_workers=num_workers,
-                        drop_last=False, persistent_workers=False)
+                        drop_last=False, persistent_workers=False, pin_memory=pin_memory)
     try:
         for x, y, i in loader:
             yield x, y, i
     except LotusError as e:
-        raise _from_worker(e) from None
-
-
-def _from_worker(e: LotusError) -> LotusError:
-    """A LotusError re-raised by a DataLoader worker carries "Caught ... Original Traceback ..." text; get
-    back the original one-line message (the traceback's last line, ``lotus.errors.X: message``)."""
-    text = str(e).strip()
-    if not text.startswith("Caught "):
-        return e
-    last = text.splitlines()[-1]
-    name, sep, message = last.partition(": ")
-    return type(e)(message if sep and name.endswith(type(e).__name__) else last)
+        raise from_worker(e) from None

@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 256, device: t
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     offset = 0
-    it = batches(dataset, idx, batch_size, num_workers)
+    it = batches(dataset, idx, batch_size, num_workers, pin_memory=device.type == "cuda")
     if progress:
         it = tqdm(it, total=-(-len(idx) // batch_size), desc="eval", leave=False, dynamic_ncols=True)
     try:

@@ -90,7 +90,7 @@ def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]
         shell.model = mcfg
         img = resolve_img_size(mcfg)
         chans = mcfg.in_chans or (3 if not args.config else None)
-        bundle = build_datasets(data_cfg.data, img, chans)
+        bundle = build_datasets(data_cfg.data, img, chans, model_cfg=mcfg)
         num_classes, in_chans, img_size = bundle.num_classes, bundle.in_chans, bundle.img_size
     else:
         pcfg = timm.models.get_pretrained_cfg(mcfg.name)

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if ckpt:  # the model section the checkpoint records fills in what the config does not set
         given = dict(cfg.source.get("model") or {}, **({"name": args.model} if args.model else {}))
         cfg.model = model_config_from_checkpoint(cfg.model, ckpt, given, "--checkpoint")
-    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans, model_cfg=cfg.model)
     train_set, labels = data.train, data.labels_train
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     progress = None if not args.quiet else False

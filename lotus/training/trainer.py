@@ -122,8 +122,10 @@ class Trainer:
         self.stepper = Stepper(self.cfg.train, self.device, fp16=rt.fp16)
 
     def _setup_data(self) -> None:
-        self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans)
+        self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans,
+                                               model_cfg=self.cfg.model, seed=self.cfg.train.seed)
         self.train_set, self.val_set = self.data.train, self.data.val
+        self.loop_set = self.data.train_aug or self.train_set  # timm's random transform, else the batch-sliced set
         self.labels_train = self.data.labels_train
         self.augment = Augmenter(self.cfg.data.augment, self.cfg.train.seed)
 
@@ -324,8 +326,11 @@ class Trainer:
         check_every = cfg.train.finite_check_every
         epoch_flops = None
         t0 = time.perf_counter()
-        it = self.run_log.progress(batches(self.train_set, order, bs, cfg.data.num_workers), n_batches,
-                                   f"epoch {epoch + 1}/{cfg.train.epochs}")
+        if hasattr(self.loop_set, "set_epoch"):  # per-sample transform seeds from (seed, epoch, index)
+            self.loop_set.set_epoch(epoch)
+        it = self.run_log.progress(batches(self.loop_set, order, bs, cfg.data.num_workers,
+                                           pin_memory=self.device.type == "cuda"),
+                                   n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}")
         for b, (x, y, idx) in enumerate(it):
             if steps_cap is not None and self.step >= steps_cap:
                 break

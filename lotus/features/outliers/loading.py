@@ -46,7 +46,7 @@ def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | Non
         raise LotusError(f"--checkpoint: file not found: {checkpoint}")
     cfg = load_config(config, overrides or [])
     cfg.model = model_config_from_checkpoint(cfg.model, checkpoint, cfg.source.get("model"), "--checkpoint")
-    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
+    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans, model_cfg=cfg.model)
     model_cfg = dataclasses.replace(cfg.model, checkpoint=None, pretrained=False)
     model = create_model(model_cfg, data.num_classes, data.in_chans, data.img_size)
     load_weights(model, checkpoint, key="--checkpoint")

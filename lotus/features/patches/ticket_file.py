@@ -33,7 +33,7 @@ def make_patch_ticket_file(cfg: Config, out: str, checkpoint: str | None = None,
     if checkpoint:
         given = cfg.source.get("model") if cfg.source else to_dict(mcfg)  # a config built in code: all of it
         mcfg = model_config_from_checkpoint(mcfg, checkpoint, given, "checkpoint")
-    bundle = build_datasets(cfg.data, resolve_img_size(mcfg), mcfg.in_chans)
+    bundle = build_datasets(cfg.data, resolve_img_size(mcfg), mcfg.in_chans, model_cfg=mcfg)
     model = create_model(mcfg, bundle.num_classes, bundle.in_chans, bundle.img_size)
     if checkpoint:
         load_weights(model, checkpoint)

@@ -1,0 +1,239 @@
+"""timm's image pipeline for Lotus (the ``data.transform`` section): per-sample PIL transforms from
+``timm.data.create_transform``, resolved with ``timm.data.resolve_data_config``.
+
+With ``data.transform.enabled`` the training split goes through timm's training transform (RandomResizedCrop,
+flips, RandAugment / AugMix / AutoAugment, colour jitter, random erasing) and the validation split through its
+eval transform (resize to ``img_size / crop_pct``, centre crop), one sample at a time in DataLoader workers.
+Items stay ``(image, label, index)``. Each sample's random draws are seeded from ``(seed, epoch, index)``
+(:class:`SeededTransformDataset`), so an epoch's augmentations do not depend on the worker count and a
+resumed run is bit-identical. Mean/std: :func:`resolve_mean_std`.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lotus.errors import ConfigError
+
+__all__ = ["TransformConfig", "check_auto_augment", "resolve_mean_std", "timm_data_config", "build_transform",
+           "SeededTransformDataset", "uses_pretrained_norm"]
+
+# names timm's create_transform does not know, spelled in its RandAugment grammar
+AA_ALIASES = {"trivialaugment": "rand-n1-m10-mstd101-p1.0-inc1"}  # one op, uniform magnitude, always applied
+_AA_SECTIONS = {  # the numeric sections timm's parsers accept (timm.data.auto_augment), by family
+    "rand": {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int},
+    "augmix": {"m": int, "w": int, "d": int, "a": float, "b": int, "mstd": float},
+    "auto": {"mstd": float},
+}
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+_RAND_SETS = ("weights", "3aw", "3a")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random")
+
+
+@dataclass
+class TransformConfig:
+    """timm's train/eval transforms (``timm.data.create_transform`` keyword names). Off by default: the
+    in-memory datasets then keep the batched tensor augmenter (``data.augment``)."""
+
+    enabled: bool = False
+    auto_augment: str | None = None  # rand-m9-mstd0.5-inc1 | augmix-m5-w4-d2 | original | v0 | trivialaugment
+    re_prob: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # random erasing probability
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    re_count: int = field(default=1, metadata={"min": 1})
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])  # RandomResizedCrop aspect range
+    hflip: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    vflip: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    color_jitter: float | None = field(default=0.4, metadata={"min": 0.0})  # timm: off when auto_augment is set
+    interpolation: Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random"] | None = None
+    crop_pct: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    mean: list[float] | None = None  # default: the model's pretrained_cfg when fine-tuning, else the data's
+    std: list[float] | None = None
+
+    def check(self, prefix: str) -> None:
+        if self.auto_augment is not None:
+            check_auto_augment(self.auto_augment, f"{prefix}.auto_augment")
+        for key, lo_ok in (("scale", lambda a: 0.0 < a[0] <= a[1] <= 1.0), ("ratio", lambda a: 0.0 < a[0] <= a[1])):
+            v = getattr(self, key)
+            if len(v) != 2 or not lo_ok(v):
+                bound = "0 < min <= max <= 1" if key == "scale" else "0 < min <= max"
+                raise ConfigError(f"{prefix}.{key}: expected [min, max] with {bound}, got {v!r}")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and (len(v) not in (1, 3) or (key == "std" and min(v) <= 0)):
+                raise ConfigError(f"{prefix}.{key}: expected 1 or 3 values{' > 0' if key == 'std' else ''}, got {v!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError(f"{prefix}.{'std' if self.std is None else 'mean'}: set mean and std together")
+
+
+def check_auto_augment(text: str, key: str) -> str:
+    """The timm string for ``text`` (aliases resolved), or a :class:`ConfigError` naming ``key``.
+
+    timm's parsers skip sections they cannot split (``rand-zz`` silently means plain ``rand``), so the
+    grammar is checked here: ``<family>-<section>-...`` with each section ``<name><number>``."""
+    s = AA_ALIASES.get(text, text)
+    parts = s.split("-")
+    head = parts[0]
+    family = head if head in ("rand", "augmix") else "auto" if head in _AA_POLICIES else None
+    if family is None:
+        raise ConfigError(f"{key}: unknown policy {head!r} in {text!r}; expected rand-..., augmix-..., "
+                          f"{', '.join(_AA_POLICIES)} or {', '.join(AA_ALIASES)} (timm's auto_augment strings)")
+    allowed = _AA_SECTIONS[family]
+    for part in parts[1:]:
+        if family == "rand" and part.startswith("t"):
+            if part[1:] not in _RAND_SETS:
+                raise ConfigError(f"{key}: unknown transform set {part!r} in {text!r}; expected t + one of "
+                                  f"{', '.join(_RAND_SETS)}")
+            continue
+        m = re.fullmatch(r"([a-z]+)(\d[\d.]*)", part)
+        if not m or m.group(1) not in allowed:
+            raise ConfigError(f"{key}: bad section {part!r} in {text!r}; {family} takes "
+                              f"{', '.join(k + '<number>' for k in allowed)}")
+        try:
+            allowed[m.group(1)](m.group(2))
+        except ValueError:
+            raise ConfigError(f"{key}: bad number in {part!r} of {text!r}") from None
+    return s
+
+
+def _pretrained_cfg(model_cfg: Any) -> dict:
+    """The timm pretrained_cfg of the model's name (``{}`` for names timm does not know, e.g. lotus_vit_*)."""
+    import timm
+
+    if model_cfg is None:
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_cfg.name)
+    except Exception:  # noqa: BLE001 - unknown names have no pretrained_cfg
+        return {}
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def uses_pretrained_norm(model_cfg: Any) -> bool:
+    """Fine-tuning timm weights: ``model.pretrained``, or ``model.checkpoint`` of a timm model (a name with a
+    pretrained_cfg; lotus_vit_* runs were trained on the data's own statistics)."""
+    if model_cfg is None or not (model_cfg.pretrained or model_cfg.checkpoint):
+        return False
+    return bool(_pretrained_cfg(model_cfg).get("mean"))
+
+
+def _fit(values: list[float] | tuple[float, ...], chans: int, key: str) -> list[float]:
+    v = [float(x) for x in values]
+    if len(v) == chans:
+        return v
+    if len(v) == 1:
+        return v * chans
+    if chans == 1:
+        return [sum(v) / len(v)]
+    raise ConfigError(f"{key}: {len(v)} values for {chans}-channel images")
+
+
+def resolve_mean_std(tcfg: TransformConfig | None, model_cfg: Any, chans: int,
+                     data_stats: tuple[list[float], list[float]]) -> tuple[list[float], list[float]]:
+    """``data.transform.mean/std`` if set; else the model's pretrained_cfg when fine-tuning timm weights
+    (:func:`uses_pretrained_norm`); else ``data_stats`` (the dataset's own statistics, as without timm)."""
+    if tcfg is not None and tcfg.mean is not None:
+        return _fit(tcfg.mean, chans, "data.transform.mean"), _fit(tcfg.std, chans, "data.transform.std")
+    if uses_pretrained_norm(model_cfg):
+        pc = _pretrained_cfg(model_cfg)
+        return _fit(pc["mean"], chans, "model.name"), _fit(pc["std"], chans, "model.name")
+    return list(data_stats[0]), list(data_stats[1])
+
+
+def timm_data_config(tcfg: TransformConfig, model_cfg: Any, img_size: int, chans: int,
+                     mean: list[float], std: list[float]) -> dict:
+    """``timm.data.resolve_data_config``: our size, mean/std and overrides over the model's pretrained_cfg
+    (interpolation, crop_pct, crop_mode)."""
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (chans, img_size, img_size), "mean": mean, "std": std,
+            "interpolation": tcfg.interpolation, "crop_pct": tcfg.crop_pct}
+    return resolve_data_config(args, pretrained_cfg=_pretrained_cfg(model_cfg))
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize op with 0 bits kept (a black image, as Pillow < 13 gave; Pillow 13 raises ValueError)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize() -> None:
+    """RandAugment's PosterizeIncreasing reaches 0 bits at magnitude 10 (timm <= 1.0.31 passes it to Pillow)."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+def build_transform(tcfg: TransformConfig, data_cfg: dict, training: bool) -> Callable:
+    """``timm.data.create_transform`` for the train (random) or eval split."""
+    from timm.data import create_transform
+
+    _patch_posterize()
+
+    common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"],
+                  mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]), crop_pct=data_cfg["crop_pct"],
+                  crop_mode=data_cfg.get("crop_mode"))
+    if not training:
+        return create_transform(is_training=False, **common)
+    aa = check_auto_augment(tcfg.auto_augment, "data.transform.auto_augment") if tcfg.auto_augment else None
+    return create_transform(
+        is_training=True, scale=tuple(tcfg.scale), ratio=tuple(tcfg.ratio), hflip=tcfg.hflip, vflip=tcfg.vflip,
+        color_jitter=tcfg.color_jitter, auto_augment=aa, re_prob=tcfg.re_prob, re_mode=tcfg.re_mode,
+        re_count=tcfg.re_count, **common)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's (CPU) generators for one sample's transform, then put them back."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+
+
+class SeededTransformDataset(Dataset):
+    """``(transform(image), label, index)`` over a source of PIL images, ``load(i) -> (image, label)``.
+
+    ``seed`` given: each call of a random transform is seeded from ``(seed, epoch, index)`` (set the epoch
+    with :meth:`set_epoch` before iterating), so results do not depend on DataLoader workers or on what ran
+    before (resume). ``seed=None``: a deterministic (eval) transform, no seeding.
+    """
+
+    def __init__(self, load: Callable[[int], tuple[Any, int]], length: int, transform: Callable,
+                 labels: torch.Tensor, classes: list[str], seed: int | None = None):
+        self.load, self.length, self.transform = load, length, transform
+        self.labels, self.classes, self.seed = labels, classes, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.load(int(i))
+        if self.seed is None:
+            return self.transform(image), int(label), int(i)
+        with _seeded(hash((self.seed, self.epoch, int(i))) & (2**63 - 1)):
+            return self.transform(image), int(label), int(i)
