@@ -117,11 +117,13 @@ def _pretrained_cfg(model_cfg: Any) -> dict:
 
 
 def uses_pretrained_norm(model_cfg: Any) -> bool:
-    """Fine-tuning timm weights: ``model.pretrained``, or ``model.checkpoint`` of a timm model (a name with a
-    pretrained_cfg; lotus_vit_* runs were trained on the data's own statistics)."""
+    """Fine-tuning timm weights: ``model.pretrained``, or ``model.checkpoint`` of a timm model with published
+    weights (its pretrained_cfg names a hub id / url; lotus_vit_* have none and were trained on the data's own
+    statistics)."""
     if model_cfg is None or not (model_cfg.pretrained or model_cfg.checkpoint):
         return False
-    return bool(_pretrained_cfg(model_cfg).get("mean"))
+    pc = _pretrained_cfg(model_cfg)
+    return bool(pc.get("mean")) and bool(pc.get("hf_hub_id") or pc.get("url") or pc.get("file"))
 
 
 def _fit(values: list[float] | tuple[float, ...], chans: int, key: str) -> list[float]:

@@ -11,7 +11,7 @@ from timm.optim import param_groups_layer_decay
 from lotus.errors import ConfigError
 from lotus.features.outliers.optimizers import build
 
-__all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
+__all__ = ["param_groups", "build_optimizer", "CosineSchedule", "LrSchedule"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -96,6 +96,71 @@ class CosineSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.set_position(float(state["position"]))
+
+
+class LrSchedule(CosineSchedule):
+    """The run's lr schedule (``optim.sched``) on the fractional-epoch clock: ``train.warmup_epochs`` of the
+    linear warm-up above, then
+
+    * ``cosine``: :class:`CosineSchedule` to ``train.min_lr`` at ``train.epochs - optim.cooldown_epochs`` (the
+      same values as timm's ``CosineLRScheduler`` up to float rounding; with no cooldown, those of earlier runs);
+    * ``poly`` / ``tanh``: timm's scheduler over the same span (starting after the warm-up), ``step`` /
+      ``multistep``: timm's, at absolute epochs (``decay_epochs`` / ``decay_milestones``), all built by
+      ``timm.scheduler.create_scheduler_v2`` on a one-group proxy optimiser and read with ``_get_lr(t)`` at
+      fractional ``t``;
+    * ``plateau``: ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode max on ``val_acc``, factor
+      ``decay_rate``, ``patience_epochs``; timm's PlateauLRScheduler wraps it but is deprecated and does not
+      save its counters), stepped by :meth:`observe` after each evaluation past the warm-up; its full state is
+      in :meth:`state_dict`, so a resumed run decays at the same epochs.
+
+    Each group gets ``lr * lr_scale`` (layer decay), as timm's ``Scheduler.update_groups`` does.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg: Any, train_cfg: Any):
+        self.kind = getattr(optim_cfg, "sched", "cosine")
+        cooldown = getattr(optim_cfg, "cooldown_epochs", 0.0) if self.kind in ("cosine", "poly", "tanh") else 0.0
+        super().__init__(optimizer, optim_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs,
+                         train_cfg.epochs - cooldown)
+        self._timm = self._plateau = None
+        proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim_cfg.lr)  # lr holder, never stepped
+        if self.kind in ("step", "multistep", "poly", "tanh"):
+            from timm.scheduler import create_scheduler_v2
+
+            self._timm, _ = create_scheduler_v2(
+                proxy, sched=self.kind, num_epochs=max(self.total - self.warmup, 1e-12),
+                decay_epochs=optim_cfg.decay_epochs, decay_milestones=list(optim_cfg.decay_milestones),
+                decay_rate=optim_cfg.decay_rate, min_lr=self.min_lr, warmup_epochs=0, step_on_epochs=True)
+        elif self.kind == "plateau":
+            proxy.param_groups[0]["lr"] = 1.0  # the scale on base_lr
+            self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                proxy, mode="max", factor=optim_cfg.decay_rate, patience=optim_cfg.patience_epochs,
+                min_lr=self.min_lr / self.base_lr)
+
+    def lr_at(self, t: float) -> float:
+        if self.kind == "cosine" or (self.warmup > 0 and t < self.warmup):
+            return super().lr_at(t)
+        if self._plateau is not None:
+            return self.base_lr * self._plateau.optimizer.param_groups[0]["lr"]
+        shift = self.warmup if self.kind in ("poly", "tanh") else 0.0  # decay spans start after the warm-up
+        return self.base_lr * self._timm._get_lr(t - shift)[0] / self._timm.base_values[0]
+
+    def observe(self, metrics: dict) -> None:
+        """After an evaluation: ``plateau`` steps on ``val_acc`` (once the warm-up is over); others ignore it."""
+        if self._plateau is not None and metrics.get("val_acc") is not None and self.position >= self.warmup:
+            self._plateau.step(float(metrics["val_acc"]))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._plateau is not None:
+            state["plateau"] = self._plateau.state_dict()
+            state["plateau_scale"] = float(self._plateau.optimizer.param_groups[0]["lr"])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._plateau is not None and "plateau" in state:
+            self._plateau.load_state_dict(dict(state["plateau"]))
+            self._plateau.optimizer.param_groups[0]["lr"] = float(state["plateau_scale"])
+        super().load_state_dict(state)
 
 
 def count_params(params: Iterable[torch.Tensor]) -> int:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lotus.checkpoint import atomic_write_text
 from lotus.data import batches
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise LotusError(str(e).replace("outliers.layers", "--layers")) from None
     with torch.no_grad(), probe:
-        for x, _, _ in batches(dataset, idx, args.batch_size):
+        for x, _, _ in tqdm(batches(dataset, idx, args.batch_size), total=math.ceil(n / args.batch_size),
+                            desc="probe", leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True):
             lm.model(x.to(lm.device))
     layers = probe.compute()
     summary = summarize(layers)

@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
+
+from tqdm import tqdm
 
 from lotus.errors import LotusError
 from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
@@ -58,9 +62,14 @@ def run(args: argparse.Namespace) -> int:
             raise LotusError(f"--bits: expected an integer in [2, 8], got {args.bits}")
         changes["weight_bits"] = changes["act_bits"] = args.bits
     qcfg = dataclasses.replace(qcfg, **changes)
+    off = not sys.stderr.isatty()  # bars only on a terminal, like lotus train / prune
+    calib = tqdm(calibration_batches(lm.data.train, lm.cfg, qcfg.calib_batches), desc="calibrate", leave=False,
+                 total=min(qcfg.calib_batches, math.ceil(len(lm.data.train) / lm.cfg.data.batch_size)),
+                 disable=off, dynamic_ncols=True)
+    evals = tqdm(EvalBatches(lm.data.val, lm.cfg.data.eval_batch_size), desc="eval float + int8", leave=False,
+                 total=math.ceil(len(lm.data.val) / lm.cfg.data.eval_batch_size), disable=off, dynamic_ncols=True)
     try:
-        res = quantcheck(lm.model, calibration_batches(lm.data.train, lm.cfg, qcfg.calib_batches),
-                         EvalBatches(lm.data.val, lm.cfg.data.eval_batch_size), qcfg, device=lm.device)
+        res = quantcheck(lm.model, calib, evals, qcfg, device=lm.device)
     except ValueError as e:
         raise LotusError(str(e)) from None
     res = {"checkpoint": args.checkpoint, "w_bits": qcfg.weight_bits, "a_bits": qcfg.act_bits,

@@ -8,6 +8,8 @@ Files in the run directory (every write atomic, see :mod:`lotus.checkpoint`):
 * ``best.safetensors`` / ``last.safetensors``: plain weights with the full model section (name, resolved
   sizes, kwargs, block, widths) in the metadata, so a thinned model loads anywhere (``lotus export``,
   ``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``) and commands take ``--checkpoint`` alone.
+* ``checkpoint-<epoch>.safetensors`` + ``checkpoints.json``: the ``output.keep_checkpoints`` best epochs
+  (:mod:`lotus.training.checkpoint_history`).
 
 On resume, callbacks get their saved state first, then ``on_load_checkpoint`` (where pruning rebuilds
 thinned widths and masks), then the model weights load.
@@ -26,6 +28,7 @@ from lotus.checkpoint import export_state_dict, load_state, save_state, save_wei
 from lotus.errors import LotusError
 from lotus.models import unwrap
 from lotus.parallel.checkpoint import get_full_state, is_sharded, set_full_state
+from lotus.training.checkpoint_history import CheckpointHistory
 from lotus.training.state import capture_rng, restore_rng
 
 __all__ = ["CheckpointManager", "callback_keys", "full_model_state"]
@@ -45,8 +48,9 @@ def callback_keys(callbacks: list) -> list[tuple[str, Any]]:
 class CheckpointManager:
     """Saves and restores one run's checkpoints (files on rank 0; the gather is collective under FSDP2)."""
 
-    def __init__(self, run_dir: str, write: bool):
+    def __init__(self, run_dir: str, write: bool, keep: int = 0):
         self.run_dir, self.write = run_dir, write
+        self.history = CheckpointHistory(run_dir, keep)
 
     @property
     def state_path(self) -> str:
@@ -79,6 +83,8 @@ class CheckpointManager:
         trainer.subset = None if state.get("subset") is None else state["subset"].numpy()
         trainer.run_log.events[:] = list(state.get("events", []))
         trainer.resumed_log_bytes = state.get("log_bytes")
+        if self.write and trainer.dist.is_main:
+            self.history.restore(state.get("checkpoint_history"))
 
     @staticmethod
     def _restore_callbacks(trainer: "Trainer", state: dict) -> None:
@@ -126,7 +132,11 @@ class CheckpointManager:
         if out.save_last:
             save_weights(bare, os.path.join(self.run_dir, "last.safetensors"), meta, state_dict=full,
                          model_cfg=trainer.cfg.model)
+        state["checkpoint_history"] = self.history.update(
+            st.epoch, st.step, acc, lambda path: save_weights(bare, path, meta, state_dict=full,
+                                                              model_cfg=trainer.cfg.model))
         save_state(self.state_path, state)
+        self.history.commit()
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

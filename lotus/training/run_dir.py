@@ -11,6 +11,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import time
 from typing import IO
 
@@ -22,7 +23,7 @@ __all__ = ["RunDir", "RUN_FILES", "truncate_log"]
 # Files a Lotus run writes (what --force removes; anything else in the folder is left alone).
 RUN_FILES = ("metrics.jsonl", "state.pt", "best.safetensors", "last.safetensors", "summary.json", "report.md",
              "curves.png", "config.yaml", "config_history.jsonl", "outliers.md", "outliers_history.png",
-             "outliers_layers.png", "dynamic_ticket.npz", "ema.safetensors")
+             "outliers_layers.png", "dynamic_ticket.npz", "ema.safetensors", "checkpoints.json")
 
 
 class RunDir:
@@ -81,7 +82,9 @@ class RunDir:
 
     def clear_run(self, keep: tuple[str, ...] = ()) -> list[str]:
         """Delete the files of the run that is here (only Lotus' own outputs, except ``keep``)."""
-        gone = [n for n in RUN_FILES if n not in keep and os.path.exists(self.file(n))]
+        history = sorted(n for n in os.listdir(self.path) if re.fullmatch(r"checkpoint-\d+\.safetensors", n)) \
+            if os.path.isdir(self.path) else []  # output.keep_checkpoints
+        gone = [n for n in (*RUN_FILES, *history) if n not in keep and os.path.exists(self.file(n))]
         for n in gone:
             os.remove(self.file(n))
         return gone

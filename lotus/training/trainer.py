@@ -30,7 +30,7 @@ from lotus.evaluation import evaluate
 from lotus.features.registry import build_callbacks
 from lotus.features.schedule.plan import EpochPlan, Schedule
 from lotus.models import create_model, resolve_img_size, unwrap
-from lotus.optim import CosineSchedule, build_optimizer
+from lotus.optim import LrSchedule, build_optimizer
 from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
@@ -100,7 +100,7 @@ class Trainer:
         self.state = TrainState()
         self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main,
                               tensorboard=cfg.output.tensorboard)
-        self.checkpoints = CheckpointManager(self.run_dir, write)
+        self.checkpoints = CheckpointManager(self.run_dir, write, keep=cfg.output.keep_checkpoints)
         self.dir = RunDir(self.run_dir)
         self.resumed_log_bytes: int | None = None
         self.restored = False
@@ -149,10 +149,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.cfg.optim, self.model)
         if old is not None and state_transform is not None:
             state_transform(old, self.optimizer)
-        position = self.scheduler.position if hasattr(self, "scheduler") else 0.0
-        t = self.cfg.train
-        self.scheduler = CosineSchedule(self.optimizer, self.cfg.optim.lr, t.min_lr, t.warmup_epochs, t.epochs)
-        self.scheduler.set_position(position)
+        state = self.scheduler.state_dict() if hasattr(self, "scheduler") else {"position": 0.0}
+        self.scheduler = LrSchedule(self.optimizer, self.cfg.optim, self.cfg.train)
+        self.scheduler.load_state_dict(state)  # the position (and plateau counters) carry over
 
     # ---------------------------------------------------------------- services
     def log(self, event: str, **fields: Any) -> None:
@@ -277,6 +276,7 @@ class Trainer:
                 stopping = steps_cap is not None and self.step >= steps_cap
                 if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs or stopping:
                     last_metrics.update(self.evaluate())
+                    self.scheduler.observe(last_metrics)  # optim.sched plateau: decay on val_acc
                 last_metrics["wall_s"] = round(self.wall, 4)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, last_metrics)
