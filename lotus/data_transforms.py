@@ -199,18 +199,23 @@ def build_transform(tcfg: TransformConfig, data_cfg: dict, training: bool) -> Ca
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, numpy's and torch's (CPU) generators for one sample's transform, then put them back."""
-    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _restored_rng() -> Iterator[None]:
+    """Put Python's, numpy's and torch's (CPU) generators back afterwards (once per batch: saving numpy's state
+    costs more than a small image's transform)."""
+    gen = torch.default_generator  # CPU only: torch.manual_seed would also queue lazy CUDA seeding (slow)
+    py, npy, pt = random.getstate(), np.random.get_state(), gen.get_state()
     try:
         yield
     finally:
         random.setstate(py)
         np.random.set_state(npy)
-        torch.set_rng_state(pt)
+        gen.set_state(pt)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
 
 
 class SeededTransformDataset(Dataset):
@@ -233,9 +238,18 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image, label = self.load(int(i))
+    def _item(self, i: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.load(i)
+        if self.seed is not None:
+            _seed_all(hash((self.seed, self.epoch, i)) & (2**63 - 1))
+        return self.transform(image), int(label), i
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """A DataLoader batch (the generators are saved and restored once for it)."""
         if self.seed is None:
-            return self.transform(image), int(label), int(i)
-        with _seeded(hash((self.seed, self.epoch, int(i))) & (2**63 - 1)):
-            return self.transform(image), int(label), int(i)
+            return [self._item(int(i)) for i in indices]
+        with _restored_rng():
+            return [self._item(int(i)) for i in indices]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.__getitems__([i])[0]
