@@ -44,14 +44,21 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.decode(i)))
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.ascontiguousarray(self.decode(i))
+
+
+def _as_list(items: list) -> list:
+    return items
 
 
 def decode_all(n: int, decode: Callable[[int], Any], num_workers: int) -> list[torch.Tensor]:
-    """``[decode(i) for i in range(n)]`` as uint8 tensors, in ``num_workers`` DataLoader workers."""
-    loader = DataLoader(_Decode(n, decode), batch_size=None, num_workers=num_workers, shuffle=False)
-    return list(loader)
+    """``[decode(i) for i in range(n)]`` as uint8 tensors, in ``num_workers`` DataLoader workers (numpy arrays
+    in batches of 128 through the result pipe: one shared-memory tensor per image would cost more than its
+    decode)."""
+    loader = DataLoader(_Decode(n, decode), batch_size=128, num_workers=num_workers, shuffle=False,
+                        collate_fn=_as_list)
+    return [torch.from_numpy(a) for chunk in loader for a in chunk]
 
 
 def pil_to_chw(image: Any) -> np.ndarray:
