@@ -18,10 +18,13 @@ imported from its module:
 module          holds
 =============== ==========================================================================================
 scorers         ``score``, ``SCORERS``, ``register_scorer``, ``Scorer``, ``ScoreContext``
-policies        ``select``, ``POLICIES``, ``register_policy``, ``budget``
+policies        ``select`` (class-balanced whenever labels are given), ``POLICIES``, ``register_policy``,
+                ``budget``, ``class_quotas``, ``uses_class_balance``
 ticket_file     ``TicketFile`` (the ``.npz`` ticket format)
 fingerprint     ``dataset_fingerprint``, ``compare_fingerprints``
 proxy           ``make_proxy``, ``train_proxy``, the ``Proxy`` protocol
+proxy_cache     ``cached_proxy`` (each seed's proxy training stored once, replayed for every scorer),
+                ``proxy_fingerprint``
 grad_norms      ``per_sample_grad_sq_norms`` (GraNd without per-sample weight gradients)
 attention       ``cls_attention``, ``capture_attention`` (attention weights from q/k, via hooks)
 dynamic         ``DynamicPruner`` (the InfoBatch-style sampler; state, sync, export, resume)

@@ -199,3 +199,32 @@ def test_select_class_balance_default_and_opt_out(tmp_path, capsys, small_yaml, 
     code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--scorer", "el2n", "loss", "--fraction", 0.3,
                            "--out", tmp_path / "one.npz", "--quiet")
     assert code == 2 and "--out: several scorers (el2n loss) write one ticket each; put {scorer}" in err
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_reselect_selects_through_the_same_class_balance(balanced, one_thread):
+    """lotus.reselect calls data_tickets.select with its class_balanced flag (default True) and the labels."""
+    from types import SimpleNamespace
+
+    from data_tickets import select
+    from lotus.features.schedule.callback import ReselectCallback
+    from lotus.features.schedule.config import ReselectConfig
+
+    ds = Blobs(90)
+    labels = ds.labels.numpy()
+    torch.manual_seed(0)
+    model = mlp().eval()
+    logged = []
+    trainer = SimpleNamespace(model=model, train_set=ds, labels_train=labels, device=torch.device("cpu"),
+                              cfg=SimpleNamespace(data=SimpleNamespace(eval_batch_size=32)),
+                              plan=SimpleNamespace(full_data=False, reselect=True, phase="reduce"),
+                              log=lambda event, **kw: logged.append(event))
+    cb = ReselectCallback(ReselectConfig(enabled=True, scorer="loss", policy="top", fraction=0.3,
+                                         class_balanced=balanced), seed=4)
+    idx = cb.epoch_subset(trainer, 2)
+    scores = score(model, ds, "loss", progress=False)
+    assert np.array_equal(idx, select(scores, "top", fraction=0.3, labels=labels, class_balanced=balanced, seed=6))
+    assert logged == ["reselect"]
+    if balanced:
+        assert np.bincount(labels[idx], minlength=3).tolist() == [9, 9, 9]
+    assert ReselectConfig().class_balanced is True
