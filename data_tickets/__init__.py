@@ -6,9 +6,9 @@ Score every training sample by informativeness, select a subset with a policy, s
 
     from data_tickets import score, select, TicketFile
     scores = score(model, dataset, scorer="el2n")            # tensor aligned with dataset indices
-    idx = select(scores, policy="ccs", fraction=0.5, labels=labels, seed=0)
+    idx = select(scores, policy="ccs", fraction=0.5, labels=labels, seed=0)  # class-balanced (labels given)
     TicketFile.create(idx, dataset=dataset, scores=scores, scorer="el2n", policy="ccs",
-                      fraction=0.5, seed=0).save("tickets/el2n-50.npz")
+                      fraction=0.5, seed=0, class_balanced=True).save("tickets/el2n-50.npz")
 
 Datasets yield ``(image, label, index)`` (or ``(image, label)``; the position is used as the index).
 This package never imports ``lotus``. The top level exports the main entry points; everything else is
