@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from data_tickets import TicketFile, score
+from lotus.callbacks import Callback
 from lotus.cli import main
 from lotus.config import config_from_dict, load_config
 from lotus.errors import LotusError
-from lotus.callbacks import Callback
 from lotus.training import Trainer
 
 SMALL = ["--set", "data.limit_train=300"]  # 300 train images: fast proxies and fingerprints
