@@ -20,6 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from lotus.parallel.apply import get_plan
 from lotus.parallel.checkpoint import set_full_state
@@ -69,6 +70,10 @@ def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, why: str,
     replan = par.mode == "auto" and par.memory_budget is not None
     trainer.model = trainer.wrap_model(plain, replan=replan)
     trainer.unwrapped_model = plain
+    for m in plain.modules():  # FSDP2 allocates its unsharded parameters at the first all-gather: do it
+        if isinstance(m, FSDPModule):  # here, not inside the next evaluation's inference_mode
+            m.unshard()
+            m.reshard()
     state = transform(optim_sd) if transform is not None else optim_sd
 
     def load(_old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:

@@ -36,7 +36,7 @@ from lotus.features.pruning.distributed import (
     thin_parallel,
 )
 from lotus.parallel.checkpoint import is_sharded
-from lotus.parallel.rebuild import agree
+from lotus.parallel.rebuild import agree, digest
 from pruning.masks import enforce_masks_, get_mask, make_filter, masked_modules
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
@@ -75,10 +75,11 @@ class PruningCallback(Callback):
         return trainer.epoch + min(self._batch / spe, 1.0)
 
     def _calib_batches(self, trainer: "Trainer") -> list:
-        """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run."""
+        """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run; of the global
+        batch size (``data.batch_size`` x ranks), so a data-parallel run scores what one process would."""
         if self._calib is None:
             n = len(trainer.train_set)
-            bs = trainer.cfg.data.batch_size
+            bs = trainer.cfg.data.batch_size * trainer.dist.world_size
             g = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
             idx = torch.randperm(n, generator=g)[: self.cfg.calib_batches * bs].numpy()
             self._calib = [(x, y) for x, y, _ in batches(trainer.train_set, idx, bs, trainer.cfg.data.num_workers)]
@@ -131,7 +132,8 @@ class PruningCallback(Callback):
         trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
                     params_before=report["params_before"], params_after=report["params_after"],
                     optimizer_state_kept=parallel or names is not None, seconds=round(time.perf_counter() - t0, 3),
-                    widths=report["widths"], rank_digests=report.get("rank_digests"))
+                    widths=report["widths"], kept_digest=digest(report["kept"]),
+                    rank_digests=report.get("rank_digests"))
 
     def _ensure_pruner(self, trainer: "Trainer") -> pruning.GradualPruner:
         """The mask pruner, built on first use (after any thinning, so its layer filter sees the final modules)."""
