@@ -83,7 +83,8 @@ def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, why: str,
     trainer.rebuild_optimizer(load)
     if par.mode == "auto":
         new_plan = _plan_summary(get_plan(trainer.model))
-        trainer.log("replan", reason=why, replanned=replan, changed=old_plan != new_plan, before=old_plan,
+        changed = old_plan is None or new_plan is None or any(old_plan[k] != new_plan[k] for k in ("mode", "blocks"))
+        trainer.log("replan", reason=why, replanned=replan, changed=changed, before=old_plan,
                     after=new_plan, note=None if replan else "parallel.plan fixes the plan; set "
                     "parallel.memory_budget to re-plan for the new widths")
 
