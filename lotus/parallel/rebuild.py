@@ -60,15 +60,16 @@ def _plan_summary(plan: Any) -> dict | None:
             "predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_step_time_s": plan.predicted_step_time_s}
 
 
-def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, why: str,
-               transform: Callable[[dict], dict] | None = None) -> None:
+def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, transform: Callable[[dict], dict] | None = None,
+               replan_reason: str | None = None) -> None:
     """Make ``plain`` the trainer's model: wrap it again, rebuild the optimizer with ``transform(optim_sd)``
-    (full, name-keyed; e.g. sliced to thinned shapes), and under ``parallel.mode: auto`` log the
-    ``replan`` event (old and new per-block plan, and ``why``)."""
+    (full, name-keyed; e.g. sliced to thinned shapes). With ``replan_reason`` (its shapes changed) and
+    ``parallel.mode: auto`` the planner solves again (with ``parallel.memory_budget``) and a ``replan``
+    event records the old and new per-block plans and the reason; otherwise the current plan is kept."""
     par = trainer.cfg.parallel
-    old_plan = _plan_summary(get_plan(trainer.model))
-    replan = par.mode == "auto" and par.memory_budget is not None
-    trainer.model = trainer.wrap_model(plain, replan=replan)
+    old = get_plan(trainer.model)
+    replan = replan_reason is not None and par.mode == "auto" and par.memory_budget is not None
+    trainer.model = trainer.wrap_model(plain, replan=True) if replan else trainer.wrap_model(plain, plan=old)
     trainer.unwrapped_model = plain
     for m in plain.modules():  # FSDP2 allocates its unsharded parameters at the first all-gather: do it
         if isinstance(m, FSDPModule):  # here, not inside the next evaluation's inference_mode
@@ -81,12 +82,12 @@ def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, why: str,
             set_full_state(trainer.model, new, None, state)
 
     trainer.rebuild_optimizer(load)
-    if par.mode == "auto":
-        new_plan = _plan_summary(get_plan(trainer.model))
-        changed = old_plan is None or new_plan is None or any(old_plan[k] != new_plan[k] for k in ("mode", "blocks"))
-        trainer.log("replan", reason=why, replanned=replan, changed=changed, before=old_plan,
-                    after=new_plan, note=None if replan else "parallel.plan fixes the plan; set "
-                    "parallel.memory_budget to re-plan for the new widths")
+    if replan_reason is not None and par.mode == "auto":
+        before, after = _plan_summary(old), _plan_summary(get_plan(trainer.model))
+        changed = before is None or after is None or any(before[k] != after[k] for k in ("mode", "blocks"))
+        trainer.log("replan", reason=replan_reason, replanned=replan, changed=changed, before=before, after=after,
+                    note=None if replan else "parallel.plan fixes the plan; set parallel.memory_budget to "
+                    "re-plan for the new widths")
 
 
 def digest(payload: Any) -> str:

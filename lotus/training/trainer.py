@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -136,14 +135,14 @@ class Trainer:
             self.checkpoints.restore_model(self, state)
         self.model = self.wrap_model(self.model)
 
-    def wrap_model(self, model: nn.Module, replan: bool = False) -> nn.Module:
+    def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
         """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
-        (at set-up, and again after a pruning event rebuilt the model; ``replan`` solves mode auto anew)."""
+        (at set-up, and again after a pruning event rebuilt the model: ``plan``/``replan`` of parallelize)."""
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
-            par = replace(self.cfg.parallel, plan=None) if replan else self.cfg.parallel
-            model = parallelize(model, par, self.dist, batch_size=self.cfg.data.batch_size,
+            model = parallelize(model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
                                 build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
-                                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
+                                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16,
+                                **plan)
         return maybe_compile(model, self.cfg.train, self.device)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:

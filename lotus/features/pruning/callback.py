@@ -31,13 +31,13 @@ from lotus.features.pruning.distributed import (
     enforce_masks_sharded,
     is_parallel,
     mask_sparsity,
-    prune_masks_sharded,
+    prune_masks_parallel,
     restore_shapes,
     thin_parallel,
 )
 from lotus.parallel.checkpoint import is_sharded
-from lotus.parallel.rebuild import agree, digest
-from pruning.masks import enforce_masks_, get_mask, make_filter, masked_modules
+from lotus.parallel.rebuild import digest
+from pruning.masks import enforce_masks_, make_filter, masked_modules
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
 
@@ -163,14 +163,11 @@ class PruningCallback(Callback):
         t0 = time.perf_counter()
         c = self.cfg
         try:
-            if is_sharded(self._model(trainer)):  # FSDP2: masks on a gathered copy, then re-sharded
-                report = prune_masks_sharded(trainer, pruner, progress, self.widths,
-                                             (c.include_head, c.include_patch_embed, c.exclude))
+            if is_parallel(trainer):  # DDP / FSDP2: masks on a gathered plain copy, then wrapped again
+                report = prune_masks_parallel(trainer, pruner, progress, self.widths,
+                                              (c.include_head, c.include_patch_embed, c.exclude))
             else:
                 report = pruner.step(progress)  # enforces the masks; prunes when the target rose
-                if report is not None and is_parallel(trainer):  # DDP: masks attached in place on each rank
-                    report["rank_digests"] = agree({f: get_mask(m) for f, m in masked_modules(pruner.model).items()},
-                                                   "pruning masks")
         except ValueError as e:
             raise library_error(e, _MASK_KEYS, "pruning") from None
         if report is None:

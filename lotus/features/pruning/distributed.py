@@ -12,11 +12,12 @@ layout change:
   heads/neurons are checked to agree across ranks (digests in the ``prune_structured`` event), then the
   copy is wrapped again (``fully_shard`` / DDP, re-planned under ``parallel.mode: auto``) and the optimizer
   is rebuilt with its state sliced to the kept rows/columns.
-* **Masks** (one-shot and gradual): under DDP the parameters are whole on every rank, so the masks are
-  attached in place (the same ``Parameter`` objects stay in the DDP reducer and the optimizer). Under
-  FSDP2 (dim-0 ``DTensor`` shards) each prune gathers a plain copy, masks it, and re-shards it (the
-  optimizer state is renamed to the parametrized weights); between prunes the stored shards are re-zeroed
-  under the matching shard of each mask (:func:`enforce_masks_sharded`).
+* **Masks** (one-shot and gradual): each prune (a rise of the target) gathers a plain copy, masks it the
+  same way on every rank (digests in the ``prune`` event) and wraps it again, with the optimizer state
+  renamed to the parametrized weights (``<layer>.parametrizations.weight.original``): registering a
+  parametrization in place would detach the weight from DDP's gradient hooks and from FSDP2's shards.
+  Between prunes, the stored weights are re-zeroed under the masks (:func:`enforce_masks_sharded`: on
+  FSDP2 shards with the matching shard of each replicated mask).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from lotus.parallel.rebuild import agree, full_state, plain_copy, reduce_sum_fn,
 from pruning.masks import get_mask, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import slice_optimizer_state
 
-__all__ = ["is_parallel", "calibration", "restore_shapes", "thin_parallel", "prune_masks_sharded",
+__all__ = ["is_parallel", "calibration", "restore_shapes", "thin_parallel", "prune_masks_parallel",
            "enforce_masks_sharded", "mask_sparsity", "MASK_SUFFIX"]
 
 MASK_SUFFIX = ".parametrizations.weight.0.mask"
@@ -81,15 +82,15 @@ def thin_parallel(trainer: Any, config: pruning.StructuredConfig, calib: list | 
     report["rank_digests"] = agree(report["kept"], "pruning.structured")
     kept = report["kept_indices"]
     why = f"structured thinning: params {report['params_before']} -> {report['params_after']}"
-    swap_model(trainer, plain, optim_sd, why,
-               transform=lambda sd: slice_optimizer_state(sd, kept, _flat_names(sd)) if sd else sd)
+    swap_model(trainer, plain, optim_sd, lambda sd: slice_optimizer_state(sd, kept, _flat_names(sd)) if sd else sd,
+               replan_reason=why)
     return report
 
 
-def prune_masks_sharded(trainer: Any, pruner: pruning.GradualPruner, progress: float, widths: dict | None,
-                        filter_args: tuple) -> dict | None:
-    """One :meth:`GradualPruner.step` of an FSDP2 model: a plain copy is masked (when the target rose) and
-    re-sharded; otherwise the shards are re-zeroed under the masks. Returns the prune report or None."""
+def prune_masks_parallel(trainer: Any, pruner: pruning.GradualPruner, progress: float, widths: dict | None,
+                         filter_args: tuple) -> dict | None:
+    """One :meth:`GradualPruner.step` of a DDP / FSDP2 model: a plain copy is masked (when the target rose)
+    and wrapped again; otherwise the weights are re-zeroed under the masks. Returns the prune report or None."""
     if pruner.target(progress) <= pruner.current + 1e-12:
         enforce_masks_sharded(trainer.unwrapped_model)
         return None
@@ -109,7 +110,7 @@ def prune_masks_sharded(trainer: Any, pruner: pruning.GradualPruner, progress: f
         groups = [dict(g, params=[rename.get(p, p) for p in g["params"]]) for g in sd["param_groups"]]
         return {"state": state, "param_groups": groups}
 
-    swap_model(trainer, plain, optim_sd, f"pruning masks on {len(new)} more layers", transform=renamed)
+    swap_model(trainer, plain, optim_sd, renamed)  # same shapes: the plan is kept
     return report
 
 
