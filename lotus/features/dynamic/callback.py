@@ -77,7 +77,7 @@ class DynamicPruningCallback(Callback):
         p.set_epoch(epoch)
         self._weights = p.weights(np.arange(p.num_samples), device=trainer.device)
         if trainer.dist.world_size > 1:  # every rank must have planned the same epoch
-            self._digests = agree(p.kept_indices(), f"tickets.dynamic (epoch {epoch + 1})")
+            self._digests = agree((p.epoch_indices(), self._weights), f"tickets.dynamic (epoch {epoch + 1})")
         st = p.stats
         if st["annealing"] and not self._annealing_logged:
             self._annealing_logged = True
