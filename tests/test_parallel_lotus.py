@@ -170,3 +170,40 @@ def test_config_allows_lotus_features_under_data_parallel():
     with pytest.raises(ConfigError, match="pruning.sparse_kernels: not supported") as e:
         config_from_dict({"parallel": {"mode": "ddp"}, "pruning": {"method": "2:4", "sparse_kernels": True}})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation", "wanda"])
+def test_reduce_sum_of_split_calibration_equals_all_batches(importance):
+    """The libraries' ``reduce_sum`` hook: two 'ranks' scoring half of the batches each and summing their
+    statistics get what one process scoring every batch gets (the all-reduce is emulated in one process)."""
+    import timm
+    import torch
+
+    import pruning
+    from pruning.mask_scores import collect_input_norms
+    from pruning.masks import select_modules
+    from pruning.structured_units import find_blocks
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5,
+                              depth=2, embed_dim=32, num_heads=2)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(4)]
+    if importance == "wanda":
+        modules = select_modules(model)
+
+        def score(batches, reduce=None):
+            return collect_input_norms(model, modules, batches, reduce_sum=reduce)
+    else:
+        units = [b.mlp for b in find_blocks(model).values()]
+
+        def score(batches, reduce=None):
+            return pruning.structured_importance.unit_scores(model, units, importance, batches, None, None, reduce)
+
+    recorded: list = []
+    score(data[1::2], lambda t: recorded.append(t.clone()) or t)  # "rank 1": its statistics
+    split = score(data[0::2], lambda t: t + recorded.pop(0))  # "rank 0": plus rank 1's, in the same order
+    full = score(data)
+    assert not recorded and split.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(split[k], full[k], rtol=1e-5, atol=1e-7)
