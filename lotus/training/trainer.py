@@ -133,12 +133,17 @@ class Trainer:
         self.unwrapped_model = self.model
         if state is not None:
             self.checkpoints.restore_model(self, state)
+        self.model = self.wrap_model(self.model)
+
+    def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
+        """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
+        (at set-up, and again after a pruning event rebuilt the model: ``plan``/``replan`` of parallelize)."""
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
-            self.model = parallelize(
-                self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
-                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
-                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
-        self.model = maybe_compile(self.model, self.cfg.train, self.device)
+            model = parallelize(model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
+                                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
+                                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16,
+                                **plan)
+        return maybe_compile(model, self.cfg.train, self.device)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
@@ -366,7 +371,7 @@ class Trainer:
         if not math.isnan(flops):
             self.train_flops += flops
         return {"type": "epoch", "epoch": epoch + 1, "step": self.step, "samples_seen": self.samples_seen,
-                "train_loss": meter.mean(), "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": meter.mean(self.dist.world_size), "lr": self.optimizer.param_groups[0]["lr"],
                 "throughput": round(seen_all / dt, 2) if dt > 0 else None, "epoch_samples": seen_all,
                 "train_flops": self.train_flops}
 
