@@ -16,4 +16,6 @@ tail -3 "$OUT/cuda_tests.txt"
 timeout 300 python benchmarks/gpu_sparse.py --out "$OUT" 2>&1 | tail -40
 # memory planner: predicted vs measured peak CUDA memory and step time
 timeout 200 python benchmarks/gpu_memory_plan.py --out "$OUT" 2>&1 | tail -30
+# LOTUS under torchrun on CUDA (nccl, one rank per GPU, at most 2): dynamic data pruning + thinning vs dense
+timeout 420 python benchmarks/lotus_distributed.py --device cuda --nproc 2 --seeds 0 1 --out-dir "$OUT" 2>&1 | tail -12
 ls -la "$OUT"

@@ -6,9 +6,9 @@ Score every training sample by informativeness, select a subset with a policy, s
 
     from data_tickets import score, select, TicketFile
     scores = score(model, dataset, scorer="el2n")            # tensor aligned with dataset indices
-    idx = select(scores, policy="ccs", fraction=0.5, labels=labels, seed=0)
+    idx = select(scores, policy="ccs", fraction=0.5, labels=labels, seed=0)  # class-balanced (labels given)
     TicketFile.create(idx, dataset=dataset, scores=scores, scorer="el2n", policy="ccs",
-                      fraction=0.5, seed=0).save("tickets/el2n-50.npz")
+                      fraction=0.5, seed=0, class_balanced=True).save("tickets/el2n-50.npz")
 
 Datasets yield ``(image, label, index)`` (or ``(image, label)``; the position is used as the index).
 This package never imports ``lotus``. The top level exports the main entry points; everything else is
@@ -18,10 +18,13 @@ imported from its module:
 module          holds
 =============== ==========================================================================================
 scorers         ``score``, ``SCORERS``, ``register_scorer``, ``Scorer``, ``ScoreContext``
-policies        ``select``, ``POLICIES``, ``register_policy``, ``budget``
+policies        ``select`` (class-balanced whenever labels are given), ``POLICIES``, ``register_policy``,
+                ``budget``, ``class_quotas``, ``uses_class_balance``
 ticket_file     ``TicketFile`` (the ``.npz`` ticket format)
 fingerprint     ``dataset_fingerprint``, ``compare_fingerprints``
 proxy           ``make_proxy``, ``train_proxy``, the ``Proxy`` protocol
+proxy_cache     ``cached_proxy`` (each seed's proxy training stored once, replayed for every scorer),
+                ``proxy_fingerprint``
 grad_norms      ``per_sample_grad_sq_norms`` (GraNd without per-sample weight gradients)
 attention       ``cls_attention``, ``capture_attention`` (attention weights from q/k, via hooks)
 dynamic         ``DynamicPruner`` (the InfoBatch-style sampler; state, sync, export, resume)

@@ -17,8 +17,12 @@ moderate    the samples whose score is closest to the median (Xia et al., ICLR 2
 =========== ===================================================================================
 
 Budget: exactly one of ``fraction`` (0 < f <= 1, rounded to the nearest count, at least 1) or ``count``.
-``class_balanced=True`` splits the budget over classes in proportion to their sizes (largest-remainder
-rounding, so the total is exact) and runs the policy inside each class.
+
+Class balance (the default whenever ``labels`` are given): the budget is split over classes in proportion to
+their frequencies in the full set (:func:`class_quotas`, largest-remainder rounding, so the total is exact)
+and the policy runs inside each class (for ``ccs``: the ``beta`` cut and the strata are per class). Without
+it a score-driven policy can skew the classes badly (a 30 % ccs ticket of 10 balanced classes with 75 of one
+class and 160 of another); ``class_balanced=False`` turns it off, ``True`` requires labels.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["POLICIES", "register_policy", "select", "budget"]
+__all__ = ["POLICIES", "register_policy", "select", "budget", "class_quotas", "uses_class_balance"]
 
 PolicyFn = Callable[..., np.ndarray]
 POLICIES: dict[str, PolicyFn] = {}
@@ -111,21 +115,46 @@ def budget(n: int, fraction: float | None = None, count: int | None = None) -> i
     return int(count)
 
 
-def _quotas(labels: np.ndarray, k: int) -> dict[Any, int]:
-    classes, sizes = np.unique(labels, return_counts=True)
-    exact = sizes * (k / labels.size)
+def class_quotas(labels: Any, k: int) -> dict[Any, int]:
+    """Per-class budget ``{class: count}`` summing to ``k``, proportional to the class frequencies of ``labels``.
+
+    Largest-remainder rounding: every class gets ``floor(k * n_c / n)``, the leftover units go to the largest
+    fractional parts (ties: lower class first). Quotas never exceed a class's size.
+    """
+    lab = _as_labels(labels)
+    if not 0 <= int(k) <= lab.size:
+        raise ValueError(f"count: expected an integer in 0..{lab.size} (number of labels), got {k!r}")
+    classes, sizes = np.unique(lab, return_counts=True)
+    exact = sizes * (int(k) / lab.size)
     q = np.floor(exact).astype(np.int64)
     order = np.lexsort((np.arange(classes.size), -(exact - q)))  # largest remainder first, ties by class order
-    q[order[: k - int(q.sum())]] += 1
+    q[order[: int(k) - int(q.sum())]] += 1
     return {c: int(v) for c, v in zip(classes.tolist(), q)}
 
 
+def uses_class_balance(class_balanced: bool | None, labels: Any) -> bool:
+    """Whether :func:`select` balances classes: ``class_balanced`` if given, else whenever labels exist."""
+    if class_balanced is None:
+        return labels is not None
+    if not isinstance(class_balanced, (bool, np.bool_)):
+        raise ValueError(f"class_balanced: expected True, False or None (auto: on when labels are given), "
+                         f"got {class_balanced!r}")
+    if class_balanced and labels is None:
+        raise ValueError("class_balanced: needs labels= aligned with the scores")
+    return bool(class_balanced)
+
+
+def _as_labels(labels: Any) -> np.ndarray:
+    return np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
+
+
 def select(scores: Any, policy: str = "ccs", fraction: float | None = None, count: int | None = None,
-           labels: Any = None, class_balanced: bool = False, seed: int = 0, **kw: Any) -> np.ndarray:
+           labels: Any = None, class_balanced: bool | None = None, seed: int = 0, **kw: Any) -> np.ndarray:
     """Indices (sorted, int64) of the samples kept by ``policy`` under the budget.
 
     ``scores`` is any 1-D array/tensor aligned with dataset indices; policy options go in ``**kw``
-    (``beta``/``strata`` for ccs).
+    (``beta``/``strata`` for ccs). With ``labels`` the selection is class-balanced unless
+    ``class_balanced=False`` (see the module docstring; :func:`uses_class_balance` tells which applies).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {', '.join(sorted(POLICIES))}, got {policy!r}")
@@ -135,17 +164,16 @@ def select(scores: Any, policy: str = "ccs", fraction: float | None = None, coun
     if not np.isfinite(s).all():
         raise ValueError(f"scores: {int((~np.isfinite(s)).sum())} non-finite values (NaN/inf)")
     k = budget(s.size, fraction, count)
+    balanced = uses_class_balance(class_balanced, labels)
     fn = POLICIES[policy]
     rng = np.random.default_rng(seed)
     try:
-        if class_balanced:
-            if labels is None:
-                raise ValueError("class_balanced: needs labels= aligned with the scores")
-            lab = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
+        if balanced:
+            lab = _as_labels(labels)
             if lab.size != s.size:
                 raise ValueError(f"labels: expected {s.size} labels (one per score), got {lab.size}")
             parts = []
-            for c, q in _quotas(lab, k).items():
+            for c, q in class_quotas(lab, k).items():
                 if q:
                     pos = np.flatnonzero(lab == c)
                     parts.append(pos[np.asarray(fn(s[pos], q, rng, **kw), dtype=np.int64)])

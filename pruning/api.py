@@ -26,6 +26,7 @@ def prune_(
     filter_fn: FilterFn | None = None,
     *,
     loss_fn: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place according to ``config`` and return a report.
 
@@ -40,11 +41,14 @@ def prune_(
 
     The report has ``method``, ``config``, ``layers`` (per-layer shape/params/nonzeros/sparsity), ``total``
     (over pruned layers), ``model`` (all parameters), ``skipped`` ({layer: reason}) and ``notes``.
+
+    ``reduce_sum`` (data parallel): each process passes its share of the calibration batches; Wanda norms and
+    activation/Taylor statistics are summed over processes by it (e.g. a ``torch.distributed.all_reduce``).
     """
     if isinstance(config, StructuredConfig):
         if filter_fn is not None:
             raise ValueError("filter_fn: structured pruning chooses blocks itself; filter_fn is not supported")
-        return prune_structured(model, config, calib_loader=calib_loader, loss_fn=loss_fn)
+        return prune_structured(model, config, calib_loader=calib_loader, loss_fn=loss_fn, reduce_sum=reduce_sum)
     if not isinstance(config, (MagnitudeConfig, WandaConfig, SemiStructuredConfig)):
         raise ValueError(
             "config: expected MagnitudeConfig, WandaConfig, SemiStructuredConfig or StructuredConfig, "
@@ -60,13 +64,13 @@ def prune_(
         masks = magnitude_masks(modules, config.sparsity, config.scope)
     elif isinstance(config, WandaConfig):
         method = "wanda"
-        norms = collect_input_norms(model, modules, calib_loader, config.max_calib_batches)
+        norms = collect_input_norms(model, modules, calib_loader, config.max_calib_batches, reduce_sum)
         masks = wanda_masks(modules, norms, config.sparsity, config.scope)
     else:
         method = f"{config.n}:{config.m}"
         norms = None
         if config.score == "wanda":
-            norms = collect_input_norms(model, modules, calib_loader, config.max_calib_batches)
+            norms = collect_input_norms(model, modules, calib_loader, config.max_calib_batches, reduce_sum)
         masks, skipped = nm_masks(modules, config.n, config.m, norms)
         if not masks:
             raise ValueError(f"N:M: no selected layer has an input dim divisible by m={config.m}")

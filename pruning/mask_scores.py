@@ -7,7 +7,7 @@ The masks are attached with :func:`pruning.masks.set_mask`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -156,12 +156,15 @@ def collect_input_norms(
     modules: Mapping[str, nn.Module],
     loader: Iterable[Any],
     max_batches: int | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """L2 norm of every input feature of each module over all calibration tokens (forward hooks, eval mode).
 
     Conv2d inputs are unfolded into patches so the norm lines up with the flattened ``(out, in*kh*kw)`` weight.
     A Linear that its parent calls functionally (timm EVA's ``F.linear(x, self.qkv.weight, qkv_bias)``) never
     fires its own hook; it gets the parent's input instead, which is what that call multiplies.
+    ``reduce_sum`` (data-parallel calibration): each process feeds its share of the batches and the squared
+    norms are summed over processes (e.g. ``torch.distributed.all_reduce``) before the square root.
     """
     if loader is None:
         raise ValueError("calib_loader: Wanda scoring needs calibration data; pass calib_loader")
@@ -220,4 +223,6 @@ def collect_input_norms(
                 missing.append(fqn)
     if missing:
         raise ValueError(f"wanda: layers never ran during calibration: {', '.join(missing[:5])}")
+    if reduce_sum is not None:
+        sq = {fqn: reduce_sum(v) for fqn, v in sq.items()}
     return {fqn: v.sqrt() for fqn, v in sq.items()}

@@ -144,7 +144,8 @@ class GradualPruner:
     sparsity, so it only works with a ``OneShotSchedule`` (the schedule's sparsity must then be ``1 - n/m``
     or is ignored). Wanda (and N:M with ``score="wanda"``) re-runs calibration at every prune.
     ``calib_loader`` is an iterable of batches or a zero-argument callable returning one; the callable is
-    called once per prune that needs calibration data, and never for magnitude scoring.
+    called once per prune that needs calibration data, and never for magnitude scoring. ``reduce_sum`` is
+    passed to :func:`pruning.prune_` (data-parallel calibration: each process passes its share of the batches).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class GradualPruner:
         method: MagnitudeConfig | WandaConfig | SemiStructuredConfig | None = None,
         filter_fn: FilterFn | None = None,
         calib_loader: CalibSource | None = None,
+        reduce_sum: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         method = method if method is not None else MagnitudeConfig()
         if isinstance(method, SemiStructuredConfig) and not isinstance(schedule, OneShotSchedule):
@@ -161,7 +163,7 @@ class GradualPruner:
                 "schedule: N:M sparsity is fixed by n:m, use a OneShotSchedule (gradual needs magnitude or wanda)"
             )
         self.model, self.schedule, self.method = model, schedule, method
-        self.filter_fn, self.calib_loader = filter_fn, calib_loader
+        self.filter_fn, self.calib_loader, self.reduce_sum = filter_fn, calib_loader, reduce_sum
         if self.needs_calibration and calib_loader is None:
             raise ValueError("calib_loader: Wanda scoring needs calibration data")
         self.current = 0.0
@@ -191,7 +193,7 @@ class GradualPruner:
         elif isinstance(cfg, WandaConfig):
             cfg = WandaConfig(sparsity=target, scope=cfg.scope, max_calib_batches=cfg.max_calib_batches)
         calib = self._calibration_data() if self.needs_calibration else None
-        report = prune_(self.model, cfg, calib_loader=calib, filter_fn=self.filter_fn)
+        report = prune_(self.model, cfg, calib_loader=calib, filter_fn=self.filter_fn, reduce_sum=self.reduce_sum)
         self.current = target
         when = int(step) if isinstance(step, int) else float(step)
         self.history.append({"step": when, "target": target, "sparsity": report["total"]["sparsity"]})

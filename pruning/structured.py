@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .config import StructuredConfig
-from .structured_importance import LossFn, unit_scores
+from .structured_importance import LossFn, ReduceFn, unit_scores
 from .structured_units import Unit, find_blocks
 from .structured_widths import check_thinnable, get_widths
 
@@ -108,12 +108,14 @@ def _count_params(model: nn.Module) -> int:
 
 
 def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: Optional[Iterable] = None,
-                     loss_fn: Optional[LossFn] = None, *, max_batches: Optional[int] = None) -> dict:
+                     loss_fn: Optional[LossFn] = None, *, max_batches: Optional[int] = None,
+                     reduce_sum: Optional[ReduceFn] = None) -> dict:
     """Remove attention heads and MLP neurons from every timm ViT block of ``model``, in place.
 
     calib_loader: batches of ``x``, ``(x, y)`` or ``(x, y, index)``; needed for ``activation`` and ``taylor``
         importance (``max_batches`` caps how many are used). loss_fn: ``loss_fn(logits, y)`` for taylor
-        (default cross-entropy; ``y`` is None for unlabelled batches).
+        (default cross-entropy; ``y`` is None for unlabelled batches). reduce_sum: data-parallel scoring, each
+        process passes its share of the batches and the statistics are summed (see ``unit_scores``).
 
     Returns a JSON-serialisable report: ``blocks`` (per block heads/mlp before and after), ``widths`` (after,
     for :func:`apply_widths`), ``params_before``/``params_after``, ``kept`` (per block kept head / neuron
@@ -135,7 +137,8 @@ def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: O
 
     units: list[Unit] = (attn_units if config.heads > 0 else []) + (mlp_units if config.mlp > 0 else [])
     check_thinnable(units)
-    scores = unit_scores(model, units, config.importance, calib_loader, loss_fn, max_batches) if units else {}
+    scores = (unit_scores(model, units, config.importance, calib_loader, loss_fn, max_batches, reduce_sum)
+              if units else {})
 
     keep: dict[str, torch.Tensor] = {}
     if config.heads > 0:

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from .config import IMPORTANCE, Importance
 from .structured_units import Coupled, Unit, find_blocks, group_reduce
 
-__all__ = ["LossFn", "unit_scores", "head_importance", "neuron_importance"]
+__all__ = ["LossFn", "ReduceFn", "unit_scores", "head_importance", "neuron_importance"]
 
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# Sums a tensor over the processes of a data-parallel job (e.g. a ``torch.distributed.all_reduce``): each
+# process scored its own calibration batches, the sum is what one process scoring all of them computes.
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def _consumer_column_norms(u: Unit) -> torch.Tensor:
 
 
 def _activation_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterable,
-                       max_batches: Optional[int]) -> dict[str, torch.Tensor]:
+                       max_batches: Optional[int], reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
     sumsq = {u.name: torch.zeros(u.num_groups * u.group_size, dtype=torch.float64) for u in units}
 
     def make_hook(name: str):
@@ -107,6 +110,8 @@ def _activation_scores(model: nn.Module, units: Sequence[Unit], calib_loader: It
     finally:
         for h in handles:
             h.remove()
+    if reduce_sum is not None:
+        sumsq = {k: reduce_sum(v) for k, v in sumsq.items()}
     out = {}
     for u in units:
         act = sumsq[u.name].reshape(u.num_groups, u.group_size).sum(1).sqrt()
@@ -115,7 +120,7 @@ def _activation_scores(model: nn.Module, units: Sequence[Unit], calib_loader: It
 
 
 def _taylor_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterable, loss_fn: Optional[LossFn],
-                   max_batches: Optional[int]) -> dict[str, torch.Tensor]:
+                   max_batches: Optional[int], reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
     entries: list[tuple[Unit, Coupled]] = [(u, c) for u in units for c in u.coupled() if c.is_param]
     params = [c.tensor for _, c in entries]
     for (u, c), p in zip(entries, params):
@@ -144,12 +149,19 @@ def _taylor_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterab
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    if reduce_sum is not None:  # a sum over batches: the per-process sums add up
+        scores = {k: reduce_sum(v) for k, v in scores.items()}
     return scores
 
 
 def unit_scores(model: nn.Module, units: Sequence[Unit], importance: str, calib_loader: Optional[Iterable],
-                loss_fn: Optional[LossFn], max_batches: Optional[int]) -> dict[str, torch.Tensor]:
-    """Score of every group of every unit, ``{unit name: tensor[num_groups]}`` (higher = more important)."""
+                loss_fn: Optional[LossFn], max_batches: Optional[int],
+                reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
+    """Score of every group of every unit, ``{unit name: tensor[num_groups]}`` (higher = more important).
+
+    ``reduce_sum`` (data-parallel scoring): each process passes its share of the calibration batches and
+    the calibration statistics are summed over processes before they become scores, so every process gets
+    the scores of all the batches (``magnitude`` needs no data and ignores it)."""
     if importance not in IMPORTANCE:
         raise ValueError(f"importance: expected one of {', '.join(IMPORTANCE)}, got {importance!r}")
     if not units:
@@ -160,8 +172,8 @@ def unit_scores(model: nn.Module, units: Sequence[Unit], importance: str, calib_
         raise ValueError(f"importance={importance!r} needs calibration data: pass calib_loader "
                          f"(or use importance='magnitude')")
     if importance == "activation":
-        return _activation_scores(model, units, calib_loader, max_batches)
-    return _taylor_scores(model, units, calib_loader, loss_fn, max_batches)
+        return _activation_scores(model, units, calib_loader, max_batches, reduce_sum)
+    return _taylor_scores(model, units, calib_loader, loss_fn, max_batches, reduce_sum)
 
 
 def _importance(model: nn.Module, kind: str, importance: Importance, calib_loader: Optional[Iterable],

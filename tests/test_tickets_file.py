@@ -207,3 +207,18 @@ def test_save_is_atomic_and_rejects_bad_targets(tmp_path, monkeypatch):
 def test_validate_requires_something():
     with pytest.raises(ValueError, match="pass the dataset"):
         TicketFile(indices=[0]).validate_against()
+
+
+def test_class_balance_is_recorded(tmp_path):
+    """The ticket says whether its selection was class-balanced; files written before the field read as False."""
+    ds = Images()
+    idx = select(np.linspace(0, 1, 50), "top", fraction=0.4, labels=ds.labels)  # balanced: the default
+    assert np.bincount(ds.labels[idx].numpy(), minlength=5).tolist() == [4] * 5
+    for flag in (True, False):
+        t = TicketFile.create(idx, dataset=ds, scorer="el2n", policy="top", fraction=0.4, class_balanced=flag)
+        u = TicketFile.load(t.save(tmp_path / f"{flag}.npz"))
+        assert u.class_balanced is flag
+        with np.load(tmp_path / f"{flag}.npz", allow_pickle=False) as z:
+            assert json.loads(str(z["meta"]))["class_balanced"] is flag
+    _write_npz(tmp_path / "old.npz", indices=np.arange(3), meta=_meta())  # no class_balanced key
+    assert TicketFile.load(tmp_path / "old.npz").class_balanced is False

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from data_tickets import TicketFile, score
+from lotus.callbacks import Callback
 from lotus.cli import main
 from lotus.config import config_from_dict, load_config
 from lotus.errors import LotusError
-from lotus.callbacks import Callback
 from lotus.training import Trainer
 
 SMALL = ["--set", "data.limit_train=300"]  # 300 train images: fast proxies and fingerprints
@@ -96,11 +96,12 @@ def test_select_random_needs_no_scoring_and_reuses_scores(tmp_path, capsys, smal
                       scorer="el2n", policy="top").save(src)
     b = tmp_path / "reused.npz"
     code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--from-ticket", src, "--policy", "top",
-                           "--fraction", 0.1, "--out", b, "--quiet")
+                           "--fraction", 0.1, "--no-class-balance", "--out", b, "--quiet")
     assert code == 0, err
     tb = TicketFile.load(b)
     assert tb.scorer == "el2n" and np.array_equal(tb.scores, fake_scores)
     assert tb.indices.tolist() == list(range(270, 300))  # the top 10% of the stored scores
+    assert tb.class_balanced is False
 
 
 def test_select_with_checkpoint_and_patch_tickets(tmp_path, capsys, small_yaml):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_tickets import POLICIES, select
-from data_tickets.policies import budget
+from data_tickets.policies import budget, class_quotas, uses_class_balance
 
 ALL = sorted(POLICIES)
 
@@ -114,6 +114,67 @@ def test_class_balanced_largest_remainder_is_exact():
     idx = select(np.arange(21.0), "top", count=10, labels=labels, class_balanced=True)
     counts = np.bincount(labels[idx])
     assert counts.sum() == 10 and sorted(counts.tolist()) == [3, 3, 4]
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_class_balance_is_the_default_with_labels(policy):
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), [60, 30, 10])
+    s = rng.normal(size=100) + labels * 10.0  # class 2 scores highest: score-driven policies skew without balance
+    default = select(s, policy, fraction=0.4, labels=labels, seed=1)
+    assert np.array_equal(default, select(s, policy, fraction=0.4, labels=labels, class_balanced=True, seed=1))
+    assert np.bincount(labels[default], minlength=3).tolist() == [24, 12, 4]
+    off = select(s, policy, fraction=0.4, labels=labels, class_balanced=False, seed=1)
+    assert np.array_equal(off, select(s, policy, fraction=0.4, seed=1))  # opt-out = no labels at all
+    if policy == "top":
+        assert np.bincount(labels[off], minlength=3).tolist() == [0, 30, 10]
+
+
+def test_class_quotas_largest_remainder_exact():
+    assert class_quotas(np.repeat([0, 1, 2], [5, 3, 2]), 5) == {0: 3, 1: 1, 2: 1}  # .5/.5 tie -> lower class
+    assert class_quotas(np.array(["b", "a", "a", "c"]), 2) == {"a": 1, "b": 1, "c": 0}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 40, size=rng.integers(2, 12))
+        labels = np.repeat(np.arange(sizes.size), sizes)
+        k = int(rng.integers(0, labels.size + 1))
+        q = np.array(list(class_quotas(labels, k).values()))
+        exact = sizes * k / labels.size
+        assert q.sum() == k and (q <= sizes).all() and (np.abs(q - exact) < 1).all()
+        # largest remainder: every class that got the extra unit had a remainder >= every class that did not
+        up = q > np.floor(exact)
+        if up.any() and (~up).any():
+            assert (exact - np.floor(exact))[up].min() >= (exact - np.floor(exact))[~up].max() - 1e-12
+    with pytest.raises(ValueError, match="count: expected an integer in 0..4"):
+        class_quotas(np.zeros(4), 5)
+
+
+def test_ccs_is_stratified_within_each_class():
+    """Balanced ccs drops each class's own hardest beta and spreads over that class's score range."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    s = np.concatenate([rng.random(200), 10 + rng.random(200)])  # class 1 is uniformly harder
+    idx = select(s, "ccs", fraction=0.5, labels=labels, beta=0.2, strata=5, seed=0)
+    for c in (0, 1):
+        pos = np.flatnonzero(labels == c)
+        kept = np.intersect1d(idx, pos)
+        hardest = pos[np.argsort(-s[pos])[:40]]  # beta * 200
+        assert kept.size == 100 and np.intersect1d(kept, hardest).size == 0
+        lo, hi = s[pos].min(), np.sort(s[pos])[-41]
+        bins = np.minimum(((s[kept] - lo) / (hi - lo) * 5).astype(int), 4)
+        assert np.bincount(bins, minlength=5).min() >= 15  # every stratum of the class is covered
+    off = select(s, "ccs", fraction=0.5, labels=labels, beta=0.2, strata=5, class_balanced=False, seed=0)
+    hardest0 = np.argsort(-s[:200])[:40]
+    assert np.intersect1d(off, hardest0).size > 0  # whole-set ccs drops only class 1's hardest
+
+
+def test_uses_class_balance():
+    assert uses_class_balance(None, np.zeros(3)) and not uses_class_balance(None, None)
+    assert not uses_class_balance(False, np.zeros(3)) and uses_class_balance(True, [0, 1])
+    with pytest.raises(ValueError, match="class_balanced: needs labels"):
+        uses_class_balance(True, None)
+    with pytest.raises(ValueError, match="class_balanced: expected True, False or None"):
+        uses_class_balance("yes", np.zeros(3))
 
 
 def test_budget_rounding():

@@ -2,14 +2,18 @@
 
 The scores come from short proxy trainings on the lotus training loop (default), or from a trained model
 (--checkpoint). The selected subset, all scores, the settings and a fingerprint of the train split go into
-one .npz; train on it with --set tickets.file=FILE.
+one .npz; train on it with --set tickets.file=FILE. Selection is class-balanced (per-class quotas in the
+train split's proportions) unless --no-class-balance. Proxy trainings are cached (--proxy-cache, default a
+.proxy-cache folder next to --out): several --scorer values, or a later lotus select on the same data, model
+and proxy settings, reuse them instead of training again.
 
 examples:
   lotus select --config configs/digits.yaml --scorer el2n --policy ccs --fraction 0.5 --out tickets/digits-el2n-50.npz
+  lotus select --config configs/digits.yaml --scorer el2n forgetting --fraction 0.3 --out tickets/digits-{scorer}-30.npz
   lotus select --config configs/digits.yaml --scorer forgetting --proxy-epochs 8 --policy top --count 500 --out t.npz
   lotus select --config configs/digits.yaml --scorer loss --checkpoint runs/digits/best.safetensors --policy moderate --fraction 0.3 --out t.npz
   lotus select --config configs/digits.yaml --from-ticket tickets/digits-el2n-50.npz --policy top --fraction 0.3 --out t30.npz
-  lotus select --config configs/digits.yaml --policy random --fraction 0.3 --class-balanced --out tickets/random-30.npz
+  lotus select --config configs/digits.yaml --policy random --fraction 0.3 --no-class-balance --out tickets/random-30.npz
   lotus select --config configs/digits.yaml --checkpoint runs/digits --scorer cls_attention --policy top --fraction 1 \
       --patches 0.5 --out tickets/digits-patches.npz   # then: --set tickets.patches.enabled=true
       --set tickets.patches.source=file --set tickets.patches.file=tickets/digits-patches.npz
@@ -20,18 +24,22 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
+import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from data_tickets import POLICIES, SCORERS, PatchTicket, TicketFile, score, select
+from data_tickets.policies import uses_class_balance
 from lotus.checkpoint import load_weights, model_config_from_checkpoint
 from lotus.config import load_config
 from lotus.data import build_datasets
 from lotus.errors import LotusError, library_error
 from lotus.features.tickets.callback import load_ticket
-from lotus.features.tickets.proxy import make_proxy
+from lotus.features.tickets.proxy import make_cached_proxy
 from lotus.models import create_model, resolve_img_size
 
 __all__ = ["add_arguments", "run"]
@@ -41,13 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML training config (its data/model/optim sections are used)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.limit_train=500 (repeatable)")
-    p.add_argument("--scorer", choices=sorted(SCORERS), default=None,
-                   help="informativeness score (default el2n; none needed for --policy random)")
+    p.add_argument("--scorer", choices=sorted(SCORERS), default=None, nargs="+",
+                   help="informativeness score(s) (default el2n; none needed for --policy random); several scorers "
+                   "write one ticket each (--out must then contain {scorer}) from the same proxy trainings")
     p.add_argument("--policy", choices=sorted(POLICIES), default="ccs", help="selection policy (default ccs)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--fraction", type=float, help="fraction of the train split to keep, in (0, 1]")
     size.add_argument("--count", type=int, help="number of samples to keep")
-    p.add_argument("--class-balanced", action="store_true", help="keep the class proportions of the train split")
+    p.add_argument("--class-balance", "--class-balanced", dest="class_balanced", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="per-class quotas in the train split's proportions, the policy applied within each class "
+                   "(default on; --no-class-balance selects over the whole split)")
     p.add_argument("--seed", type=int, default=0, help="seed of proxy trainings and of the policy (default 0)")
     p.add_argument("--beta", type=float, default=None, help="ccs: fraction of hardest samples dropped (default 0.1)")
     p.add_argument("--strata", type=int, default=None, help="ccs: number of score strata (default 50)")
@@ -64,15 +76,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(requires a ViT); KEEP_RATE is recorded as the default keep rate")
     p.add_argument("--patch-rollout", action="store_true", help="--patches: rank by attention rollout over all "
                    "blocks instead of the last block's CLS attention")
+    p.add_argument("--proxy-cache", metavar="DIR", default=None,
+                   help="folder of cached proxy trainings (default: .proxy-cache next to --out)")
+    p.add_argument("--no-proxy-cache", action="store_true",
+                   help="share proxies only within this invocation (nothing written)")
     p.add_argument("--batch-size", type=int, default=None, help="scoring batch size (default data.eval_batch_size)")
-    p.add_argument("--out", "-o", help="output .npz (default tickets/<config>-<scorer>-<policy>-<pct>.npz)")
+    p.add_argument("--out", "-o", help="output .npz (default tickets/<config>-<scorer>-<policy>-<pct>.npz); "
+                   "{scorer} is replaced by the scorer name")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or proxy logs")
 
 
 # library field -> flag, for data_tickets' "field: reason" errors
 _FLAGS = {"count": "--count", "fraction": "--fraction", "ccs beta": "--beta", "ccs strata": "--strata",
-          "class_balanced": "--class-balanced", "repeats": "--repeats"}
+          "class_balanced": "--class-balance", "repeats": "--repeats"}
 
 
 def _checkpoint_file(path: str) -> str:
@@ -91,29 +108,24 @@ def _default_out(cfg, scorer: str | None, policy: str, fraction: float | None, c
     return os.path.join("tickets", f"{cfg.name}-{scorer or 'none'}-{policy}-{size}.npz")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        raise LotusError(f"--fraction: expected a number in (0, 1], got {args.fraction}")
-    if args.proxy_epochs < 1:
-        raise LotusError(f"--proxy-epochs: expected int >= 1, got {args.proxy_epochs}")
-    if args.repeats is not None and args.repeats < 1:
-        raise LotusError(f"--repeats: expected int >= 1, got {args.repeats}")
-    if args.patches is not None and not 0.0 < args.patches <= 1.0:
-        raise LotusError(f"--patches: expected a keep rate in (0, 1], got {args.patches}")
-    if args.from_ticket and (args.scorer or args.checkpoint):
-        raise LotusError("--from-ticket: reuses stored scores; do not combine with --scorer or --checkpoint")
-    scorer = args.scorer or (None if args.policy == "random" or args.from_ticket else "el2n")
-    out = args.out or _default_out(cfg, scorer, args.policy, args.fraction, args.count)
-    if not out.endswith(".npz"):
-        raise LotusError(f"--out: expected a .npz file name, got {out}")
-    if os.path.exists(out) and not args.force:
-        raise LotusError(f"--out: {out} already exists (pass --force to overwrite)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise LotusError(f"--batch-size: expected int >= 1, got {args.batch_size}")
-    pol_kw = {k: v for k, v in (("beta", args.beta), ("strata", args.strata)) if v is not None}
-    if pol_kw and args.policy != "ccs":
-        raise LotusError("--beta/--strata: only used by --policy ccs")
+def _outputs(args: argparse.Namespace, cfg, scorers: list[str | None]) -> dict[str | None, str]:
+    """Output path per scorer; refuses names that are not .npz, collide or exist (without --force)."""
+    if args.out and len(scorers) > 1 and "{scorer}" not in args.out:
+        raise LotusError(f"--out: several scorers ({' '.join(scorers)}) write one ticket each; put {{scorer}} in "
+                         f"the file name, got {args.out}")
+    outs = {}
+    for sc in scorers:
+        out = (args.out.replace("{scorer}", sc or "none") if args.out
+               else _default_out(cfg, sc, args.policy, args.fraction, args.count))
+        if not out.endswith(".npz"):
+            raise LotusError(f"--out: expected a .npz file name, got {out}")
+        if os.path.exists(out) and not args.force:
+            raise LotusError(f"--out: {out} already exists (pass --force to overwrite)")
+        outs[sc] = out
+    return outs
+
+
+def _scorer_options(args: argparse.Namespace, scorer: str | None) -> dict:
     kw: dict = {}
     if args.repeats is not None:
         if scorer is None or "repeats" not in SCORERS[scorer].options():
@@ -130,6 +142,32 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError("--scorer forgetting: needs proxy trainings, not --checkpoint")
     if scorer == "forgetting" and args.proxy_epochs < 2:
         raise LotusError("--proxy-epochs: forgetting needs >= 2 epochs")
+    return kw
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise LotusError(f"--fraction: expected a number in (0, 1], got {args.fraction}")
+    if args.proxy_epochs < 1:
+        raise LotusError(f"--proxy-epochs: expected int >= 1, got {args.proxy_epochs}")
+    if args.repeats is not None and args.repeats < 1:
+        raise LotusError(f"--repeats: expected int >= 1, got {args.repeats}")
+    if args.patches is not None and not 0.0 < args.patches <= 1.0:
+        raise LotusError(f"--patches: expected a keep rate in (0, 1], got {args.patches}")
+    if args.from_ticket and (args.scorer or args.checkpoint):
+        raise LotusError("--from-ticket: reuses stored scores; do not combine with --scorer or --checkpoint")
+    if args.proxy_cache is not None and args.no_proxy_cache:
+        raise LotusError("--proxy-cache: not allowed with --no-proxy-cache")
+    scorers: list[str | None] = list(dict.fromkeys(args.scorer)) if args.scorer else \
+        [None if args.policy == "random" or args.from_ticket else "el2n"]
+    outs = _outputs(args, cfg, scorers)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise LotusError(f"--batch-size: expected int >= 1, got {args.batch_size}")
+    pol_kw = {k: v for k, v in (("beta", args.beta), ("strata", args.strata)) if v is not None}
+    if pol_kw and args.policy != "ccs":
+        raise LotusError("--beta/--strata: only used by --policy ccs")
+    options = {sc: _scorer_options(args, sc) for sc in scorers}
     t0 = time.perf_counter()
 
     ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
@@ -141,20 +179,76 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     progress = None if not args.quiet else False
     bs = args.batch_size or cfg.data.eval_batch_size
+    balanced = uses_class_balance(args.class_balanced, labels)
 
     model = proxy = None
     proxy_meta: dict | None = None
+    tmp_cache = None
     if ckpt:
         mcfg = dataclasses.replace(cfg.model, name=args.model or cfg.model.name, checkpoint=None, pretrained=False)
         model = create_model(mcfg, data.num_classes, data.in_chans, data.img_size)
         model = load_weights(model, ckpt, key="--checkpoint").to(device).eval()
         proxy_meta = {"checkpoint": os.path.abspath(ckpt), "model": mcfg.name}
-    elif scorer is not None or args.patches is not None:
-        proxy = make_proxy(cfg, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,
-                           cache=args.patches is not None)  # the patch scorer reuses the first proxy
-        proxy_meta = dict(proxy.config)
+    elif any(sc is not None for sc in scorers) or args.patches is not None:
+        if args.no_proxy_cache:
+            tmp_cache = tempfile.TemporaryDirectory(prefix="lotus-proxy-")
+        folder = tmp_cache.name if tmp_cache else (args.proxy_cache or os.path.join(
+            os.path.dirname(os.path.abspath(next(iter(outs.values())))), ".proxy-cache"))
 
+        def log(msg: str) -> None:
+            if not args.quiet or "recomputing" in msg:
+                print(msg, file=sys.stderr, flush=True)
+
+        proxy = make_cached_proxy(cfg, data, folder, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,
+                                  device=device, log=log)
+        proxy_meta = dict(proxy.config)
+    try:
+        patch_rank, patch_extra = None, None
+        if args.patches is not None:  # one ranking, stored in every ticket of this invocation
+            pmodel = model if model is not None else proxy(args.seed, None).to(device)
+            ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
+            try:
+                patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
+            except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
+                raise LotusError(f"--patches: {e}") from None
+            # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
+            patch_extra = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
+                           "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}
+        job = _Job(args, train_set, labels, model, proxy, proxy_meta, balanced, device, bs, progress, pol_kw,
+                   patch_rank, patch_extra, t0)
+        for sc in scorers:
+            _one_ticket(job, sc, outs[sc], options[sc])
+    finally:
+        if tmp_cache is not None:
+            tmp_cache.cleanup()
+    return 0
+
+
+@dataclasses.dataclass
+class _Job:
+    """What every ticket of one ``lotus select`` shares."""
+
+    args: argparse.Namespace
+    train_set: Any
+    labels: np.ndarray
+    model: Any
+    proxy: Any
+    proxy_meta: dict | None
+    balanced: bool
+    device: torch.device
+    bs: int
+    progress: bool | None
+    pol_kw: dict
+    patch_rank: np.ndarray | None
+    patch_extra: dict | None
+    t0: float
+
+
+def _one_ticket(job: _Job, scorer: str | None, out: str, kw: dict) -> None:
+    """Score with ``scorer`` (or reuse --from-ticket's scores), select, write one ticket, print its summary."""
+    args, train_set, labels, pol_kw = job.args, job.train_set, job.labels, job.pol_kw
     scores = None
+    proxy_meta = None if job.proxy_meta is None else dict(job.proxy_meta)
     if args.from_ticket:
         src = load_ticket(args.from_ticket, "--from-ticket")
         try:
@@ -166,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
         scores, scorer, proxy_meta = torch.from_numpy(src.scores), src.scorer, src.proxy
     elif scorer is not None:
         try:
-            scores = score(model, train_set, scorer, proxy=proxy, batch_size=bs, device=device, progress=progress,
-                           seed=args.seed, **kw)
+            scores = score(job.model, train_set, scorer, proxy=job.proxy, batch_size=job.bs, device=job.device,
+                           progress=job.progress, seed=args.seed, **kw)
         except ValueError as e:  # e.g. a model the scorer cannot use, scores that diverged
             raise library_error(e, _FLAGS, f"--scorer {scorer}") from None
     if proxy_meta is not None and args.repeats is not None:
@@ -176,31 +270,24 @@ def run(args: argparse.Namespace) -> int:
     base = scores if scores is not None else np.zeros(len(train_set))
     try:
         idx = select(base, args.policy, fraction=args.fraction, count=args.count, labels=labels,
-                     class_balanced=args.class_balanced, seed=args.seed, **pol_kw)
+                     class_balanced=job.balanced, seed=args.seed, **pol_kw)
     except ValueError as e:
         raise library_error(e, _FLAGS, f"--policy {args.policy}") from None
 
-    patch_rank = None
+    counts = np.bincount(np.asarray(labels)[idx], minlength=int(np.asarray(labels).max()) + 1)
     extra: dict = {"config": os.path.abspath(args.config), "overrides": list(args.set), "policy_options": pol_kw,
-                   "scorer_options": {k: v for k, v in kw.items()}, "train_size": len(train_set)}
-    if args.patches is not None:
-        pmodel = model if model is not None else proxy(args.seed, None).to(device)
-        ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
-        try:
-            patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
-        except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
-            raise LotusError(f"--patches: {e}") from None
-        # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
-        extra["patches"] = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
-                            "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}
-
+                   "scorer_options": dict(kw), "train_size": len(train_set), "class_counts": counts.tolist()}
+    if job.patch_extra is not None:
+        extra["patches"] = job.patch_extra
     t = TicketFile.create(idx, dataset=train_set, labels=labels, scores=None if scores is None else scores.numpy(),
                           scorer=scorer, policy=args.policy,
                           fraction=args.fraction if args.fraction is not None else round(idx.size / len(train_set), 6),
-                          seed=args.seed, class_balanced=args.class_balanced, proxy=proxy_meta,
-                          patch_indices=patch_rank, extra=extra)
+                          seed=args.seed, class_balanced=job.balanced, proxy=proxy_meta,
+                          patch_indices=job.patch_rank, extra=extra)
     t.save(out)
     print(json.dumps({"out": out, "count": int(idx.size), "train_size": len(train_set),
                       "fraction": round(idx.size / len(train_set), 4), "scorer": scorer, "policy": args.policy,
-                      "seed": args.seed, "wall_s": round(time.perf_counter() - t0, 2)}))
-    return 0
+                      "seed": args.seed, "class_balanced": job.balanced,
+                      "min_class_share": round(float(counts[counts > 0].min() / idx.size), 4) if idx.size else None,
+                      "max_class_share": round(float(counts.max() / idx.size), 4),
+                      "wall_s": round(time.perf_counter() - job.t0, 2)}), flush=True)

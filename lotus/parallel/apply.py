@@ -1,6 +1,7 @@
 """Turn the ``parallel:`` config (or a plan file) into a wrapped model: one entry point for the Trainer."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -102,7 +103,8 @@ def _check_device(cfg: ParallelConfig, plan: Plan, device: torch.device) -> None
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch_size: int | None = None,
                 build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-                autocast_dtype: torch.dtype | None = None) -> nn.Module:
+                autocast_dtype: torch.dtype | None = None, plan: Plan | None = None,
+                replan: bool = False) -> nn.Module:
     """Apply the run's plan to ``model`` (a timm ViT already on ``dist.device``) and return the model to
     train: per-block checkpointing/offload wrappers, then FSDP2 (``fully_shard`` per block and root) or
     DDP. Call it before building the optimizer. With one rank DDP/FSDP are skipped (nothing to shard
@@ -111,6 +113,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch_
 
     Keyword arguments are only needed for ``mode: auto`` with ``memory_budget`` (planning at start-up):
     the per-rank batch size, the optimizer the Trainer will build, and the autocast dtype it uses.
+    ``plan`` applies a given plan instead (a model rebuilt with unchanged shapes keeps its plan);
+    ``replan`` solves mode auto with ``memory_budget`` anew even when ``parallel.plan`` names a file
+    (after structured thinning, the file's plan was made for the old widths).
     """
     device = dist.device if dist.device is not None else next(model.parameters()).device
     try:  # per-block plans need a ViT's block list
@@ -122,8 +127,12 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo, *, batch_
                          "independent models; set parallel.mode to ddp, fsdp or auto")
     if dist.world_size > 1 and dist.mesh is None and cfg.mode in ("fsdp", "auto"):
         raise LotusError("parallel.mode: FSDP needs the device mesh from lotus.parallel.init_distributed()")
-    plan = resolve_plan(model, cfg, dist, batch_size=batch_size, build_optimizer=build_optimizer,
-                        autocast_dtype=autocast_dtype)
+    if plan is None:
+        solve = dataclasses.replace(cfg, plan=None) if replan and cfg.memory_budget is not None else cfg
+        plan = resolve_plan(model, solve, dist, batch_size=batch_size, build_optimizer=build_optimizer,
+                            autocast_dtype=autocast_dtype)
+    else:
+        plan = dataclasses.replace(plan)  # parallelize sets its mode below
     _check_device(cfg, plan, device)
     seq = transformer_blocks(model)
     for i, choice in enumerate(plan.blocks):

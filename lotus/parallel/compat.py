@@ -5,16 +5,16 @@ Supported under ``parallel.mode`` ddp / fsdp / auto (and with any activation che
 * ``tickets.file`` (a fixed subset): the Trainer stripes the subset across ranks like the full data.
 * ``tickets.patches`` (patch tickets): token selection happens inside the model's forward on each rank.
 * ``outliers`` monitoring: every rank runs the same probe forward (collective under FSDP2).
+* ``tickets.dynamic`` (dynamic data pruning): each epoch's losses are summed over ranks on the device, so
+  every rank computes the same plan (:mod:`lotus.features.dynamic.callback`).
+* ``pruning`` (masks, one-shot or gradual, and structured thinning): calibration is sharded and reduced,
+  every rank makes the same decision, and the model is rebuilt and re-wrapped
+  (:mod:`lotus.features.pruning.distributed`).
 
 Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a hang or a crash later):
 
-* ``tickets.dynamic`` with any data-parallel mode: per-sample losses are local to each rank, so the
-  ranks would prune different samples and disagree on the epoch's batch count (collectives deadlock).
-* ``pruning`` (masks or structured thinning) with any data-parallel mode: under FSDP2 masks and
-  importance scores need whole weight matrices while ranks hold dim-0 shards; thinning changes parameter
-  shapes mid-run, which DDP buckets and FSDP2 shards cannot follow; Wanda calibration activations and
-  2:4 sparse kernels are per rank / cannot be all-reduced. (``lotus.prune`` refuses the same
-  combination when it builds its callback; this check reports it when the config is loaded.)
+* ``pruning.sparse_kernels`` with any data-parallel mode: the 2:4 ``SemiSparseLinear`` modules hold
+  ``torch.sparse`` semi-structured weights that DDP buckets and FSDP2 shards cannot hold.
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
 * ``ema`` under FSDP2: the EMA copy is not sharded.
 """
@@ -43,17 +43,9 @@ def check_compat(cfg: Any) -> None:
         return
     sharded = mode in ("fsdp", "auto")
     where = f"parallel.mode {mode!r}"
-    if _get(cfg, "tickets.dynamic.enabled", False):
-        raise ConfigError(
-            f"tickets.dynamic: not supported with {where} (per-sample losses stay on each rank, so ranks would prune "
-            "different samples); export a ticket with lotus select and use tickets.file, or set parallel.mode none"
-        )
-    pruning = getattr(cfg, "pruning", None)
-    if pruning is not None and bool(getattr(pruning, "enabled", False)):
-        why = ("FSDP2 holds weight shards, masks and scores need whole matrices" if sharded else
-               "masks, thinning and calibration are not synchronised across DDP ranks")
-        raise ConfigError(f"pruning: not supported with {where} ({why}); prune in one process "
-                          "(parallel.mode none), or prune first with lotus prune and train the result")
+    if _get(cfg, "pruning.enabled", False) and _get(cfg, "pruning.sparse_kernels", False):
+        raise ConfigError(f"pruning.sparse_kernels: not supported with {where} (2:4 sparse weights cannot be "
+                          "sharded or bucketed); train with masked dense weights (sparse_kernels: false)")
     optim = _get(cfg, "optim.name", "adamw")
     if sharded and optim in ("soap", "shampoo"):
         raise ConfigError(f"optim.name: {optim} is not supported with {where} (its preconditioners need whole "

@@ -54,8 +54,13 @@ class LossMeter:
         s = int(step)
         return None if s < 0 else (s, float(self.bad_value))
 
-    def mean(self) -> float:
-        return float(self.loss_sum) / max(self.count, 1)
+    def mean(self, world_size: int = 1) -> float:
+        """The epoch's mean loss per sample (over every rank when ``world_size > 1``: a collective)."""
+        if world_size <= 1:
+            return float(self.loss_sum) / max(self.count, 1)
+        total = torch.stack([self.loss_sum, torch.full_like(self.loss_sum, self.count)])
+        dist.all_reduce(total)
+        return float(total[0]) / max(float(total[1]), 1.0)
 
 
 class Stepper:

@@ -122,8 +122,8 @@ class Trainer:
         self.stepper = Stepper(self.cfg.train, self.device, fp16=rt.fp16)
 
     def _setup_data(self) -> None:
-        self.data: DataBundle = build_datasets(self.cfg.data, resolve_img_size(self.cfg.model), self.cfg.model.in_chans,
-                                               model_cfg=self.cfg.model, seed=self.cfg.train.seed)
+        c = self.cfg
+        self.data: DataBundle = build_datasets(c.data, resolve_img_size(c.model), c.model.in_chans, c.model, c.train.seed)
         self.train_set, self.val_set = self.data.train, self.data.val
         self.loop_set = self.data.train_aug or self.train_set  # timm's random transform, else the batch-sliced set
         self.labels_train = self.data.labels_train
@@ -135,12 +135,17 @@ class Trainer:
         self.unwrapped_model = self.model
         if state is not None:
             self.checkpoints.restore_model(self, state)
+        self.model = self.wrap_model(self.model)
+
+    def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
+        """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
+        (at set-up, and again after a pruning event rebuilt the model: ``plan``/``replan`` of parallelize)."""
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
-            self.model = parallelize(
-                self.model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
-                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
-                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16)
-        self.model = maybe_compile(self.model, self.cfg.train, self.device)
+            model = parallelize(model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
+                                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
+                                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16,
+                                **plan)
+        return maybe_compile(model, self.cfg.train, self.device)
 
     def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
@@ -328,9 +333,8 @@ class Trainer:
         t0 = time.perf_counter()
         if hasattr(self.loop_set, "set_epoch"):  # per-sample transform seeds from (seed, epoch, index)
             self.loop_set.set_epoch(epoch)
-        it = self.run_log.progress(batches(self.loop_set, order, bs, cfg.data.num_workers,
-                                           pin_memory=self.device.type == "cuda"),
-                                   n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}")
+        loader = batches(self.loop_set, order, bs, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        it = self.run_log.progress(loader, n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}")
         for b, (x, y, idx) in enumerate(it):
             if steps_cap is not None and self.step >= steps_cap:
                 break
@@ -371,7 +375,7 @@ class Trainer:
         if not math.isnan(flops):
             self.train_flops += flops
         return {"type": "epoch", "epoch": epoch + 1, "step": self.step, "samples_seen": self.samples_seen,
-                "train_loss": meter.mean(), "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": meter.mean(self.dist.world_size), "lr": self.optimizer.param_groups[0]["lr"],
                 "throughput": round(seen_all / dt, 2) if dt > 0 else None, "epoch_samples": seen_all,
                 "train_flops": self.train_flops}
 

@@ -10,6 +10,8 @@
   kernel); on CPU the run logs that masked dense is used.
 - Resume: this callback's state is restored first, then ``on_load_checkpoint`` rebuilds the thinned widths
   and the masks (from the model state's parametrization keys) before the weights load.
+- Data parallel (DDP / FSDP2 under torchrun): calibration is sharded across ranks and reduced, every rank
+  reaches the same decision, and the model is rebuilt and re-wrapped (:mod:`lotus.features.pruning.distributed`).
 """
 from __future__ import annotations
 
@@ -21,16 +23,26 @@ from torch import nn
 import pruning
 from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
-from lotus.errors import LotusError, library_error
+from lotus.errors import library_error
 from lotus.features.pruning.checks import check_nm_shapes
 from lotus.features.pruning.config import PruningConfig
-from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
+from lotus.features.pruning.distributed import (
+    calibration,
+    enforce_masks_sharded,
+    is_parallel,
+    mask_sparsity,
+    prune_masks_parallel,
+    restore_shapes,
+    thin_parallel,
+)
+from lotus.parallel.checkpoint import is_sharded
+from lotus.parallel.rebuild import digest
+from pruning.masks import enforce_masks_, make_filter, masked_modules
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
 
 __all__ = ["PruningCallback"]
 
-_MASK_SUFFIX = ".parametrizations.weight.0.mask"
 # library field -> config key, for the library's "field: reason" errors
 _MASK_KEYS = {f: f"pruning.{f}" for f in ("sparsity", "scope", "n", "m", "score", "initial_sparsity")}
 _MASK_KEYS["calib_loader"] = "pruning.calib_batches"
@@ -63,10 +75,11 @@ class PruningCallback(Callback):
         return trainer.epoch + min(self._batch / spe, 1.0)
 
     def _calib_batches(self, trainer: "Trainer") -> list:
-        """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run."""
+        """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run; of the global
+        batch size (``data.batch_size`` x ranks), so a data-parallel run scores what one process would."""
         if self._calib is None:
             n = len(trainer.train_set)
-            bs = trainer.cfg.data.batch_size
+            bs = trainer.cfg.data.batch_size * trainer.dist.world_size
             g = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
             idx = torch.randperm(n, generator=g)[: self.cfg.calib_batches * bs].numpy()
             self._calib = [(x, y) for x, y, _ in batches(trainer.train_set, idx, bs, trainer.cfg.data.num_workers)]
@@ -87,32 +100,40 @@ class PruningCallback(Callback):
             return
         model = self._model(trainer)
         t0 = time.perf_counter()
-        try:
-            names = optimizer_param_names(trainer.optimizer, model)
-        except ValueError:
-            names = None
         calib = self._calib_batches(trainer) if s.importance != "magnitude" else None
+        parallel = is_parallel(trainer)
+        names = None
+        if not parallel:
+            try:
+                names = optimizer_param_names(trainer.optimizer, model)
+            except ValueError:
+                names = None
         was = model.training
         try:
-            report = pruning.prune_structured(model, s.library(), calib_loader=calib)
+            if parallel:  # gather, thin the same way on every rank, re-wrap, optimizer state sliced
+                report = thin_parallel(trainer, s.library(), calib, self.widths)
+            else:
+                report = pruning.prune_structured(model, s.library(), calib_loader=calib)
         except ValueError as e:  # e.g. a ratio that removes every head of a small block, a model it cannot thin
             raise library_error(e, _STRUCTURED_KEYS, "pruning.structured") from None
-        model.train(was)
-        old_state = trainer.optimizer.state_dict()
+        self._model(trainer).train(was)
+        if not parallel:
+            old_state = trainer.optimizer.state_dict()
 
-        def carry_state(_old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
-            if names is not None:
-                new.load_state_dict(slice_optimizer_state(old_state, report["kept_indices"], names))
+            def carry_state(_old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+                if names is not None:
+                    new.load_state_dict(slice_optimizer_state(old_state, report["kept_indices"], names))
 
-        trainer.rebuild_optimizer(carry_state)
+            trainer.rebuild_optimizer(carry_state)
         for cb in trainer.callbacks:  # e.g. the EMA copy is thinned the same way
             cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
         trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
                     params_before=report["params_before"], params_after=report["params_after"],
-                    optimizer_state_kept=names is not None, seconds=round(time.perf_counter() - t0, 3),
-                    widths=report["widths"])
+                    optimizer_state_kept=parallel or names is not None, seconds=round(time.perf_counter() - t0, 3),
+                    widths=report["widths"], kept_digest=digest(report["kept"]),
+                    rank_digests=report.get("rank_digests"))
 
     def _ensure_pruner(self, trainer: "Trainer") -> pruning.GradualPruner:
         """The mask pruner, built on first use (after any thinning, so its layer filter sees the final modules)."""
@@ -126,17 +147,27 @@ class PruningCallback(Callback):
             needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
             self.pruner = pruning.GradualPruner(
                 model, self._schedule(trainer.cfg.train.epochs), c.mask_config(), filter_fn=keep,
-                calib_loader=(lambda: self._calib_batches(trainer)) if needs_calib else None)
+                calib_loader=(lambda: self._rank_calib(trainer)) if needs_calib else None)
             self.pruner.current = self.current  # resumed: the masks are back in the model already
         return self.pruner
+
+    def _rank_calib(self, trainer: "Trainer") -> list:
+        """This rank's share of the calibration batches; sets the pruner's cross-rank ``reduce_sum``."""
+        mine, self.pruner.reduce_sum = calibration(trainer, self._calib_batches(trainer))
+        return mine
 
     def _maybe_prune(self, trainer: "Trainer", progress: float) -> None:
         if not self.cfg.masks_enabled or progress < self.cfg.mask_epoch:
             return
         pruner = self._ensure_pruner(trainer)
         t0 = time.perf_counter()
+        c = self.cfg
         try:
-            report = pruner.step(progress)  # enforces the masks; prunes when the target rose
+            if is_parallel(trainer):  # DDP / FSDP2: masks on a gathered plain copy, then wrapped again
+                report = prune_masks_parallel(trainer, pruner, progress, self.widths,
+                                              (c.include_head, c.include_patch_embed, c.exclude))
+            else:
+                report = pruner.step(progress)  # enforces the masks; prunes when the target rose
         except ValueError as e:
             raise library_error(e, _MASK_KEYS, "pruning") from None
         if report is None:
@@ -146,7 +177,8 @@ class PruningCallback(Callback):
         trainer.log("prune", method=self.cfg.method, target=round(self.current, 6),
                     sparsity=round(report["total"]["sparsity"], 6), nonzeros=report["model"]["nonzeros"],
                     params=report["model"]["params"], layers=len(masked_modules(model)),
-                    skipped=report["skipped"], notes=report["notes"], seconds=round(time.perf_counter() - t0, 3))
+                    skipped=report["skipped"], notes=report["notes"], seconds=round(time.perf_counter() - t0, 3),
+                    rank_digests=report.get("rank_digests"))
         if self.cfg.sparse_kernels:
             self._enable_kernels(trainer)
 
@@ -163,16 +195,8 @@ class PruningCallback(Callback):
     # ---------------------------------------------------------------- callbacks
     def on_load_checkpoint(self, trainer: "Trainer", state: dict) -> None:
         model = self._model(trainer)
-        if self.widths:
-            pruning.apply_widths(model, self.widths)
+        restore_shapes(model, state.get("model", {}), self.widths)
         modules = dict(model.named_modules())
-        for key, mask in state.get("model", {}).items():
-            if key.endswith(_MASK_SUFFIX):
-                fqn = key[: -len(_MASK_SUFFIX)]
-                if fqn not in modules:
-                    raise LotusError(f"resume: masked layer {fqn} of the saved run is not in this model "
-                                     "(changed model or pruning settings?)")
-                set_mask(modules[fqn], mask)
         if self._semi_masks:
             backend = resolve_backend("auto") if torch.cuda.is_available() else "cutlass"
             for fqn, mask in self._semi_masks.items():
@@ -205,22 +229,28 @@ class PruningCallback(Callback):
         if update:
             self._maybe_prune(trainer, progress)
         elif self.current > 0:
-            enforce_masks_(self._model(trainer))
+            model = self._model(trainer)
+            enforce_masks_sharded(model) if is_sharded(model) else enforce_masks_(model)
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         model = self._model(trainer)
         if self.current > 0:
-            rep = pruning.sparsity_report(model, masked_modules(model))
-            metrics["sparsity"] = round(rep["total"]["sparsity"], 6)
+            metrics["sparsity"] = round(self._sparsity(model), 6)
         if self.structured_done:
             metrics["params"] = sum(p.numel() for p in model.parameters())
 
+    @staticmethod
+    def _sparsity(model: nn.Module) -> float:
+        """Sparsity of the masked layers (from the masks under FSDP2, where weights are shards)."""
+        if is_sharded(model):
+            return mask_sparsity(model)["sparsity"]
+        return pruning.sparsity_report(model, masked_modules(model))["total"]["sparsity"]
+
     def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
         model = self._model(trainer)
-        rep = pruning.sparsity_report(model, masked_modules(model)) if self.current > 0 else None
         summary["pruning"] = {
             "method": self.cfg.method, "target_sparsity": self.current,
-            "sparsity": None if rep is None else rep["total"]["sparsity"],
+            "sparsity": self._sparsity(model) if self.current > 0 else None,
             "structured": self.structured_done, "widths": self.widths, "sparse_kernels": self.kernels_enabled,
         }
 
