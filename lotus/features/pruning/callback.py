@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -24,6 +25,7 @@ from lotus.data import batches
 from lotus.errors import LotusError, library_error
 from lotus.features.pruning.checks import check_nm_shapes
 from lotus.features.pruning.config import PruningConfig
+from lotus.features.schedule.auto import AutoState
 from pruning.masks import enforce_masks_, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
@@ -42,8 +44,9 @@ _STRUCTURED_KEYS["calib_loader"] = "pruning.calib_batches"
 class PruningCallback(Callback):
     """Applies the ``pruning:`` section during training (see the module docstring)."""
 
-    def __init__(self, cfg: PruningConfig) -> None:
+    def __init__(self, cfg: PruningConfig, auto: AutoState | None = None) -> None:
         self.cfg = cfg
+        self.auto = auto  # lotus.schedule: auto decides when and how much to thin (pruning.structured: the most)
         self.pruner: pruning.GradualPruner | None = None
         self.current = 0.0  # mask sparsity target applied so far (restored into the pruner)
         self.structured_done = False
@@ -62,7 +65,7 @@ class PruningCallback(Callback):
         spe = max(int(trainer.steps_per_epoch or 0), 1)
         return trainer.epoch + min(self._batch / spe, 1.0)
 
-    def _calib_batches(self, trainer: "Trainer") -> list:
+    def calib_batches(self, trainer: "Trainer") -> list:
         """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run."""
         if self._calib is None:
             n = len(trainer.train_set)
@@ -83,18 +86,25 @@ class PruningCallback(Callback):
     # ---------------------------------------------------------------- pruning
     def _maybe_structured(self, trainer: "Trainer", progress: float) -> None:
         s = self.cfg.structured
-        if not s.enabled or self.structured_done or progress < s.at_epoch:
+        if self.auto is not None:
+            due = self.auto.thin_due(progress)
+            if not s.enabled or self.structured_done or due is None:
+                return
+            lib = dataclasses.replace(s.library(), heads=due[0], mlp=due[1])
+        elif not s.enabled or self.structured_done or progress < s.at_epoch:
             return
+        else:
+            lib = s.library()
         model = self._model(trainer)
         t0 = time.perf_counter()
         try:
             names = optimizer_param_names(trainer.optimizer, model)
         except ValueError:
             names = None
-        calib = self._calib_batches(trainer) if s.importance != "magnitude" else None
+        calib = self.calib_batches(trainer) if s.importance != "magnitude" else None
         was = model.training
         try:
-            report = pruning.prune_structured(model, s.library(), calib_loader=calib)
+            report = pruning.prune_structured(model, lib, calib_loader=calib)
         except ValueError as e:  # e.g. a ratio that removes every head of a small block, a model it cannot thin
             raise library_error(e, _STRUCTURED_KEYS, "pruning.structured") from None
         model.train(was)
@@ -109,7 +119,7 @@ class PruningCallback(Callback):
             cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
-        trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
+        trainer.log("prune_structured", heads=lib.heads, mlp=lib.mlp, importance=s.importance,
                     params_before=report["params_before"], params_after=report["params_after"],
                     optimizer_state_kept=names is not None, seconds=round(time.perf_counter() - t0, 3),
                     widths=report["widths"])
@@ -126,7 +136,7 @@ class PruningCallback(Callback):
             needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
             self.pruner = pruning.GradualPruner(
                 model, self._schedule(trainer.cfg.train.epochs), c.mask_config(), filter_fn=keep,
-                calib_loader=(lambda: self._calib_batches(trainer)) if needs_calib else None)
+                calib_loader=(lambda: self.calib_batches(trainer)) if needs_calib else None)
             self.pruner.current = self.current  # resumed: the masks are back in the model already
         return self.pruner
 
