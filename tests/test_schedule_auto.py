@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lotus.features.schedule.auto_callback import AutoScheduleCallback
 from lotus.features.schedule.plan import Schedule
 from lotus.training import Trainer
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AUTO = {
     "tickets": {"dynamic": {"enabled": True, "ratio": 0.7},
                 "patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 1}},
@@ -136,7 +138,7 @@ def test_decision_log_replays_to_the_same_plan():
 
 
 def test_fixed_schedule_is_unchanged():
-    cfg = load_config("configs/digits_lotus.yaml")
+    cfg = load_config(CONFIGS / "digits_lotus.yaml")
     assert cfg.lotus.schedule == "fixed"
     s = Schedule(cfg)
     assert s.auto is None
@@ -149,9 +151,9 @@ def test_fixed_schedule_is_unchanged():
     assert all(not getattr(cb, "follow_plan", False) and getattr(cb, "auto", None) is None for cb in cbs)
 
 
-@pytest.mark.parametrize("path", ["configs/digits_auto.yaml", "configs/digits32_auto.yaml", "configs/shapes32_auto.yaml"])
-def test_auto_configs_load_through_base(path):
-    cfg = load_config(path)
+@pytest.mark.parametrize("name", ["digits_auto", "digits32_auto", "shapes32_auto"])
+def test_auto_configs_load_through_base(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
     s = Schedule(cfg)
     assert cfg.lotus.schedule == "auto" and s.auto is not None and s.enabled
     assert any(isinstance(cb, AutoScheduleCallback) for cb in build_callbacks(cfg, s))

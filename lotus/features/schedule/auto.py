@@ -134,9 +134,10 @@ class AutoKeepRates:
     @property
     def points(self) -> list[tuple[float, float]]:
         pts: list[tuple[float, float]] = [(0.0, 1.0)]
-        changes = sorted({int(e) for e, _ in self.state.keep_rates} | {self.state.anneal_start or self.state.latest_anneal})
+        st = self.state
+        changes = sorted({int(e) for e, _ in st.keep_rates} | {st.anneal_start or st.latest_anneal})
         for e in changes:
-            r = self.state.keep_rate(e)
+            r = st.keep_rate(e)
             if r != pts[-1][1]:
                 pts.append((float(e), r))
         return pts

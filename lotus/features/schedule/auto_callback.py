@@ -85,7 +85,8 @@ class AutoScheduleCallback(Callback):
             gain = (prev - loss) / prev if prev > 0 else 0.0
             if gain < a.warmup_improvement:
                 self._decide(trainer, "reduce", nxt, "train_loss_improvement", gain, a.warmup_improvement,
-                             "the train loss improves slowly: warm-up is over", made)
+                             f"the train loss fell by {gain:.1%} this epoch, less than the threshold: no fast "
+                             "initial descent left to protect", made)
             elif nxt >= st.latest_reduce:
                 self._decide(trainer, "reduce", nxt, "warmup_budget", epoch + 1, st.latest_reduce,
                              "lotus.auto.max_warmup of the budget spent", made)
@@ -121,8 +122,8 @@ class AutoScheduleCallback(Callback):
         current = self.state.ratios[-1][1] if self.state.ratios else 0.0
         if ratio != current:
             self._decide(trainer, "dynamic_ratio", ratio, "below_mean_loss_share", share, cap,
-                         "below-mean samples carry this share less loss than the mean (capped at tickets.dynamic.ratio)",
-                         made)
+                         "below-mean samples carry this share less loss than the mean "
+                         "(capped at tickets.dynamic.ratio)", made)
 
     def _keep_rate(self, trainer: "Trainer", made: list) -> None:
         floor = float(self.cfg.tickets.patches.keep_rate)

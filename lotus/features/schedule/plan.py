@@ -126,7 +126,8 @@ class Schedule:
         phase = a.phase(epoch)
         keep = float(self.patch_keep_rates(epoch)) if self.patch_keep_rates is not None else 1.0
         thin = a.thin is not None and a.thin["epoch"] == epoch
-        return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"), reselect=False,  # type: ignore[arg-type]
+        return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"),  # type: ignore[arg-type]
+                         reselect=False,
                          patch_keep_rate=keep, dynamic_ratio=a.dynamic_ratio(epoch) if self.dynamic_ratio else 0.0,
                          pruning=("pruning.structured",) if thin else ())
 
