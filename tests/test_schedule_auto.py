@@ -113,6 +113,15 @@ def test_invalid_auto_settings_name_the_key(tiny_cfg_dict, change, key):
         config_from_dict(d)
 
 
+def test_auto_is_refused_data_parallel(tiny_cfg_dict):
+    d = _auto_dict(tiny_cfg_dict)
+    d["tickets"].pop("dynamic")
+    d.pop("pruning")
+    d["parallel"] = {"mode": "ddp"}
+    with pytest.raises(ConfigError, match="^lotus.schedule: auto is not supported with parallel.mode 'ddp'"):
+        config_from_dict(d)
+
+
 def test_auto_needs_a_feature_to_drive(tiny_cfg_dict):
     d = copy.deepcopy(tiny_cfg_dict)
     d["lotus"] = {"schedule": "auto"}
