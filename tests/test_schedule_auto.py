@@ -99,6 +99,7 @@ def test_resume_after_a_decision_is_bit_identical(tmp_path, tiny_cfg_dict, one_t
     ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
     ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
     ({"tickets": {"patches": {"enabled": True, "scorer": "random"}}}, "tickets.patches.scorer"),
+    ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
     ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
 ])
 def test_invalid_auto_settings_name_the_key(tiny_cfg_dict, change, key):

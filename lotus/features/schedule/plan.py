@@ -175,6 +175,9 @@ class Schedule:
         if t.patches.enabled and not (t.patches.scorer == "cls_attention" and t.patches.source == "online"):
             raise ConfigError("tickets.patches.scorer: lotus.schedule: auto lowers the keep rate from the model's "
                               "CLS attention; needs scorer: cls_attention with source: online")
+        if cfg.pruning.masks_enabled and cfg.pruning.structured.enabled:
+            raise ConfigError("pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
+                              "(pruning.structured), which must come first and happens when the probe says so")
         if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
             raise ConfigError("lotus.schedule: auto needs something to drive: enable tickets.dynamic, "
                               "tickets.patches or pruning.structured")
