@@ -39,7 +39,7 @@ class AutoConfig:
 
     # warm-up ends after the first epoch that lowers the mean train loss by less than this share
     # (the loss before epoch 0 counts as ln(num_classes)), and at the latest after max_warmup of the budget
-    warmup_improvement: float = field(default=0.3, metadata=_SHARE)
+    warmup_improvement: float = field(default=0.05, metadata=_SHARE)
     max_warmup: float = field(default=0.25, metadata=_SHARE)
     # anneal (full data, all tokens): once val accuracy has not improved by more than plateau_delta for
     # plateau_patience evaluated epochs of the reduced phase, and at the latest for the last anneal_share
