@@ -150,6 +150,15 @@ class DynamicPruner(Sampler[int]):
         self.pool = self._check_pool(indices)
         self._version += 1
 
+    def set_ratio(self, ratio: float) -> None:
+        """Change ``ratio`` (takes effect at the next plan, i.e. the next ``set_epoch``), e.g. from a schedule
+        that picks it per epoch; ``0.0`` keeps all data."""
+        if not (isinstance(ratio, (int, float)) and 0.0 <= float(ratio) < 1.0):
+            raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
+        if float(ratio) != self.ratio:
+            self.ratio = float(ratio)
+            self._version += 1
+
     @property
     def prune_epochs(self) -> int | None:
         """Number of leading epochs in which pruning is active (``None``: every epoch)."""

@@ -29,6 +29,7 @@ from lotus.features.mixup.callback import MixupCallback
 from lotus.features.outliers.callback import OutlierMonitor
 from lotus.features.patches.callback import PatchTicketsCallback
 from lotus.features.pruning.callback import PruningCallback
+from lotus.features.schedule.auto_callback import AutoScheduleCallback
 from lotus.features.schedule.callback import ReselectCallback
 from lotus.features.schedule.plan import Schedule
 from lotus.features.tickets.callback import TicketSubset
@@ -55,11 +56,14 @@ FEATURES: tuple[Feature, ...] = (
             lambda cfg, s: [TicketSubset(cfg.tickets.file)] if cfg.tickets.file else []),
     Feature("schedule", "lotus.reselect", ("subset",),
             lambda cfg, s: [ReselectCallback(cfg.lotus.reselect, cfg.train.seed)] if s.reselect_epochs else []),
+    Feature("schedule", "lotus.schedule", (),  # auto: decides the plan; the features below follow it
+            lambda cfg, s: [AutoScheduleCallback(cfg, s.auto)] if s.auto is not None else []),
     Feature("dynamic", "tickets.dynamic", ("sampler", "loss"),
-            lambda cfg, s: [DynamicPruningCallback(cfg.tickets.dynamic, cfg.train.seed, s.dynamic_anneal)]
+            lambda cfg, s: [DynamicPruningCallback(cfg.tickets.dynamic, cfg.train.seed, s.dynamic_anneal,
+                                                   follow_plan=s.auto is not None)]
             if cfg.tickets.dynamic.enabled else []),
     Feature("pruning", "pruning", ("model",),
-            lambda cfg, s: [PruningCallback(cfg.pruning)] if cfg.pruning.enabled else []),
+            lambda cfg, s: [PruningCallback(cfg.pruning, s.auto)] if cfg.pruning.enabled else []),
     Feature("mixup", "mixup", ("batch",),
             lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else []),
     Feature("distill", "distill", ("batch",),  # after mixup: the teacher labels the mixed images

@@ -17,6 +17,8 @@ Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a 
   ``torch.sparse`` semi-structured weights that DDP buckets and FSDP2 shards cannot hold.
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
 * ``ema`` under FSDP2: the EMA copy is not sharded.
+* ``lotus.schedule: auto`` with any data-parallel mode: its probes run on the unsharded model and its
+  decisions read rank-local signals, so ranks could decide differently.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ def check_compat(cfg: Any) -> None:
         return
     sharded = mode in ("fsdp", "auto")
     where = f"parallel.mode {mode!r}"
+    if _get(cfg, "lotus.schedule", "fixed") == "auto":
+        raise ConfigError(f"lotus.schedule: auto is not supported with {where} (its probes and signals are per "
+                          "rank); use lotus.schedule: fixed, or set parallel.mode none")
     if _get(cfg, "pruning.enabled", False) and _get(cfg, "pruning.sparse_kernels", False):
         raise ConfigError(f"pruning.sparse_kernels: not supported with {where} (2:4 sparse weights cannot be "
                           "sharded or bucketed); train with masked dense weights (sparse_kernels: false)")

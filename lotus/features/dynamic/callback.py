@@ -39,9 +39,10 @@ class DynamicPruningCallback(Callback):
     """Owns the epoch sampler (a :class:`data_tickets.DynamicPruner` over the epoch subset) and re-weights
     the kept samples' losses."""
 
-    def __init__(self, cfg: DynamicConfig, seed: int, anneal: float):
+    def __init__(self, cfg: DynamicConfig, seed: int, anneal: float, follow_plan: bool = False):
         self.cfg = cfg
         self.anneal = anneal  # the schedule's: at least lotus.anneal_epochs / train.epochs
+        self.follow_plan = follow_plan  # lotus.schedule: auto: the ratio of each epoch is trainer.plan's
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.pruner = None
         self._pending: dict | None = None
@@ -74,6 +75,8 @@ class DynamicPruningCallback(Callback):
         subset = None if subset is None else np.asarray(subset)
         if (subset is None) != (p.pool is None) or (subset is not None and not np.array_equal(np.unique(subset), p.pool)):
             p.set_indices(subset)
+        if self.follow_plan:
+            p.set_ratio(trainer.plan.dynamic_ratio)
         p.set_epoch(epoch)
         self._weights = p.weights(np.arange(p.num_samples), device=trainer.device)
         if trainer.dist.world_size > 1:  # every rank must have planned the same epoch

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -35,6 +36,7 @@ from lotus.features.pruning.distributed import (
     restore_shapes,
     thin_parallel,
 )
+from lotus.features.schedule.auto import AutoState
 from lotus.parallel.checkpoint import is_sharded
 from lotus.parallel.rebuild import digest
 from pruning.masks import enforce_masks_, make_filter, masked_modules
@@ -54,8 +56,9 @@ _STRUCTURED_KEYS["calib_loader"] = "pruning.calib_batches"
 class PruningCallback(Callback):
     """Applies the ``pruning:`` section during training (see the module docstring)."""
 
-    def __init__(self, cfg: PruningConfig) -> None:
+    def __init__(self, cfg: PruningConfig, auto: AutoState | None = None) -> None:
         self.cfg = cfg
+        self.auto = auto  # lotus.schedule: auto decides when and how much to thin (pruning.structured: the most)
         self.pruner: pruning.GradualPruner | None = None
         self.current = 0.0  # mask sparsity target applied so far (restored into the pruner)
         self.structured_done = False
@@ -74,7 +77,7 @@ class PruningCallback(Callback):
         spe = max(int(trainer.steps_per_epoch or 0), 1)
         return trainer.epoch + min(self._batch / spe, 1.0)
 
-    def _calib_batches(self, trainer: "Trainer") -> list:
+    def calib_batches(self, trainer: "Trainer") -> list:
         """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run; of the global
         batch size (``data.batch_size`` x ranks), so a data-parallel run scores what one process would."""
         if self._calib is None:
@@ -96,11 +99,18 @@ class PruningCallback(Callback):
     # ---------------------------------------------------------------- pruning
     def _maybe_structured(self, trainer: "Trainer", progress: float) -> None:
         s = self.cfg.structured
-        if not s.enabled or self.structured_done or progress < s.at_epoch:
+        if self.auto is not None:
+            due = self.auto.thin_due(progress)
+            if not s.enabled or self.structured_done or due is None:
+                return
+            lib = dataclasses.replace(s.library(), heads=due[0], mlp=due[1])
+        elif not s.enabled or self.structured_done or progress < s.at_epoch:
             return
+        else:
+            lib = s.library()
         model = self._model(trainer)
         t0 = time.perf_counter()
-        calib = self._calib_batches(trainer) if s.importance != "magnitude" else None
+        calib = self.calib_batches(trainer) if s.importance != "magnitude" else None
         parallel = is_parallel(trainer)
         names = None
         if not parallel:
@@ -111,9 +121,9 @@ class PruningCallback(Callback):
         was = model.training
         try:
             if parallel:  # gather, thin the same way on every rank, re-wrap, optimizer state sliced
-                report = thin_parallel(trainer, s.library(), calib, self.widths)
+                report = thin_parallel(trainer, lib, calib, self.widths)
             else:
-                report = pruning.prune_structured(model, s.library(), calib_loader=calib)
+                report = pruning.prune_structured(model, lib, calib_loader=calib)
         except ValueError as e:  # e.g. a ratio that removes every head of a small block, a model it cannot thin
             raise library_error(e, _STRUCTURED_KEYS, "pruning.structured") from None
         self._model(trainer).train(was)
@@ -129,7 +139,7 @@ class PruningCallback(Callback):
             cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
-        trainer.log("prune_structured", heads=s.heads, mlp=s.mlp, importance=s.importance,
+        trainer.log("prune_structured", heads=lib.heads, mlp=lib.mlp, importance=s.importance,
                     params_before=report["params_before"], params_after=report["params_after"],
                     optimizer_state_kept=parallel or names is not None, seconds=round(time.perf_counter() - t0, 3),
                     widths=report["widths"], kept_digest=digest(report["kept"]),
@@ -153,7 +163,7 @@ class PruningCallback(Callback):
 
     def _rank_calib(self, trainer: "Trainer") -> list:
         """This rank's share of the calibration batches; sets the pruner's cross-rank ``reduce_sum``."""
-        mine, self.pruner.reduce_sum = calibration(trainer, self._calib_batches(trainer))
+        mine, self.pruner.reduce_sum = calibration(trainer, self.calib_batches(trainer))
         return mine
 
     def _maybe_prune(self, trainer: "Trainer", progress: float) -> None:

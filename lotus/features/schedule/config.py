@@ -6,9 +6,11 @@ other sections) into a per-epoch plan, without writing anything back into the co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["ScheduleConfig", "ReselectConfig"]
+from lotus.errors import ConfigError
+
+__all__ = ["ScheduleConfig", "ReselectConfig", "AutoConfig"]
 
 _FRACTION = {"min": 0.0, "max": 1.0, "min_exclusive": True}
 
@@ -27,6 +29,42 @@ class ReselectConfig:
     options: dict[str, Any] = field(default_factory=dict)  # scorer/policy options (e.g. beta for ccs)
 
 
+_SHARE = {"min": 0.0, "max": 1.0}
+
+
+@dataclass
+class AutoConfig:
+    """``lotus.auto``: the thresholds of ``lotus.schedule: auto`` (see :mod:`lotus.features.schedule.auto`).
+    Every decision is taken at an epoch boundary and applies from the next epoch on."""
+
+    # warm-up ends after the first epoch that lowers the mean train loss by less than this share
+    # (the loss before epoch 0 counts as ln(num_classes)), and at the latest after max_warmup of the budget
+    warmup_improvement: float = field(default=0.05, metadata=_SHARE)
+    max_warmup: float = field(default=0.25, metadata=_SHARE)
+    # anneal (full data, all tokens): once val accuracy has not improved by more than plateau_delta for
+    # plateau_patience evaluated epochs of the reduced phase, and at the latest for the last anneal_share
+    anneal_share: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    plateau_patience: int = field(default=4, metadata={"min": 1})
+    plateau_delta: float = field(default=0.0, metadata={"min": 0.0})
+    # structured thinning: the probe thins copies to these shares of pruning.structured's heads/mlp (largest
+    # first) and picks the first whose loss on the probe batches is within thin_tolerance (relative) of dense
+    thin_candidates: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    thin_tolerance: float = field(default=0.1, metadata={"min": 0.0})
+    # patch keep rate: lowered by keep_rate_step (down to tickets.patches.keep_rate) while the CLS attention
+    # mass on the patches the lower rate keeps is at least attention_mass
+    attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    # dynamic ratio: 1 - (mean below-mean loss - min) / (mean - min), capped at tickets.dynamic.ratio, in
+    # steps of ratio_step
+    ratio_step: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    probe_batches: int = field(default=2, metadata={"min": 1})  # fixed, un-augmented train batches
+
+    def check(self, prefix: str) -> None:
+        if not self.thin_candidates or not all(0.0 < c <= 1.0 for c in self.thin_candidates):
+            raise ConfigError(f"{prefix}.thin_candidates: expected a non-empty list of shares in (0, 1], "
+                              f"got {self.thin_candidates!r}")
+
+
 @dataclass
 class ScheduleConfig:
     """``lotus:``: dense warm-up, a reduced phase (tickets, dynamic pruning, patch tickets, pruning events),
@@ -36,3 +74,6 @@ class ScheduleConfig:
     warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})
     anneal_epochs: float = field(default=0.0, metadata={"min": 0.0})
     reselect: ReselectConfig = field(default_factory=ReselectConfig)
+    # fixed: the phases above; auto: Lotus picks them from signals measured during training (lotus.auto)
+    schedule: Literal["fixed", "auto"] = "fixed"
+    auto: AutoConfig = field(default_factory=AutoConfig)

@@ -20,6 +20,12 @@ What the schedule decides for the features (each keeps its own config section; n
 :meth:`Schedule.plan` gives one epoch's :class:`EpochPlan`; the Trainer asks for it at every epoch start,
 logs phase changes, and the features read ``trainer.plan``. Resume needs no schedule state: the plan is a
 function of the config and the epoch.
+
+With ``lotus.schedule: auto`` the phases, the dynamic ratio, the patch keep rate and the structured thinning
+come from the decisions in :attr:`Schedule.auto` (:class:`lotus.features.schedule.auto.AutoState`), which the
+auto controller records at epoch ends (and saves with its checkpoint state; see
+:mod:`lotus.features.schedule.auto`); ``lotus.warmup_epochs``/``anneal_epochs``, ``tickets.patches.schedule``,
+``tickets.dynamic.anneal`` and ``pruning.structured.at_epoch`` are then decided, not given.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import numpy as np
 
 from data_tickets import POLICIES, SCORERS, KeepRateSchedule
 from lotus.errors import ConfigError
+from lotus.features.schedule.auto import AutoKeepRates, AutoState
 
 Config = Any  # lotus.config.Config (which imports this module to validate schedules)
 
@@ -61,8 +68,12 @@ class Schedule:
 
     def __init__(self, cfg: "Config"):
         s = cfg.lotus
-        self.enabled = bool(s.enabled)
         self.epochs = int(cfg.train.epochs)
+        self.auto: AutoState | None = None
+        if s.schedule == "auto":
+            self._check_auto(cfg)
+            self.auto = AutoState(self.epochs, s.auto.anneal_share, s.auto.max_warmup)
+        self.enabled = bool(s.enabled) or self.auto is not None
         self.warmup_epochs = float(s.warmup_epochs) if self.enabled else 0.0
         self.anneal_epochs = float(s.anneal_epochs) if self.enabled else 0.0
         self.reduce_end = self.epochs - self.anneal_epochs
@@ -79,12 +90,16 @@ class Schedule:
         self.dynamic_anneal = float(d.anneal)
         if d.enabled and self.anneal_epochs > 0:
             self.dynamic_anneal = max(self.dynamic_anneal, self.anneal_epochs / self.epochs)
+        if self.auto is not None:
+            self.dynamic_anneal = 0.0  # the anneal is a decision: the pruner follows plan.dynamic_ratio
         self.pruning_events: dict[str, float] = self._pruning_events(cfg)
 
     # ------------------------------------------------------------------ queries
     def phase(self, epoch: float) -> Phase:
         if not self.enabled:
             return "train"
+        if self.auto is not None:
+            return self.auto.phase(epoch)  # type: ignore[return-value]
         if epoch < self.warmup_epochs:
             return "warmup"
         if epoch >= self.reduce_end:
@@ -96,6 +111,8 @@ class Schedule:
         return int(math.ceil(self.epochs * (1.0 - self.dynamic_anneal) - 1e-9))
 
     def plan(self, epoch: int) -> EpochPlan:
+        if self.auto is not None:
+            return self._auto_plan(epoch)
         phase = self.phase(epoch)
         keep = float(self.patch_keep_rates(epoch)) if self.patch_keep_rates is not None else 1.0
         dyn = self.dynamic_ratio if epoch < self.dynamic_prune_epochs() else 0.0
@@ -103,6 +120,16 @@ class Schedule:
         return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"),
                          reselect=phase == "reduce" and epoch in self.reselect_epochs,
                          patch_keep_rate=keep, dynamic_ratio=dyn, pruning=due)
+
+    def _auto_plan(self, epoch: int) -> EpochPlan:
+        a = self.auto
+        phase = a.phase(epoch)
+        keep = float(self.patch_keep_rates(epoch)) if self.patch_keep_rates is not None else 1.0
+        thin = a.thin is not None and a.thin["epoch"] == epoch
+        return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"),  # type: ignore[arg-type]
+                         reselect=False,
+                         patch_keep_rate=keep, dynamic_ratio=a.dynamic_ratio(epoch) if self.dynamic_ratio else 0.0,
+                         pruning=("pruning.structured",) if thin else ())
 
     def plans(self) -> list[EpochPlan]:
         """The whole run, one plan per epoch (for reports and ``--print-plan``-style inspection)."""
@@ -135,10 +162,32 @@ class Schedule:
                                   f"[{self.warmup_epochs:g}, {self.reduce_end:g})")
         return tuple(sorted(out))
 
-    def _patch_keep_rates(self, cfg: "Config") -> KeepRateSchedule | None:
+    def _check_auto(self, cfg: "Config") -> None:
+        """What ``lotus.schedule: auto`` decides itself must not also be given, and it needs something to drive."""
+        s, t = cfg.lotus, cfg.tickets
+        given = [(s.warmup_epochs > 0, "lotus.warmup_epochs"), (s.anneal_epochs > 0, "lotus.anneal_epochs"),
+                 (bool(t.patches.schedule), "tickets.patches.schedule")]
+        for bad, key in given:
+            if bad:
+                raise ConfigError(f"{key}: decided by lotus.schedule: auto; remove it (or use lotus.schedule: fixed)")
+        if s.reselect.enabled:
+            raise ConfigError("lotus.reselect.enabled: not driven by lotus.schedule: auto; use lotus.schedule: fixed")
+        if t.patches.enabled and not (t.patches.scorer == "cls_attention" and t.patches.source == "online"):
+            raise ConfigError("tickets.patches.scorer: lotus.schedule: auto lowers the keep rate from the model's "
+                              "CLS attention; needs scorer: cls_attention with source: online")
+        if cfg.pruning.masks_enabled and cfg.pruning.structured.enabled:
+            raise ConfigError("pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
+                              "(pruning.structured), which must come first and happens when the probe says so")
+        if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
+            raise ConfigError("lotus.schedule: auto needs something to drive: enable tickets.dynamic, "
+                              "tickets.patches or pruning.structured")
+
+    def _patch_keep_rates(self, cfg: "Config") -> KeepRateSchedule | AutoKeepRates | None:
         p = cfg.tickets.patches
         if not p.enabled:
             return None
+        if self.auto is not None:
+            return AutoKeepRates(self.auto, p.keep_rate)
         if p.schedule:
             if self.enabled:
                 for e, rate in p.schedule:
@@ -166,12 +215,12 @@ class Schedule:
                 if pr.end_epoch is not None and pr.end_epoch > self.epochs:
                     raise ConfigError(f"pruning.end_epoch: expected a value <= train.epochs ({self.epochs}), "
                                       f"got {pr.end_epoch:g}")
-        if pr.structured.enabled:
+        if pr.structured.enabled and self.auto is None:  # auto: the thinning epoch is a decision
             events["pruning.structured.at_epoch"] = pr.structured.at_epoch
         for key, e in events.items():
             if e >= self.epochs:
                 raise ConfigError(f"{key}: expected a value < train.epochs ({self.epochs}), got {e:g}")
-            if self.enabled and e < self.warmup_epochs:
+            if self.enabled and self.auto is None and e < self.warmup_epochs:
                 raise ConfigError(f"{key}: epoch {e:g} falls inside the lotus warm-up (< {self.warmup_epochs:g}); "
                                   "prune after warm-up or shorten lotus.warmup_epochs")
         return events

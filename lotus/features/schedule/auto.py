@@ -1,0 +1,143 @@
+"""``lotus.schedule: auto``: the phases and rates of the LOTUS schedule, decided during training.
+
+Given only the epoch budget, the controller (:class:`lotus.features.schedule.auto_callback.AutoScheduleCallback`)
+measures signals at every epoch end and records *decisions* here; :class:`lotus.features.schedule.plan.Schedule`
+answers ``plan(epoch)`` from them. A decision taken at the end of epoch ``e`` applies from epoch ``e + 1``:
+
+=============== ============================================================ ===============================
+decision        signal (threshold key under ``lotus.auto``)                  drives
+=============== ============================================================ ===============================
+``reduce``      the epoch lowered the train loss by less than                phase warm-up -> reduce
+                ``warmup_improvement`` of the loss before it (or
+                ``max_warmup`` of the budget is spent)
+``dynamic_ratio`` the last-seen per-sample losses: 1 - (mean of the          ``tickets.dynamic`` ratio
+                below-mean losses - min) / (mean - min), capped at
+                ``tickets.dynamic.ratio``, in ``ratio_step`` steps
+``keep_rate``   CLS-attention mass on the patches the next lower rate keeps  ``tickets.patches`` keep rate
+                (>= ``attention_mass``)
+``thin``        loss of thinned copies on the probe batches, largest          ``pruning.structured`` (once)
+                ``thin_candidates`` share within ``thin_tolerance``
+``anneal``      val accuracy: no gain > ``plateau_delta`` for                phase reduce -> anneal
+                ``plateau_patience`` epochs (or the last ``anneal_share``)
+=============== ============================================================ ===============================
+
+The decisions are the whole state: the controller saves them with its checkpoint and :meth:`AutoState.load`
+replays them on resume, so a resumed run plans exactly what the uninterrupted one did.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["AutoState", "AutoKeepRates", "DECISIONS"]
+
+DECISIONS = ("reduce", "dynamic_ratio", "keep_rate", "thin", "anneal")
+
+
+class AutoState:
+    """The decisions of one auto-scheduled run and what they imply per epoch.
+
+    Args:
+        epochs: the epoch budget (``train.epochs``).
+        anneal_share: share of the budget always kept for the final anneal.
+        max_warmup: share of the budget after which warm-up ends without its signal.
+    """
+
+    def __init__(self, epochs: int, anneal_share: float, max_warmup: float):
+        self.epochs = int(epochs)
+        self.latest_anneal = self.epochs - int(math.ceil(anneal_share * self.epochs - 1e-9))
+        self.latest_reduce = min(int(math.ceil(max_warmup * self.epochs - 1e-9)), self.latest_anneal)
+        self.decisions: list[dict[str, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reduce_start: int | None = None
+        self.anneal_start: int | None = None
+        self.ratios: list[tuple[int, float]] = []
+        self.keep_rates: list[tuple[int, float]] = []
+        self.thin: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ decisions
+    def record(self, decision: dict[str, Any]) -> None:
+        """Apply and keep one decision (``what``, ``from_epoch``: the epoch it applies from, ``value``, ...)."""
+        what, epoch, value = decision["what"], int(decision["from_epoch"]), decision["value"]
+        if what == "reduce":
+            self.reduce_start = epoch
+        elif what == "anneal":
+            self.anneal_start = epoch
+        elif what == "dynamic_ratio":
+            self.ratios.append((epoch, float(value)))
+        elif what == "keep_rate":
+            self.keep_rates.append((epoch, float(value)))
+        elif what == "thin":
+            self.thin = {"epoch": epoch, "heads": float(value["heads"]), "mlp": float(value["mlp"])}
+        else:
+            raise ValueError(f"auto decision: unknown kind {what!r} (expected one of {', '.join(DECISIONS)})")
+        self.decisions.append(dict(decision))
+
+    def load(self, decisions: list[dict[str, Any]]) -> None:
+        """Replace the decisions by a saved list (resume) and replay them."""
+        self.decisions = []
+        self._reset()
+        for d in decisions:
+            self.record(d)
+
+    # ------------------------------------------------------------------ queries
+    def phase(self, epoch: float) -> str:
+        """``warmup`` until the reduce decision (or ``max_warmup``), ``anneal`` from its decision (or the
+        reserved end), ``reduce`` in between."""
+        anneal = self.latest_anneal if self.anneal_start is None else min(self.anneal_start, self.latest_anneal)
+        if epoch >= anneal:
+            return "anneal"
+        reduce = self.latest_reduce if self.reduce_start is None else min(self.reduce_start, self.latest_reduce)
+        return "warmup" if epoch < reduce else "reduce"
+
+    @staticmethod
+    def _step_value(points: list[tuple[int, float]], epoch: float, default: float) -> float:
+        value = default
+        for e, v in points:
+            if e <= epoch:
+                value = v
+        return value
+
+    def dynamic_ratio(self, epoch: float) -> float:
+        """The decided dynamic-pruning ratio in force (0.0 outside the reduced phase)."""
+        return self._step_value(self.ratios, epoch, 0.0) if self.phase(epoch) == "reduce" else 0.0
+
+    def keep_rate(self, epoch: float) -> float:
+        """The decided patch keep rate in force (1.0 outside the reduced phase)."""
+        return self._step_value(self.keep_rates, epoch, 1.0) if self.phase(epoch) == "reduce" else 1.0
+
+    def thin_due(self, progress: float) -> tuple[float, float] | None:
+        """``(heads, mlp)`` ratios once the decided thinning epoch is reached, else ``None``."""
+        if self.thin is None or progress < self.thin["epoch"]:
+            return None
+        return self.thin["heads"], self.thin["mlp"]
+
+
+class AutoKeepRates:
+    """A :class:`data_tickets.KeepRateSchedule` look-alike over the auto decisions (what the patch-tickets
+    callback reads): ``rate(epoch)``, ``min_rate`` (the floor, ``tickets.patches.keep_rate``) and ``points``
+    (the decided changes so far)."""
+
+    def __init__(self, state: AutoState, floor: float):
+        self.state = state
+        self.floor = float(floor)
+
+    def __call__(self, epoch: float) -> float:
+        return self.state.keep_rate(epoch)
+
+    @property
+    def min_rate(self) -> float:
+        return self.floor
+
+    @property
+    def points(self) -> list[tuple[float, float]]:
+        pts: list[tuple[float, float]] = [(0.0, 1.0)]
+        st = self.state
+        changes = sorted({int(e) for e, _ in st.keep_rates} | {st.anneal_start or st.latest_anneal})
+        for e in changes:
+            r = st.keep_rate(e)
+            if r != pts[-1][1]:
+                pts.append((float(e), r))
+        return pts

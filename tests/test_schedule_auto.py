@@ -1,0 +1,169 @@
+"""``lotus.schedule: auto``: decisions logged with their signals, config errors, bit-identical resume, and
+the fixed schedule untouched."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lotus.config import config_from_dict, load_config
+from lotus.errors import ConfigError
+from lotus.features.registry import build_callbacks
+from lotus.features.schedule.auto import AutoState
+from lotus.features.schedule.auto_callback import AutoScheduleCallback
+from lotus.features.schedule.plan import Schedule
+from lotus.training import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+AUTO = {
+    "tickets": {"dynamic": {"enabled": True, "ratio": 0.7},
+                "patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 1}},
+    "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
+    # loose thresholds so that a 4-epoch run takes every kind of decision
+    "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "attention_mass": 0.05, "anneal_share": 0.25}},
+}
+
+
+def _auto_dict(tiny_cfg_dict: dict, epochs: int = 4) -> dict:
+    d = copy.deepcopy(tiny_cfg_dict)
+    d["data"]["limit_train"] = 128
+    d["train"]["epochs"] = epochs
+    d.update(copy.deepcopy(AUTO))
+    return d
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_decisions_are_logged_with_their_signal_and_the_features_follow(tmp_path, tiny_cfg_dict, one_thread):
+    run = tmp_path / "run"
+    summary = Trainer(config_from_dict(_auto_dict(tiny_cfg_dict)), run_dir=str(run), quiet=True).fit()
+    decisions = [e for e in summary["events"] if e["event"] == "auto_decision"]
+    kinds = [d["what"] for d in decisions]
+    assert kinds[0] == "reduce" and {"dynamic_ratio", "keep_rate", "thin", "anneal"} <= set(kinds)
+    for d in decisions:
+        assert d["signal"] and d["reason"] and "threshold" in d and "measured" in d
+        assert d["from_epoch"] == d["epoch"] + 1  # taken at an epoch end, for the next epoch
+    assert summary["auto_schedule"]["decisions"] == [
+        {k: v for k, v in d.items() if k not in ("type", "event", "epoch", "step", "wall_s")} for d in decisions]
+    # the same events reach metrics.jsonl, and the epoch records name what was decided
+    logged = [r for r in _records(run) if r.get("event") == "auto_decision"]
+    assert [r["what"] for r in logged] == kinds
+    epochs = [r for r in _records(run) if r.get("type") == "epoch"]
+    assert [k for r in epochs for k in r.get("auto_decisions", [])] == kinds
+    # the features followed: thinning at the decided epoch and ratios, patches at the decided rates
+    thin = next(d for d in decisions if d["what"] == "thin")
+    pruned = [e for e in summary["events"] if e["event"] == "prune_structured"]
+    assert len(pruned) == 1 and pruned[0]["epoch"] == thin["from_epoch"] and pruned[0]["mlp"] == thin["value"]["mlp"]
+    anneal = next(d for d in decisions if d["what"] == "anneal")
+    for r in epochs:
+        e = r["epoch"] - 1
+        rates = [d["value"] for d in decisions if d["what"] == "keep_rate" and d["from_epoch"] <= e]
+        expected = 1.0 if e == 0 or e >= anneal["from_epoch"] else (rates[-1] if rates else 1.0)
+        assert r["patch_keep_rate"] == pytest.approx(expected)
+        if e >= anneal["from_epoch"]:
+            assert r["dyn_pruned"] == 0
+
+
+def test_resume_after_a_decision_is_bit_identical(tmp_path, tiny_cfg_dict, one_thread):
+    d = _auto_dict(tiny_cfg_dict)
+    full = tmp_path / "full"
+    summary = Trainer(config_from_dict(d), run_dir=str(full), quiet=True).fit()
+    steps_after_2 = next(r["step"] for r in _records(full) if r.get("type") == "epoch" and r["epoch"] == 2)
+    part = tmp_path / "part"
+    d1 = copy.deepcopy(d)
+    d1["train"]["max_steps"] = steps_after_2  # stops after epoch 2, once decisions were taken
+    first = Trainer(config_from_dict(d1), run_dir=str(part), quiet=True).fit()
+    assert first["auto_schedule"]["decisions"]
+    resumed = Trainer(config_from_dict(d), run_dir=str(part), resume=True, quiet=True).fit()
+    assert resumed["auto_schedule"]["decisions"] == summary["auto_schedule"]["decisions"]
+    assert resumed["steps"] == summary["steps"] and resumed["final_val_acc"] == summary["final_val_acc"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "last.safetensors"), load_file(part / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # each decision is logged once, not again on resume
+    logged = [r["what"] for r in _records(part) if r.get("event") == "auto_decision"]
+    assert logged == [x["what"] for x in summary["auto_schedule"]["decisions"]]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lotus": {"schedule": "sometimes"}}, "lotus.schedule"),
+    ({"lotus": {"schedule": "auto", "auto": {"patience": 2}}}, "lotus.auto.patience"),
+    ({"lotus": {"schedule": "auto", "auto": {"thin_tolerance": -1}}}, "lotus.auto.thin_tolerance"),
+    ({"lotus": {"schedule": "auto", "auto": {"thin_candidates": [0.0]}}}, "lotus.auto.thin_candidates"),
+    ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
+    ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
+    ({"tickets": {"patches": {"enabled": True, "scorer": "random"}}}, "tickets.patches.scorer"),
+    ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
+    ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
+])
+def test_invalid_auto_settings_name_the_key(tiny_cfg_dict, change, key):
+    d = _auto_dict(tiny_cfg_dict)
+    for section, values in change.items():
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(d[section].get(k), dict):
+                d[section][k].update(v)
+            else:
+                d[section][k] = v
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        config_from_dict(d)
+
+
+def test_auto_is_refused_data_parallel(tiny_cfg_dict):
+    d = _auto_dict(tiny_cfg_dict)
+    d["tickets"].pop("dynamic")
+    d.pop("pruning")
+    d["parallel"] = {"mode": "ddp"}
+    with pytest.raises(ConfigError, match="^lotus.schedule: auto is not supported with parallel.mode 'ddp'"):
+        config_from_dict(d)
+
+
+def test_auto_needs_a_feature_to_drive(tiny_cfg_dict):
+    d = copy.deepcopy(tiny_cfg_dict)
+    d["lotus"] = {"schedule": "auto"}
+    with pytest.raises(ConfigError, match="^lotus.schedule: auto needs something to drive"):
+        config_from_dict(d)
+
+
+def test_decision_log_replays_to_the_same_plan():
+    st = AutoState(epochs=10, anneal_share=0.2, max_warmup=0.5)
+    assert [st.phase(e) for e in range(10)] == ["warmup"] * 5 + ["reduce"] * 3 + ["anneal"] * 2  # budget limits
+    log = [{"what": "reduce", "from_epoch": 2, "value": 2}, {"what": "keep_rate", "from_epoch": 2, "value": 0.75},
+           {"what": "dynamic_ratio", "from_epoch": 3, "value": 0.4}, {"what": "anneal", "from_epoch": 6, "value": 6}]
+    for d in log:
+        st.record(d)
+    again = AutoState(epochs=10, anneal_share=0.2, max_warmup=0.5)
+    again.load(st.decisions)
+    for s in (st, again):
+        assert [s.phase(e) for e in range(10)] == ["warmup"] * 2 + ["reduce"] * 4 + ["anneal"] * 4
+        assert [s.keep_rate(e) for e in (1, 2, 5, 6)] == [1.0, 0.75, 0.75, 1.0]
+        assert [s.dynamic_ratio(e) for e in (2, 3, 6)] == [0.0, 0.4, 0.0]
+    with pytest.raises(ValueError, match="unknown kind"):
+        st.record({"what": "sometimes", "from_epoch": 1, "value": 0})
+
+
+def test_fixed_schedule_is_unchanged():
+    cfg = load_config(CONFIGS / "digits_lotus.yaml")
+    assert cfg.lotus.schedule == "fixed"
+    s = Schedule(cfg)
+    assert s.auto is None
+    plans = s.plans()
+    assert [p.phase for p in plans] == ["reduce"] * 17 + ["anneal"] * 3
+    assert [p.dynamic_ratio for p in plans] == [0.5] * 17 + [0.0] * 3
+    assert [p.pruning for p in plans if p.pruning] == [("pruning.structured.at_epoch",)] and plans[5].pruning
+    cbs = build_callbacks(cfg, s)
+    assert not any(isinstance(cb, AutoScheduleCallback) for cb in cbs)
+    assert all(not getattr(cb, "follow_plan", False) and getattr(cb, "auto", None) is None for cb in cbs)
+
+
+@pytest.mark.parametrize("name", ["digits_auto", "digits32_auto", "shapes32_auto"])
+def test_auto_configs_load_through_base(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    s = Schedule(cfg)
+    assert cfg.lotus.schedule == "auto" and s.auto is not None and s.enabled
+    assert any(isinstance(cb, AutoScheduleCallback) for cb in build_callbacks(cfg, s))
