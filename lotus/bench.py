@@ -270,7 +270,8 @@ def bench_table(analysis: dict) -> str:
             f"not reached ({sum(map(math.isfinite, r['time_to_target']))}/{r['seeds']} seeds)"
         ft = f"{r['flops_to_target_mean']:.3g}" if math.isfinite(r["flops_to_target_mean"]) else "-"
         lines.append(" | ".join([
-            f"| {r['name']}", mean_std(r["finals"]), tt,
+            f"| {r['name']}", mean_std(r["finals"]) if "finals" in r else
+            f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", tt,
             _ratio(r, "speedup_time"), ft, _ratio(r, "speedup_flops"), f"{r['samples_mean']:.0f}",
             f"{r['params']}", f"{r['nonzero']:.0f}", f"{r['inf_flops_per_img']:.3g}", f"{r['inf_img_per_s']:.0f}",
             f"{r['inference_speedup']:.2f}x |"]))
