@@ -16,7 +16,7 @@ Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``-
 
     python benchmarks/lotus_schedule.py                                    # every dataset, seeds 0-2
     python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
-    python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/digits_auto.yaml
+    python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/digits_auto.yaml  # add a config
     python benchmarks/lotus_schedule.py --datasets shapes32 --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
 """
 from __future__ import annotations
@@ -52,8 +52,10 @@ def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lo
 SUITES: dict[str, dict] = {
     "digits16": {
         "tokens": 16, "target_speedup": 1.5, "data": None,
-        "configs": _dense("configs/digits_op.yaml", "digits_op", [10, 15, 20])
-        + [_lotus("configs/digits_lotus.yaml", "digits_lotus")],
+        "configs": _dense("configs/digits_op.yaml", "digits_op", [10, 20])
+        + [_lotus("configs/digits_lotus.yaml", "digits_lotus"),
+           _lotus("configs/digits_lotus.yaml", "digits_lotus_15ep",
+                  ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"])],
     },
     "digits32": {
         "tokens": 64, "target_speedup": 2.0, "data": None,
