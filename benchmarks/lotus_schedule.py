@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=[], metavar="PATH[:K=V,...]",
                     help="more LOTUS configs for every selected dataset (e.g. an auto-schedule config)")
     ap.add_argument("--dense", nargs="+", default=[], metavar="PATH[:K=V,...]", help="more dense baselines")
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, metavar="EPOCHS",
+                    help="dense epoch budgets instead of the suite's (e.g. 20 alone when compute is short)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these config names")
     ap.add_argument("--runs", default="bench/lotus_schedule", help="run folders (git-ignored; reused when rerun)")
     ap.add_argument("--results", default="benchmarks/results/lotus_schedule")
@@ -233,6 +235,11 @@ def main() -> None:
         _ensure_data(spec["data"])
         entries = list(spec["configs"]) + [_parse_extra(c, "lotus") for c in a.configs] + \
             [_parse_extra(c, "dense") for c in a.dense]
+        if a.budgets:
+            dense = [e for e in entries if e["role"] == "dense" and e in spec["configs"]]
+            first = {e["path"]: e["name"].rsplit("_", 1)[0] for e in dense}
+            entries = [d for path, name in first.items() for d in _dense(path, name, a.budgets)] + \
+                [e for e in entries if e not in dense]
         if a.only:
             entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]
         load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -246,6 +253,7 @@ def main() -> None:
         command = "python benchmarks/lotus_schedule.py --datasets " + suite + \
             ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
             ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
+            ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
             ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets)
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
