@@ -206,9 +206,10 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
         f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
         for s, b in zip(res["seeds"], base)), ""]
     out += _verdict(res, meta["target_speedup"])
-    out += ["", f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start, "
+    out += ["", f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
             f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
-            f"configs). {meta['started']} - {meta['finished']}.", ""]
+            f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
+            f"finished {meta['runs_finished_utc']} UTC.", ""]
     return "\n".join(out)
 
 
@@ -246,10 +247,12 @@ def main() -> None:
         results = run_bench([(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries], a.seeds,
                             os.path.join(a.runs, spec.get("runs", suite)), overrides=["train.threads=1"] + a.sets, jobs=a.jobs)
         res = _analyse_suite(suite, entries, results, a.seeds, a.target_drop)
+        done = [os.path.getmtime(os.path.join(d, "summary.json")) for r in results for d in r.runs]
+        span = " - ".join(time.strftime("%H:%M", time.gmtime(t)) for t in (min(done), max(done)))
         meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1 per run",
                 "load_start": load_start, "load_end": os.getloadavg()[0], "started": started,
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target_speedup": spec["target_speedup"],
-                "jobs": a.jobs}
+                "jobs": a.jobs, "runs_finished_utc": span}
         command = "python benchmarks/lotus_schedule.py --datasets " + suite + \
             ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
             ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
