@@ -57,16 +57,24 @@ def main() -> None:
                 print(f"seed {seed} threads {th}: {r['final_acc'] * 100:.2f}% in {r['process_s']:.1f} s "
                       f"(training {r['train_s']:.1f} s)", flush=True)
                 rows.append(r)
+                write(rows, a, load_start, len(a.seeds) * len(a.threads))
+
+
+def write(rows: list[dict], a: argparse.Namespace, load_start: float, total: int) -> None:
+    """Write the JSON + markdown for the runs so far (rewritten after every run: an interrupted measurement
+    still leaves its finished runs, marked partial)."""
     acc_ok = all(r["final_acc"] >= a.min_acc - 1e-12 for r in rows)
     time_ok = all(r["process_s"] <= a.max_s for r in rows)
-    res = {"config": a.config, "seeds": a.seeds, "threads": a.threads, "runs": rows, "cpus": os.cpu_count(),
+    res = {"partial": len(rows) < total, "runs_planned": total, "config": a.config, "seeds": a.seeds,
+           "threads": a.threads, "runs": rows, "cpus": os.cpu_count(),
            "load_start": load_start, "load_end": os.getloadavg()[0], "min_acc_target": a.min_acc,
            "max_s_target": a.max_s, "acc_target_met": acc_ok, "time_target_met": time_ok}
     cmd = "python benchmarks/default_config.py" + ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) \
         + ("" if a.threads == ["1", "2", "auto"] else " --threads " + " ".join(a.threads))
     md = [f"# Default config: `lotus train --config {a.config}`", "", f"`{cmd}`", "",
           "Each run is a fresh process timed from start to exit (start-up, data, training, evaluation, checkpoints); "
-          "seeds x thread settings interleaved.", "",
+          "seeds x thread settings interleaved."
+          + (f" **Partial: {len(rows)} of {total} runs.**" if len(rows) < total else ""), "",
           "| seed | train.threads | final val acc | best val acc | whole process (s) | training (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['seed']} | {r['threads']} | {r['final_acc'] * 100:.2f}% | {r['best_acc'] * 100:.2f}% | "
@@ -81,7 +89,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))
     Path(a.out + ".md").write_text("\n".join(md))
-    print("\n".join(md))
+    if len(rows) == total:
+        print("\n".join(md))
 
 
 if __name__ == "__main__":
