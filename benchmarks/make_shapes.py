@@ -2,9 +2,9 @@
 
 Used to check that configs tuned on digits still behave on another ImageFolder dataset::
 
-    python benchmarks/make_shapes.py --out data/shapes --train 250 --val 60
-    lotus bench --configs configs/digits.yaml configs/digits_op.yaml configs/digits_lotus.yaml --seeds 3 \
-        --out bench/shapes --set data.name=imagefolder --set data.root=data/shapes
+    python benchmarks/make_shapes.py --out data/shapes32 --size 32     # 8 x (250 train + 60 val), 32 px
+    lotus train --config configs/shapes32_op.yaml                     # 32 px / patch 4 = 64 tokens
+    python benchmarks/lotus_schedule.py --datasets shapes32           # (makes the folder itself if missing)
 
 Classes: filled/outlined circle, square, triangle, cross, at random position, size, colour and rotation,
 with Gaussian noise, so the task needs real shape features (not colour or position).

@@ -7,7 +7,7 @@ and probe steps), max-median ratio, int8 accuracy drop, and the probe overhead (
 in the outlier probe at the configured interval).
 
 Three recipes:
-- ``default``: the base config as is (configs/digits.yaml unless --base);
+- ``default``: the base config as is (configs/digits_preln.yaml unless --base);
 - ``provoke``: the same with settings the paper identifies as causing outlier features (higher lr, tiny Adam
   eps, no weight decay, no label smoothing) at twice the budget;
 - ``long``: those settings without gradient clipping, on a 64-wide model (2 heads) trained 300 epochs
@@ -258,7 +258,7 @@ def render(path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="configs/digits.yaml", help="base config (default configs/digits.yaml)")
+    p.add_argument("--base", default="configs/digits_preln.yaml", help="base config (default configs/digits_preln.yaml)")
     p.add_argument("--recipe", nargs="+", choices=(*RECIPES, "all"), default=["default", "long"],
                    help="recipes to run (default: default long)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

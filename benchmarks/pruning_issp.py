@@ -1,6 +1,6 @@
 """Instant Soup Pruning (ISSP) vs plain one-shot magnitude pruning at the same sparsity, on a digits-trained ViT.
 
-Both start from the same dense model (trained with lotus on configs/digits.yaml unless --checkpoint is given):
+Both start from the same dense model (trained with lotus on configs/digits_preln.yaml unless --checkpoint is given):
   one-shot: magnitude-prune the dense weights layer-wise.
   ISSP:     K weak copies, each fine-tuned for --weak-epochs on a --fraction of the training data (own seed),
             are magnitude-pruned; their masks are merged by vote and applied to the dense weights.
@@ -28,7 +28,7 @@ from pruning_common import (  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--config", default="configs/digits_preln.yaml")
     p.add_argument("--set", action="append", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--checkpoint", help="skip training: weights of the config's model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])

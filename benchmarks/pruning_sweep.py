@@ -1,13 +1,13 @@
 """Essential sparsity of a digits-trained ViT: one-shot magnitude pruning 0-90% without retraining.
 
-Trains the model with lotus (configs/digits.yaml, lotus_vit_tiny) unless --checkpoint is given, then sweeps
+Trains the model with lotus (configs/digits_preln.yaml, lotus_vit_tiny) unless --checkpoint is given, then sweeps
 layer-wise and global magnitude sparsity on the validation split and finds the knee: the largest sparsity with
 every sparsity up to it within --tolerance of dense accuracy. Writes sweep_<scope>.{json,md,png} and
 pruning_sweep.{json,md} under --out (default $OUT/pruning_sweep or bench_out/pruning_sweep).
 
   python benchmarks/pruning_sweep.py                    # full: trains 30 epochs (~5-15 min on 2 CPU cores)
   python benchmarks/pruning_sweep.py --quick            # micro ViT, 4 epochs, step 0.3 (~1 min)
-  python benchmarks/pruning_sweep.py --config configs/digits.yaml --checkpoint runs/x/best.safetensors
+  python benchmarks/pruning_sweep.py --config configs/digits_preln.yaml --checkpoint runs/x/best.safetensors
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pruning_common import QUICK_OVERRIDES, accuracy, default_out, trained_model
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--config", default="configs/digits_preln.yaml")
     p.add_argument("--set", action="append", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--checkpoint", help="skip training: weights of the config's model")
     p.add_argument("--step", type=float, default=0.05)

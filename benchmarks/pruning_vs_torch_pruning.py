@@ -5,7 +5,7 @@ removed by each tool (their widths and parameter counts are printed to show the 
 throughput of dense / Lotus / Torch-Pruning measured in interleaved rounds in one run; time to prune.
 
 Part B, accuracy: a small ViT trained with `lotus.train` on scikit-learn digits (bundled, no download; the
-configs/digits.yaml recipe with a 6-head model), pruned by each tool with the matching importance (L2 magnitude;
+configs/digits_preln.yaml recipe with a 6-head model), pruned by each tool with the matching importance (L2 magnitude;
 first-order Taylor from the same calibration batches) inside a lotus callback, then fine-tuned by the same
 lotus loop; validation accuracy right after pruning and after fine-tuning, per seed.
 
@@ -164,12 +164,12 @@ DIGITS_MODEL = {"img_size": 16, "patch_size": 4, "kwargs": {"embed_dim": 96, "de
 
 
 def digits_config(epochs: int, lr: float, seed: int, threads: int, warmup: float):
-    """configs/digits.yaml (the project's digits recipe) with a 6-head ViT (16 px, patch 4) and no files written."""
+    """configs/digits_preln.yaml (the project's digits recipe) with a 6-head ViT (16 px, patch 4) and no files written."""
     import yaml
     from lotus.config import config_from_dict
 
     root = Path(__file__).resolve().parents[1]
-    data = yaml.safe_load((root / "configs" / "digits.yaml").read_text())
+    data = yaml.safe_load((root / "configs" / "digits_preln.yaml").read_text())
     data["name"] = "bench-structured-vs-tp"
     data.setdefault("model", {}).update(copy.deepcopy(DIGITS_MODEL))
     data.setdefault("optim", {})["lr"] = lr
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['tool']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
                   f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x | {r['prune_seconds']:.2f} |")
     if not args.skip_accuracy:
-        print("\nB. digits ViT (configs/digits.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...", flush=True)
+        print("\nB. digits ViT (configs/digits_preln.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...", flush=True)
         rows = part_accuracy(args)
         result["accuracy"] = rows
         print(f"\nB. digits ViT, {args.ratio:.0%} heads and MLP removed, val accuracy (mean over seeds "

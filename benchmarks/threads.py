@@ -1,6 +1,6 @@
 """Training throughput of the default config with and without a busy neighbour: torch's default threads vs ``auto``.
 
-Each measurement is a fresh process running lotus' own Trainer on ``configs/digits.yaml`` (lotus_vit_tiny at
+Each measurement is a fresh process running lotus' own Trainer on ``configs/digits_preln.yaml`` (lotus_vit_tiny at
 16 px, batch 64, augmentation on) for ``--steps`` optimiser steps (or until ``--max-seconds``), with
 ``train.eval_every`` raised so no evaluation falls inside the timed steps. Conditions, interleaved and repeated
 ``--rounds`` times (the order rotates each round):
@@ -190,7 +190,7 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
         "# Thread count under a busy neighbour: torch default vs `train.threads: auto`", "",
         f"Command: `{cmd}` (from the repository root; {args['rounds']} rounds, interleaved).", "",
         (f"Machine: {cpu_count} CPUs, torch default threads in a fresh process: {default_threads}. "
-         "Measured with lotus' own Trainer (`configs/digits.yaml`: lotus_vit_tiny 16 px, batch 64) for "
+         "Measured with lotus' own Trainer (`configs/digits_preln.yaml`: lotus_vit_tiny 16 px, batch 64) for "
          f"{args['steps']} steps or {args['max_seconds']:.0f} s of steps, whichever comes first ('runs capped'); "
          "`auto` = ThreadTuner in a callback (start-up probe + observe/re-tune), `default` = `train.threads` "
          "unset. Busy neighbour = one `python -c \"while True: pass\"` process; 'arrives' = it starts at step "
@@ -203,14 +203,14 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
         *(["", f"Note: {args['note']}"] if args.get("note") else []),
     ])
     payload = {"args": args, "command": cmd,
-               "method": "lotus Trainer (configs/digits.yaml) with a ThreadTuner callback for auto",
+               "method": "lotus Trainer (configs/digits_preln.yaml) with a ThreadTuner callback for auto",
                "summary": summary, "ratios": ratios, "slowdown_from_neighbour": slowdown, "runs": runs}
     return md, payload
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/digits.yaml")
+    ap.add_argument("--config", default="configs/digits_preln.yaml")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=45.0, help="cap on one measurement's timed steps")

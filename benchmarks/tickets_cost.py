@@ -76,7 +76,7 @@ def build(model_name: str, cfg_path: str, overrides: list[str]):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--config", default="configs/digits_preln.yaml")
     p.add_argument("--set", action="append", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--model", default="lotus_vit_tiny", help="model for the single-pass comparison")
     p.add_argument("--grand-models", nargs="+", default=["lotus_vit_micro", "lotus_vit_tiny"])

@@ -1,6 +1,6 @@
 """Dynamic data pruning (InfoBatch-style) vs full-data training on digits: samples forwarded, wall time, accuracy.
 
-Runs ``configs/digits.yaml`` (full data every epoch) and ``configs/digits_dynamic.yaml`` (the same run with
+Runs ``configs/digits_preln.yaml`` (full data every epoch) and ``configs/digits_dynamic.yaml`` (the same run with
 ``tickets.dynamic``: each epoch skip ``ratio`` of the below-mean-loss samples, re-weight the rest of them by
 1/(1-ratio), full data for the final ``anneal`` share of epochs) with the lotus trainer, alternating
 baseline and pruned runs seed by seed so machine load hits both alike. Reports, per variant, the final
@@ -13,7 +13,7 @@ Reference point: InfoBatch (ICLR 2024) saves ~40% of the training cost on CIFAR-
 Full run (README numbers)::
 
     python benchmarks/tickets_dynamic.py
-    # = --seeds 0 1 2 --ratios 0.5 0.7 (configs/digits.yaml vs configs/digits_dynamic.yaml: lotus_vit_tiny,
+    # = --seeds 0 1 2 --ratios 0.5 0.7 (configs/digits_preln.yaml vs configs/digits_dynamic.yaml: lotus_vit_tiny,
     #   40 epochs; r = 0.5 is InfoBatch's default, 0.7 shows the savings/accuracy trade-off)
 
 Smoke run (~2-3 min)::
@@ -54,7 +54,7 @@ def run(path: str, sets: list[str], seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", default="configs/digits.yaml")
+    p.add_argument("--baseline", default="configs/digits_preln.yaml")
     p.add_argument("--config", default="configs/digits_dynamic.yaml")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7], help="tickets.dynamic.ratio values to run")
     p.add_argument("--anneal", type=float, default=None, help="override tickets.dynamic.anneal")

@@ -8,7 +8,7 @@ its range, plus the cost of ranking a batch online (one no-grad full-token forwa
 so the effective ratio of the online modes can be read off:
 ``refresh_every: 0`` (per batch) = full / (kept + score); per-epoch refresh = full / (kept + score / refresh_every).
 
-Part 2 (accuracy at equal epochs, digits, lotus training): ``configs/digits.yaml`` (all patches),
+Part 2 (accuracy at equal epochs, digits, lotus training): ``configs/digits_preln.yaml`` (all patches),
 ``configs/digits_patches.yaml`` (CLS-attention patch tickets) and the same config with ``scorer: random``
 (the random-patch baseline with the same keep-rate schedule), plus the offline LOTUS pipeline (a dense scorer
 trained ``--scorer-epochs`` epochs ranks every image once into a ticket file; ``source: file``), over several
@@ -119,7 +119,7 @@ def _file_ticket(seed: int, extra: list[str], scorer_epochs: int, workdir: Path)
     from lotus.training import Trainer
 
     t0 = time.perf_counter()
-    scfg = load_config(ROOT / "configs/digits.yaml", extra + [f"train.seed={seed}", f"train.epochs={scorer_epochs}",
+    scfg = load_config(ROOT / "configs/digits_preln.yaml", extra + [f"train.seed={seed}", f"train.epochs={scorer_epochs}",
                                                                f"train.warmup_epochs={min(1.0, scorer_epochs / 2)}"])
     trainer = Trainer(scfg, write=False, quiet=True)
     trainer.fit()
@@ -234,7 +234,7 @@ def main() -> None:
     summary, rows = [], []
     if not a.skip_train:
         variants = [
-            ("all patches", "configs/digits.yaml", []),
+            ("all patches", "configs/digits_preln.yaml", []),
             ("cls_attention tickets", "configs/digits_patches.yaml", []),
             ("random patches", "configs/digits_patches.yaml", ["tickets.patches.scorer=random"]),
         ]

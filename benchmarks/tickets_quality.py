@@ -37,7 +37,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--config", default="configs/digits_preln.yaml")
     p.add_argument("--set", action="append", default=[], help="config overrides KEY=VALUE (all runs)")
     p.add_argument("--scorers", nargs="+", default=SCORERS)
     p.add_argument("--policies", nargs="+", default=POLICIES)

@@ -16,15 +16,17 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from lotus.callbacks import Callback
 from lotus.checkpoint import atomic_write_text, read_state_dict
 from lotus.config import Config, config_to_dict, load_config
 from lotus.data import build_datasets
@@ -33,7 +35,8 @@ from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
 from lotus.training import Trainer
 
-__all__ = ["BenchResult", "run_bench", "analyse", "add_speedups", "bench_table", "plot_bench", "write_bench"]
+__all__ = ["BenchResult", "EpochBar", "run_bench", "analyse", "add_speedups", "seed_ratios", "mean_std", "bench_table",
+           "plot_bench", "write_bench"]
 
 
 @dataclass
@@ -74,44 +77,124 @@ def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
             "flops_per_img": float(fc.get_total_flops()), "img_per_s": len(x) / statistics.median(times)}
 
 
-def run_bench(config_paths: list[str], seeds: int, out: str, overrides: list[str] | None = None,
-              quiet: bool = False, progress: bool = True) -> list[BenchResult]:
-    """Train every config with seeds 0..seeds-1 (interleaved) under ``out``."""
-    cfgs = []
-    for p in config_paths:
-        cfg = load_config(p, overrides)
-        cfgs.append((p, cfg))
-    names = [c.name for _, c in cfgs]
+ConfigSpec = Union[str, "tuple[str, list[str]]"]
+
+
+class EpochBar(Callback):
+    """A tqdm bar over one run's epochs (val acc in the postfix); nothing when ``enabled`` is False."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.enabled:
+            self.bar = tqdm(total=trainer.cfg.train.epochs, initial=trainer.epoch, desc=self.desc, leave=False,
+                            dynamic_ncols=True, unit="ep")
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+        if self.bar is not None:
+            if metrics.get("val_acc") is not None:
+                self.bar.set_postfix_str(f"val {metrics['val_acc'] * 100:.1f}%")
+            self.bar.update(1)
+
+    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _train_run(path: str, overrides: list[str], run_dir: str, bar: bool = False, desc: str = "") -> dict:
+    """One bench run (also the worker of ``--jobs``: a fresh process, threads pinned by ``overrides``)."""
+    cfg = load_config(path, overrides)
+    return Trainer(cfg, callbacks=[EpochBar(desc, bar)], run_dir=run_dir, quiet=True).fit()
+
+
+def _split_spec(spec: ConfigSpec) -> tuple[str, list[str]]:
+    return (spec, []) if isinstance(spec, str) else (spec[0], list(spec[1]))
+
+
+def run_bench(config_paths: list[ConfigSpec], seeds: int | list[int], out: str, overrides: list[str] | None = None,
+              quiet: bool = False, progress: bool = True, jobs: int = 1) -> list[BenchResult]:
+    """Train every config with seeds 0..seeds-1 (or the listed seed offsets), interleaved, under ``out``.
+
+    A config is a path or ``(path, [KEY=VALUE, ...])`` (its own overrides after the shared ones; a
+    ``name=...`` override names a variant). ``jobs > 1`` trains that many runs side by side in worker
+    processes, each pinned to ``cpu_count // jobs`` threads unless ``train.threads`` is overridden.
+    """
+    shared = list(overrides or [])
+    specs = [_split_spec(c) for c in config_paths]
+    cfgs = [(p, own, load_config(p, shared + own)) for p, own in specs]
+    names = [c.name for _, _, c in cfgs]
     if len(set(names)) != len(names):
         raise LotusError(f"--configs: config names must differ (got {names}); rename a file")
-    results = [BenchResult(c.name, p) for p, c in cfgs]
-    jobs = [(s, i) for s in range(seeds) for i in range(len(cfgs))]
-    bar = tqdm(jobs, desc="bench", disable=not progress, dynamic_ncols=True)
-    for seed, i in bar:
-        path, base = cfgs[i]
-        run_dir = os.path.join(out, base.name, f"seed{seed}")
-        bar.set_postfix_str(f"{base.name} seed {seed}")
-        run_overrides = list(overrides or []) + [f"train.seed={base.train.seed + seed}", "output.report=false"]
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            wanted = config_to_dict(load_config(path, run_overrides))
-            wanted["output"]["dir"] = None
-            saved = config_to_dict(load_config(os.path.join(run_dir, "config.yaml")))
-            saved["output"]["dir"] = None
-            saved["name"] = wanted["name"]
-            if saved != wanted:
-                raise LotusError(f"bench: {run_dir} was trained with another config than {path} (+ --set); "
-                                 "delete it or use another --out")
-            results[i].runs.append(run_dir)  # finished earlier with the same config: reuse (bench is resumable)
-            continue
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            raise LotusError(f"bench: {run_dir} holds an unfinished run; delete it or resume it with lotus train --resume")
-        cfg = load_config(path, run_overrides)
-        summary = Trainer(cfg, run_dir=run_dir, quiet=True).fit()
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if jobs > 1 and not any(o.split("=", 1)[0].strip() == "train.threads" for o in shared):
+        shared.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
+    results = [BenchResult(c.name, p) for p, _, c in cfgs]
+    todo = []
+    for seed in seed_list:
+        for i, (path, own, base) in enumerate(cfgs):
+            run_dir = os.path.join(out, base.name, f"seed{seed}")
+            run_overrides = shared + own + [f"train.seed={base.train.seed + seed}", "output.report=false"]
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                _check_reusable(run_dir, path, run_overrides)
+            elif os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                raise LotusError(f"bench: {run_dir} holds an unfinished run; delete it or resume it with "
+                                 "lotus train --resume")
+            else:
+                todo.append((i, seed, path, run_overrides, run_dir))
+            results[i].runs.append(run_dir)
+    bar = tqdm(total=len(todo), desc="bench", disable=not progress, dynamic_ncols=True)
+    tty = progress and sys.stderr.isatty()
+
+    def done(i: int, seed: int, summary: dict) -> None:
         if not quiet:
-            bar.write(f"{base.name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "
+            bar.write(f"{cfgs[i][2].name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "
                       f"in {summary['wall_s']:.1f} s")
-        results[i].runs.append(run_dir)
+        bar.update(1)
+
+    if jobs <= 1:
+        for i, seed, path, run_overrides, run_dir in todo:
+            bar.set_postfix_str(f"{cfgs[i][2].name} seed {seed}")
+            done(i, seed, _train_run(path, run_overrides, run_dir, tty, f"{cfgs[i][2].name} s{seed}"))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [(i, seed, pool.submit(_train_run, path, o, d)) for i, seed, path, o, d in todo]
+            for i, seed, fut in futures:  # in submission order (interleaved), so output stays ordered
+                done(i, seed, fut.result())
+    bar.close()
     return results
+
+
+def _check_reusable(run_dir: str, path: str, run_overrides: list[str]) -> None:
+    """A finished run is reused only if it was trained with the same config (the bench is resumable)."""
+    wanted = config_to_dict(load_config(path, run_overrides))
+    saved = config_to_dict(load_config(os.path.join(run_dir, "config.yaml")))
+    for d in (wanted, saved):
+        d["output"]["dir"] = None
+    saved["name"] = wanted["name"]
+    if saved != wanted:
+        raise LotusError(f"bench: {run_dir} was trained with another config than {path} (+ --set); "
+                         "delete it or use another --out")
+
+
+def seed_ratios(base: list[float], values: list[float]) -> dict:
+    """Per-seed ratios ``base[k] / values[k]`` (a speed-up when both are times or FLOPs to a target) with their
+    median and range; a seed where either side is not finite (target not reached) gives no ratio."""
+    per = [b / v if math.isfinite(b) and math.isfinite(v) and v > 0 else None for b, v in zip(base, values)]
+    ok = [r for r in per if r is not None]
+    return {"per_seed": per, "median": statistics.median(ok) if ok else None, "min": min(ok) if ok else None,
+            "max": max(ok) if ok else None, "seeds_with_ratio": len(ok)}
+
+
+def mean_std(values: list[float], scale: float = 100.0, unit: str = "%") -> str:
+    """``mean +- std`` over seeds, or ``value (n=1)`` for a single seed (no spread to show)."""
+    if len(values) == 1:
+        return f"{values[0] * scale:.2f}{unit} (n=1)"
+    return f"{statistics.fmean(values) * scale:.2f} +- {statistics.stdev(values) * scale:.2f}{unit}"
 
 
 def analyse(results: list[BenchResult], target: float | None = None, target_drop: float = 0.005,
@@ -133,7 +216,7 @@ def analyse(results: list[BenchResult], target: float | None = None, target_drop
         inf = [_inference(r, load_config(os.path.join(r, "config.yaml")), inference_repeats) for r in res.runs]
         rows.append({
             "name": res.name, "config": res.config, "seeds": len(runs), "runs": res.runs,
-            "final_acc_mean": statistics.fmean(finals), "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "finals": finals, "final_acc_mean": statistics.fmean(finals), "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "time_to_target": tt, "time_to_target_mean": statistics.fmean(tt) if all(map(math.isfinite, tt)) else math.inf,
             "flops_to_target": ft, "flops_to_target_mean": statistics.fmean(ft) if all(map(math.isfinite, ft)) else math.inf,
             "total_time_mean": statistics.fmean(ep[-1]["wall_s"] for ep, _, _ in runs),
@@ -187,7 +270,8 @@ def bench_table(analysis: dict) -> str:
             f"not reached ({sum(map(math.isfinite, r['time_to_target']))}/{r['seeds']} seeds)"
         ft = f"{r['flops_to_target_mean']:.3g}" if math.isfinite(r["flops_to_target_mean"]) else "-"
         lines.append(" | ".join([
-            f"| {r['name']}", f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", tt,
+            f"| {r['name']}", mean_std(r["finals"]) if "finals" in r else
+            f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", tt,
             _ratio(r, "speedup_time"), ft, _ratio(r, "speedup_flops"), f"{r['samples_mean']:.0f}",
             f"{r['params']}", f"{r['nonzero']:.0f}", f"{r['inf_flops_per_img']:.3g}", f"{r['inf_img_per_s']:.0f}",
             f"{r['inference_speedup']:.2f}x |"]))

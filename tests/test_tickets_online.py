@@ -271,7 +271,7 @@ def test_shipped_configs_enable_the_sections():
     from lotus.config import load_config
 
     root = Path(__file__).resolve().parents[1]
-    base = load_config(root / "configs/digits.yaml")
+    base = load_config(root / "configs/digits_preln.yaml")
     dyn = load_config(root / "configs/digits_dynamic.yaml")
     pat = load_config(root / "configs/digits_patches.yaml")
     assert dyn.tickets.dynamic.enabled and not dyn.tickets.patches.enabled

@@ -1,0 +1,273 @@
+"""The LOTUS schedule against the strongest dense baseline: the script behind every LOTUS table in the README.
+
+Per dataset ("suite") it trains the dense configs at several epoch budgets and the LOTUS configs, seed by
+seed interleaved (seed 0 of every config, then seed 1, ...) in one process with fixed threads
+(``train.threads=1``), through :func:`lotus.bench.run_bench` (finished runs are reused, so an interrupted
+benchmark resumes where it stopped). Then, per dataset:
+
+* target = the strongest dense config's (highest mean final accuracy) mean final val accuracy - 0.5 pp;
+* the dense baseline of a seed is the *fastest* dense config/budget that reaches the target in that seed
+  (a dense run counts from the epoch it first reaches it: stopping it there is allowed), separately for
+  wall time, training FLOPs and samples forwarded;
+* each config's speed-up is the per-seed ratio baseline / config (median and range over seeds), and its
+  final model's params and inference img/s (batch 256, 1 thread) are compared with the strongest dense one.
+
+Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``--runs``, git-ignored)::
+
+    python benchmarks/lotus_schedule.py                                    # every dataset, seeds 0-2
+    python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
+    python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/digits_auto.yaml  # add a config
+    python benchmarks/lotus_schedule.py --datasets shapes32 --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from lotus.bench import _time_to, analyse, mean_std, run_bench, seed_ratios  # noqa: E402
+from lotus.checkpoint import atomic_write_text  # noqa: E402
+from lotus.run_report import read_metrics  # noqa: E402
+
+
+def _dense(path: str, name: str, epochs: list[int]) -> list[dict]:
+    return [{"name": f"{name}_{e}ep", "path": path, "set": [f"train.epochs={e}"], "role": "dense"} for e in epochs]
+
+
+def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lotus") -> dict:
+    return {"name": name, "path": path, "set": list(extra or []), "role": role}
+
+
+# tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
+SUITES: dict[str, dict] = {
+    "digits16": {
+        "tokens": 16, "target_speedup": 1.5, "data": None,
+        "configs": _dense("configs/digits_op.yaml", "digits_op", [10, 20])
+        + [_lotus("configs/digits_lotus.yaml", "digits_lotus"),
+           _lotus("configs/digits_lotus.yaml", "digits_lotus_15ep",
+                  ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"])],
+    },
+    "digits32": {
+        "tokens": 64, "target_speedup": 2.0, "data": None,
+        "configs": _dense("configs/digits32_op.yaml", "digits32_op", [10, 20])
+        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus")],
+    },
+    # one feature of digits32_lotus off at a time (seed 0 by default; shares digits32's run folders, so its
+    # dense and full-LOTUS runs are reused): python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0
+    "digits32_ablation": {
+        "tokens": 64, "target_speedup": 2.0, "data": None, "runs": "digits32",
+        "configs": _dense("configs/digits32_op.yaml", "digits32_op", [10, 20])
+        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus")]
+        + [_lotus("configs/digits32_lotus.yaml", f"digits32_lotus-no_{what}", [key], "ablation")
+           for what, key in (("patches", "tickets.patches.enabled=false"), ("dynamic", "tickets.dynamic.enabled=false"),
+                             ("thinning", "pruning.structured.mlp=0.0"))],
+    },
+    "shapes32": {
+        "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60),
+        "configs": _dense("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
+        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus")],
+    },
+    "textures": {
+        "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
+        "configs": _dense("configs/textures_op.yaml", "textures_op", [10, 20])
+        + [_lotus("configs/textures_lotus.yaml", "textures_lotus")],
+    },
+}
+
+
+def _ensure_data(spec: tuple | None) -> None:
+    """Generate the suite's ImageFolder (deterministic from seed 0) when it is not there yet."""
+    if spec is None:
+        return
+    module, out, n_train, n_val = spec
+    if os.path.isdir(ROOT / out / "train") and os.path.isdir(ROOT / out / "val"):
+        return
+    import importlib
+
+    importlib.import_module(module).make(str(ROOT / out), n_train, n_val, 32, 0)
+    print(f"made {out}", flush=True)
+
+
+def _parse_extra(text: str, role: str) -> dict:
+    """``PATH[:KEY=VALUE,KEY=VALUE]`` (a ``name=`` override names the variant) -> a config entry."""
+    path, _, rest = text.partition(":")
+    sets = [s for s in rest.split(",") if s]
+    name = next((s.split("=", 1)[1] for s in sets if s.startswith("name=")), Path(path).stem)
+    return {"name": name, "path": path, "set": [s for s in sets if not s.startswith("name=")], "role": role}
+
+
+def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[int], drop: float) -> dict:
+    finals = {}
+    for e, res in zip(entries, results):
+        finals[e["name"]] = [read_metrics(r)[0][-1]["val_acc"] for r in res.runs]
+    dense = [e["name"] for e in entries if e["role"] == "dense"]
+    strongest = max(dense, key=lambda n: statistics.fmean(finals[n]))
+    target = statistics.fmean(finals[strongest]) - drop
+    analysis = analyse(results, target=target, target_drop=drop)
+    rows = {r["name"]: r for r in analysis["rows"]}
+    for r, (e, res) in zip(analysis["rows"], zip(entries, results)):
+        r["role"] = e["role"]
+        r["overrides"] = e["set"]
+        epochs = [read_metrics(d)[0] for d in res.runs]
+        r["samples_to_target"] = [_time_to(ep, target, "samples_seen") for ep in epochs]
+        r["total_time"] = [ep[-1]["wall_s"] for ep in epochs]
+        r["samples_total"] = [ep[-1]["samples_seen"] for ep in epochs]
+    base = {}
+    for key in ("time_to_target", "flops_to_target", "samples_to_target"):
+        per_seed = []
+        for k in range(len(seeds)):
+            reached = [(rows[n][key][k], n) for n in dense if math.isfinite(rows[n][key][k])]
+            per_seed.append(min(reached) if reached else (math.inf, None))
+        base[key] = per_seed
+    ref = rows[strongest]
+    for r in analysis["rows"]:
+        for key, short in (("time_to_target", "time"), ("flops_to_target", "flops"), ("samples_to_target", "samples")):
+            r[f"speedup_{short}_per_seed"] = seed_ratios([b for b, _ in base[key]], r[key])
+        r["delta_final_pp"] = (r["final_acc_mean"] - ref["final_acc_mean"]) * 100
+        r["param_ratio"] = r["params"] / ref["params"]
+        r["inference_speedup_vs_strongest"] = r["inf_img_per_s"] / ref["inf_img_per_s"]
+        r.pop("curves", None)
+    return {"suite": suite, "tokens": SUITES[suite]["tokens"] if suite in SUITES else None, "seeds": seeds,
+            "target": target, "target_drop": drop, "strongest_dense": strongest,
+            "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()},
+            "rows": analysis["rows"]}
+
+
+def _fmt_ratio(d: dict) -> str:
+    if d["median"] is None:
+        return "not reached"
+    seeds = len(d["per_seed"])
+    s = f"{d['median']:.2f}x"
+    if seeds > 1:
+        s += f" ({d['min']:.2f}-{d['max']:.2f})"
+    if d["seeds_with_ratio"] < seeds:
+        s += f" [{d['seeds_with_ratio']}/{seeds} seeds]"
+    return s
+
+
+def _fmt_times(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" if math.isfinite(v) else "-" for v in values)
+
+
+def _verdict(res: dict, goal: float) -> list[str]:
+    lines = []
+    for r in res["rows"]:
+        if r["role"] != "lotus":
+            continue
+        sp = r["speedup_time_per_seed"]
+        fast = sp["median"] is not None and sp["median"] >= goal and sp["seeds_with_ratio"] == len(sp["per_seed"])
+        close = r["delta_final_pp"] >= -res["target_drop"] * 100 - 1e-9
+        smaller = r["params"] < min(x["params"] for x in res["rows"] if x["role"] == "dense")
+        faster = r["inference_speedup_vs_strongest"] > 1.0
+        ok = fast and close and smaller and faster
+        lines.append(
+            f"- **{r['name']}: target {'met' if ok else 'MISSED'}** (goal: median per-seed time-to-target speed-up "
+            f">= {goal:.1f}x in every seed, final acc within {res['target_drop'] * 100:.1f} pp of "
+            f"{res['strongest_dense']}, smaller and faster final model): speed-up {_fmt_ratio(sp)} "
+            f"({'ok' if fast else 'missed'}), final {r['delta_final_pp']:+.2f} pp ({'ok' if close else 'missed'}), "
+            f"params x{r['param_ratio']:.2f} ({'ok' if smaller else 'missed'}), inference "
+            f"{r['inference_speedup_vs_strongest']:.2f}x ({'ok' if faster else 'missed'}).")
+    return lines
+
+
+def _markdown(res: dict, command: str, meta: dict) -> str:
+    head = ["config", "role", "final val acc", "vs strongest dense", f"time to {res['target'] * 100:.2f}% (s, per seed)",
+            "time speed-up", "FLOP speed-up", "samples speed-up", "total train time (s)", "samples forwarded",
+            "params", "inf img/s"]
+    out = [f"# LOTUS schedule vs the strongest dense baseline: {res['suite']}", "",
+           f"`{command}`", "",
+           f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread, all runs interleaved seed by "
+           f"seed in one process. Target = {res['strongest_dense']}'s mean final val accuracy - "
+           f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%**. Speed-ups are per-seed ratios "
+           "(median, range): the seed's baseline is the fastest dense config/budget that reaches the target in that "
+           "seed (wall time, FLOPs and samples each on their own), counted from the epoch it first reaches it. "
+           "Times are training time (evaluation excluded; scoring, ranking and pruning included).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["rows"]:
+        out.append("| " + " | ".join([
+            r["name"], r["role"], mean_std(r["finals"]), f"{r['delta_final_pp']:+.2f} pp",
+            _fmt_times(r["time_to_target"]), _fmt_ratio(r["speedup_time_per_seed"]),
+            _fmt_ratio(r["speedup_flops_per_seed"]), _fmt_ratio(r["speedup_samples_per_seed"]),
+            f"{statistics.fmean(r['total_time']):.1f}", f"{statistics.fmean(r['samples_total']):.0f}",
+            f"{r['params'] / 1e6:.3f} M (x{r['param_ratio']:.2f})",
+            f"{r['inf_img_per_s']:.0f} ({r['inference_speedup_vs_strongest']:.2f}x)"]) + " |")
+    base = res["baseline_per_seed"]["time_to_target"]
+    out += ["", "Dense baseline per seed (time): " + ", ".join(
+        f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
+        for s, b in zip(res["seeds"], base)), ""]
+    out += _verdict(res, meta["target_speedup"])
+    out += ["", f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
+            f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
+            f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
+            f"finished {meta['runs_finished_utc']} UTC.", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=[s for s in SUITES if "ablation" not in s], choices=list(SUITES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seed offsets (default 0 1 2)")
+    ap.add_argument("--configs", nargs="+", default=[], metavar="PATH[:K=V,...]",
+                    help="more LOTUS configs for every selected dataset (e.g. an auto-schedule config)")
+    ap.add_argument("--dense", nargs="+", default=[], metavar="PATH[:K=V,...]", help="more dense baselines")
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, metavar="EPOCHS",
+                    help="dense epoch budgets instead of the suite's (e.g. 20 alone when compute is short)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these config names")
+    ap.add_argument("--runs", default="bench/lotus_schedule", help="run folders (git-ignored; reused when rerun)")
+    ap.add_argument("--results", default="benchmarks/results/lotus_schedule")
+    ap.add_argument("--target-drop", type=float, default=0.005)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run (before each config's own; e.g. data.limit_train=200 for a smoke test)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: timings comparable)")
+    a = ap.parse_args()
+    os.chdir(ROOT)
+    for suite in a.datasets:
+        spec = SUITES[suite]
+        _ensure_data(spec["data"])
+        entries = list(spec["configs"]) + [_parse_extra(c, "lotus") for c in a.configs] + \
+            [_parse_extra(c, "dense") for c in a.dense]
+        if a.budgets:
+            dense = [e for e in entries if e["role"] == "dense" and e in spec["configs"]]
+            first = {e["path"]: e["name"].rsplit("_", 1)[0] for e in dense}
+            entries = [d for path, name in first.items() for d in _dense(path, name, a.budgets)] + \
+                [e for e in entries if e not in dense]
+        if a.only:
+            entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]
+        load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        results = run_bench([(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries], a.seeds,
+                            os.path.join(a.runs, spec.get("runs", suite)), overrides=["train.threads=1"] + a.sets, jobs=a.jobs)
+        res = _analyse_suite(suite, entries, results, a.seeds, a.target_drop)
+        done = [os.path.getmtime(os.path.join(d, "summary.json")) for r in results for d in r.runs]
+        span = " - ".join(time.strftime("%H:%M", time.gmtime(t)) for t in (min(done), max(done)))
+        meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1 per run",
+                "load_start": load_start, "load_end": os.getloadavg()[0], "started": started,
+                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target_speedup": spec["target_speedup"],
+                "jobs": a.jobs, "runs_finished_utc": span}
+        command = "python benchmarks/lotus_schedule.py --datasets " + suite + \
+            ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
+            ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
+            ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
+            ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets)
+        res["meta"], res["command"] = meta, command
+        os.makedirs(a.results, exist_ok=True)
+        from lotus.bench import _finite
+
+        atomic_write_text(os.path.join(a.results, f"{suite}.json"),
+                          json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
+        md = _markdown(res, command, meta)
+        atomic_write_text(os.path.join(a.results, f"{suite}.md"), md)
+        print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
