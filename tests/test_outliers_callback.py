@@ -18,7 +18,7 @@ TINY_OP = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op"},
     "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512, "limit_train": 128},
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
-    "train": {"epochs": 1, "warmup_epochs": 0.2, "seed": 0},
+    "train": {"epochs": 1, "warmup_epochs": 0.2, "seed": 0, "threads": 1},  # pinned: bit-identical comparisons
     "outliers": {"enabled": True, "every_n_steps": 3, "probe_batch_size": 16, "quant_check": True,
                  "quant": {"calib_batches": 1}},
 }
