@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -64,17 +65,19 @@ def make(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
                 Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(out, split, c, f"{i:05d}.png"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/shapes")
-    ap.add_argument("--train", type=int, default=250, help="train images per class")
-    ap.add_argument("--val", type=int, default=60, help="val images per class")
-    ap.add_argument("--size", type=int, default=32)
+def dataset_cli(doc: str, make_fn: Callable[[str, int, int, int, int], None], n_classes: int, out: str,
+                train: int, val: int) -> None:
+    """The command line of a dataset generator (this one and make_textures.py): --out/--train/--val/--size/--seed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--train", type=int, default=train, help=f"train images per class (default {train})")
+    ap.add_argument("--val", type=int, default=val, help=f"val images per class (default {val})")
+    ap.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    make(a.out, a.train, a.val, a.size, a.seed)
-    print(f"wrote {a.out}: {len(CLASSES)} classes x ({a.train} train + {a.val} val) images of {a.size} px")
+    make_fn(a.out, a.train, a.val, a.size, a.seed)
+    print(f"wrote {a.out}: {n_classes} classes x ({a.train} train + {a.val} val) images of {a.size} px")
 
 
 if __name__ == "__main__":
-    main()
+    dataset_cli(__doc__, make, len(CLASSES), "data/shapes", 250, 60)

@@ -13,10 +13,10 @@ thresholded blobs.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
+from make_shapes import dataset_cli  # the same command line (run from benchmarks/ or with it on sys.path)
 from PIL import Image
 
 CLASSES = ["stripes_000", "stripes_045", "stripes_090", "stripes_135", "checker", "dots", "rings", "zigzag",
@@ -92,17 +92,5 @@ def make(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
                 Image.fromarray(_image(rng, kind, size)).save(os.path.join(out, split, kind, f"{i:05d}.png"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/textures")
-    ap.add_argument("--train", type=int, default=350, help="train images per class (default 350)")
-    ap.add_argument("--val", type=int, default=150, help="val images per class (default 150)")
-    ap.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    make(a.out, a.train, a.val, a.size, a.seed)
-    print(f"wrote {a.out}: {len(CLASSES)} classes x ({a.train} train + {a.val} val) images of {a.size} px")
-
-
 if __name__ == "__main__":
-    main()
+    dataset_cli(__doc__, make, len(CLASSES), "data/textures", 350, 150)

@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .keep_rate import num_kept
-from .kept_tokens import _num_patches, _require_vit, forward_kept_tokens
-
 # re-exported so existing ``from data_tickets.patches import ...`` lines keep working (lotus uses them)
-from .keep_rate import KeepRateSchedule  # noqa: F401
-from .kept_tokens import KeptPatchTokens, apply_patch_tickets  # noqa: F401
+from .keep_rate import (
+    KeepRateSchedule,  # noqa: F401
+    num_kept,
+)
+from .kept_tokens import KeptPatchTokens, _num_patches, _require_vit, apply_patch_tickets, forward_kept_tokens  # noqa: F401
 
 __all__ = ["PatchTicket", "patch_attention", "random_patch_scores", "rank_patches"]
 

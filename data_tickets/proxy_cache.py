@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._atomic import write_atomic
 from .proxy import EpochCallback, Proxy
 
 __all__ = ["cached_proxy", "proxy_fingerprint", "FORMAT"]
@@ -56,19 +56,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _write_bytes(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _read(path: Path, key: str, seed: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
@@ -175,7 +164,7 @@ def cached_proxy(proxy: Proxy, model_fn: Callable[[], nn.Module], folder: str | 
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": fp, "key": key_json,
                 "seed": str(seed), "epochs": json.dumps(list(range(1, len(states) + 1))),
                 "final": "last_epoch" if last else "stored"}
-        _write_atomic(path, save(tensors, metadata=meta))
+        _write_bytes(path, save(tensors, metadata=meta))
         return model
 
     wrapped.config = dict(getattr(proxy, "config", {}) or {})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from ._atomic import write_atomic
 from ._version import __version__
 from .fingerprint import compare_fingerprints, dataset_fingerprint
 
@@ -184,17 +184,7 @@ class TicketFile:
             val = getattr(self, name)
             if val is not None:
                 arrays[name] = val
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
         self.path = str(path)
         return path
 
