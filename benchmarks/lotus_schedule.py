@@ -16,7 +16,8 @@ Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``-
 
     python benchmarks/lotus_schedule.py                                    # every dataset, seeds 0-2
     python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
-    python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/digits_auto.yaml  # add a config
+    python benchmarks/lotus_schedule.py --datasets digits32_ablation shapes32_ablation --seeds 0  # ablations
+    python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/my_lotus.yaml  # add a config
     python benchmarks/lotus_schedule.py --datasets shapes32 --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
 """
 from __future__ import annotations
@@ -40,8 +41,14 @@ from lotus.checkpoint import atomic_write_text  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
 
-def _dense(path: str, name: str, epochs: list[int]) -> list[dict]:
-    return [{"name": f"{name}_{e}ep", "path": path, "set": [f"train.epochs={e}"], "role": "dense"} for e in epochs]
+def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = None) -> list[dict]:
+    return [{"name": f"{name}_{e}ep", "path": path, "set": [f"train.epochs={e}"] + list(extra or []), "role": "dense"}
+            for e in epochs]
+
+
+def _dense_both(path: str, name: str, epochs: list[int]) -> list[dict]:
+    """The dense OP model with AdamW (the LOTUS configs' optimiser) and with SOAP, at each epoch budget."""
+    return _dense(path, name, epochs) + _dense(path, f"{name}_soap", epochs, ["optim.name=soap"])
 
 
 def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lotus") -> dict:
@@ -49,38 +56,57 @@ def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lo
 
 
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
+def _ablations(path: str, name: str, switches: tuple) -> list[dict]:
+    return [_lotus(path, f"{name}-{what}", [key], "ablation") for what, key in switches]
+
+
+# one feature of an auto config switched at a time (the 64-token auto configs leave tickets.dynamic off: these
+# ablations are where that choice comes from)
+_AUTO_SWITCHES = (("no_patches", "tickets.patches.enabled=false"), ("no_thinning", "pruning.structured.mlp=0.0"),
+                  ("with_dynamic", "tickets.dynamic.enabled=true"))
+
+# tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
 SUITES: dict[str, dict] = {
     "digits16": {
         "tokens": 16, "target_speedup": 1.5, "data": None,
-        "configs": _dense("configs/digits_op.yaml", "digits_op", [10, 20])
+        "configs": _dense_both("configs/digits_op.yaml", "digits_op", [10, 20])
         + [_lotus("configs/digits_lotus.yaml", "digits_lotus"),
            _lotus("configs/digits_lotus.yaml", "digits_lotus_15ep",
-                  ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"])],
+                  ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"]),
+           _lotus("configs/digits_auto.yaml", "digits_auto")],
     },
     "digits32": {
         "tokens": 64, "target_speedup": 2.0, "data": None,
-        "configs": _dense("configs/digits32_op.yaml", "digits32_op", [10, 20])
-        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus")],
+        "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
+        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus"), _lotus("configs/digits32_auto.yaml", "digits32_auto")],
     },
-    # one feature of digits32_lotus off at a time (seed 0 by default; shares digits32's run folders, so its
-    # dense and full-LOTUS runs are reused): python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0
+    # one feature off (or on) at a time, seed 0 by default; shares digits32's run folders, so its dense, hand and
+    # auto runs are reused: python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0
     "digits32_ablation": {
         "tokens": 64, "target_speedup": 2.0, "data": None, "runs": "digits32",
-        "configs": _dense("configs/digits32_op.yaml", "digits32_op", [10, 20])
+        "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
         + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus")]
-        + [_lotus("configs/digits32_lotus.yaml", f"digits32_lotus-no_{what}", [key], "ablation")
-           for what, key in (("patches", "tickets.patches.enabled=false"), ("dynamic", "tickets.dynamic.enabled=false"),
-                             ("thinning", "pruning.structured.mlp=0.0"))],
+        + _ablations("configs/digits32_lotus.yaml", "digits32_lotus", (
+            ("no_patches", "tickets.patches.enabled=false"), ("no_dynamic", "tickets.dynamic.enabled=false"),
+            ("no_thinning", "pruning.structured.mlp=0.0")))
+        + [_lotus("configs/digits32_auto.yaml", "digits32_auto")]
+        + _ablations("configs/digits32_auto.yaml", "digits32_auto", _AUTO_SWITCHES),
     },
     "shapes32": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60),
-        "configs": _dense("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
-        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus")],
+        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
+        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"), _lotus("configs/shapes32_auto.yaml", "shapes32_auto")],
+    },
+    "shapes32_ablation": {
+        "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60), "runs": "shapes32",
+        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
+        + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto")]
+        + _ablations("configs/shapes32_auto.yaml", "shapes32_auto", _AUTO_SWITCHES),
     },
     "textures": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
-        "configs": _dense("configs/textures_op.yaml", "textures_op", [10, 20])
-        + [_lotus("configs/textures_lotus.yaml", "textures_lotus")],
+        "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
+        + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto")],
     },
 }
 
@@ -238,8 +264,11 @@ def main() -> None:
             [_parse_extra(c, "dense") for c in a.dense]
         if a.budgets:
             dense = [e for e in entries if e["role"] == "dense" and e in spec["configs"]]
-            first = {e["path"]: e["name"].rsplit("_", 1)[0] for e in dense}
-            entries = [d for path, name in first.items() for d in _dense(path, name, a.budgets)] + \
+            variants: dict[tuple[str, str], list[str]] = {}
+            for e in dense:  # one per path and optimiser: its name and overrides without the epoch budget
+                variants.setdefault((e["path"], e["name"].rsplit("_", 1)[0]),
+                                    [x for x in e["set"] if not x.startswith("train.epochs=")])
+            entries = [d for (path, name), extra in variants.items() for d in _dense(path, name, a.budgets, extra)] + \
                 [e for e in entries if e not in dense]
         if a.only:
             entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]

@@ -23,7 +23,8 @@ AUTO = {
                 "patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 1}},
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
     # loose thresholds so that a 4-epoch run takes every kind of decision
-    "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "attention_mass": 0.05, "anneal_share": 0.25}},
+    "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "attention_mass": 0.05, "anneal_share": 0.25,
+                                           "learned_loss": 1.0}},
 }
 
 
@@ -167,3 +168,64 @@ def test_auto_configs_load_through_base(name):
     s = Schedule(cfg)
     assert cfg.lotus.schedule == "auto" and s.auto is not None and s.enabled
     assert any(isinstance(cb, AutoScheduleCallback) for cb in build_callbacks(cfg, s))
+
+
+def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of) -> tuple[dict, list[dict]]:
+    """An 8-epoch auto run (reduce from epoch 1, anneal at 7) whose probe losses are scripted: the live model's
+    falls by 0.1 per epoch below ln(classes); a thinned copy's is higher by ``rise_of(mlp share kept)``."""
+    import math
+
+    d = _auto_dict(tiny_cfg_dict, epochs=8)
+    d["tickets"] = {}
+    d["lotus"]["auto"] = {"thin_tolerance": 0.2, "max_warmup": 0.125, "anneal_share": 0.125, "thin_by": 1.0}
+    seen: dict = {}
+
+    def probe(self, trainer, model):
+        width = model.blocks[0].mlp.fc1.out_features
+        full = seen.setdefault("width", trainer.unwrapped_model.blocks[0].mlp.fc1.out_features)
+        dense = math.log(trainer.data.num_classes) - 0.1 * (trainer.epoch + 1)
+        return dense if model is trainer.unwrapped_model else dense + rise_of(width / full)
+
+    monkeypatch.setattr(AutoScheduleCallback, "_probe_loss", probe)
+    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
+    return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "thin"]
+
+
+def test_thinning_waits_until_the_model_has_learned_enough(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # a rise of 0.05 is 0.05 / (0.1 * (epoch + 1)) of the loss learned: within 0.2 from epoch 2 on, not before
+    summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 0.05)
+    assert len(thin) == 1 and thin[0]["epoch"] == 2 and thin[0]["value"] == {"heads": 0.0, "mlp": 0.5}
+    assert thin[0]["measured"] == pytest.approx(0.05 / 0.3, abs=1e-5) and thin[0]["signal"] == "probe_loss_rise_of_learned"
+    pruned = [e for e in summary["events"] if e["event"] == "prune_structured"]
+    assert [e["epoch"] for e in pruned] == [3]
+
+
+def test_thinning_takes_a_smaller_share_only_at_thin_by(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # the full share (half the MLP) always costs too much, 3/4 of it (3/8 of the MLP) nothing: that smaller share
+    # is taken only at the last chance (thin_by 1.0: the epoch before the reserved anneal), not at the first epoch
+    summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 1.0 if kept < 0.6 else 0.0)
+    assert len(thin) == 1 and thin[0]["value"] == {"heads": 0.0, "mlp": 0.375} and thin[0]["epoch"] == 5
+
+
+def test_warmup_never_ends_on_the_first_epoch(tmp_path, tiny_cfg_dict, one_thread):
+    # every epoch "improves too little" (threshold 1.0), yet the first one is no signal: it starts untrained
+    d = _auto_dict(tiny_cfg_dict, epochs=6)
+    d["lotus"]["auto"].update({"warmup_improvement": 1.0, "max_warmup": 0.9})
+    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
+    reduce = [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "reduce"]
+    assert len(reduce) == 1 and reduce[0]["from_epoch"] == 2 and reduce[0]["signal"] == "train_loss_improvement"
+
+
+def test_dynamic_ratio_is_at_most_the_learned_share():
+    from lotus.features.schedule.auto import dynamic_ratio_signal
+
+    ln10 = 2.302585
+    learned_low = [0.1] * 50 + [2.0] * 50  # below-mean half all learned (loss < 0.5 ln 10)
+    ratio, share, learned = dynamic_ratio_signal(learned_low, 10, cap=0.5, step=0.05, learned_loss=0.5)
+    assert learned == 1.0 and share == pytest.approx(1.0) and ratio == 0.5  # capped
+    unlearned = [1.3] * 50 + [2.3] * 50  # below the mean but above 0.5 ln 10: nothing may be dropped
+    assert dynamic_ratio_signal(unlearned, 10, 0.5, 0.05, 0.5) == (0.0, pytest.approx(1.0), 0.0)
+    mixed = [0.2] * 20 + [1.3] * 30 + [ln10] * 50  # 40 % of the below-mean samples learned
+    ratio, share, learned = dynamic_ratio_signal(mixed, 10, 0.9, 0.05, 0.5)
+    assert learned == pytest.approx(0.4) and ratio == pytest.approx(min(0.4, share // 0.05 * 0.05))
+    assert dynamic_ratio_signal([1.0], 10, 0.5, 0.05, 0.5) == (0.0, 0.0, 0.0)

@@ -7,16 +7,18 @@ answers ``plan(epoch)`` from them. A decision taken at the end of epoch ``e`` ap
 =============== ============================================================ ===============================
 decision        signal (threshold key under ``lotus.auto``)                  drives
 =============== ============================================================ ===============================
-``reduce``      the epoch lowered the train loss by less than                phase warm-up -> reduce
-                ``warmup_improvement`` of the loss before it (or
+``reduce``      an epoch (from the second on) lowered the train loss by less  phase warm-up -> reduce
+                than ``warmup_improvement`` of the epoch before's (or
                 ``max_warmup`` of the budget is spent)
 ``dynamic_ratio`` the last-seen per-sample losses: 1 - (mean of the          ``tickets.dynamic`` ratio
-                below-mean losses - min) / (mean - min), capped at
-                ``tickets.dynamic.ratio``, in ``ratio_step`` steps
+                below-mean losses - min) / (mean - min), at most the share
+                of them that is learned (loss < ``learned_loss`` x
+                ln(classes)), capped at ``tickets.dynamic.ratio``
 ``keep_rate``   CLS-attention mass on the patches the next lower rate keeps  ``tickets.patches`` keep rate
                 (>= ``attention_mass``)
-``thin``        loss of thinned copies on the probe batches, largest          ``pruning.structured`` (once)
-                ``thin_candidates`` share within ``thin_tolerance``
+``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
+                ``thin_tolerance`` of the loss learned so far (largest of
+                ``thin_candidates``; at ``thin_by`` the largest within it)
 ``anneal``      val accuracy: no gain > ``plateau_delta`` for                phase reduce -> anneal
                 ``plateau_patience`` epochs (or the last ``anneal_share``)
 =============== ============================================================ ===============================
@@ -29,9 +31,30 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["AutoState", "AutoKeepRates", "DECISIONS"]
+import numpy as np
+
+__all__ = ["AutoState", "AutoKeepRates", "DECISIONS", "dynamic_ratio_signal"]
 
 DECISIONS = ("reduce", "dynamic_ratio", "keep_rate", "thin", "anneal")
+
+
+def dynamic_ratio_signal(losses: Any, num_classes: int, cap: float, step: float,
+                         learned_loss: float) -> tuple[float, float, float]:
+    """``(ratio, share, learned)`` from the last-seen per-sample losses: ``share`` = 1 - (mean of the below-mean
+    losses - min) / (mean - min) (how much less the samples InfoBatch would drop carry), ``learned`` = the share
+    of those below-mean samples whose loss is under ``learned_loss * ln(num_classes)`` (InfoBatch's premise is
+    that what it drops is learned), and ``ratio`` = min of both, in ``step`` steps, at most ``cap``."""
+    scores = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if scores.size < 2:
+        return 0.0, 0.0, 0.0
+    mean, low = float(scores.mean()), float(scores.min())
+    below = scores[scores < mean]
+    if not below.size or mean <= low:
+        return 0.0, 0.0, 0.0
+    share = 1.0 - (float(below.mean()) - low) / (mean - low)
+    learned = float((below < learned_loss * math.log(num_classes)).mean())
+    ratio = round(min(math.floor(min(share, learned) / step + 1e-9) * step, cap), 6)
+    return ratio, share, learned
 
 
 class AutoState:

@@ -27,7 +27,7 @@ from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
 from lotus.errors import library_error
 from lotus.features.pruning.callback import PruningCallback
-from lotus.features.schedule.auto import AutoState
+from lotus.features.schedule.auto import AutoState, dynamic_ratio_signal
 
 __all__ = ["AutoScheduleCallback"]
 
@@ -81,9 +81,9 @@ class AutoScheduleCallback(Callback):
         nxt = epoch + 1
         loss = float(metrics["train_loss"])
         if st.phase(epoch) == "warmup" and st.reduce_start is None:
-            prev = self.prev_loss if self.prev_loss is not None else math.log(trainer.data.num_classes)
-            gain = (prev - loss) / prev if prev > 0 else 0.0
-            if gain < a.warmup_improvement:
+            # epoch over epoch: the first epoch's mean includes the untrained start, so it is never a signal
+            gain = (self.prev_loss - loss) / self.prev_loss if self.prev_loss else None
+            if gain is not None and gain < a.warmup_improvement:
                 self._decide(trainer, "reduce", nxt, "train_loss_improvement", gain, a.warmup_improvement,
                              f"the train loss fell by {gain:.1%} this epoch, less than the threshold: no fast "
                              "initial descent left to protect", made)
@@ -113,17 +113,15 @@ class AutoScheduleCallback(Callback):
         scores = p.scores[pool][p.seen[pool]].astype("float64")
         if scores.size < 2:
             return
-        mean, low = float(scores.mean()), float(scores.min())
-        below = scores[scores < mean]
-        share = 1.0 - (float(below.mean()) - low) / (mean - low) if below.size and mean > low else 0.0
         cap = float(self.cfg.tickets.dynamic.ratio)
-        step = self.a.ratio_step
-        ratio = round(min(math.floor(share / step + 1e-9) * step, cap), 6)
+        ratio, share, learned = dynamic_ratio_signal(scores, trainer.data.num_classes, cap, self.a.ratio_step,
+                                                     self.a.learned_loss)
+        measured = min(share, learned)
         current = self.state.ratios[-1][1] if self.state.ratios else 0.0
         if ratio != current:
-            self._decide(trainer, "dynamic_ratio", ratio, "below_mean_loss_share", share, cap,
-                         "below-mean samples carry this share less loss than the mean "
-                         "(capped at tickets.dynamic.ratio)", made)
+            self._decide(trainer, "dynamic_ratio", ratio, "below_mean_loss_share_learned", measured, cap,
+                         f"below-mean samples carry {share:.0%} less loss than the mean and {learned:.0%} of them "
+                         "are learned (capped at tickets.dynamic.ratio)", made)
 
     def _keep_rate(self, trainer: "Trainer", made: list) -> None:
         floor = float(self.cfg.tickets.patches.keep_rate)
@@ -147,16 +145,22 @@ class AutoScheduleCallback(Callback):
             self._decide(trainer, "keep_rate", cand, "cls_attention_mass_kept", mass, self.a.attention_mass,
                          f"the top {k} of {n} patches hold enough of the CLS attention", made)
 
-    def _thin(self, trainer: "Trainer", made: list) -> None:
+    def _thin(self, trainer: "Trainer", epoch: int, made: list) -> None:
+        """Thin once the largest candidate gives back at most ``thin_tolerance`` of what the model has learned
+        (probe loss rise / (ln(classes) - probe loss)); at ``thin_by`` of the budget, the largest that does."""
         s = self.cfg.pruning.structured
         model = trainer.unwrapped_model
         owner = next(cb for cb in trainer.callbacks if isinstance(cb, PruningCallback))
         calib = owner.calib_batches(trainer) if s.importance != "magnitude" else None
+        last_chance = epoch + 1 >= min(self.state.latest_anneal - 1,
+                                       int(math.ceil(self.a.thin_by * self.state.epochs - 1e-9)))
+        shares = sorted(set(self.a.thin_candidates), reverse=True)
         was = model.training
         model.eval()
         try:
             dense = self._probe_loss(trainer, model)
-            for share in sorted(set(self.a.thin_candidates), reverse=True):
+            learned = max(math.log(trainer.data.num_classes) - dense, 1e-3)
+            for share in shares if last_chance else shares[:1]:
                 heads, mlp = round(s.heads * share, 6), round(s.mlp * share, 6)
                 trial = copy.deepcopy(model)
                 try:
@@ -165,12 +169,12 @@ class AutoScheduleCallback(Callback):
                 except ValueError as e:
                     raise library_error(e, {}, "pruning.structured") from None
                 trial.eval()
-                rise = (self._probe_loss(trainer, trial) - dense) / max(dense, 1e-12)
+                rise = (self._probe_loss(trainer, trial) - dense) / learned
                 del trial
                 if rise <= self.a.thin_tolerance:
-                    self._decide(trainer, "thin", {"heads": heads, "mlp": mlp}, "probe_loss_rise", rise,
-                                 self.a.thin_tolerance, f"thinning to {share:g} of pruning.structured keeps the "
-                                 "probe loss within tolerance", made)
+                    self._decide(trainer, "thin", {"heads": heads, "mlp": mlp}, "probe_loss_rise_of_learned", rise,
+                                 self.a.thin_tolerance, f"thinning to {share:g} of pruning.structured gives back "
+                                 f"{max(rise, 0.0):.1%} of the loss learned so far (probe batches)", made)
                     return
         finally:
             model.train(was)
@@ -188,7 +192,7 @@ class AutoScheduleCallback(Callback):
             if self.cfg.tickets.patches.enabled:
                 self._keep_rate(trainer, made)
             if self.cfg.pruning.structured.enabled and self.state.thin is None:
-                self._thin(trainer, made)
+                self._thin(trainer, epoch, made)
         dt = time.perf_counter() - t0
         self.seconds += dt
         trainer.wall = trainer.wall + dt  # probes are schedule work: they count as training time

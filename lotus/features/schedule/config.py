@@ -37,8 +37,8 @@ class AutoConfig:
     """``lotus.auto``: the thresholds of ``lotus.schedule: auto`` (see :mod:`lotus.features.schedule.auto`).
     Every decision is taken at an epoch boundary and applies from the next epoch on."""
 
-    # warm-up ends after the first epoch that lowers the mean train loss by less than this share
-    # (the loss before epoch 0 counts as ln(num_classes)), and at the latest after max_warmup of the budget
+    # warm-up ends after the first epoch (from the second on) that lowers the mean train loss by less than this
+    # share of the epoch before's, and at the latest after max_warmup of the budget
     warmup_improvement: float = field(default=0.05, metadata=_SHARE)
     max_warmup: float = field(default=0.25, metadata=_SHARE)
     # anneal (full data, all tokens): once val accuracy has not improved by more than plateau_delta for
@@ -46,17 +46,21 @@ class AutoConfig:
     anneal_share: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
     plateau_patience: int = field(default=4, metadata={"min": 1})
     plateau_delta: float = field(default=0.0, metadata={"min": 0.0})
-    # structured thinning: the probe thins copies to these shares of pruning.structured's heads/mlp (largest
-    # first) and picks the first whose loss on the probe batches is within thin_tolerance (relative) of dense
+    # structured thinning (reduced phase, once): at each epoch end the probe thins a copy to the largest of these
+    # shares of pruning.structured's heads/mlp and thins the model when the copy's loss on the probe batches gives
+    # back at most thin_tolerance of the loss learned so far (ln(classes) - probe loss); at thin_by of the budget
+    # it takes the largest candidate within tolerance (or none)
     thin_candidates: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     thin_tolerance: float = field(default=0.1, metadata={"min": 0.0})
+    thin_by: float = field(default=0.5, metadata=_SHARE)
     # patch keep rate: lowered by keep_rate_step (down to tickets.patches.keep_rate) while the CLS attention
     # mass on the patches the lower rate keeps is at least attention_mass
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    # dynamic ratio: 1 - (mean below-mean loss - min) / (mean - min), capped at tickets.dynamic.ratio, in
-    # steps of ratio_step
+    # dynamic ratio: 1 - (mean below-mean loss - min) / (mean - min), at most the share of below-mean samples
+    # that are learned (loss < learned_loss * ln(classes)), capped at tickets.dynamic.ratio, in ratio_step steps
     ratio_step: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    learned_loss: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     probe_batches: int = field(default=2, metadata={"min": 1})  # fixed, un-augmented train batches
 
     def check(self, prefix: str) -> None:
