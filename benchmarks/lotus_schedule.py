@@ -46,9 +46,12 @@ def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = No
             for e in epochs]
 
 
+_SOAP = ["optim.name=soap"]  # the LOTUS configs on SOAP: the same schedule, the stronger optimiser
+
+
 def _dense_both(path: str, name: str, epochs: list[int]) -> list[dict]:
     """The dense OP model with AdamW (the LOTUS configs' optimiser) and with SOAP, at each epoch budget."""
-    return _dense(path, name, epochs) + _dense(path, f"{name}_soap", epochs, ["optim.name=soap"])
+    return _dense(path, name, epochs) + _dense(path, f"{name}_soap", epochs, _SOAP)
 
 
 def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lotus") -> dict:
@@ -73,12 +76,14 @@ SUITES: dict[str, dict] = {
         + [_lotus("configs/digits_lotus.yaml", "digits_lotus"),
            _lotus("configs/digits_lotus.yaml", "digits_lotus_15ep",
                   ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"]),
-           _lotus("configs/digits_auto.yaml", "digits_auto")],
+           _lotus("configs/digits_auto.yaml", "digits_auto"),
+           _lotus("configs/digits_auto.yaml", "digits_auto_soap", _SOAP)],
     },
     "digits32": {
         "tokens": 64, "target_speedup": 2.0, "data": None,
         "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
-        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus"), _lotus("configs/digits32_auto.yaml", "digits32_auto")],
+        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus"), _lotus("configs/digits32_auto.yaml", "digits32_auto"),
+           _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP)],
     },
     # one feature off (or on) at a time, seed 0 by default; shares digits32's run folders, so its dense, hand and
     # auto runs are reused: python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0
@@ -95,7 +100,8 @@ SUITES: dict[str, dict] = {
     "shapes32": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60),
         "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
-        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"), _lotus("configs/shapes32_auto.yaml", "shapes32_auto")],
+        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"), _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
+           _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)],
     },
     "shapes32_ablation": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60), "runs": "shapes32",
@@ -106,7 +112,8 @@ SUITES: dict[str, dict] = {
     "textures": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
         "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
-        + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto")],
+        + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto"),
+           _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP)],
     },
 }
 
@@ -212,8 +219,9 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
             "params", "inf img/s"]
     out = [f"# LOTUS schedule vs the strongest dense baseline: {res['suite']}", "",
            f"`{command}`", "",
-           f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread, all runs interleaved seed by "
-           f"seed in one process. Target = {res['strongest_dense']}'s mean final val accuracy - "
+           f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread"
+           + (f", {meta['jobs']} runs side by side (one per core)" if meta.get("jobs", 1) > 1 else "")
+           + f", all runs interleaved seed by seed in one process. Target = {res['strongest_dense']}'s mean final val accuracy - "
            f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%**. Speed-ups are per-seed ratios "
            "(median, range): the seed's baseline is the fastest dense config/budget that reaches the target in that "
            "seed (wall time, FLOPs and samples each on their own), counted from the epoch it first reaches it. "
@@ -286,7 +294,8 @@ def main() -> None:
             ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
             ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
             ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
-            ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets)
+            ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets) + \
+            ("" if a.jobs == 1 else f" --jobs {a.jobs}")
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
         from lotus.bench import _finite

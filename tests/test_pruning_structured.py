@@ -339,3 +339,50 @@ def test_attention_subclasses_need_registration():
 class _Mask(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * (w.abs() > 1e-3)
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Shampoo"])
+def test_kronecker_factored_optimizer_state_is_restricted_to_the_kept_coordinates(name):
+    import pytorch_optimizer
+
+    make = getattr(pytorch_optimizer, name)
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    opt = make(model.parameters(), lr=1e-3)
+    for x, y in calib(3):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    names = optimizer_param_names(opt, model)
+    params = dict(model.named_parameters())
+    old = {n: opt.state[p] for n, p in params.items()}
+    old = {n: {k: ([t.clone() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list)
+                   else v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for n, st in old.items()}
+    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5), calib_loader=calib())
+    new_opt = make(model.parameters(), lr=1e-3)
+    new_opt.load_state_dict(slice_optimizer_state(opt, report["kept_indices"], names))
+    params = dict(model.named_parameters())
+    fc1, fc2 = "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"
+    i1 = torch.tensor(report["kept_indices"][fc1]["index"])
+    i2 = torch.tensor(report["kept_indices"][fc2]["index"])
+    st1, st2 = new_opt.state[params[fc1]], new_opt.state[params[fc2]]
+    if name == "SOAP":
+        torch.testing.assert_close(st1["GG"][0], old[fc1]["GG"][0][i1][:, i1])  # the thinned dim: restricted
+        torch.testing.assert_close(st1["GG"][1], old[fc1]["GG"][1])  # the other dim: as it was
+        torch.testing.assert_close(st2["GG"][1], old[fc2]["GG"][1][i2][:, i2])
+        q = st1["Q"][0]
+        torch.testing.assert_close(q.T @ q, torch.eye(len(i1)), atol=1e-5, rtol=0)  # a new orthonormal basis
+        torch.testing.assert_close(st1["exp_avg"], old[fc1]["exp_avg"][i1])
+        assert st1["exp_avg_sq"].shape == params[fc1].shape
+        torch.testing.assert_close(st1["exp_avg_sq"][0], old[fc1]["exp_avg_sq"].mean(dim=0))
+    else:
+        torch.testing.assert_close(st1["pre_cond_0"], old[fc1]["pre_cond_0"][i1][:, i1])
+        torch.testing.assert_close(st1["pre_cond_1"], old[fc1]["pre_cond_1"])
+        torch.testing.assert_close(st2["inv_pre_cond_1"], old[fc2]["inv_pre_cond_1"][i2][:, i2])
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for x, y in calib(2):  # it keeps training on the thinned shapes
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        new_opt.step()
+        new_opt.zero_grad()
+    assert torch.isfinite(loss) and not torch.equal(before[fc1], params[fc1])

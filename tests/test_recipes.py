@@ -236,3 +236,15 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_cfg_dict, monkeypat
     d = _cfg(tiny_cfg_dict, output={"tensorboard": True})
     with pytest.raises(LotusError, match="output.tensorboard: needs the tensorboard package"):
         _fit(d, run_dir=str(tmp_path / "r"), write=True)
+
+
+def test_thinning_under_soap_keeps_its_preconditioners(tiny_cfg_dict):
+    d = _cfg(tiny_cfg_dict, optim={**tiny_cfg_dict["optim"], "name": "soap"},
+             pruning={"structured": {"mlp": 0.5, "at_epoch": 1}})
+    d["train"]["epochs"] = 2
+    t, s = _fit(d)
+    ev = next(e for e in s["events"] if e["event"] == "prune_structured")
+    assert ev["optimizer_state_kept"] is True and s["final_val_loss"] == s["final_val_loss"]
+    fc1 = t.model.blocks[0].mlp.fc1.weight
+    gg = t.optimizer.state[fc1]["GG"]
+    assert tuple(gg[0].shape) == (fc1.shape[0],) * 2 and tuple(gg[1].shape) == (fc1.shape[1],) * 2

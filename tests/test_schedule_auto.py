@@ -229,3 +229,8 @@ def test_dynamic_ratio_is_at_most_the_learned_share():
     ratio, share, learned = dynamic_ratio_signal(mixed, 10, 0.9, 0.05, 0.5)
     assert learned == pytest.approx(0.4) and ratio == pytest.approx(min(0.4, share // 0.05 * 0.05))
     assert dynamic_ratio_signal([1.0], 10, 0.5, 0.05, 0.5) == (0.0, 0.0, 0.0)
+
+
+def test_no_thinning_when_no_candidate_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 1.0)
+    assert thin == [] and not [e for e in summary["events"] if e["event"] == "prune_structured"]
