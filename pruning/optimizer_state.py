@@ -12,7 +12,8 @@ Kronecker-factored states (pytorch-optimizer's SOAP ``GG``/``Q``/``exp_avg_sq``,
 ``inv_pre_cond_<d>``) are restricted to the kept coordinates of the thinned dimension: the factor of that
 dimension keeps its kept rows and columns, SOAP's eigenbasis of it is recomputed from the restricted factor
 (as SOAP does at its first step), and SOAP's second moment, which lives in that eigenbasis, keeps its scale
-(the mean over the old basis) along it. The factors of the other dimensions are kept as they are.
+(the mean over the old basis) along it. The factors of the other dimensions are kept as they are. Shampoo's
+restricted inverse root is an approximation until the optimiser recomputes it from ``pre_cond_<d>``.
 """
 from __future__ import annotations
 
