@@ -198,3 +198,27 @@ def test_fsdp_on_one_rank_group_matches(dist_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
     assert losses == pytest.approx(dist_run["ref"], rel=1e-5, abs=1e-6)
+
+
+def test_gathered_masked_state_folds_to_the_plain_keys():
+    """FSDP2 gathers parametrized tensors as ``parametrizations.w.original`` + ``.0.mask``; the weights file
+    must hold what export_state_dict writes for a plain model (masks folded, plain keys)."""
+    import torch
+    from torch import nn
+
+    from lotus.checkpoint import export_state_dict
+    from lotus.parallel.checkpoint import fold_parametrized_state
+    from pruning.masks import WeightMask
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    parametrize.register_parametrization(model[0], "weight", WeightMask(torch.rand(3, 4) > 0.5))
+    raw = model.state_dict()
+    assert "0.parametrizations.weight.original" in raw and "0.parametrizations.weight.0.mask" in raw
+    folded, plain = fold_parametrized_state(raw), export_state_dict(model)
+    assert folded.keys() == plain.keys()
+    for k in plain:
+        torch.testing.assert_close(folded[k], plain[k], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cannot fold"):
+        fold_parametrized_state({"0.parametrizations.weight.0.scale": torch.ones(1)})

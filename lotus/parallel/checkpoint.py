@@ -8,6 +8,7 @@ get empty dicts: only rank 0 writes files); every rank must call :func:`get_full
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from lotus.checkpoint import _first_line
 from lotus.errors import LotusError
 
-__all__ = ["get_full_state", "set_full_state", "is_sharded"]
+__all__ = ["get_full_state", "set_full_state", "is_sharded", "fold_parametrized_state"]
 
 
 def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -63,3 +64,35 @@ def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` holds FSDP2-sharded (DTensor) parameters: its own ``state_dict()`` is then
     per-rank shards, so weights must be written from :func:`get_full_state` instead."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+_PARAMETRIZED = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.(?P<rest>.+)$")
+
+
+def fold_parametrized_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full state dict with masked parametrizations (``X.parametrizations.w.original`` and
+    ``X.parametrizations.w.<i>.mask``, as FSDP2 gathers them) folded into plain ``X.w`` = original * masks:
+    the keys of :func:`export_state_dict`, so the file loads into a fresh ``timm`` model."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict] = {}
+    for k, v in sd.items():
+        m = _PARAMETRIZED.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        g = groups.setdefault(m["prefix"] + m["name"], {"original": None, "masks": []})
+        rest = m["rest"]
+        if rest == "original":
+            g["original"] = v
+        elif re.fullmatch(r"\d+\.mask", rest):
+            g["masks"].append((int(rest.split(".")[0]), v))
+        else:
+            raise ValueError(f"checkpoint: cannot fold the parametrization state {k!r} (only masks are known)")
+    for name, g in groups.items():
+        if g["original"] is None:
+            raise ValueError(f"checkpoint: parametrized {name!r} has no 'original' tensor")
+        w = g["original"]
+        for _, mask in sorted(g["masks"], key=lambda t: t[0]):
+            w = w * mask.to(w.dtype)
+        out[name] = w
+    return out

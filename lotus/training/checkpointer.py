@@ -27,7 +27,7 @@ from lotus.callbacks import Trainer
 from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
 from lotus.errors import LotusError
 from lotus.models import unwrap
-from lotus.parallel.checkpoint import get_full_state, is_sharded, set_full_state
+from lotus.parallel.checkpoint import fold_parametrized_state, get_full_state, is_sharded, set_full_state
 from lotus.training.checkpoint_history import CheckpointHistory
 from lotus.training.state import capture_rng, restore_rng
 
@@ -119,7 +119,8 @@ class CheckpointManager:
             return
         state["last_metrics"] = dict(metrics)  # a run killed after its last checkpoint is finalised from it
         bare = unwrap(trainer.model)
-        full = state["model"] if is_sharded(bare) else None  # FSDP2: write the gathered weights
+        # FSDP2: write the gathered weights, masks folded into them as export_state_dict does for plain models
+        full = fold_parametrized_state(state["model"]) if is_sharded(bare) else None
         out = trainer.cfg.output
         acc = metrics.get("val_acc")
         st = trainer.state
@@ -141,4 +142,5 @@ class CheckpointManager:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain weights of ``model`` (gathered under FSDP2; collective there)."""
-    return get_full_state(model)[0] if is_sharded(unwrap(model)) else export_state_dict(unwrap(model))
+    return fold_parametrized_state(get_full_state(model)[0]) if is_sharded(unwrap(model)) \
+        else export_state_dict(unwrap(model))
