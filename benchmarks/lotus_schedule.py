@@ -64,9 +64,11 @@ def _ablations(path: str, name: str, switches: tuple) -> list[dict]:
 
 
 # one feature of an auto config switched at a time (the 64-token auto configs leave tickets.dynamic off: these
-# ablations are where that choice comes from)
+# ablations are where that choice comes from; patches_forced lowers the keep rate even where the timed check
+# says the dropped patches save less than re-ranking costs)
 _AUTO_SWITCHES = (("no_patches", "tickets.patches.enabled=false"), ("no_thinning", "pruning.structured.mlp=0.0"),
-                  ("with_dynamic", "tickets.dynamic.enabled=true"))
+                  ("with_dynamic", "tickets.dynamic.enabled=true"),
+                  ("patches_forced", "lotus.auto.patches_must_pay=false"))
 
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
 SUITES: dict[str, dict] = {

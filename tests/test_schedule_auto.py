@@ -24,7 +24,7 @@ AUTO = {
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
     # loose thresholds so that a 4-epoch run takes every kind of decision
     "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "attention_mass": 0.05, "anneal_share": 0.25,
-                                           "learned_loss": 1.0}},
+                                           "learned_loss": 1.0, "patches_must_pay": False}},
 }
 
 
@@ -234,3 +234,50 @@ def test_dynamic_ratio_is_at_most_the_learned_share():
 def test_no_thinning_when_no_candidate_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
     summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 1.0)
     assert thin == [] and not [e for e in summary["events"] if e["event"] == "prune_structured"]
+
+
+def _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, step_seconds) -> tuple[dict, list[dict]]:
+    """A 6-epoch auto run with only patch tickets to drive, whose timed training steps are scripted."""
+    d = _auto_dict(tiny_cfg_dict, epochs=6)
+    d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 2}}
+    d["pruning"] = {}
+    d["lotus"]["auto"] = {"attention_mass": 0.05, "max_warmup": 0.2, "anneal_share": 0.2}
+    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds(k))
+    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
+    return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
+
+
+def test_patch_tickets_stay_off_when_they_save_less_than_reranking_costs(tmp_path, tiny_cfg_dict, monkeypatch,
+                                                                         one_thread):
+    # training on fewer patches is scripted to save nothing: any re-ranking costs more, so they never start
+    summary, rates = _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: (0.01, 0.01))
+    assert len(rates) == 1 and rates[0]["value"] == 1.0 and rates[0]["signal"] == "patch_seconds_saved_per_epoch"
+    assert rates[0]["measured"] == 0.0 and rates[0]["threshold"] > 0.0 and "stay off" in rates[0]["reason"]
+    epochs = [r for r in _records(tmp_path / "run") if r.get("type") == "epoch"]
+    assert all(r["patch_keep_rate"] == 1.0 for r in epochs)
+    assert not [e for e in summary["events"] if e["event"] == "patch_refresh"]
+
+
+def test_patch_tickets_start_when_they_pay_and_then_descend(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # a scripted saving of 10 s per step pays for any re-ranking: the descent starts and goes on step by step
+    summary, rates = _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: (10.0, 0.0))
+    assert [d["value"] for d in rates] == [0.875, 0.75]  # one keep_rate_step per reduced epoch (2 and 3)
+    assert "would save" in rates[0]["reason"] and "would save" not in rates[1]["reason"]  # checked once
+    epochs = {r["epoch"] - 1: r for r in _records(tmp_path / "run") if r.get("type") == "epoch"}
+    assert [epochs[e]["patch_keep_rate"] for e in range(6)] == [1.0, 1.0, 0.875, 0.75, 1.0, 1.0]
+
+
+def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict, one_thread):
+    d = _auto_dict(tiny_cfg_dict, epochs=1)
+    trainer = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True)
+    trainer.fit()
+    cb = next(c for c in trainer.callbacks if isinstance(c, AutoScheduleCallback))
+    x, y = cb._probe_batches(trainer)[0]
+    before = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    full, kept = cb._step_seconds(trainer, x, y, 4)
+    assert 0.0 < full < 60.0 and 0.0 < kept < 60.0
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = trainer.unwrapped_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in trainer.unwrapped_model.parameters())

@@ -123,10 +123,11 @@ class AutoScheduleCallback(Callback):
                          f"below-mean samples carry {share:.0%} less loss than the mean and {learned:.0%} of them "
                          "are learned (capped at tickets.dynamic.ratio)", made)
 
-    def _keep_rate(self, trainer: "Trainer", made: list) -> None:
+    def _keep_rate(self, trainer: "Trainer", epoch_samples: int, made: list) -> None:
         floor = float(self.cfg.tickets.patches.keep_rate)
-        current = self.state.keep_rates[-1][1] if self.state.keep_rates else 1.0
-        if current <= floor:
+        rates = self.state.keep_rates
+        current = rates[-1][1] if rates else 1.0
+        if current <= floor or (rates and current >= 1.0):  # at the floor, or ruled out: did not pay
             return
         model = trainer.unwrapped_model
         n = int(model.patch_embed.num_patches)
@@ -134,16 +135,78 @@ class AutoScheduleCallback(Callback):
         k = num_kept(n, cand)
         if k >= num_kept(n, current):
             return
-        masses = []
+        ladder = [cand]  # every rate this descent could still reach, highest first
+        while ladder[-1] > floor:
+            ladder.append(round(max(ladder[-1] - self.a.keep_rate_step, floor), 6))
+        masses: dict[int, list[torch.Tensor]] = {num_kept(n, r): [] for r in ladder}
+        t0, seen = time.perf_counter(), 0
         for x, _ in self._probe_batches(trainer):
             with trainer.autocast():
                 att = patch_attention(model, x.to(trainer.device), rollout=self.cfg.tickets.patches.rollout).float()
             att = att / att.sum(dim=1, keepdim=True).clamp_min(1e-12)
-            masses.append(att.topk(k, dim=1).values.sum(dim=1))
-        mass = float(torch.cat(masses).mean())
-        if mass >= self.a.attention_mass:
-            self._decide(trainer, "keep_rate", cand, "cls_attention_mass_kept", mass, self.a.attention_mass,
-                         f"the top {k} of {n} patches hold enough of the CLS attention", made)
+            top = att.sort(dim=1, descending=True).values.cumsum(dim=1)
+            for kk in masses:
+                masses[kk].append(top[:, kk - 1])
+            seen += len(x)
+        rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's attention ranking
+        mass = {kk: float(torch.cat(v).mean()) for kk, v in masses.items()}
+        if mass[k] < self.a.attention_mass:
+            return
+        pays = ""
+        if not rates and self.a.patches_must_pay:
+            lowest = min(kk for kk in mass if mass[kk] >= self.a.attention_mass)
+            saved, cost = self._patch_times(trainer, lowest, rank_s, epoch_samples)
+            times = f"training on {lowest} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
+                    f"them costs {cost:.3g} s per epoch"
+            if saved <= cost:
+                self._decide(trainer, "keep_rate", 1.0, "patch_seconds_saved_per_epoch", saved, cost,
+                             f"{times}: patch tickets stay off", made)
+                return
+            pays = f" ({times})"
+        self._decide(trainer, "keep_rate", cand, "cls_attention_mass_kept", mass[k], self.a.attention_mass,
+                     f"the top {k} of {n} patches hold enough of the CLS attention{pays}", made)
+
+    def _patch_times(self, trainer: "Trainer", k: int, rank_s: float, epoch_samples: int) -> tuple[float, float]:
+        """``(seconds saved, seconds spent)`` per epoch by training on ``k`` patches: saved from timed
+        training steps (forward + backward on a copy, all patches vs ``k``); spent from the timed ranking,
+        for the samples a refresh re-ranks, per epoch, plus this probe."""
+        pc = self.cfg.tickets.patches
+        x, y = self._probe_batches(trainer)[0]
+        full, kept = self._step_seconds(trainer, x.to(trainer.device), y.to(trainer.device), k)
+        steps = math.ceil(max(epoch_samples, 1) / trainer.cfg.data.batch_size)
+        saved = steps * max(full - kept, 0.0)
+        if pc.scorer != "cls_attention" or pc.source != "online":
+            return saved, 0.0  # nothing is re-ranked during training
+        probe = rank_s * self.a.probe_batches * trainer.cfg.data.batch_size
+        ranked = len(trainer.train_set) if trainer.subset is None else len(set(int(i) for i in trainer.subset))
+        if pc.refresh_every == 0:  # every training batch is ranked
+            return saved, epoch_samples * rank_s + probe
+        return saved, ranked * rank_s / pc.refresh_every + probe
+
+    def _step_seconds(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, k: int,
+                      repeats: int = 3) -> tuple[float, float]:
+        """Fastest of ``repeats`` forward + backward passes of a copy of the model, on all patches and on
+        ``k`` of them (alternating, after one untimed pass each); the model and the RNG streams are untouched."""
+        trial = copy.deepcopy(trainer.unwrapped_model)
+        trial.train()
+        kept = trial.patch_drop
+        keep = torch.arange(k, device=x.device).expand(len(x), k)
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        best = {None: math.inf, k: math.inf}
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            for r in range(repeats + 1):
+                for which in (None, k):
+                    sync()
+                    t0 = time.perf_counter()
+                    with kept.keep(None if which is None else keep), trainer.autocast():
+                        loss = F.cross_entropy(trial(x).float(), y)
+                    loss.backward()
+                    sync()
+                    if r:
+                        best[which] = min(best[which], time.perf_counter() - t0)
+                    trial.zero_grad(set_to_none=True)
+        del trial
+        return best[None], best[k]
 
     def _thin(self, trainer: "Trainer", epoch: int, made: list) -> None:
         """Thin once the largest candidate gives back at most ``thin_tolerance`` of what the model has learned
@@ -190,7 +253,7 @@ class AutoScheduleCallback(Callback):
             if self.cfg.tickets.dynamic.enabled:
                 self._dynamic(trainer, made)
             if self.cfg.tickets.patches.enabled:
-                self._keep_rate(trainer, made)
+                self._keep_rate(trainer, int(metrics.get("epoch_samples") or len(trainer.train_set)), made)
             if self.cfg.pruning.structured.enabled and self.state.thin is None:
                 self._thin(trainer, epoch, made)
         dt = time.perf_counter() - t0

@@ -57,6 +57,10 @@ class AutoConfig:
     # mass on the patches the lower rate keeps is at least attention_mass
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    # before the first lowering: time one training step on all patches and on the lowest rate the attention
+    # allows now, and the re-ranking (online cls_attention); patch tickets stay off for the run when the time
+    # they would save per epoch is not more than what re-ranking costs per epoch
+    patches_must_pay: bool = True
     # dynamic ratio: 1 - (mean below-mean loss - min) / (mean - min), at most the share of below-mean samples
     # that are learned (loss < learned_loss * ln(classes)), capped at tickets.dynamic.ratio, in ratio_step steps
     ratio_step: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
