@@ -16,7 +16,7 @@ from lotus.errors import LotusError
 from lotus.parallel.config import format_bytes
 from lotus.parallel.cost_table import MEMORY_OPTIONS
 
-__all__ = ["BlockChoice", "uniform_choices", "Plan", "write_plan", "read_plan", "plan_table"]
+__all__ = ["BlockChoice", "uniform_choices", "Plan", "write_plan", "read_plan", "plan_from_dict", "plan_table"]
 
 PLAN_FORMAT = "lotus-parallel-plan"
 PLAN_VERSION = 1
@@ -104,6 +104,12 @@ def read_plan(path: str | os.PathLike, num_blocks: int | None = None) -> Plan:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LotusError(f"parallel.plan: {path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    return plan_from_dict(d, path, num_blocks)
+
+
+def plan_from_dict(d: Any, path: str, num_blocks: int | None = None) -> Plan:
+    """Check and build a :class:`Plan` from its JSON content (a plan file's, or the one a run's ``state.pt``
+    keeps); ``path`` names the source in errors."""
     if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
         raise LotusError(f"parallel.plan: {path} is not a Lotus plan (expected \"format\": \"{PLAN_FORMAT}\")")
     if d.get("version") != PLAN_VERSION:

@@ -27,7 +27,10 @@ from lotus.callbacks import Trainer
 from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
 from lotus.errors import LotusError
 from lotus.models import unwrap
+from lotus.parallel.apply import get_plan
 from lotus.parallel.checkpoint import fold_parametrized_state, get_full_state, is_sharded, set_full_state
+from lotus.parallel.plan import Plan, plan_from_dict
+from lotus.parallel.strategies import transformer_blocks
 from lotus.training.checkpoint_history import CheckpointHistory
 from lotus.training.state import capture_rng, restore_rng
 
@@ -73,6 +76,19 @@ class CheckpointManager:
             raise LotusError(f"resume: the saved model does not fit this config (changed model settings?): "
                              f"{first}") from None
 
+    @staticmethod
+    def saved_plan(trainer: "Trainer", state: dict) -> Plan | None:
+        """``parallel.mode: auto``: the per-block plan the run was saved under, when it still applies (same
+        world size, batch size and memory budget, the saved widths' block count). Solving again would time
+        the blocks afresh and could choose another plan; a resumed run keeps its own."""
+        par, saved = trainer.cfg.parallel, state.get("parallel_plan")
+        if par.mode != "auto" or not saved:
+            return None
+        plan = plan_from_dict(saved, f"{trainer.run_dir}/state.pt", len(transformer_blocks(trainer.model)))
+        same = (plan.world_size == trainer.dist.world_size and plan.batch_size == trainer.cfg.data.batch_size
+                and (par.memory_budget is None or plan.budget_bytes == par.budget_bytes))
+        return plan if same else None
+
     def restore_training(self, trainer: "Trainer", state: dict) -> None:
         """Optimiser, lr position, counters, RNG, subset and events (after the optimiser is built)."""
         set_full_state(trainer.model, trainer.optimizer, None, state["optimizer"])
@@ -108,6 +124,7 @@ class CheckpointManager:
             "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer.callbacks)},
             "events": list(trainer.run_log.events), "log_bytes": trainer.run_log.size(),
             "stepper": trainer.stepper.state_dict(),
+            "parallel_plan": _plan_dict(trainer),
         }
 
     def save(self, trainer: "Trainer", metrics: dict) -> None:
@@ -138,6 +155,11 @@ class CheckpointManager:
                                                               model_cfg=trainer.cfg.model))
         save_state(self.state_path, state)
         self.history.commit()
+
+
+def _plan_dict(trainer: "Trainer") -> dict | None:
+    plan = get_plan(trainer.model) if trainer.cfg.parallel.mode == "auto" else None
+    return None if plan is None else plan.to_dict()
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

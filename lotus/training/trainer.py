@@ -133,9 +133,11 @@ class Trainer:
         d = self.data
         self.model = create_model(self.cfg.model, d.num_classes, d.in_chans, d.img_size).to(self.device)
         self.unwrapped_model = self.model
+        plan = None
         if state is not None:
             self.checkpoints.restore_model(self, state)
-        self.model = self.wrap_model(self.model)
+            plan = self.checkpoints.saved_plan(self, state)
+        self.model = self.wrap_model(self.model) if plan is None else self.wrap_model(self.model, plan=plan)
 
     def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
         """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
