@@ -137,7 +137,7 @@ class Trainer:
         if state is not None:
             self.checkpoints.restore_model(self, state)
             plan = self.checkpoints.saved_plan(self, state)
-        self.model = self.wrap_model(self.model) if plan is None else self.wrap_model(self.model, plan=plan)
+        self.model = self.wrap_model(self.model, plan=plan)  # plan=None: resolved from the config
 
     def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
         """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
