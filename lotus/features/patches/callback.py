@@ -132,17 +132,21 @@ class PatchTicketsCallback(Callback):
             if stale:
                 self._refresh(trainer, epoch)
 
+    def refresh_indices(self, trainer: "Trainer") -> np.ndarray:
+        """The train-set indices a refresh ranks now: this epoch's kept samples under dynamic pruning with a
+        refresh every epoch, else the selected subset, else the whole train split."""
+        sampler = trainer.sampler
+        if self.cfg.refresh_every == 1 and hasattr(sampler, "kept_indices"):
+            return np.asarray(sampler.kept_indices())  # dynamic pruning: only what this epoch trains on
+        if trainer.subset is not None:
+            return np.unique(np.asarray(trainer.subset))
+        return np.arange(len(trainer.train_set))
+
     @torch.no_grad()
     def _refresh(self, trainer: "Trainer", epoch: int) -> None:
         """Rank the patches of this epoch's samples with the current model (un-augmented images)."""
         n = len(trainer.train_set)
-        sampler = trainer.sampler
-        if self.cfg.refresh_every == 1 and hasattr(sampler, "kept_indices"):
-            idx = np.asarray(sampler.kept_indices())  # dynamic pruning: only what this epoch trains on
-        elif trainer.subset is not None:
-            idx = np.unique(np.asarray(trainer.subset))
-        else:
-            idx = np.arange(n)
+        idx = self.refresh_indices(trainer)
         if self.rank is None or self.rank.shape != (n, self.num_patches):
             dtype = np.int16 if self.num_patches <= np.iinfo(np.int16).max else np.int32
             self.rank = np.zeros((n, self.num_patches), dtype=dtype)

@@ -26,6 +26,7 @@ from data_tickets.patches import patch_attention
 from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
 from lotus.errors import library_error
+from lotus.features.patches.callback import PatchTicketsCallback
 from lotus.features.pruning.callback import PruningCallback
 from lotus.features.schedule.auto import AutoState, dynamic_ratio_signal
 
@@ -178,7 +179,8 @@ class AutoScheduleCallback(Callback):
         if pc.scorer != "cls_attention" or pc.source != "online":
             return saved, 0.0  # nothing is re-ranked during training
         probe = rank_s * self.a.probe_batches * trainer.cfg.data.batch_size
-        ranked = len(trainer.train_set) if trainer.subset is None else len(set(int(i) for i in trainer.subset))
+        owner = next(cb for cb in trainer.callbacks if isinstance(cb, PatchTicketsCallback))
+        ranked = len(owner.refresh_indices(trainer))
         if pc.refresh_every == 0:  # every training batch is ranked
             return saved, epoch_samples * rank_s + probe
         return saved, ranked * rank_s / pc.refresh_every + probe
