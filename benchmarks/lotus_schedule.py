@@ -16,7 +16,7 @@ Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``-
 
     python benchmarks/lotus_schedule.py                                    # every dataset, seeds 0-2
     python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
-    python benchmarks/lotus_schedule.py --datasets digits32_ablation shapes32_ablation --seeds 0  # ablations
+    python benchmarks/lotus_schedule.py --datasets digits32_ablation shapes32_ablation  # ablations
     python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/my_lotus.yaml  # add a config
     python benchmarks/lotus_schedule.py --datasets shapes32 --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
 """
@@ -59,8 +59,8 @@ def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lo
 
 
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
-def _ablations(path: str, name: str, switches: tuple) -> list[dict]:
-    return [_lotus(path, f"{name}-{what}", [key], "ablation") for what, key in switches]
+def _ablations(path: str, name: str, switches: tuple, extra: list[str] | None = None) -> list[dict]:
+    return [_lotus(path, f"{name}-{what}", list(extra or []) + [key], "ablation") for what, key in switches]
 
 
 # one feature of an auto config switched at a time (the 64-token auto configs leave tickets.dynamic off: these
@@ -69,6 +69,9 @@ def _ablations(path: str, name: str, switches: tuple) -> list[dict]:
 _AUTO_SWITCHES = (("no_patches", "tickets.patches.enabled=false"), ("no_thinning", "pruning.structured.mlp=0.0"),
                   ("with_dynamic", "tickets.dynamic.enabled=true"),
                   ("patches_forced", "lotus.auto.patches_must_pay=false"))
+
+# the hand-made 64-token schedule (12 epochs) stretched to a 40-epoch budget: the same rates, longer phases
+_HAND_40EP = ["train.epochs=40", "lotus.warmup_epochs=4", "lotus.anneal_epochs=8", "pruning.structured.at_epoch=6"]
 
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
 SUITES: dict[str, dict] = {
@@ -100,20 +103,24 @@ SUITES: dict[str, dict] = {
         + _ablations("configs/digits32_lotus.yaml", "digits32_lotus", (
             ("no_patches", "tickets.patches.enabled=false"), ("no_dynamic", "tickets.dynamic.enabled=false"),
             ("no_thinning", "pruning.structured.mlp=0.0")))
-        + [_lotus("configs/digits32_auto.yaml", "digits32_auto")]
-        + _ablations("configs/digits32_auto.yaml", "digits32_auto", _AUTO_SWITCHES),
+        + [_lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP)]
+        + _ablations("configs/digits32_auto.yaml", "digits32_auto_soap", _AUTO_SWITCHES, _SOAP),
     },
+    # 20 epochs are far from converged on shapes (dense SOAP 85 +- 4 %, still rising): the budgets here are 20 and
+    # 40 epochs, and the auto configs (configs/shapes32_auto.yaml) train 40
     "shapes32": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60),
-        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
-        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"), _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
+        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
+        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
+           _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
+           _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
            _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)],
     },
     "shapes32_ablation": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60), "runs": "shapes32",
-        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [10, 20])
-        + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto")]
-        + _ablations("configs/shapes32_auto.yaml", "shapes32_auto", _AUTO_SWITCHES),
+        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
+        + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)]
+        + _ablations("configs/shapes32_auto.yaml", "shapes32_auto_soap", _AUTO_SWITCHES, _SOAP),
     },
     "textures": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
@@ -145,6 +152,30 @@ def _parse_extra(text: str, role: str) -> dict:
     return {"name": name, "path": path, "set": [s for s in sets if not s.startswith("name=")], "role": role}
 
 
+_DECISION_KEYS = ("what", "from_epoch", "value", "signal", "measured", "threshold", "reason")
+
+
+def _decisions(run_dir: str) -> list[dict]:
+    """The ``auto_decision`` events of a run (``lotus.schedule: auto``)."""
+    return [{k: e.get(k) for k in _DECISION_KEYS} for e in read_metrics(run_dir)[1] if e.get("event") == "auto_decision"]
+
+
+def _fmt_decision(d: dict) -> str:
+    """One decision, short: what it set from which epoch, and the signal against its threshold."""
+    value = d["value"]
+    if d["what"] == "thin":
+        value = ", ".join(f"{k} {v:g}" for k, v in value.items() if v) or "none"
+    elif d["what"] in ("reduce", "anneal"):
+        value = None
+    head = f"{d['what']}{'' if value is None else ' ' + str(value)} from epoch {d['from_epoch']}"
+    if d.get("measured") is None:
+        return head
+    thr = "" if d.get("threshold") is None else f" vs {d['threshold']:.3g}"
+    reason = d.get("reason") or ""
+    timed = reason[reason.index("(training on") + 1:].rstrip(")") if "(training on" in reason else ""
+    return f"{head} ({d['signal']} {d['measured']:.3g}{thr}{'; ' + timed if timed else ''})"
+
+
 def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[int], drop: float) -> dict:
     finals = {}
     for e, res in zip(entries, results):
@@ -158,6 +189,8 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         r["role"] = e["role"]
         r["overrides"] = e["set"]
         epochs = [read_metrics(d)[0] for d in res.runs]
+        r["epoch_to_target"] = [next((e["epoch"] for e in ep if e["val_acc"] >= target), None) for ep in epochs]
+        r["auto_decisions"] = [_decisions(d) for d in res.runs]
         r["samples_to_target"] = [_time_to(ep, target, "samples_seen") for ep in epochs]
         r["total_time"] = [ep[-1]["wall_s"] for ep in epochs]
         r["samples_total"] = [ep[-1]["samples_seen"] for ep in epochs]
@@ -246,10 +279,18 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
         f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
         for s, b in zip(res["seeds"], base)), ""]
     out += _verdict(res, meta["target_speedup"])
+    out += ["", "Epoch at which each run first reaches the target (per seed; - = never): " + "; ".join(
+        f"{r['name']} " + ", ".join("-" if e is None else str(e) for e in r["epoch_to_target"]) for r in res["rows"]) + "."]
+    auto = [(r["name"], s, ds) for r in res["rows"] for s, ds in zip(res["seeds"], r["auto_decisions"]) if ds]
+    if auto:
+        out += ["", "Auto-schedule decisions (`auto_decision` events: what, from which epoch, signal vs threshold):", ""]
+        out += [f"- {name} seed {s}: " + "; ".join(_fmt_decision(d) for d in ds) for name, s, ds in auto]
     out += ["", f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
             f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
             f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
-            f"finished {meta['runs_finished_utc']} UTC.", ""]
+            f"finished {meta['runs_finished_utc']} UTC" + (
+                f"; {meta['runs_reused']} of its {meta['runs']} runs were reused from earlier invocations (their times "
+                "are from those)" if meta.get("runs_reused") else "") + ".", ""]
     return "\n".join(out)
 
 
@@ -286,7 +327,7 @@ def main() -> None:
                 [e for e in entries if e not in dense]
         if a.only:
             entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]
-        load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        load_start, started, t0 = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
         results = run_bench([(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries], a.seeds,
                             os.path.join(a.runs, spec.get("runs", suite)), overrides=["train.threads=1"] + a.sets, jobs=a.jobs)
         res = _analyse_suite(suite, entries, results, a.seeds, a.target_drop)
@@ -295,13 +336,14 @@ def main() -> None:
         meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1 per run",
                 "load_start": load_start, "load_end": os.getloadavg()[0], "started": started,
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target_speedup": spec["target_speedup"],
-                "jobs": a.jobs, "runs_finished_utc": span}
+                "jobs": a.jobs, "runs_finished_utc": span, "runs_reused": sum(t < t0 for t in done), "runs": len(done)}
         command = "python benchmarks/lotus_schedule.py --datasets " + suite + \
             ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
             ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
             ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
             ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets) + \
-            ("" if a.jobs == 1 else f" --jobs {a.jobs}")
+            ("" if a.jobs == 1 else f" --jobs {a.jobs}") + \
+            ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}")
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
         from lotus.bench import _finite

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lotus.callbacks import Callback
 from lotus.checkpoint import atomic_write_text, read_state_dict
-from lotus.config import Config, config_to_dict, load_config
+from lotus.config import config_to_dict, load_config
 from lotus.data import build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
@@ -53,8 +53,10 @@ def _time_to(epochs: list[dict], target: float, key: str) -> float:
     return math.inf
 
 
-def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
-    """Params, nonzeros, forward FLOPs/img and inference img/s of the run's final model."""
+def _load_inference(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """The run's final model (eval mode), a val batch of up to 256 images, and its params, nonzeros and
+    forward FLOPs/img."""
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
     img = resolve_img_size(cfg.model)
     data = build_datasets(cfg.data, img, cfg.model.in_chans, model_cfg=cfg.model)
     cfg.model.pretrained = False
@@ -63,18 +65,37 @@ def _inference(run_dir: str, cfg: Config, repeats: int) -> dict:
     sd = read_state_dict(cfg.model.checkpoint)
     x = data.val.get_batch(torch.arange(min(256, len(data.val))))[0] if hasattr(data.val, "get_batch") else \
         torch.stack([data.val[i][0] for i in range(min(256, len(data.val)))])
-    with torch.inference_mode():
-        with FlopCounterMode(display=False) as fc:
-            model(x[:1])
-        model(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "nonzero": int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point())),
-            "flops_per_img": float(fc.get_total_flops()), "img_per_s": len(x) / statistics.median(times)}
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model(x[:1])
+    return model, x, {"params": sum(p.numel() for p in model.parameters()),
+                      "nonzero": int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point())),
+                      "flops_per_img": float(fc.get_total_flops())}
+
+
+def _measure_inference(results: list[BenchResult], repeats: int, threads: int = 1) -> list[list[dict]]:
+    """Per config, per run: params, nonzeros, FLOPs/img and inference img/s (median of ``repeats`` timed
+    forwards of the batch on ``threads`` threads). The models of one seed are loaded together and timed round
+    robin, so a change in machine load hits every config alike rather than the ones measured at that moment."""
+    out: list[list[dict]] = [[{} for _ in r.runs] for r in results]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in range(max((len(r.runs) for r in results), default=0)):
+            loaded = [(i, *_load_inference(r.runs[k])) for i, r in enumerate(results) if k < len(r.runs)]
+            times: dict[int, list[float]] = {i: [] for i, *_ in loaded}
+            with torch.inference_mode():
+                for _, model, x, _ in loaded:
+                    model(x)  # warm-up
+                for _ in range(repeats):
+                    for i, model, x, _ in loaded:
+                        t0 = time.perf_counter()
+                        model(x)
+                        times[i].append(time.perf_counter() - t0)
+            for i, _, x, info in loaded:
+                out[i][k] = {**info, "img_per_s": len(x) / statistics.median(times[i])}
+    finally:
+        torch.set_num_threads(prev)
+    return out
 
 
 ConfigSpec = Union[str, "tuple[str, list[str]]"]
@@ -208,12 +229,12 @@ def analyse(results: list[BenchResult], target: float | None = None, target_drop
     if target is None:
         target = statistics.fmean(base_final) - target_drop
     rows = []
-    for res, runs in per:
+    measured = _measure_inference(results, inference_repeats)
+    for (res, runs), inf in zip(per, measured):
         finals = [ep[-1]["val_acc"] for ep, _, _ in runs]
         tt = [_time_to(ep, target, "wall_s") for ep, _, _ in runs]
         ft = [_time_to(ep, target, "train_flops") for ep, _, _ in runs]
         cfg = load_config(os.path.join(res.runs[0], "config.yaml"))
-        inf = [_inference(r, load_config(os.path.join(r, "config.yaml")), inference_repeats) for r in res.runs]
         rows.append({
             "name": res.name, "config": res.config, "seeds": len(runs), "runs": res.runs,
             "finals": finals, "final_acc_mean": statistics.fmean(finals), "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,

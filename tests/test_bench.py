@@ -83,3 +83,30 @@ def test_cli_rejects_bad_jobs(tmp_path, tiny_cfg_dict, capsys):
 
     assert main(["bench", "--configs", _tiny(tmp_path, tiny_cfg_dict), "--jobs", "0", "--out", str(tmp_path / "b")]) == 2
     assert "--jobs: expected int >= 1" in capsys.readouterr().err
+
+
+def test_inference_is_timed_round_robin_on_one_thread(tmp_path, tiny_cfg_dict, monkeypatch):
+    import torch
+
+    import lotus.bench as bench
+
+    base = _tiny(tmp_path, tiny_cfg_dict)
+    res = bench.run_bench([base, (base, ["name=other", "optim.lr=0.01"])], seeds=[0, 1], out=str(tmp_path / "b"),
+                          quiet=True, progress=False)
+    order, threads = [], []
+    load = bench._load_inference
+
+    def traced(run_dir):
+        model, x, info = load(run_dir)
+        model.register_forward_hook(lambda m, i, o: (order.append(run_dir), threads.append(torch.get_num_threads())))
+        return model, x, info
+
+    monkeypatch.setattr(bench, "_load_inference", traced)
+    before = torch.get_num_threads()
+    out = bench._measure_inference(res, repeats=3)
+    assert torch.get_num_threads() == before and set(threads) == {1}
+    a0, b0, a1, b1 = res[0].runs[0], res[1].runs[0], res[0].runs[1], res[1].runs[1]
+    # per seed (the hook sees what follows loading): one warm-up each, then the configs alternate 3 times
+    assert order == [a0, b0] * 4 + [a1, b1] * 4
+    assert [[sorted(d) for d in row] for row in out] == [[["flops_per_img", "img_per_s", "nonzero", "params"]] * 2] * 2
+    assert all(d["img_per_s"] > 0 and d["params"] > 0 for row in out for d in row)
