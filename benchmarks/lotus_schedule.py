@@ -343,7 +343,8 @@ def main() -> None:
             ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
             ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets) + \
             ("" if a.jobs == 1 else f" --jobs {a.jobs}") + \
-            ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}")
+            ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}") + \
+            ("" if a.results == ap.get_default("results") else f" --results {a.results}")
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
         from lotus.bench import _finite
