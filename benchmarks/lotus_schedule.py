@@ -341,7 +341,8 @@ def main() -> None:
             ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
             ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
             ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
-            ("" if not a.dense else " --dense " + " ".join(a.dense)) + "".join(f" --set {x}" for x in a.sets) + \
+            ("" if not a.dense else " --dense " + " ".join(a.dense)) + \
+            ("" if not a.only else " --only " + " ".join(a.only)) + "".join(f" --set {x}" for x in a.sets) + \
             ("" if a.jobs == 1 else f" --jobs {a.jobs}") + \
             ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}") + \
             ("" if a.results == ap.get_default("results") else f" --results {a.results}")

@@ -170,7 +170,7 @@ def test_auto_configs_load_through_base(name):
     assert any(isinstance(cb, AutoScheduleCallback) for cb in build_callbacks(cfg, s))
 
 
-def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of) -> tuple[dict, list[dict]]:
+def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of, auto: dict | None = None) -> tuple[dict, list[dict]]:
     """An 8-epoch auto run (reduce from epoch 1, anneal at 7) whose probe losses are scripted: the live model's
     falls by 0.1 per epoch below ln(classes); a thinned copy's is higher by ``rise_of(mlp share kept)``."""
     import math
@@ -178,6 +178,7 @@ def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of) -> tuple[dict, list
     d = _auto_dict(tiny_cfg_dict, epochs=8)
     d["tickets"] = {}
     d["lotus"]["auto"] = {"thin_tolerance": 0.2, "max_warmup": 0.125, "anneal_share": 0.125, "thin_by": 1.0}
+    d["lotus"]["auto"].update(auto or {})
     seen: dict = {}
 
     def probe(self, trainer, model):
@@ -198,6 +199,18 @@ def test_thinning_waits_until_the_model_has_learned_enough(tmp_path, tiny_cfg_di
     assert thin[0]["measured"] == pytest.approx(0.05 / 0.3, abs=1e-5) and thin[0]["signal"] == "probe_loss_rise_of_learned"
     pruned = [e for e in summary["events"] if e["event"] == "prune_structured"]
     assert [e["epoch"] for e in pruned] == [3]
+
+
+def test_thinning_waits_for_thin_after(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # the same scripted probe passes from epoch 2 on (previous test), but thin_after 0.5 of 8 epochs holds the
+    # first probe back to the end of epoch 3, so thinning applies from epoch 4; thin_after > thin_by is an error
+    summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 0.05, {"thin_after": 0.5})
+    assert len(thin) == 1 and thin[0]["epoch"] == 3 and thin[0]["from_epoch"] == 4
+    assert [e["epoch"] for e in summary["events"] if e["event"] == "prune_structured"] == [4]
+    d = _auto_dict(tiny_cfg_dict, epochs=8)
+    d["lotus"]["auto"].update({"thin_after": 0.75, "thin_by": 0.5})
+    with pytest.raises(ConfigError, match=r"lotus\.auto\.thin_after: expected at most lotus\.auto\.thin_by"):
+        config_from_dict(d)
 
 
 def test_thinning_takes_a_smaller_share_only_at_thin_by(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):

@@ -18,7 +18,8 @@ decision        signal (threshold key under ``lotus.auto``)                  dri
                 (>= ``attention_mass``)
 ``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
                 ``thin_tolerance`` of the loss learned so far (largest of
-                ``thin_candidates``; at ``thin_by`` the largest within it)
+                ``thin_candidates``; at ``thin_by`` the largest within it;
+                no probe before ``thin_after`` of the budget)
 ``anneal``      val accuracy: no gain > ``plateau_delta`` for                phase reduce -> anneal
                 ``plateau_patience`` epochs (or the last ``anneal_share``)
 =============== ============================================================ ===============================

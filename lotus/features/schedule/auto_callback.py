@@ -256,7 +256,8 @@ class AutoScheduleCallback(Callback):
                 self._dynamic(trainer, made)
             if self.cfg.tickets.patches.enabled:
                 self._keep_rate(trainer, int(metrics.get("epoch_samples") or len(trainer.train_set)), made)
-            if self.cfg.pruning.structured.enabled and self.state.thin is None:
+            if self.cfg.pruning.structured.enabled and self.state.thin is None and \
+                    epoch + 1 >= math.ceil(self.a.thin_after * self.state.epochs - 1e-9):
                 self._thin(trainer, epoch, made)
         dt = time.perf_counter() - t0
         self.seconds += dt

@@ -49,10 +49,12 @@ class AutoConfig:
     # structured thinning (reduced phase, once): at each epoch end the probe thins a copy to the largest of these
     # shares of pruning.structured's heads/mlp and thins the model when the copy's loss on the probe batches gives
     # back at most thin_tolerance of the loss learned so far (ln(classes) - probe loss); at thin_by of the budget
-    # it takes the largest candidate within tolerance (or none)
+    # it takes the largest candidate within tolerance (or none). thin_after: no probe before this share of the
+    # budget (the probe sees only the loss right after thinning; a model thinned early can converge lower)
     thin_candidates: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     thin_tolerance: float = field(default=0.1, metadata={"min": 0.0})
     thin_by: float = field(default=0.5, metadata=_SHARE)
+    thin_after: float = field(default=0.0, metadata=_SHARE)
     # patch keep rate: lowered by keep_rate_step (down to tickets.patches.keep_rate) while the CLS attention
     # mass on the patches the lower rate keeps is at least attention_mass
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
@@ -71,6 +73,9 @@ class AutoConfig:
         if not self.thin_candidates or not all(0.0 < c <= 1.0 for c in self.thin_candidates):
             raise ConfigError(f"{prefix}.thin_candidates: expected a non-empty list of shares in (0, 1], "
                               f"got {self.thin_candidates!r}")
+        if self.thin_after > self.thin_by:
+            raise ConfigError(f"{prefix}.thin_after: expected at most {prefix}.thin_by ({self.thin_by:g}), "
+                              f"got {self.thin_after:g}")
 
 
 @dataclass
