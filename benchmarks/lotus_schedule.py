@@ -189,7 +189,7 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         r["role"] = e["role"]
         r["overrides"] = e["set"]
         epochs = [read_metrics(d)[0] for d in res.runs]
-        r["epoch_to_target"] = [next((e["epoch"] for e in ep if e["val_acc"] >= target), None) for ep in epochs]
+        r["epoch_to_target"] = [_time_to(ep, target, "epoch") for ep in epochs]
         r["auto_decisions"] = [_decisions(d) for d in res.runs]
         r["samples_to_target"] = [_time_to(ep, target, "samples_seen") for ep in epochs]
         r["total_time"] = [ep[-1]["wall_s"] for ep in epochs]
@@ -280,7 +280,8 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
         for s, b in zip(res["seeds"], base)), ""]
     out += _verdict(res, meta["target_speedup"])
     out += ["", "Epoch at which each run first reaches the target (per seed; - = never): " + "; ".join(
-        f"{r['name']} " + ", ".join("-" if e is None else str(e) for e in r["epoch_to_target"]) for r in res["rows"]) + "."]
+        f"{r['name']} " + ", ".join(f"{e:.0f}" if math.isfinite(e) else "-" for e in r["epoch_to_target"])
+        for r in res["rows"]) + "."]
     auto = [(r["name"], s, ds) for r in res["rows"] for s, ds in zip(res["seeds"], r["auto_decisions"]) if ds]
     if auto:
         out += ["", "Auto-schedule decisions (`auto_decision` events: what, from which epoch, signal vs threshold):", ""]
