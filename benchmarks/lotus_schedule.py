@@ -126,7 +126,9 @@ SUITES: dict[str, dict] = {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
         "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
         + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto"),
-           _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP)],
+           _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP),
+           _lotus("configs/textures_flip.yaml", "textures_flip_soap", _SOAP),
+           _lotus("configs/textures_auto_random.yaml", "textures_auto_random_soap", _SOAP)],
     },
 }
 

@@ -99,7 +99,7 @@ def test_resume_after_a_decision_is_bit_identical(tmp_path, tiny_cfg_dict, one_t
     ({"lotus": {"schedule": "auto", "auto": {"thin_candidates": [0.0]}}}, "lotus.auto.thin_candidates"),
     ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
     ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
-    ({"tickets": {"patches": {"enabled": True, "scorer": "random"}}}, "tickets.patches.scorer"),
+    ({"tickets": {"patches": {"enabled": True, "source": "file", "file": "ticket.npz"}}}, "tickets.patches.source"),
     ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
     ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
 ])
@@ -294,3 +294,58 @@ def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict,
     after = trainer.unwrapped_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in trainer.unwrapped_model.parameters())
+
+
+def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise) -> tuple[dict, list[dict]]:
+    """A 6-epoch auto run driving random patch tickets, whose probe loss rise per kept count is scripted."""
+    d = _auto_dict(tiny_cfg_dict, epochs=6)
+    d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
+    d["pruning"] = {}
+    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2}
+    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: (10.0, 0.0))
+    monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
+                        lambda self, trainer, ks: {k: rise(k) for k in ks})
+    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
+    return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
+
+
+def test_random_patches_descend_while_the_loss_rise_holds(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # 16 tokens: 14 random patches are within tolerance, 12 are not: the keep rate stops at 0.875
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1 if k >= 14 else 0.5)
+    assert [d["value"] for d in rates] == [0.875]
+    assert all(d["signal"] == "random_keep_loss_rise_of_learned" and d["threshold"] == 0.2 for d in rates)
+    assert "random patches" in rates[0]["reason"] and "re-ranking them costs 0 s" in rates[0]["reason"]
+    epochs = {r["epoch"] - 1: r for r in _records(tmp_path / "run") if r.get("type") == "epoch"}
+    assert [epochs[e]["patch_keep_rate"] for e in range(6)] == [1.0, 1.0, 0.875, 0.875, 1.0, 1.0]
+    assert not [e for e in summary["events"] if e["event"] == "patch_refresh"]  # nothing is re-ranked
+
+
+def test_random_patches_go_straight_to_the_lowest_rate_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
+                                                                         one_thread):
+    # 16 tokens: 14, 12 and 10 random patches are within tolerance, 8 is not: one decision, to 10 of 16
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1 if k >= 10 else 0.5)
+    assert [d["value"] for d in rates] == [0.625] and "with 10 of 16 random patches" in rates[0]["reason"]
+    epochs = {r["epoch"] - 1: r for r in _records(tmp_path / "run") if r.get("type") == "epoch"}
+    assert [epochs[e]["patch_keep_rate"] for e in range(6)] == [1.0, 1.0, 0.625, 0.625, 1.0, 1.0]
+
+
+def test_random_patches_stay_off_when_the_loss_rise_is_too_large(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5)
+    assert rates == []
+    assert all(r["patch_keep_rate"] == 1.0 for r in _records(tmp_path / "run") if r.get("type") == "epoch")
+
+
+def test_random_keep_rise_is_measured_on_the_live_model(tmp_path, tiny_cfg_dict, one_thread):
+    d = _auto_dict(tiny_cfg_dict, epochs=1)
+    d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
+    trainer = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True)
+    trainer.fit()
+    cb = next(c for c in trainer.callbacks if isinstance(c, AutoScheduleCallback))
+    model = trainer.unwrapped_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = int(model.patch_embed.num_patches)
+    rises = cb._random_keep_rises(trainer, [n, n // 4])
+    assert rises[n] == pytest.approx(0.0, abs=1e-6)  # all patches: the same loss as the full forward
+    assert rises[n // 4] != pytest.approx(0.0, abs=1e-6)  # a quarter of them: a different loss
+    assert rises == cb._random_keep_rises(trainer, [n, n // 4])  # seeded: the same draw each time
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training

@@ -15,7 +15,9 @@ decision        signal (threshold key under ``lotus.auto``)                  dri
                 of them that is learned (loss < ``learned_loss`` x
                 ln(classes)), capped at ``tickets.dynamic.ratio``
 ``keep_rate``   CLS-attention mass on the patches the next lower rate keeps  ``tickets.patches`` keep rate
-                (>= ``attention_mass``)
+                (>= ``attention_mass``); with ``scorer: random``, the
+                probe-batch loss on that many random patches gives back at
+                most ``keep_tolerance`` of the loss learned so far
 ``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
                 ``thin_tolerance`` of the loss learned so far (largest of
                 ``thin_candidates``; at ``thin_by`` the largest within it;

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import pruning
-from data_tickets import DynamicPruner
+from data_tickets import DynamicPruner, PatchTicket
 from data_tickets.keep_rate import num_kept
-from data_tickets.patches import patch_attention
+from data_tickets.patches import patch_attention, random_patch_scores
 from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
 from lotus.errors import library_error
@@ -139,23 +139,27 @@ class AutoScheduleCallback(Callback):
         ladder = [cand]  # every rate this descent could still reach, highest first
         while ladder[-1] > floor:
             ladder.append(round(max(ladder[-1] - self.a.keep_rate_step, floor), 6))
-        masses: dict[int, list[torch.Tensor]] = {num_kept(n, r): [] for r in ladder}
-        t0, seen = time.perf_counter(), 0
-        for x, _ in self._probe_batches(trainer):
-            with trainer.autocast():
-                att = patch_attention(model, x.to(trainer.device), rollout=self.cfg.tickets.patches.rollout).float()
-            att = att / att.sum(dim=1, keepdim=True).clamp_min(1e-12)
-            top = att.sort(dim=1, descending=True).values.cumsum(dim=1)
-            for kk in masses:
-                masses[kk].append(top[:, kk - 1])
-            seen += len(x)
-        rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's attention ranking
-        mass = {kk: float(torch.cat(v).mean()) for kk, v in masses.items()}
-        if mass[k] < self.a.attention_mass:
+        ks = sorted({num_kept(n, r) for r in ladder}, reverse=True)
+        t0, seen = time.perf_counter(), sum(len(x) for x, _ in self._probe_batches(trainer))
+        if self.cfg.tickets.patches.scorer == "random":
+            signal, measured, ok = "random_keep_loss_rise_of_learned", self._random_keep_rises(trainer, ks), \
+                (lambda v: v <= self.a.keep_tolerance)
+            threshold = self.a.keep_tolerance
+            what = "the loss on the probe batches with {k} of {n} random patches gives back {v:.1%} of the loss learned"
+        else:
+            signal, measured, ok = "cls_attention_mass_kept", self._attention_masses(trainer, ks), \
+                (lambda v: v >= self.a.attention_mass)
+            threshold = self.a.attention_mass
+            what = "the top {k} of {n} patches hold {v:.1%} of the CLS attention"
+        rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's ranking (or random-patch probe)
+        if not ok(measured[k]):
             return
+        if self.cfg.tickets.patches.scorer == "random":  # nothing to re-rank between steps: straight to the
+            cand = min((r for r in ladder if ok(measured[num_kept(n, r)])), default=cand)  # lowest that passes
+            k = num_kept(n, cand)
         pays = ""
         if not rates and self.a.patches_must_pay:
-            lowest = min(kk for kk in mass if mass[kk] >= self.a.attention_mass)
+            lowest = min(kk for kk in measured if ok(measured[kk]))
             saved, cost = self._patch_times(trainer, lowest, rank_s, epoch_samples)
             times = f"training on {lowest} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
                     f"them costs {cost:.3g} s per epoch"
@@ -164,8 +168,51 @@ class AutoScheduleCallback(Callback):
                              f"{times}: patch tickets stay off", made)
                 return
             pays = f" ({times})"
-        self._decide(trainer, "keep_rate", cand, "cls_attention_mass_kept", mass[k], self.a.attention_mass,
-                     f"the top {k} of {n} patches hold enough of the CLS attention{pays}", made)
+        self._decide(trainer, "keep_rate", cand, signal, measured[k], threshold,
+                     what.format(k=k, n=n, v=max(measured[k], 0.0)) + pays, made)
+
+    @torch.no_grad()
+    def _attention_masses(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
+        """Mean CLS attention (rollout if ``tickets.patches.rollout``) on each image's top ``k`` patches."""
+        model = trainer.unwrapped_model
+        masses: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+        for x, _ in self._probe_batches(trainer):
+            with trainer.autocast():
+                att = patch_attention(model, x.to(trainer.device), rollout=self.cfg.tickets.patches.rollout).float()
+            att = att / att.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            top = att.sort(dim=1, descending=True).values.cumsum(dim=1)
+            for k in masses:
+                masses[k].append(top[:, k - 1])
+        return {k: float(torch.cat(v).mean()) for k, v in masses.items()}
+
+    @torch.no_grad()
+    def _random_keep_rises(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
+        """Per ``k``: (probe loss on ``k`` random patches - probe loss on all) / (ln(classes) - probe loss on
+        all): how much of what the model has learned it gives back when it sees only ``k`` random patches
+        (the patches ``scorer: random`` trains on; seeded, the same draw at every epoch end)."""
+        model = trainer.unwrapped_model
+        n = int(model.patch_embed.num_patches)
+        was = model.training
+        model.eval()
+        try:
+            full = self._probe_loss(trainer, model)
+            learned = max(math.log(trainer.data.num_classes) - full, 1e-3)
+            out = {}
+            for k in ks:
+                total, m = 0.0, 0
+                for b, (x, y) in enumerate(self._probe_batches(trainer)):
+                    x, y = x.to(trainer.device), y.to(trainer.device)
+                    scores = random_patch_scores(torch.arange(len(x)) + b * len(x), n,
+                                                 seed=trainer.cfg.train.seed + 7919, epoch=k)
+                    with model.patch_drop.keep(PatchTicket.keep_from_scores(scores, k).to(x.device)), \
+                            trainer.autocast():
+                        logits = model(x)
+                    total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                    m += len(y)
+                out[k] = (total / max(m, 1) - full) / learned
+            return out
+        finally:
+            model.train(was)
 
     def _patch_times(self, trainer: "Trainer", k: int, rank_s: float, epoch_samples: int) -> tuple[float, float]:
         """``(seconds saved, seconds spent)`` per epoch by training on ``k`` patches: saved from timed

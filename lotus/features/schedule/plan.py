@@ -172,9 +172,9 @@ class Schedule:
                 raise ConfigError(f"{key}: decided by lotus.schedule: auto; remove it (or use lotus.schedule: fixed)")
         if s.reselect.enabled:
             raise ConfigError("lotus.reselect.enabled: not driven by lotus.schedule: auto; use lotus.schedule: fixed")
-        if t.patches.enabled and not (t.patches.scorer == "cls_attention" and t.patches.source == "online"):
-            raise ConfigError("tickets.patches.scorer: lotus.schedule: auto lowers the keep rate from the model's "
-                              "CLS attention; needs scorer: cls_attention with source: online")
+        if t.patches.enabled and t.patches.source != "online":
+            raise ConfigError("tickets.patches.source: lotus.schedule: auto lowers the keep rate from signals of the "
+                              "model being trained; needs source: online (scorer: cls_attention or random)")
         if cfg.pruning.masks_enabled and cfg.pruning.structured.enabled:
             raise ConfigError("pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
                               "(pruning.structured), which must come first and happens when the probe says so")
