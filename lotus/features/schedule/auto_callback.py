@@ -10,6 +10,7 @@ measured value, threshold and reason; the decision list is this callback's check
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -57,11 +58,18 @@ class AutoScheduleCallback(Callback):
         return self._probe
 
     @torch.no_grad()
-    def _probe_loss(self, trainer: "Trainer", model: torch.nn.Module) -> float:
+    def _probe_loss(self, trainer: "Trainer", model: torch.nn.Module, keep: int | None = None) -> float:
+        """Mean loss on the probe batches; with ``keep``, on that many random patches per image (seeded: the
+        same draw at every call)."""
         total, n = 0.0, 0
-        for x, y in self._probe_batches(trainer):
+        for b, (x, y) in enumerate(self._probe_batches(trainer)):
             x, y = x.to(trainer.device), y.to(trainer.device)
-            with trainer.autocast():
+            kept = contextlib.nullcontext()
+            if keep is not None:
+                scores = random_patch_scores(torch.arange(len(x)) + b * len(x), int(model.patch_embed.num_patches),
+                                             seed=trainer.cfg.train.seed + 7919, epoch=keep)
+                kept = model.patch_drop.keep(PatchTicket.keep_from_scores(scores, keep).to(x.device))
+            with kept, trainer.autocast():
                 logits = model(x)
             total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             n += len(y)
@@ -185,32 +193,17 @@ class AutoScheduleCallback(Callback):
                 masses[k].append(top[:, k - 1])
         return {k: float(torch.cat(v).mean()) for k, v in masses.items()}
 
-    @torch.no_grad()
     def _random_keep_rises(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
         """Per ``k``: (probe loss on ``k`` random patches - probe loss on all) / (ln(classes) - probe loss on
         all): how much of what the model has learned it gives back when it sees only ``k`` random patches
-        (the patches ``scorer: random`` trains on; seeded, the same draw at every epoch end)."""
+        (the patches ``scorer: random`` trains on)."""
         model = trainer.unwrapped_model
-        n = int(model.patch_embed.num_patches)
         was = model.training
         model.eval()
         try:
             full = self._probe_loss(trainer, model)
             learned = max(math.log(trainer.data.num_classes) - full, 1e-3)
-            out = {}
-            for k in ks:
-                total, m = 0.0, 0
-                for b, (x, y) in enumerate(self._probe_batches(trainer)):
-                    x, y = x.to(trainer.device), y.to(trainer.device)
-                    scores = random_patch_scores(torch.arange(len(x)) + b * len(x), n,
-                                                 seed=trainer.cfg.train.seed + 7919, epoch=k)
-                    with model.patch_drop.keep(PatchTicket.keep_from_scores(scores, k).to(x.device)), \
-                            trainer.autocast():
-                        logits = model(x)
-                    total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                    m += len(y)
-                out[k] = (total / max(m, 1) - full) / learned
-            return out
+            return {k: (self._probe_loss(trainer, model, keep=k) - full) / learned for k in ks}
         finally:
             model.train(was)
 
