@@ -149,7 +149,8 @@ class AutoScheduleCallback(Callback):
             ladder.append(round(max(ladder[-1] - self.a.keep_rate_step, floor), 6))
         ks = sorted({num_kept(n, r) for r in ladder}, reverse=True)
         t0, seen = time.perf_counter(), sum(len(x) for x, _ in self._probe_batches(trainer))
-        if self.cfg.tickets.patches.scorer == "random":
+        random_patches = self.cfg.tickets.patches.scorer == "random"  # no ranking: nothing to adapt between steps
+        if random_patches:
             signal, measured, ok = "random_keep_loss_rise_of_learned", self._random_keep_rises(trainer, ks), \
                 (lambda v: v <= self.a.keep_tolerance)
             threshold = self.a.keep_tolerance
@@ -162,8 +163,8 @@ class AutoScheduleCallback(Callback):
         rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's ranking (or random-patch probe)
         if not ok(measured[k]):
             return
-        if self.cfg.tickets.patches.scorer == "random":  # nothing to re-rank between steps: straight to the
-            cand = min((r for r in ladder if ok(measured[num_kept(n, r)])), default=cand)  # lowest that passes
+        if random_patches:  # straight to the lowest rate that passes
+            cand = min((r for r in ladder if ok(measured[num_kept(n, r)])), default=cand)
             k = num_kept(n, cand)
         pays = ""
         if not rates and self.a.patches_must_pay:

@@ -62,7 +62,7 @@ class AutoConfig:
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     keep_tolerance: float = field(default=0.25, metadata={"min": 0.0})
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    # before the first lowering: time one training step on all patches and on the lowest rate the attention
+    # before the first lowering: time one training step on all patches and on the lowest rate the signal
     # allows now, and the re-ranking (online cls_attention); patch tickets stay off for the run when the time
     # they would save per epoch is not more than what re-ranking costs per epoch
     patches_must_pay: bool = True
