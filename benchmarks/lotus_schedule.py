@@ -92,7 +92,8 @@ SUITES: dict[str, dict] = {
         "tokens": 64, "target_speedup": 2.0, "data": None,
         "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
         + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus"), _lotus("configs/digits32_auto.yaml", "digits32_auto"),
-           _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP)],
+           _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP),
+           _lotus("configs/digits32_flip.yaml", "digits32_flip_soap")],
     },
     # one feature off (or on) at a time, seed 0 by default; shares digits32's run folders, so its dense, hand and
     # auto runs are reused: python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0

@@ -296,43 +296,82 @@ def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict,
     assert all(p.grad is None for p in trainer.unwrapped_model.parameters())
 
 
-def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise) -> tuple[dict, list[dict]]:
-    """A 6-epoch auto run driving random patch tickets, whose probe loss rise per kept count is scripted."""
+def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0),
+                      epochs=6, run="run") -> tuple[dict, list[dict]]:
+    """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
+    patches (``full``) and rise per kept count (``rise(k)``) are scripted."""
+    d = _auto_dict(tiny_cfg_dict, epochs=epochs)
+    d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
+    d["pruning"] = {}
+    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2}
+    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds)
+    monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
+                        lambda self, trainer, ks: (full, {k: rise(k) for k in ks}))
+    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / run), quiet=True).fit()
+    return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
+
+
+def _keep_rates(run_dir) -> list[float]:
+    return [r["patch_keep_rate"] for r in _records(run_dir) if r.get("type") == "epoch"]
+
+
+def test_random_patches_start_at_the_floor_and_hold_it_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
+                                                                         one_thread):
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1)
+    assert [(d["value"], d["from_epoch"], d["signal"]) for d in rates] == [(0.5, 0, "random_patches_at_start")]
+    assert "8 of 16 random patches from the start" in rates[0]["reason"] and "saves" in rates[0]["reason"]
+    assert _keep_rates(tmp_path / "run") == [0.5, 0.5, 0.5, 0.5, 1.0, 1.0]  # the warm-up too; all in the anneal
+    epochs = [r for r in _records(tmp_path / "run") if r.get("type") == "epoch"]
+    assert [r.get("auto_keep_rise") for r in epochs] == [0.1] * 3 + [None] * 3  # each epoch before the anneal
+    assert not [e for e in summary["events"] if e["event"] == "patch_refresh"]  # nothing is re-ranked
+
+
+def test_random_patches_rise_to_the_lowest_rung_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # 8 and 10 of 16 random patches give back too much, 12 do not: one raise, to 0.75, never lowered again
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5 if k < 12 else 0.1)
+    assert [(d["value"], d["from_epoch"]) for d in rates] == [(0.5, 0), (0.75, 1)]
+    raise_ = rates[1]
+    assert raise_["signal"] == "random_keep_loss_rise_of_learned" and raise_["measured"] == 0.5
+    assert raise_["threshold"] == 0.2 and "with 8 of 16 random patches" in raise_["reason"]
+    assert _keep_rates(tmp_path / "run") == [0.5, 0.75, 0.75, 0.75, 1.0, 1.0]
+
+
+def test_random_patches_rise_to_all_when_no_rung_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
+                                                                      one_thread):
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5)
+    assert [d["value"] for d in rates] == [0.5, 1.0]
+    assert _keep_rates(tmp_path / "run") == [0.5] + [1.0] * 5
+
+
+def test_random_patches_wait_until_the_probe_batches_are_learned(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # a probe loss above learned_loss x ln(classes): the rise says nothing yet, the keep rate stays
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5, full=10.0)
+    assert [d["value"] for d in rates] == [0.5]
+    assert _keep_rates(tmp_path / "run") == [0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert all("auto_keep_rise" not in r for r in _records(tmp_path / "run") if r.get("type") == "epoch")
+
+
+def test_random_patches_stay_off_when_a_step_on_them_saves_nothing(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1, step_seconds=(1.0, 1.0))
+    assert [(d["value"], d["from_epoch"], d["signal"]) for d in rates] == [(1.0, 0, "patch_seconds_saved_per_epoch")]
+    assert _keep_rates(tmp_path / "run") == [1.0] * 6
+
+
+def test_random_patch_run_resumes_to_the_same_plan(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    rise = lambda k: 0.5 if k < 12 else 0.1  # noqa: E731
+    full, _ = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, run="full")
     d = _auto_dict(tiny_cfg_dict, epochs=6)
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
     d["pruning"] = {}
     d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2}
-    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: (10.0, 0.0))
-    monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
-                        lambda self, trainer, ks: {k: rise(k) for k in ks})
-    summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
-    return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
-
-
-def test_random_patches_descend_while_the_loss_rise_holds(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
-    # 16 tokens: 14 random patches are within tolerance, 12 are not: the keep rate stops at 0.875
-    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1 if k >= 14 else 0.5)
-    assert [d["value"] for d in rates] == [0.875]
-    assert all(d["signal"] == "random_keep_loss_rise_of_learned" and d["threshold"] == 0.2 for d in rates)
-    assert "random patches" in rates[0]["reason"] and "re-ranking them costs 0 s" in rates[0]["reason"]
-    epochs = {r["epoch"] - 1: r for r in _records(tmp_path / "run") if r.get("type") == "epoch"}
-    assert [epochs[e]["patch_keep_rate"] for e in range(6)] == [1.0, 1.0, 0.875, 0.875, 1.0, 1.0]
-    assert not [e for e in summary["events"] if e["event"] == "patch_refresh"]  # nothing is re-ranked
-
-
-def test_random_patches_go_straight_to_the_lowest_rate_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
-                                                                         one_thread):
-    # 16 tokens: 14, 12 and 10 random patches are within tolerance, 8 is not: one decision, to 10 of 16
-    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1 if k >= 10 else 0.5)
-    assert [d["value"] for d in rates] == [0.625] and "with 10 of 16 random patches" in rates[0]["reason"]
-    epochs = {r["epoch"] - 1: r for r in _records(tmp_path / "run") if r.get("type") == "epoch"}
-    assert [epochs[e]["patch_keep_rate"] for e in range(6)] == [1.0, 1.0, 0.625, 0.625, 1.0, 1.0]
-
-
-def test_random_patches_stay_off_when_the_loss_rise_is_too_large(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
-    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5)
-    assert rates == []
-    assert all(r["patch_keep_rate"] == 1.0 for r in _records(tmp_path / "run") if r.get("type") == "epoch")
+    steps = next(r["step"] for r in _records(tmp_path / "full") if r.get("type") == "epoch" and r["epoch"] == 3)
+    d1 = copy.deepcopy(d)
+    d1["train"]["max_steps"] = steps
+    Trainer(config_from_dict(d1), run_dir=str(tmp_path / "part"), quiet=True).fit()
+    resumed = Trainer(config_from_dict(d), run_dir=str(tmp_path / "part"), resume=True, quiet=True).fit()
+    assert resumed["auto_schedule"]["decisions"] == full["auto_schedule"]["decisions"]
+    assert _keep_rates(tmp_path / "part") == _keep_rates(tmp_path / "full")
+    assert resumed["final_val_acc"] == full["final_val_acc"]
 
 
 def test_random_keep_rise_is_measured_on_the_live_model(tmp_path, tiny_cfg_dict, one_thread):
@@ -344,8 +383,9 @@ def test_random_keep_rise_is_measured_on_the_live_model(tmp_path, tiny_cfg_dict,
     model = trainer.unwrapped_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n = int(model.patch_embed.num_patches)
-    rises = cb._random_keep_rises(trainer, [n, n // 4])
+    full, rises = cb._random_keep_rises(trainer, [n, n // 4])
+    assert full == pytest.approx(cb._probe_loss(trainer, model))
     assert rises[n] == pytest.approx(0.0, abs=1e-6)  # all patches: the same loss as the full forward
     assert rises[n // 4] != pytest.approx(0.0, abs=1e-6)  # a quarter of them: a different loss
-    assert rises == cb._random_keep_rises(trainer, [n, n // 4])  # seeded: the same draw each time
+    assert (full, rises) == cb._random_keep_rises(trainer, [n, n // 4])  # seeded: the same draw each time
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training

@@ -15,9 +15,10 @@ decision        signal (threshold key under ``lotus.auto``)                  dri
                 of them that is learned (loss < ``learned_loss`` x
                 ln(classes)), capped at ``tickets.dynamic.ratio``
 ``keep_rate``   CLS-attention mass on the patches the next lower rate keeps  ``tickets.patches`` keep rate
-                (>= ``attention_mass``); with ``scorer: random``, the
-                probe-batch loss on that many random patches gives back at
-                most ``keep_tolerance`` of the loss learned so far
+                (>= ``attention_mass``); ``scorer: random`` starts at the
+                floor from epoch 0 and rises to the lowest rung whose
+                random patches give back at most ``keep_tolerance`` of the
+                loss learned so far, when the current rate gives back more
 ``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
                 ``thin_tolerance`` of the loss learned so far (largest of
                 ``thin_candidates``; at ``thin_by`` the largest within it;
@@ -131,8 +132,8 @@ class AutoState:
         return self._step_value(self.ratios, epoch, 0.0) if self.phase(epoch) == "reduce" else 0.0
 
     def keep_rate(self, epoch: float) -> float:
-        """The decided patch keep rate in force (1.0 outside the reduced phase)."""
-        return self._step_value(self.keep_rates, epoch, 1.0) if self.phase(epoch) == "reduce" else 1.0
+        """The decided patch keep rate in force (1.0 in the anneal; random patches may start in the warm-up)."""
+        return self._step_value(self.keep_rates, epoch, 1.0) if self.phase(epoch) != "anneal" else 1.0
 
     def thin_due(self, progress: float) -> tuple[float, float] | None:
         """``(heads, mlp)`` ratios once the decided thinning epoch is reached, else ``None``."""
@@ -159,8 +160,8 @@ class AutoKeepRates:
 
     @property
     def points(self) -> list[tuple[float, float]]:
-        pts: list[tuple[float, float]] = [(0.0, 1.0)]
         st = self.state
+        pts: list[tuple[float, float]] = [(0.0, st.keep_rate(0))]
         changes = sorted({int(e) for e, _ in st.keep_rates} | {st.anneal_start or st.latest_anneal})
         for e in changes:
             r = st.keep_rate(e)

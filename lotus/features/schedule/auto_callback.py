@@ -46,6 +46,8 @@ class AutoScheduleCallback(Callback):
         self.since_best = 0
         self.seconds = 0.0
         self._probe: list | None = None
+        p = cfg.tickets.patches
+        self.random_patches = bool(p.enabled and p.scorer == "random")  # no ranking: start low, raise on signal
 
     # ------------------------------------------------------------------ helpers
     def _probe_batches(self, trainer: "Trainer") -> list:
@@ -76,8 +78,9 @@ class AutoScheduleCallback(Callback):
         return total / max(n, 1)
 
     def _decide(self, trainer: "Trainer", what: str, value: Any, signal: str, measured: float | None,
-                threshold: float | None, reason: str, made: list) -> None:
-        d = {"what": what, "from_epoch": trainer.epoch + 1, "value": value, "signal": signal,
+                threshold: float | None, reason: str, made: list, from_epoch: int | None = None) -> None:
+        d = {"what": what, "from_epoch": trainer.epoch + 1 if from_epoch is None else from_epoch, "value": value,
+             "signal": signal,
              "measured": None if measured is None else round(float(measured), 6),
              "threshold": None if threshold is None else round(float(threshold), 6), "reason": reason}
         self.state.record(d)
@@ -133,6 +136,8 @@ class AutoScheduleCallback(Callback):
                          "are learned (capped at tickets.dynamic.ratio)", made)
 
     def _keep_rate(self, trainer: "Trainer", epoch_samples: int, made: list) -> None:
+        """cls_attention: lower the keep rate one step while the top patches hold ``attention_mass`` of the CLS
+        attention (after a pays-check at the first lowering)."""
         floor = float(self.cfg.tickets.patches.keep_rate)
         rates = self.state.keep_rates
         current = rates[-1][1] if rates else 1.0
@@ -144,41 +149,70 @@ class AutoScheduleCallback(Callback):
         k = num_kept(n, cand)
         if k >= num_kept(n, current):
             return
-        ladder = [cand]  # every rate this descent could still reach, highest first
-        while ladder[-1] > floor:
-            ladder.append(round(max(ladder[-1] - self.a.keep_rate_step, floor), 6))
-        ks = sorted({num_kept(n, r) for r in ladder}, reverse=True)
         t0, seen = time.perf_counter(), sum(len(x) for x, _ in self._probe_batches(trainer))
-        random_patches = self.cfg.tickets.patches.scorer == "random"  # no ranking: nothing to adapt between steps
-        if random_patches:
-            signal, measured, ok = "random_keep_loss_rise_of_learned", self._random_keep_rises(trainer, ks), \
-                (lambda v: v <= self.a.keep_tolerance)
-            threshold = self.a.keep_tolerance
-            what = "the loss on the probe batches with {k} of {n} random patches gives back {v:.1%} of the loss learned"
-        else:
-            signal, measured, ok = "cls_attention_mass_kept", self._attention_masses(trainer, ks), \
-                (lambda v: v >= self.a.attention_mass)
-            threshold = self.a.attention_mass
-            what = "the top {k} of {n} patches hold {v:.1%} of the CLS attention"
-        rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's ranking (or random-patch probe)
-        if not ok(measured[k]):
+        mass = self._attention_masses(trainer, [k])[k]
+        rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's ranking
+        if mass < self.a.attention_mass:
             return
-        if random_patches:  # straight to the lowest rate that passes
-            cand = min((r for r in ladder if ok(measured[num_kept(n, r)])), default=cand)
-            k = num_kept(n, cand)
         pays = ""
         if not rates and self.a.patches_must_pay:
-            lowest = min(kk for kk in measured if ok(measured[kk]))
-            saved, cost = self._patch_times(trainer, lowest, rank_s, epoch_samples)
-            times = f"training on {lowest} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
+            saved, cost = self._patch_times(trainer, k, rank_s, epoch_samples)
+            times = f"training on {k} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
                     f"them costs {cost:.3g} s per epoch"
             if saved <= cost:
                 self._decide(trainer, "keep_rate", 1.0, "patch_seconds_saved_per_epoch", saved, cost,
                              f"{times}: patch tickets stay off", made)
                 return
             pays = f" ({times})"
-        self._decide(trainer, "keep_rate", cand, signal, measured[k], threshold,
-                     what.format(k=k, n=n, v=max(measured[k], 0.0)) + pays, made)
+        self._decide(trainer, "keep_rate", cand, "cls_attention_mass_kept", mass, self.a.attention_mass,
+                     f"the top {k} of {n} patches hold {mass:.1%} of the CLS attention{pays}", made)
+
+    def _start_random_patches(self, trainer: "Trainer") -> None:
+        """scorer: random, before the first epoch: the floor rate from epoch 0 (random patches need no scores,
+        and an untrained model has learned nothing they could take away), unless a timed step on the floor's
+        patches saves nothing over all patches (``patches_must_pay``)."""
+        floor = float(self.cfg.tickets.patches.keep_rate)
+        n = int(trainer.unwrapped_model.patch_embed.num_patches)
+        k, made = num_kept(n, floor), []
+        if self.a.patches_must_pay:
+            saved, _ = self._patch_times(trainer, k, 0.0, len(trainer.train_set))
+            times = f"training on {k} of {n} random patches saves {saved:.3g} s per epoch (timed steps)"
+            if saved <= 0.0:
+                self._decide(trainer, "keep_rate", 1.0, "patch_seconds_saved_per_epoch", saved, 0.0,
+                             f"{times}: patch tickets stay off", made, from_epoch=0)
+                return
+        else:
+            times = "the time saved is not checked (lotus.auto.patches_must_pay: false)"
+        self._decide(trainer, "keep_rate", floor, "random_patches_at_start", None, None,
+                     f"{k} of {n} random patches from the start: {times}; the keep rate rises when the probe "
+                     "says the model needs more", made, from_epoch=0)
+
+    def _raise_random_keep_rate(self, trainer: "Trainer", metrics: dict, made: list) -> None:
+        """scorer: random: once the probe batches are learned (loss < ``learned_loss`` x ln(classes)), raise the
+        keep rate to the lowest rung above it (``keep_rate_step`` apart, up to all patches) on whose random
+        patches the model gives back at most ``keep_tolerance`` of the loss it has learned, when the current
+        rate gives back more. Never lowered again: the model has started to learn what the missing patches hold."""
+        rates = self.state.keep_rates
+        current = rates[-1][1] if rates else 1.0
+        if current >= 1.0:
+            return
+        model = trainer.unwrapped_model
+        n = int(model.patch_embed.num_patches)
+        ladder = [current]
+        while ladder[-1] < 1.0:
+            ladder.append(round(min(ladder[-1] + self.a.keep_rate_step, 1.0), 6))
+        ks = sorted({num_kept(n, r) for r in ladder if r < 1.0})
+        full, rise = self._random_keep_rises(trainer, ks)
+        if full >= self.a.learned_loss * math.log(trainer.data.num_classes):
+            return  # too early to tell: the model has not learned the probe batches yet
+        k = num_kept(n, current)
+        metrics["auto_keep_rise"] = round(rise[k], 6)
+        if rise[k] <= self.a.keep_tolerance:
+            return
+        to = next((r for r in ladder[1:] if r >= 1.0 or rise[num_kept(n, r)] <= self.a.keep_tolerance), 1.0)
+        self._decide(trainer, "keep_rate", to, "random_keep_loss_rise_of_learned", rise[k], self.a.keep_tolerance,
+                     f"the loss on the probe batches with {k} of {n} random patches gives back {rise[k]:.1%} of the "
+                     f"loss learned: {num_kept(n, to)} patches from now on", made)
 
     @torch.no_grad()
     def _attention_masses(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
@@ -194,17 +228,17 @@ class AutoScheduleCallback(Callback):
                 masses[k].append(top[:, k - 1])
         return {k: float(torch.cat(v).mean()) for k, v in masses.items()}
 
-    def _random_keep_rises(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
-        """Per ``k``: (probe loss on ``k`` random patches - probe loss on all) / (ln(classes) - probe loss on
-        all): how much of what the model has learned it gives back when it sees only ``k`` random patches
-        (the patches ``scorer: random`` trains on)."""
+    def _random_keep_rises(self, trainer: "Trainer", ks: list[int]) -> tuple[float, dict[int, float]]:
+        """The probe loss on all patches, and per ``k``: (probe loss on ``k`` random patches - that) /
+        (ln(classes) - that): how much of what the model has learned it gives back when it sees only ``k``
+        random patches (the patches ``scorer: random`` trains on)."""
         model = trainer.unwrapped_model
         was = model.training
         model.eval()
         try:
             full = self._probe_loss(trainer, model)
             learned = max(math.log(trainer.data.num_classes) - full, 1e-3)
-            return {k: (self._probe_loss(trainer, model, keep=k) - full) / learned for k in ks}
+            return full, {k: (self._probe_loss(trainer, model, keep=k) - full) / learned for k in ks}
         finally:
             model.train(was)
 
@@ -286,16 +320,22 @@ class AutoScheduleCallback(Callback):
             model.train(was)
 
     # ------------------------------------------------------------------ hooks
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        if self.random_patches and epoch == 0 and not self.state.keep_rates:  # a resumed run has its decisions
+            self._start_random_patches(trainer)
+
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         if epoch + 1 >= self.state.epochs:
             return
         t0 = time.perf_counter()
         made: list[str] = []
         self._phases(trainer, epoch, metrics, made)
+        if self.random_patches and self.state.phase(epoch + 1) != "anneal":
+            self._raise_random_keep_rate(trainer, metrics, made)
         if self.state.phase(epoch + 1) == "reduce":
             if self.cfg.tickets.dynamic.enabled:
                 self._dynamic(trainer, made)
-            if self.cfg.tickets.patches.enabled:
+            if self.cfg.tickets.patches.enabled and not self.random_patches:
                 self._keep_rate(trainer, int(metrics.get("epoch_samples") or len(trainer.train_set)), made)
             if self.cfg.pruning.structured.enabled and self.state.thin is None and \
                     epoch + 1 >= math.ceil(self.a.thin_after * self.state.epochs - 1e-9):
