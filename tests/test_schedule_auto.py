@@ -296,14 +296,19 @@ def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict,
     assert all(p.grad is None for p in trainer.unwrapped_model.parameters())
 
 
-def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0),
-                      epochs=6, run="run") -> tuple[dict, list[dict]]:
-    """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
-    patches (``full``) and rise per kept count (``rise(k)``) are scripted."""
-    d = _auto_dict(tiny_cfg_dict, epochs=epochs)
+def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0) -> dict:
+    d = _auto_dict(tiny_cfg_dict, epochs=6)
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
     d["pruning"] = {}
-    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2}
+    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2, "keep_stall": keep_stall}
+    return d
+
+
+def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0),
+                      keep_stall=0.0, run="run") -> tuple[dict, list[dict]]:
+    """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
+    patches (``full``) and rise per kept count (``rise(k)``) are scripted (the stall signal off by default)."""
+    d = _random_patch_dict(tiny_cfg_dict, keep_stall)
     monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds)
     monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
                         lambda self, trainer, ks: (full, {k: rise(k) for k in ks}))
@@ -336,6 +341,17 @@ def test_random_patches_rise_to_the_lowest_rung_within_tolerance(tmp_path, tiny_
     assert _keep_rates(tmp_path / "run") == [0.5, 0.75, 0.75, 0.75, 1.0, 1.0]
 
 
+def test_random_patches_rise_a_rung_when_the_train_loss_stalls(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
+    # keep_stall 1.0: every epoch's loss "stalls"; the probe rise is within tolerance. The first epoch has no epoch
+    # before it, and the epoch after a raise started on other patches: neither is a stall signal
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1, keep_stall=1.0)
+    assert [(d["value"], d["from_epoch"]) for d in rates] == [(0.5, 0), (0.625, 2)]
+    stall = rates[1]
+    assert stall["signal"] == "train_loss_improvement_on_kept_patches" and stall["threshold"] == 1.0
+    assert "train loss on 8 of 16 random patches fell by" in stall["reason"] and "10 patches" in stall["reason"]
+    assert _keep_rates(tmp_path / "run") == [0.5, 0.5, 0.625, 0.625, 1.0, 1.0]
+
+
 def test_random_patches_rise_to_all_when_no_rung_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
                                                                       one_thread):
     summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5)
@@ -360,10 +376,7 @@ def test_random_patches_stay_off_when_a_step_on_them_saves_nothing(tmp_path, tin
 def test_random_patch_run_resumes_to_the_same_plan(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
     rise = lambda k: 0.5 if k < 12 else 0.1  # noqa: E731
     full, _ = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, run="full")
-    d = _auto_dict(tiny_cfg_dict, epochs=6)
-    d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
-    d["pruning"] = {}
-    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2}
+    d = _random_patch_dict(tiny_cfg_dict)
     steps = next(r["step"] for r in _records(tmp_path / "full") if r.get("type") == "epoch" and r["epoch"] == 3)
     d1 = copy.deepcopy(d)
     d1["train"]["max_steps"] = steps

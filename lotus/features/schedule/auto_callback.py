@@ -187,11 +187,14 @@ class AutoScheduleCallback(Callback):
                      f"{k} of {n} random patches from the start: {times}; the keep rate rises when the probe "
                      "says the model needs more", made, from_epoch=0)
 
-    def _raise_random_keep_rate(self, trainer: "Trainer", metrics: dict, made: list) -> None:
-        """scorer: random: once the probe batches are learned (loss < ``learned_loss`` x ln(classes)), raise the
-        keep rate to the lowest rung above it (``keep_rate_step`` apart, up to all patches) on whose random
-        patches the model gives back at most ``keep_tolerance`` of the loss it has learned, when the current
-        rate gives back more. Never lowered again: the model has started to learn what the missing patches hold."""
+    def _raise_random_keep_rate(self, trainer: "Trainer", epoch: int, metrics: dict, prev_loss: float | None,
+                                made: list) -> None:
+        """scorer: random, once the probe batches are learned (loss < ``learned_loss`` x ln(classes)): raise the
+        keep rate (rungs ``keep_rate_step`` apart, up to all patches) when the model gives back more than
+        ``keep_tolerance`` of the loss it has learned on the current number of random patches (to the lowest
+        rung within it), or when the epoch's train loss on them fell by less than ``keep_stall`` of the epoch
+        before's (one rung: what the model can still learn from that many patches is learned). Never lowered
+        again."""
         rates = self.state.keep_rates
         current = rates[-1][1] if rates else 1.0
         if current >= 1.0:
@@ -207,12 +210,24 @@ class AutoScheduleCallback(Callback):
             return  # too early to tell: the model has not learned the probe batches yet
         k = num_kept(n, current)
         metrics["auto_keep_rise"] = round(rise[k], 6)
-        if rise[k] <= self.a.keep_tolerance:
+        if rise[k] > self.a.keep_tolerance:
+            to = next((r for r in ladder[1:] if r >= 1.0 or rise[num_kept(n, r)] <= self.a.keep_tolerance), 1.0)
+            self._decide(trainer, "keep_rate", to, "random_keep_loss_rise_of_learned", rise[k], self.a.keep_tolerance,
+                         f"the loss on the probe batches with {k} of {n} random patches gives back {rise[k]:.1%} of "
+                         f"the loss learned: {num_kept(n, to)} patches from now on", made)
             return
-        to = next((r for r in ladder[1:] if r >= 1.0 or rise[num_kept(n, r)] <= self.a.keep_tolerance), 1.0)
-        self._decide(trainer, "keep_rate", to, "random_keep_loss_rise_of_learned", rise[k], self.a.keep_tolerance,
-                     f"the loss on the probe batches with {k} of {n} random patches gives back {rise[k]:.1%} of the "
-                     f"loss learned: {num_kept(n, to)} patches from now on", made)
+        # the loss of an epoch that started on fewer patches, or right after thinning, is no stall signal
+        changed = self.state.thin is not None and self.state.thin["epoch"] == epoch or \
+            any(e == epoch for e, _ in self.state.keep_rates[1:])
+        loss = float(metrics["train_loss"])
+        if prev_loss is None or changed:
+            return
+        gain = (prev_loss - loss) / prev_loss
+        if self.a.keep_stall > 0 and gain < self.a.keep_stall:  # keep_stall 0: off
+            to = ladder[1]
+            self._decide(trainer, "keep_rate", to, "train_loss_improvement_on_kept_patches", gain, self.a.keep_stall,
+                         f"the train loss on {k} of {n} random patches fell by {gain:.1%} this epoch: "
+                         f"{num_kept(n, to)} patches from now on", made)
 
     @torch.no_grad()
     def _attention_masses(self, trainer: "Trainer", ks: list[int]) -> dict[int, float]:
@@ -329,9 +344,10 @@ class AutoScheduleCallback(Callback):
             return
         t0 = time.perf_counter()
         made: list[str] = []
+        prev_loss = self.prev_loss
         self._phases(trainer, epoch, metrics, made)
         if self.random_patches and self.state.phase(epoch + 1) != "anneal":
-            self._raise_random_keep_rate(trainer, metrics, made)
+            self._raise_random_keep_rate(trainer, epoch, metrics, prev_loss, made)
         if self.state.phase(epoch + 1) == "reduce":
             if self.cfg.tickets.dynamic.enabled:
                 self._dynamic(trainer, made)

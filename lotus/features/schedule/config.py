@@ -55,12 +55,14 @@ class AutoConfig:
     thin_tolerance: float = field(default=0.1, metadata={"min": 0.0})
     thin_by: float = field(default=0.5, metadata=_SHARE)
     thin_after: float = field(default=0.0, metadata=_SHARE)
-    # patch keep rate: lowered by keep_rate_step (down to tickets.patches.keep_rate) while the CLS attention
-    # mass on the patches the lower rate keeps is at least attention_mass (scorer: cls_attention); with
-    # scorer: random, in one decision to the lowest such rate whose random patches raise the probe loss by at
-    # most keep_tolerance of the loss learned so far (ln(classes) - probe loss on all patches)
+    # patch keep rate, scorer cls_attention: lowered by keep_rate_step (down to tickets.patches.keep_rate) while
+    # the CLS attention mass on the patches the lower rate keeps is at least attention_mass. scorer random: the
+    # floor (tickets.patches.keep_rate) from epoch 0, raised (keep_rate_step rungs) once the probe batches are
+    # learned when the model gives back more than keep_tolerance of the loss learned so far (ln(classes) - probe
+    # loss on all patches) on that many random patches, or when the train loss fell by less than keep_stall (0: off)
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     keep_tolerance: float = field(default=0.25, metadata={"min": 0.0})
+    keep_stall: float = field(default=0.05, metadata=_SHARE)
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     # before the first lowering: time one training step on all patches and on the lowest rate the signal
     # allows now, and the re-ranking (online cls_attention); patch tickets stay off for the run when the time
