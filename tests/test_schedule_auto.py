@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -310,8 +311,13 @@ def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step
     patches (``full``) and rise per kept count (``rise(k)``) are scripted (the stall signal off by default)."""
     d = _random_patch_dict(tiny_cfg_dict, keep_stall)
     monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds)
+
+    def rises(self, trainer, ks, full_loss=None, gate=math.inf):
+        f = full if full_loss is None else full_loss
+        return f, ({} if f >= gate else {k: rise(k) for k in ks})
+
     monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
-                        lambda self, trainer, ks: (full, {k: rise(k) for k in ks}))
+                        lambda self, trainer, ks, full=None, gate=math.inf: rises(self, trainer, ks, full, gate))
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / run), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
 

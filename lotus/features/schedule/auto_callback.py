@@ -204,14 +204,18 @@ class AutoScheduleCallback(Callback):
         ladder = [current]
         while ladder[-1] < 1.0:
             ladder.append(round(min(ladder[-1] + self.a.keep_rate_step, 1.0), 6))
-        ks = sorted({num_kept(n, r) for r in ladder if r < 1.0})
-        full, rise = self._random_keep_rises(trainer, ks)
-        if full >= self.a.learned_loss * math.log(trainer.data.num_classes):
-            return  # too early to tell: the model has not learned the probe batches yet
         k = num_kept(n, current)
+        full, rise = self._random_keep_rises(trainer, [k], gate=self.a.learned_loss * math.log(trainer.data.num_classes))
+        if not rise:
+            return  # too early to tell: the model has not learned the probe batches yet
         metrics["auto_keep_rise"] = round(rise[k], 6)
         if rise[k] > self.a.keep_tolerance:
-            to = next((r for r in ladder[1:] if r >= 1.0 or rise[num_kept(n, r)] <= self.a.keep_tolerance), 1.0)
+            to = 1.0
+            for r in ladder[1:-1]:  # probed one rung at a time, lowest first: the first within tolerance
+                kk = num_kept(n, r)
+                if self._random_keep_rises(trainer, [kk], full=full)[1][kk] <= self.a.keep_tolerance:
+                    to = r
+                    break
             self._decide(trainer, "keep_rate", to, "random_keep_loss_rise_of_learned", rise[k], self.a.keep_tolerance,
                          f"the loss on the probe batches with {k} of {n} random patches gives back {rise[k]:.1%} of "
                          f"the loss learned: {num_kept(n, to)} patches from now on", made)
@@ -243,15 +247,19 @@ class AutoScheduleCallback(Callback):
                 masses[k].append(top[:, k - 1])
         return {k: float(torch.cat(v).mean()) for k, v in masses.items()}
 
-    def _random_keep_rises(self, trainer: "Trainer", ks: list[int]) -> tuple[float, dict[int, float]]:
-        """The probe loss on all patches, and per ``k``: (probe loss on ``k`` random patches - that) /
-        (ln(classes) - that): how much of what the model has learned it gives back when it sees only ``k``
-        random patches (the patches ``scorer: random`` trains on)."""
+    def _random_keep_rises(self, trainer: "Trainer", ks: list[int], full: float | None = None,
+                           gate: float = math.inf) -> tuple[float, dict[int, float]]:
+        """The probe loss on all patches (``full``, when not given), and per ``k``: (probe loss on ``k`` random
+        patches - that) / (ln(classes) - that): how much of what the model has learned it gives back when it
+        sees only ``k`` random patches (the patches ``scorer: random`` trains on). No ``k`` is probed (an empty
+        dict) while the loss on all patches is at least ``gate``."""
         model = trainer.unwrapped_model
         was = model.training
         model.eval()
         try:
-            full = self._probe_loss(trainer, model)
+            full = self._probe_loss(trainer, model) if full is None else full
+            if full >= gate:
+                return full, {}
             learned = max(math.log(trainer.data.num_classes) - full, 1e-3)
             return full, {k: (self._probe_loss(trainer, model, keep=k) - full) / learned for k in ks}
         finally:
