@@ -297,8 +297,8 @@ def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict,
     assert all(p.grad is None for p in trainer.unwrapped_model.parameters())
 
 
-def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0) -> dict:
-    d = _auto_dict(tiny_cfg_dict, epochs=6)
+def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0, epochs: int = 6) -> dict:
+    d = _auto_dict(tiny_cfg_dict, epochs=epochs)
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
     d["pruning"] = {}
     d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2, "keep_stall": keep_stall}
@@ -306,10 +306,10 @@ def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0) -> dict:
 
 
 def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0),
-                      keep_stall=0.0, run="run") -> tuple[dict, list[dict]]:
+                      keep_stall=0.0, run="run", epochs=6) -> tuple[dict, list[dict]]:
     """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
     patches (``full``) and rise per kept count (``rise(k)``) are scripted (the stall signal off by default)."""
-    d = _random_patch_dict(tiny_cfg_dict, keep_stall)
+    d = _random_patch_dict(tiny_cfg_dict, keep_stall, epochs)
     monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds)
 
     def rises(self, trainer, ks, full_loss=None, gate=math.inf):
@@ -371,6 +371,19 @@ def test_random_patches_wait_until_the_probe_batches_are_learned(tmp_path, tiny_
     assert [d["value"] for d in rates] == [0.5]
     assert _keep_rates(tmp_path / "run") == [0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
     assert all("auto_keep_rise" not in r for r in _records(tmp_path / "run") if r.get("type") == "epoch")
+
+
+def test_random_patches_stall_signal_starts_after_the_warmup_when_nothing_is_learned(tmp_path, tiny_cfg_dict,
+                                                                                     monkeypatch, one_thread):
+    # the probe batches are never learned (no rise is measured), but the train loss stalls: the first stall
+    # check is at the end of the second reduced-phase epoch (reduce from epoch 2 at the latest: epoch 3)
+    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5, full=10.0,
+                                       keep_stall=1.0, epochs=8)
+    reduce = next(e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "reduce")
+    assert reduce["from_epoch"] == 2
+    assert [(d["value"], d["from_epoch"], d["signal"]) for d in rates] == [
+        (0.5, 0, "random_patches_at_start"), (0.625, 4, "train_loss_improvement_on_kept_patches")]
+    assert _keep_rates(tmp_path / "run") == [0.5] * 4 + [0.625] * 2 + [1.0] * 2
 
 
 def test_random_patches_stay_off_when_a_step_on_them_saves_nothing(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):

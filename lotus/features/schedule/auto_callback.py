@@ -189,12 +189,13 @@ class AutoScheduleCallback(Callback):
 
     def _raise_random_keep_rate(self, trainer: "Trainer", epoch: int, metrics: dict, prev_loss: float | None,
                                 made: list) -> None:
-        """scorer: random, once the probe batches are learned (loss < ``learned_loss`` x ln(classes)): raise the
-        keep rate (rungs ``keep_rate_step`` apart, up to all patches) when the model gives back more than
+        """scorer: random: raise the keep rate (rungs ``keep_rate_step`` apart, up to all patches) when, once the
+        probe batches are learned (loss < ``learned_loss`` x ln(classes)), the model gives back more than
         ``keep_tolerance`` of the loss it has learned on the current number of random patches (to the lowest
         rung within it), or when the epoch's train loss on them fell by less than ``keep_stall`` of the epoch
-        before's (one rung: what the model can still learn from that many patches is learned). Never lowered
-        again."""
+        before's (one rung: what the model can still learn from that many patches is learned; checked once the
+        probe batches are learned or the epoch before was in the reduced phase, whichever comes first: on hard
+        data the loss can stall on few patches long before it is learned). Never lowered again."""
         rates = self.state.keep_rates
         current = rates[-1][1] if rates else 1.0
         if current >= 1.0:
@@ -206,10 +207,11 @@ class AutoScheduleCallback(Callback):
             ladder.append(round(min(ladder[-1] + self.a.keep_rate_step, 1.0), 6))
         k = num_kept(n, current)
         full, rise = self._random_keep_rises(trainer, [k], gate=self.a.learned_loss * math.log(trainer.data.num_classes))
-        if not rise:
-            return  # too early to tell: the model has not learned the probe batches yet
-        metrics["auto_keep_rise"] = round(rise[k], 6)
-        if rise[k] > self.a.keep_tolerance:
+        if not rise and self.state.phase(epoch - 1) != "reduce":
+            return  # too early to tell: nothing learned on the probe batches, and the warm-up just ended
+        if rise:
+            metrics["auto_keep_rise"] = round(rise[k], 6)
+        if rise and rise[k] > self.a.keep_tolerance:
             to = 1.0
             for r in ladder[1:-1]:  # probed one rung at a time, lowest first: the first within tolerance
                 kk = num_kept(n, r)
