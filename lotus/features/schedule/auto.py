@@ -18,7 +18,8 @@ decision        signal (threshold key under ``lotus.auto``)                  dri
                 (>= ``attention_mass``); ``scorer: random`` starts at the
                 floor from epoch 0 and rises to the lowest rung whose
                 random patches give back at most ``keep_tolerance`` of the
-                loss learned so far, when the current rate gives back more
+                loss learned so far, when the current rate gives back more,
+                or one rung when the train loss fell by < ``keep_stall``
 ``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
                 ``thin_tolerance`` of the loss learned so far (largest of
                 ``thin_candidates``; at ``thin_by`` the largest within it;

@@ -149,15 +149,20 @@ class AutoScheduleCallback(Callback):
         k = num_kept(n, cand)
         if k >= num_kept(n, current):
             return
+        ladder = [cand]  # every rate this descent could still reach, highest first
+        while ladder[-1] > floor:
+            ladder.append(round(max(ladder[-1] - self.a.keep_rate_step, floor), 6))
         t0, seen = time.perf_counter(), sum(len(x) for x, _ in self._probe_batches(trainer))
-        mass = self._attention_masses(trainer, [k])[k]
+        masses = self._attention_masses(trainer, sorted({num_kept(n, r) for r in ladder}))
         rank_s = (time.perf_counter() - t0) / max(seen, 1)  # one sample's ranking
+        mass = masses[k]
         if mass < self.a.attention_mass:
             return
         pays = ""
-        if not rates and self.a.patches_must_pay:
-            saved, cost = self._patch_times(trainer, k, rank_s, epoch_samples)
-            times = f"training on {k} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
+        if not rates and self.a.patches_must_pay:  # timed on the lowest rate the attention allows now
+            lowest = min(kk for kk, m in masses.items() if m >= self.a.attention_mass)
+            saved, cost = self._patch_times(trainer, lowest, rank_s, epoch_samples)
+            times = f"training on {lowest} of {n} patches would save {saved:.3g} s per epoch and re-ranking " \
                     f"them costs {cost:.3g} s per epoch"
             if saved <= cost:
                 self._decide(trainer, "keep_rate", 1.0, "patch_seconds_saved_per_epoch", saved, cost,
