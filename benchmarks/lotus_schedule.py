@@ -115,7 +115,8 @@ SUITES: dict[str, dict] = {
         + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
            _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
            _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
-           _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)],
+           _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP),
+           _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap")],
     },
     "shapes32_ablation": {
         "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60), "runs": "shapes32",
@@ -128,8 +129,7 @@ SUITES: dict[str, dict] = {
         "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
         + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto"),
            _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP),
-           _lotus("configs/textures_flip.yaml", "textures_flip_soap", _SOAP),
-           _lotus("configs/textures_auto_random.yaml", "textures_auto_random_soap", _SOAP)],
+           _lotus("configs/textures_flip.yaml", "textures_flip_soap")],
     },
 }
 
