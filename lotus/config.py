@@ -87,7 +87,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd", "soap", "shampoo"] = "adamw"
+    # any name of timm.optim.list_optimizers() (lion, lamb, adan, nadamw, ...; built by create_optimizer_v2),
+    # or soap | shampoo (pytorch-optimizer)
+    name: str = "adamw"
     lr: float = field(default=1e-3, metadata={"min": 0.0, "min_exclusive": True})
     weight_decay: float = field(default=0.05, metadata={"min": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -108,6 +110,10 @@ class OptimConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
+        if self.name not in ("adamw", "sgd", "soap", "shampoo"):  # others: timm's registry (imports torch)
+            from lotus.optim import check_optimizer_name
+
+            check_optimizer_name(self.name, f"{prefix}.name")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas: expected two floats in [0, 1), got {self.betas!r}")
         if any(b <= a for a, b in zip(self.decay_milestones, self.decay_milestones[1:])) or \

@@ -6,12 +6,60 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_layer_decay
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, param_groups_layer_decay
 
 from lotus.errors import ConfigError
-from lotus.features.outliers.optimizers import build
+from lotus.features.outliers.optimizers import OPTIMIZERS, build
 
-__all__ = ["param_groups", "build_optimizer", "CosineSchedule", "LrSchedule"]
+__all__ = ["param_groups", "build_optimizer", "optimizer_names", "check_optimizer_name", "CosineSchedule",
+           "LrSchedule"]
+
+
+def optimizer_names() -> list[str]:
+    """Every ``optim.name``: timm's optimiser registry plus SOAP and Shampoo (pytorch-optimizer)."""
+    return sorted(set(list_optimizers()) | set(OPTIMIZERS))
+
+
+def check_optimizer_name(name: str, key: str = "optim.name") -> None:
+    """Raise a :class:`ConfigError` naming ``key`` unless ``name`` is a known optimiser (``lookahead_`` prefix ok)."""
+    base = name.lower().removeprefix("lookahead_")
+    names = optimizer_names()
+    if base in names:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(base, names, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"{key}: expected one of timm's optimizers (timm.optim.list_optimizers(): "
+                      f"{', '.join(names[:6])}, ...) or soap | shampoo, got {name!r}{hint}")
+
+
+def _timm_optimizer(name: str, groups: list[dict], optim_cfg: Any) -> torch.optim.Optimizer:
+    """Any other name through timm's ``create_optimizer_v2`` over Lotus' own parameter groups.
+
+    lr, weight_decay, momentum, betas and eps come from the ``optim`` section (timm drops betas/eps for
+    optimisers without them); ``optim.extra`` adds constructor keywords. The groups keep their own
+    ``weight_decay`` (0 for biases, norms and gains) and ``lr_scale`` (layer decay)."""
+    base = name.lower().removeprefix("lookahead_")
+    info = get_optimizer_info(base)
+    kwargs: dict[str, Any] = {"eps": optim_cfg.eps}
+    if info.num_betas == 2:  # adan takes three betas: its own defaults unless optim.extra.betas
+        kwargs["betas"] = tuple(float(b) for b in optim_cfg.betas)
+    if info.has_momentum and "nesterov" in (info.defaults or {}) and optim_cfg.nesterov:
+        kwargs["nesterov"] = True
+    kwargs.update(optim_cfg.extra)
+    if isinstance(info.opt_class, str):  # apex.* / bitsandbytes.*: CUDA kernels of another package
+        import importlib.util
+
+        package = info.opt_class.split(".")[0]
+        if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
+            raise ConfigError(f"optim.name: {name} needs CUDA and the {package} package "
+                              f"({'not installed' if importlib.util.find_spec(package) is None else 'no CUDA device'})")
+    try:
+        return create_optimizer_v2(groups, opt=name.lower(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                                   momentum=optim_cfg.momentum, **kwargs)
+    except ImportError as e:  # bnb* (bitsandbytes), fused* (apex), ...
+        raise ConfigError(f"optim.name: {name} needs a package that is not installed ({e})") from None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,7 +83,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD here; SOAP/Shampoo come from ``lotus.features.outliers.optimizers``.
+    """AdamW (fused) or SGD here; SOAP/Shampoo from ``lotus.features.outliers.optimizers``; every other name of
+    timm's registry through ``timm.optim.create_optimizer_v2``, all over the same parameter groups.
 
     A bad ``optim.extra`` keyword or value raises a :class:`~lotus.errors.ConfigError` naming it.
     """
@@ -56,7 +105,10 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         if name == "sgd":
             return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                    nesterov=optim_cfg.nesterov, **optim_cfg.extra)
-        return build(name, groups, optim_cfg)
+        if name in OPTIMIZERS:
+            return build(name, groups, optim_cfg)
+        check_optimizer_name(name)
+        return _timm_optimizer(name, groups, optim_cfg)
     except TypeError as e:  # an optim.extra keyword the torch optimiser does not take
         if not optim_cfg.extra:
             raise
