@@ -176,7 +176,7 @@ def _torchvision(cfg: Any):
 
 
 def _imagefolder(cfg: Any, img_size: int, chans: int | None, model_cfg: Any):
-    from torchvision.datasets import ImageFolder
+    from lotus.data_folder import image_folder  # torchvision; symlink loops and unreadable folders named
 
     out = []
     for split in ("train", "val"):
@@ -184,7 +184,7 @@ def _imagefolder(cfg: Any, img_size: int, chans: int | None, model_cfg: Any):
         if not os.path.isdir(path):
             raise LotusError(f"data.root: expected class folders in {path} (imagefolder needs train/ and val/)")
         try:
-            folder = ImageFolder(path)
+            folder = image_folder(path)
         except (FileNotFoundError, RuntimeError) as e:
             raise LotusError(f"data.root: {path}: {str(e).splitlines()[0]}") from None
         out.append(folder)
