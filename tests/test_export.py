@@ -15,6 +15,8 @@ import pruning
 from lotus.checkpoint import load_weights, read_model_metadata, save_weights
 from lotus.cli import main
 from lotus.config import config_from_dict
+from lotus.data import build_datasets
+from lotus.data_meta import read_data_metadata
 from lotus.models import create_model
 from lotus.training import Trainer
 
@@ -32,6 +34,21 @@ with torch.no_grad():
 assert torch.allclose(got, want["logits"], rtol=1e-5, atol=1e-6), (got - want["logits"]).abs().max()
 mods = {m: getattr(sys.modules[m], "__file__", None) for m in ("lotus", "pruning") if m in sys.modules}
 print(json.dumps({"equal": torch.equal(got, want["logits"]), "modules": mods}))
+"""
+
+# Plain timm in a fresh interpreter: timm's local-dir loader and its data config, nothing of Lotus.
+_TIMM_CHECK = """
+import json, sys
+import timm, torch
+from safetensors.torch import load_file
+model = timm.create_model("local-dir:" + sys.argv[2], pretrained=True).eval()
+want = load_file(sys.argv[1])
+with torch.no_grad():
+    got = model(want["x"])
+cfg = timm.data.resolve_data_config(model=model)
+print(json.dumps({"equal": torch.equal(got, want["logits"]), "lotus": "lotus" in sys.modules or "pruning" in sys.modules,
+                  "data": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                  "labels": list(model.pretrained_cfg["label_names"])}))
 """
 
 
@@ -75,11 +92,27 @@ def test_export_a_dense_run_loads_with_timm_alone(run_dir, tmp_path, capsys):
     out = tmp_path / "dense"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert "timm alone loads it" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["config.json", "load.py", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "load.py", "model.safetensors"]
     conf = json.loads((out / "config.json").read_text())
     assert (conf["name"], conf["img_size"], conf["patch_size"], conf["in_chans"], conf["num_classes"]) == (
         "lotus_vit_micro", 16, 4, 1, 10)
-    assert conf["thinned"] is False and conf["block"] == "pre_ln"
+    assert conf["thinned"] is False and conf["block"] == "pre_ln" and conf["timm_loadable"] and not conf["needs"]
+    # lotus_vit_micro is exported as the plain timm ViT it is, its sizes in model_args
+    assert conf["architecture"] == "vit_tiny_patch16_224" and conf["model_args"]["embed_dim"] == 64
+    # the run's normalisation and class names travel with the weights (run checkpoint -> export)
+    data = read_data_metadata(run / "best.safetensors")
+    bundle = build_datasets(cfg.data, 16, None, cfg.model)
+    assert data["mean"] == bundle.val.mean.flatten().tolist() and data["classes"] == [str(i) for i in range(10)]
+    assert conf["pretrained_cfg"]["mean"] == data["mean"] and conf["label_names"] == data["classes"]
+    assert read_data_metadata(out / "model.safetensors") == data
+    r = subprocess.run([sys.executable, "-c", _TIMM_CHECK, str(expected), str(out)], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = json.loads(r.stdout.strip().splitlines()[-1])
+    assert plain["equal"] and not plain["lotus"] and plain["labels"] == data["classes"]
+    assert plain["data"]["mean"] == data["mean"] and plain["data"]["std"] == data["std"]
+    assert plain["data"]["input_size"] == [1, 16, 16] and plain["data"]["crop_mode"] == "squash"
+    assert "timm alone loads it" in (out / "README.md").read_text()
     loader = (out / "load.py").read_text()
     assert "pruning" not in loader and "lotus." not in loader
     res = _load_in_fresh_python(out, expected)
@@ -101,6 +134,8 @@ def test_export_thinned_weights(run_dir, tmp_path, capsys):
     assert "pruning.apply_widths" in capsys.readouterr().out
     conf = json.loads((out / "config.json").read_text())
     assert conf["thinned"] and conf["widths"] == {b: {"heads": 1, "mlp": 64} for b in ("blocks.0", "blocks.1")}
+    assert not conf["timm_loadable"] and "timm alone cannot load it" in (out / "README.md").read_text()
+    assert "lotus-vit" not in (out / "load.py").read_text() and "pip install -e ." in (out / "load.py").read_text()
     assert "apply_widths(model" in (out / "load.py").read_text()
     assert load_file(out / "model.safetensors")["blocks.0.mlp.fc1.weight"].shape == (64, 64)
     res = _load_in_fresh_python(out, expected)

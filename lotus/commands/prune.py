@@ -39,6 +39,7 @@ import pruning
 from lotus.checkpoint import atomic_write_text, save_weights
 from lotus.commands import prune_recover
 from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
+from lotus.data_meta import carried_data_metadata
 from lotus.errors import LotusError, library_error
 from lotus.features.pruning.checks import check_nm_shapes
 from pruning.masks import make_filter, masks_state
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError(f"--finetune-epochs: the model predicts {getattr(model, 'num_classes', '?')} classes, the "
                          f"data has {bundle.num_classes}; recovery fine-tunes a model trained on this data")
     meta = {"method": args.method, "source": args.checkpoint or ("pretrained" if args.pretrained else "random init")}
+    meta["data"] = carried_data_metadata(args.checkpoint, bundle, data_cfg)  # mean/std, classes (None: unknown)
     teacher_path = os.path.join(args.out, "teacher.safetensors") if args.distill else None
     if teacher_path:  # the unpruned model, as the fine-tune's teacher
         save_weights(model.float() if dtype != torch.float32 else model, teacher_path,

@@ -31,6 +31,7 @@ import pruning
 from lotus.callbacks import Callback
 from lotus.checkpoint import model_config_from_checkpoint, save_weights
 from lotus.commands.prune_inputs import accuracy
+from lotus.data_meta import run_data_metadata
 from lotus.config import Config, config_from_dict
 from lotus.errors import LotusError
 from lotus.schema import to_dict
@@ -149,7 +150,8 @@ def recover(args: argparse.Namespace, data_cfg: Config, mcfg: Any, bundle: Any, 
     model = model.float().eval()
     weights = os.path.join(args.out, "model.safetensors")
     save_weights(model, weights, {"method": args.method, "source": args.checkpoint or "pruned",
-                                  "finetuned": {"epochs": cfg.train.epochs, "distilled": teacher is not None}},
+                                  "finetuned": {"epochs": cfg.train.epochs, "distilled": teacher is not None},
+                                  "data": run_data_metadata(trainer)},
                  model_cfg=cfg.model)
     acc = accuracy(model.to(device=device, dtype=dtype), bundle, device, dtype, args.max_eval)
     return {"val_acc": acc, "epochs": cfg.train.epochs, "lr": cfg.optim.lr, "distilled": teacher is not None,

@@ -25,6 +25,7 @@ from torch import nn
 
 from lotus.callbacks import Trainer
 from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
+from lotus.data_meta import run_data_metadata
 from lotus.errors import LotusError
 from lotus.models import unwrap
 from lotus.parallel.apply import get_plan
@@ -141,7 +142,8 @@ class CheckpointManager:
         out = trainer.cfg.output
         acc = metrics.get("val_acc")
         st = trainer.state
-        meta = {"epoch": st.epoch, "step": st.step, "val_acc": acc, "model": trainer.cfg.model.name}
+        meta = {"epoch": st.epoch, "step": st.step, "val_acc": acc, "model": trainer.cfg.model.name,
+                "data": run_data_metadata(trainer)}  # mean/std, classes, eval preprocessing
         if acc is not None and acc > st.best_acc:
             st.best_acc = state["best_acc"] = acc
             if out.save_best:

@@ -14,6 +14,7 @@ from timm.utils import ModelEmaV3
 
 from lotus.callbacks import Callback, Trainer
 from lotus.checkpoint import save_weights
+from lotus.data_meta import run_data_metadata
 from lotus.errors import LotusError
 from lotus.features.ema.config import EmaConfig
 from pruning.structured import apply_kept
@@ -50,7 +51,8 @@ class EmaCallback(Callback):
         metrics.update(ema_val_loss=out["val_loss"], ema_val_acc=out["val_acc"])
         if trainer.write and trainer.dist.is_main:
             save_weights(self.ema.module, os.path.join(trainer.run_dir, "ema.safetensors"),
-                         {"epoch": epoch + 1, "step": trainer.step, "val_acc": out["val_acc"], "ema": True},
+                         {"epoch": epoch + 1, "step": trainer.step, "val_acc": out["val_acc"], "ema": True,
+                          "data": run_data_metadata(trainer)},
                          model_cfg=trainer.cfg.model)
 
     def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
