@@ -35,17 +35,18 @@ kept_tokens     ``forward_kept_tokens``, ``KeptPatchTokens``, ``apply_patch_tick
 keep_rate       ``num_kept``, ``KeepRateSchedule``
 =============== ==========================================================================================
 """
-from ._version import __version__
-from .dynamic import DynamicPruner
-from .fingerprint import dataset_fingerprint
-from .grad_norms import per_sample_grad_sq_norms
-from .keep_rate import KeepRateSchedule
-from .kept_tokens import apply_patch_tickets
-from .patches import PatchTicket
-from .policies import POLICIES, register_policy, select
-from .proxy import make_proxy
-from .scorers import SCORERS, register_scorer, score
-from .ticket_file import TicketFile
+import importlib
+from typing import Any
+
+# name -> module that defines it; imported on first use (module __getattr__), so reading a config section
+# that needs only ``KeepRateSchedule`` or ``POLICIES`` does not import torch
+_WHERE = {
+    "__version__": "_version", "DynamicPruner": "dynamic", "dataset_fingerprint": "fingerprint",
+    "per_sample_grad_sq_norms": "grad_norms", "KeepRateSchedule": "keep_rate", "apply_patch_tickets": "kept_tokens",
+    "PatchTicket": "patches", "POLICIES": "policies", "register_policy": "policies", "select": "policies",
+    "make_proxy": "proxy", "SCORERS": "scorers", "register_scorer": "scorers", "score": "scorers",
+    "TicketFile": "ticket_file",
+}
 
 __all__ = [
     "__version__",
@@ -54,3 +55,13 @@ __all__ = [
     "TicketFile", "dataset_fingerprint", "make_proxy", "per_sample_grad_sq_norms",
     "DynamicPruner", "PatchTicket", "KeepRateSchedule", "apply_patch_tickets",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -6,18 +6,18 @@ user's own callbacks in the order given. What each feature may change on the tra
 in that registry (``Feature.writes``); the hooks that hand a value back to the loop (``epoch_subset``,
 ``epoch_sampler``, ``wrap_forward``, ``per_sample_loss``) are how that happens, not attribute writes.
 
-This module imports only torch, so every feature can import it at the top.
+This module imports nothing at run time (torch only for annotations), so every feature can import it at the
+top and the CLI can define a callback without importing torch.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+    import torch
+    from torch import nn
 
 Trainer = Any
 """Annotation for ``lotus.training.Trainer`` in hooks (that module imports the features, so they cannot
@@ -25,7 +25,7 @@ import it back; its attributes are documented in docs/architecture.md)."""
 
 __all__ = ["Callback", "Forward", "Trainer", "default_forward", "HOOKS", "overrides"]
 
-Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Forward = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """``forward(model, images, index) -> logits``: the training forward (patch tickets replace it)."""
 
 

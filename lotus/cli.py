@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantcheck": ("lotus.commands.quantcheck", "accuracy drop of simulated int8 W8A8 quantisation"),
     "plan": ("lotus.commands.plan", "plan per-block memory optimisation and sharding under a memory budget"),
     "export": ("lotus.commands.export", "export weights for plain timm: model.safetensors + config.json + load.py"),
+    "validate": ("lotus.commands.validate", "top-1/top-5, loss and per-class accuracy of a run or export on a split"),
+    "predict": ("lotus.commands.predict", "top-k labels and scores of image files (CSV or JSON) from a run or export"),
 }
 
 

@@ -8,21 +8,20 @@ from typing import Any, Literal
 
 import yaml
 
-from lotus.checkpoint import atomic_write_text
-from lotus.data_transforms import TransformConfig
 from lotus.errors import ConfigError
 from lotus.features.distill.config import DistillConfig
 from lotus.features.ema.config import EmaConfig
 from lotus.features.mixup.config import MixupConfig
 from lotus.features.outliers.config import OutliersConfig
+from lotus.features.outliers.op_config import OPConfig
 from lotus.features.pruning.config import PruningConfig
 from lotus.features.schedule.config import ScheduleConfig
 from lotus.features.schedule.plan import Schedule
 from lotus.features.tickets.config import TicketsConfig
-from lotus.models.op_block import OPConfig
 from lotus.parallel.compat import check_compat
 from lotus.parallel.config import ParallelConfig
 from lotus.schema import to_dict, validate
+from lotus.transform_config import TransformConfig
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "AugmentConfig", "TransformConfig", "OptimConfig", "TrainConfig", "OutputConfig",
@@ -152,7 +151,7 @@ class OutputConfig:
     save_best: bool = True
     save_last: bool = True
     report: bool = True
-    tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install lotus-vit[tensorboard])
+    tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install tensorboard)
     # also keep the N best epochs' weights (by val_acc) as checkpoint-<epoch>.safetensors + checkpoints.json
     keep_checkpoints: int = field(default=0, metadata={"min": 0})
 
@@ -281,4 +280,6 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str) -> None:
     """Write what the user gave (``cfg.source``; the full config when it was built in code), so a resumed
     run re-reads the same choices and takes defaults from the code it runs with."""
+    from lotus.checkpoint import atomic_write_text  # imports torch: only when a run writes its config
+
     atomic_write_text(path, yaml.safe_dump(cfg.source or config_to_dict(cfg), sort_keys=False))

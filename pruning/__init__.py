@@ -22,14 +22,18 @@ imported from its module:
 - ``pruning.sweep``: essential-sparsity sweep (``essential_sparsity_sweep``, ``find_knee``, ``save_sweep``)
 - ``pruning.report``: ``sparsity_report``, ``model_stats``, params/FLOPs/latency counters, ``format_report``
 """
-from .api import prune_
-from .config import MagnitudeConfig, SemiStructuredConfig, StructuredConfig, WandaConfig
-from .masks import make_permanent
-from .report import model_stats, sparsity_report
-from .schedule import GradualPruner, GradualSchedule, OneShotSchedule
-from .semi_structured import enable_sparse_training_, to_semi_structured_
-from .structured import prune_structured
-from .structured_widths import apply_widths, get_widths
+import importlib
+from typing import Any
+
+# name -> module that defines it; imported on first use (module __getattr__), so ``pruning.MagnitudeConfig``
+# (read by a config) does not import torch
+_WHERE = {
+    "prune_": "api", "MagnitudeConfig": "config", "SemiStructuredConfig": "config", "StructuredConfig": "config",
+    "WandaConfig": "config", "make_permanent": "masks", "model_stats": "report", "sparsity_report": "report",
+    "GradualPruner": "schedule", "GradualSchedule": "schedule", "OneShotSchedule": "schedule",
+    "enable_sparse_training_": "semi_structured", "to_semi_structured_": "semi_structured",
+    "prune_structured": "structured", "apply_widths": "structured_widths", "get_widths": "structured_widths",
+}
 
 __all__ = [
     # one entry point + configs
@@ -43,3 +47,13 @@ __all__ = [
     # schedules
     "GradualPruner", "GradualSchedule", "OneShotSchedule",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

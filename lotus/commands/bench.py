@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lotus.bench import analyse, run_bench, write_bench
 from lotus.errors import LotusError
 
 __all__ = ["add_arguments", "run"]
@@ -47,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs > 1:
         print(f"note: --jobs {args.jobs}: runs share the machine side by side, so their wall times are slower than "
               "alone and comparable only within this bench (every config runs under the same load)", file=sys.stderr)
+    from lotus.bench import analyse, run_bench, write_bench  # imports torch: once the arguments are checked
+
     results = run_bench(args.configs, args.seeds, args.out, args.set, quiet=args.quiet, progress=not args.quiet,
                         jobs=args.jobs)
     print(write_bench(analyse(results, args.target, args.target_drop), args.out))

@@ -17,15 +17,8 @@ import os
 import sys
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from lotus.checkpoint import atomic_write_text
-from lotus.data import batches
 from lotus.errors import LotusError
-from lotus.features.outliers.hooks import ResidualStreamProbe
-from lotus.features.outliers.layer_report import layer_table, plot_history, plot_layers, read_outlier_records, summarize
-from lotus.features.outliers.loading import load_model_and_data
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,6 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from lotus.checkpoint import atomic_write_text
+    from lotus.data import batches
+    from lotus.features.outliers.hooks import ResidualStreamProbe
+    from lotus.features.outliers.layer_report import layer_table, plot_history, plot_layers, read_outlier_records, summarize
+    from lotus.features.outliers.loading import load_model_and_data
+
     if args.samples < 1:
         raise LotusError(f"--samples: expected an integer >= 1, got {args.samples}")
     if args.batch_size < 1:

@@ -20,21 +20,9 @@ import json
 import os
 import sys
 
-import torch
-
-from lotus.checkpoint import atomic_write_text
 from lotus.config import load_config
 from lotus.errors import LotusError
-from lotus.models import create_model, resolve_img_size
-from lotus.optim import build_optimizer
 from lotus.parallel.config import format_bytes, parse_bandwidth, parse_bytes
-from lotus.parallel.cost_model import evaluate
-from lotus.parallel.cost_table import CostTable
-from lotus.parallel.plan import plan_table, uniform_choices, write_plan
-from lotus.parallel.planner import make_plan
-from lotus.parallel.profiler import _vit_parts, profile_model
-from lotus.parallel.runtime import destroy, init_distributed, launched_by_torchrun
-from lotus.parallel.strategies import transformer_blocks
 
 __all__ = ["add_arguments", "run"]
 
@@ -97,7 +85,12 @@ def _data_shape(cfg) -> tuple[int, int]:
 
 def _profile_from_config(cfg, args, world_size: int, device_name: str):
     """Build the config's model (no weights) and profile it at the per-rank batch size."""
-    # Heavy (torch, timm, the trainer): only when a model is profiled, not when the CLI starts.
+    import torch
+
+    from lotus.models import create_model, resolve_img_size
+    from lotus.optim import build_optimizer
+    from lotus.parallel.profiler import _vit_parts, profile_model
+    from lotus.parallel.strategies import transformer_blocks
 
     classes, chans = _data_shape(cfg)
     img = resolve_img_size(cfg.model)
@@ -135,7 +128,13 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
 
 def run(args: argparse.Namespace) -> int:
     """Profile (or load a profile), solve, print the plan against uniform baselines, write it."""
-    # Heavy (torch.distributed, numpy, the config loader): only when the command runs.
+    # torch and the planner: imported when the command runs, not when the CLI starts
+    from lotus.checkpoint import atomic_write_text
+    from lotus.parallel.cost_model import evaluate
+    from lotus.parallel.cost_table import CostTable
+    from lotus.parallel.plan import plan_table, uniform_choices, write_plan
+    from lotus.parallel.planner import make_plan
+    from lotus.parallel.runtime import destroy, init_distributed, launched_by_torchrun
 
     if bool(args.config) == bool(args.profile):
         raise LotusError("plan: pass exactly one of --config FILE or --profile FILE")

@@ -32,19 +32,9 @@ import platform
 import time
 from typing import Any
 
-import torch
-from torch import nn
-
 import pruning
-from lotus.checkpoint import atomic_write_text, save_weights
 from lotus.commands import prune_recover
-from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
-from lotus.data_meta import carried_data_metadata
 from lotus.errors import LotusError, library_error
-from lotus.features.pruning.checks import check_nm_shapes
-from pruning.masks import make_filter, masks_state
-from pruning.report import format_report
-from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
 __all__ = ["add_arguments", "run"]
 
@@ -107,6 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------- validation
 def _check_args(args: argparse.Namespace) -> None:
+    import torch
+
     if args.model and args.config:
         raise LotusError("prune: pass --model NAME or --config FILE, not both (--calib adds data to --model)")
     if not args.model and not args.config and not args.checkpoint:
@@ -163,6 +155,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lotus.checkpoint import save_weights
+    from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
+    from lotus.data_meta import carried_data_metadata
+    from pruning.masks import masks_state
+
     _check_args(args)
     data_cfg = load_data_config(args)
     needs_data = args.sweep or args.method == "wanda" or (args.method in ("nm", "2:4") and args.score == "wanda") \
@@ -257,6 +256,9 @@ def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> di
 
 
 def _prune_with_library(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
+    from lotus.features.pruning.checks import check_nm_shapes
+    from pruning.masks import make_filter
+
     if args.method == "structured":
         cfg = pruning.StructuredConfig(heads=args.heads, mlp=args.mlp, importance=args.importance,
                                        scope=args.scope or "layer", round_to=args.round_to)
@@ -288,6 +290,8 @@ def _tokens(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
 
@@ -296,6 +300,9 @@ def _device_name(device: torch.device) -> str:
 
 def _run_sweep(args: argparse.Namespace, model: nn.Module, name: str, bundle: Any, device: torch.device,
                dtype: torch.dtype, classes_ok: bool) -> int:
+    from lotus.commands.prune_inputs import accuracy
+    from pruning.masks import make_filter
+    from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
     if not classes_ok:
         raise LotusError(f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
@@ -314,6 +321,9 @@ def _run_sweep(args: argparse.Namespace, model: nn.Module, name: str, bundle: An
 
 
 def _write_report(args: argparse.Namespace, report: dict) -> int:
+    from lotus.checkpoint import atomic_write_text
+    from pruning.report import format_report
+
     text = format_report(report)
     blocks = report.get("blocks")
     if blocks:

@@ -25,18 +25,11 @@ import os
 import time
 from typing import Any
 
-import torch
-
 import pruning
 from lotus.callbacks import Callback
-from lotus.checkpoint import model_config_from_checkpoint, save_weights
-from lotus.commands.prune_inputs import accuracy
-from lotus.data_meta import run_data_metadata
 from lotus.config import Config, config_from_dict
 from lotus.errors import LotusError
 from lotus.schema import to_dict
-from lotus.training import Trainer
-from pruning.masks import masked_modules, masks_state
 
 __all__ = ["SameMasks", "add_arguments", "check_args", "finetune_config", "markdown", "recover"]
 
@@ -94,6 +87,8 @@ def _mask_section(args: argparse.Namespace) -> dict | None:
 def finetune_config(args: argparse.Namespace, data_cfg: Config, mcfg: Any, pruned: str,
                     teacher: str | None) -> Config:
     """The fine-tune run's config (see the module docstring)."""
+    from lotus.checkpoint import model_config_from_checkpoint
+
     src = copy.deepcopy(data_cfg.source)
     model = to_dict(model_config_from_checkpoint(mcfg, pruned, {}, "--finetune-epochs"))
     model.update(checkpoint=os.path.abspath(pruned), pretrained=False)
@@ -123,6 +118,10 @@ class SameMasks(Callback):
         self.expected = expected
 
     def on_fit_start(self, trainer: Any) -> None:
+        import torch
+
+        from pruning.masks import masks_state
+
         got = masks_state(trainer.unwrapped_model)
         differ = sorted(set(got) ^ set(self.expected)) + [
             k for k in self.expected if k in got and not torch.equal(got[k].reshape(-1).cpu(),
@@ -136,6 +135,12 @@ class SameMasks(Callback):
 def recover(args: argparse.Namespace, data_cfg: Config, mcfg: Any, bundle: Any, device: torch.device,
             dtype: torch.dtype, pruned: str, teacher: str | None, masks: dict | None) -> dict:
     """Fine-tune ``pruned``, write ``OUT/model.safetensors`` and return the report's ``recovery`` section."""
+    from lotus.checkpoint import save_weights
+    from lotus.commands.prune_inputs import accuracy
+    from lotus.data_meta import run_data_metadata
+    from lotus.training import Trainer
+    from pruning.masks import masked_modules
+
     cfg = finetune_config(args, data_cfg, mcfg, pruned, teacher)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, callbacks=[SameMasks(masks)] if masks is not None else None, run_dir=cfg.output.dir,

@@ -16,11 +16,7 @@ import json
 import math
 import sys
 
-from tqdm import tqdm
-
 from lotus.errors import LotusError
-from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
-from lotus.features.outliers.quant import quantcheck
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
+    from lotus.features.outliers.quant import quantcheck
+
     lm = load_model_and_data(args.config, args.checkpoint, args.set, args.device)
     qcfg = lm.cfg.outliers.quant
     changes = {}

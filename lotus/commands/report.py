@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from lotus.run_report import write_report
-
 __all__ = ["add_arguments", "run"]
 
 
@@ -17,5 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lotus.run_report import write_report  # imports torch (atomic checkpoint writes)
+
     print(write_report(args.run_dir))
     return 0

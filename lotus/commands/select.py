@@ -30,27 +30,30 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from data_tickets import POLICIES, SCORERS, PatchTicket, TicketFile, score, select
-from data_tickets.policies import uses_class_balance
-from lotus.checkpoint import load_weights, model_config_from_checkpoint
+from data_tickets.policies import POLICIES, uses_class_balance
 from lotus.config import load_config
-from lotus.data import build_datasets
 from lotus.errors import LotusError, library_error
-from lotus.features.tickets.callback import load_ticket
-from lotus.features.tickets.proxy import make_cached_proxy
-from lotus.models import create_model, resolve_img_size
 
 __all__ = ["add_arguments", "run"]
+
+
+def _scorer(name: str) -> str:
+    """argparse type of ``--scorer``: a name of ``data_tickets.SCORERS``. The registry imports torch, so it is
+    read when a value is given, not when the parser is built (``lotus select --help`` stays fast)."""
+    from data_tickets import SCORERS
+
+    if name not in SCORERS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(sorted(SCORERS))})")
+    return name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML training config (its data/model/optim sections are used)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.limit_train=500 (repeatable)")
-    p.add_argument("--scorer", choices=sorted(SCORERS), default=None, nargs="+",
-                   help="informativeness score(s) (default el2n; none needed for --policy random); several scorers "
+    p.add_argument("--scorer", type=_scorer, default=None, nargs="+", metavar="SCORER",
+                   help="informativeness score(s), names of data_tickets.SCORERS (default el2n; none needed for --policy random); several scorers "
                    "write one ticket each (--out must then contain {scorer}) from the same proxy trainings")
     p.add_argument("--policy", choices=sorted(POLICIES), default="ccs", help="selection policy (default ccs)")
     size = p.add_mutually_exclusive_group(required=True)
@@ -126,6 +129,8 @@ def _outputs(args: argparse.Namespace, cfg, scorers: list[str | None]) -> dict[s
 
 
 def _scorer_options(args: argparse.Namespace, scorer: str | None) -> dict:
+    from data_tickets import SCORERS
+
     kw: dict = {}
     if args.repeats is not None:
         if scorer is None or "repeats" not in SCORERS[scorer].options():
@@ -146,6 +151,14 @@ def _scorer_options(args: argparse.Namespace, scorer: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from data_tickets import PatchTicket
+    from lotus.checkpoint import load_weights, model_config_from_checkpoint
+    from lotus.data import build_datasets
+    from lotus.features.tickets.proxy import make_cached_proxy
+    from lotus.models import create_model, resolve_img_size
+
     cfg = load_config(args.config, args.set)
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise LotusError(f"--fraction: expected a number in (0, 1], got {args.fraction}")
@@ -246,6 +259,11 @@ class _Job:
 
 def _one_ticket(job: _Job, scorer: str | None, out: str, kw: dict) -> None:
     """Score with ``scorer`` (or reuse --from-ticket's scores), select, write one ticket, print its summary."""
+    import torch
+
+    from data_tickets import TicketFile, score, select
+    from lotus.features.tickets.callback import load_ticket
+
     args, train_set, labels, pol_kw = job.args, job.train_set, job.labels, job.pol_kw
     scores = None
     proxy_meta = None if job.proxy_meta is None else dict(job.proxy_meta)

@@ -19,8 +19,6 @@ import yaml
 
 from lotus.config import config_to_dict, load_config
 from lotus.errors import LotusError
-from lotus.parallel.runtime import destroy
-from lotus.training import Trainer
 
 __all__ = ["add_arguments", "run"]
 
@@ -55,9 +53,13 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(os.path.join(args.resume, "config.yaml")):
             raise LotusError(f"--resume: {args.resume} has no config.yaml (not a Lotus run directory)")
         cfg = load_config(os.path.join(args.resume, "config.yaml"), args.set)
+        from lotus.training import Trainer  # torch and timm: imported once the config is valid
+
         trainer = Trainer(cfg, run_dir=args.resume, resume=True, quiet=args.quiet, overrides=args.set)
     else:
         cfg = load_config(args.config, args.set)
+        from lotus.training import Trainer  # torch and timm: imported once the config is valid
+
         trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet, force=args.force, overrides=args.set)
     summary = trainer.fit()
     if not args.quiet and trainer.dist.is_main:
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if trainer.dist.world_size > 1:
         # all ranks meet, then tear gloo/nccl down; skip interpreter teardown, where gloo's threads can still
         # abort a rank ("terminate called without an active exception") after all work is saved
+        from lotus.parallel.runtime import destroy
+
         destroy()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -20,7 +20,6 @@ pruning, 2:4 masks, patch tickets (any token count) and forward hooks work exact
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Optional, Type
 
@@ -29,21 +28,9 @@ import torch.nn as nn
 from timm.layers import Attention, DropPath, LayerScale, Mlp, RmsNorm
 from timm.models.vision_transformer import VisionTransformer
 
+from lotus.features.outliers.op_config import OPConfig
+
 __all__ = ["OPConfig", "SoftcapAttention", "OPBlock", "op_model_kwargs", "build_op_vit", "resolve_beta"]
-
-
-@dataclass
-class OPConfig:
-    """``model.op``: settings of the Outlier-Protected block (used when ``model.block: op``)."""
-
-    beta: float | None = field(default=None, metadata={"min": 0.0, "min_exclusive": True})  # None: 1/sqrt(depth)
-    trainable_beta: bool = True
-    qk_norm: Literal["rms", "tanh", "none"] = "rms"
-    softcap: float = field(default=30.0, metadata={"min": 0.0, "min_exclusive": True})  # for qk_norm: tanh
-    input_scale: float | None = field(default=None, metadata={"min": 0.0, "min_exclusive": True})  # alpha
-    trainable_input_scale: bool = True
-    embed_norm: bool = True  # the single norm after the patch embedding (timm pre_norm)
-    final_norm: bool = True  # norm before the classifier head
 
 
 def resolve_beta(op_cfg: OPConfig, depth: int) -> float:

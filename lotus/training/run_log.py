@@ -20,8 +20,8 @@ def tensorboard_writer(log_dir: str) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency
     except ImportError:
-        raise LotusError("output.tensorboard: needs the tensorboard package (pip install 'lotus-vit[tensorboard]' "
-                         "or pip install tensorboard), or set output.tensorboard: false") from None
+        raise LotusError("output.tensorboard: needs the tensorboard package (pip install tensorboard, "
+                         "or pip install -e '.[tensorboard]' in the Lotus checkout), or set output.tensorboard: false") from None
     return SummaryWriter(log_dir=log_dir)
 
 

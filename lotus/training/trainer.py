@@ -175,7 +175,7 @@ class Trainer:
         out = evaluate(model or self.model, dataset or self.val_set, batch_size=self.cfg.data.eval_batch_size,
                        device=self.device, autocast=self.autocast, num_workers=self.cfg.data.num_workers,
                        rank=self.dist.rank, world_size=self.dist.world_size)
-        return {"val_loss": out["val_loss"], "val_acc": out["val_acc"]}
+        return {"val_loss": out["val_loss"], "val_acc": out["val_acc"], "val_acc5": out["val_acc5"]}
 
     # ------------------------------------------------------------ epoch order
     def _start_epoch(self, epoch: int) -> None:

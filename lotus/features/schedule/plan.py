@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_tickets import POLICIES, SCORERS, KeepRateSchedule
+from data_tickets import POLICIES, KeepRateSchedule
 from lotus.errors import ConfigError
 from lotus.features.schedule.auto import AutoKeepRates, AutoState
 
@@ -140,6 +140,8 @@ class Schedule:
         r = cfg.lotus.reselect
         if not r.enabled:
             return ()
+        from data_tickets import SCORERS  # the scorer registry imports torch: read only when reselect is on
+
         if r.scorer not in SCORERS:
             raise ConfigError(f"lotus.reselect.scorer: expected one of {', '.join(sorted(SCORERS))}, got {r.scorer!r}")
         if r.scorer in _OFFLINE_SCORERS:
