@@ -1,8 +1,8 @@
 """Checkpoint files: atomic writes, plain safetensors weights, and the resumable training state.
 
-Every write goes to a temporary file in the same folder followed by ``os.replace``, so a kill at any
-moment leaves either the old file or the new one, never a truncated one. Loading never unpickles
-arbitrary objects: weights come from safetensors or ``torch.load(..., weights_only=True)``.
+Every write goes through :mod:`lotus.safe_io` (a Lotus-named temporary file beside the target, then one
+rename), so a kill at any moment leaves either the old file or the new one, never a truncated one.
+Loading never unpickles arbitrary objects: weights come from safetensors or ``torch.load(..., weights_only=True)``.
 
 A weights file is self-describing: its safetensors metadata holds one JSON entry ``"lotus"`` whose
 ``"model"`` is the model section that rebuilds it (:func:`model_metadata`: name, img_size, patch_size,
@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch.nn.utils import parametrize
 
 from lotus.errors import ConfigError, LotusError
+from lotus.safe_io import atomic_write, atomic_write_stream, atomic_write_text
 from lotus.schema import to_dict, validate
 from pruning import apply_widths, get_widths
 
@@ -35,35 +36,6 @@ __all__ = [
 ]
 
 MODEL_KEYS = ("name", "img_size", "patch_size", "in_chans", "num_classes", "kwargs", "block", "op")
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
-    """Call ``write_fn(tmp_path)`` then atomically move the temporary file onto ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600; use what open() would give
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,7 +157,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         meta["model"] = model_metadata(model_cfg, model, widths=state_dict is None)
     tensors = export_state_dict(model) if state_dict is None else {
         k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"lotus": json.dumps(meta)}))
+    # serialised here and written by Lotus: no temp file of safetensors' own beside the target
+    atomic_write_stream(path, lambda f: f.write(safetensors_bytes(tensors, metadata={"lotus": json.dumps(meta)})))
 
 
 def _is_safetensors(path: str) -> bool:
@@ -389,7 +362,7 @@ def _classifier_prefix(model: nn.Module) -> str | None:
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically save the training state (tensors and plain containers only)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write_stream(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

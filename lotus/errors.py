@@ -17,7 +17,7 @@ INTERNAL_EXIT = 1
 
 # OSErrors that are about a path the user gave (or its disk), not about Lotus
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 class LotusError(Exception):

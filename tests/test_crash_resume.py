@@ -29,10 +29,10 @@ def _events(records: list[dict]) -> list[tuple]:
 
 
 def _wait_for_temp_file(run: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll until a checkpoint write is in flight (a ``.tmp-*`` file exists) or the process ends."""
+    """Poll until a checkpoint write is in flight (a ``.lotus-tmp-*`` temp exists) or the process ends."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(run) and any(n.startswith(".tmp-") for n in os.listdir(run)):
+        if os.path.isdir(run) and any(n.startswith(".lotus-tmp-") for n in os.listdir(run)):
             return True
         time.sleep(0.0005)
     return False
@@ -91,7 +91,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_cfg_dict):
 
     a, b = load_file(os.path.join(ref, "last.safetensors")), load_file(os.path.join(run, "last.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    assert not [n for n in os.listdir(run) if n.startswith((".tmp", ".lotus-tmp-"))]
     ref_recs, recs = _records(ref), _records(run)
     assert [r["epoch"] for r in recs if r["type"] == "epoch"] == list(range(1, 31))
     assert _events(recs) == _events(ref_recs)

@@ -1,22 +1,20 @@
 """The run directory as a resource: one process at a time, no stale temp files, and a clear answer to
 "what is in here" (nothing, a half-made run, a run with a checkpoint) before anything is written.
 
-The lock is an exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` held for the whole run (the kernel drops it
-when the process dies, so a SIGKILL never leaves a stale lock); the file holds the holder's pid for the
-error message a second process gets.
+The lock is an exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` (:class:`lotus.safe_io.FileLock`, never
+through a symlink) held for the whole run (the kernel drops it when the process dies, so a SIGKILL never
+leaves a stale lock); the file holds the holder's pid for the error message a second process gets.
 """
 from __future__ import annotations
 
-import fcntl
-import glob
 import json
 import os
 import re
 import time
-from typing import IO
 
 from lotus.config import Config, save_config
 from lotus.errors import LotusError
+from lotus.safe_io import FileLock, open_append, refuse_symlink, remove_temps
 
 __all__ = ["RunDir", "RUN_FILES", "truncate_log"]
 
@@ -31,7 +29,8 @@ class RunDir:
 
     def __init__(self, path: str):
         self.path = path
-        self._lock: IO[str] | None = None
+        self._lock: FileLock | None = None
+        self._created = False
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -47,38 +46,42 @@ class RunDir:
 
     # ------------------------------------------------------------------ lock
     def lock(self) -> None:
-        """Take the run-dir lock or raise a one-line error naming the process that holds it."""
+        """Take the run-dir lock or raise a one-line error naming the process that holds it.
+
+        The folder must not be a symlink, nor its ``.lock``; a folder this call creates is removed again by
+        :meth:`unlock` if the run left nothing in it."""
+        refuse_symlink(self.path, "output.dir")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise LotusError(f"output.dir: {self.path} exists and is not a directory")
+        self._created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
-        f = open(self.file(".lock"), "a+")
+        lock = FileLock(self.file(".lock"), "output.dir", self.path)
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise LotusError(f"output.dir: {self.path} is in use by another Lotus process (pid {holder}); "
-                             "wait for it to finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._lock = f
+            self._lock = lock.acquire()
+        except BaseException:
+            self._remove_if_empty()
+            raise
 
     def unlock(self) -> None:
+        """Release the lock; a run that wrote nothing leaves no ``.lock`` (nor a folder it created)."""
         if self._lock is not None:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-            self._lock.close()
+            self._lock.remove = self._empty()
+            self._lock.release()
             self._lock = None
+            self._remove_if_empty()
+
+    def _empty(self) -> bool:
+        return os.path.isdir(self.path) and set(os.listdir(self.path)) <= {".lock"}
+
+    def _remove_if_empty(self) -> None:
+        if self._created and os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)
 
     # --------------------------------------------------------------- cleanup
     def remove_stale_temps(self) -> list[str]:
-        """Delete temp files a killed writer left (``.tmp-<name>-*``); only call while holding the lock."""
-        stale = sorted(glob.glob(self.file(".tmp-*")))
-        for p in stale:
-            os.remove(p)
-        return stale
+        """Delete temp files a killed writer left (``.lotus-tmp-*``, and earlier versions' and safetensors'
+        ``.tmp*``); only call while holding the lock."""
+        return remove_temps(self.path, legacy=True)
 
     def clear_run(self, keep: tuple[str, ...] = ()) -> list[str]:
         """Delete the files of the run that is here (only Lotus' own outputs, except ``keep``)."""
@@ -94,8 +97,8 @@ class RunDir:
         run's ``config.yaml``, and the overrides are appended to ``config_history.jsonl``."""
         save_config(cfg, self.file("config.yaml"))
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_at_step": resumed_at, "overrides": overrides}
-        with open(self.file("config_history.jsonl"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with open_append(self.file("config_history.jsonl")) as f:
+            f.write((json.dumps(entry) + "\n").encode())
 
     def prepare(self, resume: bool, force: bool) -> list[str]:
         """Make the locked folder ready for a run; returns notes for the event log.
@@ -128,9 +131,11 @@ class RunDir:
 def truncate_log(path: str, size: int | None) -> None:
     """Cut ``metrics.jsonl`` back to ``size`` bytes (its length at the restored checkpoint), dropping the
     records of work a killed run did after it; ``None`` (an older state) leaves the file as it is."""
-    if size is None or not os.path.isfile(path) or os.path.getsize(path) <= size:
+    if size is None or os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) <= size:
         return
-    with open(path, "r+b") as f:
-        f.truncate(size)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

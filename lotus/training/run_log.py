@@ -1,6 +1,7 @@
 """The run log: metrics.jsonl records, the event list, console lines and progress bars (rank 0 only)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from lotus.errors import LotusError
+from lotus.safe_io import open_append
 from lotus.training.run_dir import truncate_log
 
 __all__ = ["RunLog", "tensorboard_writer"]
@@ -49,7 +51,7 @@ class RunLog:
         if self.write:
             os.makedirs(self.run_dir, exist_ok=True)
             truncate_log(self.path, truncate_to)
-            self._file = open(self.path, "a")
+            self._file = io.TextIOWrapper(open_append(self.path), encoding="utf-8")  # never through a symlink
         if self.tensorboard:
             self._tb = tensorboard_writer(os.path.join(self.run_dir, "tensorboard"))
 
