@@ -20,6 +20,7 @@ from lotus.features.schedule.plan import Schedule
 from lotus.features.tickets.config import TicketsConfig
 from lotus.parallel.compat import check_compat
 from lotus.parallel.config import ParallelConfig
+from lotus.safe_io import check_run_name
 from lotus.schema import to_dict, validate
 from lotus.transform_config import TransformConfig
 
@@ -29,12 +30,16 @@ __all__ = [
 ]
 
 
+MAX_IMG_SIZE = 4096  # pixels a side: larger position embeddings / activations do not fit any machine
+MAX_BATCH_SIZE = 1 << 20
+
+
 @dataclass
 class ModelConfig:
     """Which timm model to build. Unset sizes come from the data (channels, classes) or the model."""
 
     name: str = "lotus_vit_tiny"
-    img_size: int | None = field(default=None, metadata={"min": 1})
+    img_size: int | None = field(default=None, metadata={"min": 1, "max": MAX_IMG_SIZE})
     patch_size: int | None = field(default=None, metadata={"min": 1})
     in_chans: int | None = field(default=None, metadata={"min": 1})
     num_classes: int | None = field(default=None, metadata={"min": 2})
@@ -64,8 +69,8 @@ class DataConfig:
     download: bool = False
     val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True})
     split_seed: int = 0
-    batch_size: int = field(default=64, metadata={"min": 1})
-    eval_batch_size: int = field(default=256, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1, "max": MAX_BATCH_SIZE})
+    eval_batch_size: int = field(default=256, metadata={"min": 1, "max": MAX_BATCH_SIZE})
     num_workers: int = field(default=0, metadata={"min": 0})
     normalize: bool = True
     limit_train: int | None = field(default=None, metadata={"min": 2})
@@ -178,6 +183,7 @@ class Config:
     def check(self, prefix: str) -> None:
         """Cross-section rules: the feature sections must fit the run's schedule (built, then dropped:
         the Trainer builds its own; the config is never changed)."""
+        check_run_name(self.name, f"{prefix}name" if prefix else "name")  # runs/<name>-<time>: one folder name
         Schedule(self)
         if self.optim.sched in ("cosine", "poly", "tanh") and \
                 self.optim.cooldown_epochs >= self.train.epochs - self.train.warmup_epochs > 0:

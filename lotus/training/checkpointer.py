@@ -35,7 +35,11 @@ from lotus.parallel.strategies import transformer_blocks
 from lotus.training.checkpoint_history import CheckpointHistory
 from lotus.training.state import capture_rng, restore_rng
 
-__all__ = ["CheckpointManager", "callback_keys", "full_model_state"]
+__all__ = ["CheckpointManager", "callback_keys", "full_model_state", "REQUIRED_KEYS"]
+
+# what an exact resume cannot do without (other keys, e.g. "stepper" or newer counters, have defaults)
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng_torch", "rng_numpy", "rng_python",
+                 "rng_augment")
 
 
 def callback_keys(callbacks: list) -> list[tuple[str, Any]]:
@@ -62,8 +66,18 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ read
     def load(self) -> dict:
-        """The saved training state of this run directory (a one-line error if missing or corrupt)."""
-        return load_state(self.state_path)
+        """The saved training state of this run directory (a one-line error if missing, corrupt, or written
+        before a key an exact resume needs existed; newer optional keys resume with their defaults)."""
+        state = load_state(self.state_path)
+        missing = [k for k in REQUIRED_KEYS if k not in state]
+        if missing:
+            run = self.run_dir
+            raise LotusError(
+                f"resume: {self.state_path} was written by an older Lotus and lacks {', '.join(map(repr, missing))}, "
+                f"so the run cannot continue exactly; start it over with lotus train --config {run}/config.yaml "
+                f"--out {run} --force, or start a new run from its weights with --set model.checkpoint="
+                f"{run}/last.safetensors")
+        return state
 
     def restore_model(self, trainer: "Trainer", state: dict) -> None:
         """Callback state, then shapes (``on_load_checkpoint``), then weights, into the unwrapped model."""
