@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["forward_kept_tokens", "KeptPatchTokens", "apply_patch_tickets"]
+__all__ = ["forward_kept_tokens", "KeptPatchTokens", "apply_patch_tickets", "patch_count"]
 
 
 def _families() -> tuple[tuple[type, bool | str], ...]:
@@ -87,6 +87,9 @@ def _num_patches(model: nn.Module, images: torch.Tensor) -> int:
         gh, gw = pe.dynamic_feat_size(tuple(images.shape[-2:]))
         return int(gh * gw)
     return int(pe.num_patches)
+
+
+patch_count = _num_patches  # public name: the patch count of ``model`` for a batch of ``images``
 
 
 def _check_keep_idx(keep_idx: torch.Tensor, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:

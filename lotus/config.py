@@ -15,6 +15,7 @@ from lotus.features.mixup.config import MixupConfig
 from lotus.features.outliers.config import OutliersConfig
 from lotus.features.outliers.op_config import OPConfig
 from lotus.features.pruning.config import PruningConfig
+from lotus.features.resolution.config import ResolutionConfig
 from lotus.features.schedule.config import ScheduleConfig
 from lotus.features.schedule.plan import Schedule
 from lotus.features.tickets.config import TicketsConfig
@@ -69,6 +70,9 @@ class DataConfig:
     download: bool = False
     val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True})
     split_seed: int = 0
+    # mnist, fashion_mnist, cifar: validation images held out of the official training split (class-stratified,
+    # split_seed; at most a fifth of it); the official test split is evaluated once, at the end of a run
+    val_size: int = field(default=5000, metadata={"min": 1})
     batch_size: int = field(default=64, metadata={"min": 1, "max": MAX_BATCH_SIZE})
     eval_batch_size: int = field(default=256, metadata={"min": 1, "max": MAX_BATCH_SIZE})
     num_workers: int = field(default=0, metadata={"min": 0})
@@ -176,6 +180,7 @@ class Config:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     name: str = "run"
     # what the user gave (file, ``base:`` merged, plus ``--set`` overrides): what ``save_config`` writes
     source: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -189,6 +194,9 @@ class Config:
                 self.optim.cooldown_epochs >= self.train.epochs - self.train.warmup_epochs > 0:
             raise ConfigError(f"optim.cooldown_epochs: {self.optim.cooldown_epochs} leaves no decay between the "
                               f"warm-up ({self.train.warmup_epochs}) and train.epochs ({self.train.epochs})")
+        if self.resolution.enabled and not self.model.kwargs.get("dynamic_img_size"):
+            raise ConfigError("resolution.enabled: needs model.kwargs.dynamic_img_size: true (the ViT then takes "
+                              "smaller images and interpolates its position embedding)")
         if self.ema.enabled and self.pruning.masks_enabled:
             raise ConfigError("ema.enabled: not supported together with pruning masks (pruning.method "
                               f"{self.pruning.method!r}) yet; structured thinning works with EMA")

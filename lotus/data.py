@@ -1,4 +1,4 @@
-"""Datasets for training: digits (embedded), MNIST/Fashion-MNIST/CIFAR via torchvision, ImageFolder.
+"""Datasets for training: digits (embedded), MNIST/Fashion-MNIST (idx files), CIFAR (torchvision), ImageFolder.
 
 Every item is ``(image, label, index)`` where ``index`` is the sample's position in its dataset, so
 data tickets and dynamic pruning can address samples. In-memory datasets keep images at their native
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from lotus.data_cache import Decoded, NativeSize, decoded, from_worker, pil_to_chw
 from lotus.data_transforms import SeededTransformDataset, build_transform, resolve_mean_std, timm_data_config
 from lotus.data_transforms import uses_pretrained_norm as _pretrained_norm
+from lotus.data_idx import IDX_DATASETS, find_idx_files, read_idx
 from lotus.errors import LotusError, RankError
 
 __all__ = ["TensorImageDataset", "DataBundle", "build_datasets", "batches", "Augmenter"]
@@ -116,6 +117,7 @@ class DataBundle:
     labels_train: np.ndarray
     classes: list[str]
     train_aug: Dataset | None = None  # the training loop's view (timm's random transform); None: ``train``
+    test: Dataset | None = None  # the official test split (mnist, fashion_mnist, cifar): reported, never chooses
 
 
 def _split(labels: np.ndarray, val_fraction: float | None, seed: int,
@@ -151,7 +153,39 @@ def _digits(cfg: Any):
 _TV = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
+def _as_chw(data: Any) -> torch.Tensor:
+    data = torch.as_tensor(np.asarray(data))
+    images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    return images.float().div_(255.0)
+
+
+def _idx(cfg: Any) -> tuple | None:
+    """MNIST / Fashion-MNIST from idx files under ``data.root`` (Debian's or torchvision's layout), or None."""
+    files = find_idx_files(cfg.root, cfg.name)
+    if files is None:
+        return None
+    out = []
+    for train in (True, False):
+        try:
+            images, labels = (read_idx(p) for p in files[train])
+        except ValueError as e:
+            raise LotusError(f"data.root: {e}") from None
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise LotusError(f"data.root: {files[train][0]}: expected N images of HxW and N labels, got shapes "
+                             f"{images.shape} and {labels.shape}")
+        out += [_as_chw(images), torch.as_tensor(labels.astype(np.int64))]
+    return (*out, IDX_DATASETS[cfg.name][1])
+
+
 def _torchvision(cfg: Any):
+    """(train images, labels, test images, labels, classes): idx files on disk first, else torchvision."""
+    if cfg.name in IDX_DATASETS and not cfg.download:
+        found = _idx(cfg)
+        if found is not None:
+            return found
+        raise LotusError(f"data.root: {cfg.name} idx files not found under {cfg.root!r} (neither "
+                         f"train-images-idx3-ubyte[.gz] there nor in {IDX_DATASETS[cfg.name][0]}/raw/); "
+                         f"{IDX_DATASETS[cfg.name][2]}")
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TV[cfg.name])
@@ -168,11 +202,19 @@ def _torchvision(cfg: Any):
             ) from None
         except OSError as e:
             raise LotusError(f"data: cannot download {cfg.name} into {cfg.root} ({e})") from None
-        data = torch.as_tensor(np.asarray(ds.data))
-        images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-        sets.append((images.float().div_(255.0), torch.as_tensor(np.asarray(ds.targets))))
-    (xtr, ytr), (xva, yva) = sets
-    return xtr, ytr, xva, yva, [str(c) for c in ds.classes]
+        sets.append((_as_chw(ds.data), torch.as_tensor(np.asarray(ds.targets))))
+    (xtr, ytr), (xte, yte) = sets
+    return xtr, ytr, xte, yte, [str(c) for c in ds.classes]
+
+
+def _holdout(cfg: Any, xtr: torch.Tensor, ytr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``data.val_size`` class-stratified training images (``split_seed``) as the validation split; at most
+    a fifth of the training split, so tiny files still keep most of it for training."""
+    n_val = min(cfg.val_size, len(ytr) // 5)
+    if n_val < 1:
+        raise LotusError(f"data: {cfg.name} has {len(ytr)} training images, too few to hold out a validation split")
+    tr, va = _split(ytr.numpy(), None, cfg.split_seed, train_size=len(ytr) - n_val)
+    return xtr[tr], ytr[tr], xtr[va], ytr[va]
 
 
 def _imagefolder(cfg: Any, img_size: int, chans: int | None, model_cfg: Any):
@@ -217,15 +259,16 @@ def _cache_folder(cfg: Any, ds: "_FolderDataset", mean: list[float], std: list[f
 
 
 def _timm_views(cfg: Any, model_cfg: Any, img_size: int, chans: int, mean: list, std: list, seed: int,
-                sources: list[tuple[Any, int, torch.Tensor]], classes: list[str]) -> tuple[Dataset, Dataset, Dataset]:
-    """``data.transform``: (train with timm's random transform, train with its eval transform, val)."""
+                sources: list[tuple[Any, int, torch.Tensor]], classes: list[str]) -> tuple[Dataset, ...]:
+    """``data.transform``: (train with timm's random transform, train with its eval transform, then each
+    further source (val, test) with the eval transform)."""
     tcfg = cfg.transform
     dcfg = timm_data_config(tcfg, model_cfg, img_size, chans, mean, std)
     train_tf, eval_tf = build_transform(tcfg, dcfg, True), build_transform(tcfg, dcfg, False)
-    (tr_load, tr_n, tr_labels), (va_load, va_n, va_labels) = sources
+    (tr_load, tr_n, tr_labels), *rest = sources
     return (SeededTransformDataset(tr_load, tr_n, train_tf, tr_labels, classes, seed=seed),
             SeededTransformDataset(tr_load, tr_n, eval_tf, tr_labels, classes),
-            SeededTransformDataset(va_load, va_n, eval_tf, va_labels, classes))
+            *(SeededTransformDataset(load, n, eval_tf, lab, classes) for load, n, lab in rest))
 
 
 def _folder_source(cfg: Any, ds: "_FolderDataset") -> tuple[Any, int, torch.Tensor]:
@@ -250,7 +293,7 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_c
     """
     transform = getattr(cfg, "transform", None)
     timm_on = transform is not None and transform.enabled
-    train_aug = None
+    train_aug = test = None
     if cfg.name == "imagefolder":
         if cfg.limit_train is not None:
             raise LotusError("data.limit_train: only supported for in-memory datasets (digits, mnist, fashion_mnist, "
@@ -263,7 +306,12 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_c
         elif getattr(cfg, "cache", "none") == "memory":
             train, val = _cache_folder(cfg, train, mean, std), _cache_folder(cfg, val, mean, std)
     else:
-        xtr, ytr, xva, yva, classes = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+        xte = yte = None
+        if cfg.name == "digits":
+            xtr, ytr, xva, yva, classes = _digits(cfg)
+        else:  # the official test split reports; the validation split comes out of the training split
+            xtr, ytr, xte, yte, classes = _torchvision(cfg)
+            xtr, ytr, xva, yva = _holdout(cfg, xtr, ytr)
         if cfg.limit_train is not None and cfg.limit_train < len(ytr):
             keep, _ = _split(ytr.numpy(), None, cfg.split_seed, train_size=cfg.limit_train)
             xtr, ytr = xtr[keep], ytr[keep]
@@ -276,17 +324,21 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_c
             mean, std = (torch.tensor(v) for v in _norm(cfg, model_cfg, chans, (mean.tolist(), std.tolist())))
         train = TensorImageDataset(xtr, ytr, img_size, chans, mean, std, classes)
         val = TensorImageDataset(xva, yva, img_size, chans, mean, std, classes)
+        test = None if xte is None else TensorImageDataset(xte, yte, img_size, chans, mean, std, classes)
         labels = ytr.numpy()
         if timm_on:
             sources = [_tensor_source(xtr, ytr, chans), _tensor_source(xva, yva, chans)]
-            train_aug, _, val = _timm_views(cfg, model_cfg, img_size, chans, mean.tolist(), std.tolist(), seed,
-                                            sources, classes)  # the clean train view stays batch-sliced
+            if xte is not None:
+                sources.append(_tensor_source(xte, yte, chans))
+            views = _timm_views(cfg, model_cfg, img_size, chans, mean.tolist(), std.tolist(), seed, sources, classes)
+            train_aug, val = views[0], views[2]  # the clean train view stays batch-sliced
+            test = views[3] if xte is not None else None
     if len(train) == 0 or len(val) == 0:
         raise LotusError(f"data: {cfg.name} has an empty {'train' if len(train) == 0 else 'val'} split")
     present = np.unique(labels)
     if len(present) < 2:
         raise LotusError(f"data: {cfg.name} training split has only one class ({classes[int(present[0])]}); need >= 2")
-    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes), train_aug)
+    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes), train_aug, test)
 
 
 class Augmenter:

@@ -92,7 +92,52 @@ def test_mnist_from_local_files(tmp_path):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
     cfg = config_from_dict({"data": {"name": "mnist", "root": str(tmp_path)}}).data
     d = build_datasets(cfg, img_size=16)
-    assert len(d.train) == 20 and len(d.val) == 6 and d.num_classes == 10 and d.train[3][0].shape == (1, 16, 16)
+    # a fifth of the training files is held out for validation; the t10k files are the test split
+    assert len(d.train) == 16 and len(d.val) == 4 and len(d.test) == 6
+    assert d.num_classes == 10 and d.train[3][0].shape == (1, 16, 16)
+
+
+def _write_idx_gz(folder, prefix, images, labels):
+    import gzip
+    import struct
+
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+
+
+def test_fashion_mnist_debian_layout_val_and_test_splits(tmp_path):
+    """Debian's dataset-fashion-mnist layout (four .gz files in one folder): a class-stratified validation
+    split of data.val_size comes out of the training files, the t10k files are the test split."""
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 255, (200, 28, 28), dtype=np.uint8)
+    train_y = (np.arange(200) % 10).astype(np.uint8)
+    test_x, test_y = train_x[:30].copy(), train_y[:30].copy()
+    _write_idx_gz(tmp_path, "train", train_x, train_y)
+    _write_idx_gz(tmp_path, "t10k", test_x, test_y)
+    cfg = config_from_dict({"data": {"name": "fashion_mnist", "root": str(tmp_path), "val_size": 20}}).data
+    d = build_datasets(cfg, img_size=28)
+    assert (len(d.train), len(d.val), len(d.test)) == (180, 20, 30)
+    assert np.bincount(d.val.labels.numpy()).tolist() == [2] * 10  # stratified
+    assert d.classes[0] == "T-shirt/top" and d.classes[9] == "Ankle boot"
+    seen = {bytes((d.train.images[i] * 255).round().to(torch.uint8).numpy()) for i in range(len(d.train))}
+    assert not any(bytes((d.val.images[i] * 255).round().to(torch.uint8).numpy()) in seen for i in range(20))
+    assert torch.equal((d.test.images[5, 0] * 255).round().to(torch.uint8), torch.from_numpy(test_x[5]))
+    again = build_datasets(cfg, img_size=28)
+    assert torch.equal(again.val.labels, d.val.labels) and torch.equal(again.val.images, d.val.images)
+
+
+def test_fashion_mnist_missing_names_the_debian_package(tmp_path):
+    cfg = config_from_dict({"data": {"name": "fashion_mnist", "root": str(tmp_path)}}).data
+    with pytest.raises(LotusError, match="apt-get install dataset-fashion-mnist"):
+        build_datasets(cfg, img_size=28)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(LotusError, match="data.root: .*train-images-idx3-ubyte.gz"):
+        build_datasets(cfg, img_size=28)
 
 
 def test_augmenter_is_seeded_and_changes_images():

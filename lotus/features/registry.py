@@ -29,9 +29,11 @@ from lotus.features.mixup.callback import MixupCallback
 from lotus.features.outliers.callback import OutlierMonitor
 from lotus.features.patches.callback import PatchTicketsCallback
 from lotus.features.pruning.callback import PruningCallback
+from lotus.features.resolution.callback import ResolutionCallback
 from lotus.features.schedule.auto_callback import AutoScheduleCallback
 from lotus.features.schedule.callback import ReselectCallback
 from lotus.features.schedule.plan import Schedule
+from lotus.features.subsets.callback import RandomSubsetCallback
 from lotus.features.tickets.callback import TicketSubset
 
 __all__ = ["Feature", "FEATURES", "SLOT_HOOKS", "build_callbacks"]
@@ -54,6 +56,8 @@ class Feature:
 FEATURES: tuple[Feature, ...] = (
     Feature("tickets", "tickets.file", ("subset",),
             lambda cfg, s: [TicketSubset(cfg.tickets.file)] if cfg.tickets.file else []),
+    Feature("subsets", "tickets.random", ("subset",),
+            lambda cfg, s: [RandomSubsetCallback(cfg.tickets.random, cfg.train.seed)] if cfg.tickets.random.enabled else []),
     Feature("schedule", "lotus.reselect", ("subset",),
             lambda cfg, s: [ReselectCallback(cfg.lotus.reselect, cfg.train.seed)] if s.reselect_epochs else []),
     Feature("schedule", "lotus.schedule", (),  # auto: decides the plan; the features below follow it
@@ -64,6 +68,8 @@ FEATURES: tuple[Feature, ...] = (
             if cfg.tickets.dynamic.enabled else []),
     Feature("pruning", "pruning", ("model",),
             lambda cfg, s: [PruningCallback(cfg.pruning, s.auto)] if cfg.pruning.enabled else []),
+    Feature("resolution", "resolution", ("batch",),  # before mixup: mixup mixes the resized images
+            lambda cfg, s: [ResolutionCallback(cfg.resolution)] if cfg.resolution.enabled else []),
     Feature("mixup", "mixup", ("batch",),
             lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else []),
     Feature("distill", "distill", ("batch",),  # after mixup: the teacher labels the mixed images

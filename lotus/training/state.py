@@ -19,14 +19,15 @@ class TrainState:
     samples_seen: int = 0
     train_flops: float = 0.0
     wall: float = 0.0
+    cpu: float = 0.0  # process CPU seconds of the same kept work (robust to other jobs on the machine)
     best_acc: float = -1.0
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key in asdict(self):
-            setattr(self, key, type(getattr(self, key))(state[key]))
+        for key, default in asdict(self).items():  # a key newer than the saved state keeps its default
+            setattr(self, key, type(default)(state.get(key, default)))
 
 
 def capture_rng(augment: torch.Generator) -> dict:

@@ -81,6 +81,7 @@ class Trainer:
     samples_seen = _Counter()
     train_flops = _Counter()
     wall = _Counter()
+    cpu = _Counter()
     best_acc = _Counter()
 
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None, run_dir: str | None = None,
@@ -165,6 +166,12 @@ class Trainer:
         """Record an event (what, when, how long, result) in metrics.jsonl and the run summary."""
         self.run_log.event({"type": "event", "event": event, "epoch": self.epoch, "step": self.step,
                             "wall_s": round(self._wall_now(), 4), **fields})
+
+    def count_as_training(self, wall_s: float, cpu_s: float) -> None:
+        """Add work done outside the epoch's training segment (e.g. a schedule's probes at an epoch end) to
+        the run's training time: wall and process CPU seconds."""
+        self.wall = self.wall + wall_s
+        self.cpu = self.cpu + cpu_s
 
     def _wall_now(self) -> float:
         start = self._segment_start
@@ -275,10 +282,11 @@ class Trainer:
                 if steps_cap is not None and self.step >= steps_cap:
                     break
                 self.epoch = epoch
-                self._segment_start = time.perf_counter()
+                self._segment_start, cpu0 = time.perf_counter(), time.process_time()
                 self._start_epoch(epoch)
                 last_metrics = self._train_epoch(epoch, steps_cap)
                 self.wall = self._wall_now()
+                self.cpu = self.cpu + (time.process_time() - cpu0)
                 self._segment_start = None
                 stopping = steps_cap is not None and self.step >= steps_cap
                 if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs or stopping:
@@ -287,6 +295,7 @@ class Trainer:
                 last_metrics["wall_s"] = round(self.wall, 4)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, last_metrics)
+                last_metrics.update(wall_s=round(self.wall, 4), cpu_s=round(self.cpu, 4))  # with probe time
                 self.epoch = epoch + 1
                 self.run_log.record(last_metrics)
                 self.run_log.print(RunLog.epoch_line(last_metrics, cfg.train.epochs))
@@ -295,6 +304,11 @@ class Trainer:
                     self.dir.record_config(cfg, resumed_at, self.overrides)
                     config_pending = False
             summary = self._summary(last_metrics)
+            if self.data.test is not None:  # reported once, at the end: the test split never chooses anything
+                test = self.evaluate(dataset=self.data.test)
+                summary.update(test_acc=test["val_acc"], test_loss=test["val_loss"])
+                self.run_log.print(f"test: acc {test['val_acc']:.4f} loss {test['val_loss']:.4f} "
+                                   f"({len(self.data.test)} images)")
             for cb in self.callbacks:
                 cb.on_fit_end(self, summary)  # may still log events
             summary["events"] = self.events
@@ -388,7 +402,7 @@ class Trainer:
         return {
             "name": self.cfg.name, "run_dir": os.path.abspath(self.run_dir), "model": self.cfg.model.name,
             "epochs": self.epoch, "steps": self.step, "samples_seen": self.samples_seen,
-            "wall_s": round(self.wall, 3), "train_flops": self.train_flops,
+            "wall_s": round(self.wall, 3), "cpu_s": round(self.cpu, 3), "train_flops": self.train_flops,
             "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
             "best_val_acc": self.best_acc if self.best_acc >= 0 else None,
             "params": sum(p.numel() for p in bare.parameters()), "nonzero_params": nonzero,

@@ -21,6 +21,7 @@ import torch
 from data_tickets import KeepRateSchedule, PatchTicket, apply_patch_tickets
 from data_tickets.attention import capture_attention
 from data_tickets.keep_rate import num_kept
+from data_tickets.kept_tokens import patch_count
 from data_tickets.patches import random_patch_scores
 from lotus.callbacks import Callback, Forward, Trainer
 from lotus.data import batches
@@ -62,8 +63,8 @@ class PatchTicketsCallback(Callback):
         except ValueError as e:
             raise LotusError(f"tickets.patches: {e}") from None
         self.num_patches = int(model.patch_embed.num_patches)
-        if getattr(model, "dynamic_img_size", False):
-            raise LotusError("tickets.patches: models built with dynamic_img_size are not supported in training "
+        if getattr(model, "dynamic_img_size", False) and not (self.cfg.scorer == "random" and self.cfg.source == "online"):
+            raise LotusError("tickets.patches: models built with dynamic_img_size train only with scorer: random "
                              "(patch rankings need a fixed grid)")
         if self.cfg.scorer == "cls_attention" and self.cfg.source == "online" and getattr(model, "cls_token", None) is None:
             raise LotusError(f"tickets.patches.scorer: cls_attention needs a model with a class token "
@@ -170,9 +171,13 @@ class PatchTicketsCallback(Callback):
         """Kept patch indices ``(B, K)`` for a training batch, or ``None`` for all patches."""
         if self.k == 0 or self.k >= self.num_patches:
             return None
-        if self.cfg.scorer == "random" and self.cfg.source == "online":
-            scores = random_patch_scores(index, self.num_patches, seed=self.seed, epoch=self.epoch)
-            return PatchTicket.keep_from_scores(scores, self.k).to(images.device)
+        if self.cfg.scorer == "random" and self.cfg.source == "online":  # the batch's own grid (resolution)
+            n = patch_count(unwrap(trainer.model), images)
+            k = self.k if n == self.num_patches else num_kept(n, self.keep_rate)
+            if k >= n:
+                return None
+            scores = random_patch_scores(index, n, seed=self.seed, epoch=self.epoch)
+            return PatchTicket.keep_from_scores(scores, k).to(images.device)
         if self.cfg.source == "online" and self.cfg.refresh_every == 0:
             with trainer.autocast():
                 rank = self.ticket.rank(unwrap(trainer.model), images)

@@ -357,7 +357,7 @@ class AutoScheduleCallback(Callback):
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         if epoch + 1 >= self.state.epochs:
             return
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         made: list[str] = []
         prev_loss = self.prev_loss
         self._phases(trainer, epoch, metrics, made)
@@ -373,8 +373,7 @@ class AutoScheduleCallback(Callback):
                 self._thin(trainer, epoch, made)
         dt = time.perf_counter() - t0
         self.seconds += dt
-        trainer.wall = trainer.wall + dt  # probes are schedule work: they count as training time
-        metrics["wall_s"] = round(trainer.wall, 4)
+        trainer.count_as_training(dt, time.process_time() - cpu0)  # probes are schedule work: training time
         metrics["auto_next_phase"] = self.state.phase(epoch + 1)
         if made:
             metrics["auto_decisions"] = made

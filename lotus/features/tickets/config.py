@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from lotus.errors import ConfigError
 from lotus.features.dynamic.config import DynamicConfig
 from lotus.features.patches.config import PatchConfig
+from lotus.features.subsets.config import RandomSubsetConfig
 
 __all__ = ["TicketsConfig"]
 
@@ -18,7 +19,10 @@ class TicketsConfig:
     file: str | None = None
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
+    random: RandomSubsetConfig = field(default_factory=RandomSubsetConfig)
 
     def check(self, prefix: str) -> None:
         if self.file is not None and not str(self.file).endswith(".npz"):
             raise ConfigError(f"{prefix}.file: expected a ticket .npz file (from lotus select), got {self.file!r}")
+        if self.file is not None and self.random.enabled:
+            raise ConfigError(f"{prefix}.random.enabled: a random subset replaces {prefix}.file; use one of them")

@@ -1,0 +1,48 @@
+"""Random data subsets, the baselines every selection method must beat.
+
+* :func:`fixed_subset`: one seeded random (class-stratified when labels are given) subset for the whole run.
+* :func:`rs2_subset`: RS2 without replacement (Okanovic et al., "Repeated Random Sampling for Minimizing the
+  Time-to-Accuracy of Learning", ICLR 2024): each epoch takes the next ``fraction`` of a seeded permutation
+  of the data, a new permutation starting when one is used up, so every sample is seen once before any is
+  seen twice. Both are pure functions of (size, fraction, epoch, seed): a resumed run draws the same subsets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["fixed_subset", "rs2_subset", "subset_size"]
+
+
+def subset_size(n: int, fraction: float) -> int:
+    """Samples per epoch for a share ``fraction`` of ``n`` (at least one)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: expected a share in (0, 1], got {fraction}")
+    return max(1, min(n, round(fraction * n)))
+
+
+def fixed_subset(n: int, fraction: float, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of one random subset of ``fraction`` of ``n`` samples (stratified by ``labels``)."""
+    m = subset_size(n, fraction)
+    rng = np.random.default_rng([seed, 0x5EED])
+    if labels is None or m == n:
+        return np.sort(rng.permutation(n)[:m])
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * m / n  # largest remainder: class counts sum to m
+    take = np.floor(share).astype(int)
+    take[np.argsort(-(share - take), kind="stable")[: m - take.sum()]] += 1
+    out = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(out))
+
+
+def rs2_subset(n: int, fraction: float, epoch: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices RS2 (without replacement) trains on in ``epoch`` (0-based)."""
+    m = subset_size(n, fraction)
+    start, stop = epoch * m, (epoch + 1) * m
+    parts = []
+    for r in range(start // n, (stop - 1) // n + 1):
+        perm = np.random.default_rng([seed, 0x252, r]).permutation(n)
+        lo, hi = max(start - r * n, 0), min(stop - r * n, n)
+        parts.append(perm[lo:hi])
+    out = np.concatenate(parts)
+    return np.unique(out) if len(out) > n else np.sort(out)

@@ -1,0 +1,1 @@
+"""Progressive resolution: the token-budget curriculum (``resolution:`` section)."""

@@ -1,0 +1,21 @@
+"""When each epoch trains at which image side: a pure function of the epoch (resume needs no state)."""
+from __future__ import annotations
+
+import math
+
+__all__ = ["side_at"]
+
+
+def side_at(epoch: int, epochs: int, full: int, patch: int, start: float, full_at: float) -> int:
+    """The training image side of ``epoch`` (0-based) in a run of ``epochs``: ``start * full`` at epoch 0,
+    rising linearly to ``full`` at epoch ``round(full_at * epochs)``, rounded down to whole patches and at
+    least two patches per side; ``full`` itself when it is not a multiple of ``patch``."""
+    if full % patch or full // patch <= 2:
+        return full
+    lo = max(2 * patch, int(start * full) // patch * patch)
+    end = round(full_at * epochs)
+    if epoch >= end or lo >= full:
+        return full
+    t = epoch / end
+    side = lo + t * (full - lo)
+    return max(lo, min(full, int(math.floor(side / patch + 1e-9)) * patch))
