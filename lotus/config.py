@@ -40,48 +40,79 @@ class ModelConfig:
     """Which timm model to build. Unset sizes come from the data (channels, classes) or the model."""
 
     name: str = "lotus_vit_tiny"
+    """Any timm model name, or a registered Lotus ViT: lotus_vit_micro (16 px), lotus_vit_tiny, lotus_vit_small (32
+    px)."""
     img_size: int | None = field(default=None, metadata={"min": 1, "max": MAX_IMG_SIZE})
+    """Input side in pixels; default: the data's image size (or the model's own)."""
     patch_size: int | None = field(default=None, metadata={"min": 1})
+    """ViT patch side in pixels, passed to timm; default: the model's own."""
     in_chans: int | None = field(default=None, metadata={"min": 1})
+    """Input channels; default: the data's channel count."""
     num_classes: int | None = field(default=None, metadata={"min": 2})
+    """Classifier outputs; default: the data's class count."""
     pretrained: bool = False
+    """Load timm's published weights (downloads them; offline, pass model.checkpoint instead)."""
     checkpoint: str | None = None
+    """Local weights to start from: a .safetensors file or a state dict read with torch.load(weights_only=True)."""
     drop_path_rate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    """Stochastic depth rate, passed to timm."""
     block: Literal["pre_ln", "op"] = "pre_ln"
+    """Transformer block: pre_ln (timm's) or op (the Outlier-Protected block, set up by model.op)."""
     op: OPConfig = field(default_factory=OPConfig)
+    """Settings of the Outlier-Protected block, used when model.block is op."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for timm.create_model (e.g. dynamic_img_size: true)."""
 
 
 @dataclass
 class AugmentConfig:
     """Train-time augmentation (applied on tensors, batched-friendly)."""
 
-    random_crop: int = field(default=0, metadata={"min": 0})  # random shift by up to this many pixels
+    random_crop: int = field(default=0, metadata={"min": 0})
+    """Random shift by up to this many pixels."""
     hflip: bool = False
+    """Random horizontal flip."""
     random_erasing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    rotate: float = field(default=0.0, metadata={"min": 0.0, "max": 180.0})  # max degrees
-    scale: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})  # zoom in [1-s, 1+s]
+    """Probability of erasing a random rectangle of each image."""
+    rotate: float = field(default=0.0, metadata={"min": 0.0, "max": 180.0})
+    """Random rotation by up to this many degrees."""
+    scale: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})
+    """Random zoom by a factor in [1 - scale, 1 + scale]."""
 
 
 @dataclass
 class DataConfig:
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    """Dataset: digits (scikit-learn's, bundled), mnist, fashion_mnist, cifar10, cifar100, or imagefolder (data.root
+    with train/ and val/ class folders)."""
     root: str = "data"
+    """Folder holding the dataset files (fashion_mnist from apt-get install dataset-fashion-mnist:
+    /usr/share/datasets/fashion-mnist)."""
     download: bool = False
+    """Let torchvision download mnist, fashion_mnist or cifar into data.root when the files are missing."""
     val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True})
+    """digits: share of the samples in the validation split (class-stratified, split_seed)."""
     split_seed: int = 0
-    # mnist, fashion_mnist, cifar: validation images held out of the official training split (class-stratified,
-    # split_seed; at most a fifth of it); the official test split is evaluated once, at the end of a run
+    """Seed of the train/validation split (and of data.limit_train's subset)."""
     val_size: int = field(default=5000, metadata={"min": 1})
+    """mnist, fashion_mnist, cifar: validation images held out of the official training split (class-stratified, at
+    most a fifth of it); the official test split is evaluated once, at the end of a run."""
     batch_size: int = field(default=64, metadata={"min": 1, "max": MAX_BATCH_SIZE})
+    """Training batch size (per process under torchrun)."""
     eval_batch_size: int = field(default=256, metadata={"min": 1, "max": MAX_BATCH_SIZE})
+    """Evaluation batch size."""
     num_workers: int = field(default=0, metadata={"min": 0})
+    """DataLoader worker processes that decode and transform images (0: in the training process)."""
     normalize: bool = True
+    """Normalise inputs with the training split's mean/std (imagefolder: 0.5/0.5; data.transform.mean/std win)."""
     limit_train: int | None = field(default=None, metadata={"min": 2})
-    # imagefolder: memory decodes every image once (uint8) and augments on the fly; none decodes each epoch
+    """Train on a class-stratified subset of this many training images (in-memory datasets only)."""
     cache: Literal["none", "memory"] = "none"
+    """imagefolder: memory decodes every image once (uint8) and augments on the fly; none decodes each epoch."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    transform: TransformConfig = field(default_factory=TransformConfig)  # timm's PIL transforms (off by default)
+    """The batched tensor augmenter of the in-memory datasets (all off by default)."""
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    """timm's per-sample PIL transforms (create_transform); off by default, replaces data.augment."""
 
     def check(self, prefix: str) -> None:
         if self.cache == "memory" and self.name != "imagefolder":
@@ -95,27 +126,39 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # any name of timm.optim.list_optimizers() (lion, lamb, adan, nadamw, ...; built by create_optimizer_v2),
-    # or soap | shampoo (pytorch-optimizer)
     name: str = "adamw"
+    """Optimiser: any name of timm.optim.list_optimizers() (adamw, lion, lamb, adan, nadamw, lookahead_...), or soap
+    / shampoo (pytorch-optimizer)."""
     lr: float = field(default=1e-3, metadata={"min": 0.0, "min_exclusive": True})
+    """Peak learning rate (reached after train.warmup_epochs)."""
     weight_decay: float = field(default=0.05, metadata={"min": 0.0})
+    """Decoupled weight decay; never applied to biases, norms and gains."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam-style betas, two floats in [0, 1) (dropped for optimisers without them)."""
     eps: float = field(default=1e-8, metadata={"min": 0.0, "min_exclusive": True})
+    """Optimiser epsilon."""
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    """Momentum of SGD-style optimisers."""
     nesterov: bool = False
-    # layer-wise lr decay (BEiT/DeiT-III fine-tuning): groups from timm.optim.create_optimizer_v2, lr x decay^depth
+    """Nesterov momentum, for optimisers that take it."""
     layer_decay: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    # lr schedule after train.warmup_epochs (timm.scheduler); cosine/poly/tanh decay to train.min_lr by
-    # train.epochs - cooldown_epochs, then hold it; step: x decay_rate every decay_epochs; multistep: x decay_rate
-    # at each of decay_milestones; plateau: x decay_rate after patience_epochs evaluations without a better val_acc
+    """Layer-wise lr decay (BEiT/DeiT-III fine-tuning): lr x layer_decay^depth, groups from timm's
+    param_groups_layer_decay; null: off."""
     sched: Literal["cosine", "step", "multistep", "plateau", "poly", "tanh"] = "cosine"
+    """lr schedule after the warm-up (timm.scheduler): cosine/poly/tanh decay to train.min_lr, step, multistep, or
+    plateau (on val_acc)."""
     cooldown_epochs: float = field(default=0.0, metadata={"min": 0.0})
+    """cosine/poly/tanh: reach train.min_lr this many epochs before the end and hold it."""
     decay_epochs: float = field(default=30.0, metadata={"min": 0.0, "min_exclusive": True})
+    """step: multiply the lr by decay_rate every this many epochs."""
     decay_milestones: list[float] = field(default_factory=lambda: [30.0, 60.0])
-    decay_rate: float = field(default=0.1, metadata={"min": 0.0, "min_exclusive": True})  # poly: the power
+    """multistep: multiply the lr by decay_rate at each of these epochs (increasing, timm's 1-based convention)."""
+    decay_rate: float = field(default=0.1, metadata={"min": 0.0, "min_exclusive": True})
+    """step/multistep/plateau: lr factor per decay; poly: the power."""
     patience_epochs: int = field(default=10, metadata={"min": 0})
+    """plateau: evaluations without a better val_acc before the lr is multiplied by decay_rate."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for the optimiser's constructor."""
 
     def check(self, prefix: str) -> None:
         if self.name not in ("adamw", "sgd", "soap", "shampoo"):  # others: timm's registry (imports torch)
@@ -132,56 +175,93 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = field(default=10, metadata={"min": 1})
-    warmup_epochs: float = field(default=1.0, metadata={"min": 0.0})  # longer than training: lr ramps throughout
+    """Training epochs."""
+    warmup_epochs: float = field(default=1.0, metadata={"min": 0.0})
+    """Linear lr warm-up, in (fractional) epochs; longer than training: the lr ramps throughout."""
     min_lr: float = field(default=1e-5, metadata={"min": 0.0})
+    """The lr the decay ends at."""
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    """Label smoothing of the targets (mixed targets too)."""
     grad_clip: float | None = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    """Gradient clipping threshold (see clip_mode); null: off."""
     seed: int = 0
+    """Seed of the model init, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # fp16: CUDA only, with a GradScaler
+    """auto: cuda when available, else cpu."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision: auto = bf16 autocast on CUDA that supports it; fp16 adds a GradScaler (CUDA only); off."""
     deterministic: bool = True
-    # auto (CPU): the fastest thread count for this model, timed at start and re-checked when step time jumps
-    # (not bit-reproducible across machine loads); an int pins it; null keeps torch's default
+    """torch.use_deterministic_algorithms (warn only)."""
     threads: int | Literal["auto"] | None = field(default="auto", metadata={"min": 1})
+    """CPU threads: auto = the fastest count for this model, timed at start and re-checked when step time jumps (not
+    bit-reproducible across machine loads); an int pins it; null keeps torch's default."""
     eval_every: int = field(default=1, metadata={"min": 1})
+    """Evaluate every N epochs (and always after the last)."""
     max_steps: int | None = field(default=None, metadata={"min": 1})
-    # steps between checks that the loss stayed finite (each check is one host sync; epochs end with one too)
+    """Stop after this many optimiser steps; null: train all epochs."""
     finite_check_every: int = field(default=100, metadata={"min": 1})
-    accumulate_steps: int = field(default=1, metadata={"min": 1})  # micro-batches per optimiser step
-    clip_mode: Literal["norm", "value", "agc"] = "norm"  # how grad_clip applies (timm.utils.dispatch_clip_grad)
-    loss: Literal["ce", "bce"] = "ce"  # bce: binary cross-entropy on (smoothed / mixed) one-hot targets
+    """Steps between checks that the loss stayed finite (each is one host sync; every epoch ends with one too)."""
+    accumulate_steps: int = field(default=1, metadata={"min": 1})
+    """Micro-batches per optimiser step (gradient accumulation)."""
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    """How grad_clip applies: norm, value or agc (timm's dispatch_clip_grad)."""
+    loss: Literal["ce", "bce"] = "ce"
+    """ce: cross-entropy; bce: binary cross-entropy on (smoothed / mixed) one-hot targets."""
     bce_target_thresh: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
-    compile: bool = False  # torch.compile the model (inductor; CPU needs a C++ compiler)
-    log_every_n_steps: int = field(default=0, metadata={"min": 0})  # step records in metrics.jsonl (0: off)
+    """bce: binarise targets at this threshold; null: soft targets."""
+    compile: bool = False
+    """torch.compile the model (inductor; on CPU it needs a C++ compiler)."""
+    log_every_n_steps: int = field(default=0, metadata={"min": 0})
+    """Write a step record (loss, lr, img/s) to metrics.jsonl every N steps; 0: off."""
 
 @dataclass
 class OutputConfig:
-    dir: str | None = None  # default: runs/<config name>
+    dir: str | None = None
+    """Run directory; default: runs/<name>-<time> (--out wins)."""
     save_best: bool = True
+    """Write best.safetensors (the best val_acc so far)."""
     save_last: bool = True
+    """Write last.safetensors at each checkpoint."""
     report: bool = True
-    tensorboard: bool = False  # also write epoch/step scalars to RUN_DIR/tensorboard (pip install tensorboard)
-    # also keep the N best epochs' weights (by val_acc) as checkpoint-<epoch>.safetensors + checkpoints.json
+    """Write report.md and curves.png at the end of the run."""
+    tensorboard: bool = False
+    """Also write epoch/step scalars to RUN_DIR/tensorboard (pip install tensorboard)."""
     keep_checkpoints: int = field(default=0, metadata={"min": 0})
+    """Also keep the N best epochs' weights by val_acc (checkpoint-<epoch>.safetensors, checkpoints.json); 0: off."""
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (any timm model)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset, its splits, augmentation and loading."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser and its lr schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """What a run writes."""
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    """Data tickets: an offline ticket file, dynamic data pruning, patch tickets, random subsets."""
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Sparsity masks and structured thinning during training (off by default)."""
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
+    """Outlier-feature monitoring during training (off by default)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism (DDP, FSDP2) and per-block memory optimisations (off by default)."""
     lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The LOTUS schedule: dense warm-up, a reduced phase, a full-data anneal; fixed or auto (off by default)."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    """timm's Mixup / CutMix (off by default)."""
     ema: EmaConfig = field(default_factory=EmaConfig)
+    """timm's ModelEmaV3 weight averaging (off by default)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """Soft-label distillation from a frozen teacher (off by default)."""
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    """Progressive resolution: early epochs on smaller images (off by default)."""
     name: str = "run"
+    """Run name: one folder name (no /, \\, '..'; at most 128 bytes); default: the config file's name."""
     # what the user gave (file, ``base:`` merged, plus ``--set`` overrides): what ``save_config`` writes
     source: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -29,19 +29,35 @@ class TransformConfig:
     in-memory datasets then keep the batched tensor augmenter (``data.augment``)."""
 
     enabled: bool = False
-    auto_augment: str | None = None  # rand-m9-mstd0.5-inc1 | augmix-m5-w4-d2 | original | v0 | trivialaugment
-    re_prob: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # random erasing probability
+    """Use timm's create_transform (per-sample PIL transforms in DataLoader workers) instead of data.augment."""
+    auto_augment: str | None = None
+    """timm policy string: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, ... or trivialaugment; checked
+    section by section."""
+    re_prob: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    """Random erasing probability."""
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    """Random erasing fill."""
     re_count: int = field(default=1, metadata={"min": 1})
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])  # RandomResizedCrop aspect range
+    """Random erasing boxes per image."""
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range [min, max], 0 < min <= max <= 1."""
+    ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    """RandomResizedCrop aspect-ratio range [min, max]."""
     hflip: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """Horizontal flip probability."""
     vflip: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    color_jitter: float | None = field(default=0.4, metadata={"min": 0.0})  # timm: off when auto_augment is set
+    """Vertical flip probability."""
+    color_jitter: float | None = field(default=0.4, metadata={"min": 0.0})
+    """Colour jitter strength (timm turns it off under auto_augment); null: off."""
     interpolation: Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random"] | None = None
+    """Resize interpolation; default: the model's pretrained_cfg."""
     crop_pct: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    mean: list[float] | None = None  # default: the model's pretrained_cfg when fine-tuning, else the data's
+    """Eval: resize to img_size / crop_pct, then centre-crop; default: the model's pretrained_cfg."""
+    mean: list[float] | None = None
+    """Normalisation mean (1 or 3 values, set with std); default: the model's pretrained_cfg when fine-tuning timm
+    weights, else the data's."""
     std: list[float] | None = None
+    """Normalisation std (1 or 3 values > 0, set with mean); default as for mean."""
 
     def check(self, prefix: str) -> None:
         if self.auto_augment is not None:

@@ -112,24 +112,25 @@ class SemiStructuredConfig:
 class StructuredConfig:
     """Structured thinning (:func:`pruning.structured.prune_structured`): what to remove and how to rank it.
 
-    heads / mlp: fraction of attention heads / MLP hidden neurons to remove, in [0, 1).
-    importance: ``magnitude`` (L2 of the group's weights; no data), ``activation`` (calibration L2 norm of the
-        group's activations times the L2 norm of its output-projection columns) or ``taylor`` (first-order
-        Taylor, sum of |w * dL/dw| over the group's weights, accumulated over calibration batches).
-    scope: ``layer`` removes the fraction from every block; ``global`` ranks the groups of all blocks together
-        by raw score (taylor estimates the loss change and activation the output contribution, both comparable
-        across blocks), so blocks lose different amounts; each still keeps ``min_heads`` heads and at least
-        ``round_to`` neurons.
-    round_to: kept MLP widths (and kept ``heads * head_dim``, where head_dim allows) are multiples of this.
-    min_heads: every block keeps at least this many heads.
+    With ``scope="global"`` the raw scores are compared across blocks (taylor estimates the loss change and
+    activation the output contribution, both comparable across blocks); each block still keeps ``min_heads``
+    heads and at least ``round_to`` neurons.
     """
 
     heads: float = 0.0
+    """Fraction of attention heads to remove, in [0, 1)."""
     mlp: float = 0.0
+    """Fraction of MLP hidden neurons to remove, in [0, 1)."""
     importance: Importance = "magnitude"
+    """Ranking: magnitude (L2 of the group's weights, no data), activation (calibration activation norm x
+    output-column norm) or taylor (sum of |w x dL/dw| over calibration batches)."""
     scope: Literal["layer", "global"] = "layer"
+    """layer: remove the fraction from every block; global: rank the groups of all blocks together, so blocks lose
+    different amounts."""
     round_to: int = 1
+    """Kept MLP widths (and heads x head_dim, where head_dim allows) are multiples of this."""
     min_heads: int = 1
+    """Every block keeps at least this many heads."""
 
     def __post_init__(self) -> None:
         for name, what in (("heads", "head"), ("mlp", "MLP neuron")):

@@ -6,7 +6,7 @@ examples:
   lotus train --resume runs/try1                 # continue from runs/try1/state.pt
   lotus train --resume runs/try1 --set train.epochs=20   # continue and train longer
   lotus train --config configs/digits.yaml --out runs/try1 --force   # start runs/try1 over
-  lotus train --config configs/digits.yaml --print-config            # every key, with its default
+  lotus train --config configs/digits.yaml --print-config            # every key: default and meaning
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import sys
-
-import yaml
 
 from lotus.config import config_to_dict, load_config
 from lotus.errors import LotusError
@@ -34,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "run's files; nothing else in the folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--print-config", action="store_true", help="print the full resolved config (every key, "
-                   "defaults filled in) as YAML and exit without training")
+                   "defaults filled in) as YAML, each key's meaning as a comment, and exit without training "
+                   "(the same text as docs/configuration.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError("train: pass exactly one of --config FILE or --resume RUN_DIR")
     if args.print_config:
         path = os.path.join(args.resume, "config.yaml") if args.resume else args.config
-        print(yaml.safe_dump(config_to_dict(load_config(path, args.set)), sort_keys=False), end="")
+        from lotus.config_docs import commented_yaml  # each key's meaning from its dataclass docstring
+
+        print(commented_yaml(config_to_dict(load_config(path, args.set))), end="")
         return 0
     if args.resume:
         if not os.path.isdir(args.resume):

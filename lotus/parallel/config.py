@@ -72,34 +72,35 @@ class ParallelConfig:
     """
 
     mode: Literal["none", "ddp", "fsdp", "auto"] = "none"
-    # Plan JSON written by `lotus plan` (per-block checkpointing / offload / resharding and the DP mode);
-    # applied by mode auto (other modes ignore it, so a config can carry it and a run can switch modes).
+    """none (one process), ddp, fsdp (FSDP2 fully_shard per block), or auto (apply plan, or plan at start-up within
+    memory_budget)."""
     plan: str | None = None
-    # Per-rank memory budget ("8GiB", "512MiB", "1.5GB"): mode auto without a plan file profiles and plans
-    # at start-up within it; `lotus plan` uses it when --memory-budget is not given.
+    """Plan JSON from lotus plan (per-block checkpointing, offload, resharding and the DP mode); used by mode auto."""
     memory_budget: str | None = None
-    # FSDP2: free the gathered parameters after each block's forward (ZeRO-3) or keep them until its
-    # backward (ZeRO-2 style, more memory, one all-gather less per block).
+    """Per-rank memory budget (8GiB, 512MiB, 1.5GB): mode auto without a plan plans within it at start-up; lotus
+    plan's default --memory-budget."""
     reshard_after_forward: bool = True
-    # Uniform activation checkpointing for modes none/ddp/fsdp (ignored by auto: the plan chooses per block).
+    """FSDP2: free gathered parameters after each block's forward (ZeRO-3), or keep them until its backward (more
+    memory, one all-gather less)."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
-    # Which blocks get checkpointing / offload (None = all blocks).
+    """Uniform activation checkpointing for modes none/ddp/fsdp (mode auto: the plan chooses per block)."""
     blocks: list[int] | None = None
-    # Move saved activations of the chosen blocks to CPU memory during forward (CUDA only).
+    """Which blocks get checkpointing / offload; null: all."""
     offload_activations: bool = False
-    # FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state live on the CPU (CUDA only).
+    """Move saved activations of the chosen blocks to CPU memory during forward (CUDA only)."""
     cpu_offload: bool = False
-    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (CUDA only).
+    """FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimiser state on the CPU (CUDA only)."""
     mixed_precision: bool = False
-    # Process-group backend; auto = nccl on CUDA, gloo on CPU.
+    """FSDP2 MixedPrecisionPolicy (bf16 parameters, fp32 reductions; CUDA only)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    # Profiling for mode auto without a plan file (timed repetitions per block).
+    """Process-group backend; auto: nccl on CUDA, gloo on CPU."""
     profile_repeats: int = field(default=3, metadata={"min": 1})
-    # Interconnect bandwidth used by the planner's communication model when it cannot measure it
-    # ("25GB/s"); None = measure when a process group exists, else a device default.
+    """Timed repetitions per block when mode auto profiles at start-up."""
     bandwidth: str | None = None
-    # Memory discretisation of the planner's dynamic programme (buckets over the budget).
+    """Interconnect bandwidth for the planner (25GB/s); null: measured when a process group exists, else a device
+    default."""
     planner_buckets: int = field(default=1024, metadata={"min": 16, "max": 1_000_000})
+    """Memory buckets of the planner's dynamic programme over the budget."""
 
     def check(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""

@@ -10,16 +10,16 @@ __all__ = ["DistillConfig"]
 
 @dataclass
 class DistillConfig:
-    """Soft-label knowledge distillation from a frozen teacher.
-
-    ``teacher``: a ``.safetensors`` file written by Lotus (it records the model section that rebuilds it,
-    thinned widths included); it must predict the data's classes. ``alpha``: weight of the teacher's
-    softmax in the targets, ``alpha * softmax(teacher(x)) + (1 - alpha) * labels`` (temperature 1); 0 trains
-    on the labels alone, 1 on the teacher alone."""
+    """Soft-label knowledge distillation from a frozen teacher (each field's docstring says what it does)."""
 
     enabled: bool = False
+    """Distil from distill.teacher during training."""
     teacher: str | None = None
+    """The teacher: a .safetensors file written by Lotus (it records the model section that rebuilds it, thinned
+    widths included); it must predict the data's classes."""
     alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """Weight of the teacher in the targets: alpha x softmax(teacher(x)) + (1 - alpha) x labels (temperature 1); 0:
+    labels only, 1: teacher only."""
 
     def check(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""

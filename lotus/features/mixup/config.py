@@ -11,18 +11,22 @@ __all__ = ["MixupConfig"]
 
 @dataclass
 class MixupConfig:
-    """Mixup (``mixup_alpha``) and/or CutMix (``cutmix_alpha`` or ``cutmix_minmax``), applied with
-    probability ``prob`` per batch, switching to CutMix with ``switch_prob`` when both are on; ``mode``
-    ``batch`` | ``pair`` | ``elem`` (one lambda per batch, pair or sample). ``train.label_smoothing`` is
-    applied to the mixed targets."""
+    """``mixup:``: timm's ``Mixup`` (mixup and/or CutMix); ``train.label_smoothing`` applies to the mixed targets."""
 
     enabled: bool = False
+    """Mix batches with timm's Mixup / CutMix (the loss becomes soft-target cross-entropy, or BCE)."""
     mixup_alpha: float = field(default=0.8, metadata={"min": 0.0})
+    """Mixup's beta-distribution alpha; 0: no mixup."""
     cutmix_alpha: float = field(default=1.0, metadata={"min": 0.0})
+    """CutMix's beta-distribution alpha; 0: no CutMix (unless cutmix_minmax)."""
     cutmix_minmax: list[float] | None = None
+    """CutMix box area as [min, max] shares of the image (0 < min < max <= 1), instead of cutmix_alpha."""
     prob: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    """Probability of mixing a batch."""
     switch_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """When both are on: probability of CutMix instead of mixup."""
     mode: Literal["batch", "pair", "elem"] = "batch"
+    """One mixing factor per batch, per pair or per sample (elem)."""
 
     def check(self, prefix: str) -> None:
         if self.cutmix_minmax is not None and (len(self.cutmix_minmax) != 2 or

@@ -15,15 +15,26 @@ class PatchConfig:
     """``tickets.patches``: train on the most informative ``keep_rate`` share of each image's patches."""
 
     enabled: bool = False
+    """Patch tickets: train on the top keep_rate share of each image's patches (evaluation uses all)."""
     keep_rate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    schedule: list[list[float]] = field(default_factory=list)  # [[epoch, keep_rate], ...]; overrides keep_rate
+    """Share of the patches kept (the lowest rate under lotus.schedule: auto)."""
+    schedule: list[list[float]] = field(default_factory=list)
+    """Keep rate per epoch as [[epoch, keep_rate], ...] points; overrides keep_rate."""
     schedule_mode: Literal["step", "linear"] = "step"
+    """step: the rate of the last point reached; linear: interpolated between points."""
     scorer: Literal["cls_attention", "random"] = "cls_attention"
+    """How patches are ranked: the CLS attention of the model being trained, or random (FLIP-style, a fresh draw per
+    sample and epoch)."""
     source: Literal["online", "file"] = "online"
-    file: str | None = None  # ticket .npz with patch_indices (source: file)
-    rollout: bool = False  # attention rollout over all blocks instead of the last block
-    refresh_every: int = field(default=1, metadata={"min": 0})  # epochs between re-scoring; 0 = every batch
-    seed: int | None = None  # random scorer seed; default train.seed
+    """online: rank with the model during training; file: rankings from a ticket file."""
+    file: str | None = None
+    """Ticket .npz with patch rankings (source: file)."""
+    rollout: bool = False
+    """Rank by attention rollout over all blocks instead of the last block's attention."""
+    refresh_every: int = field(default=1, metadata={"min": 0})
+    """Epochs between re-rankings of the training set (online cls_attention); 0: rank every batch."""
+    seed: int | None = None
+    """Seed of the random scorer; default: train.seed."""
 
     def check(self, prefix: str) -> None:
         if self.schedule:

@@ -38,7 +38,8 @@ _RATIO = {"min": 0.0, "max": 1.0, "max_exclusive": True}
 class StructuredPruningConfig(pruning.StructuredConfig):
     """``pruning.structured``: :class:`pruning.StructuredConfig` (validated by it) plus when to thin."""
 
-    at_epoch: float = field(default=0.0, metadata={"min": 0.0})  # fractional epochs allowed
+    at_epoch: float = field(default=0.0, metadata={"min": 0.0})
+    """Epoch (fractional allowed) at which the model is thinned."""
 
     @property
     def enabled(self) -> bool:
@@ -54,34 +55,47 @@ class StructuredPruningConfig(pruning.StructuredConfig):
 class PruningConfig:
     """Unstructured / N:M masks on a schedule, plus optional structured thinning.
 
-    ``method``: none | magnitude | wanda | nm (``n``:``m``) | "2:4"; it picks the library config
-    (:class:`pruning.MagnitudeConfig`, :class:`pruning.WandaConfig`, :class:`pruning.SemiStructuredConfig`),
-    which validates ``sparsity``/``scope``/``n``/``m``/``score``. ``schedule``: ``one_shot`` at ``at_epoch``
-    or ``gradual`` (cubic from ``initial_sparsity`` at ``start_epoch`` to ``sparsity`` at ``end_epoch``,
-    default 3/4 of training, updated every ``frequency`` optimizer steps; magnitude and wanda only). The
-    classifier head and patch embedding stay dense unless ``include_head``/``include_patch_embed``;
-    ``exclude`` lists more layer prefixes to keep dense. ``calib_batches`` training batches (no
-    augmentation) feed Wanda and activation/Taylor importance.
+    ``method`` picks the library config (:class:`pruning.MagnitudeConfig`, :class:`pruning.WandaConfig`,
+    :class:`pruning.SemiStructuredConfig`), which validates ``sparsity``/``scope``/``n``/``m``/``score``.
     """
 
     method: Literal["none", "magnitude", "wanda", "nm", "2:4"] | int = "none"
+    """Mask method: none, magnitude, wanda, nm (n:m), or "2:4" (quote it: YAML reads 2:4 as a number)."""
     sparsity: float = field(default=0.5, metadata=_RATIO)
+    """Final share of zero weights (magnitude, wanda)."""
     scope: Literal["layer", "global", "row"] | None = None
+    """Where weights compete: layer, global (magnitude) or row (wanda); default: layer for magnitude, row for wanda."""
     n: int = field(default=2, metadata={"min": 1})
+    """method nm: keep n of every m consecutive input weights."""
     m: int = field(default=4, metadata={"min": 2})
+    """method nm: group size."""
     score: Literal["magnitude", "wanda"] = "magnitude"
+    """N:M methods: rank weights in a group by magnitude or by wanda (needs calibration data)."""
     schedule: Literal["one_shot", "gradual"] = "one_shot"
+    """one_shot at at_epoch, or gradual (cubic, Zhu & Gupta) from start_epoch to end_epoch; gradual: magnitude and
+    wanda only."""
     at_epoch: float = field(default=0.0, metadata={"min": 0.0})
+    """one_shot: epoch at which the masks are applied."""
     start_epoch: float = field(default=0.0, metadata={"min": 0.0})
+    """gradual: epoch at which the ramp starts at initial_sparsity."""
     end_epoch: float | None = field(default=None, metadata={"min": 0.0, "min_exclusive": True})
+    """gradual: epoch at which sparsity is reached; default: 3/4 of training."""
     frequency: int = field(default=50, metadata={"min": 1})
+    """gradual: optimiser steps between mask updates."""
     initial_sparsity: float = field(default=0.0, metadata=_RATIO)
+    """gradual: sparsity at start_epoch (at most sparsity)."""
     include_head: bool = False
+    """Also mask the classifier head."""
     include_patch_embed: bool = False
+    """Also mask the patch embedding."""
     exclude: list[str] = field(default_factory=list)
+    """More layer-name prefixes to keep dense."""
     calib_batches: int = field(default=4, metadata={"min": 1})
+    """Training batches (no augmentation) that feed Wanda and activation/Taylor importance."""
     sparse_kernels: bool = False
+    """method "2:4" on CUDA: train with torch.sparse semi-structured kernels where a probe shows a speed-up."""
     structured: StructuredPruningConfig = field(default_factory=StructuredPruningConfig)
+    """Structured thinning: remove whole heads and MLP neurons (pruning.StructuredConfig) at structured.at_epoch."""
 
     @property
     def masks_enabled(self) -> bool:

@@ -9,12 +9,14 @@ __all__ = ["ResolutionConfig"]
 
 @dataclass
 class ResolutionConfig:
-    """``resolution``: progressive resolution, EfficientTrain-style. Epoch 0 trains on images resized to
-    ``start`` x the model's input side, the side grows linearly (in whole patches) to the full side at
-    ``full_at`` x ``train.epochs`` and stays there; evaluation is always at full size. The model needs
-    ``model.kwargs.dynamic_img_size: true`` (timm interpolates the position embedding to the grid)."""
+    """``resolution``: progressive resolution, EfficientTrain-style; evaluation is always at full size, and timm
+    interpolates the position embedding to the smaller grids (``model.kwargs.dynamic_img_size: true``)."""
 
     enabled: bool = False
+    """Progressive resolution (EfficientTrain-style); needs model.kwargs.dynamic_img_size: true."""
     start: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    """Epoch 0 trains on images resized to this share of the model's input side."""
     full_at: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
-    mode: Literal["bilinear", "bicubic", "area"] = "bilinear"  # bilinear/bicubic resize with antialiasing
+    """The side grows linearly (in whole patches) to the full side at this share of train.epochs, then stays."""
+    mode: Literal["bilinear", "bicubic", "area"] = "bilinear"
+    """Resize interpolation (bilinear and bicubic with antialiasing)."""

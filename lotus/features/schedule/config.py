@@ -20,13 +20,21 @@ class ReselectConfig:
     """On-the-fly sample tickets scored with the model being trained (single-pass scorers)."""
 
     enabled: bool = False
+    """Re-select the sample ticket during training, scored with the model being trained."""
     scorer: str = "loss"
+    """Single-pass scorer (loss, el2n, entropy, margin, prototype, cls_attention, ...)."""
     policy: str = "ccs"
+    """Selection policy (top, bottom, random, ccs, moderate)."""
     fraction: float = field(default=0.5, metadata=_FRACTION)
+    """Share of the training split kept."""
     class_balanced: bool = True
-    epochs: list[float] = field(default_factory=list)  # default: [warmup_epochs]
-    every: int = field(default=0, metadata={"min": 0})  # then re-select every N epochs (0: no more)
-    options: dict[str, Any] = field(default_factory=dict)  # scorer/policy options (e.g. beta for ccs)
+    """Per-class quotas proportional to the class frequencies."""
+    epochs: list[float] = field(default_factory=list)
+    """Epochs at which to re-select; default: [lotus.warmup_epochs]."""
+    every: int = field(default=0, metadata={"min": 0})
+    """Then re-select every N epochs; 0: no more."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Scorer / policy options (e.g. beta for ccs)."""
 
 
 _SHARE = {"min": 0.0, "max": 1.0}
@@ -37,42 +45,45 @@ class AutoConfig:
     """``lotus.auto``: the thresholds of ``lotus.schedule: auto`` (see :mod:`lotus.features.schedule.auto`).
     Every decision is taken at an epoch boundary and applies from the next epoch on."""
 
-    # warm-up ends after the first epoch (from the second on) that lowers the mean train loss by less than this
-    # share of the epoch before's, and at the latest after max_warmup of the budget
     warmup_improvement: float = field(default=0.05, metadata=_SHARE)
+    """Warm-up ends after the first epoch (from the second on) that lowers the train loss by less than this share of
+    the epoch before's."""
     max_warmup: float = field(default=0.25, metadata=_SHARE)
-    # anneal (full data, all tokens): once val accuracy has not improved by more than plateau_delta for
-    # plateau_patience evaluated epochs of the reduced phase, and at the latest for the last anneal_share
+    """Warm-up ends at the latest after this share of the budget."""
     anneal_share: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    """The anneal (full data, all patches) covers at least the last share of the budget."""
     plateau_patience: int = field(default=4, metadata={"min": 1})
+    """The anneal starts after this many reduced-phase evaluations without a val accuracy gain above plateau_delta."""
     plateau_delta: float = field(default=0.0, metadata={"min": 0.0})
-    # structured thinning (reduced phase, once): at each epoch end the probe thins a copy to the largest of these
-    # shares of pruning.structured's heads/mlp and thins the model when the copy's loss on the probe batches gives
-    # back at most thin_tolerance of the loss learned so far (ln(classes) - probe loss); at thin_by of the budget
-    # it takes the largest candidate within tolerance (or none). thin_after: no probe before this share of the
-    # budget (the probe sees only the loss right after thinning; a model thinned early can converge lower)
+    """Smallest val accuracy gain that counts as an improvement."""
     thin_candidates: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    """Shares of pruning.structured's heads/mlp ratios the thinning probe tries, largest first."""
     thin_tolerance: float = field(default=0.1, metadata={"min": 0.0})
+    """Thin when a thinned copy gives back at most this share of the loss learned so far on the probe batches."""
     thin_by: float = field(default=0.5, metadata=_SHARE)
+    """Share of the budget by which thinning is decided (the largest candidate within tolerance, or none)."""
     thin_after: float = field(default=0.0, metadata=_SHARE)
-    # patch keep rate, scorer cls_attention: lowered by keep_rate_step (down to tickets.patches.keep_rate) while
-    # the CLS attention mass on the patches the lower rate keeps is at least attention_mass. scorer random: the
-    # floor (tickets.patches.keep_rate) from epoch 0, raised (keep_rate_step rungs) once the probe batches are
-    # learned when the model gives back more than keep_tolerance of the loss learned so far (ln(classes) - probe
-    # loss on all patches) on that many random patches, or when the train loss fell by less than keep_stall (0: off)
+    """No thinning probe before this share of the budget."""
     attention_mass: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    """scorer cls_attention: lower the keep rate while the kept patches hold at least this share of the CLS
+    attention."""
     keep_tolerance: float = field(default=0.25, metadata={"min": 0.0})
+    """scorer random: raise the keep rate when that many random patches give back more than this share of the loss
+    learned so far."""
     keep_stall: float = field(default=0.05, metadata=_SHARE)
+    """scorer random: raise the keep rate one rung when the train loss fell by less than this share in an epoch; 0:
+    off."""
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    # before the first lowering: time one training step on all patches and on the lowest rate the signal
-    # allows now, and the re-ranking (online cls_attention); patch tickets stay off for the run when the time
-    # they would save per epoch is not more than what re-ranking costs per epoch
+    """Step between keep-rate rungs."""
     patches_must_pay: bool = True
-    # dynamic ratio: 1 - (mean below-mean loss - min) / (mean - min), at most the share of below-mean samples
-    # that are learned (loss < learned_loss * ln(classes)), capped at tickets.dynamic.ratio, in ratio_step steps
+    """Keep patch tickets off for the run when a timed step shows they save no more time per epoch than their ranking
+    costs."""
     ratio_step: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
+    """The dynamic-pruning ratio moves in steps of this size."""
     learned_loss: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    probe_batches: int = field(default=2, metadata={"min": 1})  # fixed, un-augmented train batches
+    """A sample or probe batch counts as learned below this share of the chance-level loss ln(classes)."""
+    probe_batches: int = field(default=2, metadata={"min": 1})
+    """Fixed, un-augmented training batches the probes use."""
 
     def check(self, prefix: str) -> None:
         if not self.thin_candidates or not all(0.0 < c <= 1.0 for c in self.thin_candidates):
@@ -89,9 +100,15 @@ class ScheduleConfig:
     then a full-data anneal, in (fractional) epochs."""
 
     enabled: bool = False
+    """Run the LOTUS schedule: dense warm-up, a reduced phase (the enabled data-ticket and pruning features), then a
+    full-data anneal."""
     warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})
+    """Dense, full-data epochs before the reduced phase (fractional allowed)."""
     anneal_epochs: float = field(default=0.0, metadata={"min": 0.0})
+    """Full-data, all-patch epochs at the end (fractional allowed)."""
     reselect: ReselectConfig = field(default_factory=ReselectConfig)
-    # fixed: the phases above; auto: Lotus picks them from signals measured during training (lotus.auto)
+    """On-the-fly sample tickets scored with the model being trained."""
     schedule: Literal["fixed", "auto"] = "fixed"
+    """fixed: the phases set here; auto: Lotus decides them during training from measured signals (lotus.auto)."""
     auto: AutoConfig = field(default_factory=AutoConfig)
+    """Thresholds of lotus.schedule: auto (see docs/schedule.md for the rules)."""

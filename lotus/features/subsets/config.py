@@ -9,11 +9,14 @@ __all__ = ["RandomSubsetConfig"]
 
 @dataclass
 class RandomSubsetConfig:
-    """``tickets.random``: train each epoch on ``fraction`` of the training split, drawn at random:
-    ``fixed`` = one class-stratified subset for the run; ``rs2`` = a fresh share each epoch, without replacement
-    across epochs (RS2, ICLR 2024)."""
+    """``tickets.random``: random-subset baselines (RS2: Okanovic et al., ICLR 2024)."""
 
     enabled: bool = False
+    """Train each epoch on a random fraction of the training split (the random-subset baselines)."""
     mode: Literal["rs2", "fixed"] = "rs2"
+    """fixed: one class-stratified subset for the whole run; rs2: a fresh share each epoch, without replacement
+    across epochs (RS2)."""
     fraction: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    seed: int | None = None  # default: train.seed
+    """Share of the training split used per epoch."""
+    seed: int | None = None
+    """Seed of the draws; default: train.seed."""

@@ -14,12 +14,16 @@ __all__ = ["TicketsConfig"]
 
 @dataclass
 class TicketsConfig:
-    """``tickets:`` section. ``file``: a ticket ``.npz`` (from ``lotus select``); train on its subset only."""
+    """``tickets:`` section: an offline ticket file and the data-ticket features."""
 
     file: str | None = None
+    """A ticket .npz from lotus select: train on its subset only."""
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    """InfoBatch-style dynamic data pruning (off by default)."""
     patches: PatchConfig = field(default_factory=PatchConfig)
+    """Patch tickets: train on a share of each image's patches (off by default)."""
     random: RandomSubsetConfig = field(default_factory=RandomSubsetConfig)
+    """Random-subset baselines, fixed or RS2 (off by default)."""
 
     def check(self, prefix: str) -> None:
         if self.file is not None and not str(self.file).endswith(".npz"):
