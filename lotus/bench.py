@@ -33,6 +33,7 @@ from lotus.data import build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
+from lotus.safe_io import atomic_write_stream
 from lotus.training import Trainer
 
 __all__ = ["BenchResult", "EpochBar", "run_bench", "analyse", "add_speedups", "seed_ratios", "mean_std", "bench_table",
@@ -326,7 +327,7 @@ def plot_bench(analysis: dict, out: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out, fname)
-        fig.savefig(path, dpi=110)
+        atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         paths.append(path)
     return paths

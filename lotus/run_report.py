@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any
 
-from lotus.checkpoint import atomic_write_text
+from lotus.safe_io import atomic_write_stream, atomic_write_text
 from lotus.errors import LotusError
 
 __all__ = ["read_metrics", "write_report", "summary_text"]
@@ -97,7 +97,7 @@ def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
                      va="bottom", ha="right", color="grey")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

@@ -173,15 +173,21 @@ class FileLock:
     """An exclusive ``flock`` on a lock file, taken without blocking; the file holds the holder's pid.
 
     ``remove``: delete the lock file on release (an output's sibling lock); a second process that opened the
-    old file sees that it is gone and takes a fresh one. A lock file that is a symlink is refused."""
+    old file sees that it is gone and takes a fresh one. ``shared``: a reader's lock (``LOCK_SH``: refused while
+    a writer holds the file, the holder's pid left as it is, a lock file it had to create removed again). A
+    lock file that is a symlink is refused."""
 
-    def __init__(self, path: str, key: str, busy: str, remove: bool = False):
-        self.path, self.key, self.busy, self.remove = path, key, busy, remove
+    def __init__(self, path: str, key: str, busy: str, remove: bool = False, shared: bool = False):
+        self.path, self.key, self.busy, self.remove, self.shared = path, key, busy, remove, shared
         self._fd: int | None = None
 
     def _open(self) -> int:
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise LotusError(f"{self.key}: cannot write {self.busy}: a part of its path is a file, not a "
+                                 "folder") from None
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -192,9 +198,10 @@ class FileLock:
     def acquire(self) -> "FileLock":
         """Take the lock or raise a one-line error naming the process that holds it."""
         while True:
+            existed = os.path.lexists(self.path)
             fd = self._open()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
@@ -207,8 +214,11 @@ class FileLock:
             if same:
                 break
             os.close(fd)  # its holder removed it while we opened it: take the new one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if self.shared:
+            self.remove = self.remove or not existed
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 

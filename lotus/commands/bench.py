@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
               "alone and comparable only within this bench (every config runs under the same load)", file=sys.stderr)
     from lotus.bench import analyse, run_bench, write_bench  # imports torch: once the arguments are checked
 
-    results = run_bench(args.configs, args.seeds, args.out, args.set, quiet=args.quiet, progress=not args.quiet,
-                        jobs=args.jobs)
-    print(write_bench(analyse(results, args.target, args.target_drop), args.out))
+    from lotus.safe_io import output_lock, refuse_symlink
+
+    refuse_symlink(args.out, "--out")
+    with output_lock(args.out, "--out"):  # a second bench into this --out is refused while this one runs
+        results = run_bench(args.configs, args.seeds, args.out, args.set, quiet=args.quiet, progress=not args.quiet,
+                            jobs=args.jobs)
+        print(write_bench(analyse(results, args.target, args.target_drop), args.out))
     return 0

@@ -36,6 +36,7 @@ from typing import Any
 
 from lotus.config import ModelConfig, load_config
 from lotus.errors import LotusError
+from lotus.safe_io import TEMP_PREFIX, output_lock, refuse_symlink, remove_temps
 
 __all__ = ["add_arguments", "run"]
 
@@ -69,6 +70,7 @@ def _weights_file(source: str, which: str | None) -> str:
 
 
 def _check_out(out: str, force: bool) -> None:
+    refuse_symlink(out, "--out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise LotusError(f"--out: {out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:
@@ -144,6 +146,16 @@ def _verify(folder: str, model: nn.Module, cfg: dict) -> None:
                          "nothing written")
 
 
+def _temp_dir(out: str) -> str:
+    """A Lotus-named temp folder beside ``out`` (what a killed export to ``out`` left is removed first)."""
+    parent, name = os.path.split(os.path.abspath(out).rstrip(os.sep))
+    try:
+        remove_temps(parent, name)
+        return tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name[:80]}-", dir=parent)
+    except OSError as e:
+        raise LotusError(f"--out: cannot write {out}: {e.strerror or e}") from None
+
+
 def _publish(tmp: str, out: str) -> None:
     """Move the checked files into ``out`` (one rename when it does not exist yet)."""
     umask = os.umask(0)
@@ -169,20 +181,20 @@ def run(args: argparse.Namespace) -> int:
     model, mcfg, default_widths = _lotus_model(path, _model_config(path, args.config))
     data = export_data_metadata(path, args.config)
     cfg = config_json(model, mcfg, default_widths, path, data)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    try:
-        save_weights(model, os.path.join(tmp, "model.safetensors"), {"source": cfg["source"], "data": data},
-                     model_cfg=mcfg)
-        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2) + "\n")
-        atomic_write_text(os.path.join(tmp, "load.py"), load_py(cfg))
-        atomic_write_text(os.path.join(tmp, "README.md"), readme(cfg))
-        _verify(tmp, model, cfg)
-        _publish(tmp, args.out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(args.out, "--out"):  # a second export to this --out is refused while this one runs
+        _check_out(args.out, args.force)  # again: another export may have finished meanwhile
+        tmp = _temp_dir(args.out)
+        try:
+            save_weights(model, os.path.join(tmp, "model.safetensors"), {"source": cfg["source"], "data": data},
+                         model_cfg=mcfg)
+            atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(os.path.join(tmp, "load.py"), load_py(cfg))
+            atomic_write_text(os.path.join(tmp, "README.md"), readme(cfg))
+            _verify(tmp, model, cfg)
+            _publish(tmp, args.out)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
     uses = ("; timm alone loads it (timm.create_model(\"local-dir:FOLDER\", pretrained=True))" if cfg["timm_loadable"]
             else f"; timm alone cannot load it ({'; '.join(cfg['needs'])}): load.py needs "
                  "the installed lotus package (pip install -e . in a Lotus checkout)")

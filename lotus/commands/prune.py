@@ -155,6 +155,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
+    from lotus.safe_io import output_lock, refuse_symlink
+
+    refuse_symlink(args.out, "--out")
+    with output_lock(args.out, "--out"):  # a second prune into this --out is refused while this one runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from lotus.checkpoint import save_weights

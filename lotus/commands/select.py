@@ -21,6 +21,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,7 @@ import numpy as np
 from data_tickets.policies import POLICIES, uses_class_balance
 from lotus.config import load_config
 from lotus.errors import LotusError, library_error
+from lotus.safe_io import atomic_write, output_lock
 
 __all__ = ["add_arguments", "run"]
 
@@ -181,60 +183,63 @@ def run(args: argparse.Namespace) -> int:
     if pol_kw and args.policy != "ccs":
         raise LotusError("--beta/--strata: only used by --policy ccs")
     options = {sc: _scorer_options(args, sc) for sc in scorers}
-    t0 = time.perf_counter()
+    with contextlib.ExitStack() as locks:  # a second select on one --out is refused while this one runs
+        for out in outs.values():
+            locks.enter_context(output_lock(out, "--out"))
+        t0 = time.perf_counter()
 
-    ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
-    if ckpt:  # the model section the checkpoint records fills in what the config does not set
-        given = dict(cfg.source.get("model") or {}, **({"name": args.model} if args.model else {}))
-        cfg.model = model_config_from_checkpoint(cfg.model, ckpt, given, "--checkpoint")
-    data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans, model_cfg=cfg.model)
-    train_set, labels = data.train, data.labels_train
-    device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    progress = None if not args.quiet else False
-    bs = args.batch_size or cfg.data.eval_batch_size
-    balanced = uses_class_balance(args.class_balanced, labels)
+        ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
+        if ckpt:  # the model section the checkpoint records fills in what the config does not set
+            given = dict(cfg.source.get("model") or {}, **({"name": args.model} if args.model else {}))
+            cfg.model = model_config_from_checkpoint(cfg.model, ckpt, given, "--checkpoint")
+        data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans, model_cfg=cfg.model)
+        train_set, labels = data.train, data.labels_train
+        device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        progress = None if not args.quiet else False
+        bs = args.batch_size or cfg.data.eval_batch_size
+        balanced = uses_class_balance(args.class_balanced, labels)
 
-    model = proxy = None
-    proxy_meta: dict | None = None
-    tmp_cache = None
-    if ckpt:
-        mcfg = dataclasses.replace(cfg.model, name=args.model or cfg.model.name, checkpoint=None, pretrained=False)
-        model = create_model(mcfg, data.num_classes, data.in_chans, data.img_size)
-        model = load_weights(model, ckpt, key="--checkpoint").to(device).eval()
-        proxy_meta = {"checkpoint": os.path.abspath(ckpt), "model": mcfg.name}
-    elif any(sc is not None for sc in scorers) or args.patches is not None:
-        if args.no_proxy_cache:
-            tmp_cache = tempfile.TemporaryDirectory(prefix="lotus-proxy-")
-        folder = tmp_cache.name if tmp_cache else (args.proxy_cache or os.path.join(
-            os.path.dirname(os.path.abspath(next(iter(outs.values())))), ".proxy-cache"))
+        model = proxy = None
+        proxy_meta: dict | None = None
+        tmp_cache = None
+        if ckpt:
+            mcfg = dataclasses.replace(cfg.model, name=args.model or cfg.model.name, checkpoint=None, pretrained=False)
+            model = create_model(mcfg, data.num_classes, data.in_chans, data.img_size)
+            model = load_weights(model, ckpt, key="--checkpoint").to(device).eval()
+            proxy_meta = {"checkpoint": os.path.abspath(ckpt), "model": mcfg.name}
+        elif any(sc is not None for sc in scorers) or args.patches is not None:
+            if args.no_proxy_cache:
+                tmp_cache = tempfile.TemporaryDirectory(prefix="lotus-proxy-")
+            folder = tmp_cache.name if tmp_cache else (args.proxy_cache or os.path.join(
+                os.path.dirname(os.path.abspath(next(iter(outs.values())))), ".proxy-cache"))
 
-        def log(msg: str) -> None:
-            if not args.quiet or "recomputing" in msg:
-                print(msg, file=sys.stderr, flush=True)
+            def log(msg: str) -> None:
+                if not args.quiet or "recomputing" in msg:
+                    print(msg, file=sys.stderr, flush=True)
 
-        proxy = make_cached_proxy(cfg, data, folder, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,
-                                  device=device, log=log)
-        proxy_meta = dict(proxy.config)
-    try:
-        patch_rank, patch_extra = None, None
-        if args.patches is not None:  # one ranking, stored in every ticket of this invocation
-            pmodel = model if model is not None else proxy(args.seed, None).to(device)
-            ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
-            try:
-                patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
-            except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
-                raise LotusError(f"--patches: {e}") from None
-            # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
-            patch_extra = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
-                           "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}
-        job = _Job(args, train_set, labels, model, proxy, proxy_meta, balanced, device, bs, progress, pol_kw,
-                   patch_rank, patch_extra, t0)
-        for sc in scorers:
-            _one_ticket(job, sc, outs[sc], options[sc])
-    finally:
-        if tmp_cache is not None:
-            tmp_cache.cleanup()
-    return 0
+            proxy = make_cached_proxy(cfg, data, folder, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,
+                                      device=device, log=log)
+            proxy_meta = dict(proxy.config)
+        try:
+            patch_rank, patch_extra = None, None
+            if args.patches is not None:  # one ranking, stored in every ticket of this invocation
+                pmodel = model if model is not None else proxy(args.seed, None).to(device)
+                ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
+                try:
+                    patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
+                except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
+                    raise LotusError(f"--patches: {e}") from None
+                # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
+                patch_extra = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
+                               "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}
+            job = _Job(args, train_set, labels, model, proxy, proxy_meta, balanced, device, bs, progress, pol_kw,
+                       patch_rank, patch_extra, t0)
+            for sc in scorers:
+                _one_ticket(job, sc, outs[sc], options[sc])
+        finally:
+            if tmp_cache is not None:
+                tmp_cache.cleanup()
+        return 0
 
 
 @dataclasses.dataclass
@@ -302,7 +307,8 @@ def _one_ticket(job: _Job, scorer: str | None, out: str, kw: dict) -> None:
                           fraction=args.fraction if args.fraction is not None else round(idx.size / len(train_set), 6),
                           seed=args.seed, class_balanced=job.balanced, proxy=proxy_meta,
                           patch_indices=job.patch_rank, extra=extra)
-    t.save(out)
+    # published only if nothing took the name meanwhile (without --force): two selects never both succeed
+    atomic_write(out, t.save, exclusive=not args.force, key="--out")
     print(json.dumps({"out": out, "count": int(idx.size), "train_size": len(train_set),
                       "fraction": round(idx.size / len(train_set), 4), "scorer": scorer, "policy": args.policy,
                       "seed": args.seed, "class_balanced": job.balanced,

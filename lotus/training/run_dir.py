@@ -45,8 +45,9 @@ class RunDir:
         return any(os.path.exists(self.file(n)) for n in ("metrics.jsonl", "config.yaml", "state.pt"))
 
     # ------------------------------------------------------------------ lock
-    def lock(self) -> None:
-        """Take the run-dir lock or raise a one-line error naming the process that holds it.
+    def lock(self, shared: bool = False) -> None:
+        """Take the run-dir lock or raise a one-line error naming the process that holds it (``shared``: a
+        reader's lock, e.g. ``lotus report``: refused while a run writes here, changes nothing in the folder).
 
         The folder must not be a symlink, nor its ``.lock``; a folder this call creates is removed again by
         :meth:`unlock` if the run left nothing in it."""
@@ -55,7 +56,7 @@ class RunDir:
             raise LotusError(f"output.dir: {self.path} exists and is not a directory")
         self._created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
-        lock = FileLock(self.file(".lock"), "output.dir", self.path)
+        lock = FileLock(self.file(".lock"), "output.dir", self.path, shared=shared)
         try:
             self._lock = lock.acquire()
         except BaseException:
@@ -65,7 +66,7 @@ class RunDir:
     def unlock(self) -> None:
         """Release the lock; a run that wrote nothing leaves no ``.lock`` (nor a folder it created)."""
         if self._lock is not None:
-            self._lock.remove = self._empty()
+            self._lock.remove = self._lock.remove or self._empty()
             self._lock.release()
             self._lock = None
             self._remove_if_empty()
