@@ -13,6 +13,7 @@ import torch
 from lotus.config import config_from_dict, load_config
 from lotus.errors import ConfigError
 from lotus.features.registry import build_callbacks
+from lotus.features.schedule import auto_probes
 from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.auto_callback import AutoScheduleCallback
 from lotus.features.schedule.plan import Schedule
@@ -116,13 +117,13 @@ def test_invalid_auto_settings_name_the_key(tiny_cfg_dict, change, key):
         config_from_dict(d)
 
 
-def test_auto_is_refused_data_parallel(tiny_cfg_dict):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_auto_is_accepted_data_parallel(tiny_cfg_dict, mode):
+    # its signals are reduced across ranks and the ranks' decisions compared (tests/test_parallel_auto.py)
     d = _auto_dict(tiny_cfg_dict)
-    d["tickets"].pop("dynamic")
-    d.pop("pruning")
-    d["parallel"] = {"mode": "ddp"}
-    with pytest.raises(ConfigError, match="^lotus.schedule: auto is not supported with parallel.mode 'ddp'"):
-        config_from_dict(d)
+    d["parallel"] = {"mode": mode}
+    cfg = config_from_dict(d)
+    assert cfg.lotus.schedule == "auto" and cfg.parallel.mode == mode
 
 
 def test_auto_needs_a_feature_to_drive(tiny_cfg_dict):
@@ -182,13 +183,13 @@ def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of, auto: dict | None =
     d["lotus"]["auto"].update(auto or {})
     seen: dict = {}
 
-    def probe(self, trainer, model):
+    def probe(trainer, model, data, keep=None):
         width = model.blocks[0].mlp.fc1.out_features
         full = seen.setdefault("width", trainer.unwrapped_model.blocks[0].mlp.fc1.out_features)
         dense = math.log(trainer.data.num_classes) - 0.1 * (trainer.epoch + 1)
         return dense if model is trainer.unwrapped_model else dense + rise_of(width / full)
 
-    monkeypatch.setattr(AutoScheduleCallback, "_probe_loss", probe)
+    monkeypatch.setattr(auto_probes, "probe_loss", probe)
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "thin"]
 
@@ -231,7 +232,7 @@ def test_warmup_never_ends_on_the_first_epoch(tmp_path, tiny_cfg_dict, one_threa
 
 
 def test_dynamic_ratio_is_at_most_the_learned_share():
-    from lotus.features.schedule.auto import dynamic_ratio_signal
+    from lotus.features.schedule.auto_rules import dynamic_ratio_signal
 
     ln10 = 2.302585
     learned_low = [0.1] * 50 + [2.0] * 50  # below-mean half all learned (loss < 0.5 ln 10)
@@ -256,7 +257,7 @@ def _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, step_seconds) -> tuple[dict
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 2}}
     d["pruning"] = {}
     d["lotus"]["auto"] = {"attention_mass": 0.05, "max_warmup": 0.2, "anneal_share": 0.2}
-    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds(k))
+    monkeypatch.setattr(auto_probes, "step_seconds", lambda trainer, model, x, y, k: step_seconds(k))
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
 
@@ -286,10 +287,10 @@ def test_step_timing_leaves_the_model_and_rng_untouched(tmp_path, tiny_cfg_dict,
     trainer = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True)
     trainer.fit()
     cb = next(c for c in trainer.callbacks if isinstance(c, AutoScheduleCallback))
-    x, y = cb._probe_batches(trainer)[0]
+    x, y = cb.probe_batches(trainer)[0]
     before = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
     rng = torch.get_rng_state()
-    full, kept = cb._step_seconds(trainer, x, y, 4)
+    full, kept = auto_probes.step_seconds(trainer, trainer.unwrapped_model, x, y, 4)
     assert 0.0 < full < 60.0 and 0.0 < kept < 60.0
     assert torch.equal(torch.get_rng_state(), rng)
     after = trainer.unwrapped_model.state_dict()
@@ -310,14 +311,15 @@ def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step
     """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
     patches (``full``) and rise per kept count (``rise(k)``) are scripted (the stall signal off by default)."""
     d = _random_patch_dict(tiny_cfg_dict, keep_stall, epochs)
-    monkeypatch.setattr(AutoScheduleCallback, "_step_seconds", lambda self, trainer, x, y, k: step_seconds)
+    monkeypatch.setattr(auto_probes, "step_seconds", lambda trainer, model, x, y, k: step_seconds)
 
-    def rises(self, trainer, ks, full_loss=None, gate=math.inf):
+    def rises(trainer, model, data, ks, full_loss=None, gate=math.inf):
         f = full if full_loss is None else full_loss
         return f, ({} if f >= gate else {k: rise(k) for k in ks})
 
-    monkeypatch.setattr(AutoScheduleCallback, "_random_keep_rises",
-                        lambda self, trainer, ks, full=None, gate=math.inf: rises(self, trainer, ks, full, gate))
+    monkeypatch.setattr(auto_probes, "random_keep_rises",
+                        lambda trainer, model, data, ks, full=None, gate=math.inf: rises(trainer, model, data, ks, full,
+                                                                                         gate))
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / run), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
 
@@ -415,9 +417,11 @@ def test_random_keep_rise_is_measured_on_the_live_model(tmp_path, tiny_cfg_dict,
     model = trainer.unwrapped_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n = int(model.patch_embed.num_patches)
-    full, rises = cb._random_keep_rises(trainer, [n, n // 4])
-    assert full == pytest.approx(cb._probe_loss(trainer, model))
+    data = cb.probe_batches(trainer)
+    full, rises = auto_probes.random_keep_rises(trainer, model, data, [n, n // 4])
+    assert full == pytest.approx(auto_probes.probe_loss(trainer, model, data))
     assert rises[n] == pytest.approx(0.0, abs=1e-6)  # all patches: the same loss as the full forward
     assert rises[n // 4] != pytest.approx(0.0, abs=1e-6)  # a quarter of them: a different loss
-    assert (full, rises) == cb._random_keep_rises(trainer, [n, n // 4])  # seeded: the same draw each time
+    # seeded: the same draw each time
+    assert (full, rises) == auto_probes.random_keep_rises(trainer, model, data, [n, n // 4])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training

@@ -10,6 +10,9 @@ Supported under ``parallel.mode`` ddp / fsdp / auto (and with any activation che
 * ``pruning`` (masks, one-shot or gradual, and structured thinning): calibration is sharded and reduced,
   every rank makes the same decision, and the model is rebuilt and re-wrapped
   (:mod:`lotus.features.pruning.distributed`).
+* ``lotus.schedule: auto``: every rank probes the same batches (an FSDP2 model through a plain full copy),
+  the measured signals are averaged over ranks before the rules see them, and the ranks compare digests of
+  their decision lists after each round (:mod:`lotus.features.schedule.auto_probes`).
 
 Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a hang or a crash later):
 
@@ -17,8 +20,6 @@ Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a 
   ``torch.sparse`` semi-structured weights that DDP buckets and FSDP2 shards cannot hold.
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
 * ``ema`` under FSDP2: the EMA copy is not sharded.
-* ``lotus.schedule: auto`` with any data-parallel mode: its probes run on the unsharded model and its
-  decisions read rank-local signals, so ranks could decide differently.
 """
 from __future__ import annotations
 
@@ -45,9 +46,6 @@ def check_compat(cfg: Any) -> None:
         return
     sharded = mode in ("fsdp", "auto")
     where = f"parallel.mode {mode!r}"
-    if _get(cfg, "lotus.schedule", "fixed") == "auto":
-        raise ConfigError(f"lotus.schedule: auto is not supported with {where} (its probes and signals are per "
-                          "rank); use lotus.schedule: fixed, or set parallel.mode none")
     if _get(cfg, "pruning.enabled", False) and _get(cfg, "pruning.sparse_kernels", False):
         raise ConfigError(f"pruning.sparse_kernels: not supported with {where} (2:4 sparse weights cannot be "
                           "sharded or bucketed); train with masked dense weights (sparse_kernels: false)")

@@ -1,32 +1,10 @@
 """``lotus.schedule: auto``: the phases and rates of the LOTUS schedule, decided during training.
 
 Given only the epoch budget, the controller (:class:`lotus.features.schedule.auto_callback.AutoScheduleCallback`)
-measures signals at every epoch end and records *decisions* here; :class:`lotus.features.schedule.plan.Schedule`
-answers ``plan(epoch)`` from them. A decision taken at the end of epoch ``e`` applies from epoch ``e + 1``:
-
-=============== ============================================================ ===============================
-decision        signal (threshold key under ``lotus.auto``)                  drives
-=============== ============================================================ ===============================
-``reduce``      an epoch (from the second on) lowered the train loss by less  phase warm-up -> reduce
-                than ``warmup_improvement`` of the epoch before's (or
-                ``max_warmup`` of the budget is spent)
-``dynamic_ratio`` the last-seen per-sample losses: 1 - (mean of the          ``tickets.dynamic`` ratio
-                below-mean losses - min) / (mean - min), at most the share
-                of them that is learned (loss < ``learned_loss`` x
-                ln(classes)), capped at ``tickets.dynamic.ratio``
-``keep_rate``   CLS-attention mass on the patches the next lower rate keeps  ``tickets.patches`` keep rate
-                (>= ``attention_mass``); ``scorer: random`` starts at the
-                floor from epoch 0 and rises to the lowest rung whose
-                random patches give back at most ``keep_tolerance`` of the
-                loss learned so far, when the current rate gives back more,
-                or one rung when the train loss fell by < ``keep_stall``
-``thin``        a thinned copy's probe-batch loss gives back at most         ``pruning.structured`` (once)
-                ``thin_tolerance`` of the loss learned so far (largest of
-                ``thin_candidates``; at ``thin_by`` the largest within it;
-                no probe before ``thin_after`` of the budget)
-``anneal``      val accuracy: no gain > ``plateau_delta`` for                phase reduce -> anneal
-                ``plateau_patience`` epochs (or the last ``anneal_share``)
-=============== ============================================================ ===============================
+measures signals at every epoch end (:mod:`lotus.features.schedule.auto_probes`), passes them to the rules
+(:mod:`lotus.features.schedule.auto_rules`, which holds the rule table) and records the *decisions* here;
+:class:`lotus.features.schedule.plan.Schedule` answers ``plan(epoch)`` from them. A decision taken at the end of
+epoch ``e`` applies from epoch ``e + 1`` (``reduce``, ``dynamic_ratio``, ``keep_rate``, ``thin``, ``anneal``).
 
 The decisions are the whole state: the controller saves them with its checkpoint and :meth:`AutoState.load`
 replays them on resume, so a resumed run plans exactly what the uninterrupted one did.
@@ -36,30 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
-__all__ = ["AutoState", "AutoKeepRates", "DECISIONS", "dynamic_ratio_signal"]
+__all__ = ["AutoState", "AutoKeepRates", "DECISIONS"]
 
 DECISIONS = ("reduce", "dynamic_ratio", "keep_rate", "thin", "anneal")
-
-
-def dynamic_ratio_signal(losses: Any, num_classes: int, cap: float, step: float,
-                         learned_loss: float) -> tuple[float, float, float]:
-    """``(ratio, share, learned)`` from the last-seen per-sample losses: ``share`` = 1 - (mean of the below-mean
-    losses - min) / (mean - min) (how much less the samples InfoBatch would drop carry), ``learned`` = the share
-    of those below-mean samples whose loss is under ``learned_loss * ln(num_classes)`` (InfoBatch's premise is
-    that what it drops is learned), and ``ratio`` = min of both, in ``step`` steps, at most ``cap``."""
-    scores = np.asarray(losses, dtype=np.float64).reshape(-1)
-    if scores.size < 2:
-        return 0.0, 0.0, 0.0
-    mean, low = float(scores.mean()), float(scores.min())
-    below = scores[scores < mean]
-    if not below.size or mean <= low:
-        return 0.0, 0.0, 0.0
-    share = 1.0 - (float(below.mean()) - low) / (mean - low)
-    learned = float((below < learned_loss * math.log(num_classes)).mean())
-    ratio = round(min(math.floor(min(share, learned) / step + 1e-9) * step, cap), 6)
-    return ratio, share, learned
 
 
 class AutoState:
