@@ -94,6 +94,10 @@ class PatchTicketsCallback(Callback):
                         refresh_every=self.cfg.refresh_every if self.cfg.source == "online" else None,
                         file=os.path.abspath(self.cfg.file) if self.cfg.file else None)
 
+    def on_model_thinned(self, trainer: "Trainer", report: dict) -> None:
+        # under DDP / FSDP2 thinning swaps in a rebuilt model: give it the kept-token slot again (in place: no-op)
+        self.kept_module = apply_patch_tickets(unwrap(trainer.model))
+
     def wrap_forward(self, trainer: "Trainer", forward: Forward) -> Forward:
         def kept_forward(model: torch.nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             keep = self.keep_indices(trainer, images, index)
