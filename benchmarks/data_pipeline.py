@@ -13,7 +13,6 @@ separately), then epochs are timed in interleaved rounds (every variant once per
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import machine, md_table  # noqa: E402
+from benchmarks._common import add_harness_args, args_dict, machine, md_table, out_path, write_results  # noqa: E402
 from benchmarks.make_shapes import make  # noqa: E402
 from lotus.config import config_from_dict  # noqa: E402
 from lotus.data import batches, build_datasets  # noqa: E402
@@ -67,8 +66,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="benchmarks/results")
+    add_harness_args(p, "data_pipeline", quick="smoke run: 25 images per class, 2 rounds")
     args = p.parse_args()
+    if args.quick:
+        args.per_class, args.rounds = 25, 2
     torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp(prefix="shapes-")
     make(root, args.per_class, 4, args.size, 0)
@@ -101,12 +102,7 @@ def main() -> None:
     md = (f"# ImageFolder input pipeline ({n} train images, {args.size} px PNG -> {args.img_size} px, batch "
           f"{args.batch_size}, {args.rounds} interleaved rounds, {args.threads} torch thread(s), "
           f"{machine()['cpu_count']} CPUs)\n\n`python benchmarks/data_pipeline.py` (data only, no model)\n\n{table}\n")
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_pipeline.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "images": n,
-                                                         "rows": payload}, indent=2))
-    (out / "data_pipeline.md").write_text(md)
+    write_results(out_path(args), {"args": args_dict(args), "images": n, "rows": payload}, md, quick=args.quick)
 
 
 if __name__ == "__main__":

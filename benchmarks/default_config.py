@@ -8,7 +8,7 @@ default thread setting (auto).
     python benchmarks/default_config.py                         # seeds 0-2 x threads 1, 2, auto
     python benchmarks/default_config.py --seeds 0 --threads 1 auto
 
-Writes benchmarks/results/default_config.{json,md}.
+Writes benchmarks/results/default_config.{json,md} (``--out``; ``--quick``: one seed, auto threads, 2 epochs).
 """
 from __future__ import annotations
 
@@ -23,12 +23,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 
 
-def run_once(config: str, seed: int, threads: str, out: str) -> dict:
+def run_once(config: str, seed: int, threads: str, out: str, extra: list[str] = ()) -> dict:
     """One whole ``lotus train`` process: wall time (s) and final / best val accuracy."""
     cmd = [sys.executable, "-m", "lotus", "train", "--config", config, "--set", f"train.seed={seed}",
            "--set", f"train.threads={threads}", "--set", "output.report=false", "--out", out, "--quiet"]
+    cmd += [arg for item in extra for arg in ("--set", item)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -43,18 +47,20 @@ def run_once(config: str, seed: int, threads: str, out: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
     ap.add_argument("--min-acc", type=float, default=0.985)
     ap.add_argument("--max-s", type=float, default=60.0)
-    ap.add_argument("--out", default="benchmarks/results/default_config")
+    add_harness_args(ap, "default_config", seeds=[0, 1, 2], quick="smoke run: seed 0, auto threads, 2 epochs")
     a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.threads = [0], ["auto"]
     load_start = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             for th in a.threads:
-                r = run_once(a.config, seed, th, os.path.join(tmp, f"s{seed}_t{th}"))
+                r = run_once(a.config, seed, th, os.path.join(tmp, f"s{seed}_t{th}"),
+                             ["train.epochs=2"] if a.quick else [])
                 print(f"seed {seed} threads {th}: {r['final_acc'] * 100:.2f}% in {r['process_s']:.1f} s "
                       f"(training {r['train_s']:.1f} s)", flush=True)
                 rows.append(r)
@@ -93,11 +99,7 @@ def write(rows: list[dict], a: argparse.Namespace, load_start: float, total: int
                        for th in dict.fromkeys(r["threads"] for r in rows)) + ".", "",
            f"Machine: {os.cpu_count()} CPUs; load average (1 min) {load_start:.2f} at the start, {res['load_end']:.2f} at "
            "the end (other jobs shared the cores when it is above the CPU count).", ""]
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    Path(a.out + ".json").write_text(json.dumps(res, indent=2))
-    Path(a.out + ".md").write_text("\n".join(md))
-    if len(rows) == total:
-        print("\n".join(md))
+    write_results(out_path(a), res, "\n".join(md), quick=a.quick, echo=len(rows) == total)
 
 
 if __name__ == "__main__":

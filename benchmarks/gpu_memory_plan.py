@@ -32,12 +32,12 @@ GPU_QUICK = {"model": "vit_base_patch16_224", "img_size": 224, "patch_size": Non
 
 
 def main(argv=None) -> int:
-    if not torch.cuda.is_available():
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and not {"-h", "--help"} & set(argv):
         print("error: gpu_memory_plan.py needs a CUDA device (use benchmarks/memory_plan.py on CPU)", file=sys.stderr)
         return 2
-    argv = list(sys.argv[1:] if argv is None else argv)
     out_dir = os.environ.get("OUT") or "bench_out"
-    defaults = {"device": "cuda", "bf16": True, "out": os.path.join(out_dir, "gpu_memory_plan.json")}
+    defaults = {"device": "cuda", "bf16": True, "out": os.path.join(out_dir, ""), "_bench_name": "gpu_memory_plan"}
     memory_plan.QUICK.update(GPU_QUICK)
     memory_plan.FULL.update(GPU_FULL)
     torch.backends.cuda.matmul.allow_tf32 = True

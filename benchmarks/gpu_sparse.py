@@ -9,7 +9,7 @@ Measures, side by side in one run on the same GPU:
   3. End-to-end ViT-B/16 inference (timm, random init, 224 px): dense vs 2:4 (``prune_`` + ``to_semi_structured_``),
      converting all legal layers and, separately, only those the per-shape probe finds faster.
 
-Writes gpu_sparse.json and gpu_sparse.md under --out (default: $OUT, else ./bench_out) and prints the tables.
+Writes gpu_sparse.json and gpu_sparse.md under --out (a folder; default: $OUT, else ./bench_out) and prints the tables.
 
   python benchmarks/gpu_sparse.py                 # full run (~3-6 min on an H100)
   python benchmarks/gpu_sparse.py --quick         # smoke run (~1 min)
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 
 SHAPES = {  # name: (out_features, in_features)
     "vit_b.qkv": (2304, 768), "vit_b.proj": (768, 768), "vit_b.fc1": (3072, 768), "vit_b.fc2": (768, 3072),
@@ -203,8 +205,8 @@ def _row_line(row: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few shapes, one batch size, short timing loops")
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="output folder (default: $OUT)")
+    add_harness_args(p, "gpu_sparse", quick="few shapes, one batch size, short timing loops")
+    p.set_defaults(out=os.path.join(os.environ.get("OUT") or "bench_out", ""))  # a folder: gpu_check.sh passes $OUT
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (x197 tokens); default 32 128 (quick: 64)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
     p.add_argument("--vit", default="vit_base_patch16_224", help="timm model for the end-to-end test")
@@ -229,7 +231,6 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict[str, Any] = {"env": env}
-    os.makedirs(args.out, exist_ok=True)
     stages = [("linear", lambda: bench_linear(args, backends, dtypes)),
               ("train", lambda: bench_train_step(args, backends, dtypes)),
               ("vit", lambda: bench_vit(args, dtypes))]
@@ -239,8 +240,8 @@ def main() -> int:
         t0 = time.perf_counter()
         results[key] = fn()
         results[f"{key}_seconds"] = time.perf_counter() - t0
-        _write(args.out, results)  # after every stage: a timeout still leaves what was measured
-    md = _write(args.out, results)
+        _write(out_path(args), results, args.quick)  # after every stage: a timeout still leaves what was measured
+    md = _write(out_path(args), results, args.quick)
     print("\n" + md)
     return 0
 
@@ -251,7 +252,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return markdown_table([{c: r.get(c, r.get("error") if c == cols[-1] else None) for c in cols} for r in rows], cols)
 
 
-def _write(out: str, results: dict) -> str:
+def _write(out: str, results: dict, quick: bool) -> str:
     env = results["env"]
     parts = [f"# 2:4 semi-structured vs dense on {env['gpu']} ({env['capability']}, torch {env['torch']}, "
              f"CUDA {env['cuda']}, cuSPARSELt {env['cusparselt_version']})", ""]
@@ -272,11 +273,7 @@ def _write(out: str, results: dict) -> str:
                   "dense: unpruned; masked: the same 2:4 weights on dense kernels; all: every legal layer on 2:4 "
                   "kernels; probe: only layers the per-shape probe found faster. Speedups are vs dense.", ""]
     md = "\n".join(parts)
-    for name, text in (("gpu_sparse.json", json.dumps(results, indent=2, default=str)), ("gpu_sparse.md", md)):
-        tmp = os.path.join(out, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    write_results(out, results, md, quick=quick, echo=False)
     return md
 
 

@@ -14,6 +14,7 @@ ratio, and the compile time = the first epoch's extra seconds).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,8 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import md_table, write_results  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import add_harness_args, args_dict, md_table, out_path, write_results  # noqa: E402
 
 from lotus.config import config_from_dict  # noqa: E402
 from lotus.data import build_datasets  # noqa: E402
@@ -104,9 +105,8 @@ def compare_compile(args) -> None:
             ["speed ratio compile/eager, per epoch (median, range)", _ratio_stats(ratios)],
             ["compile time: first epoch extra seconds (median)", round(statistics.median(first_extra), 1)]]
     table = md_table(["loop", "train img/s (median)"], rows)
-    write_results(None if args.quick else args.out, "loop_compile",
-                  {"args": vars(args), "eager": eager, "compiled": compiled, "ratios": ratios,
-                   "compile_s": first_extra}, table)
+    write_results(out_path(args), {"args": args_dict(args), "eager": eager, "compiled": compiled, "ratios": ratios,
+                                   "compile_s": first_extra}, table, quick=args.quick)
 
 
 def main() -> None:
@@ -117,8 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results")
+    add_harness_args(ap, "loop_overhead", quick="smoke run: lotus_vit_micro, 2 epochs, 1 repeat")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every loop (fixed: fair comparison)")
     ap.add_argument("--compile", action="store_true", help="compare train.compile: true with eager instead")
     args = ap.parse_args()
@@ -126,6 +125,7 @@ def main() -> None:
         args.model, args.epochs, args.repeats, args.patch_size = "lotus_vit_micro", 2, 1, 4
     torch.set_num_threads(args.threads)
     if args.compile:
+        args._bench_name = "loop_compile"  # the default --out of the compile comparison
         return compare_compile(args)
     cfg = config_from_dict(make_cfg(args))
     recipe_cfg = config_from_dict({**make_cfg(args), **RECIPE})
@@ -143,9 +143,8 @@ def main() -> None:
             ["ratio lotus/bare, per repeat (median, range)", _ratio_stats(r_lotus)],
             ["ratio (lotus + EMA + mixup)/lotus, per repeat", _ratio_stats(r_recipe)]]
     table = md_table(["loop", "train img/s (median)"], rows)
-    write_results(None if args.quick else args.out, "loop_overhead",
-                  {"args": vars(args), "bare": bare, "lotus": lot, "lotus_recipe": rec, "ratio": l_ / b,
-                   "ratios_lotus_bare": r_lotus, "ratios_recipe_lotus": r_recipe}, table)
+    write_results(out_path(args), {"args": args_dict(args), "bare": bare, "lotus": lot, "lotus_recipe": rec, "ratio": l_ / b,
+                                   "ratios_lotus_bare": r_lotus, "ratios_recipe_lotus": r_recipe}, table, quick=args.quick)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ CPU (gloo, 2 ranks; README numbers)::
 
 GPU (nccl, one rank per GPU, at most --nproc; benchmarks/gpu_check.sh)::
 
-    python benchmarks/lotus_distributed.py --device cuda --out-dir $OUT --seeds 0 1
+    python benchmarks/lotus_distributed.py --device cuda --out $OUT --seeds 0 1
 
 Smoke run: ``--quick`` (lotus_vit_micro, 6 epochs, thinning at 2, one seed; numbers are not meaningful).
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import md_table, write_results  # noqa: E402
+from benchmarks._common import add_harness_args, md_table, out_path, write_results  # noqa: E402
 
 
 def _free_port() -> int:
@@ -73,15 +73,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", default="configs/digits_op.yaml")
     p.add_argument("--lotus", default="configs/digits_lotus.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=2, help="ranks (on CUDA: at most the number of GPUs)")
     p.add_argument("--mode", default="ddp", choices=["ddp", "fsdp"], help="parallel.mode of both variants")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
-    p.add_argument("--quick", action="store_true", help="smoke run (numbers are not meaningful)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    add_harness_args(p, "lotus_distributed", seeds=[0, 1, 2],
+                     quick="smoke run: lotus_vit_micro, 6 epochs, 512 images, thinning at 2, one seed")
+    p.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the older spelling of --out DIR
     a = p.parse_args()
+    if a.device == "cuda":
+        a._bench_name += "_cuda"
     nproc = a.nproc
     if a.device == "cuda":
         import torch
@@ -108,7 +110,7 @@ def main() -> None:
     acc = [lo["final_val_acc"] - d["final_val_acc"] for _, d, lo in rows]
     world = rows[0][1]["world_size"]
     payload = {"nproc": nproc, "world_size": world, "mode": a.mode, "device": a.device, "threads_per_rank": a.threads,
-               "dense": a.dense, "lotus": a.lotus, "sets": sets, "quick": a.quick, "runs": runs,
+               "dense": a.dense, "lotus": a.lotus, "sets": sets, "runs": runs,
                "ratios": {"samples_forwarded": _ratio_stats(samples), "train_wall": _ratio_stats(wall),
                           "val_acc_delta": _ratio_stats(acc)}}
     table_rows = [(seed, d["samples_seen"], lo["samples_seen"], round(lo["samples_seen"] / d["samples_seen"], 4),
@@ -130,8 +132,7 @@ def main() -> None:
         *(["", "One GPU visible: a world of one rank (no collectives); the ratios are LOTUS vs dense on one device."]
           if a.device == "cuda" and world == 1 else []),
     ])
-    name = "lotus_distributed" + ("_quick" if a.quick else "") + ("_cuda" if a.device == "cuda" else "")
-    write_results(a.out_dir, name, payload, table)
+    write_results(out_path(a), payload, table, quick=a.quick)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ checkpoint-every-block; predicted peak memory within 15% of measured.
   python benchmarks/memory_plan.py --quick             # smoke run (small ViT, seconds)
   python benchmarks/memory_plan.py --model vit_base_patch16_224 --batch 8
 
-Writes JSON (``--out``) and a markdown table next to it (same name, ``.md``) and prints the table.
+Writes ``--out``.json and the markdown table as ``--out``.md (benchmarks/_common.py) and prints the table.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 
 from lotus.parallel.config import format_bytes, parse_bytes  # noqa: E402
 from lotus.parallel.cost_model import evaluate  # noqa: E402
@@ -259,7 +260,7 @@ def markdown(res: dict) -> str:
 
 def parse_args(argv=None, defaults=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: ViT-Ti width, 4 blocks, 64 px, patch 8, batch 16")
+    add_harness_args(p, "memory_plan", quick="smoke run: ViT-Ti width, 4 blocks, 64 px, patch 8, batch 16")
     p.add_argument("--model", help="timm ViT name (default vit_small_patch16_224)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--patch-size", type=int, help="override the patch size")
@@ -277,7 +278,6 @@ def parse_args(argv=None, defaults=None):
                    help="time with wall time (default) or process CPU time (steadier on a shared CPU; use with "
                         "--threads 1)")
     p.add_argument("--skip-max-batch-verify", action="store_true", help="do not measure steps at the max batch")
-    p.add_argument("--out", default="benchmarks/results/memory_plan.json", help="JSON path (markdown next to it)")
     if defaults:
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
@@ -296,15 +296,7 @@ def main(argv=None, defaults=None) -> int:
         raise SystemExit("error: --clock process: only for --device cpu (CUDA work is asynchronous)")
     with use_clock(args.clock):
         res = run(args)
-    md = markdown(res)
-    print(md)
-    out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(md + "\n")
-    print(f"\nwrote {out} and {os.path.splitext(out)[0] + '.md'}")
+    write_results(out_path(args), res, markdown(res), quick=args.quick)
     return 0
 
 

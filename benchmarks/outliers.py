@@ -36,6 +36,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
+
 VARIANTS = {
     "Pre-LN+AdamW": ["model.block=pre_ln", "optim.name=adamw"],
     "OP+AdamW": ["model.block=op", "optim.name=adamw"],
@@ -144,7 +146,10 @@ def _ms(values: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         return "-"
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    from lotus.bench import seed_stats  # imports torch: only when a table is written
+
+    mean, std = seed_stats(vals)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -261,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="configs/digits_preln.yaml", help="base config (default configs/digits_preln.yaml)")
     p.add_argument("--recipe", nargs="+", choices=(*RECIPES, "all"), default=["default", "long"],
                    help="recipes to run (default: default long)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs for the default recipe (default: the config's)")
     p.add_argument("--provoke-epochs-factor", type=float, default=2.0, help="provoke recipe trains this much longer")
     p.add_argument("--long-epochs", type=int, default=300, help="epochs of the long recipe (default 300)")
@@ -270,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads; default 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, 2 epochs (provoke: 4), 300 training images, lotus_vit_micro")
-    p.add_argument("--out", default="benchmarks/results/outliers.json", help="JSON output path")
+    add_harness_args(p, "outliers", seeds=[0, 1, 2],
+                     quick="smoke run: 1 seed, 2 epochs (provoke: 4), 300 training images, lotus_vit_micro")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run's JSON (no training)")
     args = p.parse_args(argv)
     if args.render:
@@ -328,16 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         agg = {name: aggregate(rs) for name, rs in runs.items()}
         results["recipes"][recipe] = {"epochs": recipe_epochs(recipe, epochs, args), "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
                                       "goal": goal(agg)}
-    md = markdown(results)
     print()
-    print(md)
-    out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(md + "\n")
-    print(f"\njson: {out}\nmarkdown: {os.path.splitext(out)[0] + '.md'}")
+    write_results(out_path(args), results, markdown(results), quick=args.quick)
     return 0
 
 

@@ -2,7 +2,6 @@
 a short masked fine-tune loop, and output writing."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -82,17 +81,17 @@ def finetune(model: nn.Module, dataset: Any, epochs: float, lr: float, seed: int
     model.eval()
 
 
-def write_outputs(out: str, stem: str, result: dict, markdown: str) -> dict[str, str]:
-    os.makedirs(out, exist_ok=True)
-    paths = {"json": os.path.join(out, f"{stem}.json"), "md": os.path.join(out, f"{stem}.md")}
-    for key, text in (("json", json.dumps(result, indent=2, default=str)), ("md", markdown + "\n")):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
-    return paths
+def add_folder_args(p: Any, name: str, seeds: list[int] | None = None) -> None:
+    """The harness flags (benchmarks/_common.py) with ``--out`` a folder: these benchmarks also write the trained
+    model and plots there; the results are ``<out>/<name>.{json,md}`` (default ``$OUT/<name>/`` or
+    ``bench_out/<name>/``)."""
+    from benchmarks._common import add_harness_args
+
+    add_harness_args(p, name, seeds=seeds, quick="smoke run: micro ViT, 4 epochs")
+    p.set_defaults(out=os.path.join(os.environ.get("OUT") or "bench_out", name, ""))
 
 
-def default_out(name: str) -> str:
-    base = os.environ.get("OUT") or "bench_out"
-    return os.path.join(base, name)
+def folder(args: Any) -> str:
+    """``--out`` as a folder (created)."""
+    os.makedirs(args.out, exist_ok=True)
+    return args.out

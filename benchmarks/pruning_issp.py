@@ -20,10 +20,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pruning_common import (  # noqa: E402
-    QUICK_OVERRIDES, accuracy, default_out, finetune, trained_model, write_outputs,
-)
+from benchmarks._common import write_results  # noqa: E402
+from pruning_common import QUICK_OVERRIDES, accuracy, add_folder_args, finetune, folder, trained_model  # noqa: E402
 
 
 def main() -> int:
@@ -39,13 +39,11 @@ def main() -> int:
     p.add_argument("--merge", choices=("vote", "union", "intersection"), default="vote")
     p.add_argument("--ft-epochs", type=float, default=2.0, help="masked fine-tune after pruning (both methods)")
     p.add_argument("--ft-lr", type=float, default=5e-4)
-    p.add_argument("--seeds", type=int, default=2, help="fine-tune seeds averaged")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    add_folder_args(p, "pruning_issp", seeds=[0, 1])  # fine-tune seeds averaged
     args = p.parse_args()
     if args.quick:
-        args.sparsities, args.k, args.seeds, args.ft_epochs = [0.8], 2, 1, 1.0
-    out = args.out or default_out("pruning_issp")
+        args.sparsities, args.k, args.seeds, args.ft_epochs = [0.8], 2, args.seeds[:1], 1.0
+    out = folder(args)
     overrides = (QUICK_OVERRIDES if args.quick and not args.checkpoint else []) + args.set
 
     import pruning
@@ -73,7 +71,7 @@ def main() -> int:
             prune_s = time.perf_counter() - t0
             acc0 = accuracy(model, bundle.val)
             accs = []
-            for seed in range(args.seeds):
+            for seed in args.seeds:
                 ft = copy.deepcopy(model)
                 finetune(ft, bundle.train, args.ft_epochs, args.ft_lr, seed=seed)
                 accs.append(accuracy(ft, bundle.val))
@@ -87,13 +85,11 @@ def main() -> int:
         f"# ISSP vs one-shot magnitude: {cfg.model.name} on digits ({'quick' if args.quick else 'full'} run)", "",
         f"dense val acc {dense_acc:.4f}; ISSP: K={args.k} weak copies, {args.fraction:.0%} of the data for "
         f"{args.weak_epochs:g} epoch(s) each, merge={args.merge}; fine-tune {args.ft_epochs:g} epochs, "
-        f"mean over {args.seeds} seed(s); extra_epochs = ISSP's weak-training cost in full-data epochs", "",
+        f"mean over {len(args.seeds)} seed(s); extra_epochs = ISSP's weak-training cost in full-data epochs", "",
         markdown_table(rows, ["sparsity", "method", "achieved", "acc_pruned", "acc_finetuned", "acc_ft_min",
                               "acc_ft_max", "extra_epochs", "mask_agreement"])])
     result = {"model": cfg.model.name, "info": info, "dense_acc": dense_acc, "args": vars(args), "rows": rows}
-    paths = write_outputs(out, "pruning_issp", result, md)
-    print(md)
-    print(f"\nwrote {paths['json']}, {paths['md']}")
+    write_results(os.path.join(out, "pruning_issp"), result, md, quick=args.quick)
     return 0
 
 

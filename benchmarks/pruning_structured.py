@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks._common import add_harness_args, args_dict, out_path, write_results  # noqa: E402
 from pruning import StructuredConfig, get_widths, prune_structured  # noqa: E402
 
 TARGET = 1.8
@@ -92,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=2, help="forward passes per variant per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed forward passes per variant")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 4, 3 rounds of 1 pass")
-    p.add_argument("--out", default="benchmarks/results/pruning_structured.json")
+    add_harness_args(p, "pruning_structured", quick="smoke run: batch 4, 3 rounds of 1 pass")
     args = p.parse_args(argv)
+    md: list[str] = []
+
+    def emit(text: str = "", **kw) -> None:  # a line of the report: printed now, written to the .md at the end
+        print(text, **kw)
+        md.append(text)
+
     if args.quick:
         args.batch, args.repeats, args.iters = 4, 3, 1
     if args.threads is not None:
@@ -154,35 +159,31 @@ def main(argv: list[str] | None = None) -> int:
             "param_ratio": info["dense"]["params"] / info[name]["params"],
         })
 
-    print(f"\n{args.model} @ {args.img_size}px, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
+    emit(f"\n{args.model} @ {args.img_size}px, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved rounds x {args.iters} passes\n")
-    print("| variant | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup (paired range) "
+    emit("| variant | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup (paired range) "
           "| CPU-time speedup | FLOP ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
+        emit(f"| {r['variant']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
               f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_paired_min']:.2f}-"
               f"{r['speedup_paired_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['flop_ratio']:.2f}x |")
     half = [r for r in rows if abs(r["ratio"] - 0.5) < 1e-9]
     verdict = None
     if half:
         verdict = half[0]["speedup"] >= TARGET
-        print(f"\ntarget >= {TARGET}x at 50%: {'met' if verdict else 'NOT met'} ({half[0]['speedup']:.2f}x)"
-              + (" [--quick run: not a valid measurement]" if args.quick else ""))
+        emit(f"\ntarget >= {TARGET}x at 50%: {'met' if verdict else 'NOT met'} ({half[0]['speedup']:.2f}x)")
 
     result = {
         "benchmark": "pruning_structured",
-        "args": vars(args),
+        "args": args_dict(args),
         "env": {"torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "rows": rows,
         "target": TARGET,
         "target_met_at_50pct": verdict,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results(out_path(args), result, "\n".join(md), quick=args.quick, echo=False)
     return 0
 
 

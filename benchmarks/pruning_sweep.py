@@ -3,7 +3,7 @@
 Trains the model with lotus (configs/digits_preln.yaml, lotus_vit_tiny) unless --checkpoint is given, then sweeps
 layer-wise and global magnitude sparsity on the validation split and finds the knee: the largest sparsity with
 every sparsity up to it within --tolerance of dense accuracy. Writes sweep_<scope>.{json,md,png} and
-pruning_sweep.{json,md} under --out (default $OUT/pruning_sweep or bench_out/pruning_sweep).
+pruning_sweep.{json,md} under the folder --out (default $OUT/pruning_sweep or bench_out/pruning_sweep).
 
   python benchmarks/pruning_sweep.py                    # full: trains 30 epochs (~5-15 min on 2 CPU cores)
   python benchmarks/pruning_sweep.py --quick            # micro ViT, 4 epochs, step 0.3 (~1 min)
@@ -17,8 +17,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pruning_common import QUICK_OVERRIDES, accuracy, default_out, trained_model, write_outputs  # noqa: E402
+from benchmarks._common import write_results  # noqa: E402
+from pruning_common import QUICK_OVERRIDES, accuracy, add_folder_args, folder, trained_model  # noqa: E402
 
 
 def main() -> int:
@@ -29,10 +31,9 @@ def main() -> int:
     p.add_argument("--step", type=float, default=0.05)
     p.add_argument("--max-sparsity", type=float, default=0.9)
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed accuracy drop (0.01 = 1 point)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    add_folder_args(p, "pruning_sweep")
     args = p.parse_args()
-    out = args.out or default_out("pruning_sweep")
+    out = folder(args)
     overrides = (QUICK_OVERRIDES if args.quick and not args.checkpoint else []) + args.set
     step = 0.3 if args.quick else args.step
 
@@ -62,9 +63,8 @@ def main() -> int:
         markdown_table(summary), "", markdown_table(rows)])
     result = {"model": cfg.model.name, "info": info, "tolerance": args.tolerance, "step": step,
               "quick": args.quick, "summary": summary, "sweeps": results}
-    paths = write_outputs(out, "pruning_sweep", result, md)
-    print(md)
-    print(f"\nwrote {paths['json']}, {paths['md']} and sweep_*.png in {out}")
+    write_results(os.path.join(out, "pruning_sweep"), result, md, quick=args.quick)
+    print(f"sweep_*.png in {out}")
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,8 @@ import timm  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks._common import add_harness_args, args_dict, out_path, write_results  # noqa: E402
+from lotus.bench import seed_stats  # noqa: E402
 from pruning import StructuredConfig, get_widths, prune_structured  # noqa: E402
 
 
@@ -239,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of heads and of MLP neurons removed")
     p.add_argument("--batch", type=int, default=32, help="part A batch size (224 px)")
     p.add_argument("--repeats", type=int, default=7, help="part A interleaved rounds (median reported)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs on digits")
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--calib-batches", type=int, default=8, help="batches of 64 for Taylor importance")
@@ -248,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-threads", type=int, default=1, help="part B intra-op threads (tiny model)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 rounds, 1 seed, 4+1 epochs")
-    p.add_argument("--out", default="benchmarks/results/pruning_vs_torch_pruning.json")
+    add_harness_args(p, "pruning_vs_torch_pruning", seeds=[0, 1, 2],
+                     quick="smoke run: batch 4, 2 rounds, 1 seed, 4+1 epochs")
     args = p.parse_args(argv)
+    md: list[str] = []
+
+    def emit(text: str = "", **kw) -> None:  # a line of the report: printed now, written to the .md at the end
+        print(text, **kw)
+        md.append(text)
+
     if not 0 < args.ratio < 1:
         p.error(f"--ratio: expected a fraction in (0, 1), got {args.ratio}")
     for name in ("threads", "train_threads"):
@@ -263,28 +269,28 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.repeats, args.seeds, args.epochs, args.finetune_epochs, args.calib_batches = 4, 2, [0], 4, 1, 2
     tp = import_torch_pruning()
 
-    result: dict = {"benchmark": "pruning_vs_torch_pruning", "args": vars(args),
+    result: dict = {"benchmark": "pruning_vs_torch_pruning", "args": args_dict(args),
                     "env": {"torch": torch.__version__, "timm": timm.__version__,
                             "torch_pruning": getattr(tp, "__version__", "?"), "threads": torch.get_num_threads(),
                             "cpu_count": os.cpu_count(), "platform": platform.platform()}}
     if not args.skip_speed:
         rows = part_speed(args)
         result["speed"] = rows
-        print(f"\nA. vit_small_patch16_224 @ 224px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
+        emit(f"\nA. vit_small_patch16_224 @ 224px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
               f"{args.ratio:.0%} of heads and MLP neurons removed (median of {args.repeats} interleaved rounds)\n")
-        print("| tool | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup vs dense | prune time (s) |")
-        print("|---|---|---|---|---|---|---|")
+        emit("| tool | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup vs dense | prune time (s) |")
+        emit("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['tool']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
+            emit(f"| {r['tool']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
                   f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x | {r['prune_seconds']:.2f} |")
     if not args.skip_accuracy:
-        print("\nB. digits ViT (configs/digits_preln.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...", flush=True)
+        emit("\nB. digits ViT (configs/digits_preln.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...", flush=True)
         rows = part_accuracy(args)
         result["accuracy"] = rows
-        print(f"\nB. digits ViT, {args.ratio:.0%} heads and MLP removed, val accuracy (mean over seeds "
+        emit(f"\nB. digits ViT, {args.ratio:.0%} heads and MLP removed, val accuracy (mean over seeds "
               f"{args.seeds}); dense {args.epochs} epochs, fine-tune {args.finetune_epochs} epochs\n")
-        print("| tool | importance | heads / MLP per block | params (K) | acc after pruning | acc after fine-tune |")
-        print("|---|---|---|---|---|---|")
+        emit("| tool | importance | heads / MLP per block | params (K) | acc after pruning | acc after fine-tune |")
+        emit("|---|---|---|---|---|---|")
         keys = []
         for r in rows:
             if (r["tool"], r["importance"]) not in keys:
@@ -294,16 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             sel = [r for r in rows if r["tool"] == tool and r["importance"] == imp]
             a0 = [r["acc_pruned"] for r in sel]
             a1 = [r["acc_finetuned"] for r in sel]
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-            summary.append({"tool": tool, "importance": imp, "acc_pruned_mean": statistics.mean(a0),
-                            "acc_finetuned_mean": statistics.mean(a1), "acc_finetuned_std": sd(a1)})
-            print(f"| {tool} | {imp} | {sel[0]['widths']} | {sel[0]['params'] / 1e3:.1f} | "
-                  f"{statistics.mean(a0):.3f} | {statistics.mean(a1):.3f} ± {sd(a1):.3f} |")
+            (m0, _), (m1, s1) = seed_stats(a0), seed_stats(a1)
+            summary.append({"tool": tool, "importance": imp, "acc_pruned_mean": m0,
+                            "acc_finetuned_mean": m1, "acc_finetuned_std": s1})
+            emit(f"| {tool} | {imp} | {sel[0]['widths']} | {sel[0]['params'] / 1e3:.1f} | "
+                 f"{m0:.3f} | {m1:.3f} ± {s1:.3f} |")
         result["accuracy_summary"] = summary
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results(out_path(args), result, "\n".join(md), quick=args.quick, echo=False)
     return 0
 
 

@@ -8,9 +8,9 @@ target (the baseline's mean final accuracy - 0.5 pp). The recipe's EMA weights a
 and range.
 
   python benchmarks/recipes_digits.py                 # 3 seeds x 2 configs x 40 epochs
-  python benchmarks/recipes_digits.py --epochs 3 --seeds 1 --out /tmp/x   # smoke run
-  python benchmarks/recipes_digits.py --light --out DIR   # baseline vs recipes_digits_timm_light.yaml
-                                                          # (-> recipes_digits_light.*; reuses DIR's baseline runs)
+  python benchmarks/recipes_digits.py --quick --runs /tmp/x   # smoke run: 3 epochs, seed 0
+  python benchmarks/recipes_digits.py --light --runs DIR   # baseline vs recipes_digits_timm_light.yaml
+                                                           # (-> recipes_digits_light.*; reuses DIR's baseline runs)
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import machine, md_table  # noqa: E402
+from benchmarks._common import add_harness_args, md_table, out_path, write_results  # noqa: E402
 from lotus.bench import analyse, run_bench  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
@@ -50,25 +50,27 @@ def _ratios(values: list[float]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (smoke runs)")
-    p.add_argument("--out", default=None, help="run folder (default: a temporary one; reused runs are resumed)")
-    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--runs", metavar="DIR", default=None,
+                   help="run folder (default: a temporary one; reused runs are resumed)")
+    add_harness_args(p, "recipes_digits", seeds=[0, 1, 2], quick="smoke run: 3 epochs, seed 0")
     p.add_argument("--light", action="store_true", help="the lighter recipe (configs/recipes_digits_timm_light.yaml)")
     args = p.parse_args()
-    configs, name = (LIGHT, "recipes_digits_light") if args.light else (CONFIGS, "recipes_digits")
+    configs, args._bench_name = (LIGHT, "recipes_digits_light") if args.light else (CONFIGS, "recipes_digits")
+    if args.quick:
+        args.epochs, args.seeds = args.epochs or 3, args.seeds[:1]
     torch.set_num_threads(args.threads)
     overrides = [f"train.threads={args.threads}", "train.device=cpu"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
-    out = args.out or tempfile.mkdtemp(prefix="recipes_digits-")
+    out = args.runs or tempfile.mkdtemp(prefix="recipes_digits-")
     results = run_bench(configs, args.seeds, out, overrides=overrides, progress=False)
     analysis = analyse(results)
     target = analysis["target"]
     base, recipe = analysis["rows"]
     per_seed = []
-    for s, (rb, rr) in enumerate(zip(base["runs"], recipe["runs"])):
+    for s, rb, rr in zip(args.seeds, base["runs"], recipe["runs"]):
         eb, er = read_metrics(rb)[0], read_metrics(rr)[0]
         tb, tr = _time_to(eb, target, "val_acc"), _time_to(er, target, "val_acc")
         te = _time_to(er, target, "ema_val_acc")
@@ -91,11 +93,11 @@ def main() -> None:
              fmt(r["recipe_ema_time_to_target"], "{:.1f}")] for r in per_seed]
     table = md_table(["seed", "baseline acc %", "recipe acc %", "recipe EMA acc %", "baseline train s", "recipe train s",
                       "baseline s to target", "recipe s to target", "recipe EMA s to target"], rows)
-    lines = [f"# timm recipe on digits ({args.seeds} seeds, {args.threads} thread(s), interleaved)", "",
+    lines = [f"# timm recipe on digits ({len(args.seeds)} seeds, {args.threads} thread(s), interleaved)", "",
              f"`python benchmarks/recipes_digits.py{' --light' if args.light else ''}` - configs {', '.join(configs)}; target = baseline mean final "
              f"accuracy - 0.5 pp = {target * 100:.2f}%; times are training time (evaluation excluded).", "", table, ""]
     if args.light:
-        lines += ["Baseline runs found in --out are reused (the bench is resumable), so with the main run's folder "
+        lines += ["Baseline runs found in --runs are reused (the bench is resumable), so with the main run's folder "
                   "the recipe's runs were not interleaved with them: compare accuracies, not times.", ""]
     for key, label in (("acc_diff_pp", "final acc, recipe - baseline (pp)"),
                        ("ema_acc_diff_pp", "final EMA acc, recipe - baseline (pp)"),
@@ -107,16 +109,12 @@ def main() -> None:
                      + (f" (reached in {sum(math.isfinite(r[key]) for r in per_seed)}/{len(per_seed)} seeds)"
                         if key.endswith("tta_ratio") else ""))
     md = "\n".join(lines) + "\n"
-    print(md)
-    res = Path(args.results)
-    res.mkdir(parents=True, exist_ok=True)
-    clean = json.loads(json.dumps({"machine": machine(), "configs": configs, "overrides": overrides, "target": target,
+    clean = json.loads(json.dumps({"configs": configs, "overrides": overrides, "target": target,
                                    "per_seed": per_seed, "summary": summary,
                                    "rows": [{k: v for k, v in r.items() if k not in ("curves", "runs")}
                                             for r in analysis["rows"]]},
                                   default=lambda o: None).replace("Infinity", "null"))
-    (res / f"{name}.json").write_text(json.dumps(clean, indent=2))
-    (res / f"{name}.md").write_text(md)
+    write_results(out_path(args), clean, md, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ img/s counts the samples of steps 2..N over the wall time from the end of step 1
 (re-tunes included, the start-up tune excluded and reported separately as ``tune_s``).
 
     python benchmarks/threads.py            # full: 150 steps, 3 rounds (~10 minutes on 2 cores)
-    python benchmarks/threads.py --quick    # smoke run: 12 steps, 1 round, nothing written
+    python benchmarks/threads.py --quick    # smoke run: 12 steps, 1 round (written under benchmarks/results/quick/)
     python benchmarks/threads.py --render benchmarks/results/threads.json   # re-write the .md from saved runs
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import md_table, write_results
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import add_harness_args, args_dict, md_table, out_path, write_results  # noqa: E402
 
 NEIGHBOUR = [sys.executable, "-c", "while True: pass"]
 CONDITIONS = [(nb, mode) for nb in ("none", "busy", "arrives") for mode in ("default", "auto")]
@@ -215,8 +215,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=45.0, help="cap on one measurement's timed steps")
     ap.add_argument("--arrive-at", type=int, default=30, help="step at which the 'arrives' neighbour starts")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results")
+    add_harness_args(ap, "threads", quick="smoke run: 12 steps, 1 round")
     ap.add_argument("--note", help="a remark to print under the results (kept in the JSON)")
     ap.add_argument("--render", metavar="JSON", help="re-write the report from a saved threads.json (no runs)")
     ap.add_argument("--worker", choices=["default", "auto"], help=argparse.SUPPRESS)
@@ -230,7 +229,7 @@ def main() -> None:
         if args.note:
             saved["args"]["note"] = args.note
         md, payload = report(saved["args"], saved["runs"], saved["machine"]["cpu_count"])
-        write_results(args.out, "threads", payload, md)
+        write_results(args.out or args.render, {**payload, "machine": saved["machine"]}, md)
         return
     if args.quick:
         args.steps, args.rounds, args.max_seconds, args.arrive_at = 12, 1, 10.0, 4
@@ -243,8 +242,9 @@ def main() -> None:
             runs.append(rec)
             print(f"round {r} {nb:8s} {mode:8s} {rec['img_s']:8.1f} img/s  threads {rec['threads_used']} "
                   f"steps {rec['steps']} tune {rec['tune_s']:.2f}s load {rec['load_before']}", flush=True)
-    md, payload = report({k: v for k, v in vars(args).items() if k not in ("worker", "render")}, runs, os.cpu_count())
-    write_results(None if args.quick else args.out, "threads", payload, md)
+    md, payload = report({k: v for k, v in args_dict(args).items() if k not in ("worker", "render")}, runs,
+                         os.cpu_count())
+    write_results(out_path(args), payload, md, quick=args.quick)
 
 
 if __name__ == "__main__":

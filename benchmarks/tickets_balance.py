@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import json
 import shutil
 import statistics
 import subprocess
@@ -32,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import machine, mean_std  # noqa: E402
+from benchmarks._common import add_harness_args, args_dict, out_path, write_results  # noqa: E402
 from data_tickets import TicketFile, score, select  # noqa: E402
+from lotus.bench import seed_stats  # noqa: E402
 
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
@@ -72,14 +72,12 @@ def main() -> None:
     p.add_argument("--fashion-root", default=None, help="folder holding FashionMNIST/raw/ idx files")
     p.add_argument("--fashion-train", type=int, default=5000, help="stratified Fashion-MNIST train subset")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--model", default="lotus_vit_micro")
     p.add_argument("--proxy-epochs", type=int, default=3)
     p.add_argument("--el2n-repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 epochs, 600/1000 train images")
-    p.add_argument("--out", default="benchmarks/results/tickets_balance.json")
+    add_harness_args(p, "tickets_balance", seeds=[0, 1, 2, 3, 4], quick="smoke run: 2 seeds, 3 epochs, 600/1000 train images")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.fashion_train, args.el2n_repeats, args.proxy_epochs = [0, 1], 3, 1000, 1, 2
@@ -107,7 +105,7 @@ def main() -> None:
               flush=True)
 
     runs: list[dict] = []
-    out = Path(args.out)
+    out = out_path(args)
     t_start = time.perf_counter()
 
     def fit(ds: str, ticket: Path | None, seed: int) -> dict:
@@ -155,7 +153,7 @@ def main() -> None:
         write(args, setups, runs, out, time.perf_counter() - t_start)  # after every seed: partial results survive
 
 
-def write(args: argparse.Namespace, setups: dict, runs: list[dict], out: Path, total_s: float) -> None:
+def write(args: argparse.Namespace, setups: dict, runs: list[dict], out: str, total_s: float) -> None:
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"### Class-balanced data tickets: final val accuracy (%), mean +- std over seeds {seeds}, "
              f"{args.epochs} epochs, {args.model} (patch 4, 16 px), proxies {args.proxy_epochs} epochs "
@@ -169,7 +167,7 @@ def write(args: argparse.Namespace, setups: dict, runs: list[dict], out: Path, t
         full = [r["acc"] for r in runs if r["dataset"] == ds and r["method"] == "full"]
         if not full:
             continue
-        fm, fs = mean_std(full)
+        fm, fs = seed_stats(full)
         share = 1.0 / data.num_classes
         lines += [f"\n**{ds}** ({len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, "
                   f"uniform share {share:.3f}; full data {fm * 100:.2f} +- {fs * 100:.2f})\n",
@@ -185,7 +183,7 @@ def write(args: argparse.Namespace, setups: dict, runs: list[dict], out: Path, t
                 for bal, rs in ((True, on), (False, off)):
                     if not rs:
                         continue
-                    m, s = mean_std([r["acc"] for r in rs.values()])
+                    m, s = seed_stats([r["acc"] for r in rs.values()])
                     mn = statistics.fmean(r["min_share"] for r in rs.values())
                     mx = statistics.fmean(r["max_share"] for r in rs.values())
                     common = sorted(set(on) & set(off))
@@ -200,12 +198,9 @@ def write(args: argparse.Namespace, setups: dict, runs: list[dict], out: Path, t
                                     "bal_minus_unbal": diff if bal else None, "vs_random_balanced": vs,
                                     "seeds": sorted(rs)})
     text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": runs, "summary": summary,
-                               "total_s": total_s, "quick": args.quick}, indent=2))
-    out.with_suffix(".md").write_text(text + ("\n[--quick run: smoke test only]\n" if args.quick else "")
-                                      + f"\ncommand: `python benchmarks/tickets_balance.py` (total {total_s / 60:.1f} min)\n")
-    print("\n" + text + f"json: {out}\nmarkdown: {out.with_suffix('.md')}", flush=True)
+    text += f"\ncommand: `python benchmarks/tickets_balance.py` (total {total_s / 60:.1f} min)\n"
+    write_results(out, {"args": args_dict(args), "runs": runs,
+                        "summary": summary, "total_s": total_s}, text, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from other processes hits both sides alike. Models are freshly initialised: cost
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 from data_tickets import score  # noqa: E402
 
 SINGLE_PASS = ["loss", "entropy", "margin", "el2n", "cls_attention", "prototype"]
@@ -86,9 +86,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scorers", nargs="+", default=SINGLE_PASS, help="single-pass scorers to time")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 400 train images, loss/entropy, micro ViT GraNd on 32 samples, 2 repeats")
-    p.add_argument("--out", default="benchmarks/results/tickets_cost.json")
+    add_harness_args(p, "tickets_cost",
+                     quick="smoke run: 400 train images, loss/entropy, micro ViT GraNd on 32 samples, 2 repeats")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.grand_samples, args.grand_models = 2, 32, ["lotus_vit_micro"]
@@ -147,16 +146,10 @@ def main() -> None:
     print("| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(grows))
-    if args.quick:
-        print("\n[--quick run: smoke test only, not a valid measurement]")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    md = out.with_suffix(".md")
-    md.write_text("\n".join(["| scorer | images | eval pass (s) | scorer (s) | ratio | <= 1.2x |", "|---|---|---|---|---|---|",
-                             *rows, "", "| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x | max rel. diff |",
-                             "|---|---|---|---|---|---|---|---|---|", *grows, ""]))
-    print(f"\njson: {out}\nmarkdown: {md}")
+    md = "\n".join(["| scorer | images | eval pass (s) | scorer (s) | ratio | <= 1.2x |", "|---|---|---|---|---|---|",
+                    *rows, "", "| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x "
+                    "| max rel. diff |", "|---|---|---|---|---|---|---|---|---|", *grows])
+    write_results(out_path(args), results, md, quick=args.quick, echo=False)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Smoke run (~2-3 min)::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
+from lotus.bench import seed_stats  # noqa: E402
 
 TARGET_SAVED = 0.40  # InfoBatch's ~40% saved at no loss
 
@@ -58,12 +60,10 @@ def main() -> None:
     p.add_argument("--config", default="configs/digits_dynamic.yaml")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7], help="tickets.dynamic.ratio values to run")
     p.add_argument("--anneal", type=float, default=None, help="override tickets.dynamic.anneal")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: lotus_vit_micro, 6 epochs, 1 seed, first ratio only (numbers are not meaningful)")
-    p.add_argument("--out", default="benchmarks/results/tickets_dynamic.json")
+    add_harness_args(p, "tickets_dynamic", seeds=[0, 1, 2],
+                     quick="smoke run: lotus_vit_micro, 6 epochs, 1 seed, first ratio only")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -94,8 +94,8 @@ def main() -> None:
     for label, _, _ in variants:
         rs = [r for r in rows if r["variant"] == label]
         acc = [r["final_val_acc"] * 100 for r in rs]
-        s = {"variant": label, "seeds": len(rs), "acc_mean": statistics.mean(acc),
-             "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        acc_mean, acc_std = seed_stats(acc)
+        s = {"variant": label, "seeds": len(rs), "acc_mean": acc_mean, "acc_std": acc_std,
              "samples": statistics.mean(r["samples_seen"] for r in rs),
              "wall_s": statistics.mean(r["train_wall_s"] for r in rs)}
         base = base or s
@@ -108,20 +108,15 @@ def main() -> None:
         s["wall_saved_paired_median"] = statistics.median(paired)
         summary.append(s)
 
-    print("\n| variant | seeds | final val acc % (mean +- std) | delta pp | samples forwarded | samples saved "
-          "| train wall s | wall saved (paired median) |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = ["| variant | seeds | final val acc % (mean +- std) | delta pp | samples forwarded | samples saved "
+             "| train wall s | wall saved (paired median) |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        print(f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['acc_delta_pp']:+.2f} "
-              f"| {s['samples']:.0f} | {s['samples_saved'] * 100:.1f}% | {s['wall_s']:.1f} "
-              f"| {s['wall_saved'] * 100:.1f}% ({s['wall_saved_paired_median'] * 100:.1f}%) |")
-    print(f"\nBar (InfoBatch): ~{TARGET_SAVED:.0%} saved at no accuracy loss.")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "tickets_dynamic", "quick": a.quick, "threads": torch.get_num_threads(),
-                               "machine": platform.platform(), "torch": torch.__version__, "overrides": extra,
-                               "summary": summary, "runs": rows}, indent=2))
-    print(f"\nwrote {out}")
+        lines.append(f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['acc_delta_pp']:+.2f} "
+                     f"| {s['samples']:.0f} | {s['samples_saved'] * 100:.1f}% | {s['wall_s']:.1f} "
+                     f"| {s['wall_saved'] * 100:.1f}% ({s['wall_saved_paired_median'] * 100:.1f}%) |")
+    lines.append(f"\nBar (InfoBatch): ~{TARGET_SAVED:.0%} saved at no accuracy loss.")
+    write_results(out_path(a), {"benchmark": "tickets_dynamic", "platform": platform.platform(), "overrides": extra,
+                                "summary": summary, "runs": rows}, "\n".join(lines), quick=a.quick)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Target: kept-token step throughput >= 1.8x the full-token step at keep_rate 0.5.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -42,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 from data_tickets import PatchTicket, apply_patch_tickets  # noqa: E402
 from data_tickets.keep_rate import num_kept  # noqa: E402
+from lotus.bench import seed_stats  # noqa: E402
 
 TARGET = 1.8
 
@@ -168,8 +169,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for label in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == label]
         acc = [r["final_val_acc"] * 100 for r in rs]
-        s = {"variant": label, "seeds": len(rs), "acc_mean": statistics.mean(acc),
-             "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        acc_mean, acc_std = seed_stats(acc)
+        s = {"variant": label, "seeds": len(rs), "acc_mean": acc_mean, "acc_std": acc_std,
              "wall_s": statistics.mean(r["train_wall_s"] for r in rs),
              "flops": statistics.mean(r["train_flops"] for r in rs),
              "refresh_s": statistics.mean(r["refresh_s"] for r in rs)}
@@ -190,7 +191,6 @@ def main() -> None:
     p.add_argument("--keep-rate", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[], help="extra config override for every training run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true", help="throughput part only")
@@ -198,11 +198,16 @@ def main() -> None:
     p.add_argument("--scorer-epochs", type=int, default=5,
                    help="offline variant: epochs of the dense scorer whose CLS attention makes the ticket file "
                         "(its training and ranking time count in that variant's wall time); 0 skips the variant")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: the two lotus_vit_tiny throughput rows, 3 repeats; training with lotus_vit_micro, "
-                        "6 epochs, 1 seed (accuracy numbers are not meaningful)")
-    p.add_argument("--out", default="benchmarks/results/tickets_patches.json")
+    add_harness_args(p, "tickets_patches", seeds=[0, 1, 2],
+                     quick="smoke run: the two lotus_vit_tiny throughput rows, 3 repeats; training with "
+                           "lotus_vit_micro, 6 epochs, 1 seed")
     a = p.parse_args()
+    md: list[str] = []
+
+    def emit(text: str = "", **kw) -> None:  # a line of the report: printed now, written to the .md at the end
+        print(text, **kw)
+        md.append(text)
+
     if a.threads:
         torch.set_num_threads(a.threads)
     extra = list(a.set)
@@ -219,14 +224,14 @@ def main() -> None:
     for spec, bs in zip([] if a.skip_throughput else a.models, batches):
         tp.append(throughput(spec, bs, a.keep_rate, a.repeats, a.iters))
     if tp:
-        print(f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, "
+        emit(f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, "
               f"{torch.get_num_threads()} threads)\n")
-        print("| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | CPU-time speedup "
+        emit("| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | CPU-time speedup "
               "| + online rank per batch | + rank every 3 epochs | target |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in tp:
         ok = "met" if r["speedup"] >= TARGET else "MISSED"
-        print(f"| {r['model']} | {r['img_size']}/{r['patch_size']} | {r['patches']} -> {r['kept']} | {r['batch']} "
+        emit(f"| {r['model']} | {r['img_size']}/{r['patch_size']} | {r['patches']} -> {r['kept']} | {r['batch']} "
               f"| {r['full_img_s']:.1f} | {r['kept_img_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
               f"{r['speedup_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['online_per_batch_speedup']:.2f}x "
               f"| {r['online_refresh3_speedup']:.2f}x | >= {TARGET}x {ok} |")
@@ -240,25 +245,21 @@ def main() -> None:
         ]
         if a.scorer_epochs > 0:
             variants.append((f"cls_attention file ({a.scorer_epochs}-ep scorer)", "configs/digits_patches.yaml", ["file"]))
-        print(f"\n## Patch tickets on digits: accuracy at equal epochs ({len(seeds)} seed(s))\n", flush=True)
+        emit(f"\n## Patch tickets on digits: accuracy at equal epochs ({len(seeds)} seed(s))\n", flush=True)
         rows = train_runs(variants, seeds, extra, quiet=False, scorer_epochs=a.scorer_epochs)
         summary = summarise(rows)
-        print("\n| variant | seeds | final val acc % (mean +- std) | wall s (incl. ranking) | wall speed-up "
+        emit("\n| variant | seeds | final val acc % (mean +- std) | wall s (incl. ranking) | wall speed-up "
               "| train FLOPs | FLOPs ratio | ranking (+ scorer) s |")
-        print("|---|---|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|---|---|")
         for s in summary:
-            print(f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['wall_s']:.1f} "
+            emit(f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['wall_s']:.1f} "
                   f"| {s['wall_ratio']:.2f}x | {s['flops']:.3g} | {s['flops_ratio']:.2f}x | {s['refresh_s']:.1f} |")
-        print("\nFLOPs: training forward FLOPs x 3 as the lotus trainer counts them (kept-token epochs count "
+        emit("\nFLOPs: training forward FLOPs x 3 as the lotus trainer counts them (kept-token epochs count "
               "the kept tokens); ranking passes (and the file variant's scorer training) are not in the FLOPs "
               "column but are in the wall time.")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "tickets_patches", "quick": a.quick, "target_speedup": TARGET,
-                               "threads": torch.get_num_threads(), "machine": platform.platform(),
-                               "torch": torch.__version__, "throughput": tp, "training": summary, "runs": rows,
-                               "overrides": extra}, indent=2))
-    print(f"\nwrote {out}")
+    write_results(out_path(a), {"benchmark": "tickets_patches", "target_speedup": TARGET,
+                                "platform": platform.platform(), "throughput": tp, "training": summary, "runs": rows,
+                                "overrides": extra}, "\n".join(md), quick=a.quick, echo=False)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ mean +- std over seeds; the "vs random" column is the mean difference to the ran
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,14 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 from data_tickets import TicketFile, score, select  # noqa: E402
+from lotus.bench import seed_stats  # noqa: E402
 
 SCORERS = ["el2n", "loss", "grand", "forgetting", "entropy", "margin", "prototype", "cls_attention"]
 POLICIES = ["top", "ccs", "moderate", "bottom"]
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def main() -> None:
@@ -42,7 +39,6 @@ def main() -> None:
     p.add_argument("--scorers", nargs="+", default=SCORERS)
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every run (default: config)")
     p.add_argument("--model", default="lotus_vit_micro",
                    help="model of every run and proxy (default lotus_vit_micro; the config's lotus_vit_tiny at "
@@ -52,8 +48,8 @@ def main() -> None:
     p.add_argument("--el2n-repeats", type=int, default=3)
     p.add_argument("--class-balanced", action="store_true", help="select class-balanced subsets")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="smoke run: 600 images, 5 epochs, el2n+loss x top+ccs, 2 seeds")
-    p.add_argument("--out", default="benchmarks/results/tickets_quality.json")
+    add_harness_args(p, "tickets_quality", seeds=[0, 1, 2],
+                     quick="smoke run: 600 images, 5 epochs, el2n+loss x top+ccs, 2 seeds")
     args = p.parse_args()
     user_set = list(args.set)
     args.set = [f"model.name={args.model}", f"model.patch_size={args.patch_size}", *args.set]
@@ -133,12 +129,12 @@ def main() -> None:
     for r in runs:
         table.setdefault((r["method"], r["fraction"]), []).append(r["acc"])
     rows, agg = [], []
-    full_m, full_s = mean_std(table[("full", 1.0)])
+    full_m, full_s = seed_stats(table[("full", 1.0)])
     for frac in args.fractions:
-        rnd_m, rnd_s = mean_std(table[("random", frac)])
+        rnd_m, rnd_s = seed_stats(table[("random", frac)])
         ordered = sorted(((m, f) for (m, f) in table if f == frac), key=lambda k: -statistics.fmean(table[k]))
         for key in ordered:
-            m, s = mean_std(table[key])
+            m, s = seed_stats(table[key])
             d = m - rnd_m
             verdict = "-" if key[0] == "random" else ("yes" if d > 0 else "no")
             agg.append({"method": key[0], "fraction": frac, "mean_acc": m, "std_acc": s, "vs_random": d,
@@ -151,19 +147,12 @@ def main() -> None:
     cost = "\n".join(f"| {k} | {statistics.fmean(v):.1f} |" for k, v in scoring_s.items())
     text = (header + "\n" + "\n".join(rows) + "\n\n### Scoring cost per seed (proxy training + scoring, s)\n\n"
             "| scorer | seconds |\n|---|---|\n" + cost + "\n")
-    print("\n" + text)
-    if args.quick:
-        print("[--quick run: smoke test only, not a valid measurement]")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "overrides": base, "model": cfg.model.name,
-                               "epochs": cfg.train.epochs, "train_size": n, "seeds": args.seeds,
-                               "class_balanced": args.class_balanced, "proxy_epochs": args.proxy_epochs,
-                               "el2n_repeats": args.el2n_repeats, "quick": args.quick, "runs": runs,
-                               "summary": agg, "scoring_s": scoring_s,
-                               "total_s": time.perf_counter() - t_start}, indent=2))
-    out.with_suffix(".md").write_text(text)
-    print(f"json: {out}\nmarkdown: {out.with_suffix('.md')}")
+    write_results(out_path(args), {"config": args.config, "overrides": base, "model": cfg.model.name,
+                                   "epochs": cfg.train.epochs, "train_size": n, "seeds": args.seeds,
+                                   "class_balanced": args.class_balanced, "proxy_epochs": args.proxy_epochs,
+                                   "el2n_repeats": args.el2n_repeats, "runs": runs, "summary": agg,
+                                   "scoring_s": scoring_s, "total_s": time.perf_counter() - t_start},
+                  text, quick=args.quick)
 
 
 if __name__ == "__main__":

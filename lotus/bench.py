@@ -33,10 +33,9 @@ from lotus.data import build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
-from lotus.safe_io import atomic_write_stream
 from lotus.training import Trainer
 
-__all__ = ["BenchResult", "EpochBar", "run_bench", "analyse", "add_speedups", "seed_ratios", "mean_std", "bench_table",
+__all__ = ["BenchResult", "EpochBar", "run_bench", "analyse", "add_speedups", "seed_ratios", "seed_stats", "mean_std", "bench_table",
            "plot_bench", "write_bench"]
 
 
@@ -212,11 +211,20 @@ def seed_ratios(base: list[float], values: list[float]) -> dict:
             "max": max(ok) if ok else None, "seeds_with_ratio": len(ok)}
 
 
+def seed_stats(values: list[float | None]) -> tuple[float, float]:
+    """(mean, sample std) over seeds, ``None`` values skipped; std 0 for one value, both NaN for none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def mean_std(values: list[float], scale: float = 100.0, unit: str = "%") -> str:
-    """``mean +- std`` over seeds, or ``value (n=1)`` for a single seed (no spread to show)."""
+    """``mean +- std`` over seeds (:func:`seed_stats`), or ``value (n=1)`` for a single seed (no spread to show)."""
     if len(values) == 1:
         return f"{values[0] * scale:.2f}{unit} (n=1)"
-    return f"{statistics.fmean(values) * scale:.2f} +- {statistics.stdev(values) * scale:.2f}{unit}"
+    m, s = seed_stats(values)
+    return f"{m * scale:.2f} +- {s * scale:.2f}{unit}"
 
 
 def analyse(results: list[BenchResult], target: float | None = None, target_drop: float = 0.005,
@@ -327,7 +335,7 @@ def plot_bench(analysis: dict, out: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out, fname)
-        atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
