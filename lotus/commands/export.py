@@ -32,11 +32,15 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lotus.config import ModelConfig, load_config
 from lotus.errors import LotusError
 from lotus.safe_io import TEMP_PREFIX, output_lock, refuse_symlink, remove_temps
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
+    import torch
+    from torch import nn
 
 __all__ = ["add_arguments", "run"]
 

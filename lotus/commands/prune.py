@@ -30,11 +30,15 @@ import json
 import os
 import platform
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pruning
 from lotus.commands import prune_recover
 from lotus.errors import LotusError, library_error
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
+    import torch
+    from torch import nn
 
 __all__ = ["add_arguments", "run"]
 

@@ -23,13 +23,16 @@ import argparse
 import copy
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pruning
 from lotus.callbacks import Callback
 from lotus.config import Config, config_from_dict
 from lotus.errors import LotusError
 from lotus.schema import to_dict
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
+    import torch
 
 __all__ = ["SameMasks", "add_arguments", "check_args", "finetune_config", "markdown", "recover"]
 

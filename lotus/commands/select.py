@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from data_tickets.policies import POLICIES, uses_class_balance
 from lotus.config import load_config
 from lotus.errors import LotusError, library_error
 from lotus.safe_io import atomic_write, output_lock
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
+    import torch
 
 __all__ = ["add_arguments", "run"]
 
