@@ -189,6 +189,36 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(small_yaml, tm
         assert load_file(run / name)
 
 
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, monkeypatch):
+    from lotus.training.run_log import RunLog
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log = RunLog(str(tmp_path), write=True, show=False)
+    log.open()
+    try:
+        monkeypatch.setattr(log._file, "flush", full)
+        with pytest.raises(LotusError, match=rf"^cannot write {tmp_path / 'metrics.jsonl'}: No space left on device"):
+            log.record({"type": "epoch", "epoch": 1})
+    finally:
+        monkeypatch.undo()
+        log.close()
+
+
+def test_a_read_only_output_folder_names_out(tmp_path, monkeypatch):
+    real = os.open
+
+    def ro_open(path, flags, *a):
+        if os.fspath(path).endswith(".lotus-lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    with pytest.raises(LotusError, match=rf"^--out: cannot write {tmp_path / 'exp'}: Read-only file system$"):
+        output_lock(tmp_path / "exp", "--out").acquire()
+
+
 def test_a_read_only_target_is_one_line(tmp_path, monkeypatch):
     _fail_writes_after(monkeypatch, 0, errno.EROFS)
     with pytest.raises(LotusError, match=r"^--out: cannot write .*x.txt: Read-only file system \(nothing was written\)"):

@@ -70,8 +70,12 @@ class RunLog:
     def record(self, record: dict) -> None:
         """Append one record (an epoch's metrics or an event) to metrics.jsonl."""
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:  # a full disk: name the file (resume cuts a half-written line off)
+                raise LotusError(f"cannot write {self.path}: {e.strerror or e} (the last checkpoint is kept; "
+                                 f"free space, then lotus train --resume {self.run_dir})") from None
         if self._tb is not None and record.get("type") in ("epoch", "step"):
             kind = record["type"]
             for key, value in record.items():
