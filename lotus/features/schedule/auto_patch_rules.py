@@ -157,6 +157,7 @@ def random_keep_rungs(state: AutoState, a: AutoConfig, rise: float | None) -> li
 
 
 def within_keep_tolerance(rise: float, a: AutoConfig) -> bool:
+    """Whether a random-patch rise is at most ``keep_tolerance``."""
     return rise <= a.keep_tolerance
 
 

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -122,7 +122,8 @@ def probe_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, keep: in
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block, then back to the mode it was in."""
     was = model.training
     model.eval()
     try:
