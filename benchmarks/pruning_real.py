@@ -1,10 +1,11 @@
 """Pruning a trained ViT on real data (Fashion-MNIST): Lotus vs Torch-Pruning, structured and 2:4, recovered alike.
 
-The starting model per seed: a Pre-LN timm ViT (patch 4 at 28 px = 49 tokens, width 96, depth 4, 6 heads of
-16) trained by ``lotus train`` on configs/fashion_op.yaml's recipe (10 000 class-stratified training images,
-12 epochs; the 5 000 held-out validation images and the 10 000 test images as in every Fashion-MNIST run).
-Each method then prunes a copy of it and recovers with the same budget: 2 epochs (1/6 of the original
-training) of the same loop at lr 5e-4, distilling from the dense model (``distill.alpha`` 0.5):
+The starting model per seed: a Pre-LN timm ViT (patch 4 at 28 px = 49 tokens, width 64, depth 4, 4 heads of
+16) trained by ``lotus train`` on configs/fashion_op.yaml's recipe with SOAP (8 000 class-stratified training
+images, 14 epochs; the 5 000 held-out validation images and the 10 000 test images as in every Fashion-MNIST
+run). Each method then prunes a copy of it and recovers with the same budget: 2 epochs (1/7 of the original
+epochs; the teacher's forward passes included, under 20 % of its CPU time) of the same loop at lr 5e-4,
+distilling from the dense model (``distill.alpha`` 0.5):
 
 * Lotus structured (``pruning.prune_structured``, first-order Taylor importance from 8 calibration batches),
   25 % and 50 % of the heads and MLP neurons of every block;
@@ -17,7 +18,7 @@ for masks); the recovery's CPU seconds as a share of the dense training's; infer
 batch 256, median of interleaved rounds, with the spread). On CPU 2:4 masks have no sparse kernel, so no
 speed-up is claimed for them. Writes ``benchmarks/results/pruning_real.{json,md}``::
 
-    python benchmarks/pruning_real.py            # 3 seeds (about 40 minutes on 2 cores)
+    python benchmarks/pruning_real.py            # 3 seeds (about 40 minutes of 2 cores)
     python benchmarks/pruning_real.py --quick    # smoke run (1 seed, tiny data)
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from _common import add_harness_args, args_dict, machine, md_table, out_path, wr
 from lotus.checkpoint import atomic_write_text  # noqa: E402
 
 METHODS = ("lotus_structured_25", "lotus_structured_50", "tp_structured_50", "2:4_magnitude", "2:4_wanda")
-MODEL = ["model.block=pre_ln", "model.kwargs.embed_dim=96", "model.kwargs.num_heads=6"]
+MODEL = ["model.block=pre_ln", "model.kwargs.embed_dim=64", "model.kwargs.num_heads=4", "optim.name=soap"]
 
 
 def _sets(args: argparse.Namespace) -> list[str]:
@@ -146,8 +147,8 @@ def inference(records: list[dict], rounds: int) -> dict[str, tuple[float, float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-size", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=12, help="dense training epochs")
+    ap.add_argument("--train-size", type=int, default=8000)
+    ap.add_argument("--epochs", type=int, default=14, help="dense training epochs")
     ap.add_argument("--recover-epochs", type=int, default=2)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side, 1 thread each")
@@ -209,10 +210,11 @@ def main() -> None:
                f"original training ({'met' if statistics.median(s50['drop_pp_per_seed']) >= -1.0 and s50['recover_share'] <= 0.2 else 'MISSED'}).",
                f"- Lotus >= Torch-Pruning at 50 % after the same recovery in {wins} of {len(lp)} seeds "
                f"({'met' if wins == len(lp) else 'MISSED'})."]
-    command = "python benchmarks/pruning_real.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/pruning_real.py" + (" --quick" if args.quick else "") + \
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "")
     md = "\n".join([
         "# Pruning a trained ViT on Fashion-MNIST: Lotus vs Torch-Pruning, recovered alike", "", f"`{command}`", "",
-        f"Dense start: Pre-LN ViT (width 96, depth 4, 6 heads, 49 tokens), {args.epochs} epochs on {args.train_size} "
+        f"Dense start: Pre-LN ViT (width 64, depth 4, 4 heads, 49 tokens, SOAP), {args.epochs} epochs on {args.train_size} "
         f"training images, seeds {args.seeds}: test {', '.join(f'{t * 100:.2f}' for t in dense_test)} %. Recovery: "
         f"{args.recover_epochs} epochs, lr 5e-4, distillation from the dense model (alpha 0.5). Test accuracy per seed; "
         "drop = recovered - dense, per seed (median, range). img/s: recovered seed-0 model, 1 thread, batch 256, "
