@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .masks import PRUNABLE_TYPES, effective_weight, is_masked
 
 __all__ = ["sparsity_report", "effective_parameters", "count_params", "count_nonzeros", "count_flops",
-           "count_sparse_flops", "measure_latency", "compare_latency", "model_stats", "markdown_table",
+           "count_sparse_flops", "measure_latency", "compare_latency", "speedup_per_round", "model_stats", "markdown_table",
            "format_report"]
 
 
@@ -150,25 +150,34 @@ def measure_latency(model: nn.Module, example: Tensor, warmup: int = 3, iters: i
 
 
 def compare_latency(
-    models: Mapping[str, nn.Module], example: Tensor, warmup: int = 3, iters: int = 10, rounds: int = 3
-) -> dict[str, dict[str, float]]:
+    models: Mapping[str, nn.Module], example: Tensor, warmup: int = 3, iters: int = 10, rounds: int = 5
+) -> dict[str, dict[str, Any]]:
     """Latency of several models measured side by side: warm every model up, then alternate them over
-    ``rounds`` so machine noise (other processes, clocks) hits all of them alike. Returns per-model stats."""
+    ``rounds`` (the order reversed every other round) so machine noise hits all of them alike. Per model:
+    the median over rounds of each round's median (``median_ms``), the spread (``min_ms``/``max_ms`` of the
+    round medians) and the round medians themselves (``round_ms``, for per-round ratios)."""
+    rounds = max(1, min(rounds, iters))
     per = max(1, iters // rounds)
     times: dict[str, list[float]] = {k: [] for k in models}
     for m in models.values():
         measure_latency(m, example, warmup=warmup, iters=1)
-    for _ in range(rounds):
-        for k, m in models.items():
-            r = measure_latency(m, example, warmup=0, iters=per)
-            times[k].append(r["median_ms"])
+    for r in range(rounds):
+        for k in (list(models) if r % 2 == 0 else list(reversed(models))):
+            times[k].append(measure_latency(models[k], example, warmup=0, iters=per)["median_ms"])
     out = {}
     for k, ts in times.items():
         med = statistics.median(ts)
-        out[k] = {"median_ms": med, "mean_ms": statistics.fmean(ts), "min_ms": min(ts),
-                  "images_per_s": example.shape[0] / (med / 1000.0), "batch": int(example.shape[0]),
-                  "iters": per * rounds}
+        out[k] = {"median_ms": med, "mean_ms": statistics.fmean(ts), "min_ms": min(ts), "max_ms": max(ts),
+                  "round_ms": ts, "images_per_s": example.shape[0] / (med / 1000.0), "batch": int(example.shape[0]),
+                  "iters": per * rounds, "rounds": rounds, "threads": torch.get_num_threads()}
     return out
+
+
+def speedup_per_round(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float]:
+    """``before``/``after`` latency ratio of each interleaved round (from :func:`compare_latency`): median and
+    range, so one noisy round cannot make the speed-up."""
+    ratios = [b / a for b, a in zip(before["round_ms"], after["round_ms"]) if a > 0]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def model_stats(

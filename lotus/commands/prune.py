@@ -235,19 +235,24 @@ def _run(args: argparse.Namespace) -> int:
     if dense is not None:
         from pruning.report import compare_latency
 
-        lat = compare_latency({"before": dense, "after": model}, example, warmup=2, iters=args.latency_iters)
+        lat = compare_latency({"before": dense, "after": model}, example, warmup=2, iters=args.latency_iters,
+                              rounds=min(args.latency_iters, 5))
         before["latency"], after["latency"] = lat["before"], lat["after"]
         del dense
-    if args.method in ("magnitude", "wanda", "nm"):
-        notes.append("unstructured/N:M zeros run on dense kernels here: expect no latency gain "
-                     "(effective_flops is what a sparse kernel could skip)")
+    sparse_kernel = args.method == "structured" or bool(report.get("kernels", {}).get("converted"))
+    if not sparse_kernel:
+        notes.append("no sparse kernel on this device: the zeros of the masks run on dense kernels, so no speed-up "
+                     "is reported (effective_flops is what a sparse kernel could skip)")
     full = {"model_name": mcfg.name, "method": args.method, "device": _device_name(device), "dtype": dtype_name,
             "before": before, "after": after, "notes": notes, "files": {"weights": weights_path}}
     for k, v in report.items():
         if k not in ("notes", "kept_indices", "method"):
             full["model_sparsity" if k == "model" else k] = v
-    if before.get("latency") and after.get("latency"):
-        full["speedup"] = before["latency"]["median_ms"] / after["latency"]["median_ms"]
+    if before.get("latency") and after.get("latency") and sparse_kernel:
+        from pruning.report import speedup_per_round
+
+        sp = speedup_per_round(before["latency"], after["latency"])
+        full["speedup"], full["speedup_range"], full["latency_rounds"] = sp["median"], [sp["min"], sp["max"]], sp["rounds"]
     if finetune:
         del model
         rec = prune_recover.recover(args, data_cfg, mcfg, bundle, device, dtype, weights_path, teacher_path, masks)
@@ -345,7 +350,11 @@ def _write_report(args: argparse.Namespace, report: dict) -> int:
         text += "\n\n" + markdown_table(rows)
         text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
     if report.get("speedup"):
-        text += f"\nlatency speedup (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x"
+        lo, hi = report["speedup_range"]
+        text += (f"\nlatency speed-up (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x, "
+                 f"median of {report['latency_rounds']} interleaved rounds (range {lo:.2f}-{hi:.2f}x)")
+    elif report["after"].get("latency"):
+        text += "\nlatency speed-up: not reported (no sparse kernel on this device)"
     if report.get("recovery"):
         text += "\n\n" + prune_recover.markdown(report)
     header = f"# lotus prune: {report['model_name']} ({report['method']})\n\n"
