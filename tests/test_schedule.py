@@ -1,6 +1,8 @@
 """The lotus: schedule: validation of phases, events at the right time, resume across events, bench."""
 import json
 import math
+import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +142,14 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
         assert (tmp_path / "b" / f).is_file()
     # an unreachable target: no speed-ups, and bench.json stays strict JSON (null, not Infinity)
     table = write_bench(analyse(res, target=1.01, inference_repeats=1), str(tmp_path / "u"))
-    assert "not reached (0/2 seeds)" in table and "lower bounds" not in (tmp_path / "u" / "bench.md").read_text()
+    assert "| base | " in table and " | 0/2 | -, - | - | - |" in table
+    assert "**lot: not faster than base** - reached the target in 0/2 seeds" in (tmp_path / "u" / "bench.md").read_text()
+    # inference timings are kept with the runs: a rerun reports the same img/s instead of re-timing
+    kept = json.loads((Path(res[0].runs[0]) / "inference.json").read_text())
+    assert analyse(res, inference_repeats=1)["rows"][0]["inf_img_per_s"] == pytest.approx(
+        statistics.fmean(json.loads((Path(d) / "inference.json").read_text())["result"]["img_per_s"]
+                         for d in res[0].runs))
+    assert kept["key"]["repeats"] == 1 and kept["key"]["threads"] == 1
     strict = json.loads((tmp_path / "u" / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert strict["rows"][0]["time_to_target_mean"] is None
     # rerunning reuses the finished runs, but not runs made with another config
@@ -174,13 +183,22 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
     assert base["speedup_time"] == base["speedup_flops"] == 1.0 and not base["speedup_is_lower_bound"]
     lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in bench_table({"target": 0.9, "rows": [base, fast, slow]})
              .splitlines()}
-    assert lines["| base"][2:6] == ["not reached (1/2 seeds)", "1.00x", "-", "1.00x"]
-    assert lines["| fast"][2:6] == ["15.0", ">= 4.67x", "150", ">= 8.00x"]
-    assert lines["| slow"][2:6] == ["not reached (1/2 seeds)", "-", "-", "-"]
+    # the table's speed-ups are per-seed ratios against the baseline's same seed (its unreached seed has none)
+    assert lines["| base"][2:6] == ["1/2", "40.0, -", "1.00x (1.00-1.00) [1/2 seeds]", "1.00x (1.00-1.00) [1/2 seeds]"]
+    assert lines["| fast"][2:6] == ["2/2", "10.0, 20.0", "4.00x (4.00-4.00) [1/2 seeds]", "4.00x (4.00-4.00) [1/2 seeds]"]
+    assert lines["| slow"][2:6] == ["1/2", "10.0, -", "4.00x (4.00-4.00) [1/2 seeds]", "4.00x (4.00-4.00) [1/2 seeds]"]
+    from lotus.bench import verdict
+
+    said = verdict({"target": 0.9, "target_drop": 0.005, "rows": [base, fast, slow]})
+    assert said[0].startswith("- **fast: not faster than base**") and "2/2 seeds" in said[0]  # 1 seed has a ratio
+    assert said[1].startswith("- **slow: not faster than base**") and "1/2 seeds" in said[1]
     # a baseline that reaches the target in every seed gives plain ratios
     base2 = row("base", [40.0, 60.0], [400.0, 600.0], [[(100.0, 1000.0, 0.9)]] * 2)
     assert add_speedups([base2, fast]) is False
     assert math.isclose(fast["speedup_time"], 50.0 / 15.0) and not fast["speedup_is_lower_bound"]
+    assert fast["speedup_time_per_seed"]["per_seed"] == [4.0, 3.0] and fast["speedup_time_per_seed"]["median"] == 3.5
+    said = verdict({"target": 0.9, "target_drop": 0.005, "rows": [base2, fast]})
+    assert said[0].startswith("- **fast: faster than base**") and "3.50x (3.00-4.00)" in said[0]
 
 
 def test_resume_op_block_with_dynamic_pruning_and_thinning(tmp_path, tiny_cfg_dict):
