@@ -3,11 +3,12 @@ the writer of every result (``PATH.json`` + ``PATH.md``, each written atomically
 
 Every script that trains or times anything calls :func:`add_harness_args` (``--quick``, ``--out`` and, where
 seeds apply, ``--seeds``) and writes through :func:`write_results`; statistics over seeds come from
-:mod:`lotus.bench`. This module imports no torch, so ``--help`` answers at once.
+:mod:`lotus.bench_stats`. This module imports no torch, so ``--help`` answers at once.
 
 ``--out PATH`` names the results file: ``PATH.json`` and ``PATH.md`` (a trailing ``.json`` or ``.md`` is
-dropped); an existing folder (or a path ending in ``/``) gets ``<name>.json`` and ``<name>.md``. The default is ``benchmarks/results/<name>``; a ``--quick`` run defaults to
-``benchmarks/results/quick/<name>`` (ignored by git), so a smoke run never replaces a measured result.
+dropped); an existing folder (or a path ending in ``/``) gets ``<name>.json`` and ``<name>.md``. The default
+is ``benchmarks/results/<name>``; a ``--quick`` run defaults to ``benchmarks/results/quick/<name>`` (ignored
+by git), so a smoke run never replaces a measured result.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 
 VARIANTS = {
     "Pre-LN+AdamW": ["model.block=pre_ln", "optim.name=adamw"],
@@ -146,8 +147,6 @@ def _ms(values: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         return "-"
     if len(vals) == 1:
         return fmt.format(vals[0])
-    from lotus.bench import seed_stats  # imports torch: only when a table is written
-
     mean, std = seed_stats(vals)
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 

@@ -47,7 +47,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks._common import add_harness_args, args_dict, out_path, write_results  # noqa: E402
-from lotus.bench import seed_stats  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 from pruning import StructuredConfig, get_widths, prune_structured  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import add_harness_args, args_dict, out_path, write_results  # noqa: E402
 from data_tickets import TicketFile, score, select  # noqa: E402
-from lotus.bench import seed_stats  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")

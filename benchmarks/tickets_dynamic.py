@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
-from lotus.bench import seed_stats  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 
 TARGET_SAVED = 0.40  # InfoBatch's ~40% saved at no loss
 

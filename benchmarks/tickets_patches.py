@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 from data_tickets import PatchTicket, apply_patch_tickets  # noqa: E402
 from data_tickets.keep_rate import num_kept  # noqa: E402
-from lotus.bench import seed_stats  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 
 TARGET = 1.8
 

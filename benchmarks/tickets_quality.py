@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 from data_tickets import TicketFile, score, select  # noqa: E402
-from lotus.bench import seed_stats  # noqa: E402
+from lotus.bench_stats import seed_stats  # noqa: E402
 
 SCORERS = ["el2n", "loss", "grand", "forgetting", "entropy", "margin", "prototype", "cls_attention"]
 POLICIES = ["top", "ccs", "moderate", "bottom"]

@@ -30,6 +30,7 @@ from lotus.callbacks import Callback
 from lotus.checkpoint import atomic_write_text, read_state_dict
 from lotus.config import config_to_dict, load_config
 from lotus.data import build_datasets
+from lotus.bench_stats import _finite, _time_to, mean_std, seed_ratios, seed_stats  # noqa: F401 (re-exported)
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
@@ -45,13 +46,6 @@ class BenchResult:
     name: str
     config: str
     runs: list[str] = field(default_factory=list)
-
-
-def _time_to(epochs: list[dict], target: float, key: str) -> float:
-    for r in epochs:
-        if r.get("val_acc") is not None and r["val_acc"] >= target - 1e-12:
-            return float(r[key])
-    return math.inf
 
 
 def _load_inference(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
@@ -234,31 +228,6 @@ def _check_reusable(run_dir: str, path: str, run_overrides: list[str]) -> None:
                          "delete it or use another --out")
 
 
-def seed_ratios(base: list[float], values: list[float]) -> dict:
-    """Per-seed ratios ``base[k] / values[k]`` (a speed-up when both are times or FLOPs to a target) with their
-    median and range; a seed where either side is not finite (target not reached) gives no ratio."""
-    per = [b / v if math.isfinite(b) and math.isfinite(v) and v > 0 else None for b, v in zip(base, values)]
-    ok = [r for r in per if r is not None]
-    return {"per_seed": per, "median": statistics.median(ok) if ok else None, "min": min(ok) if ok else None,
-            "max": max(ok) if ok else None, "seeds_with_ratio": len(ok)}
-
-
-def seed_stats(values: list[float | None]) -> tuple[float, float]:
-    """(mean, sample std) over seeds, ``None`` values skipped; std 0 for one value, both NaN for none."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def mean_std(values: list[float], scale: float = 100.0, unit: str = "%") -> str:
-    """``mean +- std`` over seeds (:func:`seed_stats`), or ``value (n=1)`` for a single seed (no spread to show)."""
-    if len(values) == 1:
-        return f"{values[0] * scale:.2f}{unit} (n=1)"
-    m, s = seed_stats(values)
-    return f"{m * scale:.2f} +- {s * scale:.2f}{unit}"
-
-
 def analyse(results: list[BenchResult], target: float | None = None, target_drop: float = 0.005,
             inference_repeats: int = 5) -> dict:
     """Aggregate runs into per-config statistics (see module docstring for definitions)."""
@@ -396,17 +365,6 @@ def plot_bench(analysis: dict, out: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float (a target never reached) as None, so bench.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def write_bench(analysis: dict, out: str) -> str:

@@ -2,6 +2,7 @@
 ``--quick`` and ``--out`` (and ``--seeds`` where seeds apply) and writes through ``benchmarks/_common.py``."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -81,8 +82,6 @@ def test_script_writes_through_the_harness(name):
 def test_out_path_and_write_results(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks._common import add_harness_args, out_path, write_results
-
-    import argparse
 
     p = argparse.ArgumentParser()
     add_harness_args(p, "demo", seeds=[0, 1])
