@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
+
+
+def slow_tests() -> set[str]:
+    """``file.py::test_name`` entries (or whole ``file.py``) of tests/slow_tests.txt, comments dropped."""
+    return {line.split("#", 1)[0].strip() for line in SLOW_LIST.read_text().splitlines()} - {""}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests listed in tests/slow_tests.txt (measured over ~3 s on 2 cores) ``slow``, so that
+    ``pytest -m "not slow"`` is the fast unit run; every parametrized case of a listed test is slow."""
+    slow = slow_tests()
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.path.name in slow or f"{item.path.name}::{name}" in slow:
+            item.add_marker(pytest.mark.slow)
