@@ -19,13 +19,15 @@ import sys
 import numpy as np
 
 from lotus.errors import LotusError
+from lotus.run_files import checkpoint_file, run_config
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, help="the YAML config the checkpoint was trained with")
-    p.add_argument("--checkpoint", required=True, help=".safetensors or state-dict file (e.g. runs/x/best.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best.safetensors), or a .safetensors / state-dict file (e.g. runs/x/last.safetensors)")
+    p.add_argument("--config", "-c", help="the YAML config the checkpoint was trained with (default: the run's config.yaml)")
     p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split to probe (default val)")
@@ -49,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError(f"--samples: expected an integer >= 1, got {args.samples}")
     if args.batch_size < 1:
         raise LotusError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    args.checkpoint = checkpoint_file(args.checkpoint)
+    args.config = args.config or run_config(args.checkpoint)
+    if args.config is None:
+        raise LotusError(f"--config: required; {args.checkpoint} has no config.yaml beside it (not in a run folder)")
     lm = load_model_and_data(args.config, args.checkpoint, args.set, args.device)
     dataset = lm.data.val if args.split == "val" else lm.data.train
     n = min(args.samples, len(dataset))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pruning
 from lotus.commands import prune_recover
 from lotus.errors import LotusError, library_error
+from lotus.run_files import checkpoint_file
 
 if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
     import torch
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--model", "-m", help="timm model name (e.g. vit_small_patch16_224)")
     src.add_argument("--config", "-c", help="training config: model and data sections (instead of --model)")
-    src.add_argument("--checkpoint", help="weights to prune: .safetensors or a torch state dict (weights_only); "
+    src.add_argument("--checkpoint", help="weights to prune: a run folder (its best.safetensors), .safetensors or a "
+                     "torch state dict (weights_only); "
                      "a Lotus file also gives the model (no --model/--config needed)")
     src.add_argument("--pretrained", action="store_true",
                      help="timm pretrained weights (downloads; offline: use --checkpoint)")
@@ -110,8 +112,8 @@ def _check_args(args: argparse.Namespace) -> None:
                          "(it records its model)")
     if args.checkpoint and args.pretrained:
         raise LotusError("prune: pass --checkpoint FILE or --pretrained, not both")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise LotusError(f"--checkpoint: file not found: {args.checkpoint}")
+    if args.checkpoint:
+        args.checkpoint = checkpoint_file(args.checkpoint)  # a run folder: its best (else last) weights
     for flag in ("config", "calib"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):

@@ -17,13 +17,15 @@ import math
 import sys
 
 from lotus.errors import LotusError
+from lotus.run_files import checkpoint_file, run_config
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, help="the YAML config the checkpoint was trained with")
-    p.add_argument("--checkpoint", required=True, help=".safetensors or state-dict file (e.g. runs/x/best.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best.safetensors), or a .safetensors / state-dict file (e.g. runs/x/last.safetensors)")
+    p.add_argument("--config", "-c", help="the YAML config the checkpoint was trained with (default: the run's config.yaml)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--calib-batches", type=int, default=None,
                    help="training batches for activation calibration (default outliers.quant.calib_batches)")
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from lotus.features.outliers.loading import EvalBatches, calibration_batches, load_model_and_data
     from lotus.features.outliers.quant import quantcheck
 
+    args.checkpoint = checkpoint_file(args.checkpoint)
+    args.config = args.config or run_config(args.checkpoint)
+    if args.config is None:
+        raise LotusError(f"--config: required; {args.checkpoint} has no config.yaml beside it (not in a run folder)")
     lm = load_model_and_data(args.config, args.checkpoint, args.set, args.device)
     qcfg = lm.cfg.outliers.quant
     changes = {}

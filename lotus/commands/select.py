@@ -100,17 +100,6 @@ _FLAGS = {"count": "--count", "fraction": "--fraction", "ccs beta": "--beta", "c
           "class_balanced": "--class-balance", "repeats": "--repeats"}
 
 
-def _checkpoint_file(path: str) -> str:
-    if os.path.isdir(path):
-        for name in ("best.safetensors", "last.safetensors"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise LotusError(f"--checkpoint: {path} has no best.safetensors or last.safetensors")
-    if not os.path.isfile(path):
-        raise LotusError(f"--checkpoint: file not found: {path}")
-    return path
-
-
 def _default_out(cfg, scorer: str | None, policy: str, fraction: float | None, count: int | None) -> str:
     size = f"{round(fraction * 100):g}pct" if fraction is not None else f"n{count}"
     return os.path.join("tickets", f"{cfg.name}-{scorer or 'none'}-{policy}-{size}.npz")
@@ -191,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             locks.enter_context(output_lock(out, "--out"))
         t0 = time.perf_counter()
 
-        ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
+        ckpt = checkpoint_file(args.checkpoint) if args.checkpoint else None
         if ckpt:  # the model section the checkpoint records fills in what the config does not set
             given = dict(cfg.source.get("model") or {}, **({"name": args.model} if args.model else {}))
             cfg.model = model_config_from_checkpoint(cfg.model, ckpt, given, "--checkpoint")
