@@ -8,7 +8,7 @@ from typing import Any
 from lotus.safe_io import atomic_write_stream, atomic_write_text
 from lotus.errors import LotusError
 
-__all__ = ["read_metrics", "write_report", "summary_text"]
+__all__ = ["read_metrics", "write_report", "summary_text", "event_line"]
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict], dict]:
@@ -48,6 +48,19 @@ def _fmt_pct(v: Any) -> str:
     return f"{v * 100:.2f}%" if isinstance(v, (int, float)) else "-"
 
 
+# event fields that hold a 0-based epoch index (metrics.jsonl keeps those); people read epochs from 1
+_EPOCH_FIELDS = ("epoch_start", "from_epoch", "at_epoch")
+
+
+def event_line(record: dict) -> str:
+    """An event as people read it: ``[name] epoch N: k=v, ...`` with every epoch counted from 1, as the epoch
+    lines are (the record's own ``epoch`` is the 0-based index of the epoch it happened in)."""
+    fields = {k: (v + 1 if k in _EPOCH_FIELDS and isinstance(v, int) else v) for k, v in record.items()
+              if k not in ("type", "event", "epoch", "step", "wall_s") and not isinstance(v, (list, dict))}
+    where = f" epoch {record['epoch'] + 1}:" if isinstance(record.get("epoch"), int) else ""
+    return f"[{record['event']}]{where} " + ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
 def summary_text(run_dir: str) -> str:
     """A short plain-text summary of the run (what ``lotus report`` prints)."""
     epochs, events, summary = read_metrics(run_dir)
@@ -62,13 +75,18 @@ def summary_text(run_dir: str) -> str:
     ]
     if summary:
         lines.append(f"params: {summary.get('params')}   nonzero: {summary.get('nonzero_params')}")
+        data = summary.get("data")
+        if data:
+            sizes = ", ".join(f"{data[k]} {k.split('_')[0]}" for k in ("train_size", "val_size", "test_size")
+                              if data.get(k) is not None)
+            lines.append(f"data: {data['name']} ({sizes} images; {len(data['classes'])} classes: "
+                         f"{', '.join(map(str, data['classes'][:10]))}{', ...' if len(data['classes']) > 10 else ''})")
+        if summary.get("test_acc") is not None:
+            lines.append(f"test acc: {_fmt_pct(summary['test_acc'])} (measured once, after training)")
     if events:
-        lines.append(f"events ({len(events)}):")
+        lines.append(f"events ({len(events)}; epochs counted from 1):")
         for e in events:
-            extra = ", ".join(f"{k}={v}" for k, v in e.items()
-                              if k not in ("type", "event", "epoch", "step", "wall_s") and not isinstance(v, (list, dict)))
-            lines.append(f"  - epoch {e.get('epoch')}, step {e.get('step')}, t={e.get('wall_s', 0):.1f}s: {e['event']}"
-                         + (f" ({extra})" if extra else ""))
+            lines.append(f"  - step {e.get('step')}, t={e.get('wall_s', 0):.1f}s: {event_line(e)}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from lotus.errors import LotusError
+from lotus.run_report import event_line
 from lotus.safe_io import open_append
 from lotus.training.run_dir import truncate_log
 
@@ -86,9 +87,7 @@ class RunLog:
         """Keep an event for the summary, write it, and print its scalar fields."""
         self.events.append(record)
         self.record(record)
-        fields = {k: v for k, v in record.items() if k not in ("type", "event", "epoch", "step", "wall_s")}
-        self.print(f"[{record['event']}] " + ", ".join(f"{k}={v}" for k, v in fields.items()
-                                                        if not isinstance(v, (list, dict))))
+        self.print(event_line(record))
 
     def print(self, text: str) -> None:
         if self.show:
@@ -107,3 +106,4 @@ class RunLog:
             parts += [f"val_loss {m['val_loss']:.4f}", f"val_acc {m['val_acc'] * 100:.2f}%"]
         parts += [f"{m['throughput']} img/s", f"{m['wall_s']:.1f}s"]
         return "  ".join(parts)
+

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lotus.callbacks import Callback, Forward, default_forward
 from lotus.checkpoint import atomic_write_text
 from lotus.config import Config, load_config, save_config
-from lotus.data import Augmenter, DataBundle, batches, build_datasets
+from lotus.data import Augmenter, DataBundle, batches, build_datasets, describe
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
 from lotus.features.registry import build_callbacks
@@ -403,6 +403,7 @@ class Trainer:
             "name": self.cfg.name, "run_dir": os.path.abspath(self.run_dir), "model": self.cfg.model.name,
             "epochs": self.epoch, "steps": self.step, "samples_seen": self.samples_seen,
             "wall_s": round(self.wall, 3), "cpu_s": round(self.cpu, 3), "train_flops": self.train_flops,
+            "data": describe(self.cfg.data, self.data),
             "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
             "best_val_acc": self.best_acc if self.best_acc >= 0 else None,
             "params": sum(p.numel() for p in bare.parameters()), "nonzero_params": nonzero,
