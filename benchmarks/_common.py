@@ -10,6 +10,7 @@ dropped); an existing folder (or a path ending in ``/``) gets ``<name>.json`` an
 is ``benchmarks/results/<name>``; a ``--quick`` run defaults to ``benchmarks/results/quick/<name>`` (ignored
 by git), so a smoke run never replaces a measured result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,31 @@ RESULTS = os.path.join("benchmarks", "results")
 __all__ = ["ROOT", "RESULTS", "add_harness_args", "out_path", "args_dict", "machine", "md_table", "write_results"]
 
 
-def add_harness_args(p: argparse.ArgumentParser, name: str, *, seeds: Sequence[int] | None = None,
-                     quick: str = "smoke run: small sizes, numbers not comparable") -> None:
+def add_harness_args(
+    p: argparse.ArgumentParser,
+    name: str,
+    *,
+    seeds: Sequence[int] | None = None,
+    quick: str = "smoke run: small sizes, numbers not comparable",
+) -> None:
     """Add ``--quick``, ``--out`` and (when ``seeds`` is given, the default list) ``--seeds`` to ``p``."""
     p.add_argument("--quick", action="store_true", help=f"{quick} (default --out under {RESULTS}/quick/)")
-    p.add_argument("--out", metavar="PATH", default=None,
-                   help=f"results file: writes PATH.json and PATH.md, or DIR/{name}.json and .md for a folder "
-                   f"(default {RESULTS}/{name})")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        default=None,
+        help=f"results file: writes PATH.json and PATH.md, or DIR/{name}.json and .md for a folder "
+        f"(default {RESULTS}/{name})",
+    )
     if seeds is not None:
-        p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), metavar="SEED",
-                       help=f"seeds (default {' '.join(map(str, seeds))})")
+        p.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            default=list(seeds),
+            metavar="SEED",
+            help=f"seeds (default {' '.join(map(str, seeds))})",
+        )
     p.set_defaults(_bench_name=name)
 
 
@@ -61,14 +77,18 @@ def machine() -> dict:
     import torch
 
     return {
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; floats with 4 significant digits."""
+
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 

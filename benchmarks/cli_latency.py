@@ -8,6 +8,7 @@ under 1 s on a quiet machine. The load average at the start and end says how qui
   python benchmarks/cli_latency.py            # 5 runs per case -> benchmarks/results/cli_latency.{json,md}
   python benchmarks/cli_latency.py --quick    # 2 runs per case
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,36 +60,71 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     cases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cmds = {"python -c pass (interpreter start-up)": ([sys.executable, "-c", "pass"], 0, None),
-                "python -c 'import torch, timm' (for scale, 1 run)": ([sys.executable, "-c", "import torch, timm"], 0,
-                                                                       None),
-                "lotus --help": (lotus + ["--help"], 0, "usage: lotus"),
-                "lotus train --help": (lotus + ["train", "--help"], 0, "usage: lotus train")}
+        cmds = {
+            "python -c pass (interpreter start-up)": ([sys.executable, "-c", "pass"], 0, None),
+            "python -c 'import torch, timm' (for scale, 1 run)": (
+                [sys.executable, "-c", "import torch, timm"],
+                0,
+                None,
+            ),
+            "lotus --help": (lotus + ["--help"], 0, "usage: lotus"),
+            "lotus train --help": (lotus + ["train", "--help"], 0, "usage: lotus train"),
+        }
         for name, (text, needle) in BAD_CONFIGS.items():
             path = os.path.join(tmp, name.replace(" ", "_") + ".yaml")
             with open(path, "w") as f:
                 f.write(text)
             cmds[f"lotus train --config <{name}>"] = (lotus + ["train", "--config", path], 2, needle)
-        cmds["lotus train --config <missing file>"] = (lotus + ["train", "--config", os.path.join(tmp, "no.yaml")], 2,
-                                                        "config file not found")
+        cmds["lotus train --config <missing file>"] = (
+            lotus + ["train", "--config", os.path.join(tmp, "no.yaml")],
+            2,
+            "config file not found",
+        )
         for name, (cmd, code, needle) in cmds.items():
             cases[name] = _time(cmd, 1 if "1 run" in name else repeats, code, needle)
             print(f"{name}: median {cases[name]['median_s']:.3f} s", flush=True)
     load_end = os.getloadavg()[0]
     judged = [n for n in cases if n.startswith("lotus")]
     met = all(cases[n]["median_s"] < TARGET_S for n in judged)
-    rows = [[n, f"{c['median_s']:.3f}", f"{c['min_s']:.3f} - {c['max_s']:.3f}",
-             ("yes" if c["median_s"] < TARGET_S else "NO") if n in judged else "-"] for n, c in cases.items()]
-    md = "\n".join([
-        "# CLI latency: answers that need no model", "",
-        f"`python benchmarks/cli_latency.py{' --quick' if args.quick else ''}`: each case a fresh process, median of "
-        f"{repeats} runs; target < {TARGET_S:g} s for every `lotus` case. {os.cpu_count()} CPUs, load average (1 min) "
-        f"{load_start:.2f} at the start, {load_end:.2f} at the end (above the CPU count: other jobs shared the cores).",
-        "", md_table(["case", "median s", "range s", f"< {TARGET_S:g} s"], rows), "",
-        f"Target met: **{'yes' if met else 'NO'}**."])
-    write_results(out_path(args), {"repeats": repeats, "command": lotus, "load_start": load_start,
-                                   "load_end": load_end, "target_s": TARGET_S, "target_met": met, "cases": cases},
-                  md, quick=args.quick)
+    rows = [
+        [
+            n,
+            f"{c['median_s']:.3f}",
+            f"{c['min_s']:.3f} - {c['max_s']:.3f}",
+            ("yes" if c["median_s"] < TARGET_S else "NO") if n in judged else "-",
+        ]
+        for n, c in cases.items()
+    ]
+    md = "\n".join(
+        [
+            "# CLI latency: answers that need no model",
+            "",
+            f"`python benchmarks/cli_latency.py{' --quick' if args.quick else ''}`: each case a fresh "
+            "process, median of "
+            f"{repeats} runs; target < {TARGET_S:g} s for every `lotus` case. {os.cpu_count()} CPUs, load "
+            "average (1 min) "
+            f"{load_start:.2f} at the start, {load_end:.2f} at the end (above the CPU count: other jobs "
+            "shared the cores).",
+            "",
+            md_table(["case", "median s", "range s", f"< {TARGET_S:g} s"], rows),
+            "",
+            f"Target met: **{'yes' if met else 'NO'}**.",
+        ]
+    )
+    write_results(
+        out_path(args),
+        {
+            "repeats": repeats,
+            "command": lotus,
+            "load_start": load_start,
+            "load_end": load_end,
+            "target_s": TARGET_S,
+            "target_met": met,
+            "cases": cases,
+        },
+        md,
+        quick=args.quick,
+    )
 
 
 if __name__ == "__main__":

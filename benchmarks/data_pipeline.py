@@ -10,6 +10,7 @@ separately), then epochs are timed in interleaved rounds (every variant once per
 
   python benchmarks/data_pipeline.py                # 5 rounds, 1 thread, 2 workers
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,19 @@ def variants(workers: int) -> list[tuple[str, str, dict]]:
     out = []
     for path, extra in (("tensor", {}), ("timm RandAugment", {"transform": TIMM})):
         before = f"{path}: decode every epoch, 0 workers (before)"
-        out += [(before, before, {**extra}),
-                (f"{path}: cache memory, 0 workers", before, {**extra, "cache": "memory"}),
-                (f"{path}: decode every epoch, {workers} workers", before, {**extra, "num_workers": workers})]
+        out += [
+            (before, before, {**extra}),
+            (f"{path}: cache memory, 0 workers", before, {**extra, "cache": "memory"}),
+            (f"{path}: decode every epoch, {workers} workers", before, {**extra, "num_workers": workers}),
+        ]
         if extra:  # the per-sample transform stays: workers on top of the cache
-            out.append((f"{path}: cache memory, {workers} workers", before,
-                        {**extra, "cache": "memory", "num_workers": workers}))
+            out.append(
+                (
+                    f"{path}: cache memory, {workers} workers",
+                    before,
+                    {**extra, "cache": "memory", "num_workers": workers},
+                )
+            )
     return out
 
 
@@ -91,17 +99,40 @@ def main() -> None:
     for name, _, _ in built:
         base = befores[name]
         ratios = [a / b for a, b in zip(rates[name], rates[base])]
-        row = {"variant": name, "img_per_s_median": statistics.median(rates[name]), "img_per_s": rates[name],
-               "ratio_vs_before_median": statistics.median(ratios), "ratio_min": min(ratios),
-               "ratio_max": max(ratios), "build_s": decode_s[name]}
+        row = {
+            "variant": name,
+            "img_per_s_median": statistics.median(rates[name]),
+            "img_per_s": rates[name],
+            "ratio_vs_before_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "build_s": decode_s[name],
+        }
         payload.append(row)
-        rows.append([name, f"{row['img_per_s_median']:.0f}", f"{row['ratio_vs_before_median']:.2f}x",
-                     f"{row['ratio_min']:.2f}x .. {row['ratio_max']:.2f}x", f"{row['build_s']:.2f}"])
-    table = md_table(["variant", "img/s (median)", "vs before (median)", "range over rounds",
-                      "dataset build s (incl. one-time decode)"], rows)
-    md = (f"# ImageFolder input pipeline ({n} train images, {args.size} px PNG -> {args.img_size} px, batch "
-          f"{args.batch_size}, {args.rounds} interleaved rounds, {args.threads} torch thread(s), "
-          f"{machine()['cpu_count']} CPUs)\n\n`python benchmarks/data_pipeline.py` (data only, no model)\n\n{table}\n")
+        rows.append(
+            [
+                name,
+                f"{row['img_per_s_median']:.0f}",
+                f"{row['ratio_vs_before_median']:.2f}x",
+                f"{row['ratio_min']:.2f}x .. {row['ratio_max']:.2f}x",
+                f"{row['build_s']:.2f}",
+            ]
+        )
+    table = md_table(
+        [
+            "variant",
+            "img/s (median)",
+            "vs before (median)",
+            "range over rounds",
+            "dataset build s (incl. one-time decode)",
+        ],
+        rows,
+    )
+    md = (
+        f"# ImageFolder input pipeline ({n} train images, {args.size} px PNG -> {args.img_size} px, batch "
+        f"{args.batch_size}, {args.rounds} interleaved rounds, {args.threads} torch thread(s), "
+        f"{machine()['cpu_count']} CPUs)\n\n`python benchmarks/data_pipeline.py` (data only, no model)\n\n{table}\n"
+    )
     write_results(out_path(args), {"args": args_dict(args), "images": n, "rows": payload}, md, quick=args.quick)
 
 

@@ -13,6 +13,7 @@ fourth option, memory from ``torch.cuda.memory_allocated`` / ``max_memory_alloca
 
 Writes gpu_memory_plan.json and gpu_memory_plan.md under --out's folder (default: $OUT, else ./bench_out).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import memory_plan  # noqa: E402
 import torch  # noqa: E402
 
-import memory_plan  # noqa: E402
-
-GPU_FULL = {"model": "vit_base_patch16_224", "img_size": 224, "patch_size": None, "depth": None, "batch": 64,
-            "repeats": 5}
-GPU_QUICK = {"model": "vit_base_patch16_224", "img_size": 224, "patch_size": None, "depth": 4, "batch": 32,
-             "repeats": 3}
+GPU_FULL = {
+    "model": "vit_base_patch16_224",
+    "img_size": 224,
+    "patch_size": None,
+    "depth": None,
+    "batch": 64,
+    "repeats": 5,
+}
+GPU_QUICK = {
+    "model": "vit_base_patch16_224",
+    "img_size": 224,
+    "patch_size": None,
+    "depth": 4,
+    "batch": 32,
+    "repeats": 3,
+}
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ Writes gpu_sparse.json and gpu_sparse.md under --out (a folder; default: $OUT, e
   python benchmarks/gpu_sparse.py                 # full run (~3-6 min on an H100)
   python benchmarks/gpu_sparse.py --quick         # smoke run (~1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
 
 SHAPES = {  # name: (out_features, in_features)
-    "vit_b.qkv": (2304, 768), "vit_b.proj": (768, 768), "vit_b.fc1": (3072, 768), "vit_b.fc2": (768, 3072),
-    "vit_l.qkv": (3072, 1024), "vit_l.proj": (1024, 1024), "vit_l.fc1": (4096, 1024), "vit_l.fc2": (1024, 4096),
+    "vit_b.qkv": (2304, 768),
+    "vit_b.proj": (768, 768),
+    "vit_b.fc1": (3072, 768),
+    "vit_b.fc2": (768, 3072),
+    "vit_l.qkv": (3072, 1024),
+    "vit_l.proj": (1024, 1024),
+    "vit_l.fc1": (4096, 1024),
+    "vit_l.fc2": (1024, 4096),
 }
 
 
@@ -73,8 +81,13 @@ def bench_linear(args: argparse.Namespace, backends: list[str], dtypes: list[tor
         for dtype in dtypes:
             for backend in backends:
                 for name, (out_f, in_f) in shapes.items():
-                    row: dict[str, Any] = {"layer": name, "shape": f"{out_f}x{in_f}", "tokens": tokens,
-                                           "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+                    row: dict[str, Any] = {
+                        "layer": name,
+                        "shape": f"{out_f}x{in_f}",
+                        "tokens": tokens,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "backend": backend,
+                    }
                     try:
                         x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
                         w = two_four(torch.randn(out_f, in_f, device="cuda", dtype=dtype))
@@ -86,8 +99,14 @@ def bench_linear(args: argparse.Namespace, backends: list[str], dtypes: list[tor
                             d = cuda_time_ms(lambda: F.linear(x, w, b), args.warmup, args.iters, args.repeats)
                             s = cuda_time_ms(lambda: F.linear(x, ws, b), args.warmup, args.iters, args.repeats)
                         flops = 2 * tokens * out_f * in_f
-                        row.update(dense_ms=d, sparse_ms=s, speedup=d / s, rel_err=err,
-                                   dense_tflops=flops / d / 1e9, sparse_eff_tflops=flops / s / 1e9)
+                        row.update(
+                            dense_ms=d,
+                            sparse_ms=s,
+                            speedup=d / s,
+                            rel_err=err,
+                            dense_tflops=flops / d / 1e9,
+                            sparse_eff_tflops=flops / s / 1e9,
+                        )
                     except Exception as e:  # noqa: BLE001 - record and go on: one failing case must not lose the rest
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     rows.append(row)
@@ -108,13 +127,19 @@ def bench_train_step(args: argparse.Namespace, backends: list[str], dtypes: list
         for backend in backends:
             for name in names:
                 out_f, in_f = SHAPES[name]
-                row: dict[str, Any] = {"layer": name, "shape": f"{out_f}x{in_f}", "tokens": tokens,
-                                       "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+                row: dict[str, Any] = {
+                    "layer": name,
+                    "shape": f"{out_f}x{in_f}",
+                    "tokens": tokens,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "backend": backend,
+                }
                 try:
                     dense = nn.Linear(in_f, out_f, device="cuda", dtype=dtype)
                     mask = nm_mask(dense.weight.detach().abs().float(), 2, 4)
-                    sparse = SemiSparseLinear.from_linear(nn.Linear(in_f, out_f, device="cuda", dtype=dtype), mask,
-                                                          backend)
+                    sparse = SemiSparseLinear.from_linear(
+                        nn.Linear(in_f, out_f, device="cuda", dtype=dtype), mask, backend
+                    )
                     x = torch.randn(batch, 197, in_f, device="cuda", dtype=dtype, requires_grad=True)
                     g = torch.randn(batch, 197, out_f, device="cuda", dtype=dtype)
                     assert sparse._kernel_ok(x), "SemiSparseLinear would not use the sparse kernel"
@@ -124,6 +149,7 @@ def bench_train_step(args: argparse.Namespace, backends: list[str], dtypes: list
                             mod.weight.grad = None
                             x.grad = None
                             mod(x).backward(g)
+
                         return run
 
                     d = cuda_time_ms(step(dense), args.warmup, args.iters, args.repeats)
@@ -134,8 +160,15 @@ def bench_train_step(args: argparse.Namespace, backends: list[str], dtypes: list
                     sparse.weight.grad = None
                     sparse(x).backward(g)
                     masked_ok = bool((sparse.weight.grad[~sparse.weight_mask] == 0).all())
-                    row.update(dense_fwd_ms=fd, sparse_fwd_ms=fs, fwd_speedup=fd / fs, dense_step_ms=d,
-                               sparse_step_ms=s, step_speedup=d / s, grad_masked=masked_ok)
+                    row.update(
+                        dense_fwd_ms=fd,
+                        sparse_fwd_ms=fs,
+                        fwd_speedup=fd / fs,
+                        dense_step_ms=d,
+                        sparse_step_ms=s,
+                        step_speedup=d / s,
+                        grad_masked=masked_ok,
+                    )
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows.append(row)
@@ -166,11 +199,17 @@ def bench_vit(args: argparse.Namespace, dtypes: list[torch.dtype]) -> list[dict]
                     pruning.prune_(m, pruning.SemiStructuredConfig(kernels="off"))
                     pruning.make_permanent(m)  # masked dense: 2:4 zeros, dense kernels
                     if mode != "masked":
-                        cands = {f for f, mod in m.named_modules() if isinstance(mod, nn.Linear)
-                                 and is_nm_sparse(mod.weight, 2, 4) and not f.startswith("head")}
+                        cands = {
+                            f
+                            for f, mod in m.named_modules()
+                            if isinstance(mod, nn.Linear)
+                            and is_nm_sparse(mod.weight, 2, 4)
+                            and not f.startswith("head")
+                        }
                         t0 = time.perf_counter()
-                        rep = pruning.to_semi_structured_(m, filter_fn=lambda mod, f, c=cands: f in c,
-                                                          probe=mode == "probe", probe_tokens=batch * 197)
+                        rep = pruning.to_semi_structured_(
+                            m, filter_fn=lambda mod, f, c=cands: f in c, probe=mode == "probe", probe_tokens=batch * 197
+                        )
                         row[f"{mode}_convert_s"] = time.perf_counter() - t0
                         row[f"{mode}_converted"] = len(rep["converted"])
                         row[f"{mode}_skipped"] = len(rep["skipped"])
@@ -179,8 +218,9 @@ def bench_vit(args: argparse.Namespace, dtypes: list[torch.dtype]) -> list[dict]
                 with torch.no_grad():
                     ref = models["masked"](x).float()
                     for k, m in models.items():
-                        row[f"{k}_ms"] = cuda_time_ms(lambda m=m: m(x), args.warmup, max(args.iters // 5, 3),
-                                                      args.repeats)
+                        row[f"{k}_ms"] = cuda_time_ms(
+                            lambda m=m: m(x), args.warmup, max(args.iters // 5, 3), args.repeats
+                        )
                         if k in ("all", "probe"):  # kernels vs the same 2:4 weights run densely
                             out = m(x).float()
                             row[f"{k}_rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
@@ -223,17 +263,26 @@ def main() -> int:
     args.warmup, args.iters, args.repeats = (5, 20, 3) if args.quick else (10, 50, 5)
     dtypes = [getattr(torch, d) for d in (args.dtypes[:1] if args.quick else args.dtypes)]
     backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
-    env = {"gpu": torch.cuda.get_device_name(), "capability": f"sm_{major}{minor}", "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cusparselt": torch.backends.cusparselt.is_available(),
-           "cusparselt_version": getattr(torch.backends.cusparselt, "version", lambda: None)(),
-           "python": platform.python_version(), "quick": args.quick, "batches": args.batches,
-           "timing": {"warmup": args.warmup, "iters": args.iters, "repeats": args.repeats}}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": f"sm_{major}{minor}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": torch.backends.cusparselt.is_available(),
+        "cusparselt_version": getattr(torch.backends.cusparselt, "version", lambda: None)(),
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "batches": args.batches,
+        "timing": {"warmup": args.warmup, "iters": args.iters, "repeats": args.repeats},
+    }
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict[str, Any] = {"env": env}
-    stages = [("linear", lambda: bench_linear(args, backends, dtypes)),
-              ("train", lambda: bench_train_step(args, backends, dtypes)),
-              ("vit", lambda: bench_vit(args, dtypes))]
+    stages = [
+        ("linear", lambda: bench_linear(args, backends, dtypes)),
+        ("train", lambda: bench_train_step(args, backends, dtypes)),
+        ("vit", lambda: bench_vit(args, dtypes)),
+    ]
     for key, fn in stages:
         if key in args.skip:
             continue
@@ -254,24 +303,71 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _write(out: str, results: dict, quick: bool) -> str:
     env = results["env"]
-    parts = [f"# 2:4 semi-structured vs dense on {env['gpu']} ({env['capability']}, torch {env['torch']}, "
-             f"CUDA {env['cuda']}, cuSPARSELt {env['cusparselt_version']})", ""]
+    parts = [
+        f"# 2:4 semi-structured vs dense on {env['gpu']} ({env['capability']}, torch {env['torch']}, "
+        f"CUDA {env['cuda']}, cuSPARSELt {env['cusparselt_version']})",
+        "",
+    ]
     if "linear" in results:
-        parts += ["## Linear forward (F.linear, x197 tokens per image)", "",
-                  _table(results["linear"], ["layer", "shape", "tokens", "dtype", "backend", "dense_ms", "sparse_ms",
-                                             "speedup", "rel_err"]), ""]
+        parts += [
+            "## Linear forward (F.linear, x197 tokens per image)",
+            "",
+            _table(
+                results["linear"],
+                ["layer", "shape", "tokens", "dtype", "backend", "dense_ms", "sparse_ms", "speedup", "rel_err"],
+            ),
+            "",
+        ]
     if "train" in results:
-        parts += ["## One layer, forward and forward+backward: nn.Linear vs pruning.SemiSparseLinear", "",
-                  _table(results["train"], ["layer", "shape", "tokens", "dtype", "backend", "dense_fwd_ms",
-                                            "sparse_fwd_ms", "fwd_speedup", "dense_step_ms", "sparse_step_ms",
-                                            "step_speedup", "grad_masked"]), ""]
+        parts += [
+            "## One layer, forward and forward+backward: nn.Linear vs pruning.SemiSparseLinear",
+            "",
+            _table(
+                results["train"],
+                [
+                    "layer",
+                    "shape",
+                    "tokens",
+                    "dtype",
+                    "backend",
+                    "dense_fwd_ms",
+                    "sparse_fwd_ms",
+                    "fwd_speedup",
+                    "dense_step_ms",
+                    "sparse_step_ms",
+                    "step_speedup",
+                    "grad_masked",
+                ],
+            ),
+            "",
+        ]
     if "vit" in results:
-        parts += ["## End-to-end inference (timm, random init, 224 px)", "",
-                  _table(results["vit"], ["model", "batch", "dtype", "backend", "dense_ms", "masked_ms", "all_ms",
-                                          "all_speedup", "all_converted", "probe_ms", "probe_speedup",
-                                          "probe_converted", "all_rel_err"]), "",
-                  "dense: unpruned; masked: the same 2:4 weights on dense kernels; all: every legal layer on 2:4 "
-                  "kernels; probe: only layers the per-shape probe found faster. Speedups are vs dense.", ""]
+        parts += [
+            "## End-to-end inference (timm, random init, 224 px)",
+            "",
+            _table(
+                results["vit"],
+                [
+                    "model",
+                    "batch",
+                    "dtype",
+                    "backend",
+                    "dense_ms",
+                    "masked_ms",
+                    "all_ms",
+                    "all_speedup",
+                    "all_converted",
+                    "probe_ms",
+                    "probe_speedup",
+                    "probe_converted",
+                    "all_rel_err",
+                ],
+            ),
+            "",
+            "dense: unpruned; masked: the same 2:4 weights on dense kernels; all: every legal layer on 2:4 "
+            "kernels; probe: only layers the per-shape probe found faster. Speedups are vs dense.",
+            "",
+        ]
     md = "\n".join(parts)
     write_results(out, results, md, quick=quick, echo=False)
     return md

@@ -11,6 +11,7 @@ ratio, and the compile time = the first epoch's extra seconds).
     python benchmarks/loop_overhead.py --compile     # torch.compile vs eager (CPU: inductor, C++ compiler)
     python benchmarks/loop_overhead.py --quick       # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import add_harness_args, args_dict, md_table, out_path, write_results  # noqa: E402
-
 from lotus.config import config_from_dict  # noqa: E402
 from lotus.data import build_datasets  # noqa: E402
 from lotus.models import create_model  # noqa: E402
@@ -37,8 +37,14 @@ def make_cfg(args) -> dict:
         "model": {"name": args.model, "img_size": args.img_size, "patch_size": args.patch_size},
         "data": {"name": "digits", "batch_size": args.batch_size},
         "optim": {"name": "adamw", "lr": 1e-3},
-        "train": {"epochs": args.epochs, "warmup_epochs": 0.0, "grad_clip": 1.0, "seed": 0, "eval_every": args.epochs,
-                  "threads": args.threads},
+        "train": {
+            "epochs": args.epochs,
+            "warmup_epochs": 0.0,
+            "grad_clip": 1.0,
+            "seed": 0,
+            "eval_every": args.epochs,
+            "threads": args.threads,
+        },
     }
 
 
@@ -54,7 +60,7 @@ def bare_loop(cfg) -> list[float]:
     x_all, y_all = data.train.get_batch(torch.arange(len(data.train)))[:2]
     bs, rates = cfg.data.batch_size, []
     model.train()
-    for epoch in range(cfg.train.epochs):
+    for _ in range(cfg.train.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(len(y_all))
         for s in range(0, len(perm), bs):
@@ -72,7 +78,6 @@ def bare_loop(cfg) -> list[float]:
 def lotus_loop(cfg) -> list[float]:
     t = Trainer(cfg, write=False, quiet=True)
     rates: list[float] = []
-    wall: list[float] = []
     from lotus.callbacks import Callback
 
     class Rec(Callback):
@@ -101,12 +106,19 @@ def compare_compile(args) -> None:
         n = 1437 - round(1437 * 0.2)  # train images per epoch (digits, 20 % held out)
         first_extra.append(n / c[0] - n / e[0])
     ratios = [c / e for c, e in zip(compiled, eager)]
-    rows = [["eager", round(statistics.median(eager), 1)], ["torch.compile", round(statistics.median(compiled), 1)],
-            ["speed ratio compile/eager, per epoch (median, range)", _ratio_stats(ratios)],
-            ["compile time: first epoch extra seconds (median)", round(statistics.median(first_extra), 1)]]
+    rows = [
+        ["eager", round(statistics.median(eager), 1)],
+        ["torch.compile", round(statistics.median(compiled), 1)],
+        ["speed ratio compile/eager, per epoch (median, range)", _ratio_stats(ratios)],
+        ["compile time: first epoch extra seconds (median)", round(statistics.median(first_extra), 1)],
+    ]
     table = md_table(["loop", "train img/s (median)"], rows)
-    write_results(out_path(args), {"args": args_dict(args), "eager": eager, "compiled": compiled, "ratios": ratios,
-                                   "compile_s": first_extra}, table, quick=args.quick)
+    write_results(
+        out_path(args),
+        {"args": args_dict(args), "eager": eager, "compiled": compiled, "ratios": ratios, "compile_s": first_extra},
+        table,
+        quick=args.quick,
+    )
 
 
 def main() -> None:
@@ -138,13 +150,29 @@ def main() -> None:
         r_lotus.append(statistics.median(l_) / statistics.median(b))
         r_recipe.append(statistics.median(r) / statistics.median(l_))
     b, l_ = statistics.median(bare), statistics.median(lot)
-    rows = [["bare PyTorch loop", round(b, 1)], ["lotus Trainer", round(l_, 1)],
-            ["lotus Trainer + EMA + mixup/cutmix", round(statistics.median(rec), 1)],
-            ["ratio lotus/bare, per repeat (median, range)", _ratio_stats(r_lotus)],
-            ["ratio (lotus + EMA + mixup)/lotus, per repeat", _ratio_stats(r_recipe)]]
+    rows = [
+        ["bare PyTorch loop", round(b, 1)],
+        ["lotus Trainer", round(l_, 1)],
+        ["lotus Trainer + EMA + mixup/cutmix", round(statistics.median(rec), 1)],
+        ["ratio lotus/bare, per repeat (median, range)", _ratio_stats(r_lotus)],
+        ["ratio (lotus + EMA + mixup)/lotus, per repeat", _ratio_stats(r_recipe)],
+    ]
     table = md_table(["loop", "train img/s (median)"], rows)
-    write_results(out_path(args), {"args": args_dict(args), "bare": bare, "lotus": lot, "lotus_recipe": rec, "ratio": l_ / b,
-                                   "ratios_lotus_bare": r_lotus, "ratios_recipe_lotus": r_recipe}, table, quick=args.quick)
+    write_results(
+        out_path(args),
+        {
+            "args": args_dict(args),
+            "bare": bare,
+            "lotus": lot,
+            "lotus_recipe": rec,
+            "ratio": l_ / b,
+            "ratios_lotus_bare": r_lotus,
+            "ratios_recipe_lotus": r_recipe,
+        },
+        table,
+        quick=args.quick,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ GPU (nccl, one rank per GPU, at most --nproc; benchmarks/gpu_check.sh)::
 
 Smoke run: ``--quick`` (lotus_vit_micro, 6 epochs, thinning at 2, one seed; numbers are not meaningful).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,29 @@ def run(config: str, sets: list[str], seed: int, nproc: int, threads: int, workd
     """One ``torchrun`` training; the run's summary numbers."""
     out = os.path.join(workdir, f"{Path(config).stem}-s{seed}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "-m", "lotus", "train", "--config", str(ROOT / config), "--out", out, "--quiet",
-           "--set", f"train.seed={seed}", "--set", f"train.threads={threads}", "--set", "output.report=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "lotus",
+        "train",
+        "--config",
+        str(ROOT / config),
+        "--out",
+        out,
+        "--quiet",
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        f"train.threads={threads}",
+        "--set",
+        "output.report=false",
+    ]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
@@ -59,10 +80,20 @@ def run(config: str, sets: list[str], seed: int, nproc: int, threads: int, workd
         raise SystemExit(f"{config} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     s = json.loads(Path(out, "summary.json").read_text())
     dyn = s.get("dynamic_pruning") or {}
-    return {"config": config, "seed": seed, "world_size": s["world_size"], "device": s["device"],
-            "samples_seen": s["samples_seen"], "train_wall_s": s["wall_s"], "total_s": round(total, 3),
-            "final_val_acc": s["final_val_acc"], "params": s["params"], "epochs": s["epochs"],
-            "saved_fraction": dyn.get("saved_fraction"), "widths": (s.get("pruning") or {}).get("widths")}
+    return {
+        "config": config,
+        "seed": seed,
+        "world_size": s["world_size"],
+        "device": s["device"],
+        "samples_seen": s["samples_seen"],
+        "train_wall_s": s["wall_s"],
+        "total_s": round(total, 3),
+        "final_val_acc": s["final_val_acc"],
+        "params": s["params"],
+        "epochs": s["epochs"],
+        "saved_fraction": dyn.get("saved_fraction"),
+        "widths": (s.get("pruning") or {}).get("widths"),
+    }
 
 
 def _ratio_stats(values: list[float]) -> dict:
@@ -78,8 +109,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
-    add_harness_args(p, "lotus_distributed", seeds=[0, 1, 2],
-                     quick="smoke run: lotus_vit_micro, 6 epochs, 512 images, thinning at 2, one seed")
+    add_harness_args(
+        p,
+        "lotus_distributed",
+        seeds=[0, 1, 2],
+        quick="smoke run: lotus_vit_micro, 6 epochs, 512 images, thinning at 2, one seed",
+    )
     p.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the older spelling of --out DIR
     a = p.parse_args()
     if a.device == "cuda":
@@ -102,36 +137,89 @@ def main() -> None:
             lotus = run(a.lotus, lotus_sets, seed, nproc, a.threads, work)
             runs += [dense, lotus]
             rows.append((seed, dense, lotus))
-            print(f"seed {seed}: dense {dense['samples_seen']} samples {dense['train_wall_s']:.1f} s acc "
-                  f"{dense['final_val_acc']:.4f} | LOTUS {lotus['samples_seen']} samples {lotus['train_wall_s']:.1f} s "
-                  f"acc {lotus['final_val_acc']:.4f}", flush=True)
+            print(
+                f"seed {seed}: dense {dense['samples_seen']} samples {dense['train_wall_s']:.1f} s acc "
+                f"{dense['final_val_acc']:.4f} | LOTUS {lotus['samples_seen']} samples {lotus['train_wall_s']:.1f} s "
+                f"acc {lotus['final_val_acc']:.4f}",
+                flush=True,
+            )
     samples = [lo["samples_seen"] / d["samples_seen"] for _, d, lo in rows]
     wall = [lo["train_wall_s"] / d["train_wall_s"] for _, d, lo in rows]
     acc = [lo["final_val_acc"] - d["final_val_acc"] for _, d, lo in rows]
     world = rows[0][1]["world_size"]
-    payload = {"nproc": nproc, "world_size": world, "mode": a.mode, "device": a.device, "threads_per_rank": a.threads,
-               "dense": a.dense, "lotus": a.lotus, "sets": sets, "runs": runs,
-               "ratios": {"samples_forwarded": _ratio_stats(samples), "train_wall": _ratio_stats(wall),
-                          "val_acc_delta": _ratio_stats(acc)}}
-    table_rows = [(seed, d["samples_seen"], lo["samples_seen"], round(lo["samples_seen"] / d["samples_seen"], 4),
-                   round(d["train_wall_s"], 2), round(lo["train_wall_s"], 2), round(lo["train_wall_s"] / d["train_wall_s"], 4),
-                   round(d["final_val_acc"], 4), round(lo["final_val_acc"], 4), d["params"], lo["params"])
-                  for seed, d, lo in rows]
+    payload = {
+        "nproc": nproc,
+        "world_size": world,
+        "mode": a.mode,
+        "device": a.device,
+        "threads_per_rank": a.threads,
+        "dense": a.dense,
+        "lotus": a.lotus,
+        "sets": sets,
+        "runs": runs,
+        "ratios": {
+            "samples_forwarded": _ratio_stats(samples),
+            "train_wall": _ratio_stats(wall),
+            "val_acc_delta": _ratio_stats(acc),
+        },
+    }
+    table_rows = [
+        (
+            seed,
+            d["samples_seen"],
+            lo["samples_seen"],
+            round(lo["samples_seen"] / d["samples_seen"], 4),
+            round(d["train_wall_s"], 2),
+            round(lo["train_wall_s"], 2),
+            round(lo["train_wall_s"] / d["train_wall_s"], 4),
+            round(d["final_val_acc"], 4),
+            round(lo["final_val_acc"], 4),
+            d["params"],
+            lo["params"],
+        )
+        for seed, d, lo in rows
+    ]
     med = payload["ratios"]
     cmd = " ".join(["python benchmarks/lotus_distributed.py", *sys.argv[1:]])
-    table = "\n".join([
-        f"# LOTUS vs dense under torchrun ({world} rank(s), {a.mode}, {a.device}, {a.threads} thread(s) per rank)",
-        "", f"`{cmd}`: `{a.dense}` (dense) vs `{a.lotus}` (LOTUS), interleaved seed by seed.", "",
-        md_table(["seed", "dense samples", "LOTUS samples", "samples ratio", "dense wall s", "LOTUS wall s",
-                  "wall ratio", "dense acc", "LOTUS acc", "dense params", "LOTUS params"], table_rows), "",
-        f"Per-seed LOTUS/dense: samples forwarded {med['samples_forwarded']['median']:.3f}x "
-        f"({med['samples_forwarded']['min']:.3f}-{med['samples_forwarded']['max']:.3f}), training wall time "
-        f"{med['train_wall']['median']:.3f}x ({med['train_wall']['min']:.3f}-{med['train_wall']['max']:.3f}), "
-        f"val accuracy {med['val_acc_delta']['median']:+.4f} ({med['val_acc_delta']['min']:+.4f} to "
-        f"{med['val_acc_delta']['max']:+.4f}).",
-        *(["", "One GPU visible: a world of one rank (no collectives); the ratios are LOTUS vs dense on one device."]
-          if a.device == "cuda" and world == 1 else []),
-    ])
+    table = "\n".join(
+        [
+            f"# LOTUS vs dense under torchrun ({world} rank(s), {a.mode}, {a.device}, {a.threads} thread(s) per rank)",
+            "",
+            f"`{cmd}`: `{a.dense}` (dense) vs `{a.lotus}` (LOTUS), interleaved seed by seed.",
+            "",
+            md_table(
+                [
+                    "seed",
+                    "dense samples",
+                    "LOTUS samples",
+                    "samples ratio",
+                    "dense wall s",
+                    "LOTUS wall s",
+                    "wall ratio",
+                    "dense acc",
+                    "LOTUS acc",
+                    "dense params",
+                    "LOTUS params",
+                ],
+                table_rows,
+            ),
+            "",
+            f"Per-seed LOTUS/dense: samples forwarded {med['samples_forwarded']['median']:.3f}x "
+            f"({med['samples_forwarded']['min']:.3f}-{med['samples_forwarded']['max']:.3f}), training wall time "
+            f"{med['train_wall']['median']:.3f}x ({med['train_wall']['min']:.3f}-{med['train_wall']['max']:.3f}), "
+            f"val accuracy {med['val_acc_delta']['median']:+.4f} ({med['val_acc_delta']['min']:+.4f} to "
+            f"{med['val_acc_delta']['max']:+.4f}).",
+            *(
+                [
+                    "",
+                    "One GPU visible: a world of one rank (no collectives); the ratios are LOTUS vs dense on "
+                    "one device.",
+                ]
+                if a.device == "cuda" and world == 1
+                else []
+            ),
+        ]
+    )
     write_results(out_path(a), payload, table, quick=a.quick)
 
 

@@ -31,6 +31,7 @@ when their machine fingerprint matches this machine's::
     python benchmarks/lotus_real.py              # the full benchmark (about an hour on 2 cores)
     python benchmarks/lotus_real.py --quick      # a smoke run in a few minutes (1 seed, tiny data)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,26 +68,59 @@ def entries(budgets: list[int], peer_epochs: int) -> list[dict]:
     every other method on SOAP at ``peer_epochs`` (a third more than the longest dense budget: a method that
     spends less per epoch needs more epochs to reach the dense accuracy; time to target counts from the epoch it
     first does, so a longer budget costs nothing there)."""
-    out = [_e(f"dense_soap_{b}ep", OP, [f"train.epochs={b}"] + SOAP, "dense", f"dense SOAP, {b} epochs")
-           for b in budgets]
-    out.append(_e(f"dense_adamw_{budgets[-1]}ep", OP, [f"train.epochs={budgets[-1]}"], "dense",
-                  f"dense AdamW, {budgets[-1]} epochs"))
+    out = [
+        _e(f"dense_soap_{b}ep", OP, [f"train.epochs={b}"] + SOAP, "dense", f"dense SOAP, {b} epochs") for b in budgets
+    ]
+    out.append(
+        _e(
+            f"dense_adamw_{budgets[-1]}ep",
+            OP,
+            [f"train.epochs={budgets[-1]}"],
+            "dense",
+            f"dense AdamW, {budgets[-1]} epochs",
+        )
+    )
     ep = [f"train.epochs={peer_epochs}"] + SOAP
     out += [
         _e("small_dense", OP, ep + ["model.kwargs.embed_dim=40"], "peer", "smaller dense ViT (width 40)"),
-        _e("random_fixed", OP, ep + ["tickets.random.enabled=true", "tickets.random.mode=fixed"], "peer",
-           "fixed random 50 % subset"),
+        _e(
+            "random_fixed",
+            OP,
+            ep + ["tickets.random.enabled=true", "tickets.random.mode=fixed"],
+            "peer",
+            "fixed random 50 % subset",
+        ),
         _e("rs2", OP, ep + ["tickets.random.enabled=true", "tickets.random.mode=rs2"], "peer", "RS2, 50 % per epoch"),
         _e("infobatch", OP, ep + ["tickets.dynamic.enabled=true"], "peer", "InfoBatch (r 0.5, anneal 0.875)"),
-        _e("flip", OP, ep + ["tickets.patches.enabled=true", "tickets.patches.scorer=random",
-                             "tickets.patches.keep_rate=0.5"], "peer", "FLIP, 50 % random patches"),
+        _e(
+            "flip",
+            OP,
+            ep + ["tickets.patches.enabled=true", "tickets.patches.scorer=random", "tickets.patches.keep_rate=0.5"],
+            "peer",
+            "FLIP, 50 % random patches",
+        ),
         _e("prog_res", RES, ep, "peer", "progressive resolution"),
-        _e("lotus_hand", LOTUS, ep + [f"pruning.structured.at_epoch={max(1, round(peer_epochs * 2 / 3))}"], "lotus",
-           "LOTUS, hand-made"),
+        _e(
+            "lotus_hand",
+            LOTUS,
+            ep + [f"pruning.structured.at_epoch={max(1, round(peer_epochs * 2 / 3))}"],
+            "lotus",
+            "LOTUS, hand-made",
+        ),
         _e("lotus_auto", AUTO, ep, "lotus", "LOTUS, schedule: auto"),
-        _e("lotus_auto_res", AUTO, ep + ["model.kwargs.dynamic_img_size=true", "resolution.enabled=true",
-                                         "resolution.start=0.5", "resolution.full_at=0.5"], "lotus",
-           "LOTUS auto + progressive resolution"),
+        _e(
+            "lotus_auto_res",
+            AUTO,
+            ep
+            + [
+                "model.kwargs.dynamic_img_size=true",
+                "resolution.enabled=true",
+                "resolution.start=0.5",
+                "resolution.full_at=0.5",
+            ],
+            "lotus",
+            "LOTUS auto + progressive resolution",
+        ),
     ]
     return out
 
@@ -129,11 +163,13 @@ def _prepare_runs(runs: str, fp: dict) -> None:
         with open(stamp) as f:
             old = json.load(f)
         if old.get("id") != fp["id"]:
-            raise SystemExit(f"error: {runs} holds runs of another machine ({old.get('cpu')!r}); rerun with "
-                             "another --runs folder instead of mixing machines in one table")
+            raise SystemExit(
+                f"error: {runs} holds runs of another machine ({old.get('cpu')!r}); rerun with "
+                "another --runs folder instead of mixing machines in one table"
+            )
     atomic_write_text(stamp, json.dumps(fp, indent=2))
     for cfg in Path(runs).iterdir():
-        for seed_dir in (cfg.glob("seed*") if cfg.is_dir() else []):
+        for seed_dir in cfg.glob("seed*") if cfg.is_dir() else []:
             if not (seed_dir / "summary.json").is_file():
                 shutil.rmtree(seed_dir)
 
@@ -142,10 +178,16 @@ def _per_run(run_dir: str, target: float) -> dict:
     epochs = read_metrics(run_dir)[0]
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    return {"cpu_to_target": _time_to(epochs, target, "cpu_s"), "flops_to_target": _time_to(epochs, target, "train_flops"),
-            "epoch_to_target": _time_to(epochs, target, "epoch"), "final_val": epochs[-1]["val_acc"],
-            "test": summary.get("test_acc"), "cpu_total": epochs[-1]["cpu_s"], "flops_total": epochs[-1]["train_flops"],
-            "curve": [(e["cpu_s"], e["train_flops"], e.get("val_acc")) for e in epochs]}
+    return {
+        "cpu_to_target": _time_to(epochs, target, "cpu_s"),
+        "flops_to_target": _time_to(epochs, target, "train_flops"),
+        "epoch_to_target": _time_to(epochs, target, "epoch"),
+        "final_val": epochs[-1]["val_acc"],
+        "test": summary.get("test_acc"),
+        "cpu_total": epochs[-1]["cpu_s"],
+        "flops_total": epochs[-1]["train_flops"],
+        "curve": [(e["cpu_s"], e["train_flops"], e.get("val_acc")) for e in epochs],
+    }
 
 
 def analyse_runs(ents: list[dict], results: list, seeds: list[int], drop: float) -> dict:
@@ -157,24 +199,36 @@ def analyse_runs(ents: list[dict], results: list, seeds: list[int], drop: float)
     rows = []
     for e, res in zip(ents, results):
         runs = [_per_run(d, target) for d in res.runs]
-        rows.append({**e, "runs": runs, "params": inf[e["name"]]["params"], "inf_img_per_s": inf[e["name"]]["inf_img_per_s"]})
+        rows.append(
+            {**e, "runs": runs, "params": inf[e["name"]]["params"], "inf_img_per_s": inf[e["name"]]["inf_img_per_s"]}
+        )
     base = {}
     for key in ("cpu_to_target", "flops_to_target"):
         base[key] = []
         for k in range(len(seeds)):
-            reached = [(r["runs"][k][key], r["name"]) for r in rows if r["role"] == "dense"
-                       and math.isfinite(r["runs"][k][key])]
+            reached = [
+                (r["runs"][k][key], r["name"])
+                for r in rows
+                if r["role"] == "dense" and math.isfinite(r["runs"][k][key])
+            ]
             base[key].append(min(reached) if reached else (math.inf, None))
     ref = next(r for r in rows if r["name"] == strongest)
     for r in rows:
         for key, short in (("cpu_to_target", "time"), ("flops_to_target", "flops")):
             r[f"speedup_{short}"] = seed_ratios([b for b, _ in base[key]], [x[key] for x in r["runs"]])
-        r["delta_val_pp"] = (statistics.fmean(x["final_val"] for x in r["runs"]) -
-                             statistics.fmean(x["final_val"] for x in ref["runs"])) * 100
+        r["delta_val_pp"] = (
+            statistics.fmean(x["final_val"] for x in r["runs"]) - statistics.fmean(x["final_val"] for x in ref["runs"])
+        ) * 100
         tests = [x["test"] for x in r["runs"] if x["test"] is not None]
         r["delta_test_pp"] = (statistics.fmean(tests) - statistics.fmean(x["test"] for x in ref["runs"])) * 100
-    return {"seeds": seeds, "target": target, "target_drop": drop, "strongest_dense": strongest,
-            "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()}, "rows": rows}
+    return {
+        "seeds": seeds,
+        "target": target,
+        "target_drop": drop,
+        "strongest_dense": strongest,
+        "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()},
+        "rows": rows,
+    }
 
 
 def _fmt_ratio(d: dict) -> str:
@@ -197,58 +251,118 @@ def verdict(res: dict) -> list[str]:
     for r in (rows["lotus_auto"], rows["lotus_hand"]):
         t, f = r["speedup_time"], r["speedup_flops"]
         n = len(t["per_seed"])
-        fast = t["median"] is not None and t["median"] >= 2.0 and t["seeds_with_ratio"] == n and \
-            all(v >= 1.6 for v in t["per_seed"] if v is not None)
+        fast = (
+            t["median"] is not None
+            and t["median"] >= 2.0
+            and t["seeds_with_ratio"] == n
+            and all(v >= 1.6 for v in t["per_seed"] if v is not None)
+        )
         flops = f["median"] is not None and f["median"] >= 2.5
         close = r["delta_test_pp"] >= -0.3
         small = r["params"] < rows[res["strongest_dense"]]["params"]
-        out.append(f"- **{r['label']}**: CPU-time speed-up {_fmt_ratio(t)} (target >= 2.0x, every seed >= 1.6x: "
-                   f"{'met' if fast else 'MISSED'}); FLOP speed-up {_fmt_ratio(f)} (>= 2.5x: {'met' if flops else 'MISSED'}); "
-                   f"test {r['delta_test_pp']:+.2f} pp vs {res['strongest_dense']} (within 0.3 pp: "
-                   f"{'met' if close else 'MISSED'}); final params x{r['params'] / rows[res['strongest_dense']]['params']:.2f} "
-                   f"({'smaller' if small else 'NOT smaller'}).")
-    beaten = [r["label"] for r in res["rows"] if r["role"] == "peer" and r["speedup_time"]["median"] is not None
-              and (auto["speedup_time"]["median"] is None or r["speedup_time"]["median"] >= auto["speedup_time"]["median"])]
-    out.append("- Peers at least as fast to the target as the auto schedule (median CPU-time ratio): "
-               + (", ".join(beaten) if beaten else "none") + ".")
+        out.append(
+            f"- **{r['label']}**: CPU-time speed-up {_fmt_ratio(t)} (target >= 2.0x, every seed >= 1.6x: "
+            f"{'met' if fast else 'MISSED'}); FLOP speed-up {_fmt_ratio(f)} (>= 2.5x: {'met' if flops else 'MISSED'}); "
+            f"test {r['delta_test_pp']:+.2f} pp vs {res['strongest_dense']} (within 0.3 pp: "
+            f"{'met' if close else 'MISSED'}); final params "
+            f"x{r['params'] / rows[res['strongest_dense']]['params']:.2f} "
+            f"({'smaller' if small else 'NOT smaller'})."
+        )
+    beaten = [
+        r["label"]
+        for r in res["rows"]
+        if r["role"] == "peer"
+        and r["speedup_time"]["median"] is not None
+        and (auto["speedup_time"]["median"] is None or r["speedup_time"]["median"] >= auto["speedup_time"]["median"])
+    ]
+    out.append(
+        "- Peers at least as fast to the target as the auto schedule (median CPU-time ratio): "
+        + (", ".join(beaten) if beaten else "none")
+        + "."
+    )
     return out
 
 
 def markdown(res: dict, command: str, meta: dict) -> str:
-    head = ["method", "config", "final val acc", "final test acc", "test vs strongest dense",
-            f"CPU s to {res['target'] * 100:.2f}% (per seed)", "CPU-time speed-up", "FLOP speed-up",
-            "epoch reached (per seed)", "total CPU s", "total train PFLOP", "params", "inf img/s"]
+    head = [
+        "method",
+        "config",
+        "final val acc",
+        "final test acc",
+        "test vs strongest dense",
+        f"CPU s to {res['target'] * 100:.2f}% (per seed)",
+        "CPU-time speed-up",
+        "FLOP speed-up",
+        "epoch reached (per seed)",
+        "total CPU s",
+        "total train PFLOP",
+        "params",
+        "inf img/s",
+    ]
     ref = next(r for r in res["rows"] if r["name"] == res["strongest_dense"])
-    out = ["# LOTUS on Fashion-MNIST: every method in one loop", "", f"`{command}`", "",
-           f"Seeds {res['seeds']}, runs interleaved seed by seed, {meta['jobs']} side by side, 1 thread each. "
-           f"{meta['data']}. Target = {res['strongest_dense']}'s mean final val accuracy - "
-           f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%** (val split). Speed-ups are per-seed "
-           "ratios (median, range) against the seed's fastest dense config/budget that reaches the target; CPU "
-           "seconds are the 1-thread run's process CPU time (probes, scoring and pruning included; evaluation "
-           "not). Test accuracy is measured once, after training, and chooses nothing.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = [
+        "# LOTUS on Fashion-MNIST: every method in one loop",
+        "",
+        f"`{command}`",
+        "",
+        f"Seeds {res['seeds']}, runs interleaved seed by seed, {meta['jobs']} side by side, 1 thread each. "
+        f"{meta['data']}. Target = {res['strongest_dense']}'s mean final val accuracy - "
+        f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%** (val split). Speed-ups are per-seed "
+        "ratios (median, range) against the seed's fastest dense config/budget that reaches the target; CPU "
+        "seconds are the 1-thread run's process CPU time (probes, scoring and pruning included; evaluation "
+        "not). Test accuracy is measured once, after training, and chooses nothing.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in res["rows"]:
         runs = r["runs"]
-        out.append("| " + " | ".join([
-            r["label"], f"`{r['name']}`", mean_std([x["final_val"] for x in runs]),
-            mean_std([x["test"] for x in runs]), f"{r['delta_test_pp']:+.2f} pp",
-            _fmt([x["cpu_to_target"] for x in runs]), _fmt_ratio(r["speedup_time"]), _fmt_ratio(r["speedup_flops"]),
-            _fmt([x["epoch_to_target"] for x in runs]), f"{statistics.fmean(x['cpu_total'] for x in runs):.0f}",
-            f"{statistics.fmean(x['flops_total'] for x in runs) / 1e15:.2f}",
-            f"{r['params'] / 1e6:.3f} M (x{r['params'] / ref['params']:.2f})",
-            f"{r['inf_img_per_s']:.0f} ({r['inf_img_per_s'] / ref['inf_img_per_s']:.2f}x)"]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    f"`{r['name']}`",
+                    mean_std([x["final_val"] for x in runs]),
+                    mean_std([x["test"] for x in runs]),
+                    f"{r['delta_test_pp']:+.2f} pp",
+                    _fmt([x["cpu_to_target"] for x in runs]),
+                    _fmt_ratio(r["speedup_time"]),
+                    _fmt_ratio(r["speedup_flops"]),
+                    _fmt([x["epoch_to_target"] for x in runs]),
+                    f"{statistics.fmean(x['cpu_total'] for x in runs):.0f}",
+                    f"{statistics.fmean(x['flops_total'] for x in runs) / 1e15:.2f}",
+                    f"{r['params'] / 1e6:.3f} M (x{r['params'] / ref['params']:.2f})",
+                    f"{r['inf_img_per_s']:.0f} ({r['inf_img_per_s'] / ref['inf_img_per_s']:.2f}x)",
+                ]
+            )
+            + " |"
+        )
     base = res["baseline_per_seed"]["cpu_to_target"]
-    out += ["", "Dense baseline per seed (CPU time): " + ", ".join(
-        f"seed {s}: {b['config']} {b['value']:.0f} s" if b["config"] else f"seed {s}: none reached"
-        for s, b in zip(res["seeds"], base)), "", "Targets (issue: auto >= 2.0x CPU time, >= 2.5x FLOPs, within "
-        "0.3 pp on test, smaller model, faster than each peer):", ""]
+    out += [
+        "",
+        "Dense baseline per seed (CPU time): "
+        + ", ".join(
+            f"seed {s}: {b['config']} {b['value']:.0f} s" if b["config"] else f"seed {s}: none reached"
+            for s, b in zip(res["seeds"], base)
+        ),
+        "",
+        "Targets (issue: auto >= 2.0x CPU time, >= 2.5x FLOPs, within "
+        "0.3 pp on test, smaller model, faster than each peer):",
+        "",
+    ]
     out += verdict(res)
-    out += ["", f"![val accuracy vs CPU time and FLOPs]({meta['plot']})", "",
-            f"Machine: {meta['fingerprint']['cpu']} ({meta['fingerprint']['cpus']} CPUs, torch "
-            f"{meta['fingerprint']['torch']}); calibration (1-thread matmul workload, CPU s) {meta['calib_start']:.3f} "
-            f"at the start, {meta['calib_end']:.3f} at the end; load average {meta['load_start']:.2f} -> "
-            f"{meta['load_end']:.2f}. Invocation {meta['started']} - {meta['finished']}; {meta['runs_reused']} of "
-            f"{meta['runs']} runs reused from an earlier invocation on this machine.", ""]
+    out += [
+        "",
+        f"![val accuracy vs CPU time and FLOPs]({meta['plot']})",
+        "",
+        f"Machine: {meta['fingerprint']['cpu']} ({meta['fingerprint']['cpus']} CPUs, torch "
+        f"{meta['fingerprint']['torch']}); calibration (1-thread matmul workload, CPU s) {meta['calib_start']:.3f} "
+        f"at the start, {meta['calib_end']:.3f} at the end; load average {meta['load_start']:.2f} -> "
+        f"{meta['load_end']:.2f}. Invocation {meta['started']} - {meta['finished']}; {meta['runs_reused']} of "
+        f"{meta['runs']} runs reused from an earlier invocation on this machine.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -266,8 +380,15 @@ def plot(res: dict, path: str) -> None:
         for ax, axis, scale in ((axes[0], 0, 1.0), (axes[1], 1, 1e15)):
             xs = [statistics.fmean(c[i][axis] for c in curves) / scale for i in range(n)]
             ys = [statistics.fmean(c[i][2] for c in curves) * 100 for i in range(n)]
-            ax.plot(xs, ys, marker="o", ms=3, lw=2.2 if r["role"] == "lotus" else 1.2,
-                    ls="--" if r["role"] == "dense" else "-", label=r["label"])
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                ms=3,
+                lw=2.2 if r["role"] == "lotus" else 1.2,
+                ls="--" if r["role"] == "dense" else "-",
+                label=r["label"],
+            )
     for ax, xl in ((axes[0], "training CPU seconds (1 thread)"), (axes[1], "training PFLOPs")):
         ax.axhline(res["target"] * 100, color="k", lw=0.8, ls=":")
         ax.set_xlabel(xl)
@@ -302,29 +423,57 @@ def main() -> None:
     fp = fingerprint()
     _prepare_runs(runs, fp)
     ents = entries(budgets, peer)
-    load_start, started, t0, calib_start = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), \
-        time.time(), calibrate()
-    results = run_bench([(e["path"], [f"name={e['name']}"] + e["set"]) for e in ents], seeds, runs,
-                        overrides=["train.threads=1"] + sets, jobs=a.jobs)
+    load_start, started, t0, calib_start = (
+        os.getloadavg()[0],
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        time.time(),
+        calibrate(),
+    )
+    results = run_bench(
+        [(e["path"], [f"name={e['name']}"] + e["set"]) for e in ents],
+        seeds,
+        runs,
+        overrides=["train.threads=1"] + sets,
+        jobs=a.jobs,
+    )
     res = analyse_runs(ents, results, seeds, a.target_drop)
     done = [os.path.getmtime(os.path.join(d, "summary.json")) for r in results for d in r.runs]
     os.makedirs(out, exist_ok=True)
-    meta = {"fingerprint": fp, "calib_start": calib_start, "calib_end": calibrate(), "jobs": a.jobs,
-            "load_start": load_start, "load_end": os.getloadavg()[0], "started": started,
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "plot": "fashion.png",
-            "runs_reused": sum(t < t0 for t in done), "runs": len(done),
-            "data": ("Fashion-MNIST (Debian's dataset-fashion-mnist): " + ("1 000" if a.quick else f"{a.train_size:,}")
-                     + " training images (class-stratified, fixed), " + ("1 000" if a.quick else "5 000")
-                     + " validation images held out of the 60 000, the 10 000 test images")}
-    command = "python benchmarks/lotus_real.py" + (" --quick" if a.quick else "") + \
-        (f" --seeds {' '.join(map(str, a.seeds))}" if a.seeds else "") + \
-        (f" --train-size {a.train_size}" if a.train_size != 8000 else "") + (f" --jobs {a.jobs}" if a.jobs != 2 else "")
+    meta = {
+        "fingerprint": fp,
+        "calib_start": calib_start,
+        "calib_end": calibrate(),
+        "jobs": a.jobs,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "plot": "fashion.png",
+        "runs_reused": sum(t < t0 for t in done),
+        "runs": len(done),
+        "data": (
+            "Fashion-MNIST (Debian's dataset-fashion-mnist): "
+            + ("1 000" if a.quick else f"{a.train_size:,}")
+            + " training images (class-stratified, fixed), "
+            + ("1 000" if a.quick else "5 000")
+            + " validation images held out of the 60 000, the 10 000 test images"
+        ),
+    }
+    command = (
+        "python benchmarks/lotus_real.py"
+        + (" --quick" if a.quick else "")
+        + (f" --seeds {' '.join(map(str, a.seeds))}" if a.seeds else "")
+        + (f" --train-size {a.train_size}" if a.train_size != 8000 else "")
+        + (f" --jobs {a.jobs}" if a.jobs != 2 else "")
+    )
     res.update(meta=meta, command=command)
     plot(res, os.path.join(out, "fashion.png"))
     for r in res["rows"]:
         for x in r["runs"]:
             x.pop("curve")
-    atomic_write_text(os.path.join(out, "fashion.json"), json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
+    atomic_write_text(
+        os.path.join(out, "fashion.json"), json.dumps(_finite(res), indent=2, default=str, allow_nan=False)
+    )
     md = markdown(res, command, meta)
     atomic_write_text(os.path.join(out, "fashion.md"), md)
     print(md, flush=True)

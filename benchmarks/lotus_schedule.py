@@ -18,8 +18,10 @@ Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``-
     python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
     python benchmarks/lotus_schedule.py --datasets digits32_ablation shapes32_ablation  # ablations
     python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/my_lotus.yaml  # add a config
-    python benchmarks/lotus_schedule.py --datasets shapes32 --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
+    python benchmarks/lotus_schedule.py --datasets shapes32 \\
+        --configs "configs/shapes32_lotus.yaml:name=s_r07,tickets.dynamic.ratio=0.7"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +44,10 @@ from lotus.run_report import read_metrics  # noqa: E402
 
 
 def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = None) -> list[dict]:
-    return [{"name": f"{name}_{e}ep", "path": path, "set": [f"train.epochs={e}"] + list(extra or []), "role": "dense"}
-            for e in epochs]
+    return [
+        {"name": f"{name}_{e}ep", "path": path, "set": [f"train.epochs={e}"] + list(extra or []), "role": "dense"}
+        for e in epochs
+    ]
 
 
 _SOAP = ["optim.name=soap"]  # the LOTUS configs on SOAP: the same schedule, the stronger optimiser
@@ -66,9 +70,12 @@ def _ablations(path: str, name: str, switches: tuple, extra: list[str] | None = 
 # one feature of an auto config switched at a time (the 64-token auto configs leave tickets.dynamic off: these
 # ablations are where that choice comes from; patches_forced lowers the keep rate even where the timed check
 # says the dropped patches save less than re-ranking costs)
-_AUTO_SWITCHES = (("no_patches", "tickets.patches.enabled=false"), ("no_thinning", "pruning.structured.mlp=0.0"),
-                  ("with_dynamic", "tickets.dynamic.enabled=true"),
-                  ("patches_forced", "lotus.auto.patches_must_pay=false"))
+_AUTO_SWITCHES = (
+    ("no_patches", "tickets.patches.enabled=false"),
+    ("no_thinning", "pruning.structured.mlp=0.0"),
+    ("with_dynamic", "tickets.dynamic.enabled=true"),
+    ("patches_forced", "lotus.auto.patches_must_pay=false"),
+)
 
 # the hand-made 64-token schedule (12 epochs) stretched to a 40-epoch budget: the same rates, longer phases
 _HAND_40EP = ["train.epochs=40", "lotus.warmup_epochs=4", "lotus.anneal_epochs=8", "pruning.structured.at_epoch=6"]
@@ -76,60 +83,96 @@ _HAND_40EP = ["train.epochs=40", "lotus.warmup_epochs=4", "lotus.anneal_epochs=8
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
 SUITES: dict[str, dict] = {
     "digits16": {
-        "tokens": 16, "target_speedup": 1.5, "data": None,
+        "tokens": 16,
+        "target_speedup": 1.5,
+        "data": None,
         "configs": _dense_both("configs/digits_op.yaml", "digits_op", [10, 20])
-        + [_lotus("configs/digits_lotus.yaml", "digits_lotus"),
-           _lotus("configs/digits_lotus.yaml", "digits_lotus_15ep",
-                  ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"]),
-           _lotus("configs/digits_auto.yaml", "digits_auto"),
-           _lotus("configs/digits_auto.yaml", "digits_auto_soap", _SOAP),
-           # the strongest dense model here is SOAP at 10 epochs: the auto schedule at that budget too (dynamic
-           # pruning off: at 10 epochs the model has not yet learned what it would drop)
-           _lotus("configs/digits_auto.yaml", "digits_auto_soap_10ep",
-                  _SOAP + ["train.epochs=10", "tickets.dynamic.enabled=false"])],
+        + [
+            _lotus("configs/digits_lotus.yaml", "digits_lotus"),
+            _lotus(
+                "configs/digits_lotus.yaml",
+                "digits_lotus_15ep",
+                ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"],
+            ),
+            _lotus("configs/digits_auto.yaml", "digits_auto"),
+            _lotus("configs/digits_auto.yaml", "digits_auto_soap", _SOAP),
+            # the strongest dense model here is SOAP at 10 epochs: the auto schedule at that budget too (dynamic
+            # pruning off: at 10 epochs the model has not yet learned what it would drop)
+            _lotus(
+                "configs/digits_auto.yaml",
+                "digits_auto_soap_10ep",
+                _SOAP + ["train.epochs=10", "tickets.dynamic.enabled=false"],
+            ),
+        ],
     },
     "digits32": {
-        "tokens": 64, "target_speedup": 2.0, "data": None,
+        "tokens": 64,
+        "target_speedup": 2.0,
+        "data": None,
         "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
-        + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus"), _lotus("configs/digits32_auto.yaml", "digits32_auto"),
-           _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP),
-           _lotus("configs/digits32_flip.yaml", "digits32_flip_soap")],
+        + [
+            _lotus("configs/digits32_lotus.yaml", "digits32_lotus"),
+            _lotus("configs/digits32_auto.yaml", "digits32_auto"),
+            _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP),
+            _lotus("configs/digits32_flip.yaml", "digits32_flip_soap"),
+        ],
     },
     # one feature off (or on) at a time, seed 0 by default; shares digits32's run folders, so its dense, hand and
     # auto runs are reused: python benchmarks/lotus_schedule.py --datasets digits32_ablation --seeds 0
     "digits32_ablation": {
-        "tokens": 64, "target_speedup": 2.0, "data": None, "runs": "digits32",
+        "tokens": 64,
+        "target_speedup": 2.0,
+        "data": None,
+        "runs": "digits32",
         "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
         + [_lotus("configs/digits32_lotus.yaml", "digits32_lotus")]
-        + _ablations("configs/digits32_lotus.yaml", "digits32_lotus", (
-            ("no_patches", "tickets.patches.enabled=false"), ("no_dynamic", "tickets.dynamic.enabled=false"),
-            ("no_thinning", "pruning.structured.mlp=0.0")))
+        + _ablations(
+            "configs/digits32_lotus.yaml",
+            "digits32_lotus",
+            (
+                ("no_patches", "tickets.patches.enabled=false"),
+                ("no_dynamic", "tickets.dynamic.enabled=false"),
+                ("no_thinning", "pruning.structured.mlp=0.0"),
+            ),
+        )
         + [_lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP)]
         + _ablations("configs/digits32_auto.yaml", "digits32_auto_soap", _AUTO_SWITCHES, _SOAP),
     },
     # 20 epochs are far from converged on shapes (dense SOAP 85 +- 4 %, still rising): the budgets here are 20 and
     # 40 epochs, and the auto configs (configs/shapes32_auto.yaml) train 40
     "shapes32": {
-        "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60),
+        "tokens": 64,
+        "target_speedup": 2.0,
+        "data": ("make_shapes", "data/shapes32", 250, 60),
         "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
-        + [_lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
-           _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
-           _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
-           _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP),
-           _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap")],
+        + [
+            _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
+            _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
+            _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
+            _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP),
+            _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap"),
+        ],
     },
     "shapes32_ablation": {
-        "tokens": 64, "target_speedup": 2.0, "data": ("make_shapes", "data/shapes32", 250, 60), "runs": "shapes32",
+        "tokens": 64,
+        "target_speedup": 2.0,
+        "data": ("make_shapes", "data/shapes32", 250, 60),
+        "runs": "shapes32",
         "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
         + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)]
         + _ablations("configs/shapes32_auto.yaml", "shapes32_auto_soap", _AUTO_SWITCHES, _SOAP),
     },
     "textures": {
-        "tokens": 64, "target_speedup": 2.0, "data": ("make_textures", "data/textures", 350, 150),
+        "tokens": 64,
+        "target_speedup": 2.0,
+        "data": ("make_textures", "data/textures", 350, 150),
         "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
-        + [_lotus("configs/textures_lotus.yaml", "textures_lotus"), _lotus("configs/textures_auto.yaml", "textures_auto"),
-           _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP),
-           _lotus("configs/textures_flip.yaml", "textures_flip_soap")],
+        + [
+            _lotus("configs/textures_lotus.yaml", "textures_lotus"),
+            _lotus("configs/textures_auto.yaml", "textures_auto"),
+            _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP),
+            _lotus("configs/textures_flip.yaml", "textures_flip_soap"),
+        ],
     },
 }
 
@@ -160,7 +203,9 @@ _DECISION_KEYS = ("what", "from_epoch", "value", "signal", "measured", "threshol
 
 def _decisions(run_dir: str) -> list[dict]:
     """The ``auto_decision`` events of a run (``lotus.schedule: auto``)."""
-    return [{k: e.get(k) for k in _DECISION_KEYS} for e in read_metrics(run_dir)[1] if e.get("event") == "auto_decision"]
+    return [
+        {k: e.get(k) for k in _DECISION_KEYS} for e in read_metrics(run_dir)[1] if e.get("event") == "auto_decision"
+    ]
 
 
 def _fmt_decision(d: dict) -> str:
@@ -175,7 +220,7 @@ def _fmt_decision(d: dict) -> str:
         return head
     thr = "" if d.get("threshold") is None else f" vs {d['threshold']:.3g}"
     reason = d.get("reason") or ""
-    timed = reason[reason.index("(training on") + 1:].rstrip(")") if "(training on" in reason else ""
+    timed = reason[reason.index("(training on") + 1 :].rstrip(")") if "(training on" in reason else ""
     return f"{head} ({d['signal']} {d['measured']:.3g}{thr}{'; ' + timed if timed else ''})"
 
 
@@ -212,10 +257,16 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         r["param_ratio"] = r["params"] / ref["params"]
         r["inference_speedup_vs_strongest"] = r["inf_img_per_s"] / ref["inf_img_per_s"]
         r.pop("curves", None)
-    return {"suite": suite, "tokens": SUITES[suite]["tokens"] if suite in SUITES else None, "seeds": seeds,
-            "target": target, "target_drop": drop, "strongest_dense": strongest,
-            "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()},
-            "rows": analysis["rows"]}
+    return {
+        "suite": suite,
+        "tokens": SUITES[suite]["tokens"] if suite in SUITES else None,
+        "seeds": seeds,
+        "target": target,
+        "target_drop": drop,
+        "strongest_dense": strongest,
+        "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()},
+        "rows": analysis["rows"],
+    }
 
 
 def _fmt_ratio(d: dict) -> str:
@@ -251,50 +302,107 @@ def _verdict(res: dict, goal: float) -> list[str]:
             f"{res['strongest_dense']}, smaller and faster final model): speed-up {_fmt_ratio(sp)} "
             f"({'ok' if fast else 'missed'}), final {r['delta_final_pp']:+.2f} pp ({'ok' if close else 'missed'}), "
             f"params x{r['param_ratio']:.2f} ({'ok' if smaller else 'missed'}), inference "
-            f"{r['inference_speedup_vs_strongest']:.2f}x ({'ok' if faster else 'missed'}).")
+            f"{r['inference_speedup_vs_strongest']:.2f}x ({'ok' if faster else 'missed'})."
+        )
     return lines
 
 
 def _markdown(res: dict, command: str, meta: dict) -> str:
-    head = ["config", "role", "final val acc", "vs strongest dense", f"time to {res['target'] * 100:.2f}% (s, per seed)",
-            "time speed-up", "FLOP speed-up", "samples speed-up", "total train time (s)", "samples forwarded",
-            "params", "inf img/s"]
-    out = [f"# LOTUS schedule vs the strongest dense baseline: {res['suite']}", "",
-           f"`{command}`", "",
-           f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread"
-           + (f", {meta['jobs']} runs side by side (one per core)" if meta.get("jobs", 1) > 1 else "")
-           + f", all runs interleaved seed by seed in one process. Target = {res['strongest_dense']}'s mean final val accuracy - "
-           f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%**. Speed-ups are per-seed ratios "
-           "(median, range): the seed's baseline is the fastest dense config/budget that reaches the target in that "
-           "seed (wall time, FLOPs and samples each on their own), counted from the epoch it first reaches it. "
-           "Times are training time (evaluation excluded; scoring, ranking and pruning included).", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "config",
+        "role",
+        "final val acc",
+        "vs strongest dense",
+        f"time to {res['target'] * 100:.2f}% (s, per seed)",
+        "time speed-up",
+        "FLOP speed-up",
+        "samples speed-up",
+        "total train time (s)",
+        "samples forwarded",
+        "params",
+        "inf img/s",
+    ]
+    out = [
+        f"# LOTUS schedule vs the strongest dense baseline: {res['suite']}",
+        "",
+        f"`{command}`",
+        "",
+        f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread"
+        + (f", {meta['jobs']} runs side by side (one per core)" if meta.get("jobs", 1) > 1 else "")
+        + f", all runs interleaved seed by seed in one process. Target = {res['strongest_dense']}'s mean "
+        "final val accuracy - "
+        f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%**. Speed-ups are per-seed ratios "
+        "(median, range): the seed's baseline is the fastest dense config/budget that reaches the target in that "
+        "seed (wall time, FLOPs and samples each on their own), counted from the epoch it first reaches it. "
+        "Times are training time (evaluation excluded; scoring, ranking and pruning included).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in res["rows"]:
-        out.append("| " + " | ".join([
-            r["name"], r["role"], mean_std(r["finals"]), f"{r['delta_final_pp']:+.2f} pp",
-            _fmt_times(r["time_to_target"]), _fmt_ratio(r["speedup_time_per_seed"]),
-            _fmt_ratio(r["speedup_flops_per_seed"]), _fmt_ratio(r["speedup_samples_per_seed"]),
-            f"{statistics.fmean(r['total_time']):.1f}", f"{statistics.fmean(r['samples_total']):.0f}",
-            f"{r['params'] / 1e6:.3f} M (x{r['param_ratio']:.2f})",
-            f"{r['inf_img_per_s']:.0f} ({r['inference_speedup_vs_strongest']:.2f}x)"]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    r["role"],
+                    mean_std(r["finals"]),
+                    f"{r['delta_final_pp']:+.2f} pp",
+                    _fmt_times(r["time_to_target"]),
+                    _fmt_ratio(r["speedup_time_per_seed"]),
+                    _fmt_ratio(r["speedup_flops_per_seed"]),
+                    _fmt_ratio(r["speedup_samples_per_seed"]),
+                    f"{statistics.fmean(r['total_time']):.1f}",
+                    f"{statistics.fmean(r['samples_total']):.0f}",
+                    f"{r['params'] / 1e6:.3f} M (x{r['param_ratio']:.2f})",
+                    f"{r['inf_img_per_s']:.0f} ({r['inference_speedup_vs_strongest']:.2f}x)",
+                ]
+            )
+            + " |"
+        )
     base = res["baseline_per_seed"]["time_to_target"]
-    out += ["", "Dense baseline per seed (time): " + ", ".join(
-        f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
-        for s, b in zip(res["seeds"], base)), ""]
+    out += [
+        "",
+        "Dense baseline per seed (time): "
+        + ", ".join(
+            f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
+            for s, b in zip(res["seeds"], base)
+        ),
+        "",
+    ]
     out += _verdict(res, meta["target_speedup"])
-    out += ["", "Epoch at which each run first reaches the target (per seed; - = never): " + "; ".join(
-        f"{r['name']} " + ", ".join(f"{e:.0f}" if math.isfinite(e) else "-" for e in r["epoch_to_target"])
-        for r in res["rows"]) + "."]
+    out += [
+        "",
+        "Epoch at which each run first reaches the target (per seed; - = never): "
+        + "; ".join(
+            f"{r['name']} " + ", ".join(f"{e:.0f}" if math.isfinite(e) else "-" for e in r["epoch_to_target"])
+            for r in res["rows"]
+        )
+        + ".",
+    ]
     auto = [(r["name"], s, ds) for r in res["rows"] for s, ds in zip(res["seeds"], r["auto_decisions"]) if ds]
     if auto:
-        out += ["", "Auto-schedule decisions (`auto_decision` events: what, from which epoch, signal vs threshold):", ""]
+        out += [
+            "",
+            "Auto-schedule decisions (`auto_decision` events: what, from which epoch, signal vs threshold):",
+            "",
+        ]
         out += [f"- {name} seed {s}: " + "; ".join(_fmt_decision(d) for d in ds) for name, s, ds in auto]
-    out += ["", f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
-            f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
-            f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
-            f"finished {meta['runs_finished_utc']} UTC" + (
-                f"; {meta['runs_reused']} of its {meta['runs']} runs were reused from earlier invocations (their times "
-                "are from those)" if meta.get("runs_reused") else "") + ".", ""]
+    out += [
+        "",
+        f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
+        f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
+        f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
+        f"finished {meta['runs_finished_utc']} UTC"
+        + (
+            f"; {meta['runs_reused']} of its {meta['runs']} runs were reused from earlier invocations (their times "
+            "are from those)"
+            if meta.get("runs_reused")
+            else ""
+        )
+        + ".",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -302,60 +410,100 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=[s for s in SUITES if "ablation" not in s], choices=list(SUITES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seed offsets (default 0 1 2)")
-    ap.add_argument("--configs", nargs="+", default=[], metavar="PATH[:K=V,...]",
-                    help="more LOTUS configs for every selected dataset (e.g. an auto-schedule config)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=[],
+        metavar="PATH[:K=V,...]",
+        help="more LOTUS configs for every selected dataset (e.g. an auto-schedule config)",
+    )
     ap.add_argument("--dense", nargs="+", default=[], metavar="PATH[:K=V,...]", help="more dense baselines")
-    ap.add_argument("--budgets", nargs="+", type=int, default=None, metavar="EPOCHS",
-                    help="dense epoch budgets instead of the suite's (e.g. 20 alone when compute is short)")
+    ap.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="dense epoch budgets instead of the suite's (e.g. 20 alone when compute is short)",
+    )
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these config names")
     ap.add_argument("--runs", default="bench/lotus_schedule", help="run folders (git-ignored; reused when rerun)")
     ap.add_argument("--results", default="benchmarks/results/lotus_schedule")
     ap.add_argument("--target-drop", type=float, default=0.005)
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for every run (before each config's own; e.g. data.limit_train=200 for a smoke test)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every run (before each config's own; e.g. data.limit_train=200 for a smoke test)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: timings comparable)")
     a = ap.parse_args()
     os.chdir(ROOT)
     for suite in a.datasets:
         spec = SUITES[suite]
         _ensure_data(spec["data"])
-        entries = list(spec["configs"]) + [_parse_extra(c, "lotus") for c in a.configs] + \
-            [_parse_extra(c, "dense") for c in a.dense]
+        entries = (
+            list(spec["configs"])
+            + [_parse_extra(c, "lotus") for c in a.configs]
+            + [_parse_extra(c, "dense") for c in a.dense]
+        )
         if a.budgets:
             dense = [e for e in entries if e["role"] == "dense" and e in spec["configs"]]
             variants: dict[tuple[str, str], list[str]] = {}
             for e in dense:  # one per path and optimiser: its name and overrides without the epoch budget
-                variants.setdefault((e["path"], e["name"].rsplit("_", 1)[0]),
-                                    [x for x in e["set"] if not x.startswith("train.epochs=")])
-            entries = [d for (path, name), extra in variants.items() for d in _dense(path, name, a.budgets, extra)] + \
-                [e for e in entries if e not in dense]
+                variants.setdefault(
+                    (e["path"], e["name"].rsplit("_", 1)[0]), [x for x in e["set"] if not x.startswith("train.epochs=")]
+                )
+            entries = [d for (path, name), extra in variants.items() for d in _dense(path, name, a.budgets, extra)] + [
+                e for e in entries if e not in dense
+            ]
         if a.only:
             entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]
         load_start, started, t0 = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
-        results = run_bench([(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries], a.seeds,
-                            os.path.join(a.runs, spec.get("runs", suite)), overrides=["train.threads=1"] + a.sets, jobs=a.jobs)
+        results = run_bench(
+            [(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries],
+            a.seeds,
+            os.path.join(a.runs, spec.get("runs", suite)),
+            overrides=["train.threads=1"] + a.sets,
+            jobs=a.jobs,
+        )
         res = _analyse_suite(suite, entries, results, a.seeds, a.target_drop)
         done = [os.path.getmtime(os.path.join(d, "summary.json")) for r in results for d in r.runs]
         span = " - ".join(time.strftime("%H:%M", time.gmtime(t)) for t in (min(done), max(done)))
-        meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1 per run",
-                "load_start": load_start, "load_end": os.getloadavg()[0], "started": started,
-                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target_speedup": spec["target_speedup"],
-                "jobs": a.jobs, "runs_finished_utc": span, "runs_reused": sum(t < t0 for t in done), "runs": len(done)}
-        command = "python benchmarks/lotus_schedule.py --datasets " + suite + \
-            ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + \
-            ("" if not a.configs else " --configs " + " ".join(a.configs)) + \
-            ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets))) + \
-            ("" if not a.dense else " --dense " + " ".join(a.dense)) + \
-            ("" if not a.only else " --only " + " ".join(a.only)) + "".join(f" --set {x}" for x in a.sets) + \
-            ("" if a.jobs == 1 else f" --jobs {a.jobs}") + \
-            ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}") + \
-            ("" if a.results == ap.get_default("results") else f" --results {a.results}")
+        meta = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1 per run",
+            "load_start": load_start,
+            "load_end": os.getloadavg()[0],
+            "started": started,
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "target_speedup": spec["target_speedup"],
+            "jobs": a.jobs,
+            "runs_finished_utc": span,
+            "runs_reused": sum(t < t0 for t in done),
+            "runs": len(done),
+        }
+        command = (
+            "python benchmarks/lotus_schedule.py --datasets "
+            + suite
+            + ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds)))
+            + ("" if not a.configs else " --configs " + " ".join(a.configs))
+            + ("" if not a.budgets else " --budgets " + " ".join(map(str, a.budgets)))
+            + ("" if not a.dense else " --dense " + " ".join(a.dense))
+            + ("" if not a.only else " --only " + " ".join(a.only))
+            + "".join(f" --set {x}" for x in a.sets)
+            + ("" if a.jobs == 1 else f" --jobs {a.jobs}")
+            + ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}")
+            + ("" if a.results == ap.get_default("results") else f" --results {a.results}")
+        )
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
         from lotus.bench import _finite
 
-        atomic_write_text(os.path.join(a.results, f"{suite}.json"),
-                          json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
+        atomic_write_text(
+            os.path.join(a.results, f"{suite}.json"), json.dumps(_finite(res), indent=2, default=str, allow_nan=False)
+        )
         md = _markdown(res, command, meta)
         atomic_write_text(os.path.join(a.results, f"{suite}.md"), md)
         print(md, flush=True)

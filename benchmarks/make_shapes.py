@@ -9,6 +9,7 @@ Used to check that configs tuned on digits still behave on another ImageFolder d
 Classes: filled/outlined circle, square, triangle, cross, at random position, size, colour and rotation,
 with Gaussian noise, so the task needs real shape features (not colour or position).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ CLASSES = ["circle", "ring", "square", "frame", "triangle", "triangle_outline", 
 
 def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, rot: float, color: tuple) -> None:
     def poly(n: int, offset: float) -> list[tuple[float, float]]:
-        return [(cx + r * math.cos(rot + offset + 2 * math.pi * k / n), cy + r * math.sin(rot + offset + 2 * math.pi * k / n))
-                for k in range(n)]
+        return [
+            (
+                cx + r * math.cos(rot + offset + 2 * math.pi * k / n),
+                cy + r * math.sin(rot + offset + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     w = max(1, int(r / 3))
     if kind == "circle":
@@ -65,8 +71,9 @@ def make(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
                 Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(out, split, c, f"{i:05d}.png"))
 
 
-def dataset_cli(doc: str, make_fn: Callable[[str, int, int, int, int], None], n_classes: int, out: str,
-                train: int, val: int) -> None:
+def dataset_cli(
+    doc: str, make_fn: Callable[[str, int, int, int, int], None], n_classes: int, out: str, train: int, val: int
+) -> None:
     """The command line of a dataset generator (this one and make_textures.py): --out/--train/--val/--size/--seed."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=out)

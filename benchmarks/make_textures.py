@@ -11,6 +11,7 @@ the label lives in part of the image only (what attention-ranked patch tickets s
 at 0/45/90/135 degrees (+-12 degrees jitter), checkerboard, dot grid, concentric rings, zigzag, crosshatch,
 thresholded blobs.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,18 @@ import numpy as np
 from make_shapes import dataset_cli  # the same command line (run from benchmarks/ or with it on sys.path)
 from PIL import Image
 
-CLASSES = ["stripes_000", "stripes_045", "stripes_090", "stripes_135", "checker", "dots", "rings", "zigzag",
-           "crosshatch", "blobs"]
+CLASSES = [
+    "stripes_000",
+    "stripes_045",
+    "stripes_090",
+    "stripes_135",
+    "checker",
+    "dots",
+    "rings",
+    "zigzag",
+    "crosshatch",
+    "blobs",
+]
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -77,7 +88,7 @@ def _image(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     fg, back = rng.uniform(120, 255, 3), rng.uniform(0, 100, 3)
     contrast = rng.uniform(0.45, 1.0)
     region = back + (fg - back) * pat * contrast
-    bg[top:top + h, left:left + w] = region
+    bg[top : top + h, left : left + w] = region
     bg += rng.normal(0, 22, bg.shape)
     return bg.clip(0, 255).astype(np.uint8)
 

@@ -23,6 +23,7 @@ checkpoint-every-block; predicted peak memory within 15% of measured.
 
 Writes ``--out``.json and the markdown table as ``--out``.md (benchmarks/_common.py) and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
-
 from lotus.parallel.config import format_bytes, parse_bytes  # noqa: E402
 from lotus.parallel.cost_model import evaluate  # noqa: E402
 from lotus.parallel.cost_table import scale_batch  # noqa: E402
@@ -124,17 +124,23 @@ def measure_configs(args, configs, device, autocast):
     out = {}
     for r in runs:
         fb, os_ = statistics.median(r["fb"]), statistics.median(r["os"])
-        out[r["name"]] = {"measured_peak_bytes": r["mem"].static_bytes + r["mem"].peak_bytes,
-                          "measured_static_bytes": r["mem"].static_bytes,
-                          "measured_activation_bytes": r["mem"].activation_bytes,
-                          "measured_fwd_bwd_s": fb, "measured_optimizer_s": os_, "measured_step_s": fb + os_,
-                          "fwd_bwd_times_s": r["fb"], "optimizer_times_s": r["os"]}
+        out[r["name"]] = {
+            "measured_peak_bytes": r["mem"].static_bytes + r["mem"].peak_bytes,
+            "measured_static_bytes": r["mem"].static_bytes,
+            "measured_activation_bytes": r["mem"].activation_bytes,
+            "measured_fwd_bwd_s": fb,
+            "measured_optimizer_s": os_,
+            "measured_step_s": fb + os_,
+            "fwd_bwd_times_s": r["fb"],
+            "optimizer_times_s": r["os"],
+        }
         del r["model"], r["opt"]
     return out
 
 
 def max_batch(table, budget, planned: bool, limit: int = 4096) -> int:
     """Largest batch whose predicted peak fits (no optimisation, or the best plan)."""
+
     def fits(b):
         t = scale_batch(table, b)
         if planned:
@@ -169,8 +175,14 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     autocast = torch.bfloat16 if args.bf16 else None
     t0 = time.perf_counter()
-    table = profile_model(build_model(args), args.batch, device=device, repeats=args.repeats, autocast_dtype=autocast,
-                          build_optimizer=make_optimizer)
+    table = profile_model(
+        build_model(args),
+        args.batch,
+        device=device,
+        repeats=args.repeats,
+        autocast_dtype=autocast,
+        build_optimizer=make_optimizer,
+    )
     profile_s = time.perf_counter() - t0
     n = table.num_blocks
     unconstrained = uniform_choices(n, "none")
@@ -182,22 +194,32 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     plan = make_plan(table, budget, buckets=args.buckets)
     solve_s = time.perf_counter() - t0
-    configs = [("no checkpointing (unconstrained)", unconstrained), ("plan (DP)", plan.blocks),
-               ("checkpoint every block", every)]
+    configs = [
+        ("no checkpointing (unconstrained)", unconstrained),
+        ("plan (DP)", plan.blocks),
+        ("checkpoint every block", every),
+    ]
     measured = measure_configs(args, configs, device, autocast)
     rows = []
     base_time = measured[configs[0][0]]["measured_step_s"]
     for name, choices in configs:
         p = evaluate(table, "none", choices)
         m = measured[name]
-        rows.append({
-            "configuration": name, "blocks": summarize(choices), "choices": [c.memory for c in choices],
-            "predicted_peak_bytes": p.peak_bytes, **m,
-            "peak_error": p.peak_bytes / m["measured_peak_bytes"] - 1,
-            "predicted_activation_bytes": p.activation_bytes,
-            "fits_budget_predicted": p.peak_bytes <= budget, "fits_budget_measured": m["measured_peak_bytes"] <= budget,
-            "predicted_step_s": p.step_time_s, "time_vs_unconstrained": m["measured_step_s"] / base_time,
-        })
+        rows.append(
+            {
+                "configuration": name,
+                "blocks": summarize(choices),
+                "choices": [c.memory for c in choices],
+                "predicted_peak_bytes": p.peak_bytes,
+                **m,
+                "peak_error": p.peak_bytes / m["measured_peak_bytes"] - 1,
+                "predicted_activation_bytes": p.activation_bytes,
+                "fits_budget_predicted": p.peak_bytes <= budget,
+                "fits_budget_measured": m["measured_peak_bytes"] <= budget,
+                "predicted_step_s": p.step_time_s,
+                "time_vs_unconstrained": m["measured_step_s"] / base_time,
+            }
+        )
     plan_row, every_row = rows[1], rows[2]
     # Max batch under the same budget.
     mb_none = max_batch(table, budget, planned=False)
@@ -218,42 +240,74 @@ def run(args) -> dict:
         "predicted_peak_within_15pct": all(abs(r["peak_error"]) <= 0.15 for r in rows),
     }
     return {
-        "env": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                "clock": args.clock,
-                "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "args": vars(args), "num_blocks": n, "budget_bytes": budget,
-        "min_memory_bytes": least, "profile_s": profile_s, "solve_s": solve_s,
-        "rows": rows, "targets": targets,
-        "max_batch": {"budget_bytes": budget, "no_optimisation": mb_none, "with_plan": mb_plan,
-                      "ratio": (mb_plan / mb_none) if mb_none else None, "verify": verify},
+        "env": {
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "clock": args.clock,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "args": vars(args),
+        "num_blocks": n,
+        "budget_bytes": budget,
+        "min_memory_bytes": least,
+        "profile_s": profile_s,
+        "solve_s": solve_s,
+        "rows": rows,
+        "targets": targets,
+        "max_batch": {
+            "budget_bytes": budget,
+            "no_optimisation": mb_none,
+            "with_plan": mb_plan,
+            "ratio": (mb_plan / mb_none) if mb_none else None,
+            "verify": verify,
+        },
         "cost_table": table.to_dict(),
     }
 
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    lines = [f"### Memory plan: {a['model']} ({res['num_blocks']} blocks), {a['img_size']} px, batch {a['batch']}, "
-             f"{res['env']['device']}",
-             "", f"Budget {format_bytes(res['budget_bytes'])} per rank (minimum possible "
-             f"{format_bytes(res['min_memory_bytes'])}); profile {res['profile_s']:.1f} s, solve {res['solve_s'] * 1e3:.0f} ms.",
-             "", "| configuration | blocks | predicted peak | measured peak | error | fits | predicted step (s) | "
-             "measured step (s) | of which fwd+bwd (s) | vs unconstrained |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"### Memory plan: {a['model']} ({res['num_blocks']} blocks), {a['img_size']} px, batch {a['batch']}, "
+        f"{res['env']['device']}",
+        "",
+        f"Budget {format_bytes(res['budget_bytes'])} per rank (minimum possible "
+        f"{format_bytes(res['min_memory_bytes'])}); profile {res['profile_s']:.1f} s, solve "
+        f"{res['solve_s'] * 1e3:.0f} ms.",
+        "",
+        "| configuration | blocks | predicted peak | measured peak | error | fits | predicted step (s) | "
+        "measured step (s) | of which fwd+bwd (s) | vs unconstrained |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['configuration']} | {r['blocks']} | {format_bytes(r['predicted_peak_bytes'])} | "
-                     f"{format_bytes(r['measured_peak_bytes'])} | {r['peak_error'] * 100:+.1f}% | "
-                     f"{'yes' if r['fits_budget_measured'] else 'no'} | {r['predicted_step_s']:.3f} | "
-                     f"{r['measured_step_s']:.3f} | {r['measured_fwd_bwd_s']:.3f} | {r['time_vs_unconstrained']:.2f}x |")
+        lines.append(
+            f"| {r['configuration']} | {r['blocks']} | {format_bytes(r['predicted_peak_bytes'])} | "
+            f"{format_bytes(r['measured_peak_bytes'])} | {r['peak_error'] * 100:+.1f}% | "
+            f"{'yes' if r['fits_budget_measured'] else 'no'} | {r['predicted_step_s']:.3f} | "
+            f"{r['measured_step_s']:.3f} | {r['measured_fwd_bwd_s']:.3f} | {r['time_vs_unconstrained']:.2f}x |"
+        )
     mb = res["max_batch"]
     v = mb["verify"]
-    lines += ["", "| max batch under the budget | batch | measured peak at that batch |", "|---|---:|---:|",
-              f"| no optimisation | {mb['no_optimisation']} | "
-              f"{format_bytes(v['none_measured_peak_bytes']) if 'none_measured_peak_bytes' in v else '-'} |",
-              f"| with a plan | {mb['with_plan']} | "
-              f"{format_bytes(v['plan_measured_peak_bytes']) if 'plan_measured_peak_bytes' in v else '-'} |",
-              "", f"Max-batch ratio (plan / no optimisation): "
-              f"{mb['ratio']:.2f}x" if mb["ratio"] else "Max-batch ratio: n/a (no batch fits without optimisation)",
-              "", "| target | met |", "|---|---|"]
+    lines += [
+        "",
+        "| max batch under the budget | batch | measured peak at that batch |",
+        "|---|---:|---:|",
+        f"| no optimisation | {mb['no_optimisation']} | "
+        f"{format_bytes(v['none_measured_peak_bytes']) if 'none_measured_peak_bytes' in v else '-'} |",
+        f"| with a plan | {mb['with_plan']} | "
+        f"{format_bytes(v['plan_measured_peak_bytes']) if 'plan_measured_peak_bytes' in v else '-'} |",
+        "",
+        f"Max-batch ratio (plan / no optimisation): {mb['ratio']:.2f}x"
+        if mb["ratio"]
+        else "Max-batch ratio: n/a (no batch fits without optimisation)",
+        "",
+        "| target | met |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {'yes' if ok else 'NO'} |" for k, ok in res["targets"].items()]
     return "\n".join(lines)
 
@@ -267,16 +321,23 @@ def parse_args(argv=None, defaults=None):
     p.add_argument("--depth", type=int, help="override the number of blocks")
     p.add_argument("--batch", type=int, help="per-rank batch size")
     p.add_argument("--repeats", type=int, help="timed repetitions (profile and measured steps)")
-    p.add_argument("--budget-frac", type=float, default=0.5,
-                   help="budget = least possible peak + FRAC x (no-checkpointing peak - least) (default 0.5)")
+    p.add_argument(
+        "--budget-frac",
+        type=float,
+        default=0.5,
+        help="budget = least possible peak + FRAC x (no-checkpointing peak - least) (default 0.5)",
+    )
     p.add_argument("--budget", help="explicit budget instead, e.g. 3GiB")
     p.add_argument("--buckets", type=int, default=2048, help="planner memory buckets")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as lotus train does on CUDA)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--clock", choices=["wall", "process"], default="wall",
-                   help="time with wall time (default) or process CPU time (steadier on a shared CPU; use with "
-                        "--threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="time with wall time (default) or process CPU time (steadier on a shared CPU; use with --threads 1)",
+    )
     p.add_argument("--skip-max-batch-verify", action="store_true", help="do not measure steps at the max batch")
     if defaults:
         p.set_defaults(**defaults)

@@ -23,6 +23,7 @@ examples:
   python benchmarks/outliers.py --jobs 2 --threads 1          # default + long, 4 variants x 3 seeds (~1 h)
   python benchmarks/outliers.py --recipe long --jobs 2 --threads 1 --out benchmarks/results/outliers_long.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ VARIANTS = {
 }
 
 # Common to every run: patch 4 at 16 px (17 tokens) keeps a 3-seed x 4-variant sweep affordable on CPU.
-COMMON = ["model.patch_size=4", "outliers.enabled=true", "outliers.quant_check=true", "outliers.report=false",
-          "output.save_best=false", "output.save_last=false"]
+COMMON = [
+    "model.patch_size=4",
+    "outliers.enabled=true",
+    "outliers.quant_check=true",
+    "outliers.report=false",
+    "output.save_best=false",
+    "output.save_last=false",
+]
 
 # He et al. (2024), section 5: a large lr and a small Adam eps increase outlier features; so does long training.
 _PROVOKE = ["optim.lr=3e-3", "optim.eps=1e-12", "optim.weight_decay=0.0", "train.label_smoothing=0.0"]
@@ -59,8 +66,8 @@ RECIPES = {
     "provoke": _PROVOKE,
     # the same settings, no gradient clipping and a 64-wide model (2 heads) trained --long-epochs: cheap enough
     # per step on CPU to train ~7k steps, which is what it takes for outliers to grow at this scale
-    "long": _PROVOKE + ["train.grad_clip=null", "train.warmup_epochs=5", "model.kwargs.embed_dim=64",
-                        "model.kwargs.num_heads=2"],
+    "long": _PROVOKE
+    + ["train.grad_clip=null", "train.warmup_epochs=5", "model.kwargs.embed_dim=64", "model.kwargs.num_heads=2"],
 }
 
 
@@ -76,11 +83,18 @@ def run_one(base: str, overrides: list[str], run_dir: str) -> dict:
     history = [e for e in s["events"] if e.get("event") == "outliers"]
     peak = max(e["kurtosis_max"] for e in history)
     return {
-        "val_acc": s["final_val_acc"], "kurtosis_max": o["kurtosis_max"], "kurtosis_mean": o["kurtosis_mean"],
-        "kurtosis_peak": peak, "mmr_max": o["mmr_max"], "int8_acc": q.get("int8_acc"),
-        "int8_drop_pp": q.get("drop_pp"), "int8_logit_err": q.get("logit_rel_err"),
-        "probe_fraction": o["probe_fraction"], "wall_s": round(wall, 2),
-        "steps": s["steps"], "layers": o["layers"],
+        "val_acc": s["final_val_acc"],
+        "kurtosis_max": o["kurtosis_max"],
+        "kurtosis_mean": o["kurtosis_mean"],
+        "kurtosis_peak": peak,
+        "mmr_max": o["mmr_max"],
+        "int8_acc": q.get("int8_acc"),
+        "int8_drop_pp": q.get("drop_pp"),
+        "int8_logit_err": q.get("logit_rel_err"),
+        "probe_fraction": o["probe_fraction"],
+        "wall_s": round(wall, 2),
+        "steps": s["steps"],
+        "layers": o["layers"],
         "history": [{"step": e["step"], "kurtosis_max": e["kurtosis_max"], "mmr_max": e["mmr_max"]} for e in history],
     }
 
@@ -96,10 +110,9 @@ def measure_overhead(base: str, extra: list[str], steps: int = 20, probes: int =
 
     from lotus.config import load_config
     from lotus.data import batches, build_datasets
-    from lotus.models import create_model
-    from lotus.optim import build_optimizer
     from lotus.features.outliers.hooks import ResidualStreamProbe
-    from lotus.models import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
+    from lotus.optim import build_optimizer
 
     cfg = load_config(base, [o for o in extra if not o.startswith("model.name")])
     data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
@@ -107,8 +120,9 @@ def measure_overhead(base: str, extra: list[str], steps: int = 20, probes: int =
     opt = build_optimizer(cfg.optim, model)
     idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).numpy()
     train = list(batches(data.train, idx[: cfg.data.batch_size * (steps + 2)], cfg.data.batch_size))
-    probe_x = next(iter(batches(data.val, range(min(cfg.outliers.probe_batch_size, len(data.val))),
-                                cfg.outliers.probe_batch_size)))[0]
+    probe_x = next(
+        iter(batches(data.val, range(min(cfg.outliers.probe_batch_size, len(data.val))), cfg.outliers.probe_batch_size))
+    )[0]
 
     def step(x, y):
         loss = F.cross_entropy(model(x), y)
@@ -136,9 +150,16 @@ def measure_overhead(base: str, extra: list[str], steps: int = 20, probes: int =
         probe()
     probe_s = (time.perf_counter() - t0) / probes
     every = cfg.outliers.every_n_steps
-    return {"model": cfg.model.name, "optimizer": cfg.optim.name, "batch_size": cfg.data.batch_size,
-            "probe_batch_size": cfg.outliers.probe_batch_size, "every_n_steps": every, "step_s": step_s,
-            "probe_s": probe_s, "overhead": probe_s / (every * step_s)}
+    return {
+        "model": cfg.model.name,
+        "optimizer": cfg.optim.name,
+        "batch_size": cfg.data.batch_size,
+        "probe_batch_size": cfg.outliers.probe_batch_size,
+        "every_n_steps": every,
+        "step_s": step_s,
+        "probe_s": probe_s,
+        "overhead": probe_s / (every * step_s),
+    }
 
 
 def _ms(values: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
@@ -152,10 +173,21 @@ def _ms(values: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
 
 
 def aggregate(runs: list[dict]) -> dict:
-    keys = ["val_acc", "kurtosis_max", "kurtosis_mean", "kurtosis_peak", "mmr_max", "int8_drop_pp", "int8_logit_err",
-            "probe_fraction"]
-    return {k: statistics.mean([r[k] for r in runs if r[k] is not None]) for k in keys
-            if any(r[k] is not None for r in runs)}
+    keys = [
+        "val_acc",
+        "kurtosis_max",
+        "kurtosis_mean",
+        "kurtosis_peak",
+        "mmr_max",
+        "int8_drop_pp",
+        "int8_logit_err",
+        "probe_fraction",
+    ]
+    return {
+        k: statistics.mean([r[k] for r in runs if r[k] is not None])
+        for k in keys
+        if any(r[k] is not None for r in runs)
+    }
 
 
 def goal(agg: dict) -> dict:
@@ -164,10 +196,15 @@ def goal(agg: dict) -> dict:
         return {}
     ratio = base["kurtosis_peak"] / op["kurtosis_peak"]
     acc_gap = 100 * (op["val_acc"] - base["val_acc"])
-    res = {"peak_kurtosis_ratio": ratio, "end_kurtosis_ratio": base["kurtosis_max"] / op["kurtosis_max"],
-           "acc_gap_pp": acc_gap,
-           "int8_drop_preln_adamw_pp": base.get("int8_drop_pp"), "int8_drop_op_soap_pp": op.get("int8_drop_pp"),
-           "int8_logit_err_preln_adamw": base.get("int8_logit_err"), "int8_logit_err_op_soap": op.get("int8_logit_err")}
+    res = {
+        "peak_kurtosis_ratio": ratio,
+        "end_kurtosis_ratio": base["kurtosis_max"] / op["kurtosis_max"],
+        "acc_gap_pp": acc_gap,
+        "int8_drop_preln_adamw_pp": base.get("int8_drop_pp"),
+        "int8_drop_op_soap_pp": op.get("int8_drop_pp"),
+        "int8_logit_err_preln_adamw": base.get("int8_logit_err"),
+        "int8_logit_err_op_soap": op.get("int8_logit_err"),
+    }
     res["met"] = bool(ratio >= 10 and abs(acc_gap) <= 1.0 and op.get("int8_drop_pp", 0) < base.get("int8_drop_pp", 0))
     return res
 
@@ -175,36 +212,52 @@ def goal(agg: dict) -> dict:
 def markdown(results: dict) -> str:
     lines = []
     for recipe, data in results["recipes"].items():
-        lines += [f"### Recipe `{recipe}`, {data['epochs']} epochs"
-                  + (f" ({', '.join(RECIPES[recipe])})" if RECIPES[recipe] else ""), "",
-                  "| variant | val acc % | kurtosis max (end) | kurtosis mean (end) | peak kurtosis | MMR max | "
-                  "int8 drop pp | int8 logit err % | probe time % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### Recipe `{recipe}`, {data['epochs']} epochs"
+            + (f" ({', '.join(RECIPES[recipe])})" if RECIPES[recipe] else ""),
+            "",
+            "| variant | val acc % | kurtosis max (end) | kurtosis mean (end) | peak kurtosis | MMR max | "
+            "int8 drop pp | int8 logit err % | probe time % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, runs in data["runs"].items():
             col = lambda k, s=1.0, f="{:.2f}": _ms([r[k] for r in runs], s, f)  # noqa: E731
-            lines.append(f"| {name} | {col('val_acc', 100)} | {col('kurtosis_max')} | {col('kurtosis_mean')} | "
-                         f"{col('kurtosis_peak')} | {col('mmr_max')} | {col('int8_drop_pp')} | "
-                         f"{col('int8_logit_err', 100)} | {col('probe_fraction', 100)} |")
+            lines.append(
+                f"| {name} | {col('val_acc', 100)} | {col('kurtosis_max')} | {col('kurtosis_mean')} | "
+                f"{col('kurtosis_peak')} | {col('mmr_max')} | {col('int8_drop_pp')} | "
+                f"{col('int8_logit_err', 100)} | {col('probe_fraction', 100)} |"
+            )
         g = data.get("goal")
         if g:
-            lines += ["", f"Pre-LN+AdamW / OP+SOAP peak kurtosis: **{g['peak_kurtosis_ratio']:.1f}x** (goal >= 10x; "
-                      f"{g['end_kurtosis_ratio']:.1f}x at the end of training); "
-                      f"accuracy gap OP+SOAP - Pre-LN+AdamW: {g['acc_gap_pp']:+.2f} pp (goal within ±1); int8 drop "
-                      f"{g['int8_drop_op_soap_pp']:.2f} vs {g['int8_drop_preln_adamw_pp']:.2f} pp (int8 logit error "
-                      f"{100 * g['int8_logit_err_op_soap']:.2f}% vs {100 * g['int8_logit_err_preln_adamw']:.2f}%); "
-                      f"goal met: **{'yes' if g['met'] else 'no'}**"]
+            lines += [
+                "",
+                f"Pre-LN+AdamW / OP+SOAP peak kurtosis: **{g['peak_kurtosis_ratio']:.1f}x** (goal >= 10x; "
+                f"{g['end_kurtosis_ratio']:.1f}x at the end of training); "
+                f"accuracy gap OP+SOAP - Pre-LN+AdamW: {g['acc_gap_pp']:+.2f} pp (goal within ±1); int8 drop "
+                f"{g['int8_drop_op_soap_pp']:.2f} vs {g['int8_drop_preln_adamw_pp']:.2f} pp (int8 logit error "
+                f"{100 * g['int8_logit_err_op_soap']:.2f}% vs {100 * g['int8_logit_err_preln_adamw']:.2f}%); "
+                f"goal met: **{'yes' if g['met'] else 'no'}**",
+            ]
         lines.append("")
     ov = results.get("overhead")
     if ov:
-        lines += ["### Monitor overhead (same process, side by side)", "",
-                  "| model | optimizer | train step s | probe s (batch) | every N steps | overhead % |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "### Monitor overhead (same process, side by side)",
+            "",
+            "| model | optimizer | train step s | probe s (batch) | every N steps | overhead % |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for o in ov:
-            lines.append(f"| {o['model']} | {o['optimizer']} | {o['step_s']:.3f} | {o['probe_s']:.3f} "
-                         f"({o['probe_batch_size']}) | {o['every_n_steps']} | {100 * o['overhead']:.2f} |")
+            lines.append(
+                f"| {o['model']} | {o['optimizer']} | {o['step_s']:.3f} | {o['probe_s']:.3f} "
+                f"({o['probe_batch_size']}) | {o['every_n_steps']} | {100 * o['overhead']:.2f} |"
+            )
         lines.append("")
-    lines.append(f"seeds {results['seeds']}, base {results['base']}, base epochs {results['epochs']}, "
-                 f"{results['threads']} threads, mean ± std over seeds; probe time % = probe time / training wall "
-                 f"time at the sweep's interval (every {results['every_n_steps']} steps)")
+    lines.append(
+        f"seeds {results['seeds']}, base {results['base']}, base epochs {results['epochs']}, "
+        f"{results['threads']} threads, mean ± std over seeds; probe time % = probe time / training wall "
+        f"time at the sweep's interval (every {results['every_n_steps']} steps)"
+    )
     return "\n".join(lines)
 
 
@@ -238,9 +291,12 @@ def _run_all(tasks: list[tuple], jobs: int):
 
 
 def _print_run(recipe: str, name: str, seed: int, r: dict) -> None:
-    print(f"[{recipe}] {name} seed {seed}: acc {100 * r['val_acc']:.2f}%  kurt max {r['kurtosis_max']:.2f} "
-          f"peak {r['kurtosis_peak']:.2f}  int8 drop {r['int8_drop_pp']:.2f} pp (logit err "
-          f"{100 * r['int8_logit_err']:.2f}%)  {r['wall_s']:.0f}s", flush=True)
+    print(
+        f"[{recipe}] {name} seed {seed}: acc {100 * r['val_acc']:.2f}%  kurt max {r['kurtosis_max']:.2f} "
+        f"peak {r['kurtosis_peak']:.2f}  int8 drop {r['int8_drop_pp']:.2f} pp (logit err "
+        f"{100 * r['int8_logit_err']:.2f}%)  {r['wall_s']:.0f}s",
+        flush=True,
+    )
 
 
 def render(path: str) -> int:
@@ -262,9 +318,16 @@ def render(path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="configs/digits_preln.yaml", help="base config (default configs/digits_preln.yaml)")
-    p.add_argument("--recipe", nargs="+", choices=(*RECIPES, "all"), default=["default", "long"],
-                   help="recipes to run (default: default long)")
+    p.add_argument(
+        "--base", default="configs/digits_preln.yaml", help="base config (default configs/digits_preln.yaml)"
+    )
+    p.add_argument(
+        "--recipe",
+        nargs="+",
+        choices=(*RECIPES, "all"),
+        default=["default", "long"],
+        help="recipes to run (default: default long)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs for the default recipe (default: the config's)")
     p.add_argument("--provoke-epochs-factor", type=float, default=2.0, help="provoke recipe trains this much longer")
     p.add_argument("--long-epochs", type=int, default=300, help="epochs of the long recipe (default 300)")
@@ -273,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads; default 1)")
-    add_harness_args(p, "outliers", seeds=[0, 1, 2],
-                     quick="smoke run: 1 seed, 2 epochs (provoke: 4), 300 training images, lotus_vit_micro")
+    add_harness_args(
+        p,
+        "outliers",
+        seeds=[0, 1, 2],
+        quick="smoke run: 1 seed, 2 epochs (provoke: 4), 300 training images, lotus_vit_micro",
+    )
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run's JSON (no training)")
     args = p.parse_args(argv)
     if args.render:
@@ -291,33 +358,64 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds
     if args.quick:
         epochs, seeds = 2, seeds[:1]
-        extra += ["model.name=lotus_vit_micro", "data.limit_train=300", "train.warmup_epochs=0.5",
-                  "outliers.every_n_steps=2", "outliers.probe_batch_size=64", "outliers.quant.calib_batches=2"]
+        extra += [
+            "model.name=lotus_vit_micro",
+            "data.limit_train=300",
+            "train.warmup_epochs=0.5",
+            "outliers.every_n_steps=2",
+            "outliers.probe_batch_size=64",
+            "outliers.quant.calib_batches=2",
+        ]
         args.long_epochs = min(args.long_epochs, 4)
     if args.every:
         extra.append(f"outliers.every_n_steps={args.every}")
     recipes = list(RECIPES) if "all" in args.recipe else list(dict.fromkeys(args.recipe))
     every = load_config(args.base, COMMON + extra).outliers.every_n_steps
-    results = {"base": args.base, "seeds": seeds, "epochs": epochs, "threads": args.threads, "jobs": args.jobs,
-               "quick": args.quick,
-               "every_n_steps": every, "torch": torch.__version__, "recipes": {}}
+    results = {
+        "base": args.base,
+        "seeds": seeds,
+        "epochs": epochs,
+        "threads": args.threads,
+        "jobs": args.jobs,
+        "quick": args.quick,
+        "every_n_steps": every,
+        "torch": torch.__version__,
+        "recipes": {},
+    }
     # overhead at the config's default interval, on the base config's own model (not the sweep's patch size)
     ov_steps = 4 if args.quick else 20
-    results["overhead"] = [measure_overhead(args.base, [f"optim.name={o}"] + args.set, ov_steps)
-                           for o in ("adamw", "soap")]
+    results["overhead"] = [
+        measure_overhead(args.base, [f"optim.name={o}"] + args.set, ov_steps) for o in ("adamw", "soap")
+    ]
     for o in results["overhead"]:
-        print(f"[overhead] {o['optimizer']}: step {o['step_s']:.3f}s probe {o['probe_s']:.3f}s every "
-              f"{o['every_n_steps']} -> {100 * o['overhead']:.2f}%", flush=True)
+        print(
+            f"[overhead] {o['optimizer']}: step {o['step_s']:.3f}s probe {o['probe_s']:.3f}s every "
+            f"{o['every_n_steps']} -> {100 * o['overhead']:.2f}%",
+            flush=True,
+        )
     jobs = []  # (recipe, variant, seed, epochs, overrides), in report order
     for recipe in recipes:
         ep = recipe_epochs(recipe, epochs, args)
         for name in args.variants:
             for seed in seeds:
-                jobs.append((recipe, name, seed, ep, COMMON + RECIPES[recipe] + VARIANTS[name] + extra + [
-                    f"train.epochs={ep}", f"train.seed={seed}"]))
+                jobs.append(
+                    (
+                        recipe,
+                        name,
+                        seed,
+                        ep,
+                        COMMON
+                        + RECIPES[recipe]
+                        + VARIANTS[name]
+                        + extra
+                        + [f"train.epochs={ep}", f"train.seed={seed}"],
+                    )
+                )
     with tempfile.TemporaryDirectory(prefix="lotus-outliers-") as tmp:
-        tasks = [(args.base, ov, os.path.join(tmp, f"{rc}-{n.replace('+', '_')}-{sd}"), args.threads)
-                 for rc, n, sd, _, ov in jobs]
+        tasks = [
+            (args.base, ov, os.path.join(tmp, f"{rc}-{n.replace('+', '_')}-{sd}"), args.threads)
+            for rc, n, sd, _, ov in jobs
+        ]
         outs = []
         for (rc, n, sd, _, _), r in zip(jobs, _run_all(tasks, args.jobs)):
             outs.append(r)
@@ -328,8 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             if rc == recipe:
                 runs.setdefault(n, []).append({**r, "seed": sd})
         agg = {name: aggregate(rs) for name, rs in runs.items()}
-        results["recipes"][recipe] = {"epochs": recipe_epochs(recipe, epochs, args), "overrides": RECIPES[recipe], "runs": runs, "mean": agg,
-                                      "goal": goal(agg)}
+        results["recipes"][recipe] = {
+            "epochs": recipe_epochs(recipe, epochs, args),
+            "overrides": RECIPES[recipe],
+            "runs": runs,
+            "mean": agg,
+            "goal": goal(agg),
+        }
     print()
     write_results(out_path(args), results, markdown(results), quick=args.quick)
     return 0

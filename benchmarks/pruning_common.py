@@ -1,5 +1,6 @@
 """Shared pieces of the pruning benchmarks: a digits-trained ViT (trained with lotus or loaded), accuracy,
 a short masked fine-tune loop, and output writing."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ def trained_model(
     from lotus.checkpoint import load_weights
     from lotus.config import load_config
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.models import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
     from lotus.training import Trainer
 
     cfg = load_config(config, overrides)
@@ -50,11 +50,18 @@ def accuracy(model: nn.Module, dataset: Any, batch_size: int = 512) -> float:
     return evaluate(model, dataset, batch_size=batch_size)["val_acc"]
 
 
-def finetune(model: nn.Module, dataset: Any, epochs: float, lr: float, seed: int, fraction: float = 1.0,
-             batch_size: int = 64, weight_decay: float = 0.05) -> None:
+def finetune(
+    model: nn.Module,
+    dataset: Any,
+    epochs: float,
+    lr: float,
+    seed: int,
+    fraction: float = 1.0,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+) -> None:
     """AdamW with cosine decay on ``fraction`` of ``dataset`` (seeded subset); masks stay enforced."""
     from lotus.data import batches
-
     from pruning.masks import enforce_masks_
 
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ mean over --seeds fine-tune seeds, plus ISSP's extra cost in epochs. Writes prun
   python benchmarks/pruning_issp.py              # full: sparsities 0.5-0.9, K=4, 10% data (~10-20 min, 2 cores)
   python benchmarks/pruning_issp.py --quick      # micro ViT, one sparsity, K=2 (~1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import write_results  # noqa: E402
 from pruning_common import QUICK_OVERRIDES, accuracy, add_folder_args, finetune, folder, trained_model  # noqa: E402
+
+from benchmarks._common import write_results  # noqa: E402
 
 
 def main() -> int:
@@ -61,12 +63,18 @@ def main() -> int:
                 rep = pruning.prune_(model, pruning.MagnitudeConfig(sparsity=s))
                 extra_epochs = 0.0
             else:
-                def weak_train(copy_model, seed):
-                    finetune(copy_model, bundle.train, args.weak_epochs, args.weak_lr, seed=1000 + seed,
-                             fraction=args.fraction)
 
-                rep = instant_soup_prune_(model, weak_train, s, k=args.k, merge=args.merge,
-                                          seeds=list(range(args.k)))
+                def weak_train(copy_model, seed):
+                    finetune(
+                        copy_model,
+                        bundle.train,
+                        args.weak_epochs,
+                        args.weak_lr,
+                        seed=1000 + seed,
+                        fraction=args.fraction,
+                    )
+
+                rep = instant_soup_prune_(model, weak_train, s, k=args.k, merge=args.merge, seeds=list(range(args.k)))
                 extra_epochs = args.k * args.weak_epochs * args.fraction
             prune_s = time.perf_counter() - t0
             acc0 = accuracy(model, bundle.val)
@@ -75,19 +83,45 @@ def main() -> int:
                 ft = copy.deepcopy(model)
                 finetune(ft, bundle.train, args.ft_epochs, args.ft_lr, seed=seed)
                 accs.append(accuracy(ft, bundle.val))
-            rows.append({"sparsity": s, "method": method, "achieved": rep["total"]["sparsity"],
-                         "acc_pruned": acc0, "acc_finetuned": statistics.fmean(accs),
-                         "acc_ft_min": min(accs), "acc_ft_max": max(accs),
-                         "extra_epochs": extra_epochs, "prune_s": prune_s,
-                         "mask_agreement": rep.get("agreement")})
+            rows.append(
+                {
+                    "sparsity": s,
+                    "method": method,
+                    "achieved": rep["total"]["sparsity"],
+                    "acc_pruned": acc0,
+                    "acc_finetuned": statistics.fmean(accs),
+                    "acc_ft_min": min(accs),
+                    "acc_ft_max": max(accs),
+                    "extra_epochs": extra_epochs,
+                    "prune_s": prune_s,
+                    "mask_agreement": rep.get("agreement"),
+                }
+            )
             print(rows[-1], flush=True)
-    md = "\n".join([
-        f"# ISSP vs one-shot magnitude: {cfg.model.name} on digits ({'quick' if args.quick else 'full'} run)", "",
-        f"dense val acc {dense_acc:.4f}; ISSP: K={args.k} weak copies, {args.fraction:.0%} of the data for "
-        f"{args.weak_epochs:g} epoch(s) each, merge={args.merge}; fine-tune {args.ft_epochs:g} epochs, "
-        f"mean over {len(args.seeds)} seed(s); extra_epochs = ISSP's weak-training cost in full-data epochs", "",
-        markdown_table(rows, ["sparsity", "method", "achieved", "acc_pruned", "acc_finetuned", "acc_ft_min",
-                              "acc_ft_max", "extra_epochs", "mask_agreement"])])
+    md = "\n".join(
+        [
+            f"# ISSP vs one-shot magnitude: {cfg.model.name} on digits ({'quick' if args.quick else 'full'} run)",
+            "",
+            f"dense val acc {dense_acc:.4f}; ISSP: K={args.k} weak copies, {args.fraction:.0%} of the data for "
+            f"{args.weak_epochs:g} epoch(s) each, merge={args.merge}; fine-tune {args.ft_epochs:g} epochs, "
+            f"mean over {len(args.seeds)} seed(s); extra_epochs = ISSP's weak-training cost in full-data epochs",
+            "",
+            markdown_table(
+                rows,
+                [
+                    "sparsity",
+                    "method",
+                    "achieved",
+                    "acc_pruned",
+                    "acc_finetuned",
+                    "acc_ft_min",
+                    "acc_ft_max",
+                    "extra_epochs",
+                    "mask_agreement",
+                ],
+            ),
+        ]
+    )
     result = {"model": cfg.model.name, "info": info, "dense_acc": dense_acc, "args": vars(args), "rows": rows}
     write_results(os.path.join(out, "pruning_issp"), result, md, quick=args.quick)
     return 0

@@ -21,6 +21,7 @@ speed-up is claimed for them. Writes ``benchmarks/results/pruning_real.{json,md}
     python benchmarks/pruning_real.py            # 3 seeds (about 40 minutes of 2 cores)
     python benchmarks/pruning_real.py --quick    # smoke run (1 seed, tiny data)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ MODEL = ["model.block=pre_ln", "model.kwargs.embed_dim=64", "model.kwargs.num_he
 
 
 def _sets(args: argparse.Namespace) -> list[str]:
-    return MODEL + [f"data.limit_train={args.train_size}", "train.threads=1", "output.report=false"] + \
-        (["data.val_size=500"] if args.quick else [])
+    return (
+        MODEL
+        + [f"data.limit_train={args.train_size}", "train.threads=1", "output.report=false"]
+        + (["data.val_size=500"] if args.quick else [])
+    )
 
 
 def _calib(trainer, batches: int) -> list:
@@ -53,19 +57,19 @@ def _calib(trainer, batches: int) -> list:
 
     g = torch.Generator().manual_seed(trainer.cfg.train.seed + 1000)
     idx = torch.randperm(len(trainer.train_set), generator=g)[: batches * 64]
-    return [trainer.train_set.get_batch(idx[i:i + 64])[:2] for i in range(0, len(idx), 64)]
+    return [trainer.train_set.get_batch(idx[i : i + 64])[:2] for i in range(0, len(idx), 64)]
 
 
 def recover(method: str, dense_dir: str, seed: int, args: argparse.Namespace) -> dict:
     """Prune the dense model of ``dense_dir`` with ``method`` at fit start, then recover; the record."""
     import torch
+    from pruning_vs_torch_pruning import n_params, prune_torch_pruning
     from safetensors.torch import load_file
 
     from lotus.callbacks import Callback
     from lotus.config import load_config
     from lotus.training import Trainer
     from pruning import SemiStructuredConfig, StructuredConfig, prune_
-    from pruning_vs_torch_pruning import n_params, prune_torch_pruning
 
     torch.set_num_threads(1)
     run = os.path.join(args.runs, "recover", method.replace(":", "-"), f"seed{seed}")
@@ -95,9 +99,16 @@ def recover(method: str, dense_dir: str, seed: int, args: argparse.Namespace) ->
             record["params"] = n_params(model)
             record["nonzero"] = _nonzero(model)
 
-    overrides = _sets(args) + [f"train.seed={seed}", f"train.epochs={args.recover_epochs}", "train.warmup_epochs=0",
-                               "optim.lr=5e-4", "distill.enabled=true", f"distill.teacher={teacher}",
-                               "distill.alpha=0.5", "output.save_best=false"]
+    overrides = _sets(args) + [
+        f"train.seed={seed}",
+        f"train.epochs={args.recover_epochs}",
+        "train.warmup_epochs=0",
+        "optim.lr=5e-4",
+        "distill.enabled=true",
+        f"distill.teacher={teacher}",
+        "distill.alpha=0.5",
+        "output.save_best=false",
+    ]
     cfg = load_config(str(ROOT / "configs" / "fashion_op.yaml"), overrides)
     summary = Trainer(cfg, callbacks=[PruneAtStart()], run_dir=run, quiet=True, force=True).fit()
     record.update(test_recovered=summary["test_acc"], recover_cpu_s=summary["cpu_s"], run=run)
@@ -137,7 +148,7 @@ def inference(records: list[dict], rounds: int) -> dict[str, tuple[float, float,
         for m, x in models.values():
             m(x)  # warm-up
         for k in range(rounds):
-            for name in (list(models) if k % 2 == 0 else list(reversed(models))):
+            for name in list(models) if k % 2 == 0 else list(reversed(models)):
                 m, x = models[name]
                 t0 = time.perf_counter()
                 m(x)
@@ -157,13 +168,24 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)
     if args.quick:
-        args.seeds, args.train_size, args.epochs, args.recover_epochs, args.calib_batches = args.seeds[:1], 1000, 2, 1, 2
+        args.seeds, args.train_size, args.epochs, args.recover_epochs, args.calib_batches = (
+            args.seeds[:1],
+            1000,
+            2,
+            1,
+            2,
+        )
     args.runs = args.runs or ("bench/pruning_real_quick" if args.quick else "bench/pruning_real")
     from lotus.bench import run_bench
 
     t0 = time.time()
-    dense = run_bench([("configs/fashion_op.yaml", ["name=dense"])], args.seeds, os.path.join(args.runs, "dense"),
-                      overrides=_sets(args) + [f"train.epochs={args.epochs}"], jobs=args.jobs)[0]
+    dense = run_bench(
+        [("configs/fashion_op.yaml", ["name=dense"])],
+        args.seeds,
+        os.path.join(args.runs, "dense"),
+        overrides=_sets(args) + [f"train.epochs={args.epochs}"],
+        jobs=args.jobs,
+    )[0]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -179,51 +201,110 @@ def main() -> None:
     for r in records:
         r["recover_share"] = r["recover_cpu_s"] / by_seed[r["seed"]]["cpu_s"]
         r["drop_pp"] = (r["test_recovered"] - by_seed[r["seed"]]["test"]) * 100
-    speed = inference([{"seed": args.seeds[0], "method": "dense", "run": dense_rows[0]["run"]}] + records,
-                      rounds=5 if args.quick else 15)
+    speed = inference(
+        [{"seed": args.seeds[0], "method": "dense", "run": dense_rows[0]["run"]}] + records,
+        rounds=5 if args.quick else 15,
+    )
     rows, summary = [], []
     dense_test = [r["test"] for r in dense_rows]
-    rows.append(["dense (start)", f"{dense_rows[0]['params'] / 1e3:.1f}", "-",
-                 f"{statistics.fmean(dense_test) * 100:.2f}", "-", "-", "-",
-                 "%.0f (%.0f-%.0f)" % speed["dense"]])
+    rows.append(
+        [
+            "dense (start)",
+            f"{dense_rows[0]['params'] / 1e3:.1f}",
+            "-",
+            f"{statistics.fmean(dense_test) * 100:.2f}",
+            "-",
+            "-",
+            "-",
+            "{:.0f} ({:.0f}-{:.0f})".format(*speed["dense"]),
+        ]
+    )
     for m in METHODS:
         sel = [r for r in records if r["method"] == m]
         drops = [r["drop_pp"] for r in sel]
-        rec = {"method": m, "params": sel[0]["params"], "nonzero": sel[0]["nonzero"],
-               "test_pruned": [r["test_pruned"] for r in sel], "test_recovered": [r["test_recovered"] for r in sel],
-               "drop_pp_per_seed": drops, "recover_share": statistics.fmean(r["recover_share"] for r in sel),
-               "img_per_s": speed[m]}
+        rec = {
+            "method": m,
+            "params": sel[0]["params"],
+            "nonzero": sel[0]["nonzero"],
+            "test_pruned": [r["test_pruned"] for r in sel],
+            "test_recovered": [r["test_recovered"] for r in sel],
+            "drop_pp_per_seed": drops,
+            "recover_share": statistics.fmean(r["recover_share"] for r in sel),
+            "img_per_s": speed[m],
+        }
         summary.append(rec)
         kernel = " (masked dense: no sparse kernel on CPU)" if m.startswith("2:4") else ""
-        rows.append([m, f"{sel[0]['params'] / 1e3:.1f}" + (f" ({sel[0]['nonzero'] / 1e3:.1f} nonzero)" if kernel else ""),
-                     ", ".join(f"{v * 100:.2f}" for v in rec["test_pruned"]),
-                     ", ".join(f"{v * 100:.2f}" for v in rec["test_recovered"]),
-                     f"{statistics.median(drops):+.2f} ({min(drops):+.2f} to {max(drops):+.2f})",
-                     f"{rec['recover_share']:.1%}", f"{statistics.fmean(r['prune_cpu_s'] for r in sel):.2f}",
-                     "%.0f (%.0f-%.0f)" % speed[m] + kernel])
+        rows.append(
+            [
+                m,
+                f"{sel[0]['params'] / 1e3:.1f}" + (f" ({sel[0]['nonzero'] / 1e3:.1f} nonzero)" if kernel else ""),
+                ", ".join(f"{v * 100:.2f}" for v in rec["test_pruned"]),
+                ", ".join(f"{v * 100:.2f}" for v in rec["test_recovered"]),
+                f"{statistics.median(drops):+.2f} ({min(drops):+.2f} to {max(drops):+.2f})",
+                f"{rec['recover_share']:.1%}",
+                f"{statistics.fmean(r['prune_cpu_s'] for r in sel):.2f}",
+                "{:.0f} ({:.0f}-{:.0f})".format(*speed[m]) + kernel,
+            ]
+        )
     lp = {r["seed"]: r["test_recovered"] for r in records if r["method"] == "lotus_structured_50"}
     tp = {r["seed"]: r["test_recovered"] for r in records if r["method"] == "tp_structured_50"}
     wins = sum(lp[s] >= tp[s] for s in lp)
     s50 = next(x for x in summary if x["method"] == "lotus_structured_50")
-    verdict = [f"- Structured 50 % (Lotus) within 1.0 pp of the dense model after recovery: median "
-               f"{statistics.median(s50['drop_pp_per_seed']):+.2f} pp, recovery {s50['recover_share']:.0%} of the "
-               f"original training ({'met' if statistics.median(s50['drop_pp_per_seed']) >= -1.0 and s50['recover_share'] <= 0.2 else 'MISSED'}).",
-               f"- Lotus >= Torch-Pruning at 50 % after the same recovery in {wins} of {len(lp)} seeds "
-               f"({'met' if wins == len(lp) else 'MISSED'})."]
-    command = "python benchmarks/pruning_real.py" + (" --quick" if args.quick else "") + \
-        (f" --jobs {args.jobs}" if args.jobs != 2 else "")
-    md = "\n".join([
-        "# Pruning a trained ViT on Fashion-MNIST: Lotus vs Torch-Pruning, recovered alike", "", f"`{command}`", "",
-        f"Dense start: Pre-LN ViT (width 64, depth 4, 4 heads, 49 tokens, SOAP), {args.epochs} epochs on {args.train_size} "
-        f"training images, seeds {args.seeds}: test {', '.join(f'{t * 100:.2f}' for t in dense_test)} %. Recovery: "
-        f"{args.recover_epochs} epochs, lr 5e-4, distillation from the dense model (alpha 0.5). Test accuracy per seed; "
-        "drop = recovered - dense, per seed (median, range). img/s: recovered seed-0 model, 1 thread, batch 256, "
-        "median (min-max) of interleaved rounds.", "",
-        md_table(["method", "params (K)", "test after pruning (%)", "test after recovery (%)", "drop vs dense (pp)",
-                  "recovery cost (share of dense training CPU s)", "prune CPU s", "inference img/s"], rows),
-        "", *verdict, "", f"Took {(time.time() - t0) / 60:.1f} min."])
-    result = {"benchmark": "pruning_real", "args": args_dict(args), "machine": machine(), "dense": dense_rows,
-              "records": records, "summary": summary, "command": command}
+    s50_met = statistics.median(s50["drop_pp_per_seed"]) >= -1.0 and s50["recover_share"] <= 0.2
+    verdict = [
+        f"- Structured 50 % (Lotus) within 1.0 pp of the dense model after recovery: median "
+        f"{statistics.median(s50['drop_pp_per_seed']):+.2f} pp, recovery {s50['recover_share']:.0%} of the "
+        f"original training ({'met' if s50_met else 'MISSED'}).",
+        f"- Lotus >= Torch-Pruning at 50 % after the same recovery in {wins} of {len(lp)} seeds "
+        f"({'met' if wins == len(lp) else 'MISSED'}).",
+    ]
+    command = (
+        "python benchmarks/pruning_real.py"
+        + (" --quick" if args.quick else "")
+        + (f" --jobs {args.jobs}" if args.jobs != 2 else "")
+    )
+    md = "\n".join(
+        [
+            "# Pruning a trained ViT on Fashion-MNIST: Lotus vs Torch-Pruning, recovered alike",
+            "",
+            f"`{command}`",
+            "",
+            f"Dense start: Pre-LN ViT (width 64, depth 4, 4 heads, 49 tokens, SOAP), {args.epochs} epochs on "
+            f"{args.train_size} "
+            f"training images, seeds {args.seeds}: test {', '.join(f'{t * 100:.2f}' for t in dense_test)} %. Recovery: "
+            f"{args.recover_epochs} epochs, lr 5e-4, distillation from the dense model (alpha 0.5). Test "
+            "accuracy per seed; "
+            "drop = recovered - dense, per seed (median, range). img/s: recovered seed-0 model, 1 thread, batch 256, "
+            "median (min-max) of interleaved rounds.",
+            "",
+            md_table(
+                [
+                    "method",
+                    "params (K)",
+                    "test after pruning (%)",
+                    "test after recovery (%)",
+                    "drop vs dense (pp)",
+                    "recovery cost (share of dense training CPU s)",
+                    "prune CPU s",
+                    "inference img/s",
+                ],
+                rows,
+            ),
+            "",
+            *verdict,
+            "",
+            f"Took {(time.time() - t0) / 60:.1f} min.",
+        ]
+    )
+    result = {
+        "benchmark": "pruning_real",
+        "args": args_dict(args),
+        "machine": machine(),
+        "dense": dense_rows,
+        "records": records,
+        "summary": summary,
+        "command": command,
+    }
     write_results(out_path(args), result, md, quick=args.quick, echo=True)
 
 

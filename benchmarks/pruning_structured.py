@@ -18,6 +18,7 @@ per-round paired ratios; ``CPU-time speedup`` uses process CPU time, a cross-che
 
 Target: >= 1.8x dense throughput with 50% of heads and 50% of MLP neurons removed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,10 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5],
-                   help="fractions of heads and MLP neurons removed (one thinned variant each)")
-    p.add_argument("--importance", default="magnitude", choices=["magnitude"],
-                   help="random-init weights: only magnitude (speed does not depend on which groups go)")
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="fractions of heads and MLP neurons removed (one thinned variant each)",
+    )
+    p.add_argument(
+        "--importance",
+        default="magnitude",
+        choices=["magnitude"],
+        help="random-init weights: only magnitude (speed does not depend on which groups go)",
+    )
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the median is reported")
     p.add_argument("--iters", type=int, default=2, help="forward passes per variant per round")
@@ -149,25 +159,38 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ips = statistics.median(cpu_samples[name])
         # per-round ratios (paired within one round) show the spread the noise leaves
         paired = [s / d for s, d in zip(samples[name], samples["dense"])]
-        rows.append({
-            "variant": name, **info[name],
-            "img_per_s": ips, "img_per_s_all": samples[name],
-            "speedup": ips / dense_ips,
-            "speedup_paired_min": min(paired), "speedup_paired_max": max(paired),
-            "img_per_cpu_s": cpu_ips, "img_per_cpu_s_all": cpu_samples[name], "cpu_speedup": cpu_ips / dense_cpu,
-            "flop_ratio": info["dense"]["flops_per_img"] / info[name]["flops_per_img"],
-            "param_ratio": info["dense"]["params"] / info[name]["params"],
-        })
+        rows.append(
+            {
+                "variant": name,
+                **info[name],
+                "img_per_s": ips,
+                "img_per_s_all": samples[name],
+                "speedup": ips / dense_ips,
+                "speedup_paired_min": min(paired),
+                "speedup_paired_max": max(paired),
+                "img_per_cpu_s": cpu_ips,
+                "img_per_cpu_s_all": cpu_samples[name],
+                "cpu_speedup": cpu_ips / dense_cpu,
+                "flop_ratio": info["dense"]["flops_per_img"] / info[name]["flops_per_img"],
+                "param_ratio": info["dense"]["params"] / info[name]["params"],
+            }
+        )
 
-    emit(f"\n{args.model} @ {args.img_size}px, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds x {args.iters} passes\n")
-    emit("| variant | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup (paired range) "
-          "| CPU-time speedup | FLOP ratio |")
+    emit(
+        f"\n{args.model} @ {args.img_size}px, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved rounds x {args.iters} passes\n"
+    )
+    emit(
+        "| variant | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup (paired range) "
+        "| CPU-time speedup | FLOP ratio |"
+    )
     emit("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        emit(f"| {r['variant']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
-              f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_paired_min']:.2f}-"
-              f"{r['speedup_paired_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['flop_ratio']:.2f}x |")
+        emit(
+            f"| {r['variant']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
+            f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_paired_min']:.2f}-"
+            f"{r['speedup_paired_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['flop_ratio']:.2f}x |"
+        )
     half = [r for r in rows if abs(r["ratio"] - 0.5) < 1e-9]
     verdict = None
     if half:
@@ -177,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "pruning_structured",
         "args": args_dict(args),
-        "env": {"torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
-                "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "env": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
         "rows": rows,
         "target": TARGET,
         "target_met_at_50pct": verdict,

@@ -9,6 +9,7 @@ pruning_sweep.{json,md} under the folder --out (default $OUT/pruning_sweep or be
   python benchmarks/pruning_sweep.py --quick            # micro ViT, 4 epochs, step 0.3 (~1 min)
   python benchmarks/pruning_sweep.py --config configs/digits_preln.yaml --checkpoint runs/x/best.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import write_results  # noqa: E402
 from pruning_common import QUICK_OVERRIDES, accuracy, add_folder_args, folder, trained_model  # noqa: E402
+
+from benchmarks._common import write_results  # noqa: E402
 
 
 def main() -> int:
@@ -39,30 +41,59 @@ def main() -> int:
 
     import torch
 
-    from pruning.sweep import essential_sparsity_sweep, save_sweep
     from pruning.report import markdown_table
+    from pruning.sweep import essential_sparsity_sweep, save_sweep
 
     model, cfg, bundle, info = trained_model(args.config, overrides, args.checkpoint, out)
     results, rows = {}, []
     for scope in ("layer", "global"):
         t0 = time.perf_counter()
-        res = essential_sparsity_sweep(model, lambda m: accuracy(m, bundle.val), step=step,
-                                       max_sparsity=args.max_sparsity, scope=scope, tolerance=args.tolerance)
+        res = essential_sparsity_sweep(
+            model,
+            lambda m: accuracy(m, bundle.val),
+            step=step,
+            max_sparsity=args.max_sparsity,
+            scope=scope,
+            tolerance=args.tolerance,
+        )
         res["seconds"] = time.perf_counter() - t0
-        save_sweep(res, out, title=f"Essential sparsity, {cfg.model.name} on digits ({scope} magnitude)",
-                   stem=f"sweep_{scope}")
+        save_sweep(
+            res, out, title=f"Essential sparsity, {cfg.model.name} on digits ({scope} magnitude)", stem=f"sweep_{scope}"
+        )
         results[scope] = res
         for pt in res["points"]:
             rows.append({"scope": scope, "sparsity": pt["sparsity"], "val_acc": pt["metric"], "delta": pt["delta"]})
-    summary = [{"scope": s, "dense_acc": r["dense"], "knee": r["knee"], "knee_acc": r["knee_metric"],
-                "largest_within_tol": r["largest_within_tolerance"]} for s, r in results.items()]
-    md = "\n".join([
-        f"# Essential sparsity: {cfg.model.name} trained on digits ({'quick' if args.quick else 'full'} run)", "",
-        f"one-shot magnitude pruning of every Linear except the head (patch embedding dense), no retraining; "
-        f"tolerance {args.tolerance:g} absolute accuracy; torch {torch.__version__}", "",
-        markdown_table(summary), "", markdown_table(rows)])
-    result = {"model": cfg.model.name, "info": info, "tolerance": args.tolerance, "step": step,
-              "quick": args.quick, "summary": summary, "sweeps": results}
+    summary = [
+        {
+            "scope": s,
+            "dense_acc": r["dense"],
+            "knee": r["knee"],
+            "knee_acc": r["knee_metric"],
+            "largest_within_tol": r["largest_within_tolerance"],
+        }
+        for s, r in results.items()
+    ]
+    md = "\n".join(
+        [
+            f"# Essential sparsity: {cfg.model.name} trained on digits ({'quick' if args.quick else 'full'} run)",
+            "",
+            f"one-shot magnitude pruning of every Linear except the head (patch embedding dense), no retraining; "
+            f"tolerance {args.tolerance:g} absolute accuracy; torch {torch.__version__}",
+            "",
+            markdown_table(summary),
+            "",
+            markdown_table(rows),
+        ]
+    )
+    result = {
+        "model": cfg.model.name,
+        "info": info,
+        "tolerance": args.tolerance,
+        "step": step,
+        "quick": args.quick,
+        "summary": summary,
+        "sweeps": results,
+    }
     write_results(os.path.join(out, "pruning_sweep"), result, md, quick=args.quick)
     print(f"sweep_*.png in {out}")
     return 0

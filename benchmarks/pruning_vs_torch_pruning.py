@@ -23,6 +23,7 @@ Smoke run::
 
     python benchmarks/pruning_vs_torch_pruning.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,16 @@ def import_torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
-        raise SystemExit("error: this benchmark needs Torch-Pruning: pip install torch-pruning "
-                         "(benchmark-only dependency; also in the 'bench' extra)") from None
+        raise SystemExit(
+            "error: this benchmark needs Torch-Pruning: pip install torch-pruning "
+            "(benchmark-only dependency; also in the 'bench' extra)"
+        ) from None
     return tp
 
 
 # --------------------------------------------------------------------------------------------------------------
 # pruning with each tool
+
 
 def prune_lotus(model: nn.Module, ratio: float, importance: str, calib: list | None) -> float:
     t0 = time.perf_counter()
@@ -69,21 +73,33 @@ def prune_lotus(model: nn.Module, ratio: float, importance: str, calib: list | N
     return time.perf_counter() - t0
 
 
-def prune_torch_pruning(model: VisionTransformer, ratio: float, importance: str, calib: list | None,
-                        example: torch.Tensor) -> float:
+def prune_torch_pruning(
+    model: VisionTransformer, ratio: float, importance: str, calib: list | None, example: torch.Tensor
+) -> float:
     tp = import_torch_pruning()
     t0 = time.perf_counter()
-    imp = tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude" else \
-        tp.importance.GroupTaylorImportance()
+    imp = (
+        tp.importance.GroupMagnitudeImportance(p=2)
+        if importance == "magnitude"
+        else tp.importance.GroupTaylorImportance()
+    )
     ignored = [model.head, model.patch_embed.proj]
     for b in model.blocks:
         ignored += [b.attn.proj, b.mlp.fc2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
-            model, example, importance=imp, pruning_ratio=ratio, ignored_layers=ignored,
+            model,
+            example,
+            importance=imp,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
             num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
-            prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, global_pruning=False)
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=ratio,
+            global_pruning=False,
+        )
         if importance == "taylor":
             was_training = model.training
             model.eval()
@@ -125,6 +141,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # part A: speed
 
+
 def part_speed(args) -> list[dict]:
     torch.manual_seed(0)
     dense = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
@@ -152,9 +169,18 @@ def part_speed(args) -> list[dict]:
     rows = []
     for name, m in variants.items():
         ips = statistics.median(samples[name])
-        rows.append({"tool": name, "widths": widths_of(m), "params": n_params(m),
-                     "flops_per_img": count_flops(m, example), "img_per_s": ips, "img_per_s_all": samples[name],
-                     "speedup": ips / dense_ips, "prune_seconds": prune_s[name]})
+        rows.append(
+            {
+                "tool": name,
+                "widths": widths_of(m),
+                "params": n_params(m),
+                "flops_per_img": count_flops(m, example),
+                "img_per_s": ips,
+                "img_per_s_all": samples[name],
+                "speedup": ips / dense_ips,
+                "prune_seconds": prune_s[name],
+            }
+        )
     return rows
 
 
@@ -165,8 +191,9 @@ DIGITS_MODEL = {"img_size": 16, "patch_size": 4, "kwargs": {"embed_dim": 96, "de
 
 
 def digits_config(epochs: int, lr: float, seed: int, threads: int, warmup: float):
-    """configs/digits_preln.yaml (the project's digits recipe) with a 6-head ViT (16 px, patch 4) and no files written."""
+    """configs/digits_preln.yaml (the project's digits recipe) with a 6-head ViT (16 px, patch 4); no files written."""
     import yaml
+
     from lotus.config import config_from_dict
 
     root = Path(__file__).resolve().parents[1]
@@ -179,8 +206,7 @@ def digits_config(epochs: int, lr: float, seed: int, threads: int, warmup: float
     return config_from_dict(data)
 
 
-def _prune_callback(tool: str, importance: str, ratio: float, dense_state: dict, calib_batches: int,
-                    record: dict):
+def _prune_callback(tool: str, importance: str, ratio: float, dense_state: dict, calib_batches: int, record: dict):
     """A lotus callback: at fit start load the dense weights, prune with ``tool``, rebuild the optimizer."""
     from lotus.callbacks import Callback
 
@@ -191,9 +217,13 @@ def _prune_callback(tool: str, importance: str, ratio: float, dense_state: dict,
             g = torch.Generator().manual_seed(trainer.cfg.train.seed + 1000)
             idx = torch.randperm(len(trainer.train_set), generator=g)[: calib_batches * 64].tolist()
             items = [trainer.train_set[i] for i in idx]
-            calib = [(torch.stack([it[0] for it in items[i:i + 64]]).to(trainer.device),
-                      torch.tensor([int(it[1]) for it in items[i:i + 64]], device=trainer.device))
-                     for i in range(0, len(items), 64)]
+            calib = [
+                (
+                    torch.stack([it[0] for it in items[i : i + 64]]).to(trainer.device),
+                    torch.tensor([int(it[1]) for it in items[i : i + 64]], device=trainer.device),
+                )
+                for i in range(0, len(items), 64)
+            ]
             if tool == "lotus":
                 record["prune_seconds"] = prune_lotus(model, ratio, importance, calib)
             else:
@@ -217,16 +247,29 @@ def part_accuracy(args) -> list[dict]:
             summary = trainer.fit()
             dense = trainer.model
             dense_state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
-            rows.append({"seed": seed, "tool": "dense", "importance": "-", "widths": widths_of(dense),
-                         "params": n_params(dense), "acc_pruned": summary["final_val_acc"],
-                         "acc_finetuned": summary["final_val_acc"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "tool": "dense",
+                    "importance": "-",
+                    "widths": widths_of(dense),
+                    "params": n_params(dense),
+                    "acc_pruned": summary["final_val_acc"],
+                    "acc_finetuned": summary["final_val_acc"],
+                }
+            )
             for importance in args.importances:
                 for tool in ("lotus", "torch-pruning"):
                     record: dict = {"seed": seed, "tool": tool, "importance": importance}
                     cb = _prune_callback(tool, importance, args.ratio, dense_state, args.calib_batches, record)
                     cfg_ft = digits_config(args.finetune_epochs, 1e-3, seed, args.train_threads, warmup=0)
-                    ft = Trainer(cfg_ft, callbacks=[cb], run_dir=os.path.join(tmp, f"{tool}-{importance}{seed}"),
-                                 quiet=True, write=False).fit()
+                    ft = Trainer(
+                        cfg_ft,
+                        callbacks=[cb],
+                        run_dir=os.path.join(tmp, f"{tool}-{importance}{seed}"),
+                        quiet=True,
+                        write=False,
+                    ).fit()
                     record["acc_finetuned"] = ft["final_val_acc"]
                     rows.append(record)
             print(f"  seed {seed} done", flush=True)
@@ -234,6 +277,7 @@ def part_accuracy(args) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -248,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-threads", type=int, default=1, help="part B intra-op threads (tiny model)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
-    add_harness_args(p, "pruning_vs_torch_pruning", seeds=[0, 1, 2],
-                     quick="smoke run: batch 4, 2 rounds, 1 seed, 4+1 epochs")
+    add_harness_args(
+        p, "pruning_vs_torch_pruning", seeds=[0, 1, 2], quick="smoke run: batch 4, 2 rounds, 1 seed, 4+1 epochs"
+    )
     args = p.parse_args(argv)
     md: list[str] = []
 
@@ -269,26 +314,43 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.repeats, args.seeds, args.epochs, args.finetune_epochs, args.calib_batches = 4, 2, [0], 4, 1, 2
     tp = import_torch_pruning()
 
-    result: dict = {"benchmark": "pruning_vs_torch_pruning", "args": args_dict(args),
-                    "env": {"torch": torch.__version__, "timm": timm.__version__,
-                            "torch_pruning": getattr(tp, "__version__", "?"), "threads": torch.get_num_threads(),
-                            "cpu_count": os.cpu_count(), "platform": platform.platform()}}
+    result: dict = {
+        "benchmark": "pruning_vs_torch_pruning",
+        "args": args_dict(args),
+        "env": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "torch_pruning": getattr(tp, "__version__", "?"),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+    }
     if not args.skip_speed:
         rows = part_speed(args)
         result["speed"] = rows
-        emit(f"\nA. vit_small_patch16_224 @ 224px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
-              f"{args.ratio:.0%} of heads and MLP neurons removed (median of {args.repeats} interleaved rounds)\n")
+        emit(
+            f"\nA. vit_small_patch16_224 @ 224px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
+            f"{args.ratio:.0%} of heads and MLP neurons removed (median of {args.repeats} interleaved rounds)\n"
+        )
         emit("| tool | heads / MLP per block | params (M) | GFLOPs/img | img/s | speedup vs dense | prune time (s) |")
         emit("|---|---|---|---|---|---|---|")
         for r in rows:
-            emit(f"| {r['tool']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
-                  f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x | {r['prune_seconds']:.2f} |")
+            emit(
+                f"| {r['tool']} | {r['widths']} | {r['params'] / 1e6:.2f} | {r['flops_per_img'] / 1e9:.2f} | "
+                f"{r['img_per_s']:.1f} | {r['speedup']:.2f}x | {r['prune_seconds']:.2f} |"
+            )
     if not args.skip_accuracy:
-        emit("\nB. digits ViT (configs/digits_preln.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...", flush=True)
+        emit(
+            "\nB. digits ViT (configs/digits_preln.yaml recipe; 16 px, patch 4, dim 96, depth 4, 6 heads) ...",
+            flush=True,
+        )
         rows = part_accuracy(args)
         result["accuracy"] = rows
-        emit(f"\nB. digits ViT, {args.ratio:.0%} heads and MLP removed, val accuracy (mean over seeds "
-              f"{args.seeds}); dense {args.epochs} epochs, fine-tune {args.finetune_epochs} epochs\n")
+        emit(
+            f"\nB. digits ViT, {args.ratio:.0%} heads and MLP removed, val accuracy (mean over seeds "
+            f"{args.seeds}); dense {args.epochs} epochs, fine-tune {args.finetune_epochs} epochs\n"
+        )
         emit("| tool | importance | heads / MLP per block | params (K) | acc after pruning | acc after fine-tune |")
         emit("|---|---|---|---|---|---|")
         keys = []
@@ -301,10 +363,19 @@ def main(argv: list[str] | None = None) -> int:
             a0 = [r["acc_pruned"] for r in sel]
             a1 = [r["acc_finetuned"] for r in sel]
             (m0, _), (m1, s1) = seed_stats(a0), seed_stats(a1)
-            summary.append({"tool": tool, "importance": imp, "acc_pruned_mean": m0,
-                            "acc_finetuned_mean": m1, "acc_finetuned_std": s1})
-            emit(f"| {tool} | {imp} | {sel[0]['widths']} | {sel[0]['params'] / 1e3:.1f} | "
-                 f"{m0:.3f} | {m1:.3f} ± {s1:.3f} |")
+            summary.append(
+                {
+                    "tool": tool,
+                    "importance": imp,
+                    "acc_pruned_mean": m0,
+                    "acc_finetuned_mean": m1,
+                    "acc_finetuned_std": s1,
+                }
+            )
+            emit(
+                f"| {tool} | {imp} | {sel[0]['widths']} | {sel[0]['params'] / 1e3:.1f} | "
+                f"{m0:.3f} | {m1:.3f} ± {s1:.3f} |"
+            )
         result["accuracy_summary"] = summary
     write_results(out_path(args), result, "\n".join(md), quick=args.quick, echo=False)
     return 0

@@ -20,6 +20,7 @@ img/s counts the samples of steps 2..N over the wall time from the end of step 1
     python benchmarks/threads.py --quick    # smoke run: 12 steps, 1 round (written under benchmarks/results/quick/)
     python benchmarks/threads.py --render benchmarks/results/threads.json   # re-write the .md from saved runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,15 +111,32 @@ def worker(args: argparse.Namespace) -> dict:
             meter.neighbour.wait()
     n = len(meter.times)
     wall = meter.times[-1] - meter.times[0] if n > 1 else float("nan")
-    return {"mode": args.worker, "torch_default_threads": torch_default, "steps": n,
-            "img_s": sum(meter.samples[1:]) / wall if n > 1 else float("nan"), "wall_s": wall,
-            "tune_s": meter.tune_s, "threads_used": sorted(set(meter.threads)), "tune_events": meter.events,
-            "capped": n < args.steps}
+    return {
+        "mode": args.worker,
+        "torch_default_threads": torch_default,
+        "steps": n,
+        "img_s": sum(meter.samples[1:]) / wall if n > 1 else float("nan"),
+        "wall_s": wall,
+        "tune_s": meter.tune_s,
+        "threads_used": sorted(set(meter.threads)),
+        "tune_events": meter.events,
+        "capped": n < args.steps,
+    }
 
 
 def measure(args: argparse.Namespace, neighbour: str, mode: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--config", args.config,
-           "--steps", str(args.steps), "--max-seconds", str(args.max_seconds)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        mode,
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--max-seconds",
+        str(args.max_seconds),
+    ]
     if neighbour == "arrives":
         cmd += ["--arrive-at", str(args.arrive_at)]
     load = os.getloadavg()[0]
@@ -146,10 +164,15 @@ def summarize(runs: list[dict]) -> dict:
             continue
         v = [r["img_s"] for r in rs]
         out[f"{nb}/{mode}"] = {
-            "median_img_s": statistics.median(v), "min_img_s": min(v), "max_img_s": max(v), "n": len(v),
+            "median_img_s": statistics.median(v),
+            "min_img_s": min(v),
+            "max_img_s": max(v),
+            "n": len(v),
             "threads": sorted({t for r in rs for t in r["threads_used"]}),
             "median_tune_s": statistics.median(r["tune_s"] for r in rs),
-            "retunes": [max(0, len(r["tune_events"]) - 1) for r in rs], "capped": sum(r["capped"] for r in rs)}
+            "retunes": [max(0, len(r["tune_events"]) - 1) for r in rs],
+            "capped": sum(r["capped"] for r in rs),
+        }
     return out
 
 
@@ -158,12 +181,16 @@ def _retune_lines(runs: list[dict]) -> list[str]:
     lines = []
     for r in runs:
         for e in r["tune_events"][1:] if r["mode"] == "auto" else []:
-            probe = ", ".join(f"{n} thr {t:.3f} s" + (" (cut short)" if int(n) in e["aborted"] else "")
-                              for n, t in e["probe_s"].items())
+            probe = ", ".join(
+                f"{n} thr {t:.3f} s" + (" (cut short)" if int(n) in e["aborted"] else "")
+                for n, t in e["probe_s"].items()
+            )
             first = ", ".join(f"{n} thr {t:.3f} s" for n, t in r["tune_events"][0]["probe_s"].items())
-            lines.append(f"- {r['neighbour']}/auto round {r['round']}: start probe {first} -> "
-                         f"{r['tune_events'][0]['threads']} thr; step {e['step']} {e['reason']}: probe {probe} "
-                         f"-> {e['threads']} thr")
+            lines.append(
+                f"- {r['neighbour']}/auto round {r['round']}: start probe {first} -> "
+                f"{r['tune_events'][0]['threads']} thr; step {e['step']} {e['reason']}: probe {probe} "
+                f"-> {e['threads']} thr"
+            )
     return lines
 
 
@@ -177,34 +204,79 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
 
     ratios = {f"auto/default ({nb})": med(f"{nb}/auto") / med(f"{nb}/default") for nb in ("none", "busy", "arrives")}
     slowdown = {f"{mode}: none/busy": med(f"none/{mode}") / med(f"busy/{mode}") for mode in ("default", "auto")}
-    rows = [[k, f"{s['median_img_s']:.1f}", f"{s['min_img_s']:.1f} - {s['max_img_s']:.1f}", s["n"],
-             ", ".join(map(str, s["threads"])), f"{s['median_tune_s']:.2f}", ",".join(map(str, s["retunes"])),
-             s["capped"]] for k, s in summary.items()]
-    table = md_table(["neighbour/threads", "img/s (median)", "range", "runs", "threads used", "tune s",
-                      "re-tunes per run", "runs capped"], rows)
-    cmd = "python benchmarks/threads.py" + (" --quick" if args["quick"] else "") + (
-        "" if args["steps"] == 150 or args["quick"] else f" --steps {args['steps']}") + (
-        "" if args["rounds"] == 3 or args["quick"] else f" --rounds {args['rounds']}")
+    rows = [
+        [
+            k,
+            f"{s['median_img_s']:.1f}",
+            f"{s['min_img_s']:.1f} - {s['max_img_s']:.1f}",
+            s["n"],
+            ", ".join(map(str, s["threads"])),
+            f"{s['median_tune_s']:.2f}",
+            ",".join(map(str, s["retunes"])),
+            s["capped"],
+        ]
+        for k, s in summary.items()
+    ]
+    table = md_table(
+        [
+            "neighbour/threads",
+            "img/s (median)",
+            "range",
+            "runs",
+            "threads used",
+            "tune s",
+            "re-tunes per run",
+            "runs capped",
+        ],
+        rows,
+    )
+    cmd = (
+        "python benchmarks/threads.py"
+        + (" --quick" if args["quick"] else "")
+        + ("" if args["steps"] == 150 or args["quick"] else f" --steps {args['steps']}")
+        + ("" if args["rounds"] == 3 or args["quick"] else f" --rounds {args['rounds']}")
+    )
     retunes = _retune_lines(runs)
-    md = "\n".join([
-        "# Thread count under a busy neighbour: torch default vs `train.threads: auto`", "",
-        f"Command: `{cmd}` (from the repository root; {args['rounds']} rounds, interleaved).", "",
-        (f"Machine: {cpu_count} CPUs, torch default threads in a fresh process: {default_threads}. "
-         "Measured with lotus' own Trainer (`configs/digits_preln.yaml`: lotus_vit_tiny 16 px, batch 64) for "
-         f"{args['steps']} steps or {args['max_seconds']:.0f} s of steps, whichever comes first ('runs capped'); "
-         "`auto` = ThreadTuner in a callback (start-up probe + observe/re-tune), `default` = `train.threads` "
-         "unset. Busy neighbour = one `python -c \"while True: pass\"` process; 'arrives' = it starts at step "
-         f"{args['arrive_at']}."), "",
-        table, "",
-        md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in {**ratios, **slowdown}.items()]), "",
-        ("img/s: samples of steps 2..N over the wall time of those steps (re-tunes included); 'tune s' is the "
-         "start-up probe, not in img/s. The machine is shared, so other processes add noise to every condition."),
-        "", "Re-tunes triggered by `observe()` (auto runs):", "", *(retunes or ["- none"]),
-        *(["", f"Note: {args['note']}"] if args.get("note") else []),
-    ])
-    payload = {"args": args, "command": cmd,
-               "method": "lotus Trainer (configs/digits_preln.yaml) with a ThreadTuner callback for auto",
-               "summary": summary, "ratios": ratios, "slowdown_from_neighbour": slowdown, "runs": runs}
+    md = "\n".join(
+        [
+            "# Thread count under a busy neighbour: torch default vs `train.threads: auto`",
+            "",
+            f"Command: `{cmd}` (from the repository root; {args['rounds']} rounds, interleaved).",
+            "",
+            (
+                f"Machine: {cpu_count} CPUs, torch default threads in a fresh process: {default_threads}. "
+                "Measured with lotus' own Trainer (`configs/digits_preln.yaml`: lotus_vit_tiny 16 px, batch 64) for "
+                f"{args['steps']} steps or {args['max_seconds']:.0f} s of steps, whichever comes first ('runs "
+                "capped'); "
+                "`auto` = ThreadTuner in a callback (start-up probe + observe/re-tune), `default` = `train.threads` "
+                "unset. Busy neighbour = one `python -c \"while True: pass\"` process; 'arrives' = it starts at step "
+                f"{args['arrive_at']}."
+            ),
+            "",
+            table,
+            "",
+            md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in {**ratios, **slowdown}.items()]),
+            "",
+            (
+                "img/s: samples of steps 2..N over the wall time of those steps (re-tunes included); 'tune s' is the "
+                "start-up probe, not in img/s. The machine is shared, so other processes add noise to every condition."
+            ),
+            "",
+            "Re-tunes triggered by `observe()` (auto runs):",
+            "",
+            *(retunes or ["- none"]),
+            *(["", f"Note: {args['note']}"] if args.get("note") else []),
+        ]
+    )
+    payload = {
+        "args": args,
+        "command": cmd,
+        "method": "lotus Trainer (configs/digits_preln.yaml) with a ThreadTuner callback for auto",
+        "summary": summary,
+        "ratios": ratios,
+        "slowdown_from_neighbour": slowdown,
+        "runs": runs,
+    }
     return md, payload
 
 
@@ -240,10 +312,14 @@ def main() -> None:
             rec = measure(args, nb, mode)
             rec["round"] = r
             runs.append(rec)
-            print(f"round {r} {nb:8s} {mode:8s} {rec['img_s']:8.1f} img/s  threads {rec['threads_used']} "
-                  f"steps {rec['steps']} tune {rec['tune_s']:.2f}s load {rec['load_before']}", flush=True)
-    md, payload = report({k: v for k, v in args_dict(args).items() if k not in ("worker", "render")}, runs,
-                         os.cpu_count())
+            print(
+                f"round {r} {nb:8s} {mode:8s} {rec['img_s']:8.1f} img/s  threads {rec['threads_used']} "
+                f"steps {rec['steps']} tune {rec['tune_s']:.2f}s load {rec['load_before']}",
+                flush=True,
+            )
+    md, payload = report(
+        {k: v for k, v in args_dict(args).items() if k not in ("worker", "render")}, runs, os.cpu_count()
+    )
     write_results(out_path(args), payload, md, quick=args.quick)
 
 

@@ -11,6 +11,7 @@ from other processes hits both sides alike. Models are freshly initialised: cost
   python benchmarks/tickets_cost.py                 # full run (digits train split, lotus_vit_tiny, 5 repeats)
   python benchmarks/tickets_cost.py --quick         # smoke run (~1 min on a quiet machine)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from benchmarks._common import add_harness_args, out_path, write_results  # noqa: E402
@@ -64,8 +63,7 @@ def timed(fn) -> float:
 def build(model_name: str, cfg_path: str, overrides: list[str]):
     from lotus.config import load_config
     from lotus.data import build_datasets
-    from lotus.models import create_model
-    from lotus.models import resolve_img_size
+    from lotus.models import create_model, resolve_img_size
 
     cfg = load_config(cfg_path, [*overrides, f"model.name={model_name}"])
     data = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans)
@@ -86,8 +84,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scorers", nargs="+", default=SINGLE_PASS, help="single-pass scorers to time")
-    add_harness_args(p, "tickets_cost",
-                     quick="smoke run: 400 train images, loss/entropy, micro ViT GraNd on 32 samples, 2 repeats")
+    add_harness_args(
+        p, "tickets_cost", quick="smoke run: 400 train images, loss/entropy, micro ViT GraNd on 32 samples, 2 repeats"
+    )
     args = p.parse_args()
     if args.quick:
         args.repeats, args.grand_samples, args.grand_models = 2, 32, ["lotus_vit_micro"]
@@ -100,9 +99,21 @@ def main() -> None:
     cfg, data, model = build(args.model, args.config, args.set)
     train = data.train
     n = len(train)
-    rows, results = [], {"config": args.config, "overrides": args.set, "model": args.model, "train_size": n,
-                         "threads": args.threads, "repeats": args.repeats, "quick": args.quick,
-                         "torch": torch.__version__, "single_pass": {}, "grand": []}
+    rows, results = (
+        [],
+        {
+            "config": args.config,
+            "overrides": args.set,
+            "model": args.model,
+            "train_size": n,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "torch": torch.__version__,
+            "single_pass": {},
+            "grand": [],
+        },
+    )
     # ---- single-pass scorers vs one evaluation pass, interleaved
     eval_pass(model, train, args.batch_size)  # warm-up
     for name in args.scorers:
@@ -114,8 +125,10 @@ def main() -> None:
         e, s = statistics.median(te), statistics.median(ts)
         results["single_pass"][name] = {"eval_s": e, "score_s": s, "ratio": s / e}
         rows.append(f"| {name} | {n} | {e:.3f} | {s:.3f} | {s / e:.2f}x | {'yes' if s / e <= 1.2 else 'no'} |")
-    print(f"\n### Single-pass scorers vs one evaluation pass ({args.model}, {n} train images, "
-          f"{args.threads} threads, median of {args.repeats})\n")
+    print(
+        f"\n### Single-pass scorers vs one evaluation pass ({args.model}, {n} train images, "
+        f"{args.threads} threads, median of {args.repeats})\n"
+    )
     print("| scorer | images | eval pass (s) | scorer (s) | ratio | <= 1.2x |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nprototype includes k-means (scikit-learn); cls_attention recomputes q k^T of the last block.")
@@ -136,19 +149,39 @@ def main() -> None:
                 tl.append(timed(lambda: out.__setitem__("l", score(gmodel, sub, "grand", method="loop", **kw))))
                 tp.append(timed(lambda: out.__setitem__("p", score(gmodel, sub, "grand", method="vmap_plain", **kw))))
                 diff = max(diff, float(((out["v"] - out["l"]).abs() / out["l"].abs().clamp_min(1e-12)).max()))
-            v, pl, l = statistics.median(tv), statistics.median(tp), statistics.median(tl)
-            results["grand"].append({"model": mname, "params": params, "samples": len(sub), "vmap_s": v,
-                                     "vmap_plain_s": pl, "loop_s": l, "speedup": l / v,
-                                     "speedup_plain": l / pl, "max_rel_diff": diff})
-            grows.append(f"| {mname} | {params} | {len(sub)} | {l:.3f} | {pl:.3f} ({l / pl:.1f}x) | {v:.3f} | "
-                         f"{l / v:.1f}x | {'yes' if l / v >= 5 else 'no'} | {diff:.1e} |")
+            v, pl, loop = statistics.median(tv), statistics.median(tp), statistics.median(tl)
+            results["grand"].append(
+                {
+                    "model": mname,
+                    "params": params,
+                    "samples": len(sub),
+                    "vmap_s": v,
+                    "vmap_plain_s": pl,
+                    "loop_s": loop,
+                    "speedup": loop / v,
+                    "speedup_plain": loop / pl,
+                    "max_rel_diff": diff,
+                }
+            )
+            grows.append(
+                f"| {mname} | {params} | {len(sub)} | {loop:.3f} | {pl:.3f} ({loop / pl:.1f}x) | {v:.3f} | "
+                f"{loop / v:.1f}x | {'yes' if loop / v >= 5 else 'no'} | {diff:.1e} |"
+            )
     print(f"\n### GraNd per-sample gradient norms: torch.func vmap vs per-sample loop ({args.threads} threads)\n")
     print("| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(grows))
-    md = "\n".join(["| scorer | images | eval pass (s) | scorer (s) | ratio | <= 1.2x |", "|---|---|---|---|---|---|",
-                    *rows, "", "| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x "
-                    "| max rel. diff |", "|---|---|---|---|---|---|---|---|---|", *grows])
+    md = "\n".join(
+        [
+            "| scorer | images | eval pass (s) | scorer (s) | ratio | <= 1.2x |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "| model | params | samples | loop (s) | plain vmap (s) | vmap (s) | speedup | >= 5x | max rel. diff |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *grows,
+        ]
+    )
     write_results(out_path(args), results, md, quick=args.quick, echo=False)
 
 

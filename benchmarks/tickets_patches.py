@@ -26,6 +26,7 @@ Smoke run (~2-4 min)::
 
 Target: kept-token step throughput >= 1.8x the full-token step at keep_rate 0.5.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def build(name: str, img: int, patch: int, chans: int = 3, classes: int = 10) ->
 
     import lotus.models  # noqa: F401  (registers lotus_vit_*)
 
-    return timm.create_model(name, pretrained=False, img_size=img, patch_size=patch, in_chans=chans,
-                             num_classes=classes)
+    return timm.create_model(
+        name, pretrained=False, img_size=img, patch_size=patch, in_chans=chans, num_classes=classes
+    )
 
 
 def throughput(spec: str, batch: int, keep_rate: float, repeats: int, iters: int, seed: int = 0) -> dict:
@@ -98,15 +100,26 @@ def throughput(spec: str, batch: int, keep_rate: float, repeats: int, iters: int
     med = lambda v: statistics.median(v)  # noqa: E731
     f_s, k_s, s_s = med([t[0] for t in full]), med([t[0] for t in part]), med([t[0] for t in score])
     return {
-        "model": name, "img_size": img, "patch_size": patch, "patches": n, "kept": num_kept(n, keep_rate),
-        "batch": batch, "keep_rate": keep_rate,
-        "full_step_s": f_s, "kept_step_s": k_s, "score_batch_s": s_s,
-        "full_img_s": batch / f_s, "kept_img_s": batch / k_s,
-        "speedup": med(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+        "model": name,
+        "img_size": img,
+        "patch_size": patch,
+        "patches": n,
+        "kept": num_kept(n, keep_rate),
+        "batch": batch,
+        "keep_rate": keep_rate,
+        "full_step_s": f_s,
+        "kept_step_s": k_s,
+        "score_batch_s": s_s,
+        "full_img_s": batch / f_s,
+        "kept_img_s": batch / k_s,
+        "speedup": med(ratios),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
         "cpu_speedup": med(cpu_ratios),
         "online_per_batch_speedup": f_s / (k_s + s_s),
         "online_refresh3_speedup": f_s / (k_s + s_s / 3),
-        "repeats": repeats, "iters": iters,
+        "repeats": repeats,
+        "iters": iters,
     }
 
 
@@ -115,13 +128,16 @@ def _file_ticket(seed: int, extra: list[str], scorer_epochs: int, workdir: Path)
     """LOTUS offline pipeline: train a dense scorer briefly, rank every train image's patches, save a ticket."""
     from lotus.checkpoint import save_weights
     from lotus.config import load_config
-    from lotus.models import unwrap
     from lotus.features.patches.ticket_file import make_patch_ticket_file
+    from lotus.models import unwrap
     from lotus.training import Trainer
 
     t0 = time.perf_counter()
-    scfg = load_config(ROOT / "configs/digits_preln.yaml", extra + [f"train.seed={seed}", f"train.epochs={scorer_epochs}",
-                                                               f"train.warmup_epochs={min(1.0, scorer_epochs / 2)}"])
+    scfg = load_config(
+        ROOT / "configs/digits_preln.yaml",
+        extra
+        + [f"train.seed={seed}", f"train.epochs={scorer_epochs}", f"train.warmup_epochs={min(1.0, scorer_epochs / 2)}"],
+    )
     trainer = Trainer(scfg, write=False, quiet=True)
     trainer.fit()
     ckpt = workdir / f"scorer-{seed}.safetensors"
@@ -132,8 +148,9 @@ def _file_ticket(seed: int, extra: list[str], scorer_epochs: int, workdir: Path)
     return ["tickets.patches.source=file", f"tickets.patches.file={out}"], time.perf_counter() - t0
 
 
-def train_runs(variants: list[tuple[str, str, list[str]]], seeds: list[int], extra: list[str], quiet: bool,
-               scorer_epochs: int = 5) -> list[dict]:
+def train_runs(
+    variants: list[tuple[str, str, list[str]]], seeds: list[int], extra: list[str], quiet: bool, scorer_epochs: int = 5
+) -> list[dict]:
     import tempfile
 
     from lotus.config import load_config
@@ -151,15 +168,29 @@ def train_runs(variants: list[tuple[str, str, list[str]]], seeds: list[int], ext
                 s = Trainer(cfg, write=False, quiet=True).fit()
                 wall = time.perf_counter() - t0
                 pt = s.get("patch_tickets") or {}
-                rows.append({"variant": label, "config": path, "set": sets + extra, "seed": seed,
-                             "final_val_acc": s["final_val_acc"], "best_val_acc": s["best_val_acc"],
-                             "train_wall_s": s["wall_s"] + prep_s, "prep_s": prep_s, "total_s": wall + prep_s,
-                             "train_flops": s["train_flops"], "epochs": s["epochs"],
-                             "refresh_s": pt.get("refresh_seconds", 0.0) + prep_s})
+                rows.append(
+                    {
+                        "variant": label,
+                        "config": path,
+                        "set": sets + extra,
+                        "seed": seed,
+                        "final_val_acc": s["final_val_acc"],
+                        "best_val_acc": s["best_val_acc"],
+                        "train_wall_s": s["wall_s"] + prep_s,
+                        "prep_s": prep_s,
+                        "total_s": wall + prep_s,
+                        "train_flops": s["train_flops"],
+                        "epochs": s["epochs"],
+                        "refresh_s": pt.get("refresh_seconds", 0.0) + prep_s,
+                    }
+                )
                 if not quiet:
                     r = rows[-1]
-                    print(f"  {label:<30} seed {seed}: acc {r['final_val_acc'] * 100:.2f}%  "
-                          f"train {r['train_wall_s']:.1f}s", flush=True)
+                    print(
+                        f"  {label:<30} seed {seed}: acc {r['final_val_acc'] * 100:.2f}%  "
+                        f"train {r['train_wall_s']:.1f}s",
+                        flush=True,
+                    )
     return rows
 
 
@@ -170,10 +201,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["variant"] == label]
         acc = [r["final_val_acc"] * 100 for r in rs]
         acc_mean, acc_std = seed_stats(acc)
-        s = {"variant": label, "seeds": len(rs), "acc_mean": acc_mean, "acc_std": acc_std,
-             "wall_s": statistics.mean(r["train_wall_s"] for r in rs),
-             "flops": statistics.mean(r["train_flops"] for r in rs),
-             "refresh_s": statistics.mean(r["refresh_s"] for r in rs)}
+        s = {
+            "variant": label,
+            "seeds": len(rs),
+            "acc_mean": acc_mean,
+            "acc_std": acc_std,
+            "wall_s": statistics.mean(r["train_wall_s"] for r in rs),
+            "flops": statistics.mean(r["train_flops"] for r in rs),
+            "refresh_s": statistics.mean(r["refresh_s"] for r in rs),
+        }
         base = base or s
         s["wall_ratio"] = base["wall_s"] / s["wall_s"]
         s["flops_ratio"] = base["flops"] / s["flops"] if s["flops"] else float("nan")
@@ -184,9 +220,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+",
-                   default=["lotus_vit_tiny:16:4", "lotus_vit_tiny:32:4", "vit_small_patch16_224:224:16"],
-                   help="timm model:img_size:patch_size for the throughput part (first: the digits config)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["lotus_vit_tiny:16:4", "lotus_vit_tiny:32:4", "vit_small_patch16_224:224:16"],
+        help="timm model:img_size:patch_size for the throughput part (first: the digits config)",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[64, 64, 16], help="batch size per model")
     p.add_argument("--keep-rate", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=7)
@@ -195,12 +234,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true", help="throughput part only")
     p.add_argument("--skip-throughput", action="store_true", help="accuracy (training) part only")
-    p.add_argument("--scorer-epochs", type=int, default=5,
-                   help="offline variant: epochs of the dense scorer whose CLS attention makes the ticket file "
-                        "(its training and ranking time count in that variant's wall time); 0 skips the variant")
-    add_harness_args(p, "tickets_patches", seeds=[0, 1, 2],
-                     quick="smoke run: the two lotus_vit_tiny throughput rows, 3 repeats; training with "
-                           "lotus_vit_micro, 6 epochs, 1 seed")
+    p.add_argument(
+        "--scorer-epochs",
+        type=int,
+        default=5,
+        help="offline variant: epochs of the dense scorer whose CLS attention makes the ticket file "
+        "(its training and ranking time count in that variant's wall time); 0 skips the variant",
+    )
+    add_harness_args(
+        p,
+        "tickets_patches",
+        seeds=[0, 1, 2],
+        quick="smoke run: the two lotus_vit_tiny throughput rows, 3 repeats; training with "
+        "lotus_vit_micro, 6 epochs, 1 seed",
+    )
     a = p.parse_args()
     md: list[str] = []
 
@@ -216,25 +263,39 @@ def main() -> None:
         a.models, a.batch, a.repeats, a.iters = a.models[:2], a.batch[:2], 3, 2
         seeds = seeds[:1]
         a.scorer_epochs = min(a.scorer_epochs, 1)
-        extra += ["model.name=lotus_vit_micro", "train.epochs=6", "train.warmup_epochs=0.5", "data.batch_size=32",
-                  "optim.lr=3e-3", "tickets.patches.schedule=[[0,1.0],[1,0.5],[5,1.0]]", "tickets.patches.refresh_every=2"]
+        extra += [
+            "model.name=lotus_vit_micro",
+            "train.epochs=6",
+            "train.warmup_epochs=0.5",
+            "data.batch_size=32",
+            "optim.lr=3e-3",
+            "tickets.patches.schedule=[[0,1.0],[1,0.5],[5,1.0]]",
+            "tickets.patches.refresh_every=2",
+        ]
     batches = (a.batch * len(a.models))[: len(a.models)] if len(a.batch) < len(a.models) else a.batch
 
     tp = []
     for spec, bs in zip([] if a.skip_throughput else a.models, batches):
         tp.append(throughput(spec, bs, a.keep_rate, a.repeats, a.iters))
     if tp:
-        emit(f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, "
-              f"{torch.get_num_threads()} threads)\n")
-        emit("| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | CPU-time speedup "
-              "| + online rank per batch | + rank every 3 epochs | target |")
+        emit(
+            f"## Patch tickets: training-step throughput (keep_rate {a.keep_rate}, CPU, "
+            f"{torch.get_num_threads()} threads)\n"
+        )
+        emit(
+            "| model | img/patch | tokens full -> kept | batch | full img/s | kept img/s | speedup (range) | "
+            "CPU-time speedup "
+            "| + online rank per batch | + rank every 3 epochs | target |"
+        )
         emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in tp:
         ok = "met" if r["speedup"] >= TARGET else "MISSED"
-        emit(f"| {r['model']} | {r['img_size']}/{r['patch_size']} | {r['patches']} -> {r['kept']} | {r['batch']} "
-              f"| {r['full_img_s']:.1f} | {r['kept_img_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
-              f"{r['speedup_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['online_per_batch_speedup']:.2f}x "
-              f"| {r['online_refresh3_speedup']:.2f}x | >= {TARGET}x {ok} |")
+        emit(
+            f"| {r['model']} | {r['img_size']}/{r['patch_size']} | {r['patches']} -> {r['kept']} | {r['batch']} "
+            f"| {r['full_img_s']:.1f} | {r['kept_img_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
+            f"{r['speedup_max']:.2f}) | {r['cpu_speedup']:.2f}x | {r['online_per_batch_speedup']:.2f}x "
+            f"| {r['online_refresh3_speedup']:.2f}x | >= {TARGET}x {ok} |"
+        )
 
     summary, rows = [], []
     if not a.skip_train:
@@ -244,22 +305,42 @@ def main() -> None:
             ("random patches", "configs/digits_patches.yaml", ["tickets.patches.scorer=random"]),
         ]
         if a.scorer_epochs > 0:
-            variants.append((f"cls_attention file ({a.scorer_epochs}-ep scorer)", "configs/digits_patches.yaml", ["file"]))
+            variants.append(
+                (f"cls_attention file ({a.scorer_epochs}-ep scorer)", "configs/digits_patches.yaml", ["file"])
+            )
         emit(f"\n## Patch tickets on digits: accuracy at equal epochs ({len(seeds)} seed(s))\n", flush=True)
         rows = train_runs(variants, seeds, extra, quiet=False, scorer_epochs=a.scorer_epochs)
         summary = summarise(rows)
-        emit("\n| variant | seeds | final val acc % (mean +- std) | wall s (incl. ranking) | wall speed-up "
-              "| train FLOPs | FLOPs ratio | ranking (+ scorer) s |")
+        emit(
+            "\n| variant | seeds | final val acc % (mean +- std) | wall s (incl. ranking) | wall speed-up "
+            "| train FLOPs | FLOPs ratio | ranking (+ scorer) s |"
+        )
         emit("|---|---|---|---|---|---|---|---|")
         for s in summary:
-            emit(f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['wall_s']:.1f} "
-                  f"| {s['wall_ratio']:.2f}x | {s['flops']:.3g} | {s['flops_ratio']:.2f}x | {s['refresh_s']:.1f} |")
-        emit("\nFLOPs: training forward FLOPs x 3 as the lotus trainer counts them (kept-token epochs count "
-              "the kept tokens); ranking passes (and the file variant's scorer training) are not in the FLOPs "
-              "column but are in the wall time.")
-    write_results(out_path(a), {"benchmark": "tickets_patches", "target_speedup": TARGET,
-                                "platform": platform.platform(), "throughput": tp, "training": summary, "runs": rows,
-                                "overrides": extra}, "\n".join(md), quick=a.quick, echo=False)
+            emit(
+                f"| {s['variant']} | {s['seeds']} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['wall_s']:.1f} "
+                f"| {s['wall_ratio']:.2f}x | {s['flops']:.3g} | {s['flops_ratio']:.2f}x | {s['refresh_s']:.1f} |"
+            )
+        emit(
+            "\nFLOPs: training forward FLOPs x 3 as the lotus trainer counts them (kept-token epochs count "
+            "the kept tokens); ranking passes (and the file variant's scorer training) are not in the FLOPs "
+            "column but are in the wall time."
+        )
+    write_results(
+        out_path(a),
+        {
+            "benchmark": "tickets_patches",
+            "target_speedup": TARGET,
+            "platform": platform.platform(),
+            "throughput": tp,
+            "training": summary,
+            "runs": rows,
+            "overrides": extra,
+        },
+        "\n".join(md),
+        quick=a.quick,
+        echo=False,
+    )
 
 
 if __name__ == "__main__":

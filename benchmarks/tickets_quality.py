@@ -10,6 +10,7 @@ mean +- std over seeds; the "vs random" column is the mean difference to the ran
                                                   # lotus_vit_micro (patch 4), 30 epochs: ~200 runs
   python benchmarks/tickets_quality.py --quick    # smoke run: 600 images, 5 epochs, 2 scorers x 2 policies, 2 seeds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,20 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5])
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every run (default: config)")
-    p.add_argument("--model", default="lotus_vit_micro",
-                   help="model of every run and proxy (default lotus_vit_micro; the config's lotus_vit_tiny at "
-                   "patch 2 is ~10x slower per run)")
+    p.add_argument(
+        "--model",
+        default="lotus_vit_micro",
+        help="model of every run and proxy (default lotus_vit_micro; the config's lotus_vit_tiny at "
+        "patch 2 is ~10x slower per run)",
+    )
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--proxy-epochs", type=int, default=3)
     p.add_argument("--el2n-repeats", type=int, default=3)
     p.add_argument("--class-balanced", action="store_true", help="select class-balanced subsets")
     p.add_argument("--threads", type=int, default=2)
-    add_harness_args(p, "tickets_quality", seeds=[0, 1, 2],
-                     quick="smoke run: 600 images, 5 epochs, el2n+loss x top+ccs, 2 seeds")
+    add_harness_args(
+        p, "tickets_quality", seeds=[0, 1, 2], quick="smoke run: 600 images, 5 epochs, el2n+loss x top+ccs, 2 seeds"
+    )
     args = p.parse_args()
     user_set = list(args.set)
     args.set = [f"model.name={args.model}", f"model.patch_size={args.patch_size}", *args.set]
@@ -103,22 +108,34 @@ def main() -> None:
         for name in args.scorers:
             t1 = time.perf_counter()
             if name == "el2n":
-                scores[name] = score(None, train, "el2n", proxy=cached, seed=pseed, repeats=args.el2n_repeats,
-                                     progress=False)
+                scores[name] = score(
+                    None, train, "el2n", proxy=cached, seed=pseed, repeats=args.el2n_repeats, progress=False
+                )
             elif name != "forgetting":
                 scores[name] = score(trained[pseed], train, name, progress=False)
             scoring_s.setdefault(name, []).append(time.perf_counter() - t1 + proxy_s)
         for frac in args.fractions:
-            picks = {("random", "-"): select(np.zeros(n), "random", fraction=frac, labels=labels,
-                                             class_balanced=args.class_balanced, seed=seed)}
+            picks = {
+                ("random", "-"): select(
+                    np.zeros(n), "random", fraction=frac, labels=labels, class_balanced=args.class_balanced, seed=seed
+                )
+            }
             for name in args.scorers:
                 for pol in args.policies:
-                    picks[(name, pol)] = select(scores[name], pol, fraction=frac, labels=labels,
-                                                class_balanced=args.class_balanced, seed=seed)
+                    picks[(name, pol)] = select(
+                        scores[name], pol, fraction=frac, labels=labels, class_balanced=args.class_balanced, seed=seed
+                    )
             for (name, pol), idx in picks.items():
                 path = tmp / f"{name}-{pol}-{frac}-{seed}.npz"
-                TicketFile.create(idx, dataset=train, labels=labels, scorer=None if name == "random" else name,
-                                  policy="random" if name == "random" else pol, fraction=frac, seed=seed).save(path)
+                TicketFile.create(
+                    idx,
+                    dataset=train,
+                    labels=labels,
+                    scorer=None if name == "random" else name,
+                    policy="random" if name == "random" else pol,
+                    fraction=frac,
+                    seed=seed,
+                ).save(path)
                 r = fit(path, seed)
                 method = "random" if name == "random" else f"{name}/{pol}"
                 runs.append({"method": method, "fraction": frac, "seed": seed, **r})
@@ -137,22 +154,48 @@ def main() -> None:
             m, s = seed_stats(table[key])
             d = m - rnd_m
             verdict = "-" if key[0] == "random" else ("yes" if d > 0 else "no")
-            agg.append({"method": key[0], "fraction": frac, "mean_acc": m, "std_acc": s, "vs_random": d,
-                        "seeds": len(table[key])})
+            agg.append(
+                {
+                    "method": key[0],
+                    "fraction": frac,
+                    "mean_acc": m,
+                    "std_acc": s,
+                    "vs_random": d,
+                    "seeds": len(table[key]),
+                }
+            )
             rows.append(f"| {frac:.0%} | {key[0]} | {m * 100:.2f} +- {s * 100:.2f} | {d * 100:+.2f} | {verdict} |")
-    header = (f"### Digits data tickets: final val accuracy (%), mean +- std over seeds {args.seeds}, "
-              f"{cfg.train.epochs} epochs, {cfg.model.name}{' (' + ', '.join(user_set) + ')' if user_set else ''}, "
-              f"full data = {full_m * 100:.2f} +- {full_s * 100:.2f}\n\n"
-              "| subset | method (scorer/policy) | val acc | vs random (pp) | beats random |\n|---|---|---|---|---|")
+    header = (
+        f"### Digits data tickets: final val accuracy (%), mean +- std over seeds {args.seeds}, "
+        f"{cfg.train.epochs} epochs, {cfg.model.name}{' (' + ', '.join(user_set) + ')' if user_set else ''}, "
+        f"full data = {full_m * 100:.2f} +- {full_s * 100:.2f}\n\n"
+        "| subset | method (scorer/policy) | val acc | vs random (pp) | beats random |\n|---|---|---|---|---|"
+    )
     cost = "\n".join(f"| {k} | {statistics.fmean(v):.1f} |" for k, v in scoring_s.items())
-    text = (header + "\n" + "\n".join(rows) + "\n\n### Scoring cost per seed (proxy training + scoring, s)\n\n"
-            "| scorer | seconds |\n|---|---|\n" + cost + "\n")
-    write_results(out_path(args), {"config": args.config, "overrides": base, "model": cfg.model.name,
-                                   "epochs": cfg.train.epochs, "train_size": n, "seeds": args.seeds,
-                                   "class_balanced": args.class_balanced, "proxy_epochs": args.proxy_epochs,
-                                   "el2n_repeats": args.el2n_repeats, "runs": runs, "summary": agg,
-                                   "scoring_s": scoring_s, "total_s": time.perf_counter() - t_start},
-                  text, quick=args.quick)
+    text = (
+        header + "\n" + "\n".join(rows) + "\n\n### Scoring cost per seed (proxy training + scoring, s)\n\n"
+        "| scorer | seconds |\n|---|---|\n" + cost + "\n"
+    )
+    write_results(
+        out_path(args),
+        {
+            "config": args.config,
+            "overrides": base,
+            "model": cfg.model.name,
+            "epochs": cfg.train.epochs,
+            "train_size": n,
+            "seeds": args.seeds,
+            "class_balanced": args.class_balanced,
+            "proxy_epochs": args.proxy_epochs,
+            "el2n_repeats": args.el2n_repeats,
+            "runs": runs,
+            "summary": agg,
+            "scoring_s": scoring_s,
+            "total_s": time.perf_counter() - t_start,
+        },
+        text,
+        quick=args.quick,
+    )
 
 
 if __name__ == "__main__":

@@ -35,25 +35,46 @@ kept_tokens     ``forward_kept_tokens``, ``KeptPatchTokens``, ``apply_patch_tick
 keep_rate       ``num_kept``, ``KeepRateSchedule``
 =============== ==========================================================================================
 """
+
 import importlib
 from typing import Any
 
 # name -> module that defines it; imported on first use (module __getattr__), so reading a config section
 # that needs only ``KeepRateSchedule`` or ``POLICIES`` does not import torch
 _WHERE = {
-    "__version__": "_version", "DynamicPruner": "dynamic", "dataset_fingerprint": "fingerprint",
-    "per_sample_grad_sq_norms": "grad_norms", "KeepRateSchedule": "keep_rate", "apply_patch_tickets": "kept_tokens",
-    "PatchTicket": "patches", "POLICIES": "policies", "register_policy": "policies", "select": "policies",
-    "make_proxy": "proxy", "SCORERS": "scorers", "register_scorer": "scorers", "score": "scorers",
+    "__version__": "_version",
+    "DynamicPruner": "dynamic",
+    "dataset_fingerprint": "fingerprint",
+    "per_sample_grad_sq_norms": "grad_norms",
+    "KeepRateSchedule": "keep_rate",
+    "apply_patch_tickets": "kept_tokens",
+    "PatchTicket": "patches",
+    "POLICIES": "policies",
+    "register_policy": "policies",
+    "select": "policies",
+    "make_proxy": "proxy",
+    "SCORERS": "scorers",
+    "register_scorer": "scorers",
+    "score": "scorers",
     "TicketFile": "ticket_file",
 }
 
 __all__ = [
     "__version__",
-    "score", "SCORERS", "register_scorer",
-    "select", "POLICIES", "register_policy",
-    "TicketFile", "dataset_fingerprint", "make_proxy", "per_sample_grad_sq_norms",
-    "DynamicPruner", "PatchTicket", "KeepRateSchedule", "apply_patch_tickets",
+    "score",
+    "SCORERS",
+    "register_scorer",
+    "select",
+    "POLICIES",
+    "register_policy",
+    "TicketFile",
+    "dataset_fingerprint",
+    "make_proxy",
+    "per_sample_grad_sq_norms",
+    "DynamicPruner",
+    "PatchTicket",
+    "KeepRateSchedule",
+    "apply_patch_tickets",
 ]
 
 

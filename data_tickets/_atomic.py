@@ -1,5 +1,6 @@
 """Atomic file writes for the library's own files (ticket files, the proxy cache): a temporary file in the
 target folder, fsync, then ``os.replace``, so a crash never leaves a half-written file under the real name."""
+
 from __future__ import annotations
 
 import os

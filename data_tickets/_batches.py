@@ -5,6 +5,7 @@ Plain ``(image, label)`` datasets are accepted too: the running position is used
 Everything in :mod:`data_tickets` that walks a dataset goes through :func:`iter_batches`, so scores
 always land at the right dataset index whatever the loader order.
 """
+
 from __future__ import annotations
 
 import sys
@@ -78,8 +79,13 @@ def iter_batches(
         # in-memory datasets that slice a whole batch at once (e.g. lotus TensorImageDataset)
         loader = (dataset.get_batch(torch.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size))
     else:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=torch.device(device).type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=torch.device(device).type == "cuda",
+        )
     offset = 0
     with tqdm(total=n, desc=desc, unit="img", disable=not show_progress(progress), leave=False) as bar:
         for raw in loader:
@@ -89,7 +95,8 @@ def iter_batches(
                 bad = int(index.max()) if int(index.max()) >= n else int(index.min())
                 raise ValueError(
                     f"dataset item index {bad} is out of range for a dataset of {n} items; the third item "
-                    "element must be the item's position in this dataset (re-index Subset datasets)")
+                    "element must be the item's position in this dataset (re-index Subset datasets)"
+                )
             yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), index)
             bar.update(labels.numel())
 
@@ -120,8 +127,9 @@ def map_batches(
     try:
         ctx = torch.enable_grad() if grad else torch.inference_mode()
         with ctx:
-            for batch in iter_batches(dataset, batch_size, device=dev, num_workers=num_workers,
-                                      progress=progress, desc=desc):
+            for batch in iter_batches(
+                dataset, batch_size, device=dev, num_workers=num_workers, progress=progress, desc=desc
+            ):
                 vals = fn(model, batch).detach().float().cpu()
                 if out is None:
                     out = torch.zeros((n, *vals.shape[1:]), dtype=torch.float32)

@@ -1,4 +1,5 @@
 """Package version, recorded in every ticket file (falls back when not installed as a distribution)."""
+
 from __future__ import annotations
 
 from importlib import metadata

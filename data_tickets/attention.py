@@ -10,6 +10,7 @@ optionally ``head_dim``/``scale``/``q_norm``/``k_norm``/``softcap`` (timm ``Atte
 as the OP block's soft-capped attention), inside a model
 with ``blocks`` (each holding ``.attn``), ``num_prefix_tokens`` and a class token.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -23,14 +24,17 @@ __all__ = ["cls_attention", "capture_attention"]
 def _attn_modules(model: nn.Module) -> list[nn.Module]:
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError(f"cls_attention needs a ViT with a `blocks` list (timm VisionTransformer), "
-                         f"got {type(model).__name__}")
+        raise ValueError(
+            f"cls_attention needs a ViT with a `blocks` list (timm VisionTransformer), got {type(model).__name__}"
+        )
     mods = []
     for i, blk in enumerate(blocks):
         attn = getattr(blk, "attn", None)
         if attn is None or not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "num_heads"):
-            raise ValueError(f"cls_attention: blocks[{i}].attn has no fused `qkv` Linear and `num_heads` "
-                             "(expected a timm Attention module)")
+            raise ValueError(
+                f"cls_attention: blocks[{i}].attn has no fused `qkv` Linear and `num_heads` "
+                "(expected a timm Attention module)"
+            )
         mods.append(attn)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("cls_attention needs a ViT with a class token (class_token=True)")
@@ -48,7 +52,7 @@ def _attention_probs(attn: nn.Module, x: torch.Tensor, cls_only: bool) -> torch.
     k = getattr(attn, "k_norm", nn.Identity())(k)
     if cls_only:
         q = q[:, :, :1]
-    scale = getattr(attn, "scale", hd ** -0.5)
+    scale = getattr(attn, "scale", hd**-0.5)
     logits = q.float() @ k.float().transpose(-2, -1) * scale
     cap = getattr(attn, "softcap", None)
     if isinstance(cap, (int, float)) and cap > 0:  # soft-capped logits (e.g. lotus' OP block attention)
@@ -63,7 +67,7 @@ def capture_attention(model: nn.Module, layers: list[int] | None = None, cls_onl
     Yields a dict ``{layer: [B, H, 1 or N, N] tensor}`` filled by the next forward pass.
     """
     mods = _attn_modules(model)
-    chosen = range(len(mods)) if layers is None else [l % len(mods) for l in layers]
+    chosen = range(len(mods)) if layers is None else [i % len(mods) for i in layers]
     store: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -71,6 +75,7 @@ def capture_attention(model: nn.Module, layers: list[int] | None = None, cls_onl
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["x"]
             store[i] = _attention_probs(module, x, cls_only)
+
         return hook
 
     try:

@@ -22,6 +22,7 @@ pruner adopts its sharding); every rank computes the same plan and takes an equa
 like ``DistributedSampler``. Scores recorded on each rank are merged across ranks at every ``set_epoch``
 (one ``all_reduce`` of two vectors of length ``num_samples``) so all ranks keep identical plans.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -180,7 +181,9 @@ class DynamicPruner(Sampler[int]):
         if vals.shape[0] != idx.shape[0]:
             raise ValueError(f"losses: expected {idx.shape[0]} values (one per index), got {vals.shape[0]}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
-            raise ValueError(f"index: expected values in [0, {self.num_samples - 1}], got range [{idx.min()}, {idx.max()}]")
+            raise ValueError(
+                f"index: expected values in [0, {self.num_samples - 1}], got range [{idx.min()}, {idx.max()}]"
+            )
         ok = np.isfinite(vals)  # a NaN/inf loss would poison the mean; keep the previous score
         idx, vals = idx[ok], vals[ok]
         self.scores[idx] = vals
@@ -198,7 +201,9 @@ class DynamicPruner(Sampler[int]):
     def reweight(self, loss_vec: torch.Tensor, index: Any, update: bool = True) -> torch.Tensor:
         """Record ``loss_vec`` as the batch's scores (if ``update``) and return it times the plan's weights."""
         if loss_vec.dim() != 1:
-            raise ValueError(f"loss_vec: expected a 1-D per-sample loss (reduction='none'), got shape {tuple(loss_vec.shape)}")
+            raise ValueError(
+                f"loss_vec: expected a 1-D per-sample loss (reduction='none'), got shape {tuple(loss_vec.shape)}"
+            )
         if update:
             self.update(index, loss_vec)
         return loss_vec * self.weights(index, device=loss_vec.device).to(loss_vec.dtype)
@@ -258,8 +263,9 @@ class DynamicPruner(Sampler[int]):
         """
         pool = (np.arange(self.num_samples) if self.pool is None else self.pool) if pool is None else pool
         annealing = anneal and self.is_annealing(epoch)
-        keep, weights, counts = infobatch_plan(self.scores, self.seen, pool, self.ratio, self._rng(epoch, 0),
-                                               annealing=annealing)
+        keep, weights, counts = infobatch_plan(
+            self.scores, self.seen, pool, self.ratio, self._rng(epoch, 0), annealing=annealing
+        )
         return keep, weights, {"epoch": int(epoch), **counts}
 
     def _make_plan(self) -> None:
@@ -339,20 +345,31 @@ class DynamicPruner(Sampler[int]):
 
         idx = self.final_kept_indices()
         pool_size = self.num_samples if self.pool is None else int(self.pool.size)
-        info = {"dynamic": {"ratio": self.ratio, "anneal": self.anneal, "num_epochs": self.num_epochs,
-                            "last_epoch": int(self.epoch), "seen": int(self.seen.sum())}}
+        info = {
+            "dynamic": {
+                "ratio": self.ratio,
+                "anneal": self.anneal,
+                "num_epochs": self.num_epochs,
+                "last_epoch": int(self.epoch),
+                "seen": int(self.seen.sum()),
+            }
+        }
         info.update(extra or {})
         fields = dict(
             scores=np.where(self.seen, self.scores, np.nan).astype(np.float32),
-            scorer="dynamic_last_loss", policy="infobatch", fraction=float(idx.size / pool_size),
-            seed=self.seed, extra=info,
+            scorer="dynamic_last_loss",
+            policy="infobatch",
+            fraction=float(idx.size / pool_size),
+            seed=self.seed,
+            extra=info,
         )
         if dataset is None and labels is None:
             return TicketFile(idx, **fields).check()
         return TicketFile.create(idx, dataset=dataset, labels=labels, **fields)
 
-    def export_ticket(self, path: str, dataset: Any = None, labels: Any = None,
-                      extra: dict[str, Any] | None = None) -> str:
+    def export_ticket(
+        self, path: str, dataset: Any = None, labels: Any = None, extra: dict[str, Any] | None = None
+    ) -> str:
         """Write :meth:`to_ticket` to ``path`` (a ``.npz`` ticket file, atomically) and return the path."""
         self.to_ticket(dataset=dataset, labels=labels, extra=extra).save(path)
         return str(path)
@@ -383,7 +400,8 @@ class DynamicPruner(Sampler[int]):
             raise ValueError("DynamicPruner state: expected a dict from DynamicPruner.state_dict() (version 1)")
         if int(state["num_samples"]) != self.num_samples:
             raise ValueError(
-                f"DynamicPruner state: saved for {int(state['num_samples'])} samples, this dataset has {self.num_samples}"
+                f"DynamicPruner state: saved for {int(state['num_samples'])} samples, this dataset has "
+                f"{self.num_samples}"
             )
         self.ratio = float(state["ratio"])
         self.anneal = float(state["anneal"])
@@ -402,5 +420,7 @@ class DynamicPruner(Sampler[int]):
         self._epoch_set = True
 
     def __repr__(self) -> str:
-        return (f"DynamicPruner(num_samples={self.num_samples}, ratio={self.ratio}, num_epochs={self.num_epochs}, "
-                f"anneal={self.anneal}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})")
+        return (
+            f"DynamicPruner(num_samples={self.num_samples}, ratio={self.ratio}, num_epochs={self.num_epochs}, "
+            f"anneal={self.anneal}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})"
+        )

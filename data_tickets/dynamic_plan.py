@@ -21,6 +21,7 @@ The epoch's index order is then sharded across ranks exactly like ``DistributedS
 
 Reference: Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR 2024.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ deterministically sampled images (pixels rounded to 1e-3 so harmless float noise
 are read under fixed RNG seeds so random train-time augmentation reads the same way every time; if two
 reads of an item still differ, the pixel hash is recorded as ``None`` (skipped when comparing).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,7 @@ def compare_fingerprints(expected: dict, actual: dict) -> str | None:
     if int(expected["size"]) != int(actual["size"]):
         return f"dataset size differs (file {expected['size']}, dataset {actual['size']})"
     if expected["labels_sha256"] != actual["labels_sha256"]:
-        return (f"labels hash differs (file {expected['labels_sha256'][:12]}, "
-                f"dataset {actual['labels_sha256'][:12]})")
+        return f"labels hash differs (file {expected['labels_sha256'][:12]}, dataset {actual['labels_sha256'][:12]})"
     pe, pa = expected.get("pixels_sha256"), actual.get("pixels_sha256")
     if pe and pa and expected.get("pixel_samples") == actual.get("pixel_samples") and pe != pa:
         return f"sampled pixels hash differs (file {pe[:12]}, dataset {pa[:12]})"

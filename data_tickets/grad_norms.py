@@ -19,6 +19,7 @@ weight is tied to another parameter, falls back to the plain per-sample gradient
 eval mode (a shape pass on one sample precedes the gradient pass; a forward that changes between the two
 is an error, not a silent miscount).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,6 +37,7 @@ def sdpa_math():
     """vmap has no batching rule for the fused CPU flash-attention kernels; the math kernel decomposes."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         return sdpa_kernel(SDPBackend.MATH)
     except ImportError:  # pragma: no cover - older torch
         return nullcontext()
@@ -64,6 +66,7 @@ def _linear_units(module: nn.Module, selected: set[str], x: torch.Tensor) -> dic
         def fn(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             cands[name]["calls"] += 1
             cands[name]["shape"], cands[name]["dtype"] = tuple(out.shape), out.dtype
+
         return fn
 
     handles = [c["module"].register_forward_hook(hook(n)) for n, c in cands.items()]
@@ -84,10 +87,14 @@ def _weight_sq_norm(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (g.T @ x).pow(2).sum()
 
 
-def per_sample_grad_sq_norms(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
-                             labels: torch.Tensor, chunk_size: int | None = None,
-                             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
-                             ) -> torch.Tensor:
+def per_sample_grad_sq_norms(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
     """``||d loss(module(inputs[i]), labels[i]) / d params||^2`` for every sample ``i`` (shape ``(B,)``).
 
     params: the selected parameters by name; the others are held constant (factorised Linear layers use the
@@ -108,10 +115,13 @@ def per_sample_grad_sq_norms(module: nn.Module, params: dict[str, torch.Tensor],
             if not state["active"]:
                 return None
             if name in state["inputs"]:
-                raise RuntimeError(f"per_sample_grad_sq_norms: Linear {name!r} ran twice in one forward but once "
-                                   "in the shape pass; call the model in eval mode with a deterministic forward")
+                raise RuntimeError(
+                    f"per_sample_grad_sq_norms: Linear {name!r} ran twice in one forward but once "
+                    "in the shape pass; call the model in eval mode with a deterministic forward"
+                )
             state["inputs"][name] = args[0]
             return out + state["probes"][name]
+
         return fn
 
     def loss_of(d: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
@@ -122,12 +132,15 @@ def per_sample_grad_sq_norms(module: nn.Module, params: dict[str, torch.Tensor],
             state["active"] = False
         missing = set(units) - set(state["inputs"])
         if missing:
-            raise RuntimeError(f"per_sample_grad_sq_norms: Linear layer(s) {sorted(missing)} ran in the shape pass "
-                               "but not in the gradient pass; call the model in eval mode")
+            raise RuntimeError(
+                f"per_sample_grad_sq_norms: Linear layer(s) {sorted(missing)} ran in the shape pass "
+                "but not in the gradient pass; call the model in eval mode"
+            )
         return loss_fn(out, y.unsqueeze(0)), dict(state["inputs"])
 
-    def sq_norm(d: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
+    def sq_norm(
+        d: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         (g_params, g_probes), xs = grad(loss_of, argnums=(0, 1), has_aux=True)(d, probes, x, y)
         total = sum((t.float().pow(2).sum() for t in g_params.values()), torch.zeros((), dtype=torch.float32))
         for name, u in units.items():

@@ -3,6 +3,7 @@
 The kept count for N patches and keep rate k is ``K = max(1, floor(k * N + 0.5))`` (:func:`num_kept`);
 :class:`KeepRateSchedule` gives k per epoch (step or linear between ``(epoch, keep_rate)`` points).
 """
+
 from __future__ import annotations
 
 import math

@@ -15,6 +15,7 @@
 Kept indices are ``(B, K)`` (or ``(K,)`` shared by the batch) integer indices into the row-major patch grid,
 e.g. from :meth:`data_tickets.PatchTicket.keep_from_rank`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -37,7 +38,10 @@ def _families() -> tuple[tuple[type, bool | str], ...]:
 
     return (
         (Eva, True),
-        (VisionTransformerSAM, "its blocks run windowed attention on the (H, W) patch grid, so tokens cannot be dropped"),
+        (
+            VisionTransformerSAM,
+            "its blocks run windowed attention on the (H, W) patch grid, so tokens cannot be dropped",
+        ),
         (NaFlexVit, "it embeds variable-resolution patch sequences, with no fixed patch grid to keep patches of"),
         (VisionTransformer, False),
     )
@@ -66,13 +70,17 @@ def _patch_drop_contract(model: nn.Module, what: str) -> bool:
         return True
     if isinstance(slot, (PatchDropout, nn.Identity)):
         return False
-    raise ValueError(f"{what}: {type(model).__name__} is not supported (cannot tell what its forward expects "
-                     f"from its patch_drop slot, a {type(slot).__name__})")
+    raise ValueError(
+        f"{what}: {type(model).__name__} is not supported (cannot tell what its forward expects "
+        f"from its patch_drop slot, a {type(slot).__name__})"
+    )
 
 
 def _require_vit(model: nn.Module, what: str) -> None:
     """Raise a ``ValueError`` (prefixed ``what``) unless ``model`` has a timm VisionTransformer's parts."""
-    missing = [a for a in ("patch_embed", "blocks", "norm", "forward_head", "num_prefix_tokens") if not hasattr(model, a)]
+    missing = [
+        a for a in ("patch_embed", "blocks", "norm", "forward_head", "num_prefix_tokens") if not hasattr(model, a)
+    ]
     if missing:
         raise ValueError(
             f"{what}: expected a timm VisionTransformer (patch_embed, pos_embed, blocks, norm, forward_head), "
@@ -129,8 +137,10 @@ def forward_kept_tokens(
     contract = _family_contract(model)
     if contract is not None and contract is not False:  # Eva (rotary embeddings), or a refused family
         why = contract if isinstance(contract, str) else "its forward applies rotary position embeddings"
-        raise ValueError(f"forward_kept_tokens: {type(model).__name__} is not supported ({why}); "
-                         "use apply_patch_tickets(model) and model(images) for Eva models")
+        raise ValueError(
+            f"forward_kept_tokens: {type(model).__name__} is not supported ({why}); "
+            "use apply_patch_tickets(model) and model(images) for Eva models"
+        )
     x = model.patch_embed(images)
     grid = None
     if x.dim() == 4:  # dynamic_img_size: NHWC
@@ -156,8 +166,9 @@ def forward_kept_tokens(
         if grid is not None and getattr(model, "dynamic_img_size", False):
             from timm.layers import resample_abs_pos_embed
 
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=model.patch_embed.grid_size,
-                                         num_prefix_tokens=pos_prefix)
+            pos = resample_abs_pos_embed(
+                pos, new_size=grid, old_size=model.patch_embed.grid_size, num_prefix_tokens=pos_prefix
+            )
         if pos.shape[1] != N + pos_prefix:
             raise ValueError(
                 f"forward_kept_tokens: pos_embed has {pos.shape[1]} positions, expected {N + pos_prefix} "

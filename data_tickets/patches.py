@@ -15,6 +15,7 @@ the best ones; :class:`PatchTicket` ties scoring, keep selection and the kept-to
 The kept-token forward lives in :mod:`data_tickets.kept_tokens`, :func:`num_kept` and
 :class:`KeepRateSchedule` in :mod:`data_tickets.keep_rate`; they are re-exported here for existing imports.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,13 @@ from .keep_rate import (
     KeepRateSchedule,  # noqa: F401
     num_kept,
 )
-from .kept_tokens import KeptPatchTokens, _num_patches, _require_vit, apply_patch_tickets, forward_kept_tokens  # noqa: F401
+from .kept_tokens import (  # noqa: F401
+    KeptPatchTokens,
+    _num_patches,
+    _require_vit,
+    apply_patch_tickets,
+    forward_kept_tokens,
+)
 
 __all__ = ["PatchTicket", "patch_attention", "random_patch_scores", "rank_patches"]
 
@@ -151,8 +158,9 @@ class PatchTicket:
         """All patches of each image sorted best first: ``(B, N)`` int64."""
         return rank_patches(self.scores(model, images, index=index, epoch=epoch))
 
-    def select(self, model: nn.Module, images: torch.Tensor, index: Any = None, epoch: int = 0,
-               keep_rate: float | None = None) -> torch.Tensor:
+    def select(
+        self, model: nn.Module, images: torch.Tensor, index: Any = None, epoch: int = 0, keep_rate: float | None = None
+    ) -> torch.Tensor:
         """Kept patch indices ``(B, K)`` (sorted spatially) for a batch."""
         rank = self.rank(model, images, index=index, epoch=epoch)
         return _keep_from_rank(rank, self.num_kept(rank.shape[1], keep_rate))
@@ -256,11 +264,24 @@ class PatchTicket:
         n, stored = rank.shape
         num_patches = stored if num_patches is None else int(num_patches)
         idx = np.arange(n) if indices is None else np.asarray(indices)
-        info = {"patches": {"keep_rate": self.keep_rate, "scorer": self.scorer, "rollout": self.rollout,
-                            "num_patches": num_patches, "stored": stored}}
+        info = {
+            "patches": {
+                "keep_rate": self.keep_rate,
+                "scorer": self.scorer,
+                "rollout": self.rollout,
+                "num_patches": num_patches,
+                "stored": stored,
+            }
+        }
         info.update(extra or {})
-        fields = dict(scorer=f"patch_{self.scorer}", policy="top" if self.scorer == "cls_attention" else "random",
-                      fraction=float(idx.size / n), seed=self.seed, patch_indices=rank, extra=info)
+        fields = dict(
+            scorer=f"patch_{self.scorer}",
+            policy="top" if self.scorer == "cls_attention" else "random",
+            fraction=float(idx.size / n),
+            seed=self.seed,
+            patch_indices=rank,
+            extra=info,
+        )
         if dataset is None and labels is None:
             return TicketFile(idx, **fields).check()
         return TicketFile.create(idx, dataset=dataset, labels=labels, **fields)
@@ -278,11 +299,14 @@ class PatchTicket:
         info = (getattr(ticket, "extra", None) or {}).get("patches", {})
         made_for = info.get("num_patches")
         if made_for is not None and int(made_for) != num_patches:
-            raise ValueError(f"{where}: patch tickets were made for {made_for} patches per image, "
-                             f"the model has {num_patches}")
+            raise ValueError(
+                f"{where}: patch tickets were made for {made_for} patches per image, the model has {num_patches}"
+            )
         if rank.size and int(rank.max()) >= num_patches:
             raise ValueError(f"{where}: patch index {int(rank.max())} out of range for {num_patches} patches")
         if keep_rate is not None and num_kept(num_patches, keep_rate) > rank.shape[1]:
-            raise ValueError(f"{where}: stores {rank.shape[1]} patches per image, keep_rate {keep_rate} needs "
-                             f"{num_kept(num_patches, keep_rate)}")
+            raise ValueError(
+                f"{where}: stores {rank.shape[1]} patches per image, keep_rate {keep_rate} needs "
+                f"{num_kept(num_patches, keep_rate)}"
+            )
         return rank

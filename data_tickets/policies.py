@@ -24,6 +24,7 @@ and the policy runs inside each class (for ``ccs``: the ``beta`` cut and the str
 it a score-driven policy can skew the classes badly (a 30 % ccs ticket of 10 balanced classes with 75 of one
 class and 160 of another); ``class_balanced=False`` turns it off, ``True`` requires labels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,9 +40,11 @@ POLICIES: dict[str, PolicyFn] = {}
 
 def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
     """Decorator: ``fn(scores: np.ndarray, k: int, rng: np.random.Generator, **opts) -> positions (k,)``."""
+
     def deco(fn: PolicyFn) -> PolicyFn:
         POLICIES[name] = fn
         return fn
+
     return deco
 
 
@@ -137,8 +140,9 @@ def uses_class_balance(class_balanced: bool | None, labels: Any) -> bool:
     if class_balanced is None:
         return labels is not None
     if not isinstance(class_balanced, (bool, np.bool_)):
-        raise ValueError(f"class_balanced: expected True, False or None (auto: on when labels are given), "
-                         f"got {class_balanced!r}")
+        raise ValueError(
+            f"class_balanced: expected True, False or None (auto: on when labels are given), got {class_balanced!r}"
+        )
     if class_balanced and labels is None:
         raise ValueError("class_balanced: needs labels= aligned with the scores")
     return bool(class_balanced)
@@ -148,8 +152,16 @@ def _as_labels(labels: Any) -> np.ndarray:
     return np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
 
 
-def select(scores: Any, policy: str = "ccs", fraction: float | None = None, count: int | None = None,
-           labels: Any = None, class_balanced: bool | None = None, seed: int = 0, **kw: Any) -> np.ndarray:
+def select(
+    scores: Any,
+    policy: str = "ccs",
+    fraction: float | None = None,
+    count: int | None = None,
+    labels: Any = None,
+    class_balanced: bool | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> np.ndarray:
     """Indices (sorted, int64) of the samples kept by ``policy`` under the budget.
 
     ``scores`` is any 1-D array/tensor aligned with dataset indices; policy options go in ``**kw``

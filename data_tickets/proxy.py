@@ -12,6 +12,7 @@ A proxy may carry a ``config`` dict attribute describing it; it is recorded in t
 :func:`make_proxy` builds one on plain PyTorch (this module); ``lotus.tickets.make_proxy`` builds one on the
 lotus training loop.
 """
+
 from __future__ import annotations
 
 import random
@@ -69,14 +70,15 @@ def train_proxy(
     model = model_fn()
     dev = resolve_device(model, device)
     model.to(dev).train()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
-                        drop_last=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers, drop_last=False
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)))
     from tqdm.auto import tqdm
-    bar = tqdm(total=epochs * len(loader), desc=f"proxy seed {seed}", leave=False,
-               disable=not show_progress(progress))
+
+    bar = tqdm(total=epochs * len(loader), desc=f"proxy seed {seed}", leave=False, disable=not show_progress(progress))
     try:
         for epoch in range(1, epochs + 1):
             offset = 0
@@ -97,14 +99,19 @@ def train_proxy(
     return model.eval()
 
 
-def make_proxy(model_fn: Callable[[], nn.Module], dataset: Dataset, epochs: int = 3, lr: float = 1e-3,
-               **train_kw: Any) -> Proxy:
+def make_proxy(
+    model_fn: Callable[[], nn.Module], dataset: Dataset, epochs: int = 3, lr: float = 1e-3, **train_kw: Any
+) -> Proxy:
     """Wrap :func:`train_proxy` into a :class:`Proxy` callable (``config`` records its settings)."""
 
     def proxy(seed: int, on_epoch_end: EpochCallback | None = None) -> nn.Module:
         return train_proxy(model_fn, dataset, epochs, lr, seed=seed, on_epoch_end=on_epoch_end, **train_kw)
 
-    proxy.config = {"trainer": "data_tickets.proxy.train_proxy", "epochs": epochs, "lr": lr,
-                    **{k: v for k, v in train_kw.items() if isinstance(v, (int, float, str, bool))},
-                    "model": getattr(model_fn, "__name__", type(model_fn).__name__)}
+    proxy.config = {
+        "trainer": "data_tickets.proxy.train_proxy",
+        "epochs": epochs,
+        "lr": lr,
+        **{k: v for k, v in train_kw.items() if isinstance(v, (int, float, str, bool))},
+        "model": getattr(model_fn, "__name__", type(model_fn).__name__),
+    }
     return proxy

@@ -17,6 +17,7 @@ Layout of ``<folder>/proxy-<fingerprint>.safetensors``: tensors ``epoch<e>/<name
 ``format_version``, ``fingerprint``, ``key`` (JSON), ``seed``, ``epochs`` (JSON list), ``final``
 (``"last_epoch"`` or ``"stored"``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,13 +69,16 @@ def _read(path: Path, key: str, seed: int) -> tuple[list[dict[str, torch.Tensor]
     try:
         raw = path.read_bytes()
         tensors = load(raw)
-        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
+        meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") \
-            from None
+        raise ValueError(
+            f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from None
     if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"stale (format {meta.get('format')!r} v{meta.get('format_version')}, "
-                         f"expected {FORMAT!r} v{FORMAT_VERSION})")
+        raise ValueError(
+            f"stale (format {meta.get('format')!r} v{meta.get('format_version')}, "
+            f"expected {FORMAT!r} v{FORMAT_VERSION})"
+        )
     if meta.get("key") != key or meta.get("seed") != str(seed):
         raise ValueError("stale (recorded key or seed differs from this run's)")
     try:
@@ -102,8 +106,15 @@ def _read(path: Path, key: str, seed: int) -> tuple[list[dict[str, torch.Tensor]
     return states, final
 
 
-def cached_proxy(proxy: Proxy, model_fn: Callable[[], nn.Module], folder: str | os.PathLike, key: Any, *,
-                 device: str | torch.device | None = None, log: Callable[[str], None] | None = print) -> Proxy:
+def cached_proxy(
+    proxy: Proxy,
+    model_fn: Callable[[], nn.Module],
+    folder: str | os.PathLike,
+    key: Any,
+    *,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Proxy:
     """Wrap ``proxy`` so that each seed trains once and is replayed from ``folder`` afterwards.
 
     ``model_fn()`` builds the (untrained) architecture the proxy trains, to load stored states into; ``key``
@@ -161,9 +172,15 @@ def cached_proxy(proxy: Proxy, model_fn: Callable[[], nn.Module], folder: str | 
         last = bool(states) and _same(states[-1], final)
         if not last:
             tensors.update({f"final/{k}": v for k, v in final.items()})
-        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": fp, "key": key_json,
-                "seed": str(seed), "epochs": json.dumps(list(range(1, len(states) + 1))),
-                "final": "last_epoch" if last else "stored"}
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "fingerprint": fp,
+            "key": key_json,
+            "seed": str(seed),
+            "epochs": json.dumps(list(range(1, len(states) + 1))),
+            "final": "last_epoch" if last else "stored",
+        }
         _write_bytes(path, save(tensors, metadata=meta))
         return model
 

@@ -6,6 +6,7 @@
   of the data, a new permutation starting when one is used up, so every sample is seen once before any is
   seen twice. Both are pure functions of (size, fraction, epoch, seed): a resumed run draws the same subsets.
 """
+
 from __future__ import annotations
 
 import numpy as np

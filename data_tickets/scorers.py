@@ -28,6 +28,7 @@ Models come from ``proxy`` when given (``repeats`` fresh proxy trainings, see :m
 and otherwise are the ``model`` argument itself (``repeats`` must then be 1). Single-pass scorers run batched
 under :func:`torch.inference_mode` with the model in eval mode.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -63,11 +64,26 @@ class ScoreContext:
     seed: int
     name: str
 
-    def map(self, model: nn.Module, fn: Callable[[nn.Module, Batch], torch.Tensor], *, grad: bool = False,
-            batch_size: int | None = None, desc: str | None = None) -> torch.Tensor:
-        return map_batches(model, self.dataset, fn, batch_size=batch_size or self.batch_size, device=self.device,
-                           num_workers=self.num_workers, progress=self.progress, desc=desc or self.name,
-                           grad=grad)
+    def map(
+        self,
+        model: nn.Module,
+        fn: Callable[[nn.Module, Batch], torch.Tensor],
+        *,
+        grad: bool = False,
+        batch_size: int | None = None,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        return map_batches(
+            model,
+            self.dataset,
+            fn,
+            batch_size=batch_size or self.batch_size,
+            device=self.device,
+            num_workers=self.num_workers,
+            progress=self.progress,
+            desc=desc or self.name,
+            grad=grad,
+        )
 
     def models(self, repeats: int) -> Iterator[nn.Module]:
         """``repeats`` proxy-trained models, or the given model once."""
@@ -77,8 +93,10 @@ class ScoreContext:
             if self.model is None:
                 raise ValueError(f"scorer '{self.name}': pass a model or a proxy= trainer")
             if repeats != 1:
-                raise ValueError(f"scorer '{self.name}': repeats={repeats} needs proxy= (a trainer for fresh "
-                                 "models); with a fixed model use repeats=1")
+                raise ValueError(
+                    f"scorer '{self.name}': repeats={repeats} needs proxy= (a trainer for fresh "
+                    "models); with a fixed model use repeats=1"
+                )
             yield self.model
             return
         for k in range(repeats):
@@ -103,22 +121,35 @@ class Scorer:
 SCORERS: dict[str, Scorer] = {}
 
 
-def register_scorer(name: str, *, needs_labels: bool = True, needs_proxy: bool = False,
-                    description: str | None = None) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+def register_scorer(
+    name: str, *, needs_labels: bool = True, needs_proxy: bool = False, description: str | None = None
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator registering ``fn(ctx: ScoreContext, **options) -> Tensor[len(dataset)]`` under ``name``.
 
     Convention: higher score = more informative. Re-registering a name replaces the scorer.
     """
+
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
         SCORERS[name] = Scorer(name, fn, needs_labels, needs_proxy, doc)
         return fn
+
     return deco
 
 
-def score(model: nn.Module | None, dataset: Dataset, scorer: str = "el2n", *, proxy: Proxy | None = None,
-          batch_size: int = 256, device: str | torch.device | None = None, progress: bool | None = None,
-          num_workers: int = 0, seed: int = 0, **kw: Any) -> torch.Tensor:
+def score(
+    model: nn.Module | None,
+    dataset: Dataset,
+    scorer: str = "el2n",
+    *,
+    proxy: Proxy | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    **kw: Any,
+) -> torch.Tensor:
     """Score every sample of ``dataset``; returns a float32 tensor aligned with dataset indices.
 
     ``model`` is scored directly unless ``proxy`` is given, in which case fresh models are trained by the
@@ -134,15 +165,25 @@ def score(model: nn.Module | None, dataset: Dataset, scorer: str = "el2n", *, pr
         if key not in allowed:
             raise ValueError(f"scorer '{scorer}' has no option {key!r} (options: {', '.join(allowed) or 'none'})")
     if spec.needs_proxy and proxy is None:
-        raise ValueError(f"scorer '{scorer}' needs proxy= (a callable proxy(seed, on_epoch_end) -> model that "
-                         "trains a fresh model; see data_tickets.proxy.make_proxy)")
+        raise ValueError(
+            f"scorer '{scorer}' needs proxy= (a callable proxy(seed, on_epoch_end) -> model that "
+            "trains a fresh model; see data_tickets.proxy.make_proxy)"
+        )
     if model is None and proxy is None:
         raise ValueError(f"scorer '{scorer}': pass a model or a proxy= trainer")
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to score")
-    ctx = ScoreContext(model, dataset, proxy, batch_size, device if device is not None else
-                       (resolve_device(model, None) if model is not None else None),
-                       num_workers, progress, seed, scorer)
+    ctx = ScoreContext(
+        model,
+        dataset,
+        proxy,
+        batch_size,
+        device if device is not None else (resolve_device(model, None) if model is not None else None),
+        num_workers,
+        progress,
+        seed,
+        scorer,
+    )
     out = spec.fn(ctx, **kw).float().cpu().reshape(-1)
     if out.numel() != len(dataset):
         raise RuntimeError(f"scorer '{scorer}' returned {out.numel()} scores for {len(dataset)} samples")
@@ -175,21 +216,25 @@ def _el2n(ctx: ScoreContext, repeats: int | None = None) -> torch.Tensor:
         logits = m(b.images)
         err = logits.softmax(-1) - F.one_hot(b.labels, logits.shape[-1]).to(logits.dtype)
         return err.norm(dim=-1)
+
     return _mean_over(ctx, repeats, fn)
 
 
 @register_scorer("entropy", needs_labels=False)
 def _entropy(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
     """Predictive entropy of the softmax (uncertain samples score high)."""
+
     def fn(m: nn.Module, b: Batch) -> torch.Tensor:
         logp = m(b.images).float().log_softmax(-1)
         return -(logp.exp() * logp).sum(-1)
+
     return _mean_over(ctx, repeats, fn)
 
 
 @register_scorer("margin", needs_labels=False)
 def _margin(ctx: ScoreContext, repeats: int = 1, use_labels: bool = False) -> torch.Tensor:
     """1 - (top1 - top2 probability); with use_labels: max other-class probability minus true-class one."""
+
     def fn(m: nn.Module, b: Batch) -> torch.Tensor:
         p = m(b.images).float().softmax(-1)
         if use_labels:
@@ -198,6 +243,7 @@ def _margin(ctx: ScoreContext, repeats: int = 1, use_labels: bool = False) -> to
             return other - py
         top = p.topk(2, dim=-1).values
         return 1.0 - (top[:, 0] - top[:, 1])
+
     return _mean_over(ctx, repeats, fn)
 
 
@@ -229,8 +275,13 @@ def _grad_params(model: nn.Module, params: str | Callable[[str], bool]) -> dict[
 
 
 @register_scorer("grand")
-def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bool] = "all",
-           method: str = "vmap", chunk_size: int | None = None) -> torch.Tensor:
+def _grand(
+    ctx: ScoreContext,
+    repeats: int = 1,
+    params: str | Callable[[str], bool] = "all",
+    method: str = "vmap",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Per-sample gradient norm of the loss w.r.t. the parameters.
 
     method: ``vmap`` (torch.func vmap; Linear layers by input/output-gradient factorisation, see
@@ -288,7 +339,7 @@ def _grand(ctx: ScoreContext, repeats: int = 1, params: str | Callable[[str], bo
         plist = [v for k, v in mod.named_parameters() if k in names]
         out = []
         for i in range(b.labels.numel()):
-            loss = F.cross_entropy(mod(inputs[i:i + 1]), b.labels[i:i + 1])
+            loss = F.cross_entropy(mod(inputs[i : i + 1]), b.labels[i : i + 1])
             gs = torch.autograd.grad(loss, plist)
             out.append(torch.stack([g.pow(2).sum() for g in gs]).sum())
         return torch.stack(out).sqrt()
@@ -315,8 +366,9 @@ def _forgetting(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
         state["evals"] = torch.zeros(())
 
         def on_epoch_end(model: nn.Module, epoch: int) -> None:
-            correct = ctx.map(model, lambda m, b: (m(b.images).argmax(-1) == b.labels).float(),
-                              desc=f"forgetting eval epoch {epoch}").bool()
+            correct = ctx.map(
+                model, lambda m, b: (m(b.images).argmax(-1) == b.labels).float(), desc=f"forgetting eval epoch {epoch}"
+            ).bool()
             state["events"] += (state["prev"] & ~correct).float()
             state["learned"] |= correct
             state["prev"] = correct
@@ -324,8 +376,10 @@ def _forgetting(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
 
         ctx.proxy(ctx.seed + k, on_epoch_end)
         if int(state["evals"]) < 2:
-            raise ValueError("scorer 'forgetting': the proxy must train >= 2 epochs and call on_epoch_end after "
-                             f"each (got {int(state['evals'])} evaluations)")
+            raise ValueError(
+                "scorer 'forgetting': the proxy must train >= 2 epochs and call on_epoch_end after "
+                f"each (got {int(state['evals'])} evaluations)"
+            )
         ev = state["events"]
         ev[~state["learned"]] = ev.max() + 1
         total += ev
@@ -339,9 +393,13 @@ def _embed(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @register_scorer("prototype", needs_labels=False)
-def _prototype(ctx: ScoreContext, n_clusters: int | None = None, normalize: bool = True,
-               embed_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-               n_init: int = 3) -> torch.Tensor:
+def _prototype(
+    ctx: ScoreContext,
+    n_clusters: int | None = None,
+    normalize: bool = True,
+    embed_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    n_init: int = 3,
+) -> torch.Tensor:
     """Distance to the nearest k-means centroid of the (L2-normalised) embeddings; label-free."""
     from sklearn.cluster import KMeans
 
@@ -370,4 +428,5 @@ def _cls_attention(ctx: ScoreContext, layer: int | str = -1) -> torch.Tensor:
         a = cls_attention(m, b.images, layer=layer)
         ent = -(a * a.clamp_min(1e-12).log()).sum(-1)
         return ent / float(np.log(a.shape[-1])) if a.shape[-1] > 1 else ent
+
     return ctx.map(model, fn, desc="cls_attention")

@@ -13,6 +13,7 @@ Layout (format ``lotus-tickets`` v1)::
 Files are written atomically (temporary file in the same folder, then ``os.replace``), so an existing file
 is never left half-written, and loaded with ``allow_pickle=False``.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,9 @@ class TicketFile:
     def __post_init__(self) -> None:
         self.indices = np.asarray(self.indices, dtype=np.int64).reshape(-1)
         if self.scores is not None:
-            self.scores = np.asarray(self.scores.detach().cpu() if hasattr(self.scores, "detach") else self.scores,
-                                     dtype=np.float32).reshape(-1)
+            self.scores = np.asarray(
+                self.scores.detach().cpu() if hasattr(self.scores, "detach") else self.scores, dtype=np.float32
+            ).reshape(-1)
         if self.patch_indices is not None:
             self.patch_indices = np.asarray(self.patch_indices, dtype=np.int64)
         if self.patch_scores is not None:
@@ -79,7 +81,7 @@ class TicketFile:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, indices: Any, *, dataset: Dataset | None = None, labels: Any = None, **fields: Any) -> "TicketFile":
+    def create(cls, indices: Any, *, dataset: Dataset | None = None, labels: Any = None, **fields: Any) -> TicketFile:
         """Build a ticket and fingerprint ``dataset`` (and/or ``labels``) it belongs to."""
         fp = dataset_fingerprint(dataset, labels) if (dataset is not None or labels is not None) else None
         t = cls(np.asarray(indices), fingerprint=fp, **fields)
@@ -87,8 +89,14 @@ class TicketFile:
         return t
 
     def __repr__(self) -> str:
-        parts = [f"count={self.count}", f"size={self.size}", f"scorer={self.scorer!r}", f"policy={self.policy!r}",
-                 f"fraction={self.fraction}", f"seed={self.seed}"]
+        parts = [
+            f"count={self.count}",
+            f"size={self.size}",
+            f"scorer={self.scorer!r}",
+            f"policy={self.policy!r}",
+            f"fraction={self.fraction}",
+            f"seed={self.seed}",
+        ]
         if self.patch_indices is not None:
             parts.append(f"patch_indices={list(self.patch_indices.shape)}")
         if self.path:
@@ -107,18 +115,28 @@ class TicketFile:
         return int(self.scores.size) if self.scores is not None else None
 
     def metadata(self) -> dict:
-        return _jsonable({
-            "format": FORMAT, "format_version": FORMAT_VERSION, "version": self.version,
-            "scorer": self.scorer, "policy": self.policy, "fraction": self.fraction, "count": self.count,
-            "seed": self.seed, "class_balanced": self.class_balanced, "proxy": self.proxy,
-            "fingerprint": self.fingerprint, "extra": self.extra,
-        })
+        return _jsonable(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "version": self.version,
+                "scorer": self.scorer,
+                "policy": self.policy,
+                "fraction": self.fraction,
+                "count": self.count,
+                "seed": self.seed,
+                "class_balanced": self.class_balanced,
+                "proxy": self.proxy,
+                "fingerprint": self.fingerprint,
+                "extra": self.extra,
+            }
+        )
 
     # ------------------------------------------------------------------ checks
     def _where(self) -> str:
         return f"ticket file {self.path}" if self.path else "ticket"
 
-    def check(self) -> "TicketFile":
+    def check(self) -> TicketFile:
         """Internal consistency: unique in-range indices, array shapes agree with the dataset size."""
         w = self._where()
         if self.indices.size == 0:
@@ -134,21 +152,29 @@ class TicketFile:
             raise ValueError(f"{w}: scores has {self.scores.size} entries, expected {n} (dataset size)")
         if self.patch_indices is not None:
             if self.patch_indices.ndim != 2 or (n is not None and self.patch_indices.shape[0] != n):
-                raise ValueError(f"{w}: patch_indices must be [dataset size {n}, kept patches], "
-                                 f"got shape {list(self.patch_indices.shape)}")
+                raise ValueError(
+                    f"{w}: patch_indices must be [dataset size {n}, kept patches], "
+                    f"got shape {list(self.patch_indices.shape)}"
+                )
             if self.patch_indices.size and int(self.patch_indices.min()) < 0:
                 raise ValueError(f"{w}: patch_indices contain negative positions")
         if self.patch_scores is not None:
             if self.patch_scores.ndim != 2 or (n is not None and self.patch_scores.shape[0] != n):
-                raise ValueError(f"{w}: patch_scores must be [dataset size {n}, patches], "
-                                 f"got shape {list(self.patch_scores.shape)}")
-            if self.patch_indices is not None and self.patch_indices.size and \
-                    int(self.patch_indices.max()) >= self.patch_scores.shape[1]:
-                raise ValueError(f"{w}: patch_indices reach {int(self.patch_indices.max())} but there are only "
-                                 f"{self.patch_scores.shape[1]} patches")
+                raise ValueError(
+                    f"{w}: patch_scores must be [dataset size {n}, patches], got shape {list(self.patch_scores.shape)}"
+                )
+            if (
+                self.patch_indices is not None
+                and self.patch_indices.size
+                and int(self.patch_indices.max()) >= self.patch_scores.shape[1]
+            ):
+                raise ValueError(
+                    f"{w}: patch_indices reach {int(self.patch_indices.max())} but there are only "
+                    f"{self.patch_scores.shape[1]} patches"
+                )
         return self
 
-    def validate_against(self, dataset: Dataset | None = None, labels: Any = None) -> "TicketFile":
+    def validate_against(self, dataset: Dataset | None = None, labels: Any = None) -> TicketFile:
         """Raise ``ValueError`` (one line) unless the ticket fits this dataset; returns ``self``.
 
         Checks size, labels hash and (when a dataset is given and both sides have one) the sampled pixels
@@ -165,8 +191,10 @@ class TicketFile:
             return self
         reason = compare_fingerprints(self.fingerprint, actual)
         if reason:
-            raise ValueError(f"{w}: dataset fingerprint mismatch: {reason}; the ticket was made for a different "
-                             "dataset, split or preprocessing")
+            raise ValueError(
+                f"{w}: dataset fingerprint mismatch: {reason}; the ticket was made for a different "
+                "dataset, split or preprocessing"
+            )
         return self.check()
 
     # ------------------------------------------------------------------ I/O
@@ -189,7 +217,7 @@ class TicketFile:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TicketFile":
+    def load(cls, path: str | os.PathLike) -> TicketFile:
         """Read a ticket file (no pickle); raises FileNotFoundError/ValueError with one-line messages."""
         p = Path(path)
         w = f"ticket file {p}"
@@ -215,7 +243,9 @@ class TicketFile:
                 raise
             if "allow_pickle" in msg or "Object arrays" in msg:
                 raise ValueError(f"{w}: contains pickled objects, refusing to load (allow_pickle=False)") from None
-            raise ValueError(f"{w}: not a valid .npz ticket file ({msg.splitlines()[0] if msg else 'unreadable'})") from None
+            raise ValueError(
+                f"{w}: not a valid .npz ticket file ({msg.splitlines()[0] if msg else 'unreadable'})"
+            ) from None
         except (OSError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f"{w}: not a valid .npz ticket file ({type(e).__name__}: {e})") from None
         meta_arr = data.pop("meta")
@@ -228,21 +258,34 @@ class TicketFile:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{w}: not a lotus ticket file (metadata format is not {FORMAT!r})")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{w}: unsupported format_version {meta.get('format_version')!r} "
-                             f"(this version reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"{w}: unsupported format_version {meta.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+            )
         idx = data["indices"]
         if idx.ndim != 1 or idx.dtype.kind not in "iu":
-            raise ValueError(f"{w}: malformed, 'indices' must be a 1-D integer array, got {idx.dtype} "
-                             f"shape {list(idx.shape)}")
+            raise ValueError(
+                f"{w}: malformed, 'indices' must be a 1-D integer array, got {idx.dtype} shape {list(idx.shape)}"
+            )
         for name, kind in (("scores", "f"), ("patch_scores", "f"), ("patch_indices", "iu")):
             if name in data and data[name].dtype.kind not in kind:
                 raise ValueError(f"{w}: malformed, '{name}' has dtype {data[name].dtype}")
         fp = meta.get("fingerprint")
         if fp is not None and (not isinstance(fp, dict) or not {"size", "labels_sha256"} <= set(fp)):
             raise ValueError(f"{w}: malformed fingerprint in metadata")
-        t = cls(indices=idx, scores=data.get("scores"), fingerprint=fp, scorer=meta.get("scorer"),
-                policy=meta.get("policy"), fraction=meta.get("fraction"), seed=meta.get("seed"),
-                class_balanced=bool(meta.get("class_balanced", False)), proxy=meta.get("proxy"),
-                patch_indices=data.get("patch_indices"), patch_scores=data.get("patch_scores"),
-                extra=meta.get("extra") or {}, version=str(meta.get("version", "unknown")), path=str(p))
+        t = cls(
+            indices=idx,
+            scores=data.get("scores"),
+            fingerprint=fp,
+            scorer=meta.get("scorer"),
+            policy=meta.get("policy"),
+            fraction=meta.get("fraction"),
+            seed=meta.get("seed"),
+            class_balanced=bool(meta.get("class_balanced", False)),
+            proxy=meta.get("proxy"),
+            patch_indices=data.get("patch_indices"),
+            patch_scores=data.get("patch_scores"),
+            extra=meta.get("extra") or {},
+            version=str(meta.get("version", "unknown")),
+            path=str(p),
+        )
         return t.check()

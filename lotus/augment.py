@@ -1,4 +1,5 @@
 """Batched train-time augmentation on tensors (``data.augment``): random affine, flip, erasing."""
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ class Augmenter:
             ew = (torch.rand(b, generator=g) * 0.3 + 0.1) * w
             cy, cx = torch.rand(b, generator=g) * h, torch.rand(b, generator=g) * w
             ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-            box = ((ys - cy.view(-1, 1, 1)).abs() < eh.view(-1, 1, 1) / 2) & ((xs - cx.view(-1, 1, 1)).abs() < ew.view(-1, 1, 1) / 2)
+            box = ((ys - cy.view(-1, 1, 1)).abs() < eh.view(-1, 1, 1) / 2) & (
+                (xs - cx.view(-1, 1, 1)).abs() < ew.view(-1, 1, 1) / 2
+            )
             mask = (box & on.view(-1, 1, 1)).unsqueeze(1).to(x.device)
             x = x.masked_fill(mask, 0.0)
         return x

@@ -10,6 +10,7 @@ A config whose seeds do not all reach the target has no mean time-to-target. If 
 baseline, the speed-ups of the others are reported as lower bounds: the baseline's unreached seeds are
 counted at their full training time (they would have needed at least that), shown as ``>= N.NNx``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,19 +27,31 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from lotus.bench_stats import _finite, _time_to, mean_std, seed_ratios, seed_stats  # noqa: F401 (re-exported)
 from lotus.callbacks import Callback
 from lotus.checkpoint import atomic_write_text, read_state_dict
 from lotus.config import config_to_dict, load_config
 from lotus.data import build_datasets
-from lotus.bench_stats import _finite, _time_to, mean_std, seed_ratios, seed_stats  # noqa: F401 (re-exported)
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
 from lotus.run_report import read_metrics
 from lotus.safe_io import atomic_write_stream
 from lotus.training import Trainer
 
-__all__ = ["BenchResult", "EpochBar", "run_bench", "analyse", "add_speedups", "seed_ratios", "seed_stats", "mean_std", "bench_table", "verdict",
-           "plot_bench", "write_bench"]
+__all__ = [
+    "BenchResult",
+    "EpochBar",
+    "run_bench",
+    "analyse",
+    "add_speedups",
+    "seed_ratios",
+    "seed_stats",
+    "mean_std",
+    "bench_table",
+    "verdict",
+    "plot_bench",
+    "write_bench",
+]
 
 
 @dataclass
@@ -58,13 +71,22 @@ def _load_inference(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     cfg.model.checkpoint = os.path.join(run_dir, "last.safetensors")
     model = create_model(cfg.model, data.num_classes, data.in_chans, img).eval()
     sd = read_state_dict(cfg.model.checkpoint)
-    x = data.val.get_batch(torch.arange(min(256, len(data.val))))[0] if hasattr(data.val, "get_batch") else \
-        torch.stack([data.val[i][0] for i in range(min(256, len(data.val)))])
+    x = (
+        data.val.get_batch(torch.arange(min(256, len(data.val))))[0]
+        if hasattr(data.val, "get_batch")
+        else torch.stack([data.val[i][0] for i in range(min(256, len(data.val)))])
+    )
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         model(x[:1])
-    return model, x, {"params": sum(p.numel() for p in model.parameters()),
-                      "nonzero": int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point())),
-                      "flops_per_img": float(fc.get_total_flops())}
+    return (
+        model,
+        x,
+        {
+            "params": sum(p.numel() for p in model.parameters()),
+            "nonzero": int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point())),
+            "flops_per_img": float(fc.get_total_flops()),
+        },
+    )
 
 
 def _measure_inference(results: list[BenchResult], repeats: int, threads: int = 1) -> list[list[dict]]:
@@ -120,8 +142,10 @@ def _kept_inference(run_dir: str, repeats: int, threads: int) -> dict | None:
 
 
 def _keep_inference(run_dir: str, result: dict, repeats: int, threads: int) -> None:
-    atomic_write_text(os.path.join(run_dir, "inference.json"),
-                      json.dumps({"key": _inference_key(run_dir, repeats, threads), "result": result}))
+    atomic_write_text(
+        os.path.join(run_dir, "inference.json"),
+        json.dumps({"key": _inference_key(run_dir, repeats, threads), "result": result}),
+    )
 
 
 ConfigSpec = Union[str, "tuple[str, list[str]]"]
@@ -135,8 +159,14 @@ class EpochBar(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         if self.enabled:
-            self.bar = tqdm(total=trainer.cfg.train.epochs, initial=trainer.epoch, desc=self.desc, leave=False,
-                            dynamic_ncols=True, unit="ep")
+            self.bar = tqdm(
+                total=trainer.cfg.train.epochs,
+                initial=trainer.epoch,
+                desc=self.desc,
+                leave=False,
+                dynamic_ncols=True,
+                unit="ep",
+            )
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
         if self.bar is not None:
@@ -160,8 +190,15 @@ def _split_spec(spec: ConfigSpec) -> tuple[str, list[str]]:
     return (spec, []) if isinstance(spec, str) else (spec[0], list(spec[1]))
 
 
-def run_bench(config_paths: list[ConfigSpec], seeds: int | list[int], out: str, overrides: list[str] | None = None,
-              quiet: bool = False, progress: bool = True, jobs: int = 1) -> list[BenchResult]:
+def run_bench(
+    config_paths: list[ConfigSpec],
+    seeds: int | list[int],
+    out: str,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    progress: bool = True,
+    jobs: int = 1,
+) -> list[BenchResult]:
     """Train every config with seeds 0..seeds-1 (or the listed seed offsets), interleaved, under ``out``.
 
     A config is a path or ``(path, [KEY=VALUE, ...])`` (its own overrides after the shared ones; a
@@ -186,8 +223,9 @@ def run_bench(config_paths: list[ConfigSpec], seeds: int | list[int], out: str, 
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 _check_reusable(run_dir, path, run_overrides)
             elif os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-                raise LotusError(f"bench: {run_dir} holds an unfinished run; delete it or resume it with "
-                                 "lotus train --resume")
+                raise LotusError(
+                    f"bench: {run_dir} holds an unfinished run; delete it or resume it with lotus train --resume"
+                )
             else:
                 todo.append((i, seed, path, run_overrides, run_dir))
             results[i].runs.append(run_dir)
@@ -196,8 +234,10 @@ def run_bench(config_paths: list[ConfigSpec], seeds: int | list[int], out: str, 
 
     def done(i: int, seed: int, summary: dict) -> None:
         if not quiet:
-            bar.write(f"{cfgs[i][2].name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "
-                      f"in {summary['wall_s']:.1f} s")
+            bar.write(
+                f"{cfgs[i][2].name} seed {seed}: final val acc {summary['final_val_acc'] * 100:.2f}% "
+                f"in {summary['wall_s']:.1f} s"
+            )
         bar.update(1)
 
     if jobs <= 1:
@@ -224,12 +264,14 @@ def _check_reusable(run_dir: str, path: str, run_overrides: list[str]) -> None:
         d["output"]["dir"] = None
     saved["name"] = wanted["name"]
     if saved != wanted:
-        raise LotusError(f"bench: {run_dir} was trained with another config than {path} (+ --set); "
-                         "delete it or use another --out")
+        raise LotusError(
+            f"bench: {run_dir} was trained with another config than {path} (+ --set); delete it or use another --out"
+        )
 
 
-def analyse(results: list[BenchResult], target: float | None = None, target_drop: float = 0.005,
-            inference_repeats: int = 5) -> dict:
+def analyse(
+    results: list[BenchResult], target: float | None = None, target_drop: float = 0.005, inference_repeats: int = 5
+) -> dict:
     """Aggregate runs into per-config statistics (see module docstring for definitions)."""
     per = []
     for res in results:
@@ -245,19 +287,29 @@ def analyse(results: list[BenchResult], target: float | None = None, target_drop
         tt = [_time_to(ep, target, "wall_s") for ep, _, _ in runs]
         ft = [_time_to(ep, target, "train_flops") for ep, _, _ in runs]
         cfg = load_config(os.path.join(res.runs[0], "config.yaml"))
-        rows.append({
-            "name": res.name, "config": res.config, "seeds": len(runs), "runs": res.runs,
-            "finals": finals, "final_acc_mean": statistics.fmean(finals), "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "time_to_target": tt, "time_to_target_mean": statistics.fmean(tt) if all(map(math.isfinite, tt)) else math.inf,
-            "flops_to_target": ft, "flops_to_target_mean": statistics.fmean(ft) if all(map(math.isfinite, ft)) else math.inf,
-            "total_time_mean": statistics.fmean(ep[-1]["wall_s"] for ep, _, _ in runs),
-            "samples_mean": statistics.fmean(ep[-1]["samples_seen"] for ep, _, _ in runs),
-            "params": inf[0]["params"], "nonzero": statistics.fmean(i["nonzero"] for i in inf),
-            "inf_flops_per_img": inf[0]["flops_per_img"],
-            "inf_img_per_s": statistics.fmean(i["img_per_s"] for i in inf),
-            "model": cfg.model.name, "curves": [[(r["wall_s"], r.get("train_flops", 0), r.get("val_acc")) for r in ep]
-                                                for ep, _, _ in runs],
-        })
+        rows.append(
+            {
+                "name": res.name,
+                "config": res.config,
+                "seeds": len(runs),
+                "runs": res.runs,
+                "finals": finals,
+                "final_acc_mean": statistics.fmean(finals),
+                "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "time_to_target": tt,
+                "time_to_target_mean": statistics.fmean(tt) if all(map(math.isfinite, tt)) else math.inf,
+                "flops_to_target": ft,
+                "flops_to_target_mean": statistics.fmean(ft) if all(map(math.isfinite, ft)) else math.inf,
+                "total_time_mean": statistics.fmean(ep[-1]["wall_s"] for ep, _, _ in runs),
+                "samples_mean": statistics.fmean(ep[-1]["samples_seen"] for ep, _, _ in runs),
+                "params": inf[0]["params"],
+                "nonzero": statistics.fmean(i["nonzero"] for i in inf),
+                "inf_flops_per_img": inf[0]["flops_per_img"],
+                "inf_img_per_s": statistics.fmean(i["img_per_s"] for i in inf),
+                "model": cfg.model.name,
+                "curves": [[(r["wall_s"], r.get("train_flops", 0), r.get("val_acc")) for r in ep] for ep, _, _ in runs],
+            }
+        )
     censored = add_speedups(rows)
     return {"target": target, "target_drop": target_drop, "baseline_censored": censored, "rows": rows}
 
@@ -273,8 +325,9 @@ def add_speedups(rows: list[dict]) -> bool:
     base = rows[0]
     censored = not math.isfinite(base["time_to_target_mean"])
     for kind, axis in (("time", 0), ("flops", 1)):
-        ref = statistics.fmean(t if math.isfinite(t) else curve[-1][axis]
-                               for t, curve in zip(base[f"{kind}_to_target"], base["curves"]))
+        ref = statistics.fmean(
+            t if math.isfinite(t) else curve[-1][axis] for t, curve in zip(base[f"{kind}_to_target"], base["curves"])
+        )
         for r in rows:
             value = r[f"{kind}_to_target_mean"]
             r[f"speedup_{kind}"] = ref / value if math.isfinite(value) and math.isfinite(ref) and value > 0 else 0.0
@@ -300,19 +353,44 @@ def _per_seed_ratio(d: dict | None) -> str:
 def bench_table(analysis: dict) -> str:
     """Markdown table of an :func:`analyse` result: speed-ups are the median (range) of per-seed ratios
     against the baseline's same seed; a seed where either run missed the target has no ratio."""
-    head = ["config", "final val acc", "seeds at target", f"time to {analysis['target'] * 100:.2f}% (s, per seed)",
-            "time speed-up", "FLOP speed-up", "samples fwd", "params", "nonzero", "inf FLOPs/img", "inf img/s",
-            "inf speed-up"]
+    head = [
+        "config",
+        "final val acc",
+        "seeds at target",
+        f"time to {analysis['target'] * 100:.2f}% (s, per seed)",
+        "time speed-up",
+        "FLOP speed-up",
+        "samples fwd",
+        "params",
+        "nonzero",
+        "inf FLOPs/img",
+        "inf img/s",
+        "inf speed-up",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in analysis["rows"]:
         reached = sum(map(math.isfinite, r["time_to_target"]))
         tt = ", ".join(f"{t:.1f}" if math.isfinite(t) else "-" for t in r["time_to_target"])
-        lines.append(" | ".join([
-            f"| {r['name']}", mean_std(r["finals"]) if "finals" in r else
-            f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%", f"{reached}/{r['seeds']}", tt,
-            _per_seed_ratio(r.get("speedup_time_per_seed")), _per_seed_ratio(r.get("speedup_flops_per_seed")),
-            f"{r['samples_mean']:.0f}", f"{r['params']}", f"{r['nonzero']:.0f}", f"{r['inf_flops_per_img']:.3g}",
-            f"{r['inf_img_per_s']:.0f}", f"{r['inference_speedup']:.2f}x |"]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {r['name']}",
+                    mean_std(r["finals"])
+                    if "finals" in r
+                    else f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%",
+                    f"{reached}/{r['seeds']}",
+                    tt,
+                    _per_seed_ratio(r.get("speedup_time_per_seed")),
+                    _per_seed_ratio(r.get("speedup_flops_per_seed")),
+                    f"{r['samples_mean']:.0f}",
+                    f"{r['params']}",
+                    f"{r['nonzero']:.0f}",
+                    f"{r['inf_flops_per_img']:.3g}",
+                    f"{r['inf_img_per_s']:.0f}",
+                    f"{r['inference_speedup']:.2f}x |",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -328,9 +406,11 @@ def verdict(analysis: dict) -> list[str]:
         delta = (r["final_acc_mean"] - base["final_acc_mean"]) * 100
         faster = reached == n and sp.get("seeds_with_ratio") == n and sp["median"] > 1.0
         ok = faster and delta >= -drop * 100 - 1e-9
-        out.append(f"- **{r['name']}: {'faster than' if ok else 'not faster than'} {base['name']}** - reached the "
-                   f"target in {reached}/{n} seeds; time speed-up {_per_seed_ratio(sp)} (median per seed); final "
-                   f"accuracy {delta:+.2f} pp (allowed: -{drop * 100:.1f} pp).")
+        out.append(
+            f"- **{r['name']}: {'faster than' if ok else 'not faster than'} {base['name']}** - reached the "
+            f"target in {reached}/{n} seeds; time speed-up {_per_seed_ratio(sp)} (median per seed); final "
+            f"accuracy {delta:+.2f} pp (allowed: -{drop * 100:.1f} pp)."
+        )
     return out
 
 
@@ -348,7 +428,12 @@ def plot_bench(analysis: dict, out: str) -> list[str]:
             curves = r["curves"]
             n = min(len(c) for c in curves)
             xs = np.array([[c[i][axis] for i in range(n)] for c in curves], dtype=float).mean(0)
-            acc = np.array([[(c[i][2] if c[i][2] is not None else np.nan) for i in range(n)] for c in curves], dtype=float) * 100
+            acc = (
+                np.array(
+                    [[(c[i][2] if c[i][2] is not None else np.nan) for i in range(n)] for c in curves], dtype=float
+                )
+                * 100
+            )
             m, s = np.nanmean(acc, 0), np.nanstd(acc, 0)
             ax.plot(xs, m, label=r["name"])
             ax.fill_between(xs, m - s, m + s, alpha=0.2)
@@ -371,10 +456,18 @@ def write_bench(analysis: dict, out: str) -> str:
     os.makedirs(out, exist_ok=True)
     table = bench_table(analysis) + "\n\n" + "\n".join(verdict(analysis))
     plot_bench(analysis, out)
-    atomic_write_text(os.path.join(out, "bench.json"), json.dumps(_finite(analysis), indent=2, default=str,
-                                                                  allow_nan=False))
-    md = ["# lotus bench", "", f"Target accuracy: {analysis['target'] * 100:.2f}% "
-          f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)", "", table, ""]
+    atomic_write_text(
+        os.path.join(out, "bench.json"), json.dumps(_finite(analysis), indent=2, default=str, allow_nan=False)
+    )
+    md = [
+        "# lotus bench",
+        "",
+        f"Target accuracy: {analysis['target'] * 100:.2f}% "
+        f"(baseline mean final accuracy - {analysis['target_drop'] * 100:.1f} pp)",
+        "",
+        table,
+        "",
+    ]
     md += verdict(analysis) + [""]
     md += ["![acc vs time](acc_vs_time.png)", "", "![acc vs flops](acc_vs_flops.png)", ""]
     atomic_write_text(os.path.join(out, "bench.md"), "\n".join(md))

@@ -1,5 +1,6 @@
 """Statistics over seeds for ``lotus bench`` and the benchmark scripts (no torch: a script that only
 summarises results imports this alone)."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,13 @@ def seed_ratios(base: list[float], values: list[float]) -> dict:
     median and range; a seed where either side is not finite (target not reached) gives no ratio."""
     per = [b / v if math.isfinite(b) and math.isfinite(v) and v > 0 else None for b, v in zip(base, values)]
     ok = [r for r in per if r is not None]
-    return {"per_seed": per, "median": statistics.median(ok) if ok else None, "min": min(ok) if ok else None,
-            "max": max(ok) if ok else None, "seeds_with_ratio": len(ok)}
+    return {
+        "per_seed": per,
+        "median": statistics.median(ok) if ok else None,
+        "min": min(ok) if ok else None,
+        "max": max(ok) if ok else None,
+        "seeds_with_ratio": len(ok),
+    }
 
 
 def seed_stats(values: list[float | None]) -> tuple[float, float]:

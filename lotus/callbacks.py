@@ -9,6 +9,7 @@ in that registry (``Feature.writes``); the hooks that hand a value back to the l
 This module imports nothing at run time (torch only for annotations), so every feature can import it at the
 top and the CLI can define a callback without importing torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -42,52 +43,53 @@ class Callback:
     """
 
     # ------------------------------------------------------------------ run
-    def on_load_checkpoint(self, trainer: "Trainer", state: dict) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, state: dict) -> None:
         """On resume, before the model weights are loaded: rebuild shapes/parametrizations here."""
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         """After model, optimiser and (on resume) the restored state are ready."""
 
-    def wrap_forward(self, trainer: "Trainer", forward: Forward) -> Forward:
+    def wrap_forward(self, trainer: Trainer, forward: Forward) -> Forward:
         """Called once after ``on_fit_start``: return a replacement training forward (or ``forward``)."""
         return forward
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
         """``summary`` is written to summary.json after all callbacks ran."""
 
     # ---------------------------------------------------------------- epoch
-    def epoch_subset(self, trainer: "Trainer", epoch: int) -> "np.ndarray | None":
+    def epoch_subset(self, trainer: Trainer, epoch: int) -> np.ndarray | None:
         """The train indices of this epoch, or ``None`` for no opinion (all data unless another feature says)."""
         return None
 
-    def epoch_sampler(self, trainer: "Trainer", epoch: int, subset: "np.ndarray | None") -> Iterable[int] | None:
+    def epoch_sampler(self, trainer: Trainer, epoch: int, subset: np.ndarray | None) -> Iterable[int] | None:
         """An iterable of train indices for this epoch drawn from ``subset`` (``None``: all data), or ``None``
         to keep the loop's seeded shuffle."""
         return None
 
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """After this epoch's subset and sampler are set (``trainer.subset``, ``trainer.sampler``)."""
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         """``metrics`` is written to metrics.jsonl after all callbacks ran: add keys to log them."""
 
     # ----------------------------------------------------------------- step
-    def transform_batch(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor,
-                        index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transform_batch(
+        self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Change a training batch after augmentation, before the forward."""
         return images, labels, index
 
-    def per_sample_loss(self, trainer: "Trainer", loss: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, trainer: Trainer, loss: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Re-weight the per-sample loss vector (e.g. InfoBatch); sees the loss before averaging."""
         return loss
 
-    def on_after_backward(self, trainer: "Trainer") -> None:
+    def on_after_backward(self, trainer: Trainer) -> None:
         """Gradients are available (e.g. mask them)."""
 
-    def on_step_end(self, trainer: "Trainer", step: int) -> None:
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
         """After ``optimizer.step()`` (e.g. re-apply masks, prune on a schedule)."""
 
-    def on_model_thinned(self, trainer: "Trainer", report: dict) -> None:
+    def on_model_thinned(self, trainer: Trainer, report: dict) -> None:
         """After structured thinning (``report``: ``pruning.prune_structured``'s): follow the new shapes."""
 
     # --------------------------------------------------------------- resume

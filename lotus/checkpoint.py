@@ -9,6 +9,7 @@ A weights file is self-describing: its safetensors metadata holds one JSON entry
 in_chans, num_classes as actually built, kwargs, block, op, widths). Files of older versions, where
 ``"model"`` is only the name, still load (:func:`read_model_metadata`).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,18 @@ from lotus.schema import to_dict, validate
 from pruning import apply_widths, get_widths
 
 __all__ = [
-    "atomic_write", "atomic_write_text", "export_state_dict", "save_weights", "load_weights",
-    "read_state_dict", "read_metadata", "model_metadata", "read_model_metadata", "model_config_from_checkpoint",
-    "save_state", "load_state",
+    "atomic_write",
+    "atomic_write_text",
+    "export_state_dict",
+    "save_weights",
+    "load_weights",
+    "read_state_dict",
+    "read_metadata",
+    "model_metadata",
+    "read_model_metadata",
+    "model_config_from_checkpoint",
+    "save_state",
+    "load_state",
 ]
 
 MODEL_KEYS = ("name", "img_size", "patch_size", "in_chans", "num_classes", "kwargs", "block", "op")
@@ -93,8 +103,11 @@ def _json_kwargs(kwargs: dict, name: str) -> dict:
             json.dumps(v)
             out[k] = v
         except (TypeError, ValueError):
-            warnings.warn(f"model.kwargs.{k}: a {type(v).__name__} cannot be recorded in the checkpoint; "
-                          f"pass it again when you rebuild {name}")
+            warnings.warn(
+                f"model.kwargs.{k}: a {type(v).__name__} cannot be recorded in the checkpoint; "
+                f"pass it again when you rebuild {name}",
+                stacklevel=2,
+            )
     return out
 
 
@@ -128,7 +141,8 @@ def model_metadata(model_cfg: Any, model: nn.Module, widths: bool = True) -> dic
     op = getattr(model_cfg, "op", None)
     return {
         "name": name,
-        "img_size": _size(getattr(pe, "img_size", None)) or getattr(model_cfg, "img_size", None)
+        "img_size": _size(getattr(pe, "img_size", None))
+        or getattr(model_cfg, "img_size", None)
         or _size(tuple(pcfg.get("input_size", ()))[1:]),
         "patch_size": patch,
         "in_chans": int(conv.in_channels) if hasattr(conv, "in_channels") else getattr(model_cfg, "in_chans", None),
@@ -141,8 +155,13 @@ def model_metadata(model_cfg: Any, model: nn.Module, widths: bool = True) -> dic
     }
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
-                 state_dict: dict[str, torch.Tensor] | None = None, model_cfg: Any = None) -> None:
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    model_cfg: Any = None,
+) -> None:
     """Write the plain weights as safetensors; block widths (for thinned models) go in the metadata.
 
     ``model_cfg`` (the config's ``model`` section): also record the full model section
@@ -155,8 +174,11 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         meta.setdefault("widths", widths)
     if model_cfg is not None:
         meta["model"] = model_metadata(model_cfg, model, widths=state_dict is None)
-    tensors = export_state_dict(model) if state_dict is None else {
-        k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tensors = (
+        export_state_dict(model)
+        if state_dict is None
+        else {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    )
     # serialised here and written by Lotus: no temp file of safetensors' own beside the target
     atomic_write_stream(path, lambda f: f.write(safetensors_bytes(tensors, metadata={"lotus": json.dumps(meta)})))
 
@@ -211,8 +233,9 @@ def read_model_metadata(path: str | os.PathLike, key: str = "checkpoint") -> dic
     return _section(read_metadata(path, key))
 
 
-def model_config_from_checkpoint(model_cfg: Any, path: str | os.PathLike, given: dict | None = None,
-                                 key: str = "--checkpoint") -> Any:
+def model_config_from_checkpoint(
+    model_cfg: Any, path: str | os.PathLike, given: dict | None = None, key: str = "--checkpoint"
+) -> Any:
     """``model_cfg`` with the model section recorded in ``path`` as its defaults (a new object).
 
     ``given``: the model keys the user set (config file, ``--set``, flags); they win over the recorded ones
@@ -282,21 +305,27 @@ def _thinned_shape(k: str, theirs: tuple, ours: tuple) -> bool:
     return len(diff) == 1 and diff[0][0] < diff[0][1]
 
 
-def _fit_hint(model: nn.Module, section: dict | None, has_widths: bool, key_: str | None = None,
-              thinned: bool = False) -> str:
+def _fit_hint(
+    model: nn.Module, section: dict | None, has_widths: bool, key_: str | None = None, thinned: bool = False
+) -> str:
     """Why a file may not fit: thinned weights without widths, or the recorded sizes that differ."""
     if thinned:
         if not has_widths:
-            return (" (thinned weights? Lotus records their widths in the file's metadata and this file has none: "
-                    "was it written by another tool?)")
+            return (
+                " (thinned weights? Lotus records their widths in the file's metadata and this file has none: "
+                "was it written by another tool?)"
+            )
         return " (thinned weights whose shapes disagree with the widths in the file's metadata: another tool?)"
     if section:
         own = model_metadata(None, model)
-        diffs = [k for k in MODEL_KEYS[:5]
-                 if section.get(k) is not None and own.get(k) is not None and section[k] != own[k]]
+        diffs = [
+            k for k in MODEL_KEYS[:5] if section.get(k) is not None and own.get(k) is not None and section[k] != own[k]
+        ]
         if diffs:
-            return (f" (the file was written for {', '.join(f'model.{k}: {section[k]}' for k in diffs)}; this model "
-                    f"has {', '.join(str(own[k]) for k in diffs)})")
+            return (
+                f" (the file was written for {', '.join(f'model.{k}: {section[k]}' for k in diffs)}; this model "
+                f"has {', '.join(str(own[k]) for k in diffs)})"
+            )
     if key_ in ("pos_embed", "patch_embed.proj.weight"):
         return " (another model.img_size or model.patch_size?)"
     return ""
@@ -316,29 +345,37 @@ def load_weights(model: nn.Module, path: str | os.PathLike, key: str = "checkpoi
     file_block = (section or {}).get("block") or _block_of(sd)
     model_block = _block_of(model.state_dict())
     if file_block and model_block and file_block != model_block:
-        raise LotusError(f"{key}: {path} was trained with model.block: {file_block} (this model has {model_block} "
-                         f"blocks); set model.block: {file_block} (or --set model.block={file_block})")
+        raise LotusError(
+            f"{key}: {path} was trained with model.block: {file_block} (this model has {model_block} "
+            f"blocks); set model.block: {file_block} (or --set model.block={file_block})"
+        )
     widths = meta.get("widths")
     if widths:
         try:
             if get_widths(model) != widths:
                 apply_widths(model, widths)
         except ValueError as e:
-            raise LotusError(f"{key}: {path} does not fit model: its block widths do not apply ({_first_line(e)})"
-                             f"{_fit_hint(model, section, True)}") from None
+            raise LotusError(
+                f"{key}: {path} does not fit model: its block widths do not apply ({_first_line(e)})"
+                f"{_fit_hint(model, section, True)}"
+            ) from None
     own = model.state_dict()
     head = _classifier_prefix(model)
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     head_only = [k for k in mismatched if head and k.startswith(head)]
     if head_only and len(head_only) == len(mismatched):
-        warnings.warn(f"{key}: classifier {head} has another shape in {path}; it keeps its fresh initialisation")
+        warnings.warn(
+            f"{key}: classifier {head} has another shape in {path}; it keeps its fresh initialisation", stacklevel=2
+        )
         sd = {k: v for k, v in sd.items() if k not in head_only}
     elif mismatched:
         k = mismatched[0]
         theirs, ours = tuple(sd[k].shape), tuple(own[k].shape)
         thinned = all(_thinned_shape(n, tuple(sd[n].shape), tuple(own[n].shape)) for n in mismatched)
-        raise LotusError(f"{key}: {path} does not fit model: it has {k} of shape {theirs}, the model expects "
-                         f"{ours}{_fit_hint(model, section, bool(widths), k, thinned)}")
+        raise LotusError(
+            f"{key}: {path} does not fit model: it has {k} of shape {theirs}, the model expects "
+            f"{ours}{_fit_hint(model, section, bool(widths), k, thinned)}"
+        )
     missing = [k for k in own if k not in sd and k not in head_only]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:

@@ -5,6 +5,7 @@ User errors (bad config, missing files, bad values; :class:`lotus.errors.LotusEr
 line and exit code 1; ``--debug`` (before or after the subcommand) prints the traceback too. Under torchrun
 a user error that every rank raises (config, data set-up) is printed by rank 0 only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lotus", description="Lotus: cheaper vision-transformer training "
-                     "(data tickets + pruning + outlier monitoring + memory planning).")
+    parser = _Parser(
+        prog="lotus",
+        description="Lotus: cheaper vision-transformer training "
+        "(data tickets + pruning + outlier monitoring + memory planning).",
+    )
 
     parser.add_argument("--version", action="version", version=f"lotus {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
@@ -55,12 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != module:
                 raise
             continue  # feature not installed in this build
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         # also accepted after the subcommand; SUPPRESS keeps `lotus --debug train` from being reset
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="print the full traceback of any error")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback of any error"
+        )
         p.set_defaults(_run=mod.run)
     return parser
 

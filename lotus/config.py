@@ -1,4 +1,5 @@
 """The training config: typed sections validated from YAML, with ``--set a.b=value`` overrides."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,19 @@ from lotus.schema import to_dict, validate
 from lotus.transform_config import TransformConfig
 
 __all__ = [
-    "Config", "ModelConfig", "DataConfig", "AugmentConfig", "TransformConfig", "OptimConfig", "TrainConfig", "OutputConfig",
-    "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "AugmentConfig",
+    "TransformConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "OutputConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "save_config",
 ]
 
 
@@ -90,7 +102,9 @@ class DataConfig:
     /usr/share/datasets/fashion-mnist)."""
     download: bool = False
     """Let torchvision download mnist, fashion_mnist or cifar into data.root when the files are missing."""
-    val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True})
+    val_fraction: float = field(
+        default=0.2, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True, "max_exclusive": True}
+    )
     """digits: share of the samples in the validation split (class-stratified, split_seed)."""
     split_seed: int = 0
     """Seed of the train/validation split (and of data.limit_train's subset)."""
@@ -120,8 +134,10 @@ class DataConfig:
         a = self.augment
         on = [k for k in ("random_crop", "hflip", "random_erasing", "rotate", "scale") if getattr(a, k)]
         if self.transform.enabled and on:
-            raise ConfigError(f"{prefix}.augment.{on[0]}: the tensor augmenter does not combine with "
-                              f"{prefix}.transform (timm); use its options (scale, hflip, re_prob, auto_augment)")
+            raise ConfigError(
+                f"{prefix}.augment.{on[0]}: the tensor augmenter does not combine with "
+                f"{prefix}.transform (timm); use its options (scale, hflip, re_prob, auto_augment)"
+            )
 
 
 @dataclass
@@ -167,9 +183,12 @@ class OptimConfig:
             check_optimizer_name(self.name, f"{prefix}.name")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas: expected two floats in [0, 1), got {self.betas!r}")
-        if any(b <= a for a, b in zip(self.decay_milestones, self.decay_milestones[1:])) or \
-                any(m <= 0 for m in self.decay_milestones):
-            raise ConfigError(f"{prefix}.decay_milestones: expected increasing epochs > 0, got {self.decay_milestones!r}")
+        if any(b <= a for a, b in zip(self.decay_milestones, self.decay_milestones[1:])) or any(
+            m <= 0 for m in self.decay_milestones
+        ):
+            raise ConfigError(
+                f"{prefix}.decay_milestones: expected increasing epochs > 0, got {self.decay_milestones!r}"
+            )
 
 
 @dataclass
@@ -213,6 +232,7 @@ class TrainConfig:
     """torch.compile the model (inductor; on CPU it needs a C++ compiler)."""
     log_every_n_steps: int = field(default=0, metadata={"min": 0})
     """Write a step record (loss, lr, img/s) to metrics.jsonl every N steps; 0: off."""
+
 
 @dataclass
 class OutputConfig:
@@ -270,16 +290,24 @@ class Config:
         the Trainer builds its own; the config is never changed)."""
         check_run_name(self.name, f"{prefix}name" if prefix else "name")  # runs/<name>-<time>: one folder name
         Schedule(self)
-        if self.optim.sched in ("cosine", "poly", "tanh") and \
-                self.optim.cooldown_epochs >= self.train.epochs - self.train.warmup_epochs > 0:
-            raise ConfigError(f"optim.cooldown_epochs: {self.optim.cooldown_epochs} leaves no decay between the "
-                              f"warm-up ({self.train.warmup_epochs}) and train.epochs ({self.train.epochs})")
+        if (
+            self.optim.sched in ("cosine", "poly", "tanh")
+            and self.optim.cooldown_epochs >= self.train.epochs - self.train.warmup_epochs > 0
+        ):
+            raise ConfigError(
+                f"optim.cooldown_epochs: {self.optim.cooldown_epochs} leaves no decay between the "
+                f"warm-up ({self.train.warmup_epochs}) and train.epochs ({self.train.epochs})"
+            )
         if self.resolution.enabled and not self.model.kwargs.get("dynamic_img_size"):
-            raise ConfigError("resolution.enabled: needs model.kwargs.dynamic_img_size: true (the ViT then takes "
-                              "smaller images and interpolates its position embedding)")
+            raise ConfigError(
+                "resolution.enabled: needs model.kwargs.dynamic_img_size: true (the ViT then takes "
+                "smaller images and interpolates its position embedding)"
+            )
         if self.ema.enabled and self.pruning.masks_enabled:
-            raise ConfigError("ema.enabled: not supported together with pruning masks (pruning.method "
-                              f"{self.pruning.method!r}) yet; structured thinning works with EMA")
+            raise ConfigError(
+                "ema.enabled: not supported together with pruning masks (pruning.method "
+                f"{self.pruning.method!r}) yet; structured thinning works with EMA"
+            )
 
 
 def _parse_scalar(text: str) -> Any:

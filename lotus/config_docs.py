@@ -8,14 +8,16 @@ attribute docstring right after its field (``lr: float = 1e-3`` then ``\"\"\"Pea
 
 Docstrings are read with :mod:`ast` from the classes' source files, so nothing here imports torch or timm.
 """
+
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
 import sys
-from functools import lru_cache
-from typing import Any, Iterator, get_type_hints
+from collections.abc import Iterator
+from functools import cache
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -24,7 +26,7 @@ from lotus.schema import describe_type
 __all__ = ["field_docs", "walk", "commented_yaml", "render_markdown", "main"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module_tree(path: str) -> ast.Module:
     with open(path, encoding="utf-8") as f:
         return ast.parse(f.read(), filename=path)
@@ -40,7 +42,7 @@ def _class_node(cls: type) -> ast.ClassDef | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field name: its attribute docstring, whitespace collapsed}`` of ``cls`` and its dataclass bases."""
     docs: dict[str, str] = {}
@@ -52,8 +54,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = node.body
         for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -114,8 +121,15 @@ def walk(cls: type | None = None, prefix: str = "") -> Iterator[Key]:
         path = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         section = dataclasses.is_dataclass(tp)
-        yield Key(path, "section" if section else describe_type(tp), None if section else _default(f),
-                  _range(dict(f.metadata)), docs.get(f.name, ""), section, cls)
+        yield Key(
+            path,
+            "section" if section else describe_type(tp),
+            None if section else _default(f),
+            _range(dict(f.metadata)),
+            docs.get(f.name, ""),
+            section,
+            cls,
+        )
         if section:
             yield from walk(tp, path)
 
@@ -179,15 +193,23 @@ def render_markdown() -> str:
         if k.section:
             children = [c for c in keys if c.path.rpartition(".")[0] == k.path and not c.section]
             groups.append((k.path, k.doc, children))
-    out.append("\nSections: " + ", ".join(f"[`{name}`](#{name.replace('.', '')})" if name != "top level"
-                                        else "[top level](#top-level)" for name, _, _ in groups) + ".\n")
+    out.append(
+        "\nSections: "
+        + ", ".join(
+            f"[`{name}`](#{name.replace('.', '')})" if name != "top level" else "[top level](#top-level)"
+            for name, _, _ in groups
+        )
+        + ".\n"
+    )
     for name, doc, children in groups:
         out.append(f"\n## {name if name == 'top level' else '`' + name + '`'}\n")
         if name == "top level":
             out.append("\nKeys outside any section.\n")
         elif doc:
             out.append(f"\n{doc}\n")
-        subs = [k.path for k in keys if k.section and k.path.rpartition(".")[0] == (name if name != "top level" else "")]
+        subs = [
+            k.path for k in keys if k.section and k.path.rpartition(".")[0] == (name if name != "top level" else "")
+        ]
         if name != "top level" and subs:
             out.append("\nSubsections: " + ", ".join(f"[`{s}`](#{s.replace('.', '')})" for s in subs) + ".\n")
         if not children:

@@ -4,22 +4,24 @@ Every item is ``(image, label, index)`` where ``index`` is the sample's position
 data tickets and dynamic pruning can address samples. In-memory datasets keep images at their native
 resolution and resize per batch, so a 224 px model on CIFAR does not need 30 GB of RAM.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lotus.augment import Augmenter
 from lotus.data_cache import Decoded, NativeSize, decoded, from_worker, pil_to_chw
+from lotus.data_idx import IDX_DATASETS, find_idx_files, read_idx
 from lotus.data_transforms import SeededTransformDataset, build_transform, resolve_mean_std, timm_data_config
 from lotus.data_transforms import uses_pretrained_norm as _pretrained_norm
-from lotus.augment import Augmenter
-from lotus.data_idx import IDX_DATASETS, find_idx_files, read_idx
 from lotus.errors import LotusError, RankError
 
 __all__ = ["TensorImageDataset", "DataBundle", "build_datasets", "batches", "Augmenter", "describe"]
@@ -40,8 +42,16 @@ class TensorImageDataset(Dataset):
     """Images held in memory as a float tensor [N, C, h, w] in [0, 1] (or uint8 in [0, 255]); resized and
     normalised on access."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, chans: int,
-                 mean: torch.Tensor, std: torch.Tensor, classes: list[str]):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        img_size: int,
+        chans: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        classes: list[str],
+    ):
         self.images, self.labels = images, labels.long()
         self.img_size, self.chans = img_size, chans
         self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
@@ -120,8 +130,9 @@ class DataBundle:
     test: Dataset | None = None  # the official test split (mnist, fashion_mnist, cifar): reported, never chooses
 
 
-def _split(labels: np.ndarray, val_fraction: float | None, seed: int,
-           train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    labels: np.ndarray, val_fraction: float | None, seed: int, train_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified seeded split: ``val_fraction`` of the samples to val, or exactly ``train_size`` to train."""
     from sklearn.model_selection import train_test_split
 
@@ -171,8 +182,10 @@ def _idx(cfg: Any) -> tuple | None:
         except ValueError as e:
             raise LotusError(f"data.root: {e}") from None
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise LotusError(f"data.root: {files[train][0]}: expected N images of HxW and N labels, got shapes "
-                             f"{images.shape} and {labels.shape}")
+            raise LotusError(
+                f"data.root: {files[train][0]}: expected N images of HxW and N labels, got shapes "
+                f"{images.shape} and {labels.shape}"
+            )
         out += [_as_chw(images), torch.as_tensor(labels.astype(np.int64))]
     return (*out, IDX_DATASETS[cfg.name][1])
 
@@ -183,9 +196,11 @@ def _torchvision(cfg: Any):
         found = _idx(cfg)
         if found is not None:
             return found
-        raise LotusError(f"data.root: {cfg.name} idx files not found under {cfg.root!r} (neither "
-                         f"train-images-idx3-ubyte[.gz] there nor in {IDX_DATASETS[cfg.name][0]}/raw/); "
-                         f"{IDX_DATASETS[cfg.name][2]}")
+        raise LotusError(
+            f"data.root: {cfg.name} idx files not found under {cfg.root!r} (neither "
+            f"train-images-idx3-ubyte[.gz] there nor in {IDX_DATASETS[cfg.name][0]}/raw/); "
+            f"{IDX_DATASETS[cfg.name][2]}"
+        )
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TV[cfg.name])
@@ -240,8 +255,14 @@ def _imagefolder(cfg: Any, img_size: int, chans: int | None, model_cfg: Any):
         with load_image(first, Image.open) as im:
             chans = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
     mean, std = _norm(cfg, model_cfg, chans, ([0.5] * chans, [0.5] * chans))  # no dataset pass: 0.5 unless set
-    return (_FolderDataset(train, img_size, chans, mean, std), _FolderDataset(val, img_size, chans, mean, std),
-            train.classes, chans, mean, std)
+    return (
+        _FolderDataset(train, img_size, chans, mean, std),
+        _FolderDataset(val, img_size, chans, mean, std),
+        train.classes,
+        chans,
+        mean,
+        std,
+    )
 
 
 def _norm(cfg: Any, model_cfg: Any, chans: int, stats: tuple) -> tuple:
@@ -251,27 +272,39 @@ def _norm(cfg: Any, model_cfg: Any, chans: int, stats: tuple) -> tuple:
     return resolve_mean_std(getattr(cfg, "transform", None), model_cfg, chans, stats)
 
 
-def _cache_folder(cfg: Any, ds: "_FolderDataset", mean: list[float], std: list[float]) -> Any:
+def _cache_folder(cfg: Any, ds: _FolderDataset, mean: list[float], std: list[float]) -> Any:
     """The tensor path's cache: images at the load size in one uint8 tensor, sliced a batch at a time."""
     images = torch.stack(decoded(len(ds), ds.load_size, cfg.num_workers, ds.folder.root))
-    return TensorImageDataset(images, ds.labels, images.shape[-1], images.shape[1], torch.tensor(mean),
-                              torch.tensor(std), ds.classes)
+    return TensorImageDataset(
+        images, ds.labels, images.shape[-1], images.shape[1], torch.tensor(mean), torch.tensor(std), ds.classes
+    )
 
 
-def _timm_views(cfg: Any, model_cfg: Any, img_size: int, chans: int, mean: list, std: list, seed: int,
-                sources: list[tuple[Any, int, torch.Tensor]], classes: list[str]) -> tuple[Dataset, ...]:
+def _timm_views(
+    cfg: Any,
+    model_cfg: Any,
+    img_size: int,
+    chans: int,
+    mean: list,
+    std: list,
+    seed: int,
+    sources: list[tuple[Any, int, torch.Tensor]],
+    classes: list[str],
+) -> tuple[Dataset, ...]:
     """``data.transform``: (train with timm's random transform, train with its eval transform, then each
     further source (val, test) with the eval transform)."""
     tcfg = cfg.transform
     dcfg = timm_data_config(tcfg, model_cfg, img_size, chans, mean, std)
     train_tf, eval_tf = build_transform(tcfg, dcfg, True), build_transform(tcfg, dcfg, False)
     (tr_load, tr_n, tr_labels), *rest = sources
-    return (SeededTransformDataset(tr_load, tr_n, train_tf, tr_labels, classes, seed=seed),
-            SeededTransformDataset(tr_load, tr_n, eval_tf, tr_labels, classes),
-            *(SeededTransformDataset(load, n, eval_tf, lab, classes) for load, n, lab in rest))
+    return (
+        SeededTransformDataset(tr_load, tr_n, train_tf, tr_labels, classes, seed=seed),
+        SeededTransformDataset(tr_load, tr_n, eval_tf, tr_labels, classes),
+        *(SeededTransformDataset(load, n, eval_tf, lab, classes) for load, n, lab in rest),
+    )
 
 
-def _folder_source(cfg: Any, ds: "_FolderDataset") -> tuple[Any, int, torch.Tensor]:
+def _folder_source(cfg: Any, ds: _FolderDataset) -> tuple[Any, int, torch.Tensor]:
     if getattr(cfg, "cache", "none") != "memory":
         return ds.pil, len(ds), ds.labels
     arrays = decoded(len(ds), NativeSize(ds), cfg.num_workers, ds.folder.root)
@@ -283,8 +316,9 @@ def _tensor_source(images: torch.Tensor, labels: torch.Tensor, chans: int) -> tu
     return Decoded(u8, labels.long(), "L" if chans == 1 else "RGB"), len(labels), labels.long()
 
 
-def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_cfg: Any = None,
-                   seed: int = 0) -> DataBundle:
+def build_datasets(
+    cfg: Any, img_size: int, in_chans: int | None = None, model_cfg: Any = None, seed: int = 0
+) -> DataBundle:
     """Build the train/val datasets named by the ``data`` config section.
 
     ``in_chans`` forces a channel count (model.in_chans); by default the data's own is used. ``model_cfg``
@@ -296,8 +330,10 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_c
     train_aug = test = None
     if cfg.name == "imagefolder":
         if cfg.limit_train is not None:
-            raise LotusError("data.limit_train: only supported for in-memory datasets (digits, mnist, fashion_mnist, "
-                             "cifar10, cifar100); for imagefolder use a ticket file (tickets.file) or a smaller folder")
+            raise LotusError(
+                "data.limit_train: only supported for in-memory datasets (digits, mnist, fashion_mnist, "
+                "cifar10, cifar100); for imagefolder use a ticket file (tickets.file) or a smaller folder"
+            )
         train, val, classes, chans, mean, std = _imagefolder(cfg, img_size, in_chans, model_cfg)
         labels = train.labels.numpy()
         if timm_on:
@@ -343,12 +379,23 @@ def build_datasets(cfg: Any, img_size: int, in_chans: int | None = None, model_c
 
 def describe(cfg: Any, data: DataBundle) -> dict:
     """What a run trained and evaluated on, for its summary: the data set's name, split sizes and classes."""
-    return {"name": cfg.name, "train_size": len(data.train), "val_size": len(data.val),
-            "test_size": len(data.test) if data.test is not None else None, "classes": list(data.classes)}
+    return {
+        "name": cfg.name,
+        "train_size": len(data.train),
+        "val_size": len(data.val),
+        "test_size": len(data.test) if data.test is not None else None,
+        "classes": list(data.classes),
+    }
 
 
-def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: int, num_workers: int = 0,
-            drop_last: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(
+    dataset: Dataset,
+    indices: np.ndarray | torch.Tensor,
+    batch_size: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels, index)`` batches over ``indices`` in the given order.
 
     In-memory datasets are sliced a whole batch at a time (no per-sample Python work); others go through
@@ -361,10 +408,16 @@ def batches(dataset: Dataset, indices: np.ndarray | torch.Tensor, batch_size: in
         for s in range(0, stop, batch_size):
             yield dataset.get_batch(idx[s : s + batch_size])
         return
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=idx[:stop].tolist(), num_workers=num_workers,
-                        drop_last=False, persistent_workers=False, pin_memory=pin_memory)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=idx[:stop].tolist(),
+        num_workers=num_workers,
+        drop_last=False,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    )
     try:
-        for x, y, i in loader:
-            yield x, y, i
+        yield from loader
     except LotusError as e:
         raise from_worker(e) from None

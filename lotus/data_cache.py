@@ -5,10 +5,12 @@ epoch would do) in one tensor, so batches are whole-tensor slices like the in-me
 ``data.transform`` the decoded images are kept at their own size (timm's random crops then see the same
 pixels as without the cache). Decoding runs in ``data.num_workers`` DataLoader workers.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +34,11 @@ def check_fits(n: int, first_shape: tuple[int, ...], where: str) -> None:
     need = n * int(np.prod(first_shape))
     have = _memory_bytes()
     if have is not None and need > have // 2:
-        raise LotusError(f"data.cache: memory would hold ~{need / 2**30:.1f} GiB of decoded images for {where} "
-                         f"({n} images), more than half of this machine's {have / 2**30:.1f} GiB; use data.cache: "
-                         "none with data.num_workers instead")
+        raise LotusError(
+            f"data.cache: memory would hold ~{need / 2**30:.1f} GiB of decoded images for {where} "
+            f"({n} images), more than half of this machine's {have / 2**30:.1f} GiB; use data.cache: "
+            "none with data.num_workers instead"
+        )
 
 
 class _Decode(Dataset):
@@ -56,8 +60,7 @@ def decode_all(n: int, decode: Callable[[int], Any], num_workers: int) -> list[t
     """``[decode(i) for i in range(n)]`` as uint8 tensors, in ``num_workers`` DataLoader workers (numpy arrays
     in batches of 128 through the result pipe: one shared-memory tensor per image would cost more than its
     decode)."""
-    loader = DataLoader(_Decode(n, decode), batch_size=128, num_workers=num_workers, shuffle=False,
-                        collate_fn=_as_list)
+    loader = DataLoader(_Decode(n, decode), batch_size=128, num_workers=num_workers, shuffle=False, collate_fn=_as_list)
     return [torch.from_numpy(a) for chunk in loader for a in chunk]
 
 

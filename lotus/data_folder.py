@@ -11,10 +11,11 @@ but scans every real folder at most once:
 * a folder that cannot be listed is a permission error naming it;
 * fewer than two class folders is an error naming ``data.root``.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -31,8 +32,9 @@ def _list(folder: str) -> list[os.DirEntry]:
         with os.scandir(folder) as it:
             return sorted(it, key=lambda e: e.name)
     except PermissionError:
-        raise LotusError(f"{KEY}: {folder}: permission denied (the folder cannot be listed); make it readable "
-                         "or remove it") from None
+        raise LotusError(
+            f"{KEY}: {folder}: permission denied (the folder cannot be listed); make it readable or remove it"
+        ) from None
     except NotADirectoryError:
         raise LotusError(f"{KEY}: {folder}: expected a folder") from None
 
@@ -61,8 +63,10 @@ def _scan(folder: str, seen: dict, open_: set, found: list, link: str | None = N
     if ident in open_:
         raise LotusError(f"{KEY}: {culprit} is a symlink loop ({folder} leads back to {seen[ident]}); remove it")
     if ident in seen:
-        raise LotusError(f"{KEY}: {culprit} leads to {seen[ident]}, which is already scanned (its images would "
-                         "count twice); remove one of them")
+        raise LotusError(
+            f"{KEY}: {culprit} leads to {seen[ident]}, which is already scanned (its images would "
+            "count twice); remove one of them"
+        )
     seen[ident] = folder
     open_.add(ident)
     files = []
@@ -86,17 +90,23 @@ class _SafeImageFolder(ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
     @staticmethod
-    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
-                     is_valid_file: Callable[[str], bool] | None = None,
-                     allow_empty: bool = False) -> list[tuple[str, int]]:
+    def make_dataset(
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
         valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions or IMG_EXTENSIONS))
         seen: dict[tuple[int, int], str] = {}
         samples = []
         for cls in sorted(class_to_idx):
             files = [p for p in scan_files(os.path.join(directory, cls), seen) if valid(p)]
             if not files and not allow_empty:
-                raise LotusError(f"{KEY}: {os.path.join(directory, cls)}: no image files "
-                                 f"({', '.join(extensions or IMG_EXTENSIONS)}) in this class folder")
+                raise LotusError(
+                    f"{KEY}: {os.path.join(directory, cls)}: no image files "
+                    f"({', '.join(extensions or IMG_EXTENSIONS)}) in this class folder"
+                )
             samples += [(p, class_to_idx[cls]) for p in files]
         return samples
 

@@ -4,6 +4,7 @@ Two layouts are searched under ``data.root``: the files themselves (Debian's ``d
 package puts ``train-images-idx3-ubyte.gz`` etc. in ``/usr/share/datasets/fashion-mnist``) and
 torchvision's ``<root>/<FashionMNIST|MNIST>/raw/``. Each file may be gzipped or not.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,10 @@ IDX_DATASETS: dict[str, tuple[str, list[str], str]] = {
     ),
 }
 
-_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _find(folder: str, stem: str) -> str | None:

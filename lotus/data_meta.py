@@ -9,10 +9,12 @@ interpolation, crop_pct, crop_mode). Every Lotus weights file stores it as its m
 Lotus' own eval paths resize to the model's size without cropping (``crop_mode: squash``, ``crop_pct: 1``,
 bilinear); with ``data.transform`` on, timm's resolved eval settings are recorded instead.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,7 +34,9 @@ def normalization_of(dataset: Any) -> tuple[list[float], list[float]] | None:
     while stack:
         t = stack.pop()
         if isinstance(t, Normalize):
-            return [float(v) for v in torch.as_tensor(t.mean).flatten()], [float(v) for v in torch.as_tensor(t.std).flatten()]
+            return [float(v) for v in torch.as_tensor(t.mean).flatten()], [
+                float(v) for v in torch.as_tensor(t.std).flatten()
+            ]
         stack.extend(getattr(t, "transforms", None) or [])
     return None
 
@@ -41,16 +45,26 @@ def data_metadata(bundle: Any, data_cfg: Any, model_cfg: Any = None) -> dict:
     """The ``"data"`` metadata of a run's weights (see the module docstring); keys :data:`DATA_KEYS`."""
     chans, size = int(bundle.in_chans), int(bundle.img_size)
     norm = normalization_of(bundle.val) or ([0.0] * chans, [1.0] * chans)
-    meta = {"dataset": getattr(data_cfg, "name", None), "classes": [str(c) for c in bundle.classes],
-            "mean": norm[0], "std": norm[1], "input_size": [chans, size, size],
-            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+    meta = {
+        "dataset": getattr(data_cfg, "name", None),
+        "classes": [str(c) for c in bundle.classes],
+        "mean": norm[0],
+        "std": norm[1],
+        "input_size": [chans, size, size],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+    }
     tcfg = getattr(data_cfg, "transform", None)
     if tcfg is not None and getattr(tcfg, "enabled", False):
         from lotus.data_transforms import timm_data_config
 
         dcfg = timm_data_config(tcfg, model_cfg, size, chans, norm[0], norm[1])
-        meta.update(interpolation=dcfg["interpolation"], crop_pct=float(dcfg["crop_pct"]),
-                    crop_mode=dcfg.get("crop_mode") or "center")
+        meta.update(
+            interpolation=dcfg["interpolation"],
+            crop_pct=float(dcfg["crop_pct"]),
+            crop_mode=dcfg.get("crop_mode") or "center",
+        )
     return meta
 
 
@@ -68,10 +82,15 @@ def eval_transform(meta: dict) -> Callable[[Any], torch.Tensor]:
     from timm.data import create_transform
 
     chans = int(meta["input_size"][0])
-    tf = create_transform(input_size=tuple(meta["input_size"]), is_training=False,
-                          interpolation=meta.get("interpolation") or "bilinear", mean=tuple(meta["mean"]),
-                          std=tuple(meta["std"]), crop_pct=meta.get("crop_pct") or 1.0,
-                          crop_mode=meta.get("crop_mode") or "squash")
+    tf = create_transform(
+        input_size=tuple(meta["input_size"]),
+        is_training=False,
+        interpolation=meta.get("interpolation") or "bilinear",
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+        crop_pct=meta.get("crop_pct") or 1.0,
+        crop_mode=meta.get("crop_mode") or "squash",
+    )
     mode = "L" if chans == 1 else "RGB"
 
     def apply(image: Any) -> torch.Tensor:

@@ -8,11 +8,13 @@ Items stay ``(image, label, index)``. Each sample's random draws are seeded from
 (:class:`SeededTransformDataset`), so an epoch's augmentations do not depend on the worker count and a
 resumed run is bit-identical. Mean/std: :func:`resolve_mean_std`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +23,15 @@ from torch.utils.data import Dataset
 from lotus.errors import ConfigError
 from lotus.transform_config import AA_ALIASES, INTERPOLATIONS, TransformConfig, check_auto_augment  # noqa: F401
 
-__all__ = ["TransformConfig", "check_auto_augment", "resolve_mean_std", "timm_data_config", "build_transform",
-           "SeededTransformDataset", "uses_pretrained_norm"]
+__all__ = [
+    "TransformConfig",
+    "check_auto_augment",
+    "resolve_mean_std",
+    "timm_data_config",
+    "build_transform",
+    "SeededTransformDataset",
+    "uses_pretrained_norm",
+]
 
 
 def _pretrained_cfg(model_cfg: Any) -> dict:
@@ -59,8 +68,9 @@ def _fit(values: list[float] | tuple[float, ...], chans: int, key: str) -> list[
     raise ConfigError(f"{key}: {len(v)} values for {chans}-channel images")
 
 
-def resolve_mean_std(tcfg: TransformConfig | None, model_cfg: Any, chans: int,
-                     data_stats: tuple[list[float], list[float]]) -> tuple[list[float], list[float]]:
+def resolve_mean_std(
+    tcfg: TransformConfig | None, model_cfg: Any, chans: int, data_stats: tuple[list[float], list[float]]
+) -> tuple[list[float], list[float]]:
     """``data.transform.mean/std`` if set; else the model's pretrained_cfg when fine-tuning timm weights
     (:func:`uses_pretrained_norm`); else ``data_stats`` (the dataset's own statistics, as without timm)."""
     if tcfg is not None and tcfg.mean is not None:
@@ -71,14 +81,20 @@ def resolve_mean_std(tcfg: TransformConfig | None, model_cfg: Any, chans: int,
     return list(data_stats[0]), list(data_stats[1])
 
 
-def timm_data_config(tcfg: TransformConfig, model_cfg: Any, img_size: int, chans: int,
-                     mean: list[float], std: list[float]) -> dict:
+def timm_data_config(
+    tcfg: TransformConfig, model_cfg: Any, img_size: int, chans: int, mean: list[float], std: list[float]
+) -> dict:
     """``timm.data.resolve_data_config``: our size, mean/std and overrides over the model's pretrained_cfg
     (interpolation, crop_pct, crop_mode)."""
     from timm.data import resolve_data_config
 
-    args = {"input_size": (chans, img_size, img_size), "mean": mean, "std": std,
-            "interpolation": tcfg.interpolation, "crop_pct": tcfg.crop_pct}
+    args = {
+        "input_size": (chans, img_size, img_size),
+        "mean": mean,
+        "std": std,
+        "interpolation": tcfg.interpolation,
+        "crop_pct": tcfg.crop_pct,
+    }
     return resolve_data_config(args, pretrained_cfg=_pretrained_cfg(model_cfg))
 
 
@@ -108,16 +124,30 @@ def build_transform(tcfg: TransformConfig, data_cfg: dict, training: bool) -> Ca
 
     _patch_posterize()
 
-    common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"],
-                  mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]), crop_pct=data_cfg["crop_pct"],
-                  crop_mode=data_cfg.get("crop_mode"))
+    common = dict(
+        input_size=data_cfg["input_size"],
+        interpolation=data_cfg["interpolation"],
+        mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]),
+        crop_pct=data_cfg["crop_pct"],
+        crop_mode=data_cfg.get("crop_mode"),
+    )
     if not training:
         return create_transform(is_training=False, **common)
     aa = check_auto_augment(tcfg.auto_augment, "data.transform.auto_augment") if tcfg.auto_augment else None
     return create_transform(
-        is_training=True, scale=tuple(tcfg.scale), ratio=tuple(tcfg.ratio), hflip=tcfg.hflip, vflip=tcfg.vflip,
-        color_jitter=tcfg.color_jitter, auto_augment=aa, re_prob=tcfg.re_prob, re_mode=tcfg.re_mode,
-        re_count=tcfg.re_count, **common)
+        is_training=True,
+        scale=tuple(tcfg.scale),
+        ratio=tuple(tcfg.ratio),
+        hflip=tcfg.hflip,
+        vflip=tcfg.vflip,
+        color_jitter=tcfg.color_jitter,
+        auto_augment=aa,
+        re_prob=tcfg.re_prob,
+        re_mode=tcfg.re_mode,
+        re_count=tcfg.re_count,
+        **common,
+    )
 
 
 @contextlib.contextmanager
@@ -148,8 +178,15 @@ class SeededTransformDataset(Dataset):
     before (resume). ``seed=None``: a deterministic (eval) transform, no seeding.
     """
 
-    def __init__(self, load: Callable[[int], tuple[Any, int]], length: int, transform: Callable,
-                 labels: torch.Tensor, classes: list[str], seed: int | None = None):
+    def __init__(
+        self,
+        load: Callable[[int], tuple[Any, int]],
+        length: int,
+        transform: Callable,
+        labels: torch.Tensor,
+        classes: list[str],
+        seed: int | None = None,
+    ):
         self.load, self.length, self.transform = load, length, transform
         self.labels, self.classes, self.seed = labels, classes, seed
         self.epoch = 0

@@ -5,12 +5,22 @@ exits with code 2. An ``OSError`` about a file the user named (not found, permis
 a full disk is reported the same way, naming the file. Anything else is a bug in Lotus: the CLI prints
 ``internal error: <Type>: <first line> (...)`` and exits with code 1 (``--debug`` shows the traceback).
 """
+
 from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
 
-__all__ = ["LotusError", "ConfigError", "RankError", "USER_EXIT", "INTERNAL_EXIT", "first_line", "describe", "library_error"]
+__all__ = [
+    "LotusError",
+    "ConfigError",
+    "RankError",
+    "USER_EXIT",
+    "INTERNAL_EXIT",
+    "first_line",
+    "describe",
+    "library_error",
+]
 
 USER_EXIT = 2
 INTERNAL_EXIT = 1
@@ -83,7 +93,10 @@ def describe(e: BaseException) -> tuple[int, str]:
         if text is not None:
             return USER_EXIT, f"error: {text}"
     if _out_of_memory(e):
-        return USER_EXIT, ("error: out of GPU memory; lower data.batch_size or plan memory with parallel.memory_budget "
-                           f"({first_line(e)[:160]})")
-    return INTERNAL_EXIT, (f"internal error: {type(e).__name__}: {first_line(e)} "
-                           "(a bug in Lotus; rerun with --debug for the traceback)")
+        return USER_EXIT, (
+            "error: out of GPU memory; lower data.batch_size or plan memory with parallel.memory_budget "
+            f"({first_line(e)[:160]})"
+        )
+    return INTERNAL_EXIT, (
+        f"internal error: {type(e).__name__}: {first_line(e)} (a bug in Lotus; rerun with --debug for the traceback)"
+    )

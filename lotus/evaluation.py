@@ -4,6 +4,7 @@ Used by the Trainer (validation every epoch), ``lotus prune`` (before/after accu
 and the benchmarks. Sums stay on the device (one host sync at the end); under ``torch.distributed`` each
 rank evaluates its stripe of the dataset and the sums are all-reduced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,10 +24,21 @@ __all__ = ["evaluate"]
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 256, device: torch.device | str | None = None,
-             autocast: Callable[[], Any] = contextlib.nullcontext, num_workers: int = 0, limit: int | None = None,
-             rank: int = 0, world_size: int = 1, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-             progress: bool = False, num_classes: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    num_workers: int = 0,
+    limit: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     """``{"val_loss", "val_acc", "val_acc5", "count"}`` of ``model`` on ``dataset`` (items ``(image, label[, index])``).
 
     ``val_acc5``: top-5 accuracy (top-k with k = min(5, classes)). ``num_classes``: also ``class_correct`` and
@@ -74,8 +86,12 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 256, device: t
             dist.all_reduce(per_class)
     loss_sum, correct, count, correct5 = sums.cpu().tolist()
     count = max(count, 1.0)
-    out: dict[str, Any] = {"val_loss": loss_sum / count, "val_acc": correct / count, "val_acc5": correct5 / count,
-                           "count": int(count)}
+    out: dict[str, Any] = {
+        "val_loss": loss_sum / count,
+        "val_acc": correct / count,
+        "val_acc5": correct5 / count,
+        "count": int(count),
+    }
     if num_classes:
         hits, counts = per_class.cpu().tolist()
         out.update(class_correct=[int(h) for h in hits], class_count=[int(c) for c in counts])

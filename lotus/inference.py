@@ -6,19 +6,20 @@ does) and its ``"data"`` metadata (mean/std, classes, eval preprocessing; :mod:`
 :class:`ImageFiles` reads image files with :func:`lotus.data_meta.eval_transform`, so a folder of images is
 preprocessed exactly as an ImageFolder run's validation split.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from lotus.errors import LotusError
 
-__all__ = ["Source", "load_source", "resolve_device", "ImageFiles", "image_files", "folder_classes",
-           "IMAGE_EXTENSIONS"]
+__all__ = ["Source", "load_source", "resolve_device", "ImageFiles", "image_files", "folder_classes", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -36,16 +37,21 @@ class Source:
 
 
 def _weights_of(source: str, which: str | None, key: str) -> str:
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")) and \
-            os.path.isfile(os.path.join(source, "model.safetensors")):  # a `lotus export` folder
+    if (
+        os.path.isdir(source)
+        and os.path.isfile(os.path.join(source, "config.json"))
+        and os.path.isfile(os.path.join(source, "model.safetensors"))
+    ):  # a `lotus export` folder
         if which:
             raise LotusError(f"--which: only for a run folder; {source} is an export folder")
         return os.path.join(source, "model.safetensors")
     if os.path.isdir(source):
         path = os.path.join(source, f"{which or 'best'}.safetensors")
         if not os.path.isfile(path):
-            raise LotusError(f"{key}: {source} has neither config.json + model.safetensors (an export folder) nor "
-                             f"{os.path.basename(path)} (a run folder)")
+            raise LotusError(
+                f"{key}: {source} has neither config.json + model.safetensors (an export folder) nor "
+                f"{os.path.basename(path)} (a run folder)"
+            )
         return path
     if not os.path.isfile(source):
         raise LotusError(f"{key}: no such run folder, export folder or weights file: {source}")
@@ -90,8 +96,9 @@ def image_files(paths: list[str], key: str = "IMAGES") -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(p) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(d, f) for d, _, files in os.walk(p) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
             if not found:
                 raise LotusError(f"{key}: {p} holds no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
             out += found
@@ -141,6 +148,8 @@ class ImageFiles(Dataset):
 def require_data(src: Source, what: str) -> dict:
     """The source's data metadata, or a one-line error saying how to supply it."""
     if src.data is None:
-        raise LotusError(f"{src.weights} records no normalisation (mean/std) or classes (written by an older "
-                         f"Lotus?); {what} needs them: pass --config (the training config) so they are read off its data")
+        raise LotusError(
+            f"{src.weights} records no normalisation (mean/std) or classes (written by an older "
+            f"Lotus?); {what} needs them: pass --config (the training config) so they are read off its data"
+        )
     return src.data

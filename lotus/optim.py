@@ -1,8 +1,10 @@
 """Optimiser and learning-rate schedule construction from the ``optim``/``train`` config sections."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -11,8 +13,7 @@ from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers,
 from lotus.errors import ConfigError
 from lotus.features.outliers.optimizers import OPTIMIZERS, build
 
-__all__ = ["param_groups", "build_optimizer", "optimizer_names", "check_optimizer_name", "CosineSchedule",
-           "LrSchedule"]
+__all__ = ["param_groups", "build_optimizer", "optimizer_names", "check_optimizer_name", "CosineSchedule", "LrSchedule"]
 
 
 def optimizer_names() -> list[str]:
@@ -30,8 +31,10 @@ def check_optimizer_name(name: str, key: str = "optim.name") -> None:
 
     close = difflib.get_close_matches(base, names, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"{key}: expected one of timm's optimizers (timm.optim.list_optimizers(): "
-                      f"{', '.join(names[:6])}, ...) or soap | shampoo, got {name!r}{hint}")
+    raise ConfigError(
+        f"{key}: expected one of timm's optimizers (timm.optim.list_optimizers(): "
+        f"{', '.join(names[:6])}, ...) or soap | shampoo, got {name!r}{hint}"
+    )
 
 
 def _timm_optimizer(name: str, groups: list[dict], optim_cfg: Any) -> torch.optim.Optimizer:
@@ -53,11 +56,19 @@ def _timm_optimizer(name: str, groups: list[dict], optim_cfg: Any) -> torch.opti
 
         package = info.opt_class.split(".")[0]
         if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
-            raise ConfigError(f"optim.name: {name} needs CUDA and the {package} package "
-                              f"({'not installed' if importlib.util.find_spec(package) is None else 'no CUDA device'})")
+            raise ConfigError(
+                f"optim.name: {name} needs CUDA and the {package} package "
+                f"({'not installed' if importlib.util.find_spec(package) is None else 'no CUDA device'})"
+            )
     try:
-        return create_optimizer_v2(groups, opt=name.lower(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
-                                   momentum=optim_cfg.momentum, **kwargs)
+        return create_optimizer_v2(
+            groups,
+            opt=name.lower(),
+            lr=optim_cfg.lr,
+            weight_decay=optim_cfg.weight_decay,
+            momentum=optim_cfg.momentum,
+            **kwargs,
+        )
     except ImportError as e:  # bnb* (bitsandbytes), fused* (apex), ...
         raise ConfigError(f"optim.name: {name} needs a package that is not installed ({e})") from None
 
@@ -90,21 +101,27 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """
     if getattr(optim_cfg, "layer_decay", None):
         bare = getattr(model, "module", model)  # timm's grouping by block depth (group_matcher of the model)
-        groups = param_groups_layer_decay(bare, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay,
-                                          no_weight_decay_list=set(getattr(bare, "no_weight_decay", lambda: set())()))
+        groups = param_groups_layer_decay(
+            bare,
+            optim_cfg.weight_decay,
+            layer_decay=optim_cfg.layer_decay,
+            no_weight_decay_list=set(getattr(bare, "no_weight_decay", lambda: set())()),
+        )
     else:
         groups = param_groups(model, optim_cfg.weight_decay)
     name = optim_cfg.name
     try:
         if name == "adamw":
             # the fused kernel is several times faster than the for-each one on CPU and CUDA, same maths
-            extra = {"fused": all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]),
-                     **optim_cfg.extra}
-            return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                                     **extra)
+            extra = {
+                "fused": all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]),
+                **optim_cfg.extra,
+            }
+            return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **extra)
         if name == "sgd":
-            return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                                   nesterov=optim_cfg.nesterov, **optim_cfg.extra)
+            return torch.optim.SGD(
+                groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov, **optim_cfg.extra
+            )
         if name in OPTIMIZERS:
             return build(name, groups, optim_cfg)
         check_optimizer_name(name)
@@ -112,8 +129,9 @@ def build_optimizer(optim_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     except TypeError as e:  # an optim.extra keyword the torch optimiser does not take
         if not optim_cfg.extra:
             raise
-        raise ConfigError(f"optim.extra: {name} does not accept {', '.join(map(str, optim_cfg.extra))} "
-                          f"({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"optim.extra: {name} does not accept {', '.join(map(str, optim_cfg.extra))} ({str(e).splitlines()[0]})"
+        ) from None
     except ValueError as e:  # messages name the key (optim.name, optim.extra.<key>) or say optim: cannot build
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(text if text.startswith("optim") else f"optim: cannot build {name}: {text}") from None
@@ -123,8 +141,7 @@ class CosineSchedule:
     """Linear warm-up then cosine decay, driven by fractional epochs (robust to subsets that change the
     number of steps per epoch). ``lr(t) = min_lr + (base - min_lr) * 0.5 * (1 + cos(pi * progress))``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float, warmup: float,
-                 total: float):
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float, warmup: float, total: float):
         self.optimizer, self.base_lr, self.min_lr = optimizer, base_lr, min_lr
         self.warmup, self.total = warmup, total
         self.position = 0.0
@@ -171,22 +188,34 @@ class LrSchedule(CosineSchedule):
     def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg: Any, train_cfg: Any):
         self.kind = getattr(optim_cfg, "sched", "cosine")
         cooldown = getattr(optim_cfg, "cooldown_epochs", 0.0) if self.kind in ("cosine", "poly", "tanh") else 0.0
-        super().__init__(optimizer, optim_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs,
-                         train_cfg.epochs - cooldown)
+        super().__init__(
+            optimizer, optim_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs, train_cfg.epochs - cooldown
+        )
         self._timm = self._plateau = None
         proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim_cfg.lr)  # lr holder, never stepped
         if self.kind in ("step", "multistep", "poly", "tanh"):
             from timm.scheduler import create_scheduler_v2
 
             self._timm, _ = create_scheduler_v2(
-                proxy, sched=self.kind, num_epochs=max(self.total - self.warmup, 1e-12),
-                decay_epochs=optim_cfg.decay_epochs, decay_milestones=list(optim_cfg.decay_milestones),
-                decay_rate=optim_cfg.decay_rate, min_lr=self.min_lr, warmup_epochs=0, step_on_epochs=True)
+                proxy,
+                sched=self.kind,
+                num_epochs=max(self.total - self.warmup, 1e-12),
+                decay_epochs=optim_cfg.decay_epochs,
+                decay_milestones=list(optim_cfg.decay_milestones),
+                decay_rate=optim_cfg.decay_rate,
+                min_lr=self.min_lr,
+                warmup_epochs=0,
+                step_on_epochs=True,
+            )
         elif self.kind == "plateau":
             proxy.param_groups[0]["lr"] = 1.0  # the scale on base_lr
             self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                proxy, mode="max", factor=optim_cfg.decay_rate, patience=optim_cfg.patience_epochs,
-                min_lr=self.min_lr / self.base_lr)
+                proxy,
+                mode="max",
+                factor=optim_cfg.decay_rate,
+                patience=optim_cfg.patience_epochs,
+                min_lr=self.min_lr / self.base_lr,
+            )
 
     def lr_at(self, t: float) -> float:
         if self.kind == "cosine" or (self.warmup > 0 and t < self.warmup):

@@ -4,6 +4,7 @@ A ``--checkpoint`` may be a weights file or a run folder (``lotus train --out``)
 ``best.safetensors`` (else ``last.safetensors``), and its ``config.yaml`` is the default ``--config``. This
 module imports neither torch nor timm, so the CLI can check paths before work starts.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ def checkpoint_file(path: str, key: str = "--checkpoint") -> str:
         for name in ("best.safetensors", "last.safetensors"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise LotusError(f"{key}: {path} is a folder without best.safetensors or last.safetensors (expected a run "
-                         "folder or a weights file)")
+        raise LotusError(
+            f"{key}: {path} is a folder without best.safetensors or last.safetensors (expected a run "
+            "folder or a weights file)"
+        )
     if not os.path.isfile(path):
         raise LotusError(f"{key}: file not found: {path}")
     return path

@@ -1,12 +1,13 @@
 """Readable run reports: ``report.md`` plus accuracy/loss plots with schedule events on the time axis."""
+
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
 
-from lotus.safe_io import atomic_write_stream, atomic_write_text
 from lotus.errors import LotusError
+from lotus.safe_io import atomic_write_stream, atomic_write_text
 
 __all__ = ["read_metrics", "write_report", "summary_text", "event_line"]
 
@@ -55,8 +56,11 @@ _EPOCH_FIELDS = ("epoch_start", "from_epoch", "at_epoch")
 def event_line(record: dict) -> str:
     """An event as people read it: ``[name] epoch N: k=v, ...`` with every epoch counted from 1, as the epoch
     lines are (the record's own ``epoch`` is the 0-based index of the epoch it happened in)."""
-    fields = {k: (v + 1 if k in _EPOCH_FIELDS and isinstance(v, int) else v) for k, v in record.items()
-              if k not in ("type", "event", "epoch", "step", "wall_s") and not isinstance(v, (list, dict))}
+    fields = {
+        k: (v + 1 if k in _EPOCH_FIELDS and isinstance(v, int) else v)
+        for k, v in record.items()
+        if k not in ("type", "event", "epoch", "step", "wall_s") and not isinstance(v, (list, dict))
+    }
     where = f" epoch {record['epoch'] + 1}:" if isinstance(record.get("epoch"), int) else ""
     return f"[{record['event']}]{where} " + ", ".join(f"{k}={v}" for k, v in fields.items())
 
@@ -77,10 +81,15 @@ def summary_text(run_dir: str) -> str:
         lines.append(f"params: {summary.get('params')}   nonzero: {summary.get('nonzero_params')}")
         data = summary.get("data")
         if data:
-            sizes = ", ".join(f"{data[k]} {k.split('_')[0]}" for k in ("train_size", "val_size", "test_size")
-                              if data.get(k) is not None)
-            lines.append(f"data: {data['name']} ({sizes} images; {len(data['classes'])} classes: "
-                         f"{', '.join(map(str, data['classes'][:10]))}{', ...' if len(data['classes']) > 10 else ''})")
+            sizes = ", ".join(
+                f"{data[k]} {k.split('_')[0]}"
+                for k in ("train_size", "val_size", "test_size")
+                if data.get(k) is not None
+            )
+            lines.append(
+                f"data: {data['name']} ({sizes} images; {len(data['classes'])} classes: "
+                f"{', '.join(map(str, data['classes'][:10]))}{', ...' if len(data['classes']) > 10 else ''})"
+            )
         if summary.get("test_acc") is not None:
             lines.append(f"test acc: {_fmt_pct(summary['test_acc'])} (measured once, after training)")
     if events:
@@ -111,8 +120,15 @@ def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
             ax.axvline(e.get("wall_s", 0), color="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)
     for e in events:
-        ax1.annotate(e["event"], (e.get("wall_s", 0), ax1.get_ylim()[0]), rotation=90, fontsize=7,
-                     va="bottom", ha="right", color="grey")
+        ax1.annotate(
+            e["event"],
+            (e.get("wall_s", 0), ax1.get_ylim()[0]),
+            rotation=90,
+            fontsize=7,
+            va="bottom",
+            ha="right",
+            color="grey",
+        )
     ax2.legend()
     fig.tight_layout()
     atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -126,11 +142,17 @@ def write_report(run_dir: str) -> str:
     md = ["# Run report", "", "```", text, "```", ""]
     if epochs:
         _plot(epochs, events, os.path.join(run_dir, "curves.png"))
-        md += ["![curves](curves.png)", "", "| epoch | step | time (s) | train loss | val loss | val acc | img/s | lr |",
-               "|---|---|---|---|---|---|---|---|"]
+        md += [
+            "![curves](curves.png)",
+            "",
+            "| epoch | step | time (s) | train loss | val loss | val acc | img/s | lr |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in epochs:
-            md.append(f"| {r['epoch']} | {r['step']} | {r['wall_s']:.1f} | {r['train_loss']:.4f} | "
-                      f"{r.get('val_loss', float('nan')):.4f} | {_fmt_pct(r.get('val_acc'))} | {r.get('throughput')} | "
-                      f"{r.get('lr', 0):.2e} |")
+            md.append(
+                f"| {r['epoch']} | {r['step']} | {r['wall_s']:.1f} | {r['train_loss']:.4f} | "
+                f"{r.get('val_loss', float('nan')):.4f} | {_fmt_pct(r.get('val_acc'))} | {r.get('throughput')} | "
+                f"{r.get('lr', 0):.2e} |"
+            )
     atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(md) + "\n")
     return text

@@ -13,6 +13,7 @@ The one place for these rules (every Lotus writer uses it):
 * **Disk full / read-only / quota** while writing is a :class:`~lotus.errors.LotusError` naming the file and
   the cause; the previous file (if any) is untouched.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,12 +23,24 @@ import os
 import re
 import shutil
 import tempfile
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from lotus.errors import ConfigError, LotusError
 
-__all__ = ["TEMP_PREFIX", "atomic_write", "atomic_write_stream", "atomic_write_text", "output_lock", "open_append", "FileLock", "remove_temps",
-           "refuse_symlink", "check_run_name", "MAX_NAME_BYTES"]
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_write",
+    "atomic_write_stream",
+    "atomic_write_text",
+    "output_lock",
+    "open_append",
+    "FileLock",
+    "remove_temps",
+    "refuse_symlink",
+    "check_run_name",
+    "MAX_NAME_BYTES",
+]
 
 TEMP_PREFIX = ".lotus-tmp-"
 # temp names of earlier Lotus versions (".tmp-<name>-*") and safetensors' own (".tmpXXXXXX")
@@ -60,8 +73,9 @@ def _write_error(path: str, what: str, e: BaseException, seen: OSError | None = 
     return LotusError(f"{where}: {reason} ({kept})")
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None], *, exclusive: bool = False,
-                 key: str | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[str], None], *, exclusive: bool = False, key: str | None = None
+) -> None:
     """Call ``write_fn(tmp_path)``, then move the finished file onto ``path`` in one rename.
 
     ``tmp_path`` lies in a private ``.lotus-tmp-*`` folder beside ``path``. ``exclusive``: fail with a one-line
@@ -102,8 +116,10 @@ def _publish(tmp: str, path: str, exclusive: bool, what: str) -> None:
     try:
         os.link(tmp, path)  # fails if anything (a file, a link, a folder) has the name
     except FileExistsError:
-        raise LotusError(f"{what}: {path} was created by another process meanwhile; "
-                         "nothing was overwritten (pass --force to replace it)") from None
+        raise LotusError(
+            f"{what}: {path} was created by another process meanwhile; "
+            "nothing was overwritten (pass --force to replace it)"
+        ) from None
 
 
 class _GuardedFile(io.RawIOBase):
@@ -123,8 +139,9 @@ class _GuardedFile(io.RawIOBase):
             raise
 
 
-def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, exclusive: bool = False,
-                        key: str | None = None) -> None:
+def atomic_write_stream(
+    path: str | os.PathLike, write: Callable[[BinaryIO], None], *, exclusive: bool = False, key: str | None = None
+) -> None:
     """:func:`atomic_write` for writers that take a binary file object (``torch.save``, ``savefig``)."""
 
     def write_fn(tmp: str) -> None:
@@ -155,8 +172,9 @@ def open_append(path: str | os.PathLike, key: str | None = None) -> BinaryIO:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise LotusError(f"{key or path}: {path} is a symbolic link; Lotus does not write through one "
-                             "(remove it)") from None
+            raise LotusError(
+                f"{key or path}: {path} is a symbolic link; Lotus does not write through one (remove it)"
+            ) from None
         raise
     return os.fdopen(fd, "ab")
 
@@ -165,8 +183,10 @@ def refuse_symlink(path: str | os.PathLike, key: str) -> None:
     """A one-line error if ``path`` itself is a symlink (an output folder or file must be the real one)."""
     path = os.fspath(path)
     if os.path.islink(path.rstrip(os.sep) or path):
-        raise LotusError(f"{key}: {path} is a symbolic link (to {os.readlink(path.rstrip(os.sep))}); "
-                         "Lotus does not write through one: pass the real folder or another path")
+        raise LotusError(
+            f"{key}: {path} is a symbolic link (to {os.readlink(path.rstrip(os.sep))}); "
+            "Lotus does not write through one: pass the real folder or another path"
+        )
 
 
 class FileLock:
@@ -186,16 +206,18 @@ class FileLock:
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
             except (FileExistsError, NotADirectoryError):
-                raise LotusError(f"{self.key}: cannot write {self.busy}: a part of its path is a file, not a "
-                                 "folder") from None
+                raise LotusError(
+                    f"{self.key}: cannot write {self.busy}: a part of its path is a file, not a folder"
+                ) from None
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise LotusError(f"{self.key}: {self.path} is a symbolic link; Lotus does not write through one "
-                                 "(remove it)") from None
+                raise LotusError(
+                    f"{self.key}: {self.path} is a symbolic link; Lotus does not write through one (remove it)"
+                ) from None
             raise LotusError(f"{self.key}: cannot write {self.busy}: {e.strerror or e}") from None
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         """Take the lock or raise a one-line error naming the process that holds it."""
         while True:
             existed = os.path.lexists(self.path)
@@ -205,8 +227,10 @@ class FileLock:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise LotusError(f"{self.key}: {self.busy} is in use by another Lotus process (pid {holder}); "
-                                 "wait for it to finish or choose another --out") from None
+                raise LotusError(
+                    f"{self.key}: {self.busy} is in use by another Lotus process (pid {holder}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
@@ -234,7 +258,7 @@ class FileLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -273,7 +297,9 @@ def check_run_name(name: str, key: str = "name") -> None:
     bad = [c for c in ("/", "\\", "\0") if c in name]
     if not name.strip() or bad or ".." in name:
         why = "is empty" if not name.strip() else f"contains {bad[0]!r}" if bad else "contains '..'"
-        raise ConfigError(f"{key}: expected one folder name (no '/', '\\' or '..'), got {name[:60]!r}, which "
-                         f"{why}; choose where runs go with --out or output.dir")
+        raise ConfigError(
+            f"{key}: expected one folder name (no '/', '\\' or '..'), got {name[:60]!r}, which "
+            f"{why}; choose where runs go with --out or output.dir"
+        )
     if len(name.encode()) > MAX_NAME_BYTES:
         raise ConfigError(f"{key}: expected at most {MAX_NAME_BYTES} bytes, got a name of {len(name.encode())}")

@@ -4,6 +4,7 @@ Errors name the full key and what was expected, e.g. ``train.epochs: expected in
 Field limits come from ``dataclasses.field(metadata={"min": .., "max": .., "min_exclusive": True,
 "max_exclusive": True})``. A dataclass may define ``check(self, prefix)`` for cross-field rules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from lotus.errors import ConfigError
 __all__ = ["ConfigError", "validate", "to_dict", "describe_type"]
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
 
 def describe_type(tp: Any) -> str:
     """Human-readable name of a type annotation ("int", "'a' | 'b'", "list of float")."""

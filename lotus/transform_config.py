@@ -1,6 +1,7 @@
 """The ``data.transform`` config section (:class:`TransformConfig`) and the check of timm's auto_augment
 strings; torch-free, so validating a config imports neither torch nor timm. The transforms themselves are
 built in :mod:`lotus.data_transforms`."""
+
 from __future__ import annotations
 
 import re
@@ -85,19 +86,23 @@ def check_auto_augment(text: str, key: str) -> str:
     head = parts[0]
     family = head if head in ("rand", "augmix") else "auto" if head in _AA_POLICIES else None
     if family is None:
-        raise ConfigError(f"{key}: unknown policy {head!r} in {text!r}; expected rand-..., augmix-..., "
-                          f"{', '.join(_AA_POLICIES)} or {', '.join(AA_ALIASES)} (timm's auto_augment strings)")
+        raise ConfigError(
+            f"{key}: unknown policy {head!r} in {text!r}; expected rand-..., augmix-..., "
+            f"{', '.join(_AA_POLICIES)} or {', '.join(AA_ALIASES)} (timm's auto_augment strings)"
+        )
     allowed = _AA_SECTIONS[family]
     for part in parts[1:]:
         if family == "rand" and part.startswith("t"):
             if part[1:] not in _RAND_SETS:
-                raise ConfigError(f"{key}: unknown transform set {part!r} in {text!r}; expected t + one of "
-                                  f"{', '.join(_RAND_SETS)}")
+                raise ConfigError(
+                    f"{key}: unknown transform set {part!r} in {text!r}; expected t + one of {', '.join(_RAND_SETS)}"
+                )
             continue
         m = re.fullmatch(r"([a-z]+)(\d[\d.]*)", part)
         if not m or m.group(1) not in allowed:
-            raise ConfigError(f"{key}: bad section {part!r} in {text!r}; {family} takes "
-                              f"{', '.join(k + '<number>' for k in allowed)}")
+            raise ConfigError(
+                f"{key}: bad section {part!r} in {text!r}; {family} takes {', '.join(k + '<number>' for k in allowed)}"
+            )
         try:
             allowed[m.group(1)](m.group(2))
         except ValueError:

@@ -22,30 +22,53 @@ imported from its module:
 - ``pruning.sweep``: essential-sparsity sweep (``essential_sparsity_sweep``, ``find_knee``, ``save_sweep``)
 - ``pruning.report``: ``sparsity_report``, ``model_stats``, params/FLOPs/latency counters, ``format_report``
 """
+
 import importlib
 from typing import Any
 
 # name -> module that defines it; imported on first use (module __getattr__), so ``pruning.MagnitudeConfig``
 # (read by a config) does not import torch
 _WHERE = {
-    "prune_": "api", "MagnitudeConfig": "config", "SemiStructuredConfig": "config", "StructuredConfig": "config",
-    "WandaConfig": "config", "make_permanent": "masks", "model_stats": "report", "sparsity_report": "report",
-    "GradualPruner": "schedule", "GradualSchedule": "schedule", "OneShotSchedule": "schedule",
-    "enable_sparse_training_": "semi_structured", "to_semi_structured_": "semi_structured",
-    "prune_structured": "structured", "apply_widths": "structured_widths", "get_widths": "structured_widths",
+    "prune_": "api",
+    "MagnitudeConfig": "config",
+    "SemiStructuredConfig": "config",
+    "StructuredConfig": "config",
+    "WandaConfig": "config",
+    "make_permanent": "masks",
+    "model_stats": "report",
+    "sparsity_report": "report",
+    "GradualPruner": "schedule",
+    "GradualSchedule": "schedule",
+    "OneShotSchedule": "schedule",
+    "enable_sparse_training_": "semi_structured",
+    "to_semi_structured_": "semi_structured",
+    "prune_structured": "structured",
+    "apply_widths": "structured_widths",
+    "get_widths": "structured_widths",
 }
 
 __all__ = [
     # one entry point + configs
-    "prune_", "MagnitudeConfig", "WandaConfig", "SemiStructuredConfig", "StructuredConfig",
+    "prune_",
+    "MagnitudeConfig",
+    "WandaConfig",
+    "SemiStructuredConfig",
+    "StructuredConfig",
     # structured thinning
-    "prune_structured", "get_widths", "apply_widths",
+    "prune_structured",
+    "get_widths",
+    "apply_widths",
     # masks: fold into plain weights, measure
-    "make_permanent", "sparsity_report", "model_stats",
+    "make_permanent",
+    "sparsity_report",
+    "model_stats",
     # 2:4 kernels
-    "to_semi_structured_", "enable_sparse_training_",
+    "to_semi_structured_",
+    "enable_sparse_training_",
     # schedules
-    "GradualPruner", "GradualSchedule", "OneShotSchedule",
+    "GradualPruner",
+    "GradualSchedule",
+    "OneShotSchedule",
 ]
 
 

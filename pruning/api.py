@@ -1,4 +1,5 @@
 """``prune_(model, config, ...)``: one entry point that applies any pruning config to a model in place."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

@@ -4,14 +4,22 @@ Each config validates itself on construction so a bad value fails at the call si
 ``ValueError`` naming the field, long before any calibration data is touched. Messages start with the bare
 field name and a colon (``heads: expected ...``) so a caller can prefix its own key path.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MagnitudeConfig", "WandaConfig", "SemiStructuredConfig", "StructuredConfig", "IMPORTANCE",
-           "check_int", "check_sparsity"]
+__all__ = [
+    "MagnitudeConfig",
+    "WandaConfig",
+    "SemiStructuredConfig",
+    "StructuredConfig",
+    "IMPORTANCE",
+    "check_int",
+    "check_sparsity",
+]
 
 Importance = Literal["magnitude", "activation", "taylor"]
 IMPORTANCE: tuple[str, ...] = ("magnitude", "activation", "taylor")

@@ -5,6 +5,7 @@ input dimension, which is the reduction dimension of the matmul and the one the 
 compresses. Wanda's input norms come from calibration batches (``collect_input_norms``, forward hooks).
 The masks are attached with :func:`pruning.masks.set_mask`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -17,8 +18,15 @@ from torch import Tensor, nn
 from .masks import effective_weight
 
 __all__ = [
-    "magnitude_masks", "wanda_masks", "nm_masks", "wanda_scores", "topk_mask", "nm_mask", "is_nm_sparse",
-    "collect_input_norms", "batch_inputs",
+    "magnitude_masks",
+    "wanda_masks",
+    "nm_masks",
+    "wanda_scores",
+    "topk_mask",
+    "nm_mask",
+    "is_nm_sparse",
+    "collect_input_norms",
+    "batch_inputs",
 ]
 
 
@@ -67,9 +75,7 @@ def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
 
 
-def magnitude_masks(
-    modules: Mapping[str, nn.Module], sparsity: float, scope: str = "layer"
-) -> dict[str, Tensor]:
+def magnitude_masks(modules: Mapping[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, Tensor]:
     """Masks pruning the smallest |w|. Scores use the *current* (masked) weights, so pruned entries stay
     pruned when sparsity grows (gradual schedules)."""
     if scope == "layer":
@@ -83,7 +89,7 @@ def magnitude_masks(
     out: dict[str, Tensor] = {}
     start = 0
     for (fqn, _), s in zip(modules.items(), scores):
-        out[fqn] = flat_mask[start:start + s.numel()].reshape(s.shape).to(s.device)
+        out[fqn] = flat_mask[start : start + s.numel()].reshape(s.shape).to(s.device)
         start += s.numel()
     return out
 
@@ -177,6 +183,7 @@ def collect_input_norms(
         def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
             s = _input_sq_norm(mod, args[0])
             sq[fqn] = s if sq[fqn] is None else sq[fqn] + s
+
         return hook
 
     def parent_hook(pfqn: str):
@@ -185,6 +192,7 @@ def collect_input_norms(
             if x is not None and x.is_floating_point():
                 s = x.detach().float().reshape(-1, x.shape[-1]).pow(2).sum(0)
                 parent_sq[pfqn] = s if parent_sq.get(pfqn) is None else parent_sq[pfqn] + s
+
         return hook
 
     for fqn, mod in modules.items():

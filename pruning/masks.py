@@ -7,6 +7,7 @@ gradient of pruned entries is zero (the chain rule through the mask), the forwar
 Supported layers: ``nn.Linear`` and ``nn.Conv2d`` (patch embeddings). Which entries to mask is decided in
 :mod:`pruning.mask_scores` (magnitude, Wanda, N:M); the sparsity of the result is in :mod:`pruning.report`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -16,10 +17,20 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "WeightMask", "FilterFn", "PRUNABLE_TYPES",
-    "make_filter", "select_modules",
-    "set_mask", "get_mask", "is_masked", "effective_weight", "masked_modules", "masks_state", "load_masks",
-    "enforce_masks_", "make_permanent",
+    "WeightMask",
+    "FilterFn",
+    "PRUNABLE_TYPES",
+    "make_filter",
+    "select_modules",
+    "set_mask",
+    "get_mask",
+    "is_masked",
+    "effective_weight",
+    "masked_modules",
+    "masks_state",
+    "load_masks",
+    "enforce_masks_",
+    "make_permanent",
 ]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
@@ -156,7 +167,8 @@ def set_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
 
 def masked_modules(model: nn.Module, name: str = "weight") -> dict[str, nn.Module]:
     return {
-        fqn: m for fqn, m in model.named_modules()
+        fqn: m
+        for fqn, m in model.named_modules()
         if fqn and ".parametrizations." not in f".{fqn}." and is_masked(m, name)
     }
 

@@ -15,11 +15,12 @@ dimension keeps its kept rows and columns, SOAP's eigenbasis of it is recomputed
 (the mean over the old basis) along it. The factors of the other dimensions are kept as they are. Shampoo's
 restricted inverse root is an approximation until the optimiser recomputes it from ``pre_cond_<d>``.
 """
+
 from __future__ import annotations
 
 import copy
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -38,14 +39,17 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     for g in optimizer.param_groups:
         for p in g["params"]:
             if id(p) not in names:
-                raise ValueError("optimizer holds a parameter that is not in the model; call "
-                                 "optimizer_param_names before pruning (old optimizer) or with the rebuilt one")
+                raise ValueError(
+                    "optimizer holds a parameter that is not in the model; call "
+                    "optimizer_param_names before pruning (old optimizer) or with the rebuilt one"
+                )
             out.append(names[id(p)])
     return out
 
 
-def slice_optimizer_state(optimizer_state: Union[torch.optim.Optimizer, dict], kept_indices: dict,
-                          param_names: Sequence[str]) -> dict:
+def slice_optimizer_state(
+    optimizer_state: torch.optim.Optimizer | dict, kept_indices: dict, param_names: Sequence[str]
+) -> dict:
     """Optimizer state dict with per-parameter state (e.g. Adam moments, SGD momentum) sliced to thinned shapes.
 
     optimizer_state: the old optimizer or its ``state_dict()``. kept_indices: ``report["kept_indices"]`` from
@@ -91,8 +95,10 @@ def _slice_param_state(st: dict, info: dict, name: str) -> dict:
     n = old_shape[dim]
     factored = isinstance(st.get("GG"), list) and isinstance(st.get("Q"), list) and len(st["GG"]) == len(old_shape)
     if isinstance(st.get("GG"), list) and not factored:  # e.g. SOAP with merge_dims: factors of merged shapes
-        raise ValueError(f"optimizer state 'GG' of {name} has {len(st['GG'])} factors for a {len(old_shape)}-d "
-                         "parameter (merged dimensions?); cannot slice it")
+        raise ValueError(
+            f"optimizer state 'GG' of {name} has {len(st['GG'])} factors for a {len(old_shape)}-d "
+            "parameter (merged dimensions?); cannot slice it"
+        )
     out = {}
     for key, v in st.items():
         index = torch.as_tensor(info["index"], device=v.device if isinstance(v, torch.Tensor) else None)
@@ -108,13 +114,16 @@ def _slice_param_state(st: dict, info: dict, name: str) -> dict:
         if isinstance(v, torch.Tensor) and factor is not None and v.dim() == 2:
             if int(factor.group(1)) == dim:
                 if tuple(v.shape) != (n, n):
-                    raise ValueError(f"optimizer state {key!r} of {name} has shape {tuple(v.shape)}, not ({n}, {n}); "
-                                     "cannot slice it")
+                    raise ValueError(
+                        f"optimizer state {key!r} of {name} has shape {tuple(v.shape)}, not ({n}, {n}); cannot slice it"
+                    )
                 v = _restrict(v, index)
         elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() > 1:
             if tuple(v.shape) != old_shape:
-                raise ValueError(f"optimizer state {key!r} of {name} has shape {tuple(v.shape)}, not the "
-                                 f"parameter's {old_shape}; cannot slice it")
+                raise ValueError(
+                    f"optimizer state {key!r} of {name} has shape {tuple(v.shape)}, not the "
+                    f"parameter's {old_shape}; cannot slice it"
+                )
             v = v.index_select(dim, index)
         out[key] = v
     if factored:

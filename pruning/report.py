@@ -1,5 +1,6 @@
 """What a pruned model costs: sparsity per layer, parameters, nonzeros, FLOPs (``torch.utils.flop_counter``),
 measured latency, and text/markdown renderings of these reports."""
+
 from __future__ import annotations
 
 import statistics
@@ -14,9 +15,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .masks import PRUNABLE_TYPES, effective_weight, is_masked
 
-__all__ = ["sparsity_report", "effective_parameters", "count_params", "count_nonzeros", "count_flops",
-           "count_sparse_flops", "measure_latency", "compare_latency", "speedup_per_round", "model_stats", "markdown_table",
-           "format_report"]
+__all__ = [
+    "sparsity_report",
+    "effective_parameters",
+    "count_params",
+    "count_nonzeros",
+    "count_flops",
+    "count_sparse_flops",
+    "measure_latency",
+    "compare_latency",
+    "speedup_per_round",
+    "model_stats",
+    "markdown_table",
+    "format_report",
+]
 
 
 @torch.no_grad()
@@ -27,8 +39,10 @@ def sparsity_report(model: nn.Module, modules: Mapping[str, nn.Module] | None = 
     pruned (masked) layers; ``model`` counts every parameter of the model.
     """
     layers: dict[str, dict[str, Any]] = {}
-    items = modules.items() if modules is not None else (
-        (fqn, m) for fqn, m in model.named_modules() if fqn and isinstance(m, PRUNABLE_TYPES)
+    items = (
+        modules.items()
+        if modules is not None
+        else ((fqn, m) for fqn, m in model.named_modules() if fqn and isinstance(m, PRUNABLE_TYPES))
     )
     tot_p = tot_nz = 0
     for fqn, m in items:
@@ -36,8 +50,11 @@ def sparsity_report(model: nn.Module, modules: Mapping[str, nn.Module] | None = 
         numel, nnz = w.numel(), int((w != 0).sum())
         masked = is_masked(m)
         layers[fqn] = {
-            "shape": list(w.shape), "params": numel, "nonzeros": nnz,
-            "sparsity": 1.0 - nnz / numel if numel else 0.0, "masked": masked,
+            "shape": list(w.shape),
+            "params": numel,
+            "nonzeros": nnz,
+            "sparsity": 1.0 - nnz / numel if numel else 0.0,
+            "masked": masked,
             "kernel": "2:4" if type(m.weight).__name__.startswith("SparseSemiStructured") else "dense",
         }
         if masked or layers[fqn]["kernel"] == "2:4":
@@ -103,9 +120,11 @@ def count_sparse_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     hooks = []
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
+
             def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
                 per = out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1]
                 rows[mod] = rows.get(mod, 0) + out.numel() // per
+
             hooks.append(m.register_forward_hook(hook))
     was = model.training
     model.eval()
@@ -145,8 +164,14 @@ def measure_latency(model: nn.Module, example: Tensor, warmup: int = 3, iters: i
     finally:
         model.train(was)
     med = statistics.median(times)
-    return {"median_ms": med, "mean_ms": statistics.fmean(times), "min_ms": min(times),
-            "images_per_s": example.shape[0] / (med / 1000.0), "batch": int(example.shape[0]), "iters": iters}
+    return {
+        "median_ms": med,
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "images_per_s": example.shape[0] / (med / 1000.0),
+        "batch": int(example.shape[0]),
+        "iters": iters,
+    }
 
 
 def compare_latency(
@@ -162,14 +187,23 @@ def compare_latency(
     for m in models.values():
         measure_latency(m, example, warmup=warmup, iters=1)
     for r in range(rounds):
-        for k in (list(models) if r % 2 == 0 else list(reversed(models))):
+        for k in list(models) if r % 2 == 0 else list(reversed(models)):
             times[k].append(measure_latency(models[k], example, warmup=0, iters=per)["median_ms"])
     out = {}
     for k, ts in times.items():
         med = statistics.median(ts)
-        out[k] = {"median_ms": med, "mean_ms": statistics.fmean(ts), "min_ms": min(ts), "max_ms": max(ts),
-                  "round_ms": ts, "images_per_s": example.shape[0] / (med / 1000.0), "batch": int(example.shape[0]),
-                  "iters": per * rounds, "rounds": rounds, "threads": torch.get_num_threads()}
+        out[k] = {
+            "median_ms": med,
+            "mean_ms": statistics.fmean(ts),
+            "min_ms": min(ts),
+            "max_ms": max(ts),
+            "round_ms": ts,
+            "images_per_s": example.shape[0] / (med / 1000.0),
+            "batch": int(example.shape[0]),
+            "iters": per * rounds,
+            "rounds": rounds,
+            "threads": torch.get_num_threads(),
+        }
     return out
 
 

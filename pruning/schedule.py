@@ -7,12 +7,13 @@ Pruning fast early (while the network can recover) and slowly near the target.
 Time is whatever clock the caller counts in: optimiser steps (ints) or fractional epochs (floats, e.g. a ramp
 from epoch 1.5 to 6.0); schedules and ``GradualPruner.step`` accept both.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from .masks import FilterFn, enforce_masks_, load_masks, masks_state
 
 __all__ = ["GradualSchedule", "OneShotSchedule", "cubic_sparsity", "GradualPruner", "CalibSource"]
 
-CalibSource = Union[Iterable[Any], Callable[[], Iterable[Any]]]
+CalibSource = Iterable[Any] | Callable[[], Iterable[Any]]
 _EPS = 1e-9  # float clocks: 0.3 / 0.1 is 2.999..., which still counts as the third update
 
 
@@ -79,14 +80,14 @@ class GradualSchedule:
         if self.end_step <= self.start_step:
             raise ValueError(f"end_step: expected > start_step ({self.start_step}), got {self.end_step}")
         f = self.frequency
-        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f)
-                              or f <= 0):
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0):
             raise ValueError(f"frequency: expected a number > 0 or None (continuous), got {f!r}")
 
     def sparsity_at(self, step: float) -> float:
         """Target sparsity at time ``step``."""
-        return cubic_sparsity(step, self.final_sparsity, self.start_step, self.end_step,
-                              self.frequency, self.initial_sparsity)
+        return cubic_sparsity(
+            step, self.final_sparsity, self.start_step, self.end_step, self.frequency, self.initial_sparsity
+        )
 
     def update_steps(self) -> list[float]:
         """Times at which the target changes: ``start_step + k * frequency`` before ``end_step``, then
@@ -208,8 +209,12 @@ class GradualPruner:
 
     def state_dict(self) -> dict[str, Any]:
         """Current target, prune history, masks and schedule (masks as CPU tensors)."""
-        return {"current": self.current, "history": list(self.history), "masks": masks_state(self.model),
-                "schedule": asdict(self.schedule)}
+        return {
+            "current": self.current,
+            "history": list(self.history),
+            "masks": masks_state(self.model),
+            "schedule": asdict(self.schedule),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output: re-attaches the masks, then the target and history."""

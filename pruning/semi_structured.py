@@ -10,6 +10,7 @@ with the weight gradient masked; ``enforce_masks_`` after each optimiser step ke
 
 On CPU there are no 2:4 kernels in PyTorch: masked dense weights are used and the report says so.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,15 @@ from .mask_scores import is_nm_sparse
 from .masks import FilterFn, get_mask, masked_modules, set_mask
 
 __all__ = [
-    "CPU_NOTE", "SemiSparseLinear", "resolve_backend", "check_legality", "probe_shape",
-    "to_semi_structured_", "enable_sparse_training_", "disable_sparse_training_", "semi_structured_available",
+    "CPU_NOTE",
+    "SemiSparseLinear",
+    "resolve_backend",
+    "check_legality",
+    "probe_shape",
+    "to_semi_structured_",
+    "enable_sparse_training_",
+    "disable_sparse_training_",
+    "semi_structured_available",
 ]
 
 CPU_NOTE = "no 2:4 kernels on CPU, masked dense used"
@@ -79,8 +87,7 @@ def check_legality(
     c = _sparse_cls(backend)._DTYPE_SHAPE_CONSTRAINTS[dtype]
     rows, cols = weight.shape
     if rows % c.sparse_min_rows or cols % c.sparse_min_cols:
-        return (f"shape {rows}x{cols}: {backend} needs out % {c.sparse_min_rows} == 0 and "
-                f"in % {c.sparse_min_cols} == 0")
+        return f"shape {rows}x{cols}: {backend} needs out % {c.sparse_min_rows} == 0 and in % {c.sparse_min_cols} == 0"
     if check_pattern and not is_nm_sparse(weight, 2, 4):
         return "weight is not 2:4 sparse along the input dim (prune with SemiStructuredConfig first)"
     return None
@@ -156,7 +163,12 @@ def to_semi_structured_(
     """
     cands = _candidates(model, filter_fn)
     report: dict[str, Any] = {
-        "device": "cpu", "backend": None, "converted": [], "skipped": {}, "probe": {}, "note": None,
+        "device": "cpu",
+        "backend": None,
+        "converted": [],
+        "skipped": {},
+        "probe": {},
+        "note": None,
     }
     if not cands:
         report["note"] = "no 2:4-masked Linear layers to convert"
@@ -182,8 +194,10 @@ def to_semi_structured_(
             if p["rel_err"] > 1e-2:
                 reason = f"probe: sparse result differs from dense (rel err {p['rel_err']:.2e})"
             elif p["speedup"] < min_speedup:
-                reason = (f"probe: not faster ({p['sparse_ms']:.3f} ms sparse vs {p['dense_ms']:.3f} ms dense "
-                          f"at {tokens} tokens)")
+                reason = (
+                    f"probe: not faster ({p['sparse_ms']:.3f} ms sparse vs {p['dense_ms']:.3f} ms dense "
+                    f"at {tokens} tokens)"
+                )
         if reason is not None:
             report["skipped"][fqn] = reason
             continue
@@ -203,8 +217,9 @@ class _SemiSparseLinearFn(torch.autograd.Function):
     masked. Gradients come back in the dtypes of the inputs (fp32 master weights under autocast)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, backend: str,
-                dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, backend: str, dtype: torch.dtype
+    ) -> Tensor:
         with torch.autocast("cuda", enabled=False):
             xc = x.to(dtype)
             w = (weight * mask).to(dtype)
@@ -235,8 +250,9 @@ class SemiSparseLinear(nn.Linear):
     otherwise it computes ``F.linear(x, weight * mask)`` (so the module is correct everywhere).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "cutlass",
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, backend: str = "cutlass", device=None, dtype=None
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         # not persistent: the state dict stays that of a plain Linear (exports load into a fresh timm model);
         # save masks with ``pruning.masks.masks_state`` to resume training
@@ -251,8 +267,9 @@ class SemiSparseLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
-        new.register_buffer("weight_mask", mask.to(device=linear.weight.device, dtype=torch.bool).clone(),
-                            persistent=False)
+        new.register_buffer(
+            "weight_mask", mask.to(device=linear.weight.device, dtype=torch.bool).clone(), persistent=False
+        )
         new.backend = backend
         return new
 
@@ -262,13 +279,16 @@ class SemiSparseLinear(nn.Linear):
         return self.weight.dtype
 
     def _kernel_ok(self, x: Tensor) -> bool:
-        return x.is_cuda and check_legality(
-            self.weight, self.backend, check_pattern=False, dtype=self._compute_dtype(x)) is None
+        return (
+            x.is_cuda
+            and check_legality(self.weight, self.backend, check_pattern=False, dtype=self._compute_dtype(x)) is None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self._kernel_ok(x):
-            return _SemiSparseLinearFn.apply(x, self.weight, self.weight_mask, self.bias, self.backend,
-                                             self._compute_dtype(x))
+            return _SemiSparseLinearFn.apply(
+                x, self.weight, self.weight_mask, self.bias, self.backend, self._compute_dtype(x)
+            )
         return F.linear(x, self.weight * self.weight_mask, self.bias)
 
     @torch.no_grad()

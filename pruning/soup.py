@@ -9,6 +9,7 @@ Merges: ``vote`` keeps the weights kept by most copies, with ties broken by the 
 result hits the requested sparsity exactly; ``union`` keeps what any copy kept (sparsity <= target);
 ``intersection`` keeps what every copy kept (sparsity >= target).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,7 +58,7 @@ def merge_masks(
     flat = topk_mask(torch.cat([s.reshape(-1).cpu() for s in scores.values()]), sparsity)
     out, start = {}, 0
     for f, s in scores.items():
-        out[f] = flat[start:start + s.numel()].reshape(s.shape).to(s.device)
+        out[f] = flat[start : start + s.numel()].reshape(s.shape).to(s.device)
         start += s.numel()
     return out
 
@@ -110,6 +111,15 @@ def instant_soup_prune_(
     for f, mask in merged.items():
         set_mask(modules[f], mask)
     report = sparsity_report(model)
-    report.update(method="issp", merge=merge, k=k, seeds=seeds, target_sparsity=sparsity, copies=copies,
-                  agreement=agree / total if total else 1.0, skipped={}, notes=[])
+    report.update(
+        method="issp",
+        merge=merge,
+        k=k,
+        seeds=seeds,
+        target_sparsity=sparsity,
+        copies=copies,
+        agreement=agree / total if total else 1.0,
+        skipped={},
+        notes=[],
+    )
     return report

@@ -24,11 +24,12 @@ The pieces live next to it: :mod:`pruning.structured_importance` (scores), :mod:
 and :mod:`pruning.structured_slicing` (what each head/neuron is made of and how it is cut). ``StructuredConfig``
 lives in :mod:`pruning.config`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
-from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ __all__ = ["prune_structured", "apply_kept"]
 
 # --------------------------------------------------------------------------------------------------------------
 # selection
+
 
 def _n_remove(ratio: float, n: int) -> int:
     """Number of groups a fraction removes: nearest integer, halves rounded up."""
@@ -62,8 +64,16 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def _select(units: Sequence[Unit], scores: dict[str, torch.Tensor], ratio: float, scope: str, step: int,
-            floor: int, field: str, what: str) -> dict[str, torch.Tensor]:
+def _select(
+    units: Sequence[Unit],
+    scores: dict[str, torch.Tensor],
+    ratio: float,
+    scope: str,
+    step: int,
+    floor: int,
+    field: str,
+    what: str,
+) -> dict[str, torch.Tensor]:
     """Kept group indices per unit (``ratio`` > 0), at least ``floor`` per unit, counts rounded to ``step``."""
     counts: dict[str, int] = {}
     if scope == "layer":
@@ -107,9 +117,15 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: Optional[Iterable] = None,
-                     loss_fn: Optional[LossFn] = None, *, max_batches: Optional[int] = None,
-                     reduce_sum: Optional[ReduceFn] = None) -> dict:
+def prune_structured(
+    model: nn.Module,
+    config: StructuredConfig,
+    calib_loader: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    max_batches: int | None = None,
+    reduce_sum: ReduceFn | None = None,
+) -> dict:
     """Remove attention heads and MLP neurons from every timm ViT block of ``model``, in place.
 
     calib_loader: batches of ``x``, ``(x, y)`` or ``(x, y, index)``; needed for ``activation`` and ``taylor``
@@ -130,25 +146,25 @@ def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: O
     if config.heads > 0 and config.min_heads > 1:
         for u in attn_units:
             if config.min_heads > u.num_groups:
-                raise ValueError(f"min_heads: {config.min_heads} exceeds the {u.num_groups} "
-                                 f"heads of {u.name}")
+                raise ValueError(f"min_heads: {config.min_heads} exceeds the {u.num_groups} heads of {u.name}")
     widths_before = get_widths(model)
     params_before = _count_params(model)
 
     units: list[Unit] = (attn_units if config.heads > 0 else []) + (mlp_units if config.mlp > 0 else [])
     check_thinnable(units)
-    scores = (unit_scores(model, units, config.importance, calib_loader, loss_fn, max_batches, reduce_sum)
-              if units else {})
+    scores = (
+        unit_scores(model, units, config.importance, calib_loader, loss_fn, max_batches, reduce_sum) if units else {}
+    )
 
     keep: dict[str, torch.Tensor] = {}
     if config.heads > 0:
         steps = {_head_step(config.round_to, u.group_size) for u in attn_units}
         step = max(steps)
-        keep.update(_select(attn_units, scores, config.heads, config.scope, step, config.min_heads,
-                            "heads", "head"))
+        keep.update(_select(attn_units, scores, config.heads, config.scope, step, config.min_heads, "heads", "head"))
     if config.mlp > 0:
-        keep.update(_select(mlp_units, scores, config.mlp, config.scope, config.round_to, config.round_to,
-                            "mlp", "MLP neuron"))
+        keep.update(
+            _select(mlp_units, scores, config.mlp, config.scope, config.round_to, config.round_to, "mlp", "MLP neuron")
+        )
 
     kept_indices: dict[str, dict] = {}
     kept: dict[str, dict[str, list[int]]] = {}
@@ -164,8 +180,7 @@ def prune_structured(model: nn.Module, config: StructuredConfig, calib_loader: O
     per_block = {}
     for name, before in widths_before.items():
         after = widths_after[name]
-        per_block[name] = {f"{k}_{when}": w[k] for k in before for when, w in (("before", before),
-                                                                                 ("after", after))}
+        per_block[name] = {f"{k}_{when}": w[k] for k in before for when, w in (("before", before), ("after", after))}
     return {
         "method": "structured",
         "config": asdict(config),

@@ -5,14 +5,12 @@ heads are removed, so a thinned EVA attention becomes this state-dict compatible
 ``num_heads * head_dim``. (timm's ``Attention`` / ``AttentionRope`` already size their inner width that way
 and are thinned in place.)
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.layers import apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
 from timm.models.eva import EvaAttention
 
@@ -27,7 +25,7 @@ class ThinnedEvaAttention(EvaAttention):
     """
 
     @classmethod
-    def from_module(cls, src: EvaAttention, num_heads: int) -> "ThinnedEvaAttention":
+    def from_module(cls, src: EvaAttention, num_heads: int) -> ThinnedEvaAttention:
         """Build an instance with ``src``'s settings and ``num_heads`` heads (weights uninitialised)."""
         fused = src.qkv is not None
         ref = src.qkv if fused else src.q_proj
@@ -58,11 +56,11 @@ class ThinnedEvaAttention(EvaAttention):
         return new
 
     def forward(
-            self,
-            x: torch.Tensor,
-            rope: Optional[torch.Tensor] = None,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         B, N, _ = x.shape
         attn_dim = self.num_heads * self.head_dim
@@ -89,15 +87,17 @@ class ThinnedEvaAttention(EvaAttention):
 
         if rope is not None:
             npt = self.num_prefix_tokens
-            half = getattr(self, 'rotate_half', False)
+            half = getattr(self, "rotate_half", False)
             q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v,
+                q,
+                k,
+                v,
                 attn_mask=attn_mask,
-                dropout_p=self.attn_drop.p if self.training else 0.,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
                 is_causal=is_causal,
             )
         else:

@@ -4,9 +4,11 @@
 ``(x, y, index)``) through the model in eval mode. Scores are per unit (``{unit name: tensor[groups]}``,
 higher = more important) and come from the unit descriptions in :mod:`pruning.structured_units`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -17,7 +19,7 @@ from .structured_units import Coupled, Unit, find_blocks, group_reduce
 
 __all__ = ["LossFn", "ReduceFn", "unit_scores", "head_importance", "neuron_importance"]
 
-LossFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 # Sums a tensor over the processes of a data-parallel job (e.g. a ``torch.distributed.all_reduce``): each
 # process scored its own calibration batches, the sum is what one process scoring all of them computes.
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
@@ -26,13 +28,14 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 # calibration
 
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Calibration batch -> (inputs, targets or None); accepts x, (x,), (x, y) and (x, y, index)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device), None
@@ -41,12 +44,14 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, Option
         if y is not None and not isinstance(y, torch.Tensor):
             y = torch.as_tensor(y)
         return batch[0].to(device), (y.to(device) if y is not None else None)
-    raise ValueError(f"calib_loader: expected batches that are a tensor, (x, y) or (x, y, index), "
-                     f"got {type(batch).__name__}")
+    raise ValueError(
+        f"calib_loader: expected batches that are a tensor, (x, y) or (x, y, index), got {type(batch).__name__}"
+    )
 
 
-def _calib_batches(calib_loader: Iterable, device: torch.device,
-                   max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def _calib_batches(
+    calib_loader: Iterable, device: torch.device, max_batches: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     n = 0
     for batch in calib_loader:
         if max_batches is not None and n >= max_batches:
@@ -76,6 +81,7 @@ class _EvalMode:
 # --------------------------------------------------------------------------------------------------------------
 # importance
 
+
 def _magnitude_scores(units: Sequence[Unit]) -> dict[str, torch.Tensor]:
     out = {}
     for u in units:
@@ -92,14 +98,20 @@ def _consumer_column_norms(u: Unit) -> torch.Tensor:
     return group_reduce(c.tensor.detach().float() ** 2, c, u.num_groups, u.group_size).sqrt()
 
 
-def _activation_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterable,
-                       max_batches: Optional[int], reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
+def _activation_scores(
+    model: nn.Module,
+    units: Sequence[Unit],
+    calib_loader: Iterable,
+    max_batches: int | None,
+    reduce_sum: ReduceFn | None = None,
+) -> dict[str, torch.Tensor]:
     sumsq = {u.name: torch.zeros(u.num_groups * u.group_size, dtype=torch.float64) for u in units}
 
     def make_hook(name: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             sumsq[name] += x.to(torch.float64).pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
+
         return hook
 
     handles = [u.consumer_linear().register_forward_pre_hook(make_hook(u.name)) for u in units]
@@ -119,14 +131,22 @@ def _activation_scores(model: nn.Module, units: Sequence[Unit], calib_loader: It
     return out
 
 
-def _taylor_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterable, loss_fn: Optional[LossFn],
-                   max_batches: Optional[int], reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
+def _taylor_scores(
+    model: nn.Module,
+    units: Sequence[Unit],
+    calib_loader: Iterable,
+    loss_fn: LossFn | None,
+    max_batches: int | None,
+    reduce_sum: ReduceFn | None = None,
+) -> dict[str, torch.Tensor]:
     entries: list[tuple[Unit, Coupled]] = [(u, c) for u in units for c in u.coupled() if c.is_param]
     params = [c.tensor for _, c in entries]
     for (u, c), p in zip(entries, params):
         if not p.is_leaf:
-            raise ValueError(f"taylor importance needs plain weights; {u.name}.{c.path} is computed by a "
-                             f"parametrization (make pruning masks permanent first)")
+            raise ValueError(
+                f"taylor importance needs plain weights; {u.name}.{c.path} is computed by a "
+                f"parametrization (make pruning masks permanent first)"
+            )
     flags = [p.requires_grad for p in params]
     scores = {u.name: torch.zeros(u.num_groups, dtype=torch.float64) for u in units}
     try:
@@ -144,8 +164,7 @@ def _taylor_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterab
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for (u, c), g in zip(entries, grads):
                     if g is not None:
-                        scores[u.name] += group_reduce((c.tensor.detach() * g).abs(), c, u.num_groups,
-                                                       u.group_size)
+                        scores[u.name] += group_reduce((c.tensor.detach() * g).abs(), c, u.num_groups, u.group_size)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
@@ -154,9 +173,15 @@ def _taylor_scores(model: nn.Module, units: Sequence[Unit], calib_loader: Iterab
     return scores
 
 
-def unit_scores(model: nn.Module, units: Sequence[Unit], importance: str, calib_loader: Optional[Iterable],
-                loss_fn: Optional[LossFn], max_batches: Optional[int],
-                reduce_sum: Optional[ReduceFn] = None) -> dict[str, torch.Tensor]:
+def unit_scores(
+    model: nn.Module,
+    units: Sequence[Unit],
+    importance: str,
+    calib_loader: Iterable | None,
+    loss_fn: LossFn | None,
+    max_batches: int | None,
+    reduce_sum: ReduceFn | None = None,
+) -> dict[str, torch.Tensor]:
     """Score of every group of every unit, ``{unit name: tensor[num_groups]}`` (higher = more important).
 
     ``reduce_sum`` (data-parallel scoring): each process passes its share of the calibration batches and
@@ -169,28 +194,45 @@ def unit_scores(model: nn.Module, units: Sequence[Unit], importance: str, calib_
     if importance == "magnitude":
         return _magnitude_scores(units)
     if calib_loader is None:
-        raise ValueError(f"importance={importance!r} needs calibration data: pass calib_loader "
-                         f"(or use importance='magnitude')")
+        raise ValueError(
+            f"importance={importance!r} needs calibration data: pass calib_loader (or use importance='magnitude')"
+        )
     if importance == "activation":
         return _activation_scores(model, units, calib_loader, max_batches, reduce_sum)
     return _taylor_scores(model, units, calib_loader, loss_fn, max_batches, reduce_sum)
 
 
-def _importance(model: nn.Module, kind: str, importance: Importance, calib_loader: Optional[Iterable],
-                loss_fn: Optional[LossFn], max_batches: Optional[int]) -> dict[str, torch.Tensor]:
+def _importance(
+    model: nn.Module,
+    kind: str,
+    importance: Importance,
+    calib_loader: Iterable | None,
+    loss_fn: LossFn | None,
+    max_batches: int | None,
+) -> dict[str, torch.Tensor]:
     """``{block name: scores}`` of one unit kind (``attn`` heads or ``mlp`` neurons) of every block."""
     blocks = [b for b in find_blocks(model).values() if getattr(b, kind) is not None]
     by_unit = unit_scores(model, [getattr(b, kind) for b in blocks], importance, calib_loader, loss_fn, max_batches)
     return {b.name: by_unit[getattr(b, kind).name] for b in blocks}
 
 
-def head_importance(model: nn.Module, importance: Importance = "magnitude", calib_loader: Optional[Iterable] = None,
-                    loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
+def head_importance(
+    model: nn.Module,
+    importance: Importance = "magnitude",
+    calib_loader: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Score of every attention head, ``{block name: tensor[num_heads]}`` (higher = more important)."""
     return _importance(model, "attn", importance, calib_loader, loss_fn, max_batches)
 
 
-def neuron_importance(model: nn.Module, importance: Importance = "magnitude", calib_loader: Optional[Iterable] = None,
-                      loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
+def neuron_importance(
+    model: nn.Module,
+    importance: Importance = "magnitude",
+    calib_loader: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Score of every MLP hidden neuron, ``{block name: tensor[hidden]}`` (higher = more important)."""
     return _importance(model, "mlp", importance, calib_loader, loss_fn, max_batches)

@@ -4,15 +4,16 @@ Modules are never resized in place: each helper builds a new module from the kep
 original parameters (and any optimizer holding them) are left untouched. ``channel_index`` turns kept group
 indices (heads, neurons) into the channel indices these helpers take.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import RmsNorm as TimmRmsNorm
 from torch.nn.utils import parametrize, skip_init
-
-from timm.layers import LayerNorm as TimmLayerNorm, RmsNorm as TimmRmsNorm
 
 __all__ = ["qualname", "check_linear", "sliced_linear", "norm_factory", "sliced_norm", "channel_index"]
 
@@ -32,8 +33,7 @@ def check_linear(lin: nn.Module, where: str) -> nn.Linear:
     return lin
 
 
-def sliced_linear(lin: nn.Linear, out_idx: Optional[torch.Tensor] = None,
-                  in_idx: Optional[torch.Tensor] = None) -> nn.Linear:
+def sliced_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Linear:
     """A new ``nn.Linear`` holding the selected output rows / input columns of ``lin``."""
     with torch.no_grad():
         w = lin.weight
@@ -63,16 +63,14 @@ def norm_factory(norm: nn.Module, where: str = "inner norm") -> Callable[[int], 
     if has_w:
         dd = {"device": norm.weight.device, "dtype": norm.weight.dtype}
     if t is nn.LayerNorm:
-        return lambda n: nn.LayerNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
-                                      bias=has_b, **dd)
+        return lambda n: nn.LayerNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine, bias=has_b, **dd)
     if t is TimmLayerNorm:
         return lambda n: TimmLayerNorm(n, eps=norm.eps, affine=norm.elementwise_affine, bias=has_b, **dd)
     if t is TimmRmsNorm:
         return lambda n: TimmRmsNorm(n, eps=norm.eps, affine=norm.elementwise_affine, **dd)
     if t is nn.RMSNorm:
         return lambda n: nn.RMSNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine, **dd)
-    raise ValueError(f"{where} ({qualname(norm)}; resizable norms: nn.LayerNorm, nn.RMSNorm, "
-                     f"timm LayerNorm/RmsNorm)")
+    raise ValueError(f"{where} ({qualname(norm)}; resizable norms: nn.LayerNorm, nn.RMSNorm, timm LayerNorm/RmsNorm)")
 
 
 def sliced_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:

@@ -16,14 +16,13 @@ timm's ``Attention`` and ``AttentionRope`` compute their inner width as ``num_he
 only its declared sizes change. A thinned ``EvaAttention`` becomes
 :class:`pruning.structured_eva.ThinnedEvaAttention`. The slicing itself is in :mod:`pruning.structured_slicing`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
-
 from timm.layers import Attention, AttentionRope, GluMlp, Mlp, SwiGLU
 from timm.models.eva import EvaAttention
 
@@ -67,12 +66,12 @@ def _is_supported_attention(m: nn.Module) -> bool:
     return type(m) in SUPPORTED_ATTENTION or type(m) in _REGISTERED_ATTENTION
 
 
-_SUPPORTED_TEXT = ("supported: attention timm Attention/AttentionRope/EvaAttention, "
-                   "MLP timm Mlp/GluMlp/SwiGLU")
+_SUPPORTED_TEXT = "supported: attention timm Attention/AttentionRope/EvaAttention, MLP timm Mlp/GluMlp/SwiGLU"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # unit descriptions
+
 
 @dataclass
 class Coupled:
@@ -81,6 +80,7 @@ class Coupled:
     ``path`` is relative to the unit (``"qkv.weight"``); ``consumer`` marks the output projection
     (proj / fc2 columns), whose input channels are the unit's activations.
     """
+
     path: str
     tensor: torch.Tensor
     dim: int
@@ -101,18 +101,22 @@ def _inner_norm_coupled(norm: nn.Module | None) -> list[Coupled]:
     """The affine parameters of a norm over the pruned inner width (sliced with the heads/neurons)."""
     if norm is None or isinstance(norm, nn.Identity):
         return []
-    return [Coupled(f"norm.{p}", t, 0, is_weight=False)
-            for p in ("weight", "bias") if (t := getattr(norm, p, None)) is not None]
+    return [
+        Coupled(f"norm.{p}", t, 0, is_weight=False)
+        for p in ("weight", "bias")
+        if (t := getattr(norm, p, None)) is not None
+    ]
 
 
 class Unit:
     """Base class: a prunable module (attention or MLP) inside a transformer block."""
+
     kind: str = ""
 
     def __init__(self, name: str, parent: nn.Module, attr: str):
-        self.name = name          # full module path of the unit, e.g. "blocks.0.attn"
-        self.parent = parent      # the block holding it
-        self.attr = attr          # child name in the parent ("attn" / "mlp")
+        self.name = name  # full module path of the unit, e.g. "blocks.0.attn"
+        self.parent = parent  # the block holding it
+        self.attr = attr  # child name in the parent ("attn" / "mlp")
 
     @property
     def module(self) -> nn.Module:
@@ -145,21 +149,22 @@ class Unit:
             old = list(c.tensor.shape)
             new = list(old)
             new[c.dim] = int(idx.numel())
-            out[f"{self.name}.{c.path}"] = {"dim": c.dim, "index": idx.tolist(), "old_shape": old,
-                                            "new_shape": new}
+            out[f"{self.name}.{c.path}"] = {"dim": c.dim, "index": idx.tolist(), "old_shape": old, "new_shape": new}
         return out
 
 
 class AttentionUnit(Unit):
     """Heads of a timm Attention / AttentionRope / EvaAttention (group = one head, ``head_dim`` channels)."""
+
     kind = "heads"
 
     def __init__(self, name: str, parent: nn.Module, attr: str):
         super().__init__(name, parent, attr)
         m = self.module
         if isinstance(m, AttentionRope) and m.num_kv_groups != 1:
-            raise ValueError(f"grouped-query attention at {name} ({m.num_heads} query heads, "
-                             f"{m.num_kv_heads} kv heads)")
+            raise ValueError(
+                f"grouped-query attention at {name} ({m.num_heads} query heads, {m.num_kv_heads} kv heads)"
+            )
 
     def check_thinnable(self) -> None:
         m = self.module
@@ -254,6 +259,7 @@ class AttentionUnit(Unit):
 
 class MlpUnit(Unit):
     """Hidden neurons of a timm Mlp / GluMlp / SwiGLU (group = one hidden channel)."""
+
     kind = "mlp"
     group_size = 1
 
@@ -278,8 +284,9 @@ class MlpUnit(Unit):
     def coupled(self) -> list[Coupled]:
         m = self.module
         out: list[Coupled] = []
-        producers = [("fc1_g", 1), ("fc1_x", 1)] if isinstance(m, SwiGLU) else \
-            [("fc1", 2 if isinstance(m, GluMlp) else 1)]
+        producers = (
+            [("fc1_g", 1), ("fc1_x", 1)] if isinstance(m, SwiGLU) else [("fc1", 2 if isinstance(m, GluMlp) else 1)]
+        )
         for child, rep in producers:
             layer = getattr(m, child)
             out.append(Coupled(f"{child}.weight", layer.weight, 0, rep))
@@ -312,9 +319,10 @@ class MlpUnit(Unit):
 @dataclass
 class BlockUnits:
     """The prunable units of one transformer block (``name`` is the block's module path)."""
+
     name: str
-    attn: Optional[AttentionUnit]
-    mlp: Optional[MlpUnit]
+    attn: AttentionUnit | None
+    mlp: MlpUnit | None
 
 
 def find_blocks(model: nn.Module) -> dict[str, BlockUnits]:
@@ -356,6 +364,8 @@ def find_blocks(model: nn.Module) -> dict[str, BlockUnits]:
     if problems:
         raise ValueError("structured pruning does not support " + "; ".join(problems) + f" ({_SUPPORTED_TEXT})")
     if not blocks:
-        raise ValueError(f"no transformer blocks (modules with an `attn` child) found in "
-                         f"{type(model).__name__}; structured pruning expects a timm ViT/DeiT/EVA-style model")
+        raise ValueError(
+            f"no transformer blocks (modules with an `attn` child) found in "
+            f"{type(model).__name__}; structured pruning expects a timm ViT/DeiT/EVA-style model"
+        )
     return blocks

@@ -1,9 +1,10 @@
 """Per-block widths of a thinned model: read them (``get_widths``) and rebuild a fresh model to them
 (``apply_widths``), so a thinned checkpoint loads into ``timm.create_model(...)`` with ``strict=True``."""
+
 from __future__ import annotations
 
 import json
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -41,7 +42,7 @@ def get_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-def apply_widths(model: nn.Module, widths: Union[dict, str]) -> nn.Module:
+def apply_widths(model: nn.Module, widths: dict | str) -> nn.Module:
     """Shrink a freshly created model of the same timm architecture to ``widths`` (in place; returned).
 
     Keeps the first heads/neurons of each block: the values are meant to be overwritten by loading the thinned
@@ -54,8 +55,9 @@ def apply_widths(model: nn.Module, widths: Union[dict, str]) -> nn.Module:
         except json.JSONDecodeError as e:
             raise ValueError(f"widths: not valid JSON ({e})") from None
     if not isinstance(widths, dict):
-        raise ValueError(f"widths: expected a dict {{block: {{'heads': int, 'mlp': int}}}}, "
-                         f"got {type(widths).__name__}")
+        raise ValueError(
+            f"widths: expected a dict {{block: {{'heads': int, 'mlp': int}}}}, got {type(widths).__name__}"
+        )
     blocks = find_blocks(model)
     plan: list[tuple[Unit, int]] = []
     for bname, w in widths.items():

@@ -4,6 +4,7 @@ Prunes copies of the model at 0, step, 2*step, ... max_sparsity (no retraining),
 knee: the largest sparsity such that it and every lower sparsity stay within ``tolerance`` of the dense metric.
 Writes a JSON table, a markdown table and a PNG curve.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,6 +36,7 @@ def find_knee(
     points: Sequence[dict[str, Any]], dense: float, tolerance: float, higher_is_better: bool = True
 ) -> dict[str, Any]:
     """Knee of a sweep: largest sparsity with every sparsity up to it within ``tolerance`` of ``dense``."""
+
     def ok(v: float) -> bool:
         return v >= dense - tolerance if higher_is_better else v <= dense + tolerance
 
@@ -94,8 +96,14 @@ def essential_sparsity_sweep(
         del work
     for p in points:
         p["delta"] = p["metric"] - dense
-    result = {"metric": metric_name, "dense": dense, "tolerance": tolerance, "scope": scope,
-              "higher_is_better": higher_is_better, "points": points}
+    result = {
+        "metric": metric_name,
+        "dense": dense,
+        "tolerance": tolerance,
+        "scope": scope,
+        "higher_is_better": higher_is_better,
+        "points": points,
+    }
     result.update(find_knee(points, dense, tolerance, higher_is_better))
     return result
 
@@ -142,11 +150,20 @@ def save_sweep(result: dict[str, Any], out_dir: str, title: str | None = None, s
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:
-    rows = [{"sparsity": p["sparsity"], result["metric"]: p["metric"], "delta": p["delta"],
-             "within_tol": "yes" if (p["delta"] >= -result["tolerance"] if result["higher_is_better"]
-                                     else p["delta"] <= result["tolerance"]) else "no"}
-            for p in result["points"]]
+    rows = [
+        {
+            "sparsity": p["sparsity"],
+            result["metric"]: p["metric"],
+            "delta": p["delta"],
+            "within_tol": "yes"
+            if (p["delta"] >= -result["tolerance"] if result["higher_is_better"] else p["delta"] <= result["tolerance"])
+            else "no",
+        }
+        for p in result["points"]
+    ]
     knee = result.get("knee")
-    head = (f"dense {result['metric']} = {result['dense']:.4f}; tolerance {result['tolerance']:g}; "
-            f"knee (essential sparsity) = {'none' if knee is None else f'{100 * knee:.0f}%'}")
+    head = (
+        f"dense {result['metric']} = {result['dense']:.4f}; tolerance {result['tolerance']:g}; "
+        f"knee (essential sparsity) = {'none' if knee is None else f'{100 * knee:.0f}%'}"
+    )
     return head + "\n\n" + markdown_table(rows)

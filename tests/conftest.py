@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs that train in a second or two on 2 CPU cores."""
+
 from __future__ import annotations
 
 import os

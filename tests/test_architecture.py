@@ -1,4 +1,5 @@
 """The package layout contracts: no import cycle, small modules, one shape for every feature."""
+
 from __future__ import annotations
 
 import ast
@@ -58,7 +59,7 @@ def test_no_module_level_import_cycle():
         state[m] = 1
         for dep in sorted(graph[m]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep] if dep in path else [m, dep]
+                return path[path.index(dep) :] + [dep] if dep in path else [m, dep]
             if not state.get(dep):
                 found = visit(dep, path + [dep])
                 if found:
@@ -77,8 +78,11 @@ def test_libraries_never_import_lotus():
         for name, path in _modules(package).items():
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                )
                 assert not any(n == "lotus" or n.startswith("lotus.") for n in names), f"{name} imports lotus"
 
 
@@ -110,8 +114,14 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each module imported first, on its own (an import cycle that only some import orders survive fails)."""
     names = [m for p in PACKAGES for m in _modules(p) if m != "lotus.__main__"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
-    r = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=str(ROOT),
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
@@ -129,9 +139,9 @@ def test_every_feature_has_the_same_shape():
     for name in folders:
         for required in ("__init__.py", "config.py", "callback.py"):
             assert (ROOT / "lotus" / "features" / name / required).is_file(), f"lotus/features/{name}/{required}"
-        cfg_imports = _module_level_imports(f"lotus.features.{name}.config",
-                                            ROOT / "lotus" / "features" / name / "config.py",
-                                            set(_modules("lotus")))
+        cfg_imports = _module_level_imports(
+            f"lotus.features.{name}.config", ROOT / "lotus" / "features" / name / "config.py", set(_modules("lotus"))
+        )
         allowed = {"lotus.errors", "lotus.schema"} | {f"lotus.features.{n}.config" for n in folders}
         assert cfg_imports <= allowed, f"lotus/features/{name}/config.py imports {cfg_imports - allowed}"
 

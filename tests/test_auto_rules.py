@@ -1,5 +1,6 @@
 """The rules of ``lotus.schedule: auto`` (:mod:`lotus.features.schedule.auto_rules`, ``auto_patch_rules``) as pure
 functions: signals as plain numbers, no Trainer, no model. Thresholds exactly met, no signal yet, resumed state."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ REDUCE_AT_2 = {"what": "reduce", "from_epoch": 2, "value": 2}
 # ---------------------------------------------------------------------- Decision
 def test_decision_record_applies_next_epoch_and_rounds():
     d = r.Decision("reduce", 3, "x", 0.1234567891, 1 / 3, "why")
-    assert d.record(2) == {"what": "reduce", "from_epoch": 3, "value": 3, "signal": "x", "measured": 0.123457,
-                           "threshold": 0.333333, "reason": "why"}
+    assert d.record(2) == {
+        "what": "reduce",
+        "from_epoch": 3,
+        "value": 3,
+        "signal": "x",
+        "measured": 0.123457,
+        "threshold": 0.333333,
+        "reason": "why",
+    }
     assert r.Decision("keep_rate", 0.5, "s", None, None, "w", from_epoch=0).record(-1)["from_epoch"] == 0
 
 
@@ -139,8 +147,9 @@ def test_attention_rate_needs_the_mass_and_the_first_lowering_must_pay():
 def test_patch_seconds():
     assert pr.seconds_saved(0.1, 0.2, steps=10) == 0.0  # slower on fewer patches saves nothing
     assert pr.seconds_saved(0.3, 0.1, steps=10) == pytest.approx(2.0)
-    assert pr.rerank_seconds(0.01, online=False, refresh_every=1, ranked=100, epoch_samples=100,
-                             probe_samples=64) == 0.0
+    assert (
+        pr.rerank_seconds(0.01, online=False, refresh_every=1, ranked=100, epoch_samples=100, probe_samples=64) == 0.0
+    )
     assert pr.rerank_seconds(0.01, True, 0, 50, 100, 64) == pytest.approx(1.0 + 0.64)  # every training batch
     assert pr.rerank_seconds(0.01, True, 2, 50, 100, 64) == pytest.approx(0.25 + 0.64)
 
@@ -187,12 +196,17 @@ def test_random_keep_rate_stall_rises_one_rung():
     assert d.reason.endswith("10 patches from now on") and "fell by 24.0%" in d.reason
     assert pr.random_keep_rate(st, a, 3, 16, None, [], loss=0.75, prev_loss=1.0) is None  # exactly 25 %
     assert pr.random_keep_rate(st, a, 3, 16, None, [], loss=0.76, prev_loss=None) is None  # no epoch before
-    raised = _resumed(_state({"what": "keep_rate", "from_epoch": 0, "value": 0.5},
-                             {"what": "keep_rate", "from_epoch": 3, "value": 0.625}))
+    raised = _resumed(
+        _state(
+            {"what": "keep_rate", "from_epoch": 0, "value": 0.5}, {"what": "keep_rate", "from_epoch": 3, "value": 0.625}
+        )
+    )
     assert pr.random_keep_rate(raised, a, 3, 16, None, [], 0.76, 1.0) is None  # epoch 3 started on other patches
     assert pr.random_keep_rate(raised, a, 4, 16, None, [], 0.76, 1.0).value == 0.75
-    thinned = _state({"what": "keep_rate", "from_epoch": 0, "value": 0.5},
-                     {"what": "thin", "from_epoch": 3, "value": {"heads": 0.0, "mlp": 0.5}})
+    thinned = _state(
+        {"what": "keep_rate", "from_epoch": 0, "value": 0.5},
+        {"what": "thin", "from_epoch": 3, "value": {"heads": 0.0, "mlp": 0.5}},
+    )
     assert pr.random_keep_rate(thinned, a, 3, 16, None, [], 0.76, 1.0) is None  # right after thinning
     assert pr.random_keep_rate(st, AutoConfig(keep_stall=0.0), 3, 16, None, [], 1.0, 1.0) is None  # off
     full = _state({"what": "keep_rate", "from_epoch": 0, "value": 1.0})
@@ -208,8 +222,11 @@ def test_thin_candidates_largest_first_and_all_only_at_the_last_chance():
     assert first == [r.ThinCandidate(1.0, 0.25, 0.5)]
     assert [c.share for c in r.thin_candidates(st, a, 3, 0.25, 0.5)] == [1.0]
     last = r.thin_candidates(st, a, 4, 0.25, 0.5)  # next epoch 5 == thin_by of the budget
-    assert last == [r.ThinCandidate(1.0, 0.25, 0.5), r.ThinCandidate(0.5, 0.125, 0.25),
-                    r.ThinCandidate(0.25, 0.0625, 0.125)]
+    assert last == [
+        r.ThinCandidate(1.0, 0.25, 0.5),
+        r.ThinCandidate(0.5, 0.125, 0.25),
+        r.ThinCandidate(0.25, 0.0625, 0.125),
+    ]
     thinned = _resumed(_state(REDUCE_AT_2, {"what": "thin", "from_epoch": 3, "value": {"heads": 0.0, "mlp": 0.5}}))
     assert r.thin_candidates(thinned, a, 4, 0.25, 0.5) == []  # once
 
@@ -221,10 +238,15 @@ def test_thin_decision_within_tolerance_and_the_rise_of_learned():
     assert r.loss_rise_of_learned(3.0, 2.5, 10) == pytest.approx(0.5 / 1e-3)  # nothing learned: a large rise
     assert r.thin_decision(a, c, 0.1000001) is None
     d = r.thin_decision(a, c, 0.1)  # exactly the tolerance
-    assert (d.what, d.value, d.signal, d.threshold) == ("thin", {"heads": 0.0, "mlp": 0.25},
-                                                        "probe_loss_rise_of_learned", 0.1)
-    assert d.reason == "thinning to 0.5 of pruning.structured gives back 10.0% of the loss learned so far " \
-                       "(probe batches)"
+    assert (d.what, d.value, d.signal, d.threshold) == (
+        "thin",
+        {"heads": 0.0, "mlp": 0.25},
+        "probe_loss_rise_of_learned",
+        0.1,
+    )
+    assert (
+        d.reason == "thinning to 0.5 of pruning.structured gives back 10.0% of the loss learned so far (probe batches)"
+    )
     assert "gives back 0.0%" in r.thin_decision(a, c, -0.2).reason  # a copy that does better gives back nothing
 
 
@@ -236,8 +258,11 @@ def test_rank_agreement_names_the_ranks_that_differ():
     other = r.decisions_digest(_state({"what": "reduce", "from_epoch": 3, "value": 3}).decisions)
     assert other != same
     r.check_agreement([same, same], 2)
-    with pytest.raises(RuntimeError, match=rf"at the end of epoch 3 \(decision digests ranks 0, 2: {same}; "
-                                           rf"rank 1: {other}\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"at the end of epoch 3 \(decision digests ranks 0, 2: {same}; "
+        rf"rank 1: {other}\)",
+    ):
         r.check_agreement([same, other, same], 2)
     with pytest.raises(RuntimeError, match="before the first epoch"):
         r.check_agreement([same, other], -1)

@@ -1,4 +1,5 @@
 """lotus bench usability: per-run epoch bars, --jobs workers, n=1 shown as n=1, per-seed ratios."""
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,9 @@ def test_jobs_run_side_by_side_pinned_and_match_sequential(tmp_path, tiny_cfg_di
     base = _tiny(tmp_path, tiny_cfg_dict)
     pinned = max(1, (os.cpu_count() or 1) // 2)
     par = run_bench([base], seeds=2, out=str(tmp_path / "par"), quiet=True, progress=False, jobs=2)
-    seq = run_bench([base], seeds=2, out=str(tmp_path / "seq"), overrides=[f"train.threads={pinned}"], quiet=True,
-                    progress=False)
+    seq = run_bench(
+        [base], seeds=2, out=str(tmp_path / "seq"), overrides=[f"train.threads={pinned}"], quiet=True, progress=False
+    )
     for p, s in zip(par[0].runs, seq[0].runs):
         assert yaml.safe_load(open(os.path.join(p, "config.yaml")))["train"]["threads"] == pinned
         assert os.path.isfile(os.path.join(p, "summary.json"))
@@ -81,7 +83,9 @@ def test_jobs_run_side_by_side_pinned_and_match_sequential(tmp_path, tiny_cfg_di
 def test_cli_rejects_bad_jobs(tmp_path, tiny_cfg_dict, capsys):
     from lotus.cli import main
 
-    assert main(["bench", "--configs", _tiny(tmp_path, tiny_cfg_dict), "--jobs", "0", "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(["bench", "--configs", _tiny(tmp_path, tiny_cfg_dict), "--jobs", "0", "--out", str(tmp_path / "b")]) == 2
+    )
     assert "--jobs: expected int >= 1" in capsys.readouterr().err
 
 
@@ -91,8 +95,13 @@ def test_inference_is_timed_round_robin_on_one_thread(tmp_path, tiny_cfg_dict, m
     import lotus.bench as bench
 
     base = _tiny(tmp_path, tiny_cfg_dict)
-    res = bench.run_bench([base, (base, ["name=other", "optim.lr=0.01"])], seeds=[0, 1], out=str(tmp_path / "b"),
-                          quiet=True, progress=False)
+    res = bench.run_bench(
+        [base, (base, ["name=other", "optim.lr=0.01"])],
+        seeds=[0, 1],
+        out=str(tmp_path / "b"),
+        quiet=True,
+        progress=False,
+    )
     order, threads = [], []
     load = bench._load_inference
 

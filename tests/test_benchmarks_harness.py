@@ -1,5 +1,6 @@
 """One benchmark harness (issue #33, item 5): every script in benchmarks/ that trains or times anything takes
 ``--quick`` and ``--out`` (and ``--seeds`` where seeds apply) and writes through ``benchmarks/_common.py``."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,19 @@ HELPERS = {"_common.py", "pruning_common.py"}  # imported by the scripts, not ru
 DATA_MAKERS = {"make_shapes.py", "make_textures.py"}  # write image folders: neither train nor time anything
 # not yet on the harness: owned by the LOTUS-schedule suite, converted with its next change
 PENDING = {"lotus_schedule.py"}
-SEEDED = {"default_config.py", "lotus_distributed.py", "lotus_real.py", "outliers.py", "pruning_issp.py",
-          "pruning_vs_torch_pruning.py", "recipes_digits.py", "tickets_balance.py", "tickets_dynamic.py",
-          "tickets_patches.py", "tickets_quality.py"}
+SEEDED = {
+    "default_config.py",
+    "lotus_distributed.py",
+    "lotus_real.py",
+    "outliers.py",
+    "pruning_issp.py",
+    "pruning_vs_torch_pruning.py",
+    "recipes_digits.py",
+    "tickets_balance.py",
+    "tickets_dynamic.py",
+    "tickets_patches.py",
+    "tickets_quality.py",
+}
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name not in HELPERS | DATA_MAKERS | PENDING)
 
 # every script's --help in one interpreter: torch (which several scripts import at the top) loads once
@@ -47,8 +58,9 @@ _HELP = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def helps() -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OUT": ""}
-    r = subprocess.run([sys.executable, "-c", _HELP, *SCRIPTS], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _HELP, *SCRIPTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

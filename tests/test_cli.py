@@ -18,16 +18,36 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "--resume" in r.stdout and "--set" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--config", "nope.yaml"], "nope.yaml: config file not found"),
-    (["train"], "pass exactly one of --config FILE or --resume RUN_DIR"),
-    (["train", "--resume", "no_such_run"], "no_such_run is not a run directory"),
-    (["train", "--config", "configs/digits.yaml", "--set", "train.epochs=ten"], "train.epochs: expected int >= 1, got 'ten'"),
-    (["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_22"], "unknown timm model"),
-    (["train", "--config", "configs/digits.yaml", "--set", "model.checkpoint=missing.safetensors"], "model.checkpoint: file not found"),
-    (["train", "--config", "configs/digits.yaml", "--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "set data.download: true"),
-    (["train", "--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--config", "nope.yaml"], "nope.yaml: config file not found"),
+        (["train"], "pass exactly one of --config FILE or --resume RUN_DIR"),
+        (["train", "--resume", "no_such_run"], "no_such_run is not a run directory"),
+        (
+            ["train", "--config", "configs/digits.yaml", "--set", "train.epochs=ten"],
+            "train.epochs: expected int >= 1, got 'ten'",
+        ),
+        (["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_22"], "unknown timm model"),
+        (
+            ["train", "--config", "configs/digits.yaml", "--set", "model.checkpoint=missing.safetensors"],
+            "model.checkpoint: file not found",
+        ),
+        (
+            [
+                "train",
+                "--config",
+                "configs/digits.yaml",
+                "--set",
+                "data.name=cifar10",
+                "--set",
+                "data.root=/nonexistent",
+            ],
+            "set data.download: true",
+        ),
+        (["train", "--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     code = main(args)
     err = capsys.readouterr().err
@@ -43,8 +63,19 @@ def test_usage_error_exit_code():
 
 def test_pretrained_offline_is_clear(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_224",
-                 "--set", "model.pretrained=true", "--set", "train.epochs=1"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "configs/digits.yaml",
+            "--set",
+            "model.name=vit_tiny_patch16_224",
+            "--set",
+            "model.pretrained=true",
+            "--set",
+            "train.epochs=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cannot download pretrained weights for vit_tiny_patch16_224" in err
     assert "pass model.checkpoint" in err
@@ -86,8 +117,19 @@ def test_pretrained_without_network_fails_fast_in_one_line(monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", unreachable)
     t0 = time.perf_counter()
-    code = main(["train", "--config", "configs/digits.yaml", "--set", "model.name=vit_tiny_patch16_224",
-                 "--set", "model.pretrained=true", "--set", "train.epochs=1"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "configs/digits.yaml",
+            "--set",
+            "model.name=vit_tiny_patch16_224",
+            "--set",
+            "model.pretrained=true",
+            "--set",
+            "train.epochs=1",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not in the local hub cache" in err[0] and "model.checkpoint" in err[0]
     assert time.perf_counter() - t0 < 5

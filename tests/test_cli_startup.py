@@ -1,4 +1,5 @@
 """The CLI answers --help and config errors without importing torch or timm (issue #33, item 4)."""
+
 from __future__ import annotations
 
 import os

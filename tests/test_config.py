@@ -11,19 +11,22 @@ def test_defaults_and_roundtrip():
     assert config_to_dict(again) == config_to_dict(cfg)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"train": {"epochs": "ten"}}, "train.epochs: expected int >= 1, got 'ten'"),
-    ({"train": {"epochs": 0}}, "train.epochs: expected int >= 1, got 0"),
-    ({"train": {"epochz": 3}}, "train.epochz: unknown key"),
-    ({"bogus": {}}, "bogus: unknown key"),
-    ({"optim": {"lr": -1}}, "optim.lr: expected float > 0.0"),
-    ({"optim": {"name": "adamx"}}, "optim.name: expected one of timm's optimizers"),
-    ({"data": {"val_fraction": 1.0}}, "data.val_fraction: expected float > 0.0 and < 1.0, got 1.0"),
-    ({"train": {"deterministic": "yes"}}, "train.deterministic: expected bool, got 'yes'"),
-    ({"optim": {"betas": [0.9]}}, "optim.betas: expected two floats"),
-    ({"model": "vit"}, "model: expected a mapping, got 'vit'"),
-    ({"data": {"augment": {"rotate": 400}}}, "data.augment.rotate: expected float >= 0.0 and <= 180.0"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs: expected int >= 1, got 'ten'"),
+        ({"train": {"epochs": 0}}, "train.epochs: expected int >= 1, got 0"),
+        ({"train": {"epochz": 3}}, "train.epochz: unknown key"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"optim": {"lr": -1}}, "optim.lr: expected float > 0.0"),
+        ({"optim": {"name": "adamx"}}, "optim.name: expected one of timm's optimizers"),
+        ({"data": {"val_fraction": 1.0}}, "data.val_fraction: expected float > 0.0 and < 1.0, got 1.0"),
+        ({"train": {"deterministic": "yes"}}, "train.deterministic: expected bool, got 'yes'"),
+        ({"optim": {"betas": [0.9]}}, "optim.betas: expected two floats"),
+        ({"model": "vit"}, "model: expected a mapping, got 'vit'"),
+        ({"data": {"augment": {"rotate": 400}}}, "data.augment.rotate: expected float >= 0.0 and <= 180.0"),
+    ],
+)
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)

@@ -1,5 +1,6 @@
 """docs/configuration.md is generated from the config dataclasses' attribute docstrings; every key has one, and
 ``lotus train --print-config`` shows the same text."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def test_configuration_md_is_up_to_date():
     with open(DOC, encoding="utf-8") as f:
         on_disk = f.read()
     assert on_disk == config_docs.render_markdown(), (
-        "docs/configuration.md is out of date: run python -m lotus.config_docs > docs/configuration.md")
+        "docs/configuration.md is out of date: run python -m lotus.config_docs > docs/configuration.md"
+    )
 
 
 def test_every_config_key_has_a_docstring():
@@ -67,15 +69,21 @@ def test_print_config_shows_each_meaning_and_parses_back(capsys):
 
 
 def test_commented_yaml_round_trips_odd_values():
-    data = config_to_dict(load_config(os.path.join(ROOT, "configs", "digits.yaml"),
-                                      ['pruning.method="2:4"', "model.kwargs={dynamic_img_size: true}"]))
+    data = config_to_dict(
+        load_config(
+            os.path.join(ROOT, "configs", "digits.yaml"),
+            ['pruning.method="2:4"', "model.kwargs={dynamic_img_size: true}"],
+        )
+    )
     data["optim"]["extra"] = {"foo": "# not a comment", "bar": "a: b", "baz": [1, None, "yes"]}
     data["data"]["root"] = "/tmp/with space/x#y"
     assert yaml.safe_load(config_docs.commented_yaml(data)) == data
 
 
 def test_generator_imports_neither_torch_nor_timm():
-    code = ("import sys; from lotus import config_docs; config_docs.render_markdown(); "
-            "print('torch' in sys.modules, 'timm' in sys.modules)")
+    code = (
+        "import sys; from lotus import config_docs; config_docs.render_markdown(); "
+        "print('torch' in sys.modules, 'timm' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -1,5 +1,6 @@
 """SIGKILL at random points (several while a checkpoint is being written), then resume: the run ends with
 exactly the weights of an uninterrupted one, no temp file left and no record written twice."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ KILLS = 12
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lotus", "train", *args, "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lotus", "train", *args, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _records(run: str) -> list[dict]:
@@ -96,6 +101,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_cfg_dict):
     assert [r["epoch"] for r in recs if r["type"] == "epoch"] == list(range(1, 31))
     assert _events(recs) == _events(ref_recs)
     summary = json.load(open(os.path.join(run, "summary.json")))
-    assert [(e["event"], e["epoch"], e["step"]) for e in summary["events"] if e["event"] != "run_dir"] == \
-        _events(ref_recs)
+    assert [(e["event"], e["epoch"], e["step"]) for e in summary["events"] if e["event"] != "run_dir"] == _events(
+        ref_recs
+    )
     assert summary["steps"] == json.load(open(os.path.join(ref, "summary.json")))["steps"]

@@ -21,7 +21,9 @@ def test_digits_split_is_deterministic_and_indexed():
     # normalised with train statistics
     assert abs(float(a.train.get_batch(torch.arange(len(a.train)))[0].mean())) < 0.1
     c = build_datasets(config_from_dict({"data": {"split_seed": 4}}).data, img_size=16)
-    assert not torch.equal(a.train.labels[:50], c.train.labels[:50]) or not torch.equal(a.train.images[:50], c.train.images[:50])
+    assert not torch.equal(a.train.labels[:50], c.train.labels[:50]) or not torch.equal(
+        a.train.images[:50], c.train.images[:50]
+    )
 
 
 def test_channels_forced_and_limit():
@@ -141,7 +143,9 @@ def test_fashion_mnist_missing_names_the_debian_package(tmp_path):
 
 
 def test_augmenter_is_seeded_and_changes_images():
-    cfg = config_from_dict({"data": {"augment": {"random_crop": 2, "rotate": 10, "hflip": True, "random_erasing": 0.5}}}).data
+    cfg = config_from_dict(
+        {"data": {"augment": {"random_crop": 2, "rotate": 10, "hflip": True, "random_erasing": 0.5}}}
+    ).data
     x = torch.randn(8, 1, 16, 16)
     a, b = Augmenter(cfg.augment, 0), Augmenter(cfg.augment, 0)
     ya, yb = a(x), b(x)

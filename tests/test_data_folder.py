@@ -1,4 +1,5 @@
 """ImageFolder scanning: symlink loops and duplicates named, unreadable folders named, one class names data.root."""
+
 from __future__ import annotations
 
 import os

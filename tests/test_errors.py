@@ -1,5 +1,6 @@
 """User errors vs internal errors at the CLI boundary, errors that name their culprit, torchrun reporting, and
 the kept-token module on every timm family with a ``patch_drop`` slot."""
+
 from __future__ import annotations
 
 import copy
@@ -41,24 +42,40 @@ def small_yaml(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ classification
-@pytest.mark.parametrize("exc, code, text", [
-    (ConfigError("train.epochs: expected int >= 1, got 0"), 2, "error: train.epochs: expected int >= 1, got 0"),
-    (LotusError("data.root: a\nsecond line"), 2, "error: data.root: a"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/x/a.yaml"), 2,
-     "error: runs/x/a.yaml: No such file or directory"),
-    (PermissionError(errno.EACCES, "Permission denied", "/ro/metrics.jsonl"), 2,
-     "error: /ro/metrics.jsonl: Permission denied"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/x"), 2, "error: runs/x: Is a directory"),
-    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "file/x"), 2, "error: file/x: Not a directory"),
-    (OSError(errno.ENOSPC, "No space left on device", "runs/x/state.pt"), 2,
-     "error: runs/x/state.pt: No space left on device"),
-    (FileNotFoundError("no filename attached"), 1, f"internal error: FileNotFoundError: no filename attached {_SUFFIX}"),
-    (OSError("socket closed"), 1, f"internal error: OSError: socket closed {_SUFFIX}"),
-    (ValueError("shapes do not match\nmore"), 1, f"internal error: ValueError: shapes do not match {_SUFFIX}"),
-    (RuntimeError(""), 1, f"internal error: RuntimeError: RuntimeError {_SUFFIX}"),
-    (KeyError("epoch"), 1, f"internal error: KeyError: 'epoch' {_SUFFIX}"),
-    (TypeError("bad operand"), 1, f"internal error: TypeError: bad operand {_SUFFIX}"),
-])
+@pytest.mark.parametrize(
+    "exc, code, text",
+    [
+        (ConfigError("train.epochs: expected int >= 1, got 0"), 2, "error: train.epochs: expected int >= 1, got 0"),
+        (LotusError("data.root: a\nsecond line"), 2, "error: data.root: a"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/x/a.yaml"),
+            2,
+            "error: runs/x/a.yaml: No such file or directory",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/ro/metrics.jsonl"),
+            2,
+            "error: /ro/metrics.jsonl: Permission denied",
+        ),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/x"), 2, "error: runs/x: Is a directory"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "file/x"), 2, "error: file/x: Not a directory"),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "runs/x/state.pt"),
+            2,
+            "error: runs/x/state.pt: No space left on device",
+        ),
+        (
+            FileNotFoundError("no filename attached"),
+            1,
+            f"internal error: FileNotFoundError: no filename attached {_SUFFIX}",
+        ),
+        (OSError("socket closed"), 1, f"internal error: OSError: socket closed {_SUFFIX}"),
+        (ValueError("shapes do not match\nmore"), 1, f"internal error: ValueError: shapes do not match {_SUFFIX}"),
+        (RuntimeError(""), 1, f"internal error: RuntimeError: RuntimeError {_SUFFIX}"),
+        (KeyError("epoch"), 1, f"internal error: KeyError: 'epoch' {_SUFFIX}"),
+        (TypeError("bad operand"), 1, f"internal error: TypeError: bad operand {_SUFFIX}"),
+    ],
+)
 def test_describe_user_vs_internal(exc, code, text):
     assert describe(exc) == (code, text)
 
@@ -66,7 +83,10 @@ def test_describe_user_vs_internal(exc, code, text):
 def test_library_error_names_the_key():
     keys = {"heads": "pruning.structured.heads"}
     e = library_error(ValueError("heads: 0.9 would remove all 2 heads of blocks.0.attn"), keys, "pruning.structured")
-    assert isinstance(e, LotusError) and str(e) == "pruning.structured.heads: 0.9 would remove all 2 heads of blocks.0.attn"
+    assert (
+        isinstance(e, LotusError)
+        and str(e) == "pruning.structured.heads: 0.9 would remove all 2 heads of blocks.0.attn"
+    )
     e = library_error(ValueError("structured pruning does not support X"), keys, "pruning.structured")
     assert str(e) == "pruning.structured: structured pruning does not support X"
 
@@ -79,11 +99,14 @@ def _boom(exc: BaseException):
     return fit
 
 
-@pytest.mark.parametrize("exc, line", [
-    (RuntimeError("boom\nline 2"), "RuntimeError: boom"),
-    (ValueError("boom"), "ValueError: boom"),  # a ValueError from inside Lotus is a bug, not bad input
-    (KeyError("boom"), "KeyError: 'boom'"),
-])
+@pytest.mark.parametrize(
+    "exc, line",
+    [
+        (RuntimeError("boom\nline 2"), "RuntimeError: boom"),
+        (ValueError("boom"), "ValueError: boom"),  # a ValueError from inside Lotus is a bug, not bad input
+        (KeyError("boom"), "KeyError: 'boom'"),
+    ],
+)
 def test_internal_error_is_exit_1_and_says_so(monkeypatch, capsys, small_yaml, tmp_path, exc, line):
     monkeypatch.setattr(Trainer, "fit", _boom(exc))
     code = main(["train", "--config", str(small_yaml), "--out", str(tmp_path / "run"), "--quiet"])
@@ -106,7 +129,9 @@ def test_debug_prints_the_traceback(monkeypatch, capsys, small_yaml, tmp_path, w
 
 
 def test_user_oserror_from_inside_a_run_names_the_file(monkeypatch, capsys, small_yaml, tmp_path):
-    monkeypatch.setattr(Trainer, "fit", _boom(PermissionError(errno.EACCES, "Permission denied", "/ro/best.safetensors")))
+    monkeypatch.setattr(
+        Trainer, "fit", _boom(PermissionError(errno.EACCES, "Permission denied", "/ro/best.safetensors"))
+    )
     code = main(["train", "--config", str(small_yaml), "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 2 and capsys.readouterr().err == "error: /ro/best.safetensors: Permission denied\n"
 
@@ -117,10 +142,12 @@ def test_keyboard_interrupt_is_130(monkeypatch, capsys, small_yaml, tmp_path):
     assert capsys.readouterr().err.startswith("error: interrupted")
 
 
-_PATCHED_MAIN = ("import sys; from lotus.training import Trainer; from lotus.cli import main\n"
-                 "def fit(self): raise RuntimeError('boom')\n"
-                 "Trainer.fit = fit\n"
-                 "sys.exit(main(sys.argv[1:]))\n")
+_PATCHED_MAIN = (
+    "import sys; from lotus.training import Trainer; from lotus.cli import main\n"
+    "def fit(self): raise RuntimeError('boom')\n"
+    "Trainer.fit = fit\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 
 
 def test_internal_error_process_exit_code(small_yaml, tmp_path):
@@ -128,18 +155,22 @@ def test_internal_error_process_exit_code(small_yaml, tmp_path):
     r = subprocess.run([sys.executable, "-c", _PATCHED_MAIN, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"internal error: RuntimeError: boom {_SUFFIX}"]
-    r = subprocess.run([sys.executable, "-c", _PATCHED_MAIN, "--debug", *args], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _PATCHED_MAIN, "--debug", *args], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
 
 
 # ------------------------------------------------------------------------------------ torchrun
-@pytest.mark.parametrize("rank, exc, printed", [
-    ("0", ConfigError("train.epochs: bad"), "error: train.epochs: bad"),
-    ("1", ConfigError("train.epochs: bad"), None),  # every rank has it: rank 0 says it once
-    ("1", RankError("LOCAL_RANK 1: only 1 CUDA device(s) visible"), "error: [rank 1] LOCAL_RANK 1: only 1"),
-    ("1", RuntimeError("boom"), "internal error: [rank 1] RuntimeError: boom"),
-])
+@pytest.mark.parametrize(
+    "rank, exc, printed",
+    [
+        ("0", ConfigError("train.epochs: bad"), "error: train.epochs: bad"),
+        ("1", ConfigError("train.epochs: bad"), None),  # every rank has it: rank 0 says it once
+        ("1", RankError("LOCAL_RANK 1: only 1 CUDA device(s) visible"), "error: [rank 1] LOCAL_RANK 1: only 1"),
+        ("1", RuntimeError("boom"), "internal error: [rank 1] RuntimeError: boom"),
+    ],
+)
 def test_rank_decides_who_prints(monkeypatch, capsys, rank, exc, printed):
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -167,10 +198,27 @@ def test_torchrun_config_error_prints_once(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SMALL, "train": {"epochs": "ten"}}))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "lotus", "train", "--config", str(bad), "--quiet"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "lotus",
+        "train",
+        "--config",
+        str(bad),
+        "--quiet",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error:")]
     assert r.returncode != 0
@@ -204,13 +252,16 @@ def test_corrupt_image_names_the_file_also_from_loader_workers(tmp_path, capsys,
     assert err.startswith(f"error: data.root: {tmp_path / 'imgs' / 'train' / 'a' / '1.png'}: not a readable image")
 
 
-@pytest.mark.parametrize("name, family", [
-    ("eva02_tiny_patch14_224", "eva02_tiny_patch14_224 is an Eva"),
-    ("beit_base_patch16_224", "beit_base_patch16_224 is a Beit"),
-    ("vit_relpos_small_patch16_224", "is a VisionTransformerRelPos"),
-    ("samvit_base_patch16", "is a VisionTransformerSAM"),
-    ("vit_small_patch16_18x2_224", "vit_small_patch16_18x2_224 uses ParallelThingsBlock"),
-])
+@pytest.mark.parametrize(
+    "name, family",
+    [
+        ("eva02_tiny_patch14_224", "eva02_tiny_patch14_224 is an Eva"),
+        ("beit_base_patch16_224", "beit_base_patch16_224 is a Beit"),
+        ("vit_relpos_small_patch16_224", "is a VisionTransformerRelPos"),
+        ("samvit_base_patch16", "is a VisionTransformerSAM"),
+        ("vit_small_patch16_18x2_224", "vit_small_patch16_18x2_224 uses ParallelThingsBlock"),
+    ],
+)
 def test_op_block_on_other_families_names_model_block(name, family):
     from lotus.config import config_from_dict
     from lotus.models import create_model
@@ -225,8 +276,11 @@ def test_nm_shape_error_names_the_layer():
     from lotus.features.pruning.checks import check_nm_shapes
 
     narrow = timm.create_model("lotus_vit_micro", embed_dim=10, num_heads=2, mlp_ratio=1.0)
-    with pytest.raises(LotusError, match=r'^pruning.method: "2:4" needs in_features divisible by 4; '
-                                         r"blocks.0.attn.qkv has 10 \(no layer of the 8"):
+    with pytest.raises(
+        LotusError,
+        match=r'^pruning.method: "2:4" needs in_features divisible by 4; '
+        r"blocks.0.attn.qkv has 10 \(no layer of the 8",
+    ):
         check_nm_shapes(narrow, None, 4, 'pruning.method: "2:4"')
     check_nm_shapes(timm.create_model("lotus_vit_micro"), None, 4, "--method 2:4")  # 64 wide: fine
 
@@ -250,8 +304,11 @@ def _slot_classes() -> set[str]:
     found = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm's deprecated alias modules warn on import
-        modules = [importlib.import_module(f"timm.models.{m.name}") for m in pkgutil.iter_modules(timm.models.__path__)
-                   if not m.name.startswith("_")]
+        modules = [
+            importlib.import_module(f"timm.models.{m.name}")
+            for m in pkgutil.iter_modules(timm.models.__path__)
+            if not m.name.startswith("_")
+        ]
     for mod in modules:
         for cls in vars(mod).values():
             if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module) and cls.__module__ == mod.__name__):
@@ -289,8 +346,9 @@ def test_kept_tokens_run_on_prefix_plus_k_tokens(family):
     x = torch.randn(3, 3, 32, 32)
     seen: list[int] = []
     hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.blocks]
-    keep = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:5].sort().values
-                        for i in range(3)])
+    keep = torch.stack(
+        [torch.randperm(n, generator=torch.Generator().manual_seed(i))[:5].sort().values for i in range(3)]
+    )
     model.train()
     with kept.keep(keep):
         loss = model(x).logsumexp(-1).sum()
@@ -342,16 +400,26 @@ def test_forward_kept_tokens_refuses_eva():
 
 def test_patch_ticket_training_on_eva_and_refusal_of_sam(tmp_path, capsys):
     cfg = copy.deepcopy(SMALL)
-    cfg["model"] = {"name": "eva02_tiny_patch14_224", "img_size": 16, "patch_size": 4,
-                    "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}}
+    cfg["model"] = {
+        "name": "eva02_tiny_patch14_224",
+        "img_size": 16,
+        "patch_size": 4,
+        "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
+    }
     cfg["tickets"] = {"patches": {"enabled": True, "scorer": "random", "keep_rate": 0.5}}
     path = tmp_path / "eva.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", "--config", str(path), "--out", str(tmp_path / "eva"), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "eva"), "--quiet"]) == 0, (
+        capsys.readouterr().err
+    )
     metrics = (tmp_path / "eva" / "metrics.jsonl").read_text()
     assert '"patch_kept": 8' in metrics
-    cfg["model"] = {"name": "samvit_base_patch16", "img_size": 16, "patch_size": 4,
-                    "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "window_size": 2, "global_attn_indexes": [0]}}
+    cfg["model"] = {
+        "name": "samvit_base_patch16",
+        "img_size": 16,
+        "patch_size": 4,
+        "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "window_size": 2, "global_attn_indexes": [0]},
+    }
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "sam"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """`lotus export`: a run (dense, thinned, OP) rebuilt in a fresh interpreter by the generated load.py."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,8 @@ want = load_file(sys.argv[1])
 with torch.no_grad():
     got = model(want["x"])
 cfg = timm.data.resolve_data_config(model=model)
-print(json.dumps({"equal": torch.equal(got, want["logits"]), "lotus": "lotus" in sys.modules or "pruning" in sys.modules,
+print(json.dumps({"equal": torch.equal(got, want["logits"]),
+                  "lotus": "lotus" in sys.modules or "pruning" in sys.modules,
                   "data": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                   "labels": list(model.pretrained_cfg["label_names"])}))
 """
@@ -75,8 +77,15 @@ def _expected(tmp: Path, model: torch.nn.Module, chans: int = 1, size: int = 16)
 
 def _load_in_fresh_python(folder: Path, expected: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # so `pruning` / `lotus.models.op_block` are this checkout's
-    r = subprocess.run([sys.executable, "-c", _CHECK, str(expected)], cwd=folder, env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHECK, str(expected)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -95,7 +104,12 @@ def test_export_a_dense_run_loads_with_timm_alone(run_dir, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "load.py", "model.safetensors"]
     conf = json.loads((out / "config.json").read_text())
     assert (conf["name"], conf["img_size"], conf["patch_size"], conf["in_chans"], conf["num_classes"]) == (
-        "lotus_vit_micro", 16, 4, 1, 10)
+        "lotus_vit_micro",
+        16,
+        4,
+        1,
+        10,
+    )
     assert conf["thinned"] is False and conf["block"] == "pre_ln" and conf["timm_loadable"] and not conf["needs"]
     # lotus_vit_micro is exported as the plain timm ViT it is, its sizes in model_args
     assert conf["architecture"] == "vit_tiny_patch16_224" and conf["model_args"]["embed_dim"] == 64
@@ -105,8 +119,15 @@ def test_export_a_dense_run_loads_with_timm_alone(run_dir, tmp_path, capsys):
     assert data["mean"] == bundle.val.mean.flatten().tolist() and data["classes"] == [str(i) for i in range(10)]
     assert conf["pretrained_cfg"]["mean"] == data["mean"] and conf["label_names"] == data["classes"]
     assert read_data_metadata(out / "model.safetensors") == data
-    r = subprocess.run([sys.executable, "-c", _TIMM_CHECK, str(expected), str(out)], cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _TIMM_CHECK, str(expected), str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     plain = json.loads(r.stdout.strip().splitlines()[-1])
     assert plain["equal"] and not plain["lotus"] and plain["labels"] == data["classes"]
@@ -147,9 +168,18 @@ def test_export_thinned_weights(run_dir, tmp_path, capsys):
 
 
 def test_export_op_blocks_and_timm_kwargs(tmp_path):
-    cfg = config_from_dict({"model": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "block": "op",
-                                      "op": {"input_scale": 0.5}, "kwargs": {"depth": 2, "embed_dim": 32,
-                                                                             "num_heads": 2}}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": "vit_tiny_patch16_224",
+                "img_size": 16,
+                "patch_size": 4,
+                "block": "op",
+                "op": {"input_scale": 0.5},
+                "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+            }
+        }
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model, 5, 3)
     pruning.prune_(model, pruning.StructuredConfig(mlp=0.25))
@@ -178,8 +208,9 @@ def test_export_errors_are_one_line(run_dir, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     assert "has no best.safetensors" in err([str(empty), "--out", str(tmp_path / "o")])
-    assert "--which: only for a run directory" in err([str(run / "last.safetensors"), "--which", "last",
-                                                      "--out", str(tmp_path / "o")])
+    assert "--which: only for a run directory" in err(
+        [str(run / "last.safetensors"), "--which", "last", "--out", str(tmp_path / "o")]
+    )
     anon = tmp_path / "anon" / "w.pt"
     anon.parent.mkdir()
     torch.save(create_model(cfg.model, 10, 1).state_dict(), anon)

@@ -1,4 +1,5 @@
 """optim.name: every optimiser of timm's registry through create_optimizer_v2, over Lotus' parameter groups."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,9 @@ from lotus.optim import LrSchedule, build_optimizer, optimizer_names
 
 def _micro():
     torch.manual_seed(0)
-    return timm.create_model("lotus_vit_micro", num_classes=3, in_chans=1, img_size=8, patch_size=4, depth=2,
-                             embed_dim=32)
+    return timm.create_model(
+        "lotus_vit_micro", num_classes=3, in_chans=1, img_size=8, patch_size=4, depth=2, embed_dim=32
+    )
 
 
 def _steps(model, opt, n=6):
@@ -30,8 +32,17 @@ def _steps(model, opt, n=6):
     return losses
 
 
-@pytest.mark.parametrize("name, cls", [("lion", "Lion"), ("lamb", "Lamb"), ("adan", "Adan"), ("nadamw", "NAdamW"),
-                                       ("adabelief", "AdaBelief"), ("lookahead_adamw", "Lookahead")])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("lion", "Lion"),
+        ("lamb", "Lamb"),
+        ("adan", "Adan"),
+        ("nadamw", "NAdamW"),
+        ("adabelief", "AdaBelief"),
+        ("lookahead_adamw", "Lookahead"),
+    ],
+)
 def test_timm_optimisers_keep_lotus_groups_and_train(name, cls):
     cfg = config_from_dict({"optim": {"name": name, "lr": 1e-3, "weight_decay": 0.05}})
     model = _micro()
@@ -49,11 +60,20 @@ def test_timm_optimisers_keep_lotus_groups_and_train(name, cls):
 
 
 def test_layer_decay_and_options_reach_the_timm_optimiser():
-    cfg = config_from_dict({"optim": {"name": "lamb", "layer_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6,
-                                      "extra": {"max_grad_norm": 2.0}}})
+    cfg = config_from_dict(
+        {
+            "optim": {
+                "name": "lamb",
+                "layer_decay": 0.5,
+                "betas": [0.8, 0.9],
+                "eps": 1e-6,
+                "extra": {"max_grad_norm": 2.0},
+            }
+        }
+    )
     opt = build_optimizer(cfg.optim, _micro())
     scales = sorted({g["lr_scale"] for g in opt.param_groups})
-    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.5 ** 3)  # depth 2 -> 4 layer ids
+    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.5**3)  # depth 2 -> 4 layer ids
     g = opt.param_groups[0]
     assert g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 and g["max_grad_norm"] == 2.0
     cfg = config_from_dict({"optim": {"name": "momentum", "momentum": 0.5}})
@@ -74,8 +94,11 @@ def test_every_registry_name_is_accepted_and_builds_or_names_what_is_missing():
 
 
 def test_bad_names_and_extras_name_the_key():
-    with pytest.raises(ConfigError, match=r"optim.name: expected one of timm's optimizers .* got 'lionn'; "
-                                          r"did you mean lion"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.name: expected one of timm's optimizers .* got 'lionn'; "
+        r"did you mean lion",
+    ):
         config_from_dict({"optim": {"name": "lionn"}})
     cfg = config_from_dict({"optim": {"name": "lion", "extra": {"nope": 1}}})
     with pytest.raises(ConfigError, match="optim.extra: lion does not accept nope"):

@@ -1,4 +1,5 @@
 """benchmarks/outliers.py: the goal check and re-rendering a stored result (no training)."""
+
 import importlib.util
 import json
 import os
@@ -17,8 +18,7 @@ def bench():
 
 
 def _mean(acc, peak, end, drop):
-    return {"val_acc": acc, "kurtosis_peak": peak, "kurtosis_max": end, "int8_drop_pp": drop,
-            "int8_logit_err": 0.01}
+    return {"val_acc": acc, "kurtosis_peak": peak, "kurtosis_max": end, "int8_drop_pp": drop, "int8_logit_err": 0.01}
 
 
 def test_goal_needs_ratio_equal_accuracy_and_smaller_int8_drop(bench):
@@ -34,16 +34,36 @@ def test_goal_needs_ratio_equal_accuracy_and_smaller_int8_drop(bench):
 def test_recipe_epochs(bench):
     class A:
         provoke_epochs_factor, long_epochs = 2.0, 300
+
     assert [bench.recipe_epochs(r, 15, A) for r in ("default", "provoke", "long")] == [15, 30, 300]
 
 
 def test_render_rewrites_markdown_and_rejects_bad_json(bench, tmp_path, capsys):
-    run = {"val_acc": 0.99, "kurtosis_max": 5.0, "kurtosis_mean": 3.0, "kurtosis_peak": 6.0, "mmr_max": 8.0,
-           "int8_drop_pp": 0.1, "int8_logit_err": 0.013, "probe_fraction": 0.02}
+    run = {
+        "val_acc": 0.99,
+        "kurtosis_max": 5.0,
+        "kurtosis_mean": 3.0,
+        "kurtosis_peak": 6.0,
+        "mmr_max": 8.0,
+        "int8_drop_pp": 0.1,
+        "int8_logit_err": 0.013,
+        "probe_fraction": 0.02,
+    }
     op = {**run, "kurtosis_max": 1.25, "kurtosis_peak": 2.0, "int8_drop_pp": 0.0}
-    res = {"seeds": [0], "base": "configs/digits.yaml", "epochs": 40, "threads": 1, "every_n_steps": 50,
-           "recipes": {"long": {"epochs": 300, "runs": {"Pre-LN+AdamW": [run], "OP+SOAP": [op]},
-                                "mean": {"Pre-LN+AdamW": run, "OP+SOAP": op}}}}
+    res = {
+        "seeds": [0],
+        "base": "configs/digits.yaml",
+        "epochs": 40,
+        "threads": 1,
+        "every_n_steps": 50,
+        "recipes": {
+            "long": {
+                "epochs": 300,
+                "runs": {"Pre-LN+AdamW": [run], "OP+SOAP": [op]},
+                "mean": {"Pre-LN+AdamW": run, "OP+SOAP": op},
+            }
+        },
+    }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(res))
     assert bench.render(str(path)) == 0

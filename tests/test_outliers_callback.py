@@ -1,4 +1,5 @@
 """The outlier monitor in a tiny training run, its config section, the report, and the two CLI commands."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,23 @@ import yaml
 from lotus.cli import main
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.features.registry import build_callbacks
-from lotus.features.schedule.plan import Schedule
 from lotus.features.outliers.callback import OutlierMonitor
 from lotus.features.outliers.layer_report import layer_table, read_outlier_records
+from lotus.features.registry import build_callbacks
+from lotus.features.schedule.plan import Schedule
 
 TINY_OP = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op"},
     "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512, "limit_train": 128},
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
     "train": {"epochs": 1, "warmup_epochs": 0.2, "seed": 0, "threads": 1},  # pinned: bit-identical comparisons
-    "outliers": {"enabled": True, "every_n_steps": 3, "probe_batch_size": 16, "quant_check": True,
-                 "quant": {"calib_batches": 1}},
+    "outliers": {
+        "enabled": True,
+        "every_n_steps": 3,
+        "probe_batch_size": 16,
+        "quant_check": True,
+        "quant": {"calib_batches": 1},
+    },
 }
 
 
@@ -85,8 +91,21 @@ def test_probe_does_not_change_training(trained_run, tmp_path):
 def test_outliers_command_writes_table_and_plots(trained_run, tmp_path, capsys):
     run_dir, cfg_path, _ = trained_run
     out = tmp_path / "rep"
-    rc = main(["outliers", "--config", str(cfg_path), "--checkpoint", str(run_dir / "last.safetensors"),
-               "--out", str(out), "--samples", "40", "--batch-size", "16"])
+    rc = main(
+        [
+            "outliers",
+            "--config",
+            str(cfg_path),
+            "--checkpoint",
+            str(run_dir / "last.safetensors"),
+            "--out",
+            str(out),
+            "--samples",
+            "40",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "| blocks.0 |" in text and "kurtosis_max=" in text
@@ -98,8 +117,19 @@ def test_outliers_command_writes_table_and_plots(trained_run, tmp_path, capsys):
 
 def test_quantcheck_command_prints_float_int8_and_drop(trained_run, tmp_path, capsys):
     run_dir, cfg_path, _ = trained_run
-    rc = main(["quantcheck", "--config", str(cfg_path), "--checkpoint", str(run_dir / "last.safetensors"),
-               "--calib-batches", "1", "--json", str(tmp_path / "q.json")])
+    rc = main(
+        [
+            "quantcheck",
+            "--config",
+            str(cfg_path),
+            "--checkpoint",
+            str(run_dir / "last.safetensors"),
+            "--calib-batches",
+            "1",
+            "--json",
+            str(tmp_path / "q.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "float accuracy:" in out and "int8 W8A8 accuracy:" in out and "drop:" in out
     res = json.loads((tmp_path / "q.json").read_text())
@@ -110,10 +140,14 @@ def test_commands_reject_bad_inputs_with_one_line_errors(trained_run, tmp_path, 
     run_dir, cfg_path, _ = trained_run
     ckpt = str(run_dir / "last.safetensors")
     cases = [
-        (["quantcheck", "--config", str(cfg_path), "--checkpoint", str(tmp_path / "missing.safetensors")],
-         "--checkpoint: file not found"),
-        (["outliers", "--config", str(cfg_path), "--checkpoint", ckpt, "--layers", "blocks.5"],
-         "--layers: unknown site 'blocks.5'"),
+        (
+            ["quantcheck", "--config", str(cfg_path), "--checkpoint", str(tmp_path / "missing.safetensors")],
+            "--checkpoint: file not found",
+        ),
+        (
+            ["outliers", "--config", str(cfg_path), "--checkpoint", ckpt, "--layers", "blocks.5"],
+            "--layers: unknown site 'blocks.5'",
+        ),
         (["outliers", "--config", str(cfg_path), "--checkpoint", ckpt, "--samples", "0"], "--samples"),
         (["quantcheck", "--config", str(cfg_path), "--checkpoint", ckpt, "--bits", "9"], "--bits"),
         (["quantcheck", "--config", str(tmp_path / "nope.yaml"), "--checkpoint", ckpt], "config file not found"),

@@ -1,4 +1,5 @@
 """Kurtosis (He et al. 2024, Eq. 1), max-median ratio, and the residual-stream hooks."""
+
 from __future__ import annotations
 
 import math

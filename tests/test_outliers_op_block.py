@@ -1,4 +1,5 @@
 """The Outlier-Protected block: forward/backward, every config switch, timm/pruning/optimiser compatibility."""
+
 from __future__ import annotations
 
 import math
@@ -6,17 +7,17 @@ import math
 import pytest
 import timm
 import torch
-
-import lotus.models  # noqa: F401
 from timm.layers import Attention, RmsNorm
 
+import lotus.models  # noqa: F401
 from lotus.models.op_block import OPBlock, OPConfig, SoftcapAttention, build_op_vit, op_model_kwargs, resolve_beta
 
 
 def _op_vit(depth: int = 2, **op):
     cfg = OPConfig(**op)
-    return timm.create_model("lotus_vit_micro", num_classes=4, in_chans=1, img_size=16, depth=depth,
-                             **op_model_kwargs(cfg, depth))
+    return timm.create_model(
+        "lotus_vit_micro", num_classes=4, in_chans=1, img_size=16, depth=depth, **op_model_kwargs(cfg, depth)
+    )
 
 
 @pytest.mark.parametrize("qk_norm", ["rms", "tanh", "none"])
@@ -115,8 +116,15 @@ def test_create_model_op_block_through_lotus_config():
     from lotus.config import config_from_dict
     from lotus.models import create_model
 
-    cfg = config_from_dict({"model": {"name": "lotus_vit_micro", "block": "op",
-                                      "op": {"qk_norm": "tanh", "softcap": 20.0, "final_norm": False}}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": "lotus_vit_micro",
+                "block": "op",
+                "op": {"qk_norm": "tanh", "softcap": 20.0, "final_norm": False},
+            }
+        }
+    )
     model = create_model(cfg.model, 10, 1, 16)
     assert all(isinstance(b, OPBlock) for b in model.blocks)
     assert model.blocks[0].attn.softcap == 20.0 and isinstance(model.norm, torch.nn.Identity)
@@ -131,10 +139,26 @@ def test_create_model_op_block_through_lotus_config():
 
 def test_build_op_vit_state_dict_roundtrip_and_token_dropping():
     torch.manual_seed(0)
-    m1 = build_op_vit(OPConfig(input_scale=1.0), img_size=16, patch_size=4, in_chans=1, num_classes=3,
-                      embed_dim=32, depth=2, num_heads=2)
-    m2 = build_op_vit(OPConfig(input_scale=1.0), img_size=16, patch_size=4, in_chans=1, num_classes=3,
-                      embed_dim=32, depth=2, num_heads=2)
+    m1 = build_op_vit(
+        OPConfig(input_scale=1.0),
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
+    m2 = build_op_vit(
+        OPConfig(input_scale=1.0),
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     m2.load_state_dict(m1.state_dict())
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(m1(x), m2(x))
@@ -171,7 +195,7 @@ def test_manual_head_and_neuron_thinning_of_softcap_attention():
     qkv = torch.nn.Linear(dim, 3 * hd)
     qkv.weight.data, qkv.bias.data = attn.qkv.weight.data[rows], attn.qkv.bias.data[rows]
     proj = torch.nn.Linear(hd, dim)
-    proj.weight.data = attn.proj.weight.data[:, keep_head * hd:(keep_head + 1) * hd]
+    proj.weight.data = attn.proj.weight.data[:, keep_head * hd : (keep_head + 1) * hd]
     proj.bias.data = attn.proj.bias.data
     attn.qkv, attn.proj, attn.num_heads = qkv, proj, 1
     fc1 = torch.nn.Linear(dim, 10)

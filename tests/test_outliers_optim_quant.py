@@ -1,4 +1,5 @@
 """SOAP/Shampoo selection (pytorch-optimizer, eager on CPU) and the simulated W8A8 int8 path."""
+
 from __future__ import annotations
 
 import types
@@ -9,13 +10,20 @@ import torch
 
 import lotus.models  # noqa: F401
 from lotus.features.outliers.optimizers import build, optimizer_class
-from lotus.features.outliers.quant import (QuantConfig, W8A8Linear, block_linear_filter, calibrate_activation_scales,
-                                  quantcheck, quantize_w8a8_)
+from lotus.features.outliers.quant import (
+    QuantConfig,
+    W8A8Linear,
+    block_linear_filter,
+    calibrate_activation_scales,
+    quantcheck,
+    quantize_w8a8_,
+)
 
 
 def _optim_cfg(**kw):
-    base = dict(name="soap", lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95], eps=1e-8, momentum=0.9,
-                nesterov=False, extra={})
+    base = dict(
+        name="soap", lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95], eps=1e-8, momentum=0.9, nesterov=False, extra={}
+    )
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -26,13 +34,17 @@ def _micro(**kw):
 @pytest.mark.parametrize("name", ["soap", "shampoo"])
 def test_soap_and_shampoo_build_and_step_on_cpu(name):
     torch.manual_seed(0)
-    model = timm.create_model("lotus_vit_micro", num_classes=3, in_chans=1, img_size=8, patch_size=4, depth=1,
-                              embed_dim=32)
+    model = timm.create_model(
+        "lotus_vit_micro", num_classes=3, in_chans=1, img_size=8, patch_size=4, depth=1, embed_dim=32
+    )
     from lotus.optim import param_groups
 
     # precondition early and often so the few steps below exercise the non-diagonal preconditioners
-    extra = ({"precondition_frequency": 2} if name == "soap" else
-             {"graft_type": "adagrad", "start_preconditioning_step": 2, "preconditioning_compute_steps": 2})
+    extra = (
+        {"precondition_frequency": 2}
+        if name == "soap"
+        else {"graft_type": "adagrad", "start_preconditioning_step": 2, "preconditioning_compute_steps": 2}
+    )
     opt = build(name, param_groups(model, 0.05), _optim_cfg(name=name, extra=extra))
     assert isinstance(opt, optimizer_class(name))
     assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] == 0.05
@@ -115,13 +127,14 @@ def test_quantcheck_reports_float_and_int8_accuracy():
     x = torch.randn(40, 1, 16, 16)
     with torch.no_grad():
         y = model(x).argmax(-1)  # labels the float model gets right: float accuracy is exactly 1
-    loader = [(x[i:i + 20], y[i:i + 20]) for i in (0, 20)]
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in (0, 20)]
     res = quantcheck(model, [x[:20]], loader, QuantConfig(calib_batches=1))
     assert res["float_acc"] == 1.0 and 0.8 <= res["int8_acc"] <= 1.0
     assert res["drop_pp"] == pytest.approx(100 * (1.0 - res["int8_acc"]))
     assert not any(isinstance(m, W8A8Linear) for m in model.modules())  # the float model is untouched
-    res_p = quantcheck(model, [x[:20]], loader, QuantConfig(calib_batches=1, act_observer="percentile",
-                                                              percentile=99.0))
+    res_p = quantcheck(
+        model, [x[:20]], loader, QuantConfig(calib_batches=1, act_observer="percentile", percentile=99.0)
+    )
     assert res_p["act_range_max"] < res["act_range_max"]
     with pytest.raises(ValueError, match="no Linear layers"):
         quantcheck(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3)), [x[:4]], loader)

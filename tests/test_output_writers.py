@@ -1,5 +1,6 @@
 """Every command that writes a user-visible output (select, export, prune, bench, report) holds a lock on it or
 creates it exclusively: two commands on one output never both succeed, and the loser says so in one line."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,18 @@ def _busy(out) -> str:
 
 
 def _select(cfg_yaml, out) -> list[str]:
-    return ["select", "--config", str(cfg_yaml), "--policy", "random", "--fraction", "0.5", "--out", str(out), "--quiet"]
+    return [
+        "select",
+        "--config",
+        str(cfg_yaml),
+        "--policy",
+        "random",
+        "--fraction",
+        "0.5",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def test_select_refuses_an_out_another_process_writes(cfg_yaml, tmp_path, capsys):
@@ -60,8 +72,10 @@ def test_select_refuses_an_out_another_process_writes(cfg_yaml, tmp_path, capsys
 def test_two_selects_at_once_one_wins(cfg_yaml, tmp_path):
     out = tmp_path / "t.npz"
     cmd = [sys.executable, "-m", "lotus", *_select(cfg_yaml, out)]
-    procs = [subprocess.Popen(cmd + ["--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s in (1, 2)]
+    procs = [
+        subprocess.Popen(cmd + ["--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for s in (1, 2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 2], results
     loser = next(err for code, err in results if code == 2).strip()
@@ -73,7 +87,9 @@ def test_export_names_out_when_it_cannot_be_written(weights, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["export", str(weights), "--out", str(afile / "exp")]) == 2
-    assert _error(capsys).startswith(f"error: --out: cannot write {afile / 'exp'}: a part of its path is a file, not a folder")
+    assert _error(capsys).startswith(
+        f"error: --out: cannot write {afile / 'exp'}: a part of its path is a file, not a folder"
+    )
 
 
 def test_export_locks_refuses_symlinks_and_clears_its_own_temps(weights, tmp_path, capsys):

@@ -7,6 +7,7 @@ A tiny auto config that drives every kind of decision in 4 epochs: lotus_vit_mic
 pruning (the ratio from the losses summed over ranks) and structured thinning (a thinned copy calibrated on
 sharded batches), with loose thresholds.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,21 @@ CFG = {
     "data": {"name": "digits", "limit_train": 256, "batch_size": 16, "eval_batch_size": 128},
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
     "train": {"epochs": 4, "warmup_epochs": 0.2, "seed": 0, "threads": 1},
-    "tickets": {"dynamic": {"enabled": True, "ratio": 0.7},
-                "patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}},
+    "tickets": {
+        "dynamic": {"enabled": True, "ratio": 0.7},
+        "patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"},
+    },
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
-    "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "anneal_share": 0.25, "learned_loss": 1.0,
-                                           "keep_stall": 1.0, "patches_must_pay": True}},
+    "lotus": {
+        "schedule": "auto",
+        "auto": {
+            "thin_tolerance": 10.0,
+            "anneal_share": 0.25,
+            "learned_loss": 1.0,
+            "keep_stall": 1.0,
+            "patches_must_pay": True,
+        },
+    },
     "parallel": {"mode": "ddp"},
 }
 
@@ -52,8 +63,23 @@ def run(tmp_path_factory) -> Path:
     cfg.write_text(yaml.safe_dump(CFG))
     out = tmp / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "lotus", "train", "--config", str(cfg), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "lotus",
+        "train",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out

@@ -6,6 +6,7 @@ on the full batches in one process and compares per-step losses and final weight
 save full state dicts (gathered from FSDP shards) that the pytest side loads into a plain model, and
 resume a one-process state at world size 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,17 @@ def make_model() -> torch.nn.Module:
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5,
-                             depth=2, embed_dim=32, num_heads=2, in_chans=3)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        num_classes=5,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        in_chans=3,
+    )
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +59,7 @@ def train_steps(model, opt, xs, ys, rank: int = 0, world: int = 1) -> list[float
     losses = []
     per = BATCH // world
     for x, y in zip(xs, ys):
-        xb, yb = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        xb, yb = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,8 +132,19 @@ def dist_run(tmp_path_factory):
     torch.save({"model": model_sd, "optim": optim_sd}, out / "single_state.pt")
     resumed_ref = train_steps(model, opt, xs, ys)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__, "--worker", str(out), str(out / "plan.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "--worker",
+        str(out),
+        str(out / "plan.json"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "losses.json") as f:
@@ -193,8 +214,13 @@ destroy()
 
 def test_fsdp_on_one_rank_group_matches(dist_run):
     """FSDP2 on a one-process group (what one GPU with cpu_offload uses) trains exactly like plain."""
-    proc = subprocess.run([sys.executable, "-c", _ONE_RANK, os.path.dirname(os.path.abspath(__file__))],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _ONE_RANK, os.path.dirname(os.path.abspath(__file__))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
     assert losses == pytest.approx(dist_run["ref"], rel=1e-5, abs=1e-6)
@@ -205,11 +231,11 @@ def test_gathered_masked_state_folds_to_the_plain_keys():
     must hold what export_state_dict writes for a plain model (masks folded, plain keys)."""
     import torch
     from torch import nn
+    from torch.nn.utils import parametrize
 
     from lotus.checkpoint import export_state_dict
     from lotus.parallel.checkpoint import fold_parametrized_state
     from pruning.masks import WeightMask
-    from torch.nn.utils import parametrize
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))

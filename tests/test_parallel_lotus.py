@@ -6,6 +6,7 @@ configs/digits_lotus.yaml shortened: lotus_vit_micro, 256 samples, 4 epochs, thi
 ramping to 50% from epoch 2.5 to 3.5 (sharded calibration), no augmentation (each rank would draw different
 augmentations than one process). Global batch 32 (16 per rank).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = {
     "base": str(ROOT / "configs" / "digits_lotus.yaml"),
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
-    "data": {"limit_train": 256, "batch_size": 16, "eval_batch_size": 128,
-             "augment": {"random_crop": 0, "rotate": 0, "scale": 0}},
+    "data": {
+        "limit_train": 256,
+        "batch_size": 16,
+        "eval_batch_size": 128,
+        "augment": {"random_crop": 0, "rotate": 0, "scale": 0},
+    },
     "train": {"epochs": 4, "warmup_epochs": 0.5, "threads": 1},
-    "pruning": {"structured": {"at_epoch": 2}, "method": "wanda", "schedule": "gradual", "sparsity": 0.5,
-                "start_epoch": 2.5, "end_epoch": 3.5, "frequency": 2},
+    "pruning": {
+        "structured": {"at_epoch": 2},
+        "method": "wanda",
+        "schedule": "gradual",
+        "sparsity": 0.5,
+        "start_epoch": 2.5,
+        "end_epoch": 3.5,
+        "frequency": 2,
+    },
     "lotus": {"anneal_epochs": 1},
 }
 
@@ -41,8 +53,20 @@ def _free_port() -> int:
 
 def _torchrun(*args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "lotus", "train", *args, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "lotus",
+        "train",
+        *args,
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -77,17 +101,44 @@ def runs(tmp_path_factory):
     cfg = tmp / "lotus.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     out = {"single": tmp / "single", "auto": tmp / "auto", "fsdp": tmp / "fsdp"}
-    assert main(["train", "--config", str(cfg), "--set", "data.batch_size=32", "--out", str(out["single"]),
-                 "--quiet"]) == 0
+    assert (
+        main(["train", "--config", str(cfg), "--set", "data.batch_size=32", "--out", str(out["single"]), "--quiet"])
+        == 0
+    )
     stop = _epochs(out["single"])[2]["step"]  # the optimizer step at the end of epoch 3 (same global batches)
-    _torchrun("--config", str(cfg), "--set", "parallel.mode=auto", "--set", "parallel.memory_budget=1GiB",
-              "--set", f"train.max_steps={stop}", "--out", str(out["auto"]))
+    _torchrun(
+        "--config",
+        str(cfg),
+        "--set",
+        "parallel.mode=auto",
+        "--set",
+        "parallel.memory_budget=1GiB",
+        "--set",
+        f"train.max_steps={stop}",
+        "--out",
+        str(out["auto"]),
+    )
     out["resumed2"], out["resumed1"] = tmp / "resumed2", tmp / "resumed1"
     shutil.copytree(out["auto"], out["resumed2"])
     shutil.copytree(out["auto"], out["resumed1"])
     _torchrun("--resume", str(out["resumed2"]), "--set", "train.max_steps=1000")
-    assert main(["train", "--resume", str(out["resumed1"]), "--set", "train.max_steps=1000", "--set",
-                 "parallel.mode=none", "--set", "data.batch_size=32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(out["resumed1"]),
+                "--set",
+                "train.max_steps=1000",
+                "--set",
+                "parallel.mode=none",
+                "--set",
+                "data.batch_size=32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     _torchrun("--config", str(cfg), "--set", "parallel.mode=fsdp", "--out", str(out["fsdp"]))
     return out
 
@@ -123,8 +174,10 @@ def test_resume_across_world_sizes_after_thinning_equals_uninterrupted(runs):
     for name, world in (("resumed2", 2), ("resumed1", 1)):
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert summary["epochs"] == 4 and summary["world_size"] == world
-        assert summary["pruning"]["widths"] == json.loads((runs["single"] / "summary.json").read_text())[
-            "pruning"]["widths"]
+        assert (
+            summary["pruning"]["widths"]
+            == json.loads((runs["single"] / "summary.json").read_text())["pruning"]["widths"]
+        )
         got = _weights(runs[name])
         assert got.keys() == ref.keys()
         for k in ref:
@@ -165,8 +218,13 @@ def test_config_allows_lotus_features_under_data_parallel():
     from lotus.errors import ConfigError
 
     for mode in ("ddp", "fsdp"):
-        cfg = config_from_dict({"parallel": {"mode": mode}, "tickets": {"dynamic": {"enabled": True}},
-                                "pruning": {"method": "wanda", "sparsity": 0.5, "structured": {"mlp": 0.5}}})
+        cfg = config_from_dict(
+            {
+                "parallel": {"mode": mode},
+                "tickets": {"dynamic": {"enabled": True}},
+                "pruning": {"method": "wanda", "sparsity": 0.5, "structured": {"mlp": 0.5}},
+            }
+        )
         assert cfg.tickets.dynamic.enabled and cfg.pruning.enabled
     with pytest.raises(ConfigError, match="pruning.sparse_kernels: not supported") as e:
         config_from_dict({"parallel": {"mode": "ddp"}, "pruning": {"method": "2:4", "sparse_kernels": True}})
@@ -186,8 +244,16 @@ def test_reduce_sum_of_split_calibration_equals_all_batches(importance):
     from pruning.structured_units import find_blocks
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5,
-                              depth=2, embed_dim=32, num_heads=2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        num_classes=5,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+    )
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(4)]
     if importance == "wanda":

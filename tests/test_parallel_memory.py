@@ -1,5 +1,6 @@
 """Predicted vs measured memory on CPU: the profiler's per-block costs, composed by the planner's cost
 model, match what a real training step of the wrapped model allocates (within 15%)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,16 @@ def make_model():
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
-                             depth=DEPTH, embed_dim=64, num_heads=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        depth=DEPTH,
+        embed_dim=64,
+        num_heads=2,
+    )
 
 
 def apply_choices(model, choices):
@@ -67,7 +76,9 @@ def test_predicted_memory_matches_measured(table, batch, name):
 
 def test_options_order_memory(table):
     """Checkpointing saves memory in the expected order, and the savings are substantial."""
-    acts = {m: evaluate(table, "none", uniform_choices(DEPTH, m)).activation_bytes for m in ("none", "selective", "full")}
+    acts = {
+        m: evaluate(table, "none", uniform_choices(DEPTH, m)).activation_bytes for m in ("none", "selective", "full")
+    }
     assert acts["full"] < 0.25 * acts["none"]
     assert acts["full"] < acts["selective"] < 0.9 * acts["none"]
 

@@ -1,5 +1,6 @@
 """Planner on synthetic cost tables (DP vs brute force, budgets, infeasibility), plan files, config checks,
 the ``lotus plan`` command, and single-process ``parallelize`` (checkpointing keeps gradients exact)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from lotus.parallel.plan import BlockChoice, Plan, read_plan, uniform_choices, w
 from lotus.parallel.planner import PlanInfeasible, brute_force, make_plan, minimum_memory, solve_dp, solve_greedy
 
 
-def synthetic_table(rng: random.Random, n_blocks: int, world: int = 1, offload: bool = False,
-                    integer: bool = True) -> CostTable:
+def synthetic_table(
+    rng: random.Random, n_blocks: int, world: int = 1, offload: bool = False, integer: bool = True
+) -> CostTable:
     """Random but ViT-shaped costs: recomputation trades time for memory; blocks differ."""
     r = (lambda a, b: rng.randint(a, b)) if integer else (lambda a, b: rng.uniform(a, b))
     blocks = []
@@ -32,24 +34,48 @@ def synthetic_table(rng: random.Random, n_blocks: int, world: int = 1, offload: 
         if offload:
             opts["offload"] = OptionCost(fwd + r(1, 4), 2 * fwd + r(1, 4), r(2, 5), act + r(0, 5))
         p = r(8, 20)
-        blocks.append(BlockCost(options=opts, param_bytes=p, grad_bytes=p, output_bytes=r(2, 5),
-                                allgather_s=r(0, 4), reduce_scatter_s=r(0, 4), allreduce_s=r(0, 6)))
-    return CostTable(blocks=blocks, batch_size=8, world_size=world,
-                     pre=StageCost(1, 1, r(2, 5), r(1, 5), r(2, 6), r(2, 6)),
-                     post=StageCost(1, 1, r(2, 5), r(1, 5), r(1, 3), r(1, 3)),
-                     optimizer_state_bytes=r(10, 30), optimizer_step_s=r(1, 3), optimizer_peak_bytes=r(1, 5))
+        blocks.append(
+            BlockCost(
+                options=opts,
+                param_bytes=p,
+                grad_bytes=p,
+                output_bytes=r(2, 5),
+                allgather_s=r(0, 4),
+                reduce_scatter_s=r(0, 4),
+                allreduce_s=r(0, 6),
+            )
+        )
+    return CostTable(
+        blocks=blocks,
+        batch_size=8,
+        world_size=world,
+        pre=StageCost(1, 1, r(2, 5), r(1, 5), r(2, 6), r(2, 6)),
+        post=StageCost(1, 1, r(2, 5), r(1, 5), r(1, 3), r(1, 3)),
+        optimizer_state_bytes=r(10, 30),
+        optimizer_step_s=r(1, 3),
+        optimizer_peak_bytes=r(1, 5),
+    )
 
 
 def _fits(table, mode, choices, budget):
     return evaluate(table, mode, choices).peak_bytes <= budget + 1e-9
 
 
-CASES = [(seed, n, mode, world, offload)
-         for seed, (n, mode, world, offload) in enumerate([
-             (3, "none", 1, False), (4, "none", 1, True), (5, "none", 1, False),
-             (3, "fsdp", 2, False), (4, "fsdp", 4, False), (3, "fsdp", 2, True),
-             (4, "ddp", 2, False), (5, "ddp", 4, False),
-         ])]
+CASES = [
+    (seed, n, mode, world, offload)
+    for seed, (n, mode, world, offload) in enumerate(
+        [
+            (3, "none", 1, False),
+            (4, "none", 1, True),
+            (5, "none", 1, False),
+            (3, "fsdp", 2, False),
+            (4, "fsdp", 4, False),
+            (3, "fsdp", 2, True),
+            (4, "ddp", 2, False),
+            (5, "ddp", 4, False),
+        ]
+    )
+]
 
 
 @pytest.mark.parametrize("seed,n,mode,world,offload", CASES)
@@ -59,8 +85,14 @@ def test_dp_matches_brute_force(seed, n, mode, world, offload):
     lightest = minimum_memory(table, mode, buckets=4096)
     heaviest = evaluate(table, mode, uniform_choices(n, "none", False)).peak_bytes
     checked = 0
-    for budget in sorted({int(lightest) + 1, int((lightest + heaviest) / 2), int(heaviest) + 5,
-                          int(lightest + (heaviest - lightest) / 4)}):
+    for budget in sorted(
+        {
+            int(lightest) + 1,
+            int((lightest + heaviest) / 2),
+            int(heaviest) + 5,
+            int(lightest + (heaviest - lightest) / 4),
+        }
+    ):
         exact = brute_force(table, mode, budget)
         # Integer costs and one byte per bucket: the DP is exact.
         dp = solve_dp(table, mode, budget, buckets=budget)
@@ -122,9 +154,12 @@ def test_plan_prefers_checkpointing_only_where_needed():
 
 def test_infeasible_budget_reports_minimum():
     table = synthetic_table(random.Random(3), 4, world=2)
-    need = min(evaluate(table, "fsdp", list(c)).peak_bytes
-               for c in __import__("itertools").product(
-                   [BlockChoice(m, r) for m in ("none", "selective", "full") for r in (True, False)], repeat=4))
+    need = min(
+        evaluate(table, "fsdp", list(c)).peak_bytes
+        for c in __import__("itertools").product(
+            [BlockChoice(m, r) for m in ("none", "selective", "full") for r in (True, False)], repeat=4
+        )
+    )
     assert minimum_memory(table, "fsdp", buckets=4096) == pytest.approx(need, rel=0.01)
     with pytest.raises(PlanInfeasible) as e:
         make_plan(table, need * 0.9, modes=["fsdp"])
@@ -181,18 +216,21 @@ def test_parse_sizes():
             parse_bytes(bad, "--memory-budget")
 
 
-@pytest.mark.parametrize("section,match", [
-    ({"mode": "auto"}, "parallel.mode: 'auto' needs"),
-    ({"mode": "ddp", "cpu_offload": True}, "parallel.cpu_offload"),
-    ({"mode": "none", "mixed_precision": True}, "parallel.mixed_precision"),
-    ({"mode": "auto", "memory_budget": "lots"}, "parallel.memory_budget: expected a size"),
-    ({"activation_checkpoint": "full", "offload_activations": True}, "parallel.offload_activations"),
-    ({"activation_checkpoint": "full", "blocks": [0, 0]}, "parallel.blocks: duplicate"),
-    ({"blocks": [1]}, "parallel.blocks: only used"),
-    ({"mode": "fsdp", "bandwidth": "fast"}, "parallel.bandwidth"),
-    ({"activation_checkpoint": "sometimes"}, "parallel.activation_checkpoint"),
-    ({"mode": "zero3"}, "parallel.mode"),
-])
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"mode": "auto"}, "parallel.mode: 'auto' needs"),
+        ({"mode": "ddp", "cpu_offload": True}, "parallel.cpu_offload"),
+        ({"mode": "none", "mixed_precision": True}, "parallel.mixed_precision"),
+        ({"mode": "auto", "memory_budget": "lots"}, "parallel.memory_budget: expected a size"),
+        ({"activation_checkpoint": "full", "offload_activations": True}, "parallel.offload_activations"),
+        ({"activation_checkpoint": "full", "blocks": [0, 0]}, "parallel.blocks: duplicate"),
+        ({"blocks": [1]}, "parallel.blocks: only used"),
+        ({"mode": "fsdp", "bandwidth": "fast"}, "parallel.bandwidth"),
+        ({"activation_checkpoint": "sometimes"}, "parallel.activation_checkpoint"),
+        ({"mode": "zero3"}, "parallel.mode"),
+    ],
+)
 def test_config_errors(section, match):
     from lotus.config import config_from_dict
 
@@ -209,19 +247,29 @@ def test_config_default_is_disabled():
     ok = config_from_dict({"parallel": {"mode": "auto", "memory_budget": "2GiB"}})
     assert ok.parallel.budget_bytes == 2 * 2**30
     # A config may carry a plan and a budget and switch modes with --set parallel.mode=...
-    carry = config_from_dict({"parallel": {"mode": "fsdp", "plan": "p.json", "memory_budget": "8GiB",
-                                           "activation_checkpoint": "selective"}})
+    carry = config_from_dict(
+        {"parallel": {"mode": "fsdp", "plan": "p.json", "memory_budget": "8GiB", "activation_checkpoint": "selective"}}
+    )
     assert carry.parallel.plan == "p.json"
 
 
 # ---------------------------------------------------------------------------------- single process
 
+
 def _tiny_vit(depth=3):
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5,
-                             depth=depth, embed_dim=32, num_heads=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        num_classes=5,
+        depth=depth,
+        embed_dim=32,
+        num_heads=2,
+    )
 
 
 def _grads(model, x, y):
@@ -230,11 +278,14 @@ def _grads(model, x, y):
     return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kw", [
-    {"activation_checkpoint": "full"},
-    {"activation_checkpoint": "selective", "blocks": [0, 2]},
-    {"offload_activations": True},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"activation_checkpoint": "full"},
+        {"activation_checkpoint": "selective", "blocks": [0, 2]},
+        {"offload_activations": True},
+    ],
+)
 def test_parallelize_one_process_keeps_gradients(kw):
     from lotus.parallel import DistInfo, parallelize
     from lotus.parallel.strategies import apply_offload
@@ -270,8 +321,7 @@ def test_parallelize_rejects_mode_none_on_several_ranks_and_bad_blocks():
 def test_parallelize_applies_plan_file(tmp_path):
     from lotus.parallel import DistInfo, get_plan, parallelize
 
-    plan = Plan(mode="none", world_size=1, blocks=[BlockChoice("full"), BlockChoice("none"),
-                                                   BlockChoice("selective")])
+    plan = Plan(mode="none", world_size=1, blocks=[BlockChoice("full"), BlockChoice("none"), BlockChoice("selective")])
     write_plan(plan, tmp_path / "p.json")
     model = parallelize(_tiny_vit(), ParallelConfig(mode="auto", plan=str(tmp_path / "p.json")), DistInfo())
     assert [type(b).__name__ for b in model.blocks] == ["CheckpointWrapper", "Block", "CheckpointWrapper"]
@@ -281,6 +331,7 @@ def test_parallelize_applies_plan_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- CLI
+
 
 def _cli(args, capsys):
     from lotus.cli import main
@@ -294,8 +345,19 @@ def test_plan_command_from_saved_profile(tmp_path, capsys):
     table = synthetic_table(random.Random(2), 4, world=2, integer=False)
     (tmp_path / "prof.json").write_text(json.dumps(table.to_dict()))
     need = minimum_memory(table, "fsdp")
-    rc, out, err = _cli(["--profile", str(tmp_path / "prof.json"), "--memory-budget", f"{int(need * 1.2)}",
-                         "--mode", "fsdp", "--out", str(tmp_path / "plan.json")], capsys)
+    rc, out, err = _cli(
+        [
+            "--profile",
+            str(tmp_path / "prof.json"),
+            "--memory-budget",
+            f"{int(need * 1.2)}",
+            "--mode",
+            "fsdp",
+            "--out",
+            str(tmp_path / "plan.json"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert "| block | memory option |" in out and "checkpoint every block" in out
     plan = read_plan(tmp_path / "plan.json", num_blocks=4)
@@ -311,11 +373,27 @@ def test_plan_command_from_saved_profile(tmp_path, capsys):
 def test_plan_command_profiles_config(tmp_path, capsys):
     import yaml
 
-    cfg = {"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
-           "data": {"name": "digits", "batch_size": 8}, "parallel": {"profile_repeats": 1}}
+    cfg = {
+        "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
+        "data": {"name": "digits", "batch_size": 8},
+        "parallel": {"profile_repeats": 1},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    rc, out, err = _cli(["--config", str(tmp_path / "c.yaml"), "--memory-budget", "1GiB", "--device", "cpu",
-                         "--out", str(tmp_path / "p.json"), "--save-profile", str(tmp_path / "prof.json")], capsys)
+    rc, out, err = _cli(
+        [
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--memory-budget",
+            "1GiB",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "p.json"),
+            "--save-profile",
+            str(tmp_path / "prof.json"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     plan = read_plan(tmp_path / "p.json")
     assert plan.mode == "none" and all(c.memory == "none" for c in plan.blocks)  # 1 GiB: no checkpointing needed

@@ -1,5 +1,6 @@
 """``parallel.mode: auto``: a resumed run keeps the per-block plan it was saved under (solving again would
 time the blocks afresh and could choose another plan), unless the world size, batch size or budget changed."""
+
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,7 @@
 """End to end: ``torchrun --nproc_per_node 2 -m lotus train`` on CPU/gloo with FSDP2 + activation
 checkpointing, then resuming the 2-rank run in one process (another world size). DDP/FSDP numerics are
 covered in test_parallel_dist.py."""
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,26 @@ def test_torchrun_fsdp_train_then_resume_in_one_process(tmp_path):
     cfg_path.write_text(yaml.safe_dump(CFG))
     run_dir = tmp_path / f"run_{mode}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "lotus", "train", "--config", str(cfg_path), "--set", f"parallel.mode={mode}", *extra,
-           "--out", str(run_dir), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "lotus",
+        "train",
+        "--config",
+        str(cfg_path),
+        "--set",
+        f"parallel.mode={mode}",
+        *extra,
+        "--out",
+        str(run_dir),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -53,8 +71,20 @@ def test_torchrun_fsdp_train_then_resume_in_one_process(tmp_path):
     plain = timm.create_model("lotus_vit_micro", num_classes=10, in_chans=1, img_size=16, patch_size=4)
     load_weights(plain, str(run_dir / "last.safetensors"))
     # Resume the 2-rank run in this process (world size 1) for one more epoch.
-    rc = main(["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--set", "parallel.mode=none",
-               "--set", "parallel.activation_checkpoint=none", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--resume",
+            str(run_dir),
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "parallel.mode=none",
+            "--set",
+            "parallel.activation_checkpoint=none",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["epochs"] == 2 and resumed["world_size"] == 1

@@ -1,4 +1,5 @@
 """Prune, then recover: `lotus prune --finetune-epochs N [--distill]` and the `distill:` feature."""
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,24 @@ def test_structured_prune_then_finetune_recovers_accuracy(trained, distill):
 
     tmp, cfg, ckpt = trained
     out = tmp / f"thin-distill{int(distill)}"
-    argv = ["prune", "--config", cfg, "--checkpoint", ckpt, "--method", "structured", "--heads", "0.5", "--mlp", "0.5",
-            "--finetune-epochs", "2", "--out", str(out), *FAST] + (["--distill"] if distill else [])
+    argv = [
+        "prune",
+        "--config",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--method",
+        "structured",
+        "--heads",
+        "0.5",
+        "--mlp",
+        "0.5",
+        "--finetune-epochs",
+        "2",
+        "--out",
+        str(out),
+        *FAST,
+    ] + (["--distill"] if distill else [])
     assert main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
     acc = rep["accuracy"]
@@ -77,18 +94,39 @@ def test_structured_prune_then_finetune_recovers_accuracy(trained, distill):
     assert all(w == {"heads": 1, "mlp": 64} for w in get_widths(model).values())
     pruned = load_file(out / "pruned.safetensors")
     tuned = load_file(path)
-    assert pruned.keys() == tuned.keys() and not torch.equal(pruned["blocks.0.mlp.fc1.weight"],
-                                                             tuned["blocks.0.mlp.fc1.weight"])
+    assert pruned.keys() == tuned.keys() and not torch.equal(
+        pruned["blocks.0.mlp.fc1.weight"], tuned["blocks.0.mlp.fc1.weight"]
+    )
     assert torch.isfinite(model(torch.randn(2, 1, 16, 16))).all()
 
 
-@pytest.mark.parametrize("method", [["magnitude", "--sparsity", "0.6"], ["wanda", "--sparsity", "0.5"],
-                                    ["2:4", "--score", "wanda"]])
+@pytest.mark.parametrize(
+    "method", [["magnitude", "--sparsity", "0.6"], ["wanda", "--sparsity", "0.5"], ["2:4", "--score", "wanda"]]
+)
 def test_masks_stay_exactly_the_pruned_ones_while_finetuning(trained, method):
     tmp, cfg, ckpt = trained
     out = tmp / f"mask-{method[0].replace(':', '')}"
-    assert main(["prune", "--config", cfg, "--checkpoint", ckpt, "--method", *method, "--finetune-epochs", "1",
-                 "--set", "data.limit_train=256", "--out", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                cfg,
+                "--checkpoint",
+                ckpt,
+                "--method",
+                *method,
+                "--finetune-epochs",
+                "1",
+                "--set",
+                "data.limit_train=256",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert rep["recovery"]["masks_checked"] and rep["recovery"]["sparsity"] == pytest.approx(rep["total"]["sparsity"])
     pruned, tuned = load_file(out / "pruned.safetensors"), load_file(out / "model.safetensors")
@@ -134,11 +172,33 @@ def test_recovery_flag_errors_are_one_line(trained, capsys):
     ]
     for extra, needle in cases:
         assert needle in _err(capsys, base + extra), extra
-    no_data = ["prune", "--checkpoint", ckpt, "--method", "structured", "--mlp", "0.5", "--finetune-epochs", "1",
-               "--out", out]
+    no_data = [
+        "prune",
+        "--checkpoint",
+        ckpt,
+        "--method",
+        "structured",
+        "--mlp",
+        "0.5",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        out,
+    ]
     assert "--finetune-epochs: fine-tuning needs training data" in _err(capsys, no_data)
-    sweep = ["prune", "--config", cfg, "--checkpoint", ckpt, "--sweep", "magnitude", "--finetune-epochs", "1",
-             "--out", out]
+    sweep = [
+        "prune",
+        "--config",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--sweep",
+        "magnitude",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        out,
+    ]
     assert "not with --sweep" in _err(capsys, sweep)
 
 
@@ -181,13 +241,16 @@ def test_distill_targets_mix_teacher_softmax_and_labels():
     assert torch.allclose(smooth, onehot * 0.9 + 0.1 / 5) and torch.allclose(smooth.sum(-1), torch.ones(6))
 
 
-@pytest.mark.parametrize("section, needle", [
-    ({"alpha": 1.5}, "distill.alpha: expected float >= 0.0 and <= 1.0"),
-    ({"alpha": -0.1}, "distill.alpha"),
-    ({"enabled": True}, "distill.teacher: required when distill.enabled is true"),
-    ({"enabled": True, "teacher": "teacher.pt"}, "distill.teacher: expected a .safetensors file"),
-    ({"temperature": 2.0}, "distill.temperature: unknown key"),
-])
+@pytest.mark.parametrize(
+    "section, needle",
+    [
+        ({"alpha": 1.5}, "distill.alpha: expected float >= 0.0 and <= 1.0"),
+        ({"alpha": -0.1}, "distill.alpha"),
+        ({"enabled": True}, "distill.teacher: required when distill.enabled is true"),
+        ({"enabled": True, "teacher": "teacher.pt"}, "distill.teacher: expected a .safetensors file"),
+        ({"temperature": 2.0}, "distill.temperature: unknown key"),
+    ],
+)
 def test_bad_distill_config_names_the_key(tiny_cfg_dict, section, needle):
     from lotus.config import config_from_dict
     from lotus.errors import ConfigError
@@ -210,6 +273,20 @@ def test_teacher_of_other_classes_or_without_model_record_is_an_error(tmp_path, 
     bare = tmp_path / "bare.safetensors"
     save_weights(five, bare, {})
     for teacher, needle in ((path, "predicts 5 classes, the data has 10"), (bare, "records no model")):
-        err = _err(capsys, ["train", "--config", str(tiny_yaml), "--out", str(tmp_path / "run"), "--force", "--quiet",
-                            "--set", "distill.enabled=true", "--set", f"distill.teacher={teacher}"])
+        err = _err(
+            capsys,
+            [
+                "train",
+                "--config",
+                str(tiny_yaml),
+                "--out",
+                str(tmp_path / "run"),
+                "--force",
+                "--quiet",
+                "--set",
+                "distill.enabled=true",
+                "--set",
+                f"distill.teacher={teacher}",
+            ],
+        )
         assert err.startswith("error: distill.teacher:") and needle in err, err

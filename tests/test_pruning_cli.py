@@ -1,4 +1,5 @@
 """`lotus prune`: error paths (one line, exit 2) and small end-to-end runs on a micro ViT with digits data."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def setup(tmp_path):
     from lotus.checkpoint import save_weights
 
     cfg = tmp_path / "micro.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
-                                   "data": {"name": "digits", "batch_size": 32}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4},
+                "data": {"name": "digits", "batch_size": 32},
+            }
+        )
+    )
     torch.manual_seed(0)
     model = timm.create_model("lotus_vit_micro", img_size=16, patch_size=4, num_classes=10, in_chans=1)
     ckpt = tmp_path / "micro.safetensors"
@@ -64,22 +71,57 @@ def test_error_paths(setup, capsys):
         assert needle in _err(capsys, argv + ["--out", out]), argv
     bad = tmp / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    assert "not a readable" in _err(capsys, ["--config", cfg, "--checkpoint", str(bad), "--method", "magnitude",
-                                             "--out", out])
+    assert "not a readable" in _err(
+        capsys, ["--config", cfg, "--checkpoint", str(bad), "--method", "magnitude", "--out", out]
+    )
     afile = tmp / "afile"
     afile.write_text("x")
     assert "not a folder" in _err(capsys, ["--config", cfg, "--method", "magnitude", "--out", str(afile)])
     # a checkpoint of another architecture is a one-line error too
-    assert "does not fit" in _err(capsys, ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--checkpoint",
-                                          ckpt, "--method", "magnitude", "--out", out])
+    assert "does not fit" in _err(
+        capsys,
+        [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "16",
+            "--checkpoint",
+            ckpt,
+            "--method",
+            "magnitude",
+            "--out",
+            out,
+        ],
+    )
 
 
 def test_structured_prune_writes_weights_report_and_reloads(setup, capsys):
     tmp, cfg, ckpt = setup
     out = tmp / "thin"
-    argv = ["--config", cfg, "--checkpoint", ckpt, "--method", "structured", "--heads", "0.5", "--mlp", "0.5",
-            "--importance", "taylor", "--out", str(out), "--batch-size", "4", "--latency-iters", "2",
-            "--max-eval", "64", "--calib-batches", "1"]
+    argv = [
+        "--config",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--method",
+        "structured",
+        "--heads",
+        "0.5",
+        "--mlp",
+        "0.5",
+        "--importance",
+        "taylor",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--latency-iters",
+        "2",
+        "--max-eval",
+        "64",
+        "--calib-batches",
+        "1",
+    ]
     assert main(["prune", *argv]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["params_after"] < rep["params_before"]
@@ -97,8 +139,25 @@ def test_structured_prune_writes_weights_report_and_reloads(setup, capsys):
     assert "--force" in capsys.readouterr().err
     # the thinned file reloads (lotus rebuilds the widths) and prunes further
     out2 = tmp / "thin_then_magnitude"
-    assert main(["prune", "--config", cfg, "--checkpoint", str(out / "model.safetensors"), "--method", "magnitude",
-                 "--sparsity", "0.5", "--out", str(out2), *FAST]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                cfg,
+                "--checkpoint",
+                str(out / "model.safetensors"),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(out2),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     rep2 = json.loads((out2 / "report.json").read_text())
     assert rep2["before"]["params"] == rep["params_after"]
     assert rep2["total"]["sparsity"] == pytest.approx(0.5)
@@ -108,8 +167,27 @@ def test_structured_prune_writes_weights_report_and_reloads(setup, capsys):
 def test_two_four_on_cpu_and_sweep(setup, capsys):
     tmp, cfg, ckpt = setup
     out = tmp / "nm"
-    assert main(["prune", "--config", cfg, "--checkpoint", ckpt, "--method", "2:4", "--score", "wanda",
-                 "--out", str(out), *FAST, "--latency-iters", "2"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                cfg,
+                "--checkpoint",
+                ckpt,
+                "--method",
+                "2:4",
+                "--score",
+                "wanda",
+                "--out",
+                str(out),
+                *FAST,
+                "--latency-iters",
+                "2",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert "no 2:4 kernels on CPU, masked dense used" in rep["notes"]
     # timed, but masks on dense kernels never claim a speed-up
@@ -125,8 +203,26 @@ def test_two_four_on_cpu_and_sweep(setup, capsys):
     w = load_file(out / "model.safetensors")
     assert is_nm_sparse(w["blocks.1.mlp.fc2.weight"], 2, 4) and not (w["head.weight"] == 0).any()
     sweep = tmp / "sweep"
-    assert main(["prune", "--config", cfg, "--checkpoint", ckpt, "--sweep", "magnitude", "--sweep-step", "0.45",
-                 "--max-eval", "64", "--out", str(sweep)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                cfg,
+                "--checkpoint",
+                ckpt,
+                "--sweep",
+                "magnitude",
+                "--sweep-step",
+                "0.45",
+                "--max-eval",
+                "64",
+                "--out",
+                str(sweep),
+            ]
+        )
+        == 0
+    )
     res = json.loads((sweep / "sweep.json").read_text())
     assert [p["sparsity"] for p in res["points"]] == [0.0, 0.45, 0.9]
     assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
 """Config validation: one-line ValueErrors that start with the bare field name (callers prefix their key path)."""
+
 from __future__ import annotations
 
 import pytest

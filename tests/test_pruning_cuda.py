@@ -1,4 +1,5 @@
 """2:4 semi-structured kernels on CUDA (skipped without a sm_80+ GPU; the CPU path is in test_pruning_nm.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,11 @@ from pruning import SemiStructuredConfig, prune_
 from pruning.mask_scores import is_nm_sparse
 from pruning.masks import enforce_masks_, get_mask, masked_modules
 from pruning.semi_structured import (
-    SemiSparseLinear, check_legality, enable_sparse_training_, probe_shape, semi_structured_available,
+    SemiSparseLinear,
+    check_legality,
+    enable_sparse_training_,
+    probe_shape,
+    semi_structured_available,
     to_semi_structured_,
 )
 

@@ -1,4 +1,5 @@
 """Unstructured masks (magnitude layer/global, Wanda) as parametrizations, filters, reports, permanence."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,15 +12,22 @@ import pruning
 from pruning import MagnitudeConfig, WandaConfig, prune_
 from pruning.mask_scores import collect_input_norms
 from pruning.masks import (
-    effective_weight, enforce_masks_, get_mask, load_masks, make_filter, masked_modules, masks_state,
+    effective_weight,
+    enforce_masks_,
+    get_mask,
+    load_masks,
+    make_filter,
+    masked_modules,
+    masks_state,
 )
 from pruning.report import format_report
 
 
 def vit(depth: int = 2, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=depth,
-                             num_classes=10, **kw).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=depth, num_classes=10, **kw
+    ).eval()
 
 
 def calib(n: int = 2, bs: int = 4, size: int = 32, kind: str = "tensor"):

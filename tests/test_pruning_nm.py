@@ -1,4 +1,5 @@
 """N:M masks (magnitude / Wanda scored), the CPU 2:4 path, and the sparse-training module on CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,14 +12,19 @@ from pruning import SemiStructuredConfig, prune_
 from pruning.mask_scores import is_nm_sparse, nm_mask
 from pruning.masks import enforce_masks_, get_mask, is_masked, masked_modules
 from pruning.semi_structured import (
-    CPU_NOTE, SemiSparseLinear, check_legality, disable_sparse_training_, enable_sparse_training_,
+    CPU_NOTE,
+    SemiSparseLinear,
+    check_legality,
+    disable_sparse_training_,
+    enable_sparse_training_,
 )
 
 
 def vit(depth: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=depth,
-                             num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=depth, num_classes=10
+    ).eval()
 
 
 def test_two_four_keeps_top_two_of_every_group_of_four():

@@ -1,4 +1,5 @@
 """Zhu & Gupta cubic schedule values, one-shot schedule, and GradualPruner in a plain training loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ def test_cubic_values():
     assert s.sparsity_at(0) == 0.0 and s.sparsity_at(9) == 0.0
     assert s.sparsity_at(10) == pytest.approx(0.0)
     # formula: s_f + (s_i - s_f) * (1 - (t - t0) / (n dt))^3
-    assert s.sparsity_at(60) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert s.sparsity_at(60) == pytest.approx(0.8 * (1 - 0.5**3))
     assert s.sparsity_at(35) == pytest.approx(0.8 * (1 - (1 - 20 / 100) ** 3))  # held at the last update (30)
     assert s.sparsity_at(110) == pytest.approx(0.8) and s.sparsity_at(10_000) == pytest.approx(0.8)
     vals = [s.sparsity_at(t) for t in range(0, 130)]
@@ -31,7 +32,7 @@ def test_cubic_values():
     t = GradualSchedule(0.5, start_step=0, end_step=25, frequency=10)
     assert t.update_steps() == [0, 10, 20, 25] and t.sparsity_at(25) == pytest.approx(0.5)
     assert t.sparsity_at(24) < 0.5
-    assert cubic_sparsity(5, 0.9, 0, 10, 1, initial_sparsity=0.1) == pytest.approx(0.9 - 0.8 * 0.5 ** 3)
+    assert cubic_sparsity(5, 0.9, 0, 10, 1, initial_sparsity=0.1) == pytest.approx(0.9 - 0.8 * 0.5**3)
 
 
 def test_schedule_validation_and_one_shot():
@@ -92,8 +93,13 @@ def test_gradual_pruner_reaches_target_monotonically_and_resumes():
     # "resume": a fresh model + pruner restored from state continues to the same final masks
     state = pruner.state_dict()
     clone = _model()
-    clone.load_state_dict({k.replace("parametrizations.weight.original", "weight"): v
-                           for k, v in model.state_dict().items() if ".0.mask" not in k})
+    clone.load_state_dict(
+        {
+            k.replace("parametrizations.weight.original", "weight"): v
+            for k, v in model.state_dict().items()
+            if ".0.mask" not in k
+        }
+    )
     pruner2 = GradualPruner(clone, sched, MagnitudeConfig(scope="global"), filter_fn=keep)
     pruner2.load_state_dict(state)
     assert pruner2.current == pruner.current
@@ -110,7 +116,7 @@ def test_gradual_pruner_catches_up_after_skipping_updates_and_wanda_needs_data()
     model = _model()
     pruner = GradualPruner(model, GradualSchedule(0.5, 0, 10, 2))
     rep = pruner.step(7)  # e.g. resumed at step 7 without state: jumps straight to the step-6 target
-    assert rep is not None and pruner.current == pytest.approx(0.5 * (1 - 0.4 ** 3))
+    assert rep is not None and pruner.current == pytest.approx(0.5 * (1 - 0.4**3))
     with pytest.raises(ValueError, match="calib_loader"):
         GradualPruner(model, GradualSchedule(0.5, 0, 10, 2), WandaConfig())
     loader = [torch.randn(8, 8)]
@@ -133,9 +139,14 @@ def test_float_epoch_clock():
     assert len(tenth.update_steps()) == 11 and tenth.is_update_step(0.3)
     o = OneShotSchedule(0.6, step=2.5)
     assert o.sparsity_at(2.4) == 0.0 and o.sparsity_at(2.5) == 0.6 and o.update_steps() == [2.5]
-    for bad, field in ((dict(start_step=-0.5), "start_step"), (dict(start_step=float("nan")), "start_step"),
-                       (dict(start_step=2.0, end_step=1.5), "end_step"), (dict(frequency=0.0), "frequency"),
-                       (dict(frequency="1"), "frequency"), (dict(end_step=True), "end_step")):
+    for bad, field in (
+        (dict(start_step=-0.5), "start_step"),
+        (dict(start_step=float("nan")), "start_step"),
+        (dict(start_step=2.0, end_step=1.5), "end_step"),
+        (dict(frequency=0.0), "frequency"),
+        (dict(frequency="1"), "frequency"),
+        (dict(end_step=True), "end_step"),
+    ):
         with pytest.raises(ValueError, match=rf"^{field}: "):
             GradualSchedule(0.5, **bad)
     with pytest.raises(ValueError, match="^step: "):
@@ -186,8 +197,13 @@ def test_calib_loader_factory_is_lazy():
     assert len(wanda.history) == 3 and len(calls) == 3 and wanda.current == pytest.approx(0.5)
     # N:M scored by Wanda needs data too, and takes the same factory
     nm_calls = len(calls)
-    nm = GradualPruner(nn.Sequential(nn.Linear(8, 8)), OneShotSchedule(0.5, step=1.5),
-                       SemiStructuredConfig(score="wanda"), filter_fn=lambda m, f: f == "0", calib_loader=factory)
+    nm = GradualPruner(
+        nn.Sequential(nn.Linear(8, 8)),
+        OneShotSchedule(0.5, step=1.5),
+        SemiStructuredConfig(score="wanda"),
+        filter_fn=lambda m, f: f == "0",
+        calib_loader=factory,
+    )
     assert nm.step(1.0) is None and len(calls) == nm_calls
     assert nm.step(1.5) is not None and len(calls) == nm_calls + 1
     with pytest.raises(ValueError, match="^calib_loader: "):

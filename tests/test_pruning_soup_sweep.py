@@ -1,4 +1,5 @@
 """Instant Soup Pruning (mask merging, weak copies) and the essential-sparsity sweep (knee, JSON, PNG)."""
+
 from __future__ import annotations
 
 import json
@@ -87,11 +88,11 @@ def test_soup_validation():
 
 
 def test_find_knee_uses_first_drop():
-    pts = [{"sparsity": s, "metric": m} for s, m in [(0, .90), (.2, .905), (.4, .895), (.6, .85), (.8, .891)]]
+    pts = [{"sparsity": s, "metric": m} for s, m in [(0, 0.90), (0.2, 0.905), (0.4, 0.895), (0.6, 0.85), (0.8, 0.891)]]
     k = find_knee(pts, dense=0.90, tolerance=0.01)
     assert k["knee"] == 0.4 and k["largest_within_tolerance"] == 0.8
     assert find_knee(pts, dense=0.90, tolerance=0.0)["knee"] == 0.2
-    lower = [{"sparsity": 0, "metric": 1.0}, {"sparsity": .5, "metric": 1.05}, {"sparsity": .7, "metric": 1.3}]
+    lower = [{"sparsity": 0, "metric": 1.0}, {"sparsity": 0.5, "metric": 1.05}, {"sparsity": 0.7, "metric": 1.3}]
     assert find_knee(lower, 1.0, 0.1, higher_is_better=False)["knee"] == 0.5
     assert sparsity_grid(0.3, 0.9) == [0.0, 0.3, 0.6, 0.9]
     with pytest.raises(ValueError, match="step"):

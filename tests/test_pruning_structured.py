@@ -1,4 +1,5 @@
 """Structured thinning: outputs equal the masked-dense model, params drop, save/reload, training, errors."""
+
 import copy
 import json
 
@@ -21,16 +22,25 @@ torch.set_num_threads(1)
 
 
 def tiny_vit(**kw) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=10,
-                qkv_bias=True)
+    args = dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=10, qkv_bias=True
+    )
     args.update(kw)
     torch.manual_seed(0)
     return VisionTransformer(**args).eval()
 
 
 def tiny_eva(**kw) -> Eva:
-    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
-                use_rot_pos_emb=True, ref_feat_shape=(4, 4))
+    args = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+    )
     args.update(kw)
     torch.manual_seed(0)
     model = Eva(**args).eval()
@@ -83,14 +93,19 @@ X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("importance,scope", [("magnitude", "layer"), ("activation", "global"),
-                                              ("taylor", "layer"), ("taylor", "global")])
+
+@pytest.mark.parametrize(
+    "importance,scope", [("magnitude", "layer"), ("activation", "global"), ("taylor", "layer"), ("taylor", "global")]
+)
 @pytest.mark.parametrize("fused", [True, False])
 def test_vit_equals_masked_dense(importance, scope, fused):
     model = tiny_vit(qk_norm=True, reg_tokens=2)
     original = copy.deepcopy(model)
-    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5, importance=importance, scope=scope),
-                              calib_loader=calib(index=importance == "taylor"))
+    report = prune_structured(
+        model,
+        StructuredConfig(heads=0.5, mlp=0.5, importance=importance, scope=scope),
+        calib_loader=calib(index=importance == "taylor"),
+    )
     ref = masked_reference(original, report)
     set_fused(model, fused)
     set_fused(ref, fused)
@@ -155,17 +170,19 @@ def test_importance_ranks_dead_groups_lowest():
     assert not torch.allclose(act_a["blocks.0"], act_b["blocks.0"])
 
 
-@pytest.mark.parametrize("kw", [
-    dict(qkv_fused=True),                                        # fused qkv + q/v bias (k bias buffer)
-    dict(qkv_fused=False, swiglu_mlp=True),                      # separate q/k/v, GluMlp (packed SwiGLU)
-    dict(attn_type="rope", swiglu_mlp=True, swiglu_align_to=8),  # AttentionRope, SwiGLU
-    dict(attn_type="rope", qkv_fused=False, qk_norm=True),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(qkv_fused=True),  # fused qkv + q/v bias (k bias buffer)
+        dict(qkv_fused=False, swiglu_mlp=True),  # separate q/k/v, GluMlp (packed SwiGLU)
+        dict(attn_type="rope", swiglu_mlp=True, swiglu_align_to=8),  # AttentionRope, SwiGLU
+        dict(attn_type="rope", qkv_fused=False, qk_norm=True),
+    ],
+)
 def test_eva_equals_masked_dense_and_reloads(kw, tmp_path):
     model = tiny_eva(**kw)
     original = copy.deepcopy(model)
-    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5, importance="taylor"),
-                              calib_loader=calib())
+    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5, importance="taylor"), calib_loader=calib())
     if kw.get("attn_type") != "rope":
         assert all(type(b.attn) is ThinnedEvaAttention for b in model.blocks)
     ref = masked_reference(original, report)
@@ -190,11 +207,15 @@ def test_inner_norms_are_sliced():
 
 def test_safetensors_round_trip(tmp_path):
     model = tiny_vit(qk_norm=True)
-    prune_structured(model, StructuredConfig(heads=0.25, mlp=0.5, importance="activation", scope="global",
-                                             round_to=8), calib_loader=calib(labels=False))
+    prune_structured(
+        model,
+        StructuredConfig(heads=0.25, mlp=0.5, importance="activation", scope="global", round_to=8),
+        calib_loader=calib(labels=False),
+    )
     path = tmp_path / "thin.safetensors"
     save_file(model.state_dict(), str(path), metadata={"lotus_widths": json.dumps(get_widths(model))})
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         widths = f.metadata()["lotus_widths"]
     fresh = tiny_vit(qk_norm=True)
@@ -219,8 +240,7 @@ def test_train_mode_gradients_flow_and_optimizer_state_is_sliced():
         opt.zero_grad()
     names = optimizer_param_names(opt, model)
     old_state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
-    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5, importance="taylor"),
-                              calib_loader=calib())
+    report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5, importance="taylor"), calib_loader=calib())
     assert model.training and all(m.training for m in model.modules())  # modes kept after calibration
     new_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     new_opt.load_state_dict(slice_optimizer_state(opt, report["kept_indices"], names))
@@ -228,8 +248,9 @@ def test_train_mode_gradients_flow_and_optimizer_state_is_sliced():
     qkv = "blocks.0.attn.qkv.weight"
     info = report["kept_indices"][qkv]
     assert info["dim"] == 0 and info["old_shape"] == [192, 64] and info["new_shape"] == [96, 64]
-    torch.testing.assert_close(new_opt.state[params[qkv]]["exp_avg"],
-                               old_state[qkv]["exp_avg"][torch.tensor(info["index"])])
+    torch.testing.assert_close(
+        new_opt.state[params[qkv]]["exp_avg"], old_state[qkv]["exp_avg"][torch.tensor(info["index"])]
+    )
     fc2 = "blocks.1.mlp.fc2.weight"
     idx = torch.tensor(report["kept_indices"][fc2]["index"])
     torch.testing.assert_close(new_opt.state[params[fc2]]["exp_avg_sq"], old_state[fc2]["exp_avg_sq"][:, idx])
@@ -249,8 +270,9 @@ def test_slice_optimizer_state_errors():
     opt.step()
     names = optimizer_param_names(opt, model)
     report = prune_structured(model, StructuredConfig(mlp=0.5))
-    assert set(report["kept_indices"]) == {f"blocks.{i}.mlp.{n}" for i in range(2)
-                                           for n in ("fc1.weight", "fc1.bias", "fc2.weight")}
+    assert set(report["kept_indices"]) == {
+        f"blocks.{i}.mlp.{n}" for i in range(2) for n in ("fc1.weight", "fc1.bias", "fc2.weight")
+    }
     assert [w["heads"] for w in report["widths"].values()] == [4, 4]  # heads untouched
     with pytest.raises(ValueError, match="names"):
         slice_optimizer_state(opt, report["kept_indices"], names[:-1])
@@ -266,8 +288,14 @@ def test_config_validation():
         StructuredConfig(heads=1.0)
     with pytest.raises(ValueError, match=r"^mlp: expected a fraction in \[0, 1\), got -0.1$"):
         StructuredConfig(mlp=-0.1)
-    for bad in (dict(heads=True), dict(heads="0.5"), dict(importance="l1"), dict(scope="block"),
-                dict(round_to=0), dict(min_heads=1.5)):
+    for bad in (
+        dict(heads=True),
+        dict(heads="0.5"),
+        dict(importance="l1"),
+        dict(scope="block"),
+        dict(round_to=0),
+        dict(min_heads=1.5),
+    ):
         field = next(iter(bad))
         with pytest.raises(ValueError, match=rf"^{field}: ") as err:  # bare field name: callers prefix their path
             StructuredConfig(**bad)
@@ -289,9 +317,13 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="no batches"):
         prune_structured(model, StructuredConfig(mlp=0.5, importance="activation"), calib_loader=[])
     assert get_widths(model) == {"blocks.0": {"heads": 2, "mlp": 256}, "blocks.1": {"heads": 2, "mlp": 256}}
-    for widths, msg in [({"blocks.9": {"heads": 1}}, "unknown block"), ({"blocks.0": {"attn": 1}}, "unknown key"),
-                        ({"blocks.0": {"mlp": 512}}, r"expected an int in \[1, 256\]"), ("{", "not valid JSON"),
-                        ([1], "expected a dict")]:
+    for widths, msg in [
+        ({"blocks.9": {"heads": 1}}, "unknown block"),
+        ({"blocks.0": {"attn": 1}}, "unknown key"),
+        ({"blocks.0": {"mlp": 512}}, r"expected an int in \[1, 256\]"),
+        ("{", "not valid JSON"),
+        ([1], "expected a dict"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             apply_widths(model, widths)
     assert get_widths(model)["blocks.0"] == {"heads": 2, "mlp": 256}  # nothing changed by failed calls
@@ -356,8 +388,19 @@ def test_kronecker_factored_optimizer_state_is_restricted_to_the_kept_coordinate
     names = optimizer_param_names(opt, model)
     params = dict(model.named_parameters())
     old = {n: opt.state[p] for n, p in params.items()}
-    old = {n: {k: ([t.clone() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list)
-                   else v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for n, st in old.items()}
+    old = {
+        n: {
+            k: (
+                [t.clone() if isinstance(t, torch.Tensor) else t for t in v]
+                if isinstance(v, list)
+                else v.clone()
+                if isinstance(v, torch.Tensor)
+                else v
+            )
+            for k, v in st.items()
+        }
+        for n, st in old.items()
+    }
     report = prune_structured(model, StructuredConfig(heads=0.5, mlp=0.5), calib_loader=calib())
     new_opt = make(model.parameters(), lr=1e-3)
     new_opt.load_state_dict(slice_optimizer_state(opt, report["kept_indices"], names))

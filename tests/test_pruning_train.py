@@ -1,4 +1,5 @@
 """The ``pruning:`` config section in the training loop: gradual masks, structured thinning, resume."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
 from lotus.training import Trainer
-
 
 
 def _cfg(tiny_cfg_dict, pruning_section, **train):
@@ -25,8 +25,15 @@ def _events(run_dir, name):
     return [r for r in recs if r.get("event") == name]
 
 
-GRADUAL = {"method": "magnitude", "sparsity": 0.75, "schedule": "gradual", "start_epoch": 0.0, "end_epoch": 2.0,
-           "frequency": 2, "structured": {"heads": 0.5, "mlp": 0.5, "at_epoch": 0.0}}
+GRADUAL = {
+    "method": "magnitude",
+    "sparsity": 0.75,
+    "schedule": "gradual",
+    "start_epoch": 0.0,
+    "end_epoch": 2.0,
+    "frequency": 2,
+    "structured": {"heads": 0.5, "mlp": 0.5, "at_epoch": 0.0},
+}
 
 
 def test_gradual_pruning_with_thinning_reaches_target_and_resume_matches(tmp_path, tiny_cfg_dict):
@@ -70,7 +77,8 @@ def _check_export_reloads(d, path):
     from lotus.models import create_model
 
     assert read_metadata(path).get("widths"), (
-        "save_weights wrote no block widths: pruning.structured.get_widths must accept masked (parametrized) layers")
+        "save_weights wrote no block widths: pruning.structured.get_widths must accept masked (parametrized) layers"
+    )
     fresh = create_model(config_from_dict(d).model, 10, 1, 16)
     load_weights(fresh, path)
     fc1 = fresh.blocks[0].mlp.fc1.weight
@@ -92,16 +100,22 @@ def test_one_shot_two_four_on_cpu_logs_masked_dense(tmp_path, tiny_cfg_dict):
     assert is_nm_sparse(w, 2, 4)
 
 
-@pytest.mark.parametrize("section,message", [
-    ({"method": 124}, 'write method: "2:4"'),
-    ({"method": "nm", "schedule": "gradual"}, "gradual needs method magnitude or wanda"),
-    ({"method": "magnitude", "sparsity": 1.0}, "pruning.sparsity"),
-    ({"method": "magnitude", "scope": "row"}, "pruning.scope"),
-    ({"method": "magnitude", "sparse_kernels": True}, "sparse_kernels"),
-    ({"method": "magnitude", "at_epoch": 0.0, "structured": {"heads": 0.5, "at_epoch": 1.0}}, "structured.at_epoch"),
-    ({"structured": {"heads": 1.0}}, "pruning.structured.heads"),
-    ({"method": "wanda", "schedule": "gradual", "start_epoch": 2, "end_epoch": 1}, "end_epoch"),
-])
+@pytest.mark.parametrize(
+    "section,message",
+    [
+        ({"method": 124}, 'write method: "2:4"'),
+        ({"method": "nm", "schedule": "gradual"}, "gradual needs method magnitude or wanda"),
+        ({"method": "magnitude", "sparsity": 1.0}, "pruning.sparsity"),
+        ({"method": "magnitude", "scope": "row"}, "pruning.scope"),
+        ({"method": "magnitude", "sparse_kernels": True}, "sparse_kernels"),
+        (
+            {"method": "magnitude", "at_epoch": 0.0, "structured": {"heads": 0.5, "at_epoch": 1.0}},
+            "structured.at_epoch",
+        ),
+        ({"structured": {"heads": 1.0}}, "pruning.structured.heads"),
+        ({"method": "wanda", "schedule": "gradual", "start_epoch": 2, "end_epoch": 1}, "end_epoch"),
+    ],
+)
 def test_config_errors(tiny_cfg_dict, section, message):
     d = _cfg(tiny_cfg_dict, section)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -1,4 +1,5 @@
 """Random-subset baselines: RS2 without replacement and a fixed stratified subset, in the library and in training."""
+
 from __future__ import annotations
 
 import copy

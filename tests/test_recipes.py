@@ -1,5 +1,6 @@
 """Training-recipe options built from timm's parts: accumulation, clipping modes, BCE, layer decay, mixup /
 cutmix (also with dynamic pruning), model EMA (also through structured thinning and resume)."""
+
 from __future__ import annotations
 
 import json
@@ -22,21 +23,24 @@ def _cfg(d, **sections):
     return d
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"train": {"accumulate_steps": 0}}, "train.accumulate_steps: expected int >= 1"),
-    ({"train": {"clip_mode": "l1"}}, "train.clip_mode: expected 'norm' | 'value' | 'agc'"),
-    ({"train": {"loss": "focal"}}, "train.loss: expected 'ce' | 'bce'"),
-    ({"train": {"bce_target_thresh": 2.0}}, "train.bce_target_thresh"),
-    ({"train": {"log_every_n_steps": -1}}, "train.log_every_n_steps"),
-    ({"train": {"compile": "yes"}}, "train.compile: expected bool"),
-    ({"optim": {"layer_decay": 1.5}}, "optim.layer_decay"),
-    ({"mixup": {"mode": "pixel"}}, "mixup.mode"),
-    ({"mixup": {"cutmix_minmax": [0.5]}}, "mixup.cutmix_minmax"),
-    ({"mixup": {"enabled": True, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}}, "mixup.mixup_alpha"),
-    ({"mixup": {"alpha": 1.0}}, "mixup.alpha: unknown key"),
-    ({"ema": {"decay": 1.0}}, "ema.decay"),
-    ({"ema": {"enabled": True}, "pruning": {"method": "magnitude"}}, "ema.enabled: not supported together with"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"train": {"accumulate_steps": 0}}, "train.accumulate_steps: expected int >= 1"),
+        ({"train": {"clip_mode": "l1"}}, "train.clip_mode: expected 'norm' | 'value' | 'agc'"),
+        ({"train": {"loss": "focal"}}, "train.loss: expected 'ce' | 'bce'"),
+        ({"train": {"bce_target_thresh": 2.0}}, "train.bce_target_thresh"),
+        ({"train": {"log_every_n_steps": -1}}, "train.log_every_n_steps"),
+        ({"train": {"compile": "yes"}}, "train.compile: expected bool"),
+        ({"optim": {"layer_decay": 1.5}}, "optim.layer_decay"),
+        ({"mixup": {"mode": "pixel"}}, "mixup.mode"),
+        ({"mixup": {"cutmix_minmax": [0.5]}}, "mixup.cutmix_minmax"),
+        ({"mixup": {"enabled": True, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}}, "mixup.mixup_alpha"),
+        ({"mixup": {"alpha": 1.0}}, "mixup.alpha: unknown key"),
+        ({"ema": {"decay": 1.0}}, "ema.decay"),
+        ({"ema": {"enabled": True}, "pruning": {"method": "magnitude"}}, "ema.enabled: not supported together with"),
+    ],
+)
 def test_recipe_keys_are_validated(tiny_cfg_dict, section, message):
     d = tiny_cfg_dict
     for k, v in section.items():
@@ -60,8 +64,11 @@ def test_per_sample_losses_match_timm():
     for smoothing in (0.0, 0.1):
         ours = per_sample_loss(logits, labels, "bce", smoothing).mean()
         assert torch.allclose(ours, BinaryCrossEntropy(smoothing=smoothing)(logits, labels), atol=1e-6)
-    assert torch.allclose(per_sample_loss(logits, labels, "bce", 0.0, 0.5).mean(),
-                          BinaryCrossEntropy(smoothing=0.0, target_threshold=0.5)(logits, labels), atol=1e-6)
+    assert torch.allclose(
+        per_sample_loss(logits, labels, "bce", 0.0, 0.5).mean(),
+        BinaryCrossEntropy(smoothing=0.0, target_threshold=0.5)(logits, labels),
+        atol=1e-6,
+    )
 
 
 def _fit(d, **kw):
@@ -93,11 +100,14 @@ def test_clip_modes_and_bce_train(tiny_cfg_dict, mode):
 
 
 def test_layer_decay_groups_and_thinning_keeps_optimizer_state(tiny_cfg_dict):
-    d = _cfg(tiny_cfg_dict, optim={**tiny_cfg_dict["optim"], "layer_decay": 0.65},
-             pruning={"structured": {"mlp": 0.5, "at_epoch": 1}})
+    d = _cfg(
+        tiny_cfg_dict,
+        optim={**tiny_cfg_dict["optim"], "layer_decay": 0.65},
+        pruning={"structured": {"mlp": 0.5, "at_epoch": 1}},
+    )
     t, s = _fit(d)
     scales = sorted({round(g["lr_scale"], 6) for g in t.optimizer.param_groups})
-    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 0.65 ** 2
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 0.65**2
     ev = next(e for e in s["events"] if e["event"] == "prune_structured")
     assert ev["optimizer_state_kept"] is True
 
@@ -117,8 +127,11 @@ class _Targets(Callback):
 
 
 def test_mixup_cutmix_give_soft_targets_and_work_with_dynamic_pruning(tiny_cfg_dict):
-    d = _cfg(tiny_cfg_dict, mixup={"enabled": True, "mixup_alpha": 0.8, "cutmix_alpha": 1.0},
-             tickets={"dynamic": {"enabled": True, "ratio": 0.5, "anneal": 0.0}})
+    d = _cfg(
+        tiny_cfg_dict,
+        mixup={"enabled": True, "mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+        tickets={"dynamic": {"enabled": True, "ratio": 0.5, "anneal": 0.0}},
+    )
     d["data"]["limit_train"] = 250  # odd last batch after pruning / at the end of an epoch
     d["train"].update(epochs=3, label_smoothing=0.1)
     rec = _Targets()
@@ -138,8 +151,11 @@ def test_ema_follows_thinning_is_evaluated_saved_and_resumes_bit_identically(tmp
     from lotus.checkpoint import read_metadata
     from pruning import get_widths
 
-    d = _cfg(tiny_cfg_dict, ema={"enabled": True, "decay": 0.9},
-             pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 1}})
+    d = _cfg(
+        tiny_cfg_dict,
+        ema={"enabled": True, "decay": 0.9},
+        pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 1}},
+    )
     d["train"]["epochs"] = 4
     full, s = _fit(d, run_dir=str(tmp_path / "full"), write=True)
     ema = next(cb for cb in full.callbacks if type(cb).__name__ == "EmaCallback").ema.module
@@ -190,8 +206,10 @@ def test_digits_recipe_config_trains_a_few_steps(tmp_path):
 
     from lotus.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits_recipe.yaml",
-                      ["train.epochs=1", "train.max_steps=4", "train.threads=1", "data.limit_train=256"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "digits_recipe.yaml",
+        ["train.epochs=1", "train.max_steps=4", "train.threads=1", "data.limit_train=256"],
+    )
     s = Trainer(cfg, run_dir=str(tmp_path / "r"), quiet=True).fit()
     assert s["steps"] == 4 and (tmp_path / "r" / "ema.safetensors").is_file()
 
@@ -239,8 +257,11 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_cfg_dict, monkeypat
 
 
 def test_thinning_under_soap_keeps_its_preconditioners(tiny_cfg_dict):
-    d = _cfg(tiny_cfg_dict, optim={**tiny_cfg_dict["optim"], "name": "soap"},
-             pruning={"structured": {"mlp": 0.5, "at_epoch": 1}})
+    d = _cfg(
+        tiny_cfg_dict,
+        optim={**tiny_cfg_dict["optim"], "name": "soap"},
+        pruning={"structured": {"mlp": 0.5, "at_epoch": 1}},
+    )
     d["train"]["epochs"] = 2
     t, s = _fit(d)
     ev = next(e for e in s["events"] if e["event"] == "prune_structured")

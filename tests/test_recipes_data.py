@@ -1,5 +1,6 @@
 """timm data pipeline (data.transform), data.cache, timm lr schedulers (optim.sched), checkpoint history
 (output.keep_checkpoints): validation, transforms, mean/std, cache equality, lr sequences vs timm, resume."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,15 @@ from lotus.optim import LrSchedule
 from lotus.training import Trainer
 from lotus.training.checkpoint_history import CheckpointHistory
 
-TIMM = {"enabled": True, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "scale": [0.5, 1.0], "hflip": 0.0,
-        "crop_pct": 1.0, "interpolation": "bilinear"}
+TIMM = {
+    "enabled": True,
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "re_prob": 0.25,
+    "scale": [0.5, 1.0],
+    "hflip": 0.0,
+    "crop_pct": 1.0,
+    "interpolation": "bilinear",
+}
 
 
 def _d(tiny, **sections):
@@ -33,35 +41,44 @@ def _d(tiny, **sections):
     return d
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"data": {"transform": {"auto_augment": "rand-zz"}}}, "data.transform.auto_augment: bad section 'zz'"),
-    ({"data": {"transform": {"auto_augment": "augmix-q"}}}, "data.transform.auto_augment: bad section 'q'"),
-    ({"data": {"transform": {"auto_augment": "rand-m9-tfoo"}}}, "data.transform.auto_augment: unknown transform set"),
-    ({"data": {"transform": {"auto_augment": "trivial"}}}, "data.transform.auto_augment: unknown policy 'trivial'"),
-    ({"data": {"transform": {"re_prob": 1.5}}}, "data.transform.re_prob"),
-    ({"data": {"transform": {"re_mode": "zero"}}}, "data.transform.re_mode: expected 'const' | 'rand' | 'pixel'"),
-    ({"data": {"transform": {"re_count": 0}}}, "data.transform.re_count"),
-    ({"data": {"transform": {"scale": [0.5]}}}, "data.transform.scale: expected [min, max]"),
-    ({"data": {"transform": {"ratio": [2.0, 1.0]}}}, "data.transform.ratio: expected [min, max]"),
-    ({"data": {"transform": {"hflip": 2}}}, "data.transform.hflip"),
-    ({"data": {"transform": {"vflip": -1}}}, "data.transform.vflip"),
-    ({"data": {"transform": {"color_jitter": -0.1}}}, "data.transform.color_jitter"),
-    ({"data": {"transform": {"interpolation": "cubic"}}}, "data.transform.interpolation"),
-    ({"data": {"transform": {"crop_pct": 0.0}}}, "data.transform.crop_pct"),
-    ({"data": {"transform": {"mean": [0.5]}}}, "data.transform.std: set mean and std together"),
-    ({"data": {"transform": {"mean": [0.5], "std": [0.0]}}}, "data.transform.std: expected 1 or 3 values > 0"),
-    ({"data": {"transform": {"crop": 1}}}, "data.transform.crop: unknown key"),
-    ({"data": {"transform": {"enabled": True}, "augment": {"rotate": 5}}}, "data.augment.rotate: the tensor augmenter"),
-    ({"data": {"cache": "memory"}}, "data.cache: memory is for imagefolder"),
-    ({"data": {"cache": "disk"}}, "data.cache: expected 'none' | 'memory'"),
-    ({"optim": {"sched": "exp"}}, "optim.sched: expected 'cosine' | 'step'"),
-    ({"optim": {"decay_milestones": [5, 2]}}, "optim.decay_milestones: expected increasing"),
-    ({"optim": {"decay_rate": 0}}, "optim.decay_rate"),
-    ({"optim": {"patience_epochs": -1}}, "optim.patience_epochs"),
-    ({"optim": {"decay_epochs": 0}}, "optim.decay_epochs"),
-    ({"optim": {"cooldown_epochs": 1.9}}, "optim.cooldown_epochs: 1.9 leaves no decay"),
-    ({"output": {"keep_checkpoints": -1}}, "output.keep_checkpoints"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"data": {"transform": {"auto_augment": "rand-zz"}}}, "data.transform.auto_augment: bad section 'zz'"),
+        ({"data": {"transform": {"auto_augment": "augmix-q"}}}, "data.transform.auto_augment: bad section 'q'"),
+        (
+            {"data": {"transform": {"auto_augment": "rand-m9-tfoo"}}},
+            "data.transform.auto_augment: unknown transform set",
+        ),
+        ({"data": {"transform": {"auto_augment": "trivial"}}}, "data.transform.auto_augment: unknown policy 'trivial'"),
+        ({"data": {"transform": {"re_prob": 1.5}}}, "data.transform.re_prob"),
+        ({"data": {"transform": {"re_mode": "zero"}}}, "data.transform.re_mode: expected 'const' | 'rand' | 'pixel'"),
+        ({"data": {"transform": {"re_count": 0}}}, "data.transform.re_count"),
+        ({"data": {"transform": {"scale": [0.5]}}}, "data.transform.scale: expected [min, max]"),
+        ({"data": {"transform": {"ratio": [2.0, 1.0]}}}, "data.transform.ratio: expected [min, max]"),
+        ({"data": {"transform": {"hflip": 2}}}, "data.transform.hflip"),
+        ({"data": {"transform": {"vflip": -1}}}, "data.transform.vflip"),
+        ({"data": {"transform": {"color_jitter": -0.1}}}, "data.transform.color_jitter"),
+        ({"data": {"transform": {"interpolation": "cubic"}}}, "data.transform.interpolation"),
+        ({"data": {"transform": {"crop_pct": 0.0}}}, "data.transform.crop_pct"),
+        ({"data": {"transform": {"mean": [0.5]}}}, "data.transform.std: set mean and std together"),
+        ({"data": {"transform": {"mean": [0.5], "std": [0.0]}}}, "data.transform.std: expected 1 or 3 values > 0"),
+        ({"data": {"transform": {"crop": 1}}}, "data.transform.crop: unknown key"),
+        (
+            {"data": {"transform": {"enabled": True}, "augment": {"rotate": 5}}},
+            "data.augment.rotate: the tensor augmenter",
+        ),
+        ({"data": {"cache": "memory"}}, "data.cache: memory is for imagefolder"),
+        ({"data": {"cache": "disk"}}, "data.cache: expected 'none' | 'memory'"),
+        ({"optim": {"sched": "exp"}}, "optim.sched: expected 'cosine' | 'step'"),
+        ({"optim": {"decay_milestones": [5, 2]}}, "optim.decay_milestones: expected increasing"),
+        ({"optim": {"decay_rate": 0}}, "optim.decay_rate"),
+        ({"optim": {"patience_epochs": -1}}, "optim.patience_epochs"),
+        ({"optim": {"decay_epochs": 0}}, "optim.decay_epochs"),
+        ({"optim": {"cooldown_epochs": 1.9}}, "optim.cooldown_epochs: 1.9 leaves no decay"),
+        ({"output": {"keep_checkpoints": -1}}, "output.keep_checkpoints"),
+    ],
+)
 def test_new_keys_are_validated(tiny_cfg_dict, section, message):
     d = tiny_cfg_dict
     for k, v in section.items():
@@ -71,8 +88,17 @@ def test_new_keys_are_validated(tiny_cfg_dict, section, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["rand-m9-mstd0.5-inc1", "rand-m9-n3-mstd0.5-tweights", "augmix-m5-w4-d2",
-                                  "original", "v0-mstd0.5", "trivialaugment"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rand-m9-mstd0.5-inc1",
+        "rand-m9-n3-mstd0.5-tweights",
+        "augmix-m5-w4-d2",
+        "original",
+        "v0-mstd0.5",
+        "trivialaugment",
+    ],
+)
 def test_timm_auto_augment_strings_are_accepted(text):
     from timm.data import create_transform
 
@@ -114,8 +140,11 @@ def test_mean_std_from_pretrained_cfg_when_fine_tuning(tiny_cfg_dict):
     assert resolve_mean_std(None, ModelConfig(name="deit_tiny_patch16_224"), 3, stats) == stats  # from scratch
     assert resolve_mean_std(None, ModelConfig(name="lotus_vit_micro", checkpoint="w.safetensors"), 3, stats) == stats
     # in-memory digits fine-tuning pretrained DeiT: the tensor path and timm's transform both use ImageNet's
-    d = _d(tiny_cfg_dict, model={"name": "deit_tiny_patch16_224", "pretrained": True, "img_size": 16,
-                                 "patch_size": 4, "in_chans": 3}, data={"transform": TIMM})
+    d = _d(
+        tiny_cfg_dict,
+        model={"name": "deit_tiny_patch16_224", "pretrained": True, "img_size": 16, "patch_size": 4, "in_chans": 3},
+        data={"transform": TIMM},
+    )
     cfg = config_from_dict(d)
     b = build_datasets(cfg.data, 16, 3, model_cfg=cfg.model)
     assert torch.allclose(b.train.mean.flatten(), torch.tensor(ref["mean"]))
@@ -142,7 +171,8 @@ def test_cache_memory_gives_the_same_images(tmp_path):
         cached = build_datasets(config_from_dict({"data": {**base, **extra, "cache": "memory"}}).data, 16)
         assert hasattr(cached.train, "get_batch") == (not extra)  # the tensor path slices whole batches
         for a, b in ((plain.train, cached.train), (plain.val, cached.val)) + (
-                ((plain.train_aug, cached.train_aug),) if extra else ()):
+            ((plain.train_aug, cached.train_aug),) if extra else ()
+        ):
             idx = np.arange(len(a))
             for p, q in zip(batches(a, idx, 8), batches(b, idx, 8)):
                 assert p[0].dtype == q[0].dtype == torch.float32 and torch.equal(p[0], q[0])
@@ -165,10 +195,13 @@ def test_tickets_dynamic_pruning_and_patches_with_randaugment(tmp_path, tiny_cfg
     keep = np.arange(0, 192, 3)
     TicketFile(indices=keep).save(tmp_path / "t.npz")
     for tickets, check in (
-            ({"file": str(tmp_path / "t.npz")}, lambda seen, s: seen == set(keep.tolist())),
-            ({"dynamic": {"enabled": True, "ratio": 0.5, "anneal": 0.0}},
-             lambda seen, s: s["dynamic_pruning"]["pruned_total"] > 0),
-            ({"patches": {"enabled": True, "scorer": "random", "keep_rate": 0.5}}, lambda seen, s: len(seen) == 192)):
+        ({"file": str(tmp_path / "t.npz")}, lambda seen, s: seen == set(keep.tolist())),
+        (
+            {"dynamic": {"enabled": True, "ratio": 0.5, "anneal": 0.0}},
+            lambda seen, s: s["dynamic_pruning"]["pruned_total"] > 0,
+        ),
+        ({"patches": {"enabled": True, "scorer": "random", "keep_rate": 0.5}}, lambda seen, s: len(seen) == 192),
+    ):
         d = _d(tiny_cfg_dict, data={"transform": TIMM}, tickets=tickets)
         d["train"]["epochs"] = 2
         cb = _Seen()
@@ -209,21 +242,31 @@ def test_default_cosine_is_the_same_lr_sequence_as_before_and_timms():
         assert s.lr_at(t) == pytest.approx(ref._get_lr(t)[1], rel=1e-12)
 
 
-@pytest.mark.parametrize("optim", [
-    {"sched": "step", "decay_epochs": 4, "decay_rate": 0.5},
-    {"sched": "multistep", "decay_milestones": [3, 7], "decay_rate": 0.2},
-    {"sched": "poly", "decay_rate": 2.0, "cooldown_epochs": 2},
-    {"sched": "tanh", "cooldown_epochs": 2},
-    {"sched": "cosine", "cooldown_epochs": 2},
-])
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"sched": "step", "decay_epochs": 4, "decay_rate": 0.5},
+        {"sched": "multistep", "decay_milestones": [3, 7], "decay_rate": 0.2},
+        {"sched": "poly", "decay_rate": 2.0, "cooldown_epochs": 2},
+        {"sched": "tanh", "cooldown_epochs": 2},
+        {"sched": "cosine", "cooldown_epochs": 2},
+    ],
+)
 def test_timm_schedulers_give_timms_lr_per_group(optim):
     from timm.scheduler import create_scheduler_v2
 
     cfg, s = _sched(optim, {"warmup_epochs": 0.0})
     ref_opt = _groups()
-    ref, _ = create_scheduler_v2(ref_opt, sched=optim["sched"], num_epochs=12 - optim.get("cooldown_epochs", 0),
-                                 decay_epochs=cfg.optim.decay_epochs, decay_milestones=cfg.optim.decay_milestones,
-                                 decay_rate=cfg.optim.decay_rate, min_lr=1e-5, warmup_epochs=0)
+    ref, _ = create_scheduler_v2(
+        ref_opt,
+        sched=optim["sched"],
+        num_epochs=12 - optim.get("cooldown_epochs", 0),
+        decay_epochs=cfg.optim.decay_epochs,
+        decay_milestones=cfg.optim.decay_milestones,
+        decay_rate=cfg.optim.decay_rate,
+        min_lr=1e-5,
+        warmup_epochs=0,
+    )
     for t in [e + b / 3 for e in range(12) for b in range(3)]:
         s.set_position(t)
         ref.step(t)  # timm's own update_groups (lr_scale)
@@ -256,11 +299,20 @@ class _StopAt(Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("optim", [{"sched": "step", "decay_epochs": 1, "decay_rate": 0.5},
-                                   {"sched": "plateau", "patience_epochs": 0, "decay_rate": 0.5}])
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"sched": "step", "decay_epochs": 1, "decay_rate": 0.5},
+        {"sched": "plateau", "patience_epochs": 0, "decay_rate": 0.5},
+    ],
+)
 def test_resume_is_bit_identical_with_timm_schedulers_transforms_and_history(tmp_path, tiny_cfg_dict, optim):
-    d = _d(tiny_cfg_dict, data={"transform": TIMM}, optim={**tiny_cfg_dict["optim"], **optim},
-           output={"keep_checkpoints": 2})
+    d = _d(
+        tiny_cfg_dict,
+        data={"transform": TIMM},
+        optim={**tiny_cfg_dict["optim"], **optim},
+        output={"keep_checkpoints": 2},
+    )
     d["train"].update(epochs=4, warmup_epochs=0.5)
     full = Trainer(config_from_dict(d), run_dir=str(tmp_path / "full"), quiet=True)
     full.fit()
@@ -278,8 +330,9 @@ def test_resume_is_bit_identical_with_timm_schedulers_transforms_and_history(tmp
         kept = json.loads((tmp_path / run / "checkpoints.json").read_text())["checkpoints"]
         files = sorted(p for p in os.listdir(tmp_path / run) if p.startswith("checkpoint-"))
         assert len(kept) == 2 and sorted(e["file"] for e in kept) == files
-    assert json.loads((tmp_path / "full" / "checkpoints.json").read_text()) == \
-        json.loads((tmp_path / "cut" / "checkpoints.json").read_text())
+    assert json.loads((tmp_path / "full" / "checkpoints.json").read_text()) == json.loads(
+        (tmp_path / "cut" / "checkpoints.json").read_text()
+    )
 
 
 def test_checkpoint_history_keeps_the_best_and_prunes(tmp_path):
@@ -293,6 +346,10 @@ def test_checkpoint_history_keeps_the_best_and_prunes(tmp_path):
     assert json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"][0]["val_acc"] == 0.9
     h.update(7, 70, 0.95, write)  # killed before state.pt: the dropped file is still there until commit
     assert os.path.exists(tmp_path / "checkpoint-2.safetensors")
-    h.restore([{"epoch": 5, "step": 50, "val_acc": 0.9, "file": "checkpoint-5.safetensors"},
-               {"epoch": 2, "step": 20, "val_acc": 0.7, "file": "checkpoint-2.safetensors"}])
+    h.restore(
+        [
+            {"epoch": 5, "step": 50, "val_acc": 0.9, "file": "checkpoint-5.safetensors"},
+            {"epoch": 2, "step": 20, "val_acc": 0.7, "file": "checkpoint-2.safetensors"},
+        ]
+    )
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2.safetensors", "checkpoint-5.safetensors", "checkpoints.json"]

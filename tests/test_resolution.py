@@ -1,5 +1,6 @@
 """Progressive resolution (``resolution:``): the side schedule, training on fewer tokens early, exact resume,
 and composition with random patch tickets and thinning."""
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,10 @@ def test_training_starts_on_fewer_tokens_and_resumes_bit_identical(tmp_path, tin
 
 def test_composes_with_random_patches_and_thinning(tmp_path, tiny_cfg_dict):
     d = _cfg(tiny_cfg_dict, epochs=3)
-    d["tickets"] = {"patches": {"enabled": True, "scorer": "random", "source": "online", "keep_rate": 0.5},
-                    "dynamic": {"enabled": True, "ratio": 0.5}}
+    d["tickets"] = {
+        "patches": {"enabled": True, "scorer": "random", "source": "online", "keep_rate": 0.5},
+        "dynamic": {"enabled": True, "ratio": 0.5},
+    }
     d["pruning"] = {"structured": {"mlp": 0.5, "at_epoch": 1}}
     run = tmp_path / "run"
     summary = Trainer(config_from_dict(d), run_dir=str(run), quiet=True).fit()
@@ -84,5 +87,7 @@ def test_needs_dynamic_img_size(tiny_cfg_dict):
     d["tickets"] = {"patches": {"enabled": True, "scorer": "cls_attention"}}
     from lotus.errors import LotusError
 
-    with pytest.raises(LotusError, match="tickets.patches: models built with dynamic_img_size train only with scorer: random"):
+    with pytest.raises(
+        LotusError, match="tickets.patches: models built with dynamic_img_size train only with scorer: random"
+    ):
         Trainer(config_from_dict(d), write=False, quiet=True).fit()

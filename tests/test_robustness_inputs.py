@@ -1,5 +1,6 @@
 """Bad inputs across the CLI: each gives exit code 2, exactly one ``error:`` line naming the key or file, no
 traceback, and leaves every file that existed before (configs, run dirs, checkpoints, tickets) unchanged."""
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,23 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     w["wide"] = d / "wide.safetensors"
     (d / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     w["corrupt"] = d / "corrupt.safetensors"
-    assert main(["select", "--config", str(w["tiny"]), "--policy", "random", "--fraction", "0.5",
-                 "--out", str(d / "half.npz"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--config",
+                str(w["tiny"]),
+                "--policy",
+                "random",
+                "--fraction",
+                "0.5",
+                "--out",
+                str(d / "half.npz"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     w["ticket"] = d / "half.npz"
     (d / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
     w["junk_ticket"] = d / "junk.npz"
@@ -63,16 +79,33 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     w["unknown_key"] = _yaml(d / "unknown.yaml", _with(optim={"lrr": 0.1}))
     w["unquoted"] = d / "unquoted.yaml"
     w["unquoted"].write_text(yaml.safe_dump(SMALL) + "pruning:\n  method: 2:4\n")
-    w["narrow"] = _yaml(d / "narrow.yaml", _with(model={"kwargs": {"embed_dim": 10, "num_heads": 2, "mlp_ratio": 1.0}},
-                                                 pruning={"method": "2:4"}))
-    w["narrow_model"] = _yaml(d / "narrow_model.yaml",
-                              _with(model={"kwargs": {"embed_dim": 10, "num_heads": 2, "mlp_ratio": 1.0}}))
-    w["eva_op"] = _yaml(d / "eva_op.yaml", _with(model={"name": "eva02_tiny_patch14_224", "block": "op",
-                                                        "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}}))
-    w["unfused"] = _yaml(d / "unfused.yaml", _with(
-        model={"name": "eva02_tiny_patch14_224", "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2,
-                                                            "qkv_fused": False}},
-        tickets={"patches": {"enabled": True, "keep_rate": 0.5}}))
+    w["narrow"] = _yaml(
+        d / "narrow.yaml",
+        _with(model={"kwargs": {"embed_dim": 10, "num_heads": 2, "mlp_ratio": 1.0}}, pruning={"method": "2:4"}),
+    )
+    w["narrow_model"] = _yaml(
+        d / "narrow_model.yaml", _with(model={"kwargs": {"embed_dim": 10, "num_heads": 2, "mlp_ratio": 1.0}})
+    )
+    w["eva_op"] = _yaml(
+        d / "eva_op.yaml",
+        _with(
+            model={
+                "name": "eva02_tiny_patch14_224",
+                "block": "op",
+                "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
+            }
+        ),
+    )
+    w["unfused"] = _yaml(
+        d / "unfused.yaml",
+        _with(
+            model={
+                "name": "eva02_tiny_patch14_224",
+                "kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "qkv_fused": False},
+            },
+            tickets={"patches": {"enabled": True, "keep_rate": 0.5}},
+        ),
+    )
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in ("a", "b"):
@@ -87,7 +120,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     w["images"] = _yaml(d / "images.yaml", _with(data=folder))
     (d / "not_a_run").mkdir()
     w["not_a_run"] = d / "not_a_run"
-    (d / "prof.json").write_text("{\"blocks\": ")
+    (d / "prof.json").write_text('{"blocks": ')
     w["bad_profile"] = d / "prof.json"
     w["bad_metrics_run"] = d / "bad_metrics"
     w["bad_metrics_run"].mkdir()
@@ -116,47 +149,126 @@ CASES = [
     ("yaml syntax error", ["train", "-c", "{bad_yaml}"], "bad.yaml"),
     ("--set without =", ["train", "-c", "{tiny}", "--set", "train.epochs"], "--set train.epochs"),
     ("--set into a value", ["train", "-c", "{tiny}", "--set", "train.epochs.x=1"], "--set train.epochs.x=1"),
-    ("missing checkpoint", ["train", "-c", "{tiny}", "--set", "model.checkpoint={dir}/missing.safetensors"],
-     "missing.safetensors"),
+    (
+        "missing checkpoint",
+        ["train", "-c", "{tiny}", "--set", "model.checkpoint={dir}/missing.safetensors"],
+        "missing.safetensors",
+    ),
     ("checkpoint of another width", ["train", "-c", "{tiny}", "--set", "model.checkpoint={wide}"], "wide.safetensors"),
     ("corrupt safetensors", ["train", "-c", "{tiny}", "--set", "model.checkpoint={corrupt}"], "corrupt.safetensors"),
     ("corrupt png in imagefolder", ["train", "-c", "{images}", "--out", "{scratch}/img_run", "--quiet"], "2.png"),
-    ("ticket of another dataset", ["train", "-c", "{other_data}", "--out", "{scratch}/t_run", "--quiet"],
-     "tickets.file"),
+    (
+        "ticket of another dataset",
+        ["train", "-c", "{other_data}", "--out", "{scratch}/t_run", "--quiet"],
+        "tickets.file",
+    ),
     ("bad ticket extension", ["train", "-c", "{txt_ticket}"], "tickets.file"),
     ("2:4 unquoted", ["train", "-c", "{unquoted}"], "pruning.method"),
-    ("2:4 on indivisible widths", ["train", "-c", "{narrow}", "--out", "{scratch}/nm_run", "--quiet"],
-     'pruning.method: "2:4" needs in_features divisible by 4'),
+    (
+        "2:4 on indivisible widths",
+        ["train", "-c", "{narrow}", "--out", "{scratch}/nm_run", "--quiet"],
+        'pruning.method: "2:4" needs in_features divisible by 4',
+    ),
     ("op block on eva", ["train", "-c", "{eva_op}"], "model.block: op supports timm VisionTransformer"),
-    ("patch scorer cannot read attention", ["train", "-c", "{unfused}", "--out", "{scratch}/u_run", "--quiet"],
-     "tickets.patches.scorer"),
+    (
+        "patch scorer cannot read attention",
+        ["train", "-c", "{unfused}", "--out", "{scratch}/u_run", "--quiet"],
+        "tickets.patches.scorer",
+    ),
     ("unknown model", ["train", "-c", "{tiny}", "--set", "model.name=vit_nano_patch3"], "model.name"),
-    ("bad optim.extra", ["train", "-c", "{tiny}", "--set", "optim.extra={{betaz: 1}}", "--out", "{scratch}/x_run"],
-     "optim.extra"),
+    (
+        "bad optim.extra",
+        ["train", "-c", "{tiny}", "--set", "optim.extra={{betaz: 1}}", "--out", "{scratch}/x_run"],
+        "optim.extra",
+    ),
     ("resume a non-run dir", ["train", "--resume", "{not_a_run}"], "not_a_run"),
     ("resume a missing dir", ["train", "--resume", "{dir}/gone"], "gone"),
     ("out dir holds a run", ["train", "-c", "{tiny}", "--out", "{run}"], "already holds a run"),
     # lotus select
-    ("select count too large", ["select", "-c", "{tiny}", "--policy", "random", "--count", "100000",
-                                "--out", "{scratch}/s.npz", "--quiet"], "--count"),
-    ("select bad --out", ["select", "-c", "{tiny}", "--policy", "random", "--fraction", "0.5",
-                          "--out", "{scratch}/s.txt"], "--out"),
-    ("select --out exists", ["select", "-c", "{tiny}", "--policy", "random", "--fraction", "0.5",
-                             "--out", "{ticket}"], "half.npz"),
-    ("select corrupt --from-ticket", ["select", "-c", "{tiny}", "--policy", "top", "--fraction", "0.5",
-                                      "--from-ticket", "{junk_ticket}", "--out", "{scratch}/s.npz"], "junk.npz"),
-    ("select missing checkpoint", ["select", "-c", "{tiny}", "--scorer", "loss", "--fraction", "0.5",
-                                   "--checkpoint", "{dir}/nope.safetensors", "--out", "{scratch}/s.npz"],
-     "nope.safetensors"),
+    (
+        "select count too large",
+        ["select", "-c", "{tiny}", "--policy", "random", "--count", "100000", "--out", "{scratch}/s.npz", "--quiet"],
+        "--count",
+    ),
+    (
+        "select bad --out",
+        ["select", "-c", "{tiny}", "--policy", "random", "--fraction", "0.5", "--out", "{scratch}/s.txt"],
+        "--out",
+    ),
+    (
+        "select --out exists",
+        ["select", "-c", "{tiny}", "--policy", "random", "--fraction", "0.5", "--out", "{ticket}"],
+        "half.npz",
+    ),
+    (
+        "select corrupt --from-ticket",
+        [
+            "select",
+            "-c",
+            "{tiny}",
+            "--policy",
+            "top",
+            "--fraction",
+            "0.5",
+            "--from-ticket",
+            "{junk_ticket}",
+            "--out",
+            "{scratch}/s.npz",
+        ],
+        "junk.npz",
+    ),
+    (
+        "select missing checkpoint",
+        [
+            "select",
+            "-c",
+            "{tiny}",
+            "--scorer",
+            "loss",
+            "--fraction",
+            "0.5",
+            "--checkpoint",
+            "{dir}/nope.safetensors",
+            "--out",
+            "{scratch}/s.npz",
+        ],
+        "nope.safetensors",
+    ),
     # lotus prune
-    ("prune 2:4 on indivisible widths", ["prune", "-c", "{narrow_model}", "--method", "2:4", "--latency-iters", "0",
-                                         "--out", "{scratch}/p1"], "--method 2:4 needs in_features divisible by 4"),
-    ("prune sparsity out of range", ["prune", "--model", "lotus_vit_micro", "--method", "magnitude",
-                                     "--sparsity", "1.5", "--out", "{scratch}/p2"], "--sparsity"),
-    ("prune all heads", ["prune", "-c", "{tiny}", "--checkpoint", "{ckpt}", "--method", "structured",
-                         "--heads", "0.9", "--latency-iters", "0", "--out", "{scratch}/p3"], "--heads"),
-    ("prune corrupt checkpoint", ["prune", "-c", "{tiny}", "--checkpoint", "{corrupt}", "--method", "magnitude",
-                                  "--out", "{scratch}/p4"], "corrupt.safetensors"),
+    (
+        "prune 2:4 on indivisible widths",
+        ["prune", "-c", "{narrow_model}", "--method", "2:4", "--latency-iters", "0", "--out", "{scratch}/p1"],
+        "--method 2:4 needs in_features divisible by 4",
+    ),
+    (
+        "prune sparsity out of range",
+        ["prune", "--model", "lotus_vit_micro", "--method", "magnitude", "--sparsity", "1.5", "--out", "{scratch}/p2"],
+        "--sparsity",
+    ),
+    (
+        "prune all heads",
+        [
+            "prune",
+            "-c",
+            "{tiny}",
+            "--checkpoint",
+            "{ckpt}",
+            "--method",
+            "structured",
+            "--heads",
+            "0.9",
+            "--latency-iters",
+            "0",
+            "--out",
+            "{scratch}/p3",
+        ],
+        "--heads",
+    ),
+    (
+        "prune corrupt checkpoint",
+        ["prune", "-c", "{tiny}", "--checkpoint", "{corrupt}", "--method", "magnitude", "--out", "{scratch}/p4"],
+        "corrupt.safetensors",
+    ),
     ("prune unknown method", ["prune", "--model", "lotus_vit_micro", "--method", "3:4"], "--method"),
     # lotus bench, report
     ("bench missing config", ["bench", "--configs", "{dir}/nope.yaml", "--out", "{scratch}/b"], "nope.yaml"),
@@ -165,17 +277,26 @@ CASES = [
     ("report corrupt metrics", ["report", "{bad_metrics_run}"], "metrics.jsonl"),
     ("report corrupt summary", ["report", "{bad_summary_run}"], "summary.json"),
     # lotus outliers, quantcheck
-    ("outliers missing checkpoint", ["outliers", "-c", "{tiny}", "--checkpoint", "{dir}/nope.safetensors"],
-     "nope.safetensors"),
-    ("outliers unknown layer", ["outliers", "-c", "{tiny}", "--checkpoint", "{ckpt}", "--layers", "blocks.9",
-                                "--out", "{scratch}/o"], "--layers"),
+    (
+        "outliers missing checkpoint",
+        ["outliers", "-c", "{tiny}", "--checkpoint", "{dir}/nope.safetensors"],
+        "nope.safetensors",
+    ),
+    (
+        "outliers unknown layer",
+        ["outliers", "-c", "{tiny}", "--checkpoint", "{ckpt}", "--layers", "blocks.9", "--out", "{scratch}/o"],
+        "--layers",
+    ),
     ("quantcheck bits", ["quantcheck", "-c", "{tiny}", "--checkpoint", "{ckpt}", "--bits", "9"], "--bits"),
     ("quantcheck wide checkpoint", ["quantcheck", "-c", "{tiny}", "--checkpoint", "{wide}"], "wide.safetensors"),
     # lotus plan
     ("plan bad budget", ["plan", "-c", "{tiny}", "--memory-budget", "lots"], "--memory-budget"),
     ("plan corrupt profile", ["plan", "--profile", "{bad_profile}", "--memory-budget", "1GiB"], "prof.json"),
-    ("plan budget in config", ["plan", "-c", "{tiny}", "--set", "parallel.memory_budget=much"],
-     "parallel.memory_budget"),
+    (
+        "plan budget in config",
+        ["plan", "-c", "{tiny}", "--set", "parallel.memory_budget=much"],
+        "parallel.memory_budget",
+    ),
 ]
 
 
@@ -198,16 +319,21 @@ def test_case_count():
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lotus", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return subprocess.run([sys.executable, "-m", "lotus", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["train", "-c", "{bad_yaml}"], "bad.yaml"),
-    (["train", "-c", "{tiny}", "--set", "model.checkpoint={wide}"], "wide.safetensors"),
-    (["prune", "-c", "{narrow_model}", "--method", "2:4", "--latency-iters", "0", "--out", "{scratch}/p"], "--method"),
-    (["report", "{not_a_run}"], "not_a_run"),
-])
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["train", "-c", "{bad_yaml}"], "bad.yaml"),
+        (["train", "-c", "{tiny}", "--set", "model.checkpoint={wide}"], "wide.safetensors"),
+        (
+            ["prune", "-c", "{narrow_model}", "--method", "2:4", "--latency-iters", "0", "--out", "{scratch}/p"],
+            "--method",
+        ),
+        (["report", "{not_a_run}"], "not_a_run"),
+    ],
+)
 def test_process_exit_code_is_2(ws, tmp_path, argv, names):
     fields = {k: str(v) for k, v in ws.items()} | {"scratch": str(tmp_path)}
     before = _hashes(ws["dir"])

@@ -1,4 +1,5 @@
 """The run directory: one process at a time, clean resumes, half-made runs, config changes on resume."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,12 @@ def test_two_real_processes_one_wins_and_its_log_is_whole(small, tmp_path):
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(d))
     run = tmp_path / "r"
-    first = subprocess.Popen([sys.executable, "-m", "lotus", "train", "--config", str(path), "--out", str(run),
-                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lotus", "train", "--config", str(path), "--out", str(run), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -136,8 +141,21 @@ def test_resume_overrides_reach_config_yaml_only_after_a_checkpoint(small, tmp_p
     Trainer(config_from_dict(d2), run_dir=run, quiet=True).fit()
     before = open(os.path.join(run, "config.yaml")).read()
     # fails after the trainer started (missing ticket file): config.yaml must not change
-    assert main(["train", "--resume", run, "--quiet", "--set", "train.epochs=3",
-                 "--set", f"tickets.file={tmp_path / 'missing.npz'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                run,
+                "--quiet",
+                "--set",
+                "train.epochs=3",
+                "--set",
+                f"tickets.file={tmp_path / 'missing.npz'}",
+            ]
+        )
+        == 2
+    )
     assert "tickets.file" in capsys.readouterr().err
     assert open(os.path.join(run, "config.yaml")).read() == before
     assert not os.path.exists(os.path.join(run, "config_history.jsonl"))

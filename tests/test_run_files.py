@@ -1,4 +1,5 @@
 """Every command that takes --checkpoint takes a run folder too (its best weights, its config.yaml as --config)."""
+
 from __future__ import annotations
 
 import copy
@@ -37,12 +38,32 @@ def test_resolution_rules(run, tmp_path):
 
 
 def test_quantcheck_outliers_prune_take_a_run_folder(run, tmp_path, capsys, one_thread):
-    assert main(["quantcheck", "--checkpoint", str(run), "--calib-batches", "1", "--json", str(tmp_path / "q.json")]) == 0
+    assert (
+        main(["quantcheck", "--checkpoint", str(run), "--calib-batches", "1", "--json", str(tmp_path / "q.json")]) == 0
+    )
     assert json.loads((tmp_path / "q.json").read_text())["checkpoint"].endswith("best.safetensors")
     assert main(["outliers", "--checkpoint", str(run), "--samples", "16", "--out", str(tmp_path / "o")]) == 0
     assert any(p.name.endswith(".json") for p in (tmp_path / "o").iterdir())
-    assert main(["prune", "--checkpoint", str(run), "--method", "magnitude", "--sparsity", "0.5", "--out",
-                 str(tmp_path / "p"), "--latency-iters", "0", "--max-eval", "32"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--checkpoint",
+                str(run),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "p"),
+                "--latency-iters",
+                "0",
+                "--max-eval",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "p" / "model.safetensors").is_file()
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes((run / "best.safetensors").read_bytes())

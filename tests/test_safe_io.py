@@ -1,4 +1,5 @@
 """Nothing outside the run folder, nothing silently replaced: names, symlinks, temp files, full disks, old states."""
+
 from __future__ import annotations
 
 import errno
@@ -33,8 +34,16 @@ def _one_error(capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ run names
-@pytest.mark.parametrize("name, why", [("../../x", "contains '/'"), ("/abs/path", "contains '/'"),
-                                       ("a\\b", "contains"), ("..", "contains '..'"), ("", "is empty")])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("../../x", "contains '/'"),
+        ("/abs/path", "contains '/'"),
+        ("a\\b", "contains"),
+        ("..", "contains '..'"),
+        ("", "is empty"),
+    ],
+)
 def test_run_names_are_one_folder_name(name, why):
     with pytest.raises(LotusError, match=rf"^name: expected one folder name .*{why}"):
         config_from_dict({}, [f"name={name!r}" if name else "name=''"])
@@ -49,10 +58,15 @@ def test_a_bad_name_writes_nothing_anywhere(small_yaml, tmp_path, capsys, monkey
     assert sorted(os.listdir(tmp_path)) == ["small.yaml"] and not (tmp_path.parent / "escaped").exists()
 
 
-@pytest.mark.parametrize("override, key", [("model.img_size=100000", "model.img_size"),
-                                           ("data.batch_size=1e23", "data.batch_size"),
-                                           ("data.batch_size=100000000000000000000000", "data.batch_size"),
-                                           ("data.batch_size=64.0", "data.batch_size")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.img_size=100000", "model.img_size"),
+        ("data.batch_size=1e23", "data.batch_size"),
+        ("data.batch_size=100000000000000000000000", "data.batch_size"),
+        ("data.batch_size=64.0", "data.batch_size"),
+    ],
+)
 def test_absurd_sizes_name_their_key(override, key):
     with pytest.raises(LotusError, match=rf"^{key}: expected int"):
         config_from_dict({}, [override])
@@ -92,7 +106,9 @@ def test_writes_replace_a_symlink_never_its_target(tmp_path):
 def test_an_output_lock_names_the_holder_and_leaves_no_file(tmp_path):
     out = tmp_path / "t.npz"
     with output_lock(out, "--out"):
-        with pytest.raises(LotusError, match=rf"^--out: {out} is in use by another Lotus process \(pid {os.getpid()}\)"):
+        with pytest.raises(
+            LotusError, match=rf"^--out: {out} is in use by another Lotus process \(pid {os.getpid()}\)"
+        ):
             output_lock(out, "--out").acquire()
     assert os.listdir(tmp_path) == []
     with output_lock(out, "--out"):  # free again
@@ -128,7 +144,12 @@ def test_run_dir_removes_every_kind_of_left_temp(tmp_path):
         gone = sorted(os.path.basename(p) for p in run.remove_stale_temps())
     finally:
         run.unlock()
-    assert gone == [".lotus-tmp-best.safetensors-q", ".lotus-tmp-state.pt-abc", ".tmp-last.safetensors-x1", ".tmpAb12Cd"]
+    assert gone == [
+        ".lotus-tmp-best.safetensors-q",
+        ".lotus-tmp-state.pt-abc",
+        ".tmp-last.safetensors-x1",
+        ".tmpAb12Cd",
+    ]
     assert sorted(os.listdir(run.path)) == [".lock", ".tmpfile-kept", "keep.txt"]
 
 
@@ -140,13 +161,41 @@ def test_remove_temps_of_one_name_only(tmp_path):
 
 def test_a_run_that_fails_before_writing_removes_its_folder(small_yaml, tmp_path, capsys):
     run = tmp_path / "new"
-    code = main(["train", "--config", str(small_yaml), "--set", "data.name=imagefolder",
-                 "--set", "data.limit_train=null", "--set", f"data.root={tmp_path / 'nothing'}", "--out", str(run), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(small_yaml),
+            "--set",
+            "data.name=imagefolder",
+            "--set",
+            "data.limit_train=null",
+            "--set",
+            f"data.root={tmp_path / 'nothing'}",
+            "--out",
+            str(run),
+            "--quiet",
+        ]
+    )
     assert code == 2 and "data.root" in _one_error(capsys)
     assert not run.exists()
     run.mkdir()  # a folder the user made stays, without a .lock
-    main(["train", "--config", str(small_yaml), "--set", "data.name=imagefolder",
-          "--set", "data.limit_train=null", "--set", f"data.root={tmp_path / 'nothing'}", "--out", str(run), "--quiet"])
+    main(
+        [
+            "train",
+            "--config",
+            str(small_yaml),
+            "--set",
+            "data.name=imagefolder",
+            "--set",
+            "data.limit_train=null",
+            "--set",
+            f"data.root={tmp_path / 'nothing'}",
+            "--out",
+            str(run),
+            "--quiet",
+        ]
+    )
     assert run.is_dir() and os.listdir(run) == []
 
 
@@ -221,7 +270,9 @@ def test_a_read_only_output_folder_names_out(tmp_path, monkeypatch):
 
 def test_a_read_only_target_is_one_line(tmp_path, monkeypatch):
     _fail_writes_after(monkeypatch, 0, errno.EROFS)
-    with pytest.raises(LotusError, match=r"^--out: cannot write .*x.txt: Read-only file system \(nothing was written\)"):
+    with pytest.raises(
+        LotusError, match=r"^--out: cannot write .*x.txt: Read-only file system \(nothing was written\)"
+    ):
         atomic_write_text(tmp_path / "x.txt", "data", key="--out")
     assert os.listdir(tmp_path) == []
 

@@ -1,4 +1,5 @@
 """The lotus: schedule: validation of phases, events at the right time, resume across events, bench."""
+
 import json
 import math
 import statistics
@@ -8,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from lotus.callbacks import Callback
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.callbacks import Callback
 from lotus.training import Trainer
 
 
@@ -20,18 +21,48 @@ def _cfg(d, **sections):
     return d
 
 
-@pytest.mark.parametrize("lotus, extra, message", [
-    ({"enabled": True, "warmup_epochs": 2, "anneal_epochs": 2}, {}, "warmup_epochs + anneal_epochs (2 + 2) must be < train.epochs (4)"),
-    ({"enabled": True, "warmup_epochs": 2}, {"pruning": {"structured": {"mlp": 0.5, "at_epoch": 1}}}, "pruning.structured.at_epoch: epoch 1 falls inside the lotus warm-up"),
-    ({"enabled": True, "warmup_epochs": 1}, {"pruning": {"method": "magnitude", "at_epoch": 0.5}}, "pruning.at_epoch: epoch 0.5 falls inside the lotus warm-up"),
-    ({"enabled": True, "anneal_epochs": 1, "reselect": {"enabled": True, "epochs": [3]}}, {}, "lotus.reselect.epochs: epoch 3 is outside the reduced phase"),
-    ({"enabled": True, "reselect": {"enabled": True, "scorer": "nope"}}, {}, "lotus.reselect.scorer: expected one of"),
-    ({"enabled": True, "reselect": {"enabled": True, "scorer": "el2n"}}, {}, "el2n needs proxy trainings"),
-    ({"enabled": True, "reselect": {"enabled": True}}, {"tickets": {"file": "t.npz"}}, "cannot be combined with tickets.file"),
-    ({"enabled": False, "reselect": {"enabled": True}}, {}, "needs lotus.enabled: true"),
-    ({"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
-     {"tickets": {"patches": {"enabled": True, "schedule": [[0, 0.5]]}}}, "overlaps the lotus warm-up/anneal"),
-])
+@pytest.mark.parametrize(
+    "lotus, extra, message",
+    [
+        (
+            {"enabled": True, "warmup_epochs": 2, "anneal_epochs": 2},
+            {},
+            "warmup_epochs + anneal_epochs (2 + 2) must be < train.epochs (4)",
+        ),
+        (
+            {"enabled": True, "warmup_epochs": 2},
+            {"pruning": {"structured": {"mlp": 0.5, "at_epoch": 1}}},
+            "pruning.structured.at_epoch: epoch 1 falls inside the lotus warm-up",
+        ),
+        (
+            {"enabled": True, "warmup_epochs": 1},
+            {"pruning": {"method": "magnitude", "at_epoch": 0.5}},
+            "pruning.at_epoch: epoch 0.5 falls inside the lotus warm-up",
+        ),
+        (
+            {"enabled": True, "anneal_epochs": 1, "reselect": {"enabled": True, "epochs": [3]}},
+            {},
+            "lotus.reselect.epochs: epoch 3 is outside the reduced phase",
+        ),
+        (
+            {"enabled": True, "reselect": {"enabled": True, "scorer": "nope"}},
+            {},
+            "lotus.reselect.scorer: expected one of",
+        ),
+        ({"enabled": True, "reselect": {"enabled": True, "scorer": "el2n"}}, {}, "el2n needs proxy trainings"),
+        (
+            {"enabled": True, "reselect": {"enabled": True}},
+            {"tickets": {"file": "t.npz"}},
+            "cannot be combined with tickets.file",
+        ),
+        ({"enabled": False, "reselect": {"enabled": True}}, {}, "needs lotus.enabled: true"),
+        (
+            {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
+            {"tickets": {"patches": {"enabled": True, "schedule": [[0, 0.5]]}}},
+            "overlaps the lotus warm-up/anneal",
+        ),
+    ],
+)
 def test_impossible_schedules_are_errors(tiny_cfg_dict, lotus, extra, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict(_cfg(tiny_cfg_dict, lotus=lotus, **extra))
@@ -42,8 +73,13 @@ def test_schedule_derives_phase_settings_without_changing_the_config(tiny_cfg_di
     from lotus.config import config_to_dict
     from lotus.features.schedule.plan import Schedule
 
-    cfg = config_from_dict(_cfg(tiny_cfg_dict, lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
-                                tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}}))
+    cfg = config_from_dict(
+        _cfg(
+            tiny_cfg_dict,
+            lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
+            tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}},
+        )
+    )
     before = config_to_dict(cfg)
     s = Schedule(cfg)
     assert [list(p) for p in s.patch_keep_rates.points] == [[0.0, 1.0], [1.0, 0.5], [3.0, 1.0]]
@@ -83,10 +119,16 @@ class _Record(Callback):
 
 
 def _lotus_cfg(tiny_cfg_dict):
-    d = _cfg(tiny_cfg_dict,
-             lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1,
-                    "reselect": {"enabled": True, "scorer": "loss", "policy": "random", "fraction": 0.5}},
-             pruning={"structured": {"mlp": 0.5, "at_epoch": 2}})
+    d = _cfg(
+        tiny_cfg_dict,
+        lotus={
+            "enabled": True,
+            "warmup_epochs": 1,
+            "anneal_epochs": 1,
+            "reselect": {"enabled": True, "scorer": "loss", "policy": "random", "fraction": 0.5},
+        },
+        pruning={"structured": {"mlp": 0.5, "at_epoch": 2}},
+    )
     return config_from_dict(d)
 
 
@@ -143,12 +185,16 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
     # an unreachable target: no speed-ups, and bench.json stays strict JSON (null, not Infinity)
     table = write_bench(analyse(res, target=1.01, inference_repeats=1), str(tmp_path / "u"))
     assert "| base | " in table and " | 0/2 | -, - | - | - |" in table
-    assert "**lot: not faster than base** - reached the target in 0/2 seeds" in (tmp_path / "u" / "bench.md").read_text()
+    assert (
+        "**lot: not faster than base** - reached the target in 0/2 seeds" in (tmp_path / "u" / "bench.md").read_text()
+    )
     # inference timings are kept with the runs: a rerun reports the same img/s instead of re-timing
     kept = json.loads((Path(res[0].runs[0]) / "inference.json").read_text())
     assert analyse(res, inference_repeats=1)["rows"][0]["inf_img_per_s"] == pytest.approx(
-        statistics.fmean(json.loads((Path(d) / "inference.json").read_text())["result"]["img_per_s"]
-                         for d in res[0].runs))
+        statistics.fmean(
+            json.loads((Path(d) / "inference.json").read_text())["result"]["img_per_s"] for d in res[0].runs
+        )
+    )
     assert kept["key"]["repeats"] == 1 and kept["key"]["threads"] == 1
     strict = json.loads((tmp_path / "u" / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert strict["rows"][0]["time_to_target_mean"] is None
@@ -158,8 +204,14 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
     from lotus.errors import LotusError
 
     with pytest.raises(LotusError, match="was trained with another config"):
-        run_bench([str(base), str(other)], seeds=2, out=str(tmp_path / "b"), overrides=["optim.lr=0.01"],
-                  progress=False, quiet=True)
+        run_bench(
+            [str(base), str(other)],
+            seeds=2,
+            out=str(tmp_path / "b"),
+            overrides=["optim.lr=0.01"],
+            progress=False,
+            quiet=True,
+        )
 
 
 def test_bench_speedups_lower_bound_when_baseline_misses_target():
@@ -167,10 +219,22 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
 
     def row(name, tt, ft, curves):
         mean = lambda xs: sum(xs) / len(xs) if all(map(math.isfinite, xs)) else math.inf  # noqa: E731
-        return {"name": name, "seeds": len(tt), "final_acc_mean": 0.9, "final_acc_std": 0.0, "time_to_target": tt,
-                "time_to_target_mean": mean(tt), "flops_to_target": ft, "flops_to_target_mean": mean(ft),
-                "samples_mean": 1, "params": 1, "nonzero": 1, "inf_flops_per_img": 1, "inf_img_per_s": 10.0,
-                "curves": curves}
+        return {
+            "name": name,
+            "seeds": len(tt),
+            "final_acc_mean": 0.9,
+            "final_acc_std": 0.0,
+            "time_to_target": tt,
+            "time_to_target_mean": mean(tt),
+            "flops_to_target": ft,
+            "flops_to_target_mean": mean(ft),
+            "samples_mean": 1,
+            "params": 1,
+            "nonzero": 1,
+            "inf_flops_per_img": 1,
+            "inf_img_per_s": 10.0,
+            "curves": curves,
+        }
 
     # baseline: seed 0 reaches the target at 40 s, seed 1 never does (its run ends at 100 s / 1000 FLOPs)
     base = row("base", [40.0, math.inf], [400.0, math.inf], [[(100.0, 2000.0, 0.9)], [(100.0, 2000.0, 0.8)]])
@@ -181,11 +245,18 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
     assert math.isclose(fast["speedup_flops"], 1200.0 / 150.0)
     assert slow["speedup_time"] == 0.0 and not slow["speedup_is_lower_bound"]
     assert base["speedup_time"] == base["speedup_flops"] == 1.0 and not base["speedup_is_lower_bound"]
-    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in bench_table({"target": 0.9, "rows": [base, fast, slow]})
-             .splitlines()}
+    lines = {
+        ln.split(" | ")[0]: ln.split(" | ")
+        for ln in bench_table({"target": 0.9, "rows": [base, fast, slow]}).splitlines()
+    }
     # the table's speed-ups are per-seed ratios against the baseline's same seed (its unreached seed has none)
     assert lines["| base"][2:6] == ["1/2", "40.0, -", "1.00x (1.00-1.00) [1/2 seeds]", "1.00x (1.00-1.00) [1/2 seeds]"]
-    assert lines["| fast"][2:6] == ["2/2", "10.0, 20.0", "4.00x (4.00-4.00) [1/2 seeds]", "4.00x (4.00-4.00) [1/2 seeds]"]
+    assert lines["| fast"][2:6] == [
+        "2/2",
+        "10.0, 20.0",
+        "4.00x (4.00-4.00) [1/2 seeds]",
+        "4.00x (4.00-4.00) [1/2 seeds]",
+    ]
     assert lines["| slow"][2:6] == ["1/2", "10.0, -", "4.00x (4.00-4.00) [1/2 seeds]", "4.00x (4.00-4.00) [1/2 seeds]"]
     from lotus.bench import verdict
 
@@ -204,10 +275,13 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
 def test_resume_op_block_with_dynamic_pruning_and_thinning(tmp_path, tiny_cfg_dict):
     """The shipped digits_lotus recipe (OP block, dynamic data pruning, MLP + head thinning, anneal) resumes
     exactly from a run killed after the thinning event."""
-    d = _cfg(tiny_cfg_dict, model={**tiny_cfg_dict["model"], "block": "op"},
-             lotus={"enabled": True, "anneal_epochs": 1},
-             tickets={"dynamic": {"enabled": True, "ratio": 0.5}},
-             pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 2, "importance": "taylor"}})
+    d = _cfg(
+        tiny_cfg_dict,
+        model={**tiny_cfg_dict["model"], "block": "op"},
+        lotus={"enabled": True, "anneal_epochs": 1},
+        tickets={"dynamic": {"enabled": True, "ratio": 0.5}},
+        pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 2, "importance": "taylor"}},
+    )
     cfg = config_from_dict(d)
     full = Trainer(cfg, run_dir=str(tmp_path / "full"), quiet=True)
     summary = full.fit()

@@ -1,5 +1,6 @@
 """``lotus.schedule: auto``: decisions logged with their signals, config errors, bit-identical resume, and
 the fixed schedule untouched."""
+
 from __future__ import annotations
 
 import copy
@@ -21,12 +22,22 @@ from lotus.training import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AUTO = {
-    "tickets": {"dynamic": {"enabled": True, "ratio": 0.7},
-                "patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 1}},
+    "tickets": {
+        "dynamic": {"enabled": True, "ratio": 0.7},
+        "patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 1},
+    },
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
     # loose thresholds so that a 4-epoch run takes every kind of decision
-    "lotus": {"schedule": "auto", "auto": {"thin_tolerance": 10.0, "attention_mass": 0.05, "anneal_share": 0.25,
-                                           "learned_loss": 1.0, "patches_must_pay": False}},
+    "lotus": {
+        "schedule": "auto",
+        "auto": {
+            "thin_tolerance": 10.0,
+            "attention_mass": 0.05,
+            "anneal_share": 0.25,
+            "learned_loss": 1.0,
+            "patches_must_pay": False,
+        },
+    },
 }
 
 
@@ -52,7 +63,8 @@ def test_decisions_are_logged_with_their_signal_and_the_features_follow(tmp_path
         assert d["signal"] and d["reason"] and "threshold" in d and "measured" in d
         assert d["from_epoch"] == d["epoch"] + 1  # taken at an epoch end, for the next epoch
     assert summary["auto_schedule"]["decisions"] == [
-        {k: v for k, v in d.items() if k not in ("type", "event", "epoch", "step", "wall_s")} for d in decisions]
+        {k: v for k, v in d.items() if k not in ("type", "event", "epoch", "step", "wall_s")} for d in decisions
+    ]
     # the same events reach metrics.jsonl, and the epoch records name what was decided
     logged = [r for r in _records(run) if r.get("event") == "auto_decision"]
     assert [r["what"] for r in logged] == kinds
@@ -94,17 +106,20 @@ def test_resume_after_a_decision_is_bit_identical(tmp_path, tiny_cfg_dict, one_t
     assert logged == [x["what"] for x in summary["auto_schedule"]["decisions"]]
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"lotus": {"schedule": "sometimes"}}, "lotus.schedule"),
-    ({"lotus": {"schedule": "auto", "auto": {"patience": 2}}}, "lotus.auto.patience"),
-    ({"lotus": {"schedule": "auto", "auto": {"thin_tolerance": -1}}}, "lotus.auto.thin_tolerance"),
-    ({"lotus": {"schedule": "auto", "auto": {"thin_candidates": [0.0]}}}, "lotus.auto.thin_candidates"),
-    ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
-    ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
-    ({"tickets": {"patches": {"enabled": True, "source": "file", "file": "ticket.npz"}}}, "tickets.patches.source"),
-    ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
-    ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"lotus": {"schedule": "sometimes"}}, "lotus.schedule"),
+        ({"lotus": {"schedule": "auto", "auto": {"patience": 2}}}, "lotus.auto.patience"),
+        ({"lotus": {"schedule": "auto", "auto": {"thin_tolerance": -1}}}, "lotus.auto.thin_tolerance"),
+        ({"lotus": {"schedule": "auto", "auto": {"thin_candidates": [0.0]}}}, "lotus.auto.thin_candidates"),
+        ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
+        ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
+        ({"tickets": {"patches": {"enabled": True, "source": "file", "file": "ticket.npz"}}}, "tickets.patches.source"),
+        ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
+        ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
+    ],
+)
 def test_invalid_auto_settings_name_the_key(tiny_cfg_dict, change, key):
     d = _auto_dict(tiny_cfg_dict)
     for section, values in change.items():
@@ -136,8 +151,12 @@ def test_auto_needs_a_feature_to_drive(tiny_cfg_dict):
 def test_decision_log_replays_to_the_same_plan():
     st = AutoState(epochs=10, anneal_share=0.2, max_warmup=0.5)
     assert [st.phase(e) for e in range(10)] == ["warmup"] * 5 + ["reduce"] * 3 + ["anneal"] * 2  # budget limits
-    log = [{"what": "reduce", "from_epoch": 2, "value": 2}, {"what": "keep_rate", "from_epoch": 2, "value": 0.75},
-           {"what": "dynamic_ratio", "from_epoch": 3, "value": 0.4}, {"what": "anneal", "from_epoch": 6, "value": 6}]
+    log = [
+        {"what": "reduce", "from_epoch": 2, "value": 2},
+        {"what": "keep_rate", "from_epoch": 2, "value": 0.75},
+        {"what": "dynamic_ratio", "from_epoch": 3, "value": 0.4},
+        {"what": "anneal", "from_epoch": 6, "value": 6},
+    ]
     for d in log:
         st.record(d)
     again = AutoState(epochs=10, anneal_share=0.2, max_warmup=0.5)
@@ -198,7 +217,9 @@ def test_thinning_waits_until_the_model_has_learned_enough(tmp_path, tiny_cfg_di
     # a rise of 0.05 is 0.05 / (0.1 * (epoch + 1)) of the loss learned: within 0.2 from epoch 2 on, not before
     summary, thin = _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda kept: 0.05)
     assert len(thin) == 1 and thin[0]["epoch"] == 2 and thin[0]["value"] == {"heads": 0.0, "mlp": 0.5}
-    assert thin[0]["measured"] == pytest.approx(0.05 / 0.3, abs=1e-5) and thin[0]["signal"] == "probe_loss_rise_of_learned"
+    assert (
+        thin[0]["measured"] == pytest.approx(0.05 / 0.3, abs=1e-5) and thin[0]["signal"] == "probe_loss_rise_of_learned"
+    )
     pruned = [e for e in summary["events"] if e["event"] == "prune_structured"]
     assert [e["epoch"] for e in pruned] == [3]
 
@@ -262,8 +283,9 @@ def _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, step_seconds) -> tuple[dict
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
 
 
-def test_patch_tickets_stay_off_when_they_save_less_than_reranking_costs(tmp_path, tiny_cfg_dict, monkeypatch,
-                                                                         one_thread):
+def test_patch_tickets_stay_off_when_they_save_less_than_reranking_costs(
+    tmp_path, tiny_cfg_dict, monkeypatch, one_thread
+):
     # training on fewer patches is scripted to save nothing: any re-ranking costs more, so they never start
     summary, rates = _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: (0.01, 0.01))
     assert len(rates) == 1 and rates[0]["value"] == 1.0 and rates[0]["signal"] == "patch_seconds_saved_per_epoch"
@@ -306,8 +328,9 @@ def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0, epochs: int = 6) 
     return d
 
 
-def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0),
-                      keep_stall=0.0, run="run", epochs=6) -> tuple[dict, list[dict]]:
+def _random_patch_run(
+    tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step_seconds=(10.0, 0.0), keep_stall=0.0, run="run", epochs=6
+) -> tuple[dict, list[dict]]:
     """A 6-epoch auto run driving random patch tickets (8 of 16 patches at the floor), whose probe loss on all
     patches (``full``) and rise per kept count (``rise(k)``) are scripted (the stall signal off by default)."""
     d = _random_patch_dict(tiny_cfg_dict, keep_stall, epochs)
@@ -317,9 +340,11 @@ def _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, rise, full=0.1, step
         f = full if full_loss is None else full_loss
         return f, ({} if f >= gate else {k: rise(k) for k in ks})
 
-    monkeypatch.setattr(auto_probes, "random_keep_rises",
-                        lambda trainer, model, data, ks, full=None, gate=math.inf: rises(trainer, model, data, ks, full,
-                                                                                         gate))
+    monkeypatch.setattr(
+        auto_probes,
+        "random_keep_rises",
+        lambda trainer, model, data, ks, full=None, gate=math.inf: rises(trainer, model, data, ks, full, gate),
+    )
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / run), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
 
@@ -328,8 +353,9 @@ def _keep_rates(run_dir) -> list[float]:
     return [r["patch_keep_rate"] for r in _records(run_dir) if r.get("type") == "epoch"]
 
 
-def test_random_patches_start_at_the_floor_and_hold_it_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
-                                                                         one_thread):
+def test_random_patches_start_at_the_floor_and_hold_it_within_tolerance(
+    tmp_path, tiny_cfg_dict, monkeypatch, one_thread
+):
     summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.1)
     assert [(d["value"], d["from_epoch"], d["signal"]) for d in rates] == [(0.5, 0, "random_patches_at_start")]
     assert "8 of 16 random patches from the start" in rates[0]["reason"] and "saves" in rates[0]["reason"]
@@ -360,8 +386,7 @@ def test_random_patches_rise_a_rung_when_the_train_loss_stalls(tmp_path, tiny_cf
     assert _keep_rates(tmp_path / "run") == [0.5, 0.5, 0.625, 0.625, 1.0, 1.0]
 
 
-def test_random_patches_rise_to_all_when_no_rung_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch,
-                                                                      one_thread):
+def test_random_patches_rise_to_all_when_no_rung_is_within_tolerance(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
     summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5)
     assert [d["value"] for d in rates] == [0.5, 1.0]
     assert _keep_rates(tmp_path / "run") == [0.5] + [1.0] * 5
@@ -375,16 +400,20 @@ def test_random_patches_wait_until_the_probe_batches_are_learned(tmp_path, tiny_
     assert all("auto_keep_rise" not in r for r in _records(tmp_path / "run") if r.get("type") == "epoch")
 
 
-def test_random_patches_stall_signal_starts_after_the_warmup_when_nothing_is_learned(tmp_path, tiny_cfg_dict,
-                                                                                     monkeypatch, one_thread):
+def test_random_patches_stall_signal_starts_after_the_warmup_when_nothing_is_learned(
+    tmp_path, tiny_cfg_dict, monkeypatch, one_thread
+):
     # the probe batches are never learned (no rise is measured), but the train loss stalls: the first stall
     # check is at the end of the second reduced-phase epoch (reduce from epoch 2 at the latest: epoch 3)
-    summary, rates = _random_patch_run(tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5, full=10.0,
-                                       keep_stall=1.0, epochs=8)
+    summary, rates = _random_patch_run(
+        tmp_path, tiny_cfg_dict, monkeypatch, lambda k: 0.5, full=10.0, keep_stall=1.0, epochs=8
+    )
     reduce = next(e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "reduce")
     assert reduce["from_epoch"] == 2
     assert [(d["value"], d["from_epoch"], d["signal"]) for d in rates] == [
-        (0.5, 0, "random_patches_at_start"), (0.625, 4, "train_loss_improvement_on_kept_patches")]
+        (0.5, 0, "random_patches_at_start"),
+        (0.625, 4, "train_loss_improvement_on_kept_patches"),
+    ]
     assert _keep_rates(tmp_path / "run") == [0.5] * 4 + [0.625] * 2 + [1.0] * 2
 
 

@@ -1,4 +1,5 @@
 """tests/slow_tests.txt names real tests, and the ``slow`` marker they get is registered in pyproject.toml."""
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,11 @@ TESTS = Path(__file__).resolve().parent
 
 def _test_names(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and n.name.startswith("test")}
+    return {
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")
+    }
 
 
 def test_every_entry_names_an_existing_test():

@@ -1,4 +1,5 @@
 """ThreadTuner: picks the fastest thread count, prefers fewer on ties, flags step-time jumps, leaves state alone."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,10 @@ def test_default_candidates():
     assert ThreadTuner([2, 1, 2]).candidates == [1, 2]
 
 
-@pytest.mark.parametrize("cost, expected", [({1: 0.01, 2: 0.1}, 1), ({1: 0.1, 2: 0.01}, 2),
-                                            ({1: 0.1, 2: 0.02, 4: 0.05}, 2), ({1: 0.1, 2: 0.05, 4: 0.02}, 4)])
+@pytest.mark.parametrize(
+    "cost, expected",
+    [({1: 0.01, 2: 0.1}, 1), ({1: 0.1, 2: 0.01}, 2), ({1: 0.1, 2: 0.02, 4: 0.05}, 2), ({1: 0.1, 2: 0.05, 4: 0.02}, 4)],
+)
 def test_tune_picks_the_fastest_and_sets_it(monkeypatch, cost, expected):
     torch.set_num_threads(1)
     tuner, _, chosen = _tune(monkeypatch, cost)
@@ -127,8 +130,10 @@ def test_observe_flags_a_3x_jump_and_not_noise():
     tuner = ThreadTuner([1], window=9, jump_factor=2.0)
     # noise: +-20% jitter, a 3.5x spike every 4th step (at most 3 in any 9) and a 0.4x dip every 7th:
     # never a re-tune
-    noise = [0.1 * (1 + 0.2 * ((i * 7) % 5 - 2) / 2) * (3.5 if i % 4 == 3 else 0.4 if i % 7 == 5 else 1.0)
-             for i in range(300)]
+    noise = [
+        0.1 * (1 + 0.2 * ((i * 7) % 5 - 2) / 2) * (3.5 if i % 4 == 3 else 0.4 if i % 7 == 5 else 1.0)
+        for i in range(300)
+    ]
     assert _feed(tuner, noise) == []
     assert tuner.baseline == pytest.approx(0.1, rel=0.25)
     # a sustained 3x jump: flagged once the slow steps are the majority of the window (5 of 9)

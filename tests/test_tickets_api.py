@@ -1,4 +1,5 @@
 """data_tickets public surface: the top-level exports and the module map in the package docstring."""
+
 from __future__ import annotations
 
 import importlib

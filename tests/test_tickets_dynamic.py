@@ -1,4 +1,5 @@
 """DynamicPruner (InfoBatch-style dynamic data pruning): counts, weights, annealing, determinism, sharding, resume."""
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,7 @@ def test_counts_and_weights_per_epoch():
     st = p.stats
     assert st["below_mean"] == 40 and st["pruned"] == 20 and st["kept"] == 80
     assert len(idx) == len(p) == 80 and len(set(idx.tolist())) == 80
-    assert set(range(40, N)) <= set(idx.tolist())          # above-mean samples are never dropped
+    assert set(range(40, N)) <= set(idx.tolist())  # above-mean samples are never dropped
     kept_below = sorted(set(idx.tolist()) & set(range(40)))
     assert len(kept_below) == 20
     w = p.weights(torch.arange(N))
@@ -202,7 +203,7 @@ def test_state_round_trip_resumes_identically():
 
 def test_auto_advance_without_set_epoch():
     p = _scored(num_epochs=4, anneal=0.25)
-    assert len(list(p)) == 80    # epoch 0 plan (scores already recorded)
+    assert len(list(p)) == 80  # epoch 0 plan (scores already recorded)
     list(p)
     list(p)
     assert p.epoch == 2
@@ -276,6 +277,7 @@ def test_update_validates_shapes_and_range():
 
 def test_final_kept_set_and_ticket_export(tmp_path):
     from data_tickets import TicketFile
+
     p = _scored(seed=1)
     kept = p.final_kept_indices()
     assert kept.size == 80 and set(range(40, N)) <= set(kept.tolist())

@@ -1,4 +1,5 @@
 """Ticket files: round trip, fingerprints, atomic save and every rejection case (one-line errors)."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ class Images(Dataset):
 def make_ticket(ds: Dataset, **kw) -> TicketFile:
     scores = np.linspace(0, 1, len(ds)).astype(np.float32)
     idx = select(scores, "top", fraction=0.4, seed=3)
-    fields = dict(scores=scores, scorer="el2n", policy="top", fraction=0.4, seed=3,
-                  proxy={"epochs": 2, "model": "mlp"}, extra={"beta": 0.1})
+    fields = dict(
+        scores=scores,
+        scorer="el2n",
+        policy="top",
+        fraction=0.4,
+        seed=3,
+        proxy={"epochs": 2, "model": "mlp"},
+        extra={"beta": 0.1},
+    )
     fields.update(kw)
     return TicketFile.create(idx, dataset=ds, **fields)
 
@@ -98,10 +106,13 @@ def test_unreproducible_reads_skip_the_pixel_hash():
     assert dataset_fingerprint(Drifting())["pixels_sha256"] is None
 
 
-@pytest.mark.parametrize("other,reason", [
-    (lambda: Images(n=51), "dataset size differs"),
-    (lambda: Images(seed=1), "sampled pixels hash differs"),
-])
+@pytest.mark.parametrize(
+    "other,reason",
+    [
+        (lambda: Images(n=51), "dataset size differs"),
+        (lambda: Images(seed=1), "sampled pixels hash differs"),
+    ],
+)
 def test_fingerprint_mismatch(tmp_path, other, reason):
     make_ticket(Images()).save(tmp_path / "t.npz")
     t = TicketFile.load(tmp_path / "t.npz")
@@ -142,34 +153,46 @@ def _meta(**over):
     return np.array(json.dumps(m))
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda p: None, "not found"),
-    (lambda p: p.mkdir(), "is a directory"),
-    (lambda p: p.write_bytes(b""), "not a zip archive"),
-    (lambda p: p.write_text("hello"), "not a zip archive"),
-    (lambda p: np.save(open(p, "wb"), np.arange(3)), "not a zip archive"),
-    (lambda p: _write_npz(p, indices=np.arange(3)), "missing array.*meta"),
-    (lambda p: _write_npz(p, meta=_meta()), "missing array.*indices"),
-    (lambda p: _write_npz(p, indices=np.array([1, "a"], dtype=object), meta=_meta()), "pickled objects"),
-    (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array("{not json")), "malformed metadata JSON"),
-    (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array(3)), "'meta' must be a JSON string"),
-    (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array(json.dumps({"a": 1}))), "not a lotus ticket"),
-    (lambda p: _write_npz(p, indices=np.arange(3), meta=_meta(format_version=9)), "unsupported format_version 9"),
-    (lambda p: _write_npz(p, indices=np.ones((2, 2), int), meta=_meta()), "1-D integer array"),
-    (lambda p: _write_npz(p, indices=np.ones(3), meta=_meta()), "1-D integer array"),
-    (lambda p: _write_npz(p, indices=np.array([1, 10]), meta=_meta()), r"index 10 out of range \[0, 10\)"),
-    (lambda p: _write_npz(p, indices=np.array([-1, 2]), meta=_meta()), r"index -1 out of range"),
-    (lambda p: _write_npz(p, indices=np.array([2, 2]), meta=_meta()), "duplicates"),
-    (lambda p: _write_npz(p, indices=np.array([], dtype=int), meta=_meta()), "empty subset"),
-    (lambda p: _write_npz(p, indices=np.arange(3), scores=np.ones(4), meta=_meta()), "scores has 4 entries"),
-    (lambda p: _write_npz(p, indices=np.arange(3), scores=np.array(["a"] * 10), meta=_meta()), "'scores' has dtype"),
-    (lambda p: _write_npz(p, indices=np.arange(3), patch_indices=np.zeros((9, 2), int), meta=_meta()),
-     "patch_indices must be"),
-    (lambda p: _write_npz(p, indices=np.arange(3), patch_indices=np.full((10, 2), 5), patch_scores=np.ones((10, 4)),
-                          meta=_meta()), "only 4 patches"),
-    (lambda p: _write_npz(p, indices=np.arange(3), meta=_meta(fingerprint=[1])), "malformed fingerprint"),
-    (lambda p: _garbage_zip(p), "not a valid .npz ticket file"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: None, "not found"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.write_bytes(b""), "not a zip archive"),
+        (lambda p: p.write_text("hello"), "not a zip archive"),
+        (lambda p: np.save(open(p, "wb"), np.arange(3)), "not a zip archive"),
+        (lambda p: _write_npz(p, indices=np.arange(3)), "missing array.*meta"),
+        (lambda p: _write_npz(p, meta=_meta()), "missing array.*indices"),
+        (lambda p: _write_npz(p, indices=np.array([1, "a"], dtype=object), meta=_meta()), "pickled objects"),
+        (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array("{not json")), "malformed metadata JSON"),
+        (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array(3)), "'meta' must be a JSON string"),
+        (lambda p: _write_npz(p, indices=np.arange(3), meta=np.array(json.dumps({"a": 1}))), "not a lotus ticket"),
+        (lambda p: _write_npz(p, indices=np.arange(3), meta=_meta(format_version=9)), "unsupported format_version 9"),
+        (lambda p: _write_npz(p, indices=np.ones((2, 2), int), meta=_meta()), "1-D integer array"),
+        (lambda p: _write_npz(p, indices=np.ones(3), meta=_meta()), "1-D integer array"),
+        (lambda p: _write_npz(p, indices=np.array([1, 10]), meta=_meta()), r"index 10 out of range \[0, 10\)"),
+        (lambda p: _write_npz(p, indices=np.array([-1, 2]), meta=_meta()), r"index -1 out of range"),
+        (lambda p: _write_npz(p, indices=np.array([2, 2]), meta=_meta()), "duplicates"),
+        (lambda p: _write_npz(p, indices=np.array([], dtype=int), meta=_meta()), "empty subset"),
+        (lambda p: _write_npz(p, indices=np.arange(3), scores=np.ones(4), meta=_meta()), "scores has 4 entries"),
+        (
+            lambda p: _write_npz(p, indices=np.arange(3), scores=np.array(["a"] * 10), meta=_meta()),
+            "'scores' has dtype",
+        ),
+        (
+            lambda p: _write_npz(p, indices=np.arange(3), patch_indices=np.zeros((9, 2), int), meta=_meta()),
+            "patch_indices must be",
+        ),
+        (
+            lambda p: _write_npz(
+                p, indices=np.arange(3), patch_indices=np.full((10, 2), 5), patch_scores=np.ones((10, 4)), meta=_meta()
+            ),
+            "only 4 patches",
+        ),
+        (lambda p: _write_npz(p, indices=np.arange(3), meta=_meta(fingerprint=[1])), "malformed fingerprint"),
+        (lambda p: _garbage_zip(p), "not a valid .npz ticket file"),
+    ],
+)
 def test_load_rejections(tmp_path, make, match):
     p = tmp_path / "bad.npz"
     make(p)

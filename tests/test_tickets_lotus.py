@@ -1,4 +1,5 @@
 """Data tickets inside lotus: `lotus select`, training on tickets.file, the lotus proxy, error exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,24 @@ class SeenIndices(Callback):
 
 def test_select_writes_ticket_and_training_uses_only_it(tmp_path, capsys, small_yaml, small_bundle):
     out = tmp_path / "t" / "loss30.npz"
-    code, stdout, err = run_cli(capsys, "select", "--config", small_yaml, "--scorer", "loss", "--policy", "top",
-                                "--fraction", 0.3, "--proxy-epochs", 1, "--class-balanced", "--out", out, "--quiet")
+    code, stdout, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--scorer",
+        "loss",
+        "--policy",
+        "top",
+        "--fraction",
+        0.3,
+        "--proxy-epochs",
+        1,
+        "--class-balanced",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, err
     info = json.loads(stdout.strip().splitlines()[-1])
     assert info["count"] == 90 and info["train_size"] == 300
@@ -64,9 +81,13 @@ def test_select_writes_ticket_and_training_uses_only_it(tmp_path, capsys, small_
     assert t.proxy["trainer"] == "lotus.training.Trainer" and t.proxy["epochs"] == 1
     t.validate_against(small_bundle.train, labels=small_bundle.labels_train)
     labels = small_bundle.labels_train
-    assert np.array_equal(np.bincount(labels[t.indices], minlength=10),  # class balanced
-                          np.round(np.bincount(labels, minlength=10) * 0.3).astype(int)) or \
-        abs(np.bincount(labels[t.indices], minlength=10) - np.bincount(labels, minlength=10) * 0.3).max() < 1
+    assert (
+        np.array_equal(
+            np.bincount(labels[t.indices], minlength=10),  # class balanced
+            np.round(np.bincount(labels, minlength=10) * 0.3).astype(int),
+        )
+        or abs(np.bincount(labels[t.indices], minlength=10) - np.bincount(labels, minlength=10) * 0.3).max() < 1
+    )
 
     seen = SeenIndices()
     cfg = load_config(small_yaml, [f"tickets.file={out}"])
@@ -80,8 +101,21 @@ def test_select_writes_ticket_and_training_uses_only_it(tmp_path, capsys, small_
 
 def test_select_random_needs_no_scoring_and_reuses_scores(tmp_path, capsys, small_yaml):
     a = tmp_path / "random.npz"
-    code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--policy", "random", "--count", 50,
-                           "--seed", 3, "--out", a, "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--policy",
+        "random",
+        "--count",
+        50,
+        "--seed",
+        3,
+        "--out",
+        a,
+        "--quiet",
+    )
     assert code == 0, err
     ta = TicketFile.load(a)
     assert ta.count == 50 and ta.scorer is None and ta.scores is None and ta.seed == 3
@@ -92,11 +126,26 @@ def test_select_random_needs_no_scoring_and_reuses_scores(tmp_path, capsys, smal
 
     data = build_datasets(cfg.data, 16, None)
     fake_scores = np.linspace(0, 1, 300).astype(np.float32)
-    TicketFile.create(np.arange(10), dataset=data.train, labels=data.labels_train, scores=fake_scores,
-                      scorer="el2n", policy="top").save(src)
+    TicketFile.create(
+        np.arange(10), dataset=data.train, labels=data.labels_train, scores=fake_scores, scorer="el2n", policy="top"
+    ).save(src)
     b = tmp_path / "reused.npz"
-    code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--from-ticket", src, "--policy", "top",
-                           "--fraction", 0.1, "--no-class-balance", "--out", b, "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--from-ticket",
+        src,
+        "--policy",
+        "top",
+        "--fraction",
+        0.1,
+        "--no-class-balance",
+        "--out",
+        b,
+        "--quiet",
+    )
     assert code == 0, err
     tb = TicketFile.load(b)
     assert tb.scorer == "el2n" and np.array_equal(tb.scores, fake_scores)
@@ -108,9 +157,27 @@ def test_select_with_checkpoint_and_patch_tickets(tmp_path, capsys, small_yaml):
     cfg = load_config(small_yaml)
     Trainer(cfg, run_dir=str(tmp_path / "run"), quiet=True).fit()
     out = tmp_path / "ent.npz"
-    code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--checkpoint", tmp_path / "run",
-                           "--scorer", "entropy", "--policy", "ccs", "--beta", 0.2, "--fraction", 0.5,
-                           "--patches", 0.5, "--out", out, "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--checkpoint",
+        tmp_path / "run",
+        "--scorer",
+        "entropy",
+        "--policy",
+        "ccs",
+        "--beta",
+        0.2,
+        "--fraction",
+        0.5,
+        "--patches",
+        0.5,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, err
     t = TicketFile.load(out)
     assert t.count == 150 and t.proxy["checkpoint"].endswith("best.safetensors")
@@ -143,14 +210,16 @@ def _ticket_for(bundle, indices, **kw) -> TicketFile:
 
 def test_train_rejects_bad_ticket_files(tmp_path, capsys, small_yaml, small_bundle):
     missing = tmp_path / "missing.npz"
-    code, _, err = run_cli(capsys, "train", "--config", small_yaml, "--set", f"tickets.file={missing}",
-                           "--out", tmp_path / "r1", "--quiet")
+    code, _, err = run_cli(
+        capsys, "train", "--config", small_yaml, "--set", f"tickets.file={missing}", "--out", tmp_path / "r1", "--quiet"
+    )
     assert code == 2 and err.strip() == f"error: tickets.file: ticket file {missing}: not found"
 
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
-    code, _, err = run_cli(capsys, "train", "--config", small_yaml, "--set", f"tickets.file={bad}",
-                           "--out", tmp_path / "r2", "--quiet")
+    code, _, err = run_cli(
+        capsys, "train", "--config", small_yaml, "--set", f"tickets.file={bad}", "--out", tmp_path / "r2", "--quiet"
+    )
     assert code == 2 and "not a valid .npz ticket file" in err and len(err.strip().splitlines()) == 1
 
     other = tmp_path / "other.npz"  # made for the full digits train split, not the 300-image one
@@ -158,14 +227,16 @@ def test_train_rejects_bad_ticket_files(tmp_path, capsys, small_yaml, small_bund
 
     full = build_datasets(load_config(small_yaml, ["data.limit_train=null"]).data, 16, None)
     _ticket_for(full, np.arange(20)).save(other)
-    code, _, err = run_cli(capsys, "train", "--config", small_yaml, "--set", f"tickets.file={other}",
-                           "--out", tmp_path / "r3", "--quiet")
+    code, _, err = run_cli(
+        capsys, "train", "--config", small_yaml, "--set", f"tickets.file={other}", "--out", tmp_path / "r3", "--quiet"
+    )
     assert code == 2 and "dataset fingerprint mismatch: dataset size differs (file 1437, dataset 300)" in err
 
     oob = tmp_path / "oob.npz"
     TicketFile(indices=[1, 2, 400]).save(oob)  # no fingerprint: the range is checked against the train split
-    code, _, err = run_cli(capsys, "train", "--config", small_yaml, "--set", f"tickets.file={oob}",
-                           "--out", tmp_path / "r4", "--quiet")
+    code, _, err = run_cli(
+        capsys, "train", "--config", small_yaml, "--set", f"tickets.file={oob}", "--out", tmp_path / "r4", "--quiet"
+    )
     assert code == 2 and "out of range [0, 300)" in err
 
     code, _, err = run_cli(capsys, "train", "--config", small_yaml, "--set", "tickets.file=t.txt", "--quiet")
@@ -179,21 +250,45 @@ def test_select_rejects_bad_arguments(tmp_path, capsys, small_yaml, small_bundle
     exists.write_bytes(b"keep me")
     cases = [
         (["--policy", "random", "--fraction", 0.5, "--out", exists], "already exists (pass --force"),
-        (["--policy", "random", "--fraction", 1.5, "--out", tmp_path / "a.npz"], "--fraction: expected a number in (0, 1]"),
+        (
+            ["--policy", "random", "--fraction", 1.5, "--out", tmp_path / "a.npz"],
+            "--fraction: expected a number in (0, 1]",
+        ),
         (["--policy", "random", "--count", 301, "--out", tmp_path / "a.npz"], "count: expected an integer in 1..300"),
         (["--policy", "random", "--fraction", 0.5, "--out", tmp_path / "a.txt"], "--out: expected a .npz"),
-        (["--scorer", "loss", "--checkpoint", tmp_path / "nope.safetensors", "--fraction", 0.5,
-          "--out", tmp_path / "a.npz"], "--checkpoint: file not found"),
-        (["--policy", "top", "--beta", 0.1, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
-         "--beta/--strata: only used by --policy ccs"),
-        (["--policy", "top", "--from-ticket", exists, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
-         "--from-ticket: ticket file"),
-        (["--scorer", "prototype", "--repeats", 2, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
-         "--repeats: not used by --scorer prototype"),
-        (["--scorer", "cls_attention", "--layer", "last", "--fraction", 0.5, "--out", tmp_path / "a.npz"],
-         "--layer: expected a block index or 'rollout'"),
-        (["--scorer", "forgetting", "--proxy-epochs", 1, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
-         "forgetting needs >= 2 epochs"),
+        (
+            [
+                "--scorer",
+                "loss",
+                "--checkpoint",
+                tmp_path / "nope.safetensors",
+                "--fraction",
+                0.5,
+                "--out",
+                tmp_path / "a.npz",
+            ],
+            "--checkpoint: file not found",
+        ),
+        (
+            ["--policy", "top", "--beta", 0.1, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
+            "--beta/--strata: only used by --policy ccs",
+        ),
+        (
+            ["--policy", "top", "--from-ticket", exists, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
+            "--from-ticket: ticket file",
+        ),
+        (
+            ["--scorer", "prototype", "--repeats", 2, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
+            "--repeats: not used by --scorer prototype",
+        ),
+        (
+            ["--scorer", "cls_attention", "--layer", "last", "--fraction", 0.5, "--out", tmp_path / "a.npz"],
+            "--layer: expected a block index or 'rollout'",
+        ),
+        (
+            ["--scorer", "forgetting", "--proxy-epochs", 1, "--fraction", 0.5, "--out", tmp_path / "a.npz"],
+            "forgetting needs >= 2 epochs",
+        ),
         (["--scorer", "loss", "--proxy-epochs", 0, "--fraction", 0.5, "--out", tmp_path / "a.npz"], "--proxy-epochs"),
     ]
     for extra, msg in cases:
@@ -223,9 +318,27 @@ def test_resume_refuses_a_changed_ticket(tmp_path, small_yaml, small_bundle):
 
 
 def test_cli_process_exit_code_without_traceback(tmp_path, small_yaml):
-    r = subprocess.run([sys.executable, "-m", "lotus", "select", "--config", str(small_yaml), "--policy", "random",
-                        "--from-ticket", str(tmp_path / "none.npz"), "--fraction", "0.5",
-                        "--out", str(tmp_path / "o.npz")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lotus",
+            "select",
+            "--config",
+            str(small_yaml),
+            "--policy",
+            "random",
+            "--from-ticket",
+            str(tmp_path / "none.npz"),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(tmp_path / "o.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: --from-ticket: ticket file") and "Traceback" not in r.stderr
 
@@ -235,9 +348,27 @@ def test_select_patches_from_a_cached_proxy(tmp_path, capsys, small_yaml, monkey
     orig = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self: fits.append(1) or orig(self))
     out = tmp_path / "p.npz"
-    code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--scorer", "cls_attention", "--layer", "rollout",
-                           "--proxy-epochs", 1, "--policy", "top", "--fraction", 0.5, "--patches", 0.25,
-                           "--out", out, "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--scorer",
+        "cls_attention",
+        "--layer",
+        "rollout",
+        "--proxy-epochs",
+        1,
+        "--policy",
+        "top",
+        "--fraction",
+        0.5,
+        "--patches",
+        0.25,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, err
     assert len(fits) == 1  # one proxy training serves the sample scores and the patch ranking
     t = TicketFile.load(out)
@@ -251,8 +382,17 @@ def test_cls_attention_on_op_block_vits(qk_norm):
     from data_tickets.attention import cls_attention
     from lotus.models import create_model
 
-    cfg = config_from_dict({"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op",
-                                      "op": {"qk_norm": qk_norm, "softcap": 2.0}}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": "lotus_vit_micro",
+                "img_size": 16,
+                "patch_size": 4,
+                "block": "op",
+                "op": {"qk_norm": qk_norm, "softcap": 2.0},
+            }
+        }
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model, 10, 1, 16).eval()
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """tickets.dynamic and tickets.patches in lotus training: config validation, tiny runs, files, resume."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from lotus.callbacks import Callback
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError, LotusError
-from lotus.callbacks import Callback
 from lotus.training import Trainer
 
 TRAIN_SIZE = 1437  # digits train split (val_fraction 0.2)
@@ -107,7 +108,6 @@ def test_dynamic_pruning_run_saves_samples_and_exports_a_ticket(tmp_path, tiny_c
 
 def test_dynamic_pruning_stays_inside_a_ticket_subset(tmp_path, tiny_cfg_dict):
     from data_tickets import TicketFile
-
     from lotus.data import build_datasets
 
     bundle = build_datasets(config_from_dict(tiny_cfg_dict).data, 16, 1)
@@ -155,9 +155,9 @@ def test_dynamic_pruning_resume_matches_uninterrupted(tmp_path, tiny_cfg_dict):
 @pytest.mark.parametrize(
     "patches",
     [
-        {"keep_rate": 0.5},                                   # online CLS attention, re-scored every epoch
+        {"keep_rate": 0.5},  # online CLS attention, re-scored every epoch
         {"keep_rate": 0.25, "refresh_every": 0, "rollout": True},  # scored on every (augmented) batch
-        {"keep_rate": 0.5, "scorer": "random"},               # the baseline
+        {"keep_rate": 0.5, "scorer": "random"},  # the baseline
     ],
 )
 def test_patch_tickets_train_on_kept_tokens_and_evaluate_on_all(tiny_cfg_dict, patches):
@@ -179,8 +179,11 @@ def test_patch_tickets_train_on_kept_tokens_and_evaluate_on_all(tiny_cfg_dict, p
 
 def test_patch_keep_rate_schedule_and_dynamic_together(tiny_cfg_dict):
     tiny_cfg_dict["train"]["epochs"] = 3
-    cfg = _cfg(tiny_cfg_dict, dynamic={"enabled": True, "anneal": 0.0},
-               patches={"enabled": True, "schedule": [[0, 1.0], [1, 0.25], [2, 0.5]]})
+    cfg = _cfg(
+        tiny_cfg_dict,
+        dynamic={"enabled": True, "anneal": 0.0},
+        patches={"enabled": True, "schedule": [[0, 1.0], [1, 0.25], [2, 0.5]]},
+    )
     rec = Recorder()
     seen_tokens = {}
 
@@ -191,7 +194,8 @@ def test_patch_keep_rate_schedule_and_dynamic_together(tiny_cfg_dict):
             from lotus.models import unwrap
 
             unwrap(trainer.model).blocks[0].register_forward_pre_hook(
-                lambda m, a: seen_tokens.setdefault(trainer.epoch, set()).add(a[0].shape[1]) if m.training else None)
+                lambda m, a: seen_tokens.setdefault(trainer.epoch, set()).add(a[0].shape[1]) if m.training else None
+            )
 
     summary = Trainer(cfg, write=False, quiet=True, callbacks=[rec, PerEpoch()]).fit()
     assert seen_tokens == {0: {17}, 1: {5}, 2: {9}}
@@ -203,16 +207,16 @@ def test_patch_keep_rate_schedule_and_dynamic_together(tiny_cfg_dict):
 def test_patch_tickets_from_a_file(tmp_path, tiny_cfg_dict):
     from data_tickets import TicketFile
     from data_tickets.patches import num_kept
-
     from lotus.checkpoint import save_weights
-    from lotus.models import create_model
     from lotus.features.patches.ticket_file import make_patch_ticket_file
+    from lotus.models import create_model
 
     cfg0 = config_from_dict(tiny_cfg_dict)
     scorer = create_model(cfg0.model, 10, 1, 16)
     save_weights(scorer, tmp_path / "scorer.safetensors")
-    made = make_patch_ticket_file(cfg0, str(tmp_path / "p.npz"), checkpoint=str(tmp_path / "scorer.safetensors"),
-                                  keep_rate=0.5, progress=False)
+    made = make_patch_ticket_file(
+        cfg0, str(tmp_path / "p.npz"), checkpoint=str(tmp_path / "scorer.safetensors"), keep_rate=0.5, progress=False
+    )
     rank = TicketFile.load(tmp_path / "p.npz").patch_indices
     assert rank.shape == (TRAIN_SIZE, 8) and np.array_equal(rank, made.patch_indices)
     with pytest.raises(LotusError, match="--out: expected a .npz"):
@@ -231,13 +235,15 @@ def test_patch_tickets_from_a_file(tmp_path, tiny_cfg_dict):
             assert torch.equal(keep, expect)
             return images, labels, index
 
-    cfg = _cfg(tiny_cfg_dict, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"),
-                                        "keep_rate": 0.25})
+    cfg = _cfg(
+        tiny_cfg_dict, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"), "keep_rate": 0.25}
+    )
     Trainer(cfg, write=False, quiet=True, callbacks=[rec, KeepCheck()]).fit()
     assert {n for tr, n in rec.tokens if tr} == {1 + num_kept(16, 0.25)}
     # stored 8 patches per image: keep_rate 0.75 (12 patches) cannot be served
-    bad = _cfg(tiny_cfg_dict, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"),
-                                        "keep_rate": 0.75})
+    bad = _cfg(
+        tiny_cfg_dict, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"), "keep_rate": 0.75}
+    )
     with pytest.raises(LotusError, match=r"tickets.patches.file: .*keep_rate 0.75 needs 12"):
         Trainer(bad, write=False, quiet=True).fit()
     missing = _cfg(tiny_cfg_dict, patches={"enabled": True, "source": "file", "file": str(tmp_path / "nope.npz")})
@@ -245,8 +251,11 @@ def test_patch_tickets_from_a_file(tmp_path, tiny_cfg_dict):
         Trainer(missing, write=False, quiet=True).fit()
     other = dict(tiny_cfg_dict, model=dict(tiny_cfg_dict["model"], patch_size=2))
     with pytest.raises(LotusError, match="made for 16 patches per image, the model has 64"):
-        Trainer(_cfg(other, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"),
-                                     "keep_rate": 0.1}), write=False, quiet=True).fit()
+        Trainer(
+            _cfg(other, patches={"enabled": True, "source": "file", "file": str(tmp_path / "p.npz"), "keep_rate": 0.1}),
+            write=False,
+            quiet=True,
+        ).fit()
 
 
 def test_patch_tickets_resume_matches_uninterrupted(tmp_path, tiny_cfg_dict):

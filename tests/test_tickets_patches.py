@@ -1,4 +1,5 @@
 """Patch tickets: kept-token forward, CLS attention from q/k, random baseline, schedules, offline tickets."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -234,10 +235,12 @@ def test_public_keep_selection_layout_and_errors():
     keep = PatchTicket.keep_from_scores(scores, 5)
     assert torch.equal(keep, scores.topk(5, dim=1).indices.sort(dim=1).values)
     assert PatchTicket.keep_from_scores(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2).tolist() == [[1, 2]]  # ties
-    for bad, match in [(lambda: PatchTicket.keep_from_rank(rank, 5), "stores only 4"),
-                       (lambda: PatchTicket.keep_from_rank(rank, 0), "at least one"),
-                       (lambda: PatchTicket.keep_from_rank(rank[0], 2), "rank: expected"),
-                       (lambda: PatchTicket.keep_from_scores(scores[0], 2), "scores: expected")]:
+    for bad, match in [
+        (lambda: PatchTicket.keep_from_rank(rank, 5), "stores only 4"),
+        (lambda: PatchTicket.keep_from_rank(rank, 0), "at least one"),
+        (lambda: PatchTicket.keep_from_rank(rank[0], 2), "rank: expected"),
+        (lambda: PatchTicket.keep_from_scores(scores[0], 2), "scores: expected"),
+    ]:
         with pytest.raises(ValueError, match=match):
             bad()
 
@@ -256,8 +259,15 @@ def test_public_keep_selection_feeds_kept_token_forward():
 def test_patches_module_keeps_the_names_lotus_imports():
     from data_tickets import patches
 
-    for name in ("num_kept", "apply_patch_tickets", "KeepRateSchedule", "_keep_from_rank",
-                 "random_patch_scores", "rank_patches", "PatchTicket"):
+    for name in (
+        "num_kept",
+        "apply_patch_tickets",
+        "KeepRateSchedule",
+        "_keep_from_rank",
+        "random_patch_scores",
+        "rank_patches",
+        "PatchTicket",
+    ):
         assert hasattr(patches, name), name
 
 

@@ -1,4 +1,5 @@
 """data_tickets selection policies: budgets, ordering, CCS coverage, class balance, determinism, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ def scores():
 
 
 @pytest.mark.parametrize("policy", ALL)
-@pytest.mark.parametrize("fraction,count,expected", [(0.3, None, 300), (0.5, None, 500), (None, 123, 123),
-                                                      (1.0, None, 1000), (0.0004, None, 1)])
+@pytest.mark.parametrize(
+    "fraction,count,expected",
+    [(0.3, None, 300), (0.5, None, 500), (None, 123, 123), (1.0, None, 1000), (0.0004, None, 1)],
+)
 def test_counts_sorted_unique(policy, fraction, count, expected, scores):
     idx = select(scores, policy, fraction=fraction, count=count, seed=0)
     assert idx.dtype == np.int64 and idx.shape == (expected,)
@@ -55,8 +58,9 @@ def test_ties_are_broken_randomly_not_by_index():
 
 
 def test_random_ignores_scores(scores):
-    assert np.array_equal(select(scores, "random", fraction=0.3, seed=3),
-                          select(-scores, "random", fraction=0.3, seed=3))
+    assert np.array_equal(
+        select(scores, "random", fraction=0.3, seed=3), select(-scores, "random", fraction=0.3, seed=3)
+    )
 
 
 def test_ccs_drops_hardest_and_covers_strata():
@@ -183,21 +187,24 @@ def test_budget_rounding():
     assert budget(10, count=10) == 10
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(), "exactly one of fraction"),
-    (dict(fraction=0.5, count=3), "exactly one of fraction"),
-    (dict(fraction=0.0), r"fraction: expected a number in \(0, 1\]"),
-    (dict(fraction=1.5), r"fraction: expected a number in \(0, 1\]"),
-    (dict(count=0), "count: expected an integer in 1..100"),
-    (dict(count=101), "count: expected an integer in 1..100"),
-    (dict(count=2.5), "count: expected an integer"),
-    (dict(fraction=0.5, policy="best"), "policy: expected one of"),
-    (dict(fraction=0.5, class_balanced=True), "class_balanced: needs labels"),
-    (dict(fraction=0.5, class_balanced=True, labels=np.zeros(5)), "labels: expected 100 labels"),
-    (dict(fraction=0.5, policy="ccs", beta=1.0), "ccs beta"),
-    (dict(fraction=0.5, policy="ccs", strata=0), "ccs strata"),
-    (dict(fraction=0.5, policy="top", beta=0.1), "policy 'top': bad option"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(), "exactly one of fraction"),
+        (dict(fraction=0.5, count=3), "exactly one of fraction"),
+        (dict(fraction=0.0), r"fraction: expected a number in \(0, 1\]"),
+        (dict(fraction=1.5), r"fraction: expected a number in \(0, 1\]"),
+        (dict(count=0), "count: expected an integer in 1..100"),
+        (dict(count=101), "count: expected an integer in 1..100"),
+        (dict(count=2.5), "count: expected an integer"),
+        (dict(fraction=0.5, policy="best"), "policy: expected one of"),
+        (dict(fraction=0.5, class_balanced=True), "class_balanced: needs labels"),
+        (dict(fraction=0.5, class_balanced=True, labels=np.zeros(5)), "labels: expected 100 labels"),
+        (dict(fraction=0.5, policy="ccs", beta=1.0), "ccs beta"),
+        (dict(fraction=0.5, policy="ccs", strata=0), "ccs strata"),
+        (dict(fraction=0.5, policy="top", beta=0.1), "policy 'top': bad option"),
+    ],
+)
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         select(np.arange(100.0), **kwargs)

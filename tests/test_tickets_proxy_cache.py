@@ -1,5 +1,6 @@
 """The proxy cache: one proxy training per seed shared by scorers and `lotus select` runs; stale or corrupt
 entries are retrained; replays give exactly the fresh proxy's scores."""
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,8 @@ def test_scorers_share_one_training_per_seed_and_replays_match_fresh(tmp_path, c
     assert meta["format"] == "data-tickets-proxy" and json.loads(meta["epochs"]) == [1, 2, 3]
     assert meta["final"] == "last_epoch" and {n.split("/")[0] for n in names} == {"epoch1", "epoch2", "epoch3"}
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(
-        f"proxy-{proxy_fingerprint(KEY, s)}.safetensors" for s in (5, 6))  # no temp files left
+        f"proxy-{proxy_fingerprint(KEY, s)}.safetensors" for s in (5, 6)
+    )  # no temp files left
 
 
 def test_other_key_trains_again(tmp_path, counted):
@@ -101,11 +103,14 @@ def _old_format(path):
     save_file(tensors, str(path), metadata=meta)
 
 
-@pytest.mark.parametrize("damage,model_fn,message", [
-    (_corrupt, mlp, "unreadable"),
-    (_old_format, mlp, "stale (format"),
-    (lambda p: None, lambda: mlp(hidden=5), "stale (weights do not fit the model"),
-])
+@pytest.mark.parametrize(
+    "damage,model_fn,message",
+    [
+        (_corrupt, mlp, "unreadable"),
+        (_old_format, mlp, "stale (format"),
+        (lambda p: None, lambda: mlp(hidden=5), "stale (weights do not fit the model"),
+    ],
+)
 def test_stale_or_corrupt_entries_are_recomputed(tmp_path, counted, damage, model_fn, message):
     ds, fresh, proxy, calls = counted
     cached_proxy(proxy, mlp, tmp_path, KEY, log=None)(3)
@@ -165,22 +170,36 @@ def test_select_reuses_the_proxy_across_invocations(tmp_path, capsys, small_yaml
     code, _, err = run_cli(capsys, *common, "--scorer", "el2n", "--repeats", 1, "--out", tmp_path / "t" / "e.npz")
     assert code == 0, err
     assert fits == [2] and "training proxy" in err
-    code, out, err = run_cli(capsys, *common, "--scorer", "forgetting", "loss", "--out", tmp_path / "t" / "{scorer}.npz")
+    code, out, err = run_cli(
+        capsys, *common, "--scorer", "forgetting", "loss", "--out", tmp_path / "t" / "{scorer}.npz"
+    )
     assert code == 0, err
     assert fits == [2] and "reusing proxy" in err  # forgetting and loss replay el2n's proxy: no training
     assert [json.loads(x)["scorer"] for x in out.strip().splitlines()] == ["forgetting", "loss"]
     assert len(list((tmp_path / "t" / ".proxy-cache").iterdir())) == 1
 
-    code, _, err = run_cli(capsys, *common, "--scorer", "forgetting", "--no-proxy-cache", "--quiet",
-                           "--out", tmp_path / "fresh.npz")
+    code, _, err = run_cli(
+        capsys, *common, "--scorer", "forgetting", "--no-proxy-cache", "--quiet", "--out", tmp_path / "fresh.npz"
+    )
     assert code == 0, err
     assert fits == [2, 2]
     cached, fresh = TicketFile.load(tmp_path / "t" / "forgetting.npz"), TicketFile.load(tmp_path / "fresh.npz")
     assert np.array_equal(cached.scores, fresh.scores) and np.array_equal(cached.indices, fresh.indices)
     assert not (tmp_path / ".proxy-cache").exists()  # --no-proxy-cache writes nothing
 
-    code, _, err = run_cli(capsys, *common, "--scorer", "loss", "--proxy-epochs", 3, "--quiet",
-                           "--proxy-cache", tmp_path / "t" / ".proxy-cache", "--out", tmp_path / "loss3.npz")
+    code, _, err = run_cli(
+        capsys,
+        *common,
+        "--scorer",
+        "loss",
+        "--proxy-epochs",
+        3,
+        "--quiet",
+        "--proxy-cache",
+        tmp_path / "t" / ".proxy-cache",
+        "--out",
+        tmp_path / "loss3.npz",
+    )
     assert code == 0, err
     assert fits == [2, 2, 3]  # other proxy settings: another entry
 
@@ -188,16 +207,40 @@ def test_select_reuses_the_proxy_across_invocations(tmp_path, capsys, small_yaml
 def test_select_class_balance_default_and_opt_out(tmp_path, capsys, small_yaml, one_thread):
     for flag, expect in ((None, True), ("--no-class-balance", False), ("--class-balance", True)):
         out = tmp_path / f"{flag}.npz"
-        code, stdout, err = run_cli(capsys, "select", "--config", small_yaml, "--policy", "random", "--count", 50,
-                                    *([flag] if flag else []), "--out", out, "--quiet")
+        code, stdout, err = run_cli(
+            capsys,
+            "select",
+            "--config",
+            small_yaml,
+            "--policy",
+            "random",
+            "--count",
+            50,
+            *([flag] if flag else []),
+            "--out",
+            out,
+            "--quiet",
+        )
         assert code == 0, err
         t = TicketFile.load(out)
         assert t.class_balanced is expect and json.loads(stdout)["class_balanced"] is expect
         assert sum(t.extra["class_counts"]) == 50
         if expect:
             assert max(t.extra["class_counts"]) - min(t.extra["class_counts"]) <= 1  # digits: ~equal classes
-    code, _, err = run_cli(capsys, "select", "--config", small_yaml, "--scorer", "el2n", "loss", "--fraction", 0.3,
-                           "--out", tmp_path / "one.npz", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--config",
+        small_yaml,
+        "--scorer",
+        "el2n",
+        "loss",
+        "--fraction",
+        0.3,
+        "--out",
+        tmp_path / "one.npz",
+        "--quiet",
+    )
     assert code == 2 and "--out: several scorers (el2n loss) write one ticket each; put {scorer}" in err
 
 
@@ -215,12 +258,18 @@ def test_reselect_selects_through_the_same_class_balance(balanced, one_thread):
     torch.manual_seed(0)
     model = mlp().eval()
     logged = []
-    trainer = SimpleNamespace(model=model, train_set=ds, labels_train=labels, device=torch.device("cpu"),
-                              cfg=SimpleNamespace(data=SimpleNamespace(eval_batch_size=32)),
-                              plan=SimpleNamespace(full_data=False, reselect=True, phase="reduce"),
-                              log=lambda event, **kw: logged.append(event))
-    cb = ReselectCallback(ReselectConfig(enabled=True, scorer="loss", policy="top", fraction=0.3,
-                                         class_balanced=balanced), seed=4)
+    trainer = SimpleNamespace(
+        model=model,
+        train_set=ds,
+        labels_train=labels,
+        device=torch.device("cpu"),
+        cfg=SimpleNamespace(data=SimpleNamespace(eval_batch_size=32)),
+        plan=SimpleNamespace(full_data=False, reselect=True, phase="reduce"),
+        log=lambda event, **kw: logged.append(event),
+    )
+    cb = ReselectCallback(
+        ReselectConfig(enabled=True, scorer="loss", policy="top", fraction=0.3, class_balanced=balanced), seed=4
+    )
     idx = cb.epoch_subset(trainer, 2)
     scores = score(model, ds, "loss", progress=False)
     assert np.array_equal(idx, select(scores, "top", fraction=0.3, labels=labels, class_balanced=balanced, seed=6))

@@ -1,4 +1,5 @@
 """data_tickets scorers: shapes, index alignment, determinism, sanity properties, errors."""
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def micro_vit(seed: int = 0) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    m = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=N_CLASSES, embed_dim=32, depth=2,
-                          num_heads=2)
+    m = VisionTransformer(
+        img_size=8, patch_size=2, in_chans=1, num_classes=N_CLASSES, embed_dim=32, depth=2, num_heads=2
+    )
     with torch.no_grad():  # sharper attention than a fresh init so scores are not all ~1
         for blk in m.blocks:
             blk.attn.qkv.weight.mul_(4.0)
@@ -137,8 +139,9 @@ def test_entropy_and_margin_match_definitions(digits):
     ds = Indexed(x, y)
     torch.testing.assert_close(dt.score(model, ds, "entropy"), ent, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dt.score(model, ds, "margin"), 1 - (top[:, 0] - top[:, 1]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dt.score(model, ds, "margin", use_labels=True),
-                               other - p.gather(1, y[:, None]).squeeze(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        dt.score(model, ds, "margin", use_labels=True), other - p.gather(1, y[:, None]).squeeze(1), rtol=1e-4, atol=1e-5
+    )
     assert float(ent.max()) <= math.log(N_CLASSES) + 1e-5
 
 
@@ -319,8 +322,9 @@ def _plain_sq_norms(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Te
     """Reference: one autograd backward per sample."""
     out = []
     for i in range(len(y)):
-        gs = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(params.values()),
-                                 allow_unused=True)
+        gs = torch.autograd.grad(
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(params.values()), allow_unused=True
+        )
         out.append(sum(g.pow(2).sum() for g in gs if g is not None))
     return torch.stack(out)
 
@@ -351,8 +355,11 @@ def test_grad_norms_factorised_equal_autograd(digits, select):
     torch.manual_seed(0)
     for model in (micro_vit(), _Shared()):
         named = {k: v for k, v in model.named_parameters()}
-        keep = {"all": lambda k: True, "biases": lambda k: k.endswith("bias"),
-                "linear_weights": lambda k: k.endswith("weight") and named[k].dim() == 2}[select]
+        keep = {
+            "all": lambda k: True,
+            "biases": lambda k: k.endswith("bias"),
+            "linear_weights": lambda k: k.endswith("weight") and named[k].dim() == 2,
+        }[select]
         params = {k: v.detach() for k, v in named.items() if keep(k)}
         got = per_sample_grad_sq_norms(model, params, x, y, chunk_size=4)
         ref = _plain_sq_norms(model, {k: named[k] for k in params}, x, y)

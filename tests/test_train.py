@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
+from lotus.callbacks import Callback
 from lotus.checkpoint import read_state_dict
 from lotus.config import config_from_dict
 from lotus.errors import LotusError
-from lotus.callbacks import Callback
 from lotus.training import Trainer
 
 
@@ -21,7 +21,17 @@ def test_training_learns_and_writes_outputs(tmp_path, tiny_cfg_dict):
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
-    for key in ("step", "wall_s", "samples_seen", "train_loss", "val_loss", "val_acc", "throughput", "lr", "train_flops"):
+    for key in (
+        "step",
+        "wall_s",
+        "samples_seen",
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "throughput",
+        "lr",
+        "train_flops",
+    ):
         assert key in epochs[-1], key
     assert epochs[-1]["samples_seen"] == 2 * 1437
     assert epochs[-1]["train_flops"] > 0
@@ -96,15 +106,27 @@ def test_callback_hooks_fire_in_order(tiny_cfg_dict):
     seen = []
 
     class Rec(Callback):
-        def on_fit_start(self, t): seen.append("fit_start")
-        def on_epoch_start(self, t, e): seen.append(f"epoch_start{e}")
-        def on_step_end(self, t, s): seen.append("step") if s == 1 else None
-        def on_epoch_end(self, t, e, m): m["custom"] = 1; seen.append(f"epoch_end{e}")
-        def on_fit_end(self, t, s): seen.append("fit_end")
+        def on_fit_start(self, t):
+            seen.append("fit_start")
+
+        def on_epoch_start(self, t, e):
+            seen.append(f"epoch_start{e}")
+
+        def on_step_end(self, t, s):
+            seen.append("step") if s == 1 else None
+
+        def on_epoch_end(self, t, e, m):
+            m["custom"] = 1
+            seen.append(f"epoch_end{e}")
+
+        def on_fit_end(self, t, s):
+            seen.append("fit_end")
 
     class Subset(Callback):
         order = -1
-        def on_epoch_start(self, t, e): t.subset = list(range(0, 200))
+
+        def on_epoch_start(self, t, e):
+            t.subset = list(range(0, 200))
 
     tiny_cfg_dict["train"]["epochs"] = 1
     t = Trainer(config_from_dict(tiny_cfg_dict), callbacks=[Rec(), Subset()], write=False, quiet=True)
@@ -133,7 +155,9 @@ def test_load_weights_errors(tmp_path, tiny_cfg_dict):
         load_weights(m2, tmp_path / "bad.pt")
     with pytest.raises(LotusError, match="file not found"):
         load_weights(m2, tmp_path / "nope.pt")
-    other = create_model(config_from_dict({"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 2}}).model, 10, 1)
+    other = create_model(
+        config_from_dict({"model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 2}}).model, 10, 1
+    )
     with pytest.raises(LotusError, match="does not fit model"):
         load_weights(other, tmp_path / "w.safetensors")
     five = create_model(cfg.model, 5, 1)

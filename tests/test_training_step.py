@@ -1,4 +1,5 @@
 """The training step keeps the host out of the loop: loss sums and finite checks stay on the device."""
+
 from __future__ import annotations
 
 import pytest

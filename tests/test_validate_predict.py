@@ -1,4 +1,5 @@
 """`lotus validate` / `lotus predict` on a run folder and its export give the run's own evaluation."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,10 @@ def _digits_folder(root, per_class_train=30, per_class_val=10):
     images = (d.images / 16.0 * 255).round().astype(np.uint8)
     for c in range(10):
         idx = np.flatnonzero(d.target == c)
-        for split, part in (("train", idx[:per_class_train]),
-                            ("val", idx[per_class_train:per_class_train + per_class_val])):
+        for split, part in (
+            ("train", idx[:per_class_train]),
+            ("val", idx[per_class_train : per_class_train + per_class_val]),
+        ):
             (root / split / str(c)).mkdir(parents=True, exist_ok=True)
             for i in part:
                 Image.fromarray(images[i], mode="L").save(root / split / str(c) / f"{i}.png")
@@ -59,8 +62,11 @@ def _validate(argv, tmp, capsys, name="v.json"):
 def test_validate_reproduces_the_in_run_evaluation_on_the_run_and_its_export(folder_run, capsys):
     tmp, run, export = folder_run
     recorded = read_metadata(run / "best.safetensors")
-    epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if '"val_acc"' in line and json.loads(line).get("val_acc") == recorded["val_acc"]]
+    epoch = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"val_acc"' in line and json.loads(line).get("val_acc") == recorded["val_acc"]
+    ]
     assert epoch, "the best checkpoint's epoch is in metrics.jsonl"
     on_run = _validate([str(run)], tmp, capsys)  # the run's config.yaml: its validation split
     assert on_run["count"] == 100 and on_run["top1"] == recorded["val_acc"]
@@ -81,8 +87,15 @@ def test_predict_matches_validate_csv_and_json(folder_run, capsys):
     assert main(["predict", str(export), str(tmp / "imgs" / "val"), "--top-k", "3", "--out", str(out)]) == 0
     assert "top-3 labels of 100 images" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 100 and list(rows[0]) == ["file", "label_1", "score_1", "label_2", "score_2", "label_3",
-                                                  "score_3"]
+    assert len(rows) == 100 and list(rows[0]) == [
+        "file",
+        "label_1",
+        "score_1",
+        "label_2",
+        "score_2",
+        "label_3",
+        "score_3",
+    ]
     hits = [r["label_1"] == r["file"].split("/")[-2] for r in rows]
     assert np.mean(hits) == pytest.approx(val["top1"])
     assert all(1.0 + 1e-5 >= float(r["score_1"]) >= float(r["score_2"]) >= float(r["score_3"]) for r in rows)

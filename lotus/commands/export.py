@@ -22,6 +22,7 @@ examples:
   lotus export pruned/model.safetensors --out exported/        # a `lotus prune` result (thinned widths kept)
   cd exported && python load.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lotus.config import ModelConfig, load_config
 from lotus.errors import LotusError
@@ -51,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="RUN_DIR|FILE", help="a run directory or a .safetensors/state-dict file")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--which", choices=("best", "last"), help="run directory: best.safetensors (default) or last")
-    p.add_argument("--config", "-c", help="the training config, for files that record no model section "
-                   "(default: the config.yaml next to the weights)")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="the training config, for files that record no model section "
+        "(default: the config.yaml next to the weights)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing its export files)")
 
 
@@ -62,8 +67,11 @@ def _weights_file(source: str, which: str | None) -> str:
         path = os.path.join(source, f"{which or 'best'}.safetensors")
         if not os.path.isfile(path):
             other = "last" if (which or "best") == "best" else "best"
-            hint = f"; pass --which {other}" if os.path.isfile(os.path.join(source, f"{other}.safetensors")) else \
-                " (is it a run directory?)"
+            hint = (
+                f"; pass --which {other}"
+                if os.path.isfile(os.path.join(source, f"{other}.safetensors"))
+                else " (is it a run directory?)"
+            )
             raise LotusError(f"export: {source} has no {os.path.basename(path)}{hint}")
         return path
     if not os.path.isfile(source):
@@ -78,8 +86,10 @@ def _check_out(out: str, force: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise LotusError(f"--out: {out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise LotusError(f"--out: {out} is not empty (holds {min(os.listdir(out))}); pass --force to write "
-                         "into it or choose another --out")
+        raise LotusError(
+            f"--out: {out} is not empty (holds {min(os.listdir(out))}); pass --force to write "
+            "into it or choose another --out"
+        )
 
 
 def _model_config(path: str, config: str | None) -> ModelConfig:
@@ -92,8 +102,10 @@ def _model_config(path: str, config: str | None) -> ModelConfig:
         run_cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
         config = run_cfg if os.path.isfile(run_cfg) else None
     if config is None and not section:
-        raise LotusError(f"export: {path} records no model section (not written by Lotus, or by an older version) "
-                         "and has no config.yaml beside it; pass --config FILE")
+        raise LotusError(
+            f"export: {path} records no model section (not written by Lotus, or by an older version) "
+            "and has no config.yaml beside it; pass --config FILE"
+        )
     if config is not None:
         cfg = load_config(config)
         base, given = cfg.model, dict(cfg.source.get("model") or {})
@@ -138,16 +150,18 @@ def _verify(folder: str, model: nn.Module, cfg: dict) -> None:
         rebuilt = module.load_model()
     except Exception as e:  # noqa: BLE001 - a loader that cannot run is a failed export
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LotusError(f"export: the generated load.py cannot rebuild {cfg['name']} ({first}); "
-                         "nothing written") from None
+        raise LotusError(
+            f"export: the generated load.py cannot rebuild {cfg['name']} ({first}); nothing written"
+        ) from None
     finally:
         sys.modules.pop(name, None)
     x = torch.randn(2, *cfg["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
     want, got = _logits(model, x), _logits(rebuilt, x)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         diff = (want - got).abs().max().item() if want.shape == got.shape else f"shape {tuple(got.shape)}"
-        raise LotusError(f"export: the generated load.py rebuilds {cfg['name']} with other logits ({diff}); "
-                         "nothing written")
+        raise LotusError(
+            f"export: the generated load.py rebuilds {cfg['name']} with other logits ({diff}); nothing written"
+        )
 
 
 def _temp_dir(out: str) -> str:
@@ -189,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
         _check_out(args.out, args.force)  # again: another export may have finished meanwhile
         tmp = _temp_dir(args.out)
         try:
-            save_weights(model, os.path.join(tmp, "model.safetensors"), {"source": cfg["source"], "data": data},
-                         model_cfg=mcfg)
+            save_weights(
+                model, os.path.join(tmp, "model.safetensors"), {"source": cfg["source"], "data": data}, model_cfg=mcfg
+            )
             atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2) + "\n")
             atomic_write_text(os.path.join(tmp, "load.py"), load_py(cfg))
             atomic_write_text(os.path.join(tmp, "README.md"), readme(cfg))
@@ -199,9 +214,12 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
-    uses = ("; timm alone loads it (timm.create_model(\"local-dir:FOLDER\", pretrained=True))" if cfg["timm_loadable"]
-            else f"; timm alone cannot load it ({'; '.join(cfg['needs'])}): load.py needs "
-                 "the installed lotus package (pip install -e . in a Lotus checkout)")
+    uses = (
+        '; timm alone loads it (timm.create_model("local-dir:FOLDER", pretrained=True))'
+        if cfg["timm_loadable"]
+        else f"; timm alone cannot load it ({'; '.join(cfg['needs'])}): load.py needs "
+        "the installed lotus package (pip install -e . in a Lotus checkout)"
+    )
     if data is None:
         uses += "; the weights record no mean/std or class names (see README.md)"
     print(f"exported {cfg['name']} from {path}: {sum(p.numel() for p in model.parameters())} parameters{uses}")

@@ -7,6 +7,7 @@ mean/std, interpolation, crop) and ``label_names``; Lotus' own fields (name, blo
 timm_loadable, needs, data) sit beside them and timm ignores them. OP blocks and thinned widths are not timm
 architectures: then timm alone cannot load the folder and load.py needs the installed ``lotus`` package.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,16 +21,43 @@ from unittest import mock
 __all__ = ["LOTUS_INSTALL", "config_json", "load_py", "readme", "export_data_metadata"]
 
 # how to get the `lotus` package that load.py imports when timm alone cannot rebuild the model
-LOTUS_INSTALL = ("the `lotus` package of the Lotus repository installed (`pip install -e .` in a Lotus checkout, "
-                 "or the wheel `python -m build` makes there; no package index has it)")
+LOTUS_INSTALL = (
+    "the `lotus` package of the Lotus repository installed (`pip install -e .` in a Lotus checkout, "
+    "or the wheel `python -m build` makes there; no package index has it)"
+)
 # build_model_with_cfg arguments that are not the model's own (dropped from the captured VisionTransformer kwargs)
-_BUILDER_ONLY = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_filter_fn", "feature_cfg",
-                 "pretrained_strict", "kwargs_filter", "model_cfg", "pretrained_model_args"}
-_NOT_PORTABLE = {"url", "hf_hub_id", "hf_hub_filename", "file", "source", "tag", "license", "state_dict",
-                 "custom_load", "architecture", "label_names", "label_descriptions"}
+_BUILDER_ONLY = {
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "cache_dir",
+    "pretrained_filter_fn",
+    "feature_cfg",
+    "pretrained_strict",
+    "kwargs_filter",
+    "model_cfg",
+    "pretrained_model_args",
+}
+_NOT_PORTABLE = {
+    "url",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "file",
+    "source",
+    "tag",
+    "license",
+    "state_dict",
+    "custom_load",
+    "architecture",
+    "label_names",
+    "label_descriptions",
+}
 # timm ViT entry points whose sizes model_args override; the one nearest in width is named
-_VIT_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
-              1024: "vit_large_patch16_224"}
+_VIT_NAMES = {
+    192: "vit_tiny_patch16_224",
+    384: "vit_small_patch16_224",
+    768: "vit_base_patch16_224",
+    1024: "vit_large_patch16_224",
+}
 
 
 def _create_kwargs(section: dict) -> dict:
@@ -117,16 +145,30 @@ def config_json(model: Any, mcfg: Any, default_widths: dict | None, source: str,
     op = section["block"] == "op"
     module = timm.models.model_entrypoint(section["name"]).__module__
     lotus_only = vit_args is None and module.startswith("lotus.")
-    needs = [what for what, on in (("lotus.models.op_block (Outlier-Protected blocks are not a timm block)", op),
-                                   ("pruning.apply_widths (thinned, non-uniform block widths)", thinned),
-                                   (f"the lotus module that registers {section['name']}", lotus_only)) if on]
+    needs = [
+        what
+        for what, on in (
+            ("lotus.models.op_block (Outlier-Protected blocks are not a timm block)", op),
+            ("pruning.apply_widths (thinned, non-uniform block widths)", thinned),
+            (f"the lotus module that registers {section['name']}", lotus_only),
+        )
+        if on
+    ]
     cfg = {k: v for k, v in section.items() if k != "timm_version"}
-    cfg.update(architecture=_timm_vit_name(vit_args) if vit_args is not None else section["name"],
-               num_classes=section["num_classes"], num_features=getattr(model, "num_features", None),
-               global_pool=getattr(model, "global_pool", None) if isinstance(getattr(model, "global_pool", None), str)
-               else None,
-               model_args=vit_args if vit_args is not None else kw, pretrained_cfg=_pretrained_cfg(model, section, data),
-               thinned=thinned, timm_loadable=not needs, needs=needs, registers=module if lotus_only else None)
+    cfg.update(
+        architecture=_timm_vit_name(vit_args) if vit_args is not None else section["name"],
+        num_classes=section["num_classes"],
+        num_features=getattr(model, "num_features", None),
+        global_pool=getattr(model, "global_pool", None)
+        if isinstance(getattr(model, "global_pool", None), str)
+        else None,
+        model_args=vit_args if vit_args is not None else kw,
+        pretrained_cfg=_pretrained_cfg(model, section, data),
+        thinned=thinned,
+        timm_loadable=not needs,
+        needs=needs,
+        registers=module if lotus_only else None,
+    )
     if data is not None:
         cfg["label_names"] = list(data["classes"])
         cfg["data"] = data
@@ -135,15 +177,18 @@ def config_json(model: Any, mcfg: Any, default_widths: dict | None, source: str,
     cfg["source"] = os.path.abspath(source)
     cfg["versions"] = {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
     if not needs:
-        cfg["note"] = (f'timm alone loads it: timm.create_model("local-dir:FOLDER", pretrained=True) builds '
-                       f'{cfg["architecture"]} with model_args (the sizes of {section["name"]}); '
-                       "timm.data.resolve_data_config(model=model) gives the run's preprocessing")
+        cfg["note"] = (
+            f'timm alone loads it: timm.create_model("local-dir:FOLDER", pretrained=True) builds '
+            f"{cfg['architecture']} with model_args (the sizes of {section['name']}); "
+            "timm.data.resolve_data_config(model=model) gives the run's preprocessing"
+        )
     else:
-        cfg["note"] = (f"timm alone cannot load it (needs {'; '.join(needs)}): use load.py, with "
-                       f"{LOTUS_INSTALL}")
+        cfg["note"] = f"timm alone cannot load it (needs {'; '.join(needs)}): use load.py, with {LOTUS_INSTALL}"
     if data is None:
-        cfg["note"] += ("; the weights record no normalisation (mean/std) or class names, so pretrained_cfg "
-                        "has neither: feed inputs normalised as in training")
+        cfg["note"] += (
+            "; the weights record no normalisation (mean/std) or class names, so pretrained_cfg "
+            "has neither: feed inputs normalised as in training"
+        )
     return cfg
 
 
@@ -151,22 +196,30 @@ def load_py(cfg: dict) -> str:
     """The loader: timm's local-dir loader, or timm + Lotus' OP block / pruning.apply_widths when it needs them."""
     if cfg["timm_loadable"]:
         imports, body = ["import timm"], ['    model = timm.create_model("local-dir:" + HERE, pretrained=True)']
-        needs_text = ("Needs torch, timm and safetensors only: this is timm's own local-dir layout, so "
-                      'timm.create_model("local-dir:FOLDER", pretrained=True) loads it anywhere.')
+        needs_text = (
+            "Needs torch, timm and safetensors only: this is timm's own local-dir layout, so "
+            'timm.create_model("local-dir:FOLDER", pretrained=True) loads it anywhere.'
+        )
     else:
         imports, steps = ["import timm"], []
         if cfg["block"] == "op":
             imports.append("from lotus.models.op_block import OPConfig, op_model_kwargs  # the installed lotus package")
             steps.append('    kwargs.update(op_model_kwargs(OPConfig(**cfg["op"]), cfg["depth"]))  # OP blocks')
         if cfg.get("registers"):
-            imports.append(f"import {cfg['registers']}  # registers {cfg['name']} with timm (the installed lotus package)")
+            imports.append(
+                f"import {cfg['registers']}  # registers {cfg['name']} with timm (the installed lotus package)"
+            )
         steps.append('    model = timm.create_model(cfg["architecture"], pretrained=False, **kwargs)')
         if cfg["thinned"]:
             imports.append("from pruning import apply_widths  # the installed lotus package")
             steps.append('    apply_widths(model, cfg["widths"])  # the thinned heads / MLP widths of each block')
-        body = ['    with open(os.path.join(HERE, "config.json")) as f:', "        cfg = json.load(f)",
-                '    kwargs = dict(cfg["model_args"])', *steps,
-                '    model.load_state_dict(load_file(os.path.join(HERE, "model.safetensors")))']
+        body = [
+            '    with open(os.path.join(HERE, "config.json")) as f:',
+            "        cfg = json.load(f)",
+            '    kwargs = dict(cfg["model_args"])',
+            *steps,
+            '    model.load_state_dict(load_file(os.path.join(HERE, "model.safetensors")))',
+        ]
         needs_text = f"Needs torch, timm and safetensors, plus {'; '.join(cfg['needs'])}: {LOTUS_INSTALL}."
     needs_text = textwrap.fill(needs_text, 100)
     return f'''"""Rebuild {cfg["name"]} exported by `lotus export`, and load its weights.
@@ -207,27 +260,47 @@ def readme(cfg: dict) -> str:
     p = cfg["pretrained_cfg"]
     chans = p.get("input_size", [3])[0]
     if cfg["timm_loadable"]:
-        load = ['import timm', 'model = timm.create_model("local-dir:FOLDER", pretrained=True).eval()']
-        how = (f"timm alone loads it ({cfg['architecture']} with the sizes in config.json's model_args); "
-               "`python load.py` does the same.")
+        load = ["import timm", 'model = timm.create_model("local-dir:FOLDER", pretrained=True).eval()']
+        how = (
+            f"timm alone loads it ({cfg['architecture']} with the sizes in config.json's model_args); "
+            "`python load.py` does the same."
+        )
     else:
         load = ["import sys; sys.path.insert(0, 'FOLDER')", "from load import load_model", "model = load_model()"]
-        how = (f"**timm alone cannot load it**: {'; '.join(cfg['needs'])}. `load.py` rebuilds it; it needs "
-               f"{LOTUS_INSTALL}.")
-    norm = (f"mean {p['mean']}, std {p['std']}, {p.get('interpolation')} resize, crop_pct {p.get('crop_pct')} "
-            f"({p.get('crop_mode')})" if "mean" in p else "unknown (the weights record none): normalise as in training")
+        how = (
+            f"**timm alone cannot load it**: {'; '.join(cfg['needs'])}. `load.py` rebuilds it; it needs "
+            f"{LOTUS_INSTALL}."
+        )
+    norm = (
+        f"mean {p['mean']}, std {p['std']}, {p.get('interpolation')} resize, crop_pct {p.get('crop_pct')} "
+        f"({p.get('crop_mode')})"
+        if "mean" in p
+        else "unknown (the weights record none): normalise as in training"
+    )
     classes = cfg.get("label_names")
-    lines = [f"# {cfg['name']} exported by `lotus export`", "", how, "",
-             f"- input: {chans} channel(s), {p.get('input_size')}; {norm}",
-             f"- classes ({cfg['num_classes']}): {', '.join(map(str, classes)) if classes else 'not recorded'}",
-             f"- source: {cfg['source']}", "", "```python", *load,
-             "from PIL import Image",
-             "from timm.data import create_transform, resolve_data_config",
-             "transform = create_transform(**resolve_data_config(model=model))" if cfg["timm_loadable"] else
-             f"transform = create_transform(**resolve_data_config(pretrained_cfg={json.dumps(p)}))",
-             f"x = transform(Image.open('image.png').convert('{'L' if chans == 1 else 'RGB'}'))[None]",
-             "probs = model(x).softmax(-1)",
-             "```", "", "Or with Lotus: `lotus predict FOLDER IMAGES...`, `lotus validate FOLDER --data DIR`.", ""]
+    lines = [
+        f"# {cfg['name']} exported by `lotus export`",
+        "",
+        how,
+        "",
+        f"- input: {chans} channel(s), {p.get('input_size')}; {norm}",
+        f"- classes ({cfg['num_classes']}): {', '.join(map(str, classes)) if classes else 'not recorded'}",
+        f"- source: {cfg['source']}",
+        "",
+        "```python",
+        *load,
+        "from PIL import Image",
+        "from timm.data import create_transform, resolve_data_config",
+        "transform = create_transform(**resolve_data_config(model=model))"
+        if cfg["timm_loadable"]
+        else f"transform = create_transform(**resolve_data_config(pretrained_cfg={json.dumps(p)}))",
+        f"x = transform(Image.open('image.png').convert('{'L' if chans == 1 else 'RGB'}'))[None]",
+        "probs = model(x).softmax(-1)",
+        "```",
+        "",
+        "Or with Lotus: `lotus predict FOLDER IMAGES...`, `lotus validate FOLDER --data DIR`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

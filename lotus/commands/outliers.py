@@ -8,6 +8,7 @@ examples:
   lotus outliers --config configs/digits.yaml --checkpoint runs/x/best.safetensors
   lotus outliers --config configs/digits.yaml --checkpoint runs/x/best.safetensors --out reports/ --samples 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,14 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="a run folder (its best.safetensors), or a .safetensors / state-dict file (e.g. runs/x/last.safetensors)")
-    p.add_argument("--config", "-c", help="the YAML config the checkpoint was trained with (default: the run's config.yaml)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run folder (its best.safetensors), or a .safetensors / state-dict file (e.g. runs/x/last.safetensors)",
+    )
+    p.add_argument(
+        "--config", "-c", help="the YAML config the checkpoint was trained with (default: the run's config.yaml)"
+    )
     p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split to probe (default val)")
@@ -44,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from lotus.checkpoint import atomic_write_text
     from lotus.data import batches
     from lotus.features.outliers.hooks import ResidualStreamProbe
-    from lotus.features.outliers.layer_report import layer_table, plot_history, plot_layers, read_outlier_records, summarize
+    from lotus.features.outliers.layer_report import (
+        layer_table,
+        plot_history,
+        plot_layers,
+        read_outlier_records,
+        summarize,
+    )
     from lotus.features.outliers.loading import load_model_and_data
 
     if args.samples < 1:
@@ -65,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise LotusError(str(e).replace("outliers.layers", "--layers")) from None
     with torch.no_grad(), probe:
-        for x, _, _ in tqdm(batches(dataset, idx, args.batch_size), total=math.ceil(n / args.batch_size),
-                            desc="probe", leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True):
+        for x, _, _ in tqdm(
+            batches(dataset, idx, args.batch_size),
+            total=math.ceil(n / args.batch_size),
+            desc="probe",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        ):
             lm.model(x.to(lm.device))
     layers = probe.compute()
     summary = summarize(layers)
@@ -77,20 +95,35 @@ def run(args: argparse.Namespace) -> int:
 
     title = f"{stem} ({lm.cfg.model.name}, block={lm.cfg.model.block}, {n} {args.split} images)"
     table = layer_table(layers)
-    md = "\n".join([f"# Outlier features: {title}", "", table, "",
-                    " ".join(f"{k}={v:.4g}" for k, v in summary.items()), ""])
-    paths = {"markdown": os.path.join(out_dir, f"outliers_{stem}.md"),
-             "json": os.path.join(out_dir, f"outliers_{stem}.json")}
+    md = "\n".join(
+        [f"# Outlier features: {title}", "", table, "", " ".join(f"{k}={v:.4g}" for k, v in summary.items()), ""]
+    )
+    paths = {
+        "markdown": os.path.join(out_dir, f"outliers_{stem}.md"),
+        "json": os.path.join(out_dir, f"outliers_{stem}.json"),
+    }
     atomic_write_text(paths["markdown"], md)
-    atomic_write_text(paths["json"], json.dumps({"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
-                                                 "samples": n, **summary, "layers": layers}, indent=2))
+    atomic_write_text(
+        paths["json"],
+        json.dumps(
+            {
+                "checkpoint": os.path.abspath(args.checkpoint),
+                "split": args.split,
+                "samples": n,
+                **summary,
+                "layers": layers,
+            },
+            indent=2,
+        ),
+    )
     paths["plot"] = plot_layers(layers, os.path.join(out_dir, f"outliers_{stem}.png"), title=title)
     metrics = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
     if os.path.isfile(metrics):
         records = read_outlier_records(metrics)
         if records:
-            paths["history"] = plot_history(records, os.path.join(out_dir, "outliers_history.png"),
-                                            title=os.path.basename(os.path.dirname(metrics)))
+            paths["history"] = plot_history(
+                records, os.path.join(out_dir, "outliers_history.png"), title=os.path.basename(os.path.dirname(metrics))
+            )
     print(title)
     print(table)
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))

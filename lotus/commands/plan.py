@@ -12,6 +12,7 @@ examples:
   lotus plan --config configs/digits.yaml --memory-budget 200MiB --save-profile prof.json
   lotus plan --profile prof.json --memory-budget 150MiB      # re-plan from a saved profile, no model run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,28 +28,60 @@ from lotus.parallel.config import format_bytes, parse_bandwidth, parse_bytes
 __all__ = ["add_arguments", "run"]
 
 _DATA_SHAPES = {  # (classes, channels) without loading the data
-    "digits": (10, 1), "mnist": (10, 1), "fashion_mnist": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3),
+    "digits": (10, 1),
+    "mnist": (10, 1),
+    "fashion_mnist": (10, 1),
+    "cifar10": (10, 3),
+    "cifar100": (100, 3),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config of the training run to plan")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set data.batch_size=128")
-    p.add_argument("--memory-budget", "-m", metavar="SIZE",
-                   help="memory per rank, e.g. 8GiB, 512MiB, 1.5GB (default: parallel.memory_budget)")
-    p.add_argument("--world-size", "-w", type=int, metavar="N",
-                   help="number of data-parallel ranks to plan for (default 1, or the torchrun world size)")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set data.batch_size=128",
+    )
+    p.add_argument(
+        "--memory-budget",
+        "-m",
+        metavar="SIZE",
+        help="memory per rank, e.g. 8GiB, 512MiB, 1.5GB (default: parallel.memory_budget)",
+    )
+    p.add_argument(
+        "--world-size",
+        "-w",
+        type=int,
+        metavar="N",
+        help="number of data-parallel ranks to plan for (default 1, or the torchrun world size)",
+    )
     p.add_argument("--batch-size", "-b", type=int, metavar="N", help="per-rank batch size (default data.batch_size)")
-    p.add_argument("--mode", choices=["auto", "ddp", "fsdp"], default=None,
-                   help="data-parallel mode to consider (default: parallel.mode if ddp/fsdp, else both)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="device to profile on (default train.device)")
-    p.add_argument("--bandwidth", metavar="RATE",
-                   help="interconnect bandwidth for the communication model, e.g. 25GB/s (default: measured under "
-                        "torchrun, else parallel.bandwidth or a device default)")
-    p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="timed repetitions per block and option (default parallel.profile_repeats)")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "ddp", "fsdp"],
+        default=None,
+        help="data-parallel mode to consider (default: parallel.mode if ddp/fsdp, else both)",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=None, help="device to profile on (default train.device)"
+    )
+    p.add_argument(
+        "--bandwidth",
+        metavar="RATE",
+        help="interconnect bandwidth for the communication model, e.g. 25GB/s (default: measured under "
+        "torchrun, else parallel.bandwidth or a device default)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed repetitions per block and option (default parallel.profile_repeats)",
+    )
     p.add_argument("--method", choices=["dp", "greedy"], default="dp", help="solver (default: dynamic programme)")
     p.add_argument("--out", "-o", metavar="FILE", help="write the plan JSON here")
     p.add_argument("--save-profile", metavar="FILE", help="also write the measured cost table (JSON)")
@@ -78,8 +111,10 @@ def _data_shape(cfg) -> tuple[int, int]:
         chans = 3
     classes = cfg.model.num_classes or classes
     if classes is None:
-        raise LotusError(f"model.num_classes: cannot tell the number of classes of {cfg.data.root!r} without the "
-                         "data; set model.num_classes")
+        raise LotusError(
+            f"model.num_classes: cannot tell the number of classes of {cfg.data.root!r} without the "
+            "data; set model.num_classes"
+        )
     return classes, cfg.model.in_chans or chans
 
 
@@ -103,8 +138,11 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
         raise LotusError("--device: cuda requested but no CUDA device is available")
     device = torch.device("cuda", torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
     amp = cfg.train.amp
-    autocast = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and device.type == "cuda"
-                                                     and torch.cuda.is_bf16_supported())) else None
+    autocast = (
+        torch.bfloat16
+        if (amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()))
+        else None
+    )
     bw = None
     if args.bandwidth:
         bw = _user_value(parse_bandwidth, args.bandwidth, "--bandwidth")
@@ -117,10 +155,17 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
     except ValueError as e:
         raise LotusError(f"model.name: cannot plan {cfg.model.name}: {str(e).splitlines()[0]}") from None
     return profile_model(
-        model, batch, img_size=img, in_chans=chans, device=device, world_size=world_size,
+        model,
+        batch,
+        img_size=img,
+        in_chans=chans,
+        device=device,
+        world_size=world_size,
         repeats=args.repeats or cfg.parallel.profile_repeats,
         build_optimizer=lambda m: build_optimizer(cfg.optim, m),
-        mixed_precision=cfg.parallel.mixed_precision, autocast_dtype=autocast, bandwidth=bw,
+        mixed_precision=cfg.parallel.mixed_precision,
+        autocast_dtype=autocast,
+        bandwidth=bw,
         cpu_offload=cfg.parallel.cpu_offload,
         meta={"config": args.config, "model_name": cfg.model.name, "img_size": img, "amp": str(autocast)},
     )
@@ -149,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
     budget_text = args.memory_budget or (cfg.parallel.memory_budget if cfg is not None else None)
     if budget_text is None:
         raise LotusError("--memory-budget: required (e.g. --memory-budget 8GiB), or set parallel.memory_budget")
-    budget = _user_value(parse_bytes, budget_text, "--memory-budget" if args.memory_budget else "parallel.memory_budget")
+    budget = _user_value(
+        parse_bytes, budget_text, "--memory-budget" if args.memory_budget else "parallel.memory_budget"
+    )
     is_main = True
     if args.profile:
         if not os.path.isfile(args.profile):
@@ -158,11 +205,15 @@ def run(args: argparse.Namespace) -> int:
             with open(args.profile) as f:
                 table = CostTable.from_dict(json.load(f))
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-            raise LotusError(f"--profile: {args.profile} is not a cost table from --save-profile "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise LotusError(
+                f"--profile: {args.profile} is not a cost table from --save-profile "
+                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
         if args.world_size and args.world_size != table.world_size:
-            raise LotusError(f"--world-size: the profile {args.profile} was measured for world size "
-                             f"{table.world_size}; re-profile with --config for {args.world_size}")
+            raise LotusError(
+                f"--world-size: the profile {args.profile} was measured for world size "
+                f"{table.world_size}; re-profile with --config for {args.world_size}"
+            )
     else:
         device_name = args.device or cfg.train.device
         world = args.world_size or 1
@@ -208,9 +259,12 @@ def run(args: argparse.Namespace) -> int:
     for label, mode, choices in rows:
         p = evaluate(table, mode, choices)
         fits = "yes" if p.peak_bytes <= budget else "no"
-        print(f"| {label} | {format_bytes(p.peak_bytes)} | {fits} | {p.step_time_s * 1e3:.1f} | "
-              f"{p.step_time_s / plan.predicted_step_time_s:.2f}x |")
+        print(
+            f"| {label} | {format_bytes(p.peak_bytes)} | {fits} | {p.step_time_s * 1e3:.1f} | "
+            f"{p.step_time_s / plan.predicted_step_time_s:.2f}x |"
+        )
     if args.out:
-        print(f"\nwrote {args.out}: train with --set parallel.mode=auto --set parallel.plan={args.out}",
-              file=sys.stdout)
+        print(
+            f"\nwrote {args.out}: train with --set parallel.mode=auto --set parallel.plan={args.out}", file=sys.stdout
+        )
     return 0

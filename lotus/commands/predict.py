@@ -9,6 +9,7 @@ examples:
   lotus predict runs/x images/ --top-k 3 --out preds.csv     # every image under images/, recursively
   lotus predict exported/ images/ --out preds.json           # JSON: [{"file", "top": [{"label", "score"}]}]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="a run folder, a `lotus export` folder or a .safetensors file")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--which", choices=("best", "last"), help="run folder: best.safetensors (default) or last")
-    p.add_argument("--config", "-c", help="the training config, for weights that record no mean/std or classes "
-                   "(written by an older Lotus)")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="the training config, for weights that record no mean/std or classes (written by an older Lotus)",
+    )
     p.add_argument("--top-k", type=int, default=5, help="labels per image, most probable first (default 5)")
     p.add_argument("--out", "-o", metavar="FILE", help="write .csv or .json here (default: CSV on stdout)")
-    p.add_argument("--format", choices=("csv", "json"), help="output format (default: from --out's extension, "
-                   "else csv)")
+    p.add_argument(
+        "--format", choices=("csv", "json"), help="output format (default: from --out's extension, else csv)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
 
@@ -53,8 +58,15 @@ def predict(src, files: list[str], top_k: int, batch_size: int = 64, device=None
             probs = model(x.to(device)).float().softmax(-1)
             scores, labels = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
             for i, s, lab in zip(idx.tolist(), scores.cpu().tolist(), labels.cpu().tolist()):
-                rows.append({"file": files[i], "top": [
-                    {"label": names[c] if c < len(names) else str(c), "index": c, "score": v} for c, v in zip(lab, s)]})
+                rows.append(
+                    {
+                        "file": files[i],
+                        "top": [
+                            {"label": names[c] if c < len(names) else str(c), "index": c, "score": v}
+                            for c, v in zip(lab, s)
+                        ],
+                    }
+                )
     return rows
 
 

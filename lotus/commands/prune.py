@@ -20,8 +20,10 @@ examples:
 
 --model builds a timm model by name (--calib then supplies data only); --config takes model and data from a
 training config. A --checkpoint written by Lotus records its model section (name, sizes, kwargs, block), which
-is the default for every model setting that --model/--config/--img-size/--num-classes do not give. On CPU, 2:4 has no sparse kernels: masked dense weights are used and the report says so.
+is the default for every model setting that --model/--config/--img-size/--num-classes do not give. On CPU, 2:4
+has no sparse kernels: masked dense weights are used and the report says so (and claims no speed-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,40 +47,77 @@ __all__ = ["add_arguments", "run"]
 
 _METHODS = ("magnitude", "wanda", "nm", "2:4", "structured")
 # library field -> flag, for the pruning library's "field: reason" errors
-_FLAGS = {"sparsity": "--sparsity", "scope": "--scope", "n": "--n", "m": "--m", "score": "--score",
-          "heads": "--heads", "mlp": "--mlp", "importance": "--importance", "round_to": "--round-to",
-          "calib_loader": "--calib", "min_heads": "--heads", "min_mlp": "--mlp"}
-_OUTPUTS = ("model.safetensors", "report.json", "report.md", "sweep.json", "sweep.png", "sweep.md",
-            "pruned.safetensors", "teacher.safetensors", "finetune")
+_FLAGS = {
+    "sparsity": "--sparsity",
+    "scope": "--scope",
+    "n": "--n",
+    "m": "--m",
+    "score": "--score",
+    "heads": "--heads",
+    "mlp": "--mlp",
+    "importance": "--importance",
+    "round_to": "--round-to",
+    "calib_loader": "--calib",
+    "min_heads": "--heads",
+    "min_mlp": "--mlp",
+}
+_OUTPUTS = (
+    "model.safetensors",
+    "report.json",
+    "report.md",
+    "sweep.json",
+    "sweep.png",
+    "sweep.md",
+    "pruned.safetensors",
+    "teacher.safetensors",
+    "finetune",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--model", "-m", help="timm model name (e.g. vit_small_patch16_224)")
     src.add_argument("--config", "-c", help="training config: model and data sections (instead of --model)")
-    src.add_argument("--checkpoint", help="weights to prune: a run folder (its best.safetensors), .safetensors or a "
-                     "torch state dict (weights_only); "
-                     "a Lotus file also gives the model (no --model/--config needed)")
-    src.add_argument("--pretrained", action="store_true",
-                     help="timm pretrained weights (downloads; offline: use --checkpoint)")
+    src.add_argument(
+        "--checkpoint",
+        help="weights to prune: a run folder (its best.safetensors), .safetensors or a "
+        "torch state dict (weights_only); "
+        "a Lotus file also gives the model (no --model/--config needed)",
+    )
+    src.add_argument(
+        "--pretrained", action="store_true", help="timm pretrained weights (downloads; offline: use --checkpoint)"
+    )
     src.add_argument("--num-classes", type=int, help="classifier size (default: from --checkpoint, the data, or timm)")
     src.add_argument("--img-size", type=int, help="input size (default: the config's or the timm model's)")
-    src.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a value of --config/--calib (repeatable)")
+    src.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of --config/--calib (repeatable)",
+    )
     how = p.add_argument_group("pruning")
     how.add_argument("--method", choices=_METHODS, help="what to prune")
-    how.add_argument("--sparsity", type=float, default=0.5,
-                     help="magnitude/wanda: fraction of weights removed, in [0, 1)")
-    how.add_argument("--scope", choices=("layer", "global", "row"),
-                     help="magnitude: layer (default) | global; wanda: row (default) | layer; "
-                          "structured: layer | global")
+    how.add_argument(
+        "--sparsity", type=float, default=0.5, help="magnitude/wanda: fraction of weights removed, in [0, 1)"
+    )
+    how.add_argument(
+        "--scope",
+        choices=("layer", "global", "row"),
+        help="magnitude: layer (default) | global; wanda: row (default) | layer; structured: layer | global",
+    )
     how.add_argument("--score", choices=("magnitude", "wanda"), default="magnitude", help="N:M / 2:4 group scoring")
     how.add_argument("--n", type=int, default=2, help="N of N:M (method nm)")
     how.add_argument("--m", type=int, default=4, help="M of N:M (method nm)")
     how.add_argument("--heads", type=float, default=0.0, help="structured: fraction of attention heads removed")
     how.add_argument("--mlp", type=float, default=0.0, help="structured: fraction of MLP hidden neurons removed")
-    how.add_argument("--importance", choices=("magnitude", "activation", "taylor"), default="magnitude",
-                     help="structured: head/neuron importance")
+    how.add_argument(
+        "--importance",
+        choices=("magnitude", "activation", "taylor"),
+        default="magnitude",
+        help="structured: head/neuron importance",
+    )
     how.add_argument("--round-to", type=int, default=1, help="structured: kept widths are multiples of this")
     how.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     how.add_argument("--include-patch-embed", action="store_true", help="also prune the patch embedding")
@@ -93,8 +132,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_.add_argument("--out", "-o", default="pruned", help="output folder (default: pruned/)")
     run_.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
     run_.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                      help="auto: bfloat16 for 2:4 on CUDA (the kernels need it), else float32")
+    run_.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="auto: bfloat16 for 2:4 on CUDA (the kernels need it), else float32",
+    )
     run_.add_argument("--batch-size", type=int, default=32, help="latency batch size")
     run_.add_argument("--latency-iters", type=int, default=10, help="timed forward passes (0: skip latency)")
     run_.add_argument("--max-eval", type=int, help="evaluate on at most this many validation images")
@@ -108,8 +151,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.model and args.config:
         raise LotusError("prune: pass --model NAME or --config FILE, not both (--calib adds data to --model)")
     if not args.model and not args.config and not args.checkpoint:
-        raise LotusError("prune: pass --model NAME (a timm model), --config FILE, or a --checkpoint written by Lotus "
-                         "(it records its model)")
+        raise LotusError(
+            "prune: pass --model NAME (a timm model), --config FILE, or a --checkpoint written by Lotus "
+            "(it records its model)"
+        )
     if args.checkpoint and args.pretrained:
         raise LotusError("prune: pass --checkpoint FILE or --pretrained, not both")
     if args.checkpoint:
@@ -155,8 +200,9 @@ def _check_args(args: argparse.Namespace) -> None:
     prune_recover.check_args(args)
     taken = [f for f in _OUTPUTS if os.path.exists(os.path.join(args.out, f))]
     if taken and not args.force:
-        raise LotusError(f"--out: {args.out} already holds {taken[0]}; pass --force to overwrite or choose "
-                         "another --out")
+        raise LotusError(
+            f"--out: {args.out} already holds {taken[0]}; pass --force to overwrite or choose another --out"
+        )
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -178,8 +224,12 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     data_cfg = load_data_config(args)
-    needs_data = args.sweep or args.method == "wanda" or (args.method in ("nm", "2:4") and args.score == "wanda") \
+    needs_data = (
+        args.sweep
+        or args.method == "wanda"
+        or (args.method in ("nm", "2:4") and args.score == "wanda")
         or (args.method == "structured" and args.importance != "magnitude")
+    )
     if needs_data and data_cfg is None:
         what = "the sweep evaluates on validation data" if args.sweep else "this method needs calibration data"
         raise LotusError(f"--calib: {what}; pass --calib CONFIG.yaml (or --config)")
@@ -203,18 +253,26 @@ def _run(args: argparse.Namespace) -> int:
     if classes_ok:
         before["val_acc"] = accuracy(model, bundle, device, dtype, args.max_eval)
     elif bundle is not None:
-        notes.append(f"val accuracy skipped: the model has {getattr(model, 'num_classes', '?')} classes, "
-                     f"the data {bundle.num_classes}")
+        notes.append(
+            f"val accuracy skipped: the model has {getattr(model, 'num_classes', '?')} classes, "
+            f"the data {bundle.num_classes}"
+        )
     finetune = args.finetune_epochs > 0
     if finetune and not classes_ok:
-        raise LotusError(f"--finetune-epochs: the model predicts {getattr(model, 'num_classes', '?')} classes, the "
-                         f"data has {bundle.num_classes}; recovery fine-tunes a model trained on this data")
+        raise LotusError(
+            f"--finetune-epochs: the model predicts {getattr(model, 'num_classes', '?')} classes, the "
+            f"data has {bundle.num_classes}; recovery fine-tunes a model trained on this data"
+        )
     meta = {"method": args.method, "source": args.checkpoint or ("pretrained" if args.pretrained else "random init")}
     meta["data"] = carried_data_metadata(args.checkpoint, bundle, data_cfg)  # mean/std, classes (None: unknown)
     teacher_path = os.path.join(args.out, "teacher.safetensors") if args.distill else None
     if teacher_path:  # the unpruned model, as the fine-tune's teacher
-        save_weights(model.float() if dtype != torch.float32 else model, teacher_path,
-                     {**meta, "method": "none", "teacher": True}, model_cfg=mcfg)
+        save_weights(
+            model.float() if dtype != torch.float32 else model,
+            teacher_path,
+            {**meta, "method": "none", "teacher": True},
+            model_cfg=mcfg,
+        )
         model.to(dtype=dtype)
     calib_data = calib(bundle, args.calib_batches, data_cfg.data.batch_size if data_cfg else 32)
     dense = copy.deepcopy(model) if args.latency_iters > 0 else None  # timed side by side with the result
@@ -237,16 +295,31 @@ def _run(args: argparse.Namespace) -> int:
     if dense is not None:
         from pruning.report import compare_latency
 
-        lat = compare_latency({"before": dense, "after": model}, example, warmup=2, iters=args.latency_iters,
-                              rounds=min(args.latency_iters, 5))
+        lat = compare_latency(
+            {"before": dense, "after": model},
+            example,
+            warmup=2,
+            iters=args.latency_iters,
+            rounds=min(args.latency_iters, 5),
+        )
         before["latency"], after["latency"] = lat["before"], lat["after"]
         del dense
     sparse_kernel = args.method == "structured" or bool(report.get("kernels", {}).get("converted"))
     if not sparse_kernel:
-        notes.append("no sparse kernel on this device: the zeros of the masks run on dense kernels, so no speed-up "
-                     "is reported (effective_flops is what a sparse kernel could skip)")
-    full = {"model_name": mcfg.name, "method": args.method, "device": _device_name(device), "dtype": dtype_name,
-            "before": before, "after": after, "notes": notes, "files": {"weights": weights_path}}
+        notes.append(
+            "no sparse kernel on this device: the zeros of the masks run on dense kernels, so no speed-up "
+            "is reported (effective_flops is what a sparse kernel could skip)"
+        )
+    full = {
+        "model_name": mcfg.name,
+        "method": args.method,
+        "device": _device_name(device),
+        "dtype": dtype_name,
+        "before": before,
+        "after": after,
+        "notes": notes,
+        "files": {"weights": weights_path},
+    }
     for k, v in report.items():
         if k not in ("notes", "kept_indices", "method"):
             full["model_sparsity" if k == "model" else k] = v
@@ -254,15 +327,26 @@ def _run(args: argparse.Namespace) -> int:
         from pruning.report import speedup_per_round
 
         sp = speedup_per_round(before["latency"], after["latency"])
-        full["speedup"], full["speedup_range"], full["latency_rounds"] = sp["median"], [sp["min"], sp["max"]], sp["rounds"]
+        full["speedup"], full["speedup_range"], full["latency_rounds"] = (
+            sp["median"],
+            [sp["min"], sp["max"]],
+            sp["rounds"],
+        )
     if finetune:
         del model
         rec = prune_recover.recover(args, data_cfg, mcfg, bundle, device, dtype, weights_path, teacher_path, masks)
         full["recovery"] = rec
-        full["accuracy"] = {"before_pruning": before.get("val_acc"), "after_pruning": after.get("val_acc"),
-                            "after_recovery": rec["val_acc"]}
-        full["files"] = {"weights": os.path.join(args.out, "model.safetensors"), "pruned": weights_path,
-                         **({"teacher": teacher_path} if teacher_path else {}), "finetune_dir": rec["run_dir"]}
+        full["accuracy"] = {
+            "before_pruning": before.get("val_acc"),
+            "after_pruning": after.get("val_acc"),
+            "after_recovery": rec["val_acc"],
+        }
+        full["files"] = {
+            "weights": os.path.join(args.out, "model.safetensors"),
+            "pruned": weights_path,
+            **({"teacher": teacher_path} if teacher_path else {}),
+            "finetune_dir": rec["run_dir"],
+        }
     return _write_report(args, full)
 
 
@@ -279,8 +363,13 @@ def _prune_with_library(args: argparse.Namespace, model: nn.Module, calib: list 
     from pruning.masks import make_filter
 
     if args.method == "structured":
-        cfg = pruning.StructuredConfig(heads=args.heads, mlp=args.mlp, importance=args.importance,
-                                       scope=args.scope or "layer", round_to=args.round_to)
+        cfg = pruning.StructuredConfig(
+            heads=args.heads,
+            mlp=args.mlp,
+            importance=args.importance,
+            scope=args.scope or "layer",
+            round_to=args.round_to,
+        )
         return pruning.prune_(model, cfg, calib_loader=calib)
     keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
     if args.method == "magnitude":
@@ -317,22 +406,40 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _run_sweep(args: argparse.Namespace, model: nn.Module, name: str, bundle: Any, device: torch.device,
-               dtype: torch.dtype, classes_ok: bool) -> int:
+def _run_sweep(
+    args: argparse.Namespace,
+    model: nn.Module,
+    name: str,
+    bundle: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    classes_ok: bool,
+) -> int:
     from lotus.commands.prune_inputs import accuracy
     from pruning.masks import make_filter
     from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
 
     if not classes_ok:
-        raise LotusError(f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
-                         f"{bundle.num_classes}; pass a --checkpoint trained on this data")
+        raise LotusError(
+            f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
+            f"{bundle.num_classes}; pass a --checkpoint trained on this data"
+        )
     keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
     t0 = time.perf_counter()
     result = essential_sparsity_sweep(
-        model, lambda m: accuracy(m, bundle, device, dtype, args.max_eval), step=args.sweep_step,
-        max_sparsity=args.max_sparsity, scope=args.scope or "layer", tolerance=args.tolerance, filter_fn=keep)
-    result.update(model=name, seconds=time.perf_counter() - t0,
-                  source=args.checkpoint or ("pretrained" if args.pretrained else "random init"))
+        model,
+        lambda m: accuracy(m, bundle, device, dtype, args.max_eval),
+        step=args.sweep_step,
+        max_sparsity=args.max_sparsity,
+        scope=args.scope or "layer",
+        tolerance=args.tolerance,
+        filter_fn=keep,
+    )
+    result.update(
+        model=name,
+        seconds=time.perf_counter() - t0,
+        source=args.checkpoint or ("pretrained" if args.pretrained else "random init"),
+    )
     paths = save_sweep(result, args.out, title=f"Essential sparsity: {name}")
     print(sweep_markdown(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
@@ -353,8 +460,10 @@ def _write_report(args: argparse.Namespace, report: dict) -> int:
         text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
     if report.get("speedup"):
         lo, hi = report["speedup_range"]
-        text += (f"\nlatency speed-up (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x, "
-                 f"median of {report['latency_rounds']} interleaved rounds (range {lo:.2f}-{hi:.2f}x)")
+        text += (
+            f"\nlatency speed-up (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x, "
+            f"median of {report['latency_rounds']} interleaved rounds (range {lo:.2f}-{hi:.2f}x)"
+        )
     elif report["after"].get("latency"):
         text += "\nlatency speed-up: not reported (no sparse kernel on this device)"
     if report.get("recovery"):

@@ -1,5 +1,6 @@
 """The inputs of ``lotus prune``: the model (timm name or training config, plus checkpoint), its data, and
 the measurements taken before and after pruning (accuracy, params, FLOPs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def checkpoint_shapes(path: str | None, name: str) -> tuple[int | None, int | No
     first = getattr(pcfg, "first_conv", None) or "patch_embed.proj"
     classes = sd.get(f"{classifier}.weight")
     conv = sd.get(f"{first}.weight")
-    return (int(classes.shape[0]) if classes is not None and classes.dim() == 2 else None,
-            int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
+    return (
+        int(classes.shape[0]) if classes is not None and classes.dim() == 2 else None,
+        int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None,
+    )
 
 
 def _model_config(args: argparse.Namespace, data_cfg: Any) -> ModelConfig:
@@ -64,8 +67,10 @@ def _model_config(args: argparse.Namespace, data_cfg: Any) -> ModelConfig:
     args.checkpoint = ckpt
     if ckpt:
         if not args.model and not args.config and not read_model_metadata(ckpt, "--checkpoint"):
-            raise LotusError(f"--checkpoint: {ckpt} records no model (not written by Lotus, or by an older "
-                             "version); pass --model NAME or --config FILE")
+            raise LotusError(
+                f"--checkpoint: {ckpt} records no model (not written by Lotus, or by an older "
+                "version); pass --model NAME or --config FILE"
+            )
         mcfg = model_config_from_checkpoint(mcfg, ckpt, given, "--checkpoint")
     mcfg.checkpoint = None
     mcfg.pretrained = bool(args.pretrained)
@@ -104,8 +109,10 @@ def build(args: argparse.Namespace, data_cfg: Any) -> tuple[nn.Module, Any, Any]
         model = create_model(mcfg, num_classes, in_chans, img_size)
     except LotusError as e:
         if args.pretrained and "pretrained" in str(e):
-            raise LotusError(f"--pretrained: cannot download weights for {mcfg.name}; "
-                             "pass --checkpoint FILE (a local .safetensors or state dict) instead") from None
+            raise LotusError(
+                f"--pretrained: cannot download weights for {mcfg.name}; "
+                "pass --checkpoint FILE (a local .safetensors or state dict) instead"
+            ) from None
         raise
     if args.checkpoint:
         load_weights(model, args.checkpoint, key="--checkpoint")
@@ -133,14 +140,22 @@ def calib(bundle: Any, n_batches: int, batch_size: int) -> list | None:
     return [(x, y) for x, y, _ in batches(bundle.train, idx, batch_size)]
 
 
-def accuracy(model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None,
-              batch_size: int = 256) -> float:
+def accuracy(
+    model: nn.Module, bundle: Any, device: torch.device, dtype: torch.dtype, limit: int | None, batch_size: int = 256
+) -> float:
     def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = m(x.to(dtype=dtype))
         return out[0] if isinstance(out, tuple) else out
 
-    return evaluate(model, bundle.val, batch_size=batch_size, device=device, limit=limit, forward=forward,
-                    progress=sys.stderr.isatty())["val_acc"]
+    return evaluate(
+        model,
+        bundle.val,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        forward=forward,
+        progress=sys.stderr.isatty(),
+    )["val_acc"]
 
 
 def stats(model: nn.Module, example: torch.Tensor) -> dict:

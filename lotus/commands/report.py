@@ -3,6 +3,7 @@
 example:
   lotus report runs/digits-20261127-101500
 """
+
 from __future__ import annotations
 
 import argparse

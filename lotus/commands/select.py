@@ -8,16 +8,19 @@ train split's proportions) unless --no-class-balance. Proxy trainings are cached
 and proxy settings, reuse them instead of training again.
 
 examples:
-  lotus select --config configs/digits.yaml --scorer el2n --policy ccs --fraction 0.5 --out tickets/digits-el2n-50.npz
-  lotus select --config configs/digits.yaml --scorer el2n forgetting --fraction 0.3 --out tickets/digits-{scorer}-30.npz
-  lotus select --config configs/digits.yaml --scorer forgetting --proxy-epochs 8 --policy top --count 500 --out t.npz
-  lotus select --config configs/digits.yaml --scorer loss --checkpoint runs/digits/best.safetensors --policy moderate --fraction 0.3 --out t.npz
-  lotus select --config configs/digits.yaml --from-ticket tickets/digits-el2n-50.npz --policy top --fraction 0.3 --out t30.npz
-  lotus select --config configs/digits.yaml --policy random --fraction 0.3 --no-class-balance --out tickets/random-30.npz
+  lotus select -c configs/digits.yaml --scorer el2n --policy ccs --fraction 0.5 --out tickets/digits-el2n-50.npz
+  lotus select -c configs/digits.yaml --scorer el2n forgetting --fraction 0.3 --out tickets/digits-{scorer}-30.npz
+  lotus select -c configs/digits.yaml --scorer forgetting --proxy-epochs 8 --policy top --count 500 --out t.npz
+  lotus select -c configs/digits.yaml --scorer loss --checkpoint runs/digits --policy moderate --fraction 0.3 \\
+      --out t.npz
+  lotus select -c configs/digits.yaml --from-ticket tickets/digits-el2n-50.npz --policy top --fraction 0.3 \\
+      --out t30.npz
+  lotus select -c configs/digits.yaml --policy random --fraction 0.3 --no-class-balance --out tickets/random-30.npz
   lotus select --config configs/digits.yaml --checkpoint runs/digits --scorer cls_attention --policy top --fraction 1 \
       --patches 0.5 --out tickets/digits-patches.npz   # then: --set tickets.patches.enabled=true
       --set tickets.patches.source=file --set tickets.patches.file=tickets/digits-patches.npz
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +38,7 @@ import numpy as np
 from data_tickets.policies import POLICIES, uses_class_balance
 from lotus.config import load_config
 from lotus.errors import LotusError, library_error
+from lotus.run_files import checkpoint_file
 from lotus.safe_io import atomic_write, output_lock
 
 if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
@@ -54,50 +58,101 @@ def _scorer(name: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, help="YAML training config (its data/model/optim sections are used)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set data.limit_train=500 (repeatable)")
-    p.add_argument("--scorer", type=_scorer, default=None, nargs="+", metavar="SCORER",
-                   help="informativeness score(s), names of data_tickets.SCORERS (default el2n; none needed for --policy random); several scorers "
-                   "write one ticket each (--out must then contain {scorer}) from the same proxy trainings")
+    p.add_argument(
+        "--config", "-c", required=True, help="YAML training config (its data/model/optim sections are used)"
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data.limit_train=500 (repeatable)",
+    )
+    p.add_argument(
+        "--scorer",
+        type=_scorer,
+        default=None,
+        nargs="+",
+        metavar="SCORER",
+        help="informativeness score(s), names of data_tickets.SCORERS (default el2n; none needed for --policy "
+        "random); several scorers write one ticket each (--out must then contain {scorer}) from the same proxy "
+        "trainings",
+    )
     p.add_argument("--policy", choices=sorted(POLICIES), default="ccs", help="selection policy (default ccs)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--fraction", type=float, help="fraction of the train split to keep, in (0, 1]")
     size.add_argument("--count", type=int, help="number of samples to keep")
-    p.add_argument("--class-balance", "--class-balanced", dest="class_balanced", default=True,
-                   action=argparse.BooleanOptionalAction,
-                   help="per-class quotas in the train split's proportions, the policy applied within each class "
-                   "(default on; --no-class-balance selects over the whole split)")
+    p.add_argument(
+        "--class-balance",
+        "--class-balanced",
+        dest="class_balanced",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="per-class quotas in the train split's proportions, the policy applied within each class "
+        "(default on; --no-class-balance selects over the whole split)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of proxy trainings and of the policy (default 0)")
     p.add_argument("--beta", type=float, default=None, help="ccs: fraction of hardest samples dropped (default 0.1)")
     p.add_argument("--strata", type=int, default=None, help="ccs: number of score strata (default 50)")
     p.add_argument("--proxy-epochs", type=int, default=3, help="epochs of each proxy training (default 3)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="proxy trainings averaged (el2n default 3, others 1; forgetting counts per run)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="proxy trainings averaged (el2n default 3, others 1; forgetting counts per run)",
+    )
     p.add_argument("--model", metavar="NAME", help="timm model for the proxy / checkpoint (default: model.name)")
-    p.add_argument("--checkpoint", metavar="PATH", help="score with this trained model (a .safetensors/state-dict "
-                   "file or a run directory holding best.safetensors) instead of proxy trainings")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="score with this trained model (a .safetensors/state-dict "
+        "file or a run directory holding best.safetensors) instead of proxy trainings",
+    )
     p.add_argument("--from-ticket", metavar="FILE", help="reuse the scores stored in this ticket file (no scoring)")
     p.add_argument("--layer", default=None, help="cls_attention: block index or 'rollout' (default last block)")
-    p.add_argument("--patches", type=float, default=None, metavar="KEEP_RATE",
-                   help="also store patch tickets: each image's patches ranked by the model's CLS attention "
-                   "(requires a ViT); KEEP_RATE is recorded as the default keep rate")
-    p.add_argument("--patch-rollout", action="store_true", help="--patches: rank by attention rollout over all "
-                   "blocks instead of the last block's CLS attention")
-    p.add_argument("--proxy-cache", metavar="DIR", default=None,
-                   help="folder of cached proxy trainings (default: .proxy-cache next to --out)")
-    p.add_argument("--no-proxy-cache", action="store_true",
-                   help="share proxies only within this invocation (nothing written)")
+    p.add_argument(
+        "--patches",
+        type=float,
+        default=None,
+        metavar="KEEP_RATE",
+        help="also store patch tickets: each image's patches ranked by the model's CLS attention "
+        "(requires a ViT); KEEP_RATE is recorded as the default keep rate",
+    )
+    p.add_argument(
+        "--patch-rollout",
+        action="store_true",
+        help="--patches: rank by attention rollout over all blocks instead of the last block's CLS attention",
+    )
+    p.add_argument(
+        "--proxy-cache",
+        metavar="DIR",
+        default=None,
+        help="folder of cached proxy trainings (default: .proxy-cache next to --out)",
+    )
+    p.add_argument(
+        "--no-proxy-cache", action="store_true", help="share proxies only within this invocation (nothing written)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="scoring batch size (default data.eval_batch_size)")
-    p.add_argument("--out", "-o", help="output .npz (default tickets/<config>-<scorer>-<policy>-<pct>.npz); "
-                   "{scorer} is replaced by the scorer name")
+    p.add_argument(
+        "--out",
+        "-o",
+        help="output .npz (default tickets/<config>-<scorer>-<policy>-<pct>.npz); "
+        "{scorer} is replaced by the scorer name",
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or proxy logs")
 
 
 # library field -> flag, for data_tickets' "field: reason" errors
-_FLAGS = {"count": "--count", "fraction": "--fraction", "ccs beta": "--beta", "ccs strata": "--strata",
-          "class_balanced": "--class-balance", "repeats": "--repeats"}
+_FLAGS = {
+    "count": "--count",
+    "fraction": "--fraction",
+    "ccs beta": "--beta",
+    "ccs strata": "--strata",
+    "class_balanced": "--class-balance",
+    "repeats": "--repeats",
+}
 
 
 def _default_out(cfg, scorer: str | None, policy: str, fraction: float | None, count: int | None) -> str:
@@ -108,12 +163,17 @@ def _default_out(cfg, scorer: str | None, policy: str, fraction: float | None, c
 def _outputs(args: argparse.Namespace, cfg, scorers: list[str | None]) -> dict[str | None, str]:
     """Output path per scorer; refuses names that are not .npz, collide or exist (without --force)."""
     if args.out and len(scorers) > 1 and "{scorer}" not in args.out:
-        raise LotusError(f"--out: several scorers ({' '.join(scorers)}) write one ticket each; put {{scorer}} in "
-                         f"the file name, got {args.out}")
+        raise LotusError(
+            f"--out: several scorers ({' '.join(scorers)}) write one ticket each; put {{scorer}} in "
+            f"the file name, got {args.out}"
+        )
     outs = {}
     for sc in scorers:
-        out = (args.out.replace("{scorer}", sc or "none") if args.out
-               else _default_out(cfg, sc, args.policy, args.fraction, args.count))
+        out = (
+            args.out.replace("{scorer}", sc or "none")
+            if args.out
+            else _default_out(cfg, sc, args.policy, args.fraction, args.count)
+        )
         if not out.endswith(".npz"):
             raise LotusError(f"--out: expected a .npz file name, got {out}")
         if os.path.exists(out) and not args.force:
@@ -166,8 +226,11 @@ def run(args: argparse.Namespace) -> int:
         raise LotusError("--from-ticket: reuses stored scores; do not combine with --scorer or --checkpoint")
     if args.proxy_cache is not None and args.no_proxy_cache:
         raise LotusError("--proxy-cache: not allowed with --no-proxy-cache")
-    scorers: list[str | None] = list(dict.fromkeys(args.scorer)) if args.scorer else \
-        [None if args.policy == "random" or args.from_ticket else "el2n"]
+    scorers: list[str | None] = (
+        list(dict.fromkeys(args.scorer))
+        if args.scorer
+        else [None if args.policy == "random" or args.from_ticket else "el2n"]
+    )
     outs = _outputs(args, cfg, scorers)
     if args.batch_size is not None and args.batch_size < 1:
         raise LotusError(f"--batch-size: expected int >= 1, got {args.batch_size}")
@@ -202,15 +265,22 @@ def run(args: argparse.Namespace) -> int:
         elif any(sc is not None for sc in scorers) or args.patches is not None:
             if args.no_proxy_cache:
                 tmp_cache = tempfile.TemporaryDirectory(prefix="lotus-proxy-")
-            folder = tmp_cache.name if tmp_cache else (args.proxy_cache or os.path.join(
-                os.path.dirname(os.path.abspath(next(iter(outs.values())))), ".proxy-cache"))
+            folder = (
+                tmp_cache.name
+                if tmp_cache
+                else (
+                    args.proxy_cache
+                    or os.path.join(os.path.dirname(os.path.abspath(next(iter(outs.values())))), ".proxy-cache")
+                )
+            )
 
             def log(msg: str) -> None:
                 if not args.quiet or "recomputing" in msg:
                     print(msg, file=sys.stderr, flush=True)
 
-            proxy = make_cached_proxy(cfg, data, folder, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet,
-                                      device=device, log=log)
+            proxy = make_cached_proxy(
+                cfg, data, folder, epochs=args.proxy_epochs, model=args.model, quiet=args.quiet, device=device, log=log
+            )
             proxy_meta = dict(proxy.config)
         try:
             patch_rank, patch_extra = None, None
@@ -218,14 +288,35 @@ def run(args: argparse.Namespace) -> int:
                 pmodel = model if model is not None else proxy(args.seed, None).to(device)
                 ticket = PatchTicket(keep_rate=args.patches, rollout=args.patch_rollout)
                 try:
-                    patch_rank = ticket.compute(pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet)
+                    patch_rank = ticket.compute(
+                        pmodel, train_set, batch_size=bs, device=device, progress=not args.quiet
+                    )
                 except ValueError as e:  # a model whose attention the CLS-attention scorer cannot read
                     raise LotusError(f"--patches: {e}") from None
                 # same layout as PatchTicket.to_ticket, so tickets.patches (source: file) can read it
-                patch_extra = {"keep_rate": args.patches, "scorer": "cls_attention", "rollout": args.patch_rollout,
-                               "num_patches": int(patch_rank.shape[1]), "stored": int(patch_rank.shape[1])}
-            job = _Job(args, train_set, labels, model, proxy, proxy_meta, balanced, device, bs, progress, pol_kw,
-                       patch_rank, patch_extra, t0)
+                patch_extra = {
+                    "keep_rate": args.patches,
+                    "scorer": "cls_attention",
+                    "rollout": args.patch_rollout,
+                    "num_patches": int(patch_rank.shape[1]),
+                    "stored": int(patch_rank.shape[1]),
+                }
+            job = _Job(
+                args,
+                train_set,
+                labels,
+                model,
+                proxy,
+                proxy_meta,
+                balanced,
+                device,
+                bs,
+                progress,
+                pol_kw,
+                patch_rank,
+                patch_extra,
+                t0,
+            )
             for sc in scorers:
                 _one_ticket(job, sc, outs[sc], options[sc])
         finally:
@@ -275,8 +366,17 @@ def _one_ticket(job: _Job, scorer: str | None, out: str, kw: dict) -> None:
         scores, scorer, proxy_meta = torch.from_numpy(src.scores), src.scorer, src.proxy
     elif scorer is not None:
         try:
-            scores = score(job.model, train_set, scorer, proxy=job.proxy, batch_size=job.bs, device=job.device,
-                           progress=job.progress, seed=args.seed, **kw)
+            scores = score(
+                job.model,
+                train_set,
+                scorer,
+                proxy=job.proxy,
+                batch_size=job.bs,
+                device=job.device,
+                progress=job.progress,
+                seed=args.seed,
+                **kw,
+            )
         except ValueError as e:  # e.g. a model the scorer cannot use, scores that diverged
             raise library_error(e, _FLAGS, f"--scorer {scorer}") from None
     if proxy_meta is not None and args.repeats is not None:
@@ -284,26 +384,61 @@ def _one_ticket(job: _Job, scorer: str | None, out: str, kw: dict) -> None:
 
     base = scores if scores is not None else np.zeros(len(train_set))
     try:
-        idx = select(base, args.policy, fraction=args.fraction, count=args.count, labels=labels,
-                     class_balanced=job.balanced, seed=args.seed, **pol_kw)
+        idx = select(
+            base,
+            args.policy,
+            fraction=args.fraction,
+            count=args.count,
+            labels=labels,
+            class_balanced=job.balanced,
+            seed=args.seed,
+            **pol_kw,
+        )
     except ValueError as e:
         raise library_error(e, _FLAGS, f"--policy {args.policy}") from None
 
     counts = np.bincount(np.asarray(labels)[idx], minlength=int(np.asarray(labels).max()) + 1)
-    extra: dict = {"config": os.path.abspath(args.config), "overrides": list(args.set), "policy_options": pol_kw,
-                   "scorer_options": dict(kw), "train_size": len(train_set), "class_counts": counts.tolist()}
+    extra: dict = {
+        "config": os.path.abspath(args.config),
+        "overrides": list(args.set),
+        "policy_options": pol_kw,
+        "scorer_options": dict(kw),
+        "train_size": len(train_set),
+        "class_counts": counts.tolist(),
+    }
     if job.patch_extra is not None:
         extra["patches"] = job.patch_extra
-    t = TicketFile.create(idx, dataset=train_set, labels=labels, scores=None if scores is None else scores.numpy(),
-                          scorer=scorer, policy=args.policy,
-                          fraction=args.fraction if args.fraction is not None else round(idx.size / len(train_set), 6),
-                          seed=args.seed, class_balanced=job.balanced, proxy=proxy_meta,
-                          patch_indices=job.patch_rank, extra=extra)
+    t = TicketFile.create(
+        idx,
+        dataset=train_set,
+        labels=labels,
+        scores=None if scores is None else scores.numpy(),
+        scorer=scorer,
+        policy=args.policy,
+        fraction=args.fraction if args.fraction is not None else round(idx.size / len(train_set), 6),
+        seed=args.seed,
+        class_balanced=job.balanced,
+        proxy=proxy_meta,
+        patch_indices=job.patch_rank,
+        extra=extra,
+    )
     # published only if nothing took the name meanwhile (without --force): two selects never both succeed
     atomic_write(out, t.save, exclusive=not args.force, key="--out")
-    print(json.dumps({"out": out, "count": int(idx.size), "train_size": len(train_set),
-                      "fraction": round(idx.size / len(train_set), 4), "scorer": scorer, "policy": args.policy,
-                      "seed": args.seed, "class_balanced": job.balanced,
-                      "min_class_share": round(float(counts[counts > 0].min() / idx.size), 4) if idx.size else None,
-                      "max_class_share": round(float(counts.max() / idx.size), 4),
-                      "wall_s": round(time.perf_counter() - job.t0, 2)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "out": out,
+                "count": int(idx.size),
+                "train_size": len(train_set),
+                "fraction": round(idx.size / len(train_set), 4),
+                "scorer": scorer,
+                "policy": args.policy,
+                "seed": args.seed,
+                "class_balanced": job.balanced,
+                "min_class_share": round(float(counts[counts > 0].min() / idx.size), 4) if idx.size else None,
+                "max_class_share": round(float(counts.max() / idx.size), 4),
+                "wall_s": round(time.perf_counter() - job.t0, 2),
+            }
+        ),
+        flush=True,
+    )

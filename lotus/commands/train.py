@@ -8,6 +8,7 @@ examples:
   lotus train --config configs/digits.yaml --out runs/try1 --force   # start runs/try1 over
   lotus train --config configs/digits.yaml --print-config            # every key: default and meaning
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,39 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   "(model, optimiser, schedule, RNG, epoch); uses RUN_DIR/config.yaml")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable; VALUE is YAML)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint "
+        "(model, optimiser, schedule, RNG, epoch); uses RUN_DIR/config.yaml",
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 (repeatable; VALUE is YAML)",
+    )
     p.add_argument("--out", "-o", metavar="DIR", help="run directory (default: output.dir or runs/<name>-<time>)")
-    p.add_argument("--force", action="store_true", help="start over in a --out that holds a run (deletes that "
-                   "run's files; nothing else in the folder)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar or per-epoch lines (the final result line is still printed)")
-    p.add_argument("--print-config", action="store_true", help="print the full resolved config (every key, "
-                   "defaults filled in) as YAML, each key's meaning as a comment, and exit without training "
-                   "(the same text as docs/configuration.md)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a --out that holds a run (deletes that run's files; nothing else in the folder)",
+    )
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar or per-epoch lines (the final result line is still printed)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full resolved config (every key, "
+        "defaults filled in) as YAML, each key's meaning as a comment, and exit without training "
+        "(the same text as docs/configuration.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +87,16 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir=args.out, quiet=args.quiet, force=args.force, overrides=args.set)
     summary = trainer.fit()
     if trainer.dist.is_main:  # the result, also with --quiet (which hides progress only)
-        print(json.dumps({k: summary[k] for k in ("run_dir", "epochs", "steps", "wall_s")}
-                         | {k: summary.get(k) for k in ("final_val_acc", "best_val_acc", "test_acc")
-                            if k != "test_acc" or summary.get(k) is not None}))
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("run_dir", "epochs", "steps", "wall_s")}
+                | {
+                    k: summary.get(k)
+                    for k in ("final_val_acc", "best_val_acc", "test_acc")
+                    if k != "test_acc" or summary.get(k) is not None
+                }
+            )
+        )
     if trainer.dist.world_size > 1:
         # all ranks meet, then tear gloo/nccl down; skip interpreter teardown, where gloo's threads can still
         # abort a rank ("terminate called without an active exception") after all work is saved

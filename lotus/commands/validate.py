@@ -13,6 +13,7 @@ examples:
   lotus validate exported/ --data images/val --out val.json
   lotus validate runs/x --which last --config configs/digits.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="a run folder, a `lotus export` folder or a .safetensors file")
     p.add_argument("--which", choices=("best", "last"), help="run folder: best.safetensors (default) or last")
-    p.add_argument("--config", "-c", help="evaluate on this config's validation split (default: the run "
-                   "folder's config.yaml); also fills in what older weights do not record")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="evaluate on this config's validation split (default: the run "
+        "folder's config.yaml); also fills in what older weights do not record",
+    )
     p.add_argument("--data", metavar="ROOT", help="evaluate on an ImageFolder instead (ROOT/<class>/<image>)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
@@ -43,8 +48,10 @@ def _config_split(src, config: str | None):
 
     path = config or src.config
     if path is None:
-        raise LotusError(f"validate: {src.weights} has no config.yaml beside it; pass --config CONFIG.yaml (its "
-                         "validation split) or --data ROOT (an ImageFolder)")
+        raise LotusError(
+            f"validate: {src.weights} has no config.yaml beside it; pass --config CONFIG.yaml (its "
+            "validation split) or --data ROOT (an ImageFolder)"
+        )
     cfg = load_config(path)
     bundle = build_datasets(cfg.data, resolve_img_size(cfg.model), cfg.model.in_chans, cfg.model, cfg.train.seed)
     return bundle.val, list(bundle.classes), f"{cfg.data.name} validation split of {path}"
@@ -60,8 +67,10 @@ def _folder(src, root: str):
     if names:
         unknown = [c for c in classes if c not in names]
         if unknown:
-            raise LotusError(f"--data: class folder {unknown[0]!r} in {root} is not one of the model's classes "
-                             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+            raise LotusError(
+                f"--data: class folder {unknown[0]!r} in {root} is not one of the model's classes "
+                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+            )
         index = {c: names.index(c) for c in classes}
     else:
         names, index = classes, {c: i for i, c in enumerate(classes)}
@@ -86,12 +95,22 @@ def run(args: argparse.Namespace) -> int:
     if len(names) > classes:
         raise LotusError(f"validate: the data has {len(names)} classes, {src.name} predicts {classes}")
     device = resolve_device(args.device)
-    out = evaluate(src.model.to(device), dataset, batch_size=args.batch_size, device=device, limit=args.limit,
-                   num_classes=classes)
-    per_class = {str(names[i]) if i < len(names) else str(i): (hit / n if n else None)
-                 for i, (hit, n) in enumerate(zip(out["class_correct"], out["class_count"]))}
-    result = {"source": src.weights, "data": what, "count": out["count"], "top1": out["val_acc"],
-              "top5": out["val_acc5"], "loss": out["val_loss"], "per_class": per_class}
+    out = evaluate(
+        src.model.to(device), dataset, batch_size=args.batch_size, device=device, limit=args.limit, num_classes=classes
+    )
+    per_class = {
+        str(names[i]) if i < len(names) else str(i): (hit / n if n else None)
+        for i, (hit, n) in enumerate(zip(out["class_correct"], out["class_count"]))
+    }
+    result = {
+        "source": src.weights,
+        "data": what,
+        "count": out["count"],
+        "top1": out["val_acc"],
+        "top5": out["val_acc5"],
+        "loss": out["val_loss"],
+        "per_class": per_class,
+    }
     print(f"{src.name} ({src.weights}) on the {what}: {out['count']} images")
     print(f"top-1 {out['val_acc']:.4f}  top-5 {out['val_acc5']:.4f}  loss {out['val_loss']:.4f}")
     width = max(len(k) for k in per_class)

@@ -2,7 +2,8 @@
 trainer, and the order its hooks run in.
 
 Order is the data path: which samples (``subset``), in which order (``sampler``), how they are mixed
-(``batch``), then the model (pruning, then its EMA), then which tokens (``forward``), then monitoring. Slots a feature writes, and the hook that writes each:
+(``batch``), then the model (pruning, then its EMA), then which tokens (``forward``), then monitoring. Slots a
+feature writes, and the hook that writes each:
 
 =========== ============================ ===================================================================
 slot        hook                         meaning
@@ -15,6 +16,7 @@ forward     ``wrap_forward``             the training forward (e.g. kept patch t
 model       ``rebuild_optimizer`` & co.  parameter shapes/masks (the optimiser is rebuilt to match)
 =========== ============================ ===================================================================
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,8 +40,13 @@ from lotus.features.tickets.callback import TicketSubset
 
 __all__ = ["Feature", "FEATURES", "SLOT_HOOKS", "build_callbacks"]
 
-SLOT_HOOKS: dict[str, str] = {"subset": "epoch_subset", "sampler": "epoch_sampler", "batch": "transform_batch",
-                              "loss": "per_sample_loss", "forward": "wrap_forward"}
+SLOT_HOOKS: dict[str, str] = {
+    "subset": "epoch_subset",
+    "sampler": "epoch_sampler",
+    "batch": "transform_batch",
+    "loss": "per_sample_loss",
+    "forward": "wrap_forward",
+}
 
 
 @dataclass(frozen=True)
@@ -54,32 +61,80 @@ class Feature:
 
 
 FEATURES: tuple[Feature, ...] = (
-    Feature("tickets", "tickets.file", ("subset",),
-            lambda cfg, s: [TicketSubset(cfg.tickets.file)] if cfg.tickets.file else []),
-    Feature("subsets", "tickets.random", ("subset",),
-            lambda cfg, s: [RandomSubsetCallback(cfg.tickets.random, cfg.train.seed)] if cfg.tickets.random.enabled else []),
-    Feature("schedule", "lotus.reselect", ("subset",),
-            lambda cfg, s: [ReselectCallback(cfg.lotus.reselect, cfg.train.seed)] if s.reselect_epochs else []),
-    Feature("schedule", "lotus.schedule", (),  # auto: decides the plan; the features below follow it
-            lambda cfg, s: [AutoScheduleCallback(cfg, s.auto)] if s.auto is not None else []),
-    Feature("dynamic", "tickets.dynamic", ("sampler", "loss"),
-            lambda cfg, s: [DynamicPruningCallback(cfg.tickets.dynamic, cfg.train.seed, s.dynamic_anneal,
-                                                   follow_plan=s.auto is not None)]
-            if cfg.tickets.dynamic.enabled else []),
-    Feature("pruning", "pruning", ("model",),
-            lambda cfg, s: [PruningCallback(cfg.pruning, s.auto)] if cfg.pruning.enabled else []),
-    Feature("resolution", "resolution", ("batch",),  # before mixup: mixup mixes the resized images
-            lambda cfg, s: [ResolutionCallback(cfg.resolution)] if cfg.resolution.enabled else []),
-    Feature("mixup", "mixup", ("batch",),
-            lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else []),
-    Feature("distill", "distill", ("batch",),  # after mixup: the teacher labels the mixed images
-            lambda cfg, s: [DistillCallback(cfg.distill, cfg.train.label_smoothing)] if cfg.distill.enabled else []),
+    Feature(
+        "tickets",
+        "tickets.file",
+        ("subset",),
+        lambda cfg, s: [TicketSubset(cfg.tickets.file)] if cfg.tickets.file else [],
+    ),
+    Feature(
+        "subsets",
+        "tickets.random",
+        ("subset",),
+        lambda cfg, s: [RandomSubsetCallback(cfg.tickets.random, cfg.train.seed)] if cfg.tickets.random.enabled else [],
+    ),
+    Feature(
+        "schedule",
+        "lotus.reselect",
+        ("subset",),
+        lambda cfg, s: [ReselectCallback(cfg.lotus.reselect, cfg.train.seed)] if s.reselect_epochs else [],
+    ),
+    Feature(
+        "schedule",
+        "lotus.schedule",
+        (),  # auto: decides the plan; the features below follow it
+        lambda cfg, s: [AutoScheduleCallback(cfg, s.auto)] if s.auto is not None else [],
+    ),
+    Feature(
+        "dynamic",
+        "tickets.dynamic",
+        ("sampler", "loss"),
+        lambda cfg, s: (
+            [
+                DynamicPruningCallback(
+                    cfg.tickets.dynamic, cfg.train.seed, s.dynamic_anneal, follow_plan=s.auto is not None
+                )
+            ]
+            if cfg.tickets.dynamic.enabled
+            else []
+        ),
+    ),
+    Feature(
+        "pruning",
+        "pruning",
+        ("model",),
+        lambda cfg, s: [PruningCallback(cfg.pruning, s.auto)] if cfg.pruning.enabled else [],
+    ),
+    Feature(
+        "resolution",
+        "resolution",
+        ("batch",),  # before mixup: mixup mixes the resized images
+        lambda cfg, s: [ResolutionCallback(cfg.resolution)] if cfg.resolution.enabled else [],
+    ),
+    Feature(
+        "mixup",
+        "mixup",
+        ("batch",),
+        lambda cfg, s: [MixupCallback(cfg.mixup, cfg.train.label_smoothing)] if cfg.mixup.enabled else [],
+    ),
+    Feature(
+        "distill",
+        "distill",
+        ("batch",),  # after mixup: the teacher labels the mixed images
+        lambda cfg, s: [DistillCallback(cfg.distill, cfg.train.label_smoothing)] if cfg.distill.enabled else [],
+    ),
     Feature("ema", "ema", (), lambda cfg, s: [EmaCallback(cfg.ema)] if cfg.ema.enabled else []),
-    Feature("patches", "tickets.patches", ("forward",),
-            lambda cfg, s: [PatchTicketsCallback(cfg.tickets.patches, cfg.train.seed, s.patch_keep_rates)]
-            if cfg.tickets.patches.enabled else []),
-    Feature("outliers", "outliers", (),
-            lambda cfg, s: [OutlierMonitor(cfg.outliers)] if cfg.outliers.enabled else []),
+    Feature(
+        "patches",
+        "tickets.patches",
+        ("forward",),
+        lambda cfg, s: (
+            [PatchTicketsCallback(cfg.tickets.patches, cfg.train.seed, s.patch_keep_rates)]
+            if cfg.tickets.patches.enabled
+            else []
+        ),
+    ),
+    Feature("outliers", "outliers", (), lambda cfg, s: [OutlierMonitor(cfg.outliers)] if cfg.outliers.enabled else []),
 )
 
 
@@ -91,7 +146,9 @@ def build_callbacks(cfg: Config, schedule: Schedule) -> list[Callback]:
         for cb in feature.build(cfg, schedule):
             stray = [slot for slot, hook in SLOT_HOOKS.items() if overrides(cb, hook) and slot not in feature.writes]
             if stray:
-                raise RuntimeError(f"feature {feature.name}: {type(cb).__name__} writes {', '.join(stray)} "
-                                   "without declaring it in lotus.features.registry.FEATURES")
+                raise RuntimeError(
+                    f"feature {feature.name}: {type(cb).__name__} writes {', '.join(stray)} "
+                    "without declaring it in lotus.features.registry.FEATURES"
+                )
             out.append(cb)
     return out

@@ -1,4 +1,5 @@
 """Model construction: any timm model by name, plus Lotus' small registered ViTs."""
+
 from __future__ import annotations
 
 import difflib
@@ -33,8 +34,10 @@ def resolve_img_size(model_cfg: Any) -> int:
 
 def model_kwargs(model_cfg: Any, num_classes: int, in_chans: int, img_size: int | None) -> dict:
     """The kwargs passed to ``timm.create_model`` for this config (explicit config values win)."""
-    kw: dict[str, Any] = {"num_classes": model_cfg.num_classes or num_classes,
-                          "in_chans": model_cfg.in_chans or in_chans}
+    kw: dict[str, Any] = {
+        "num_classes": model_cfg.num_classes or num_classes,
+        "in_chans": model_cfg.in_chans or in_chans,
+    }
     size = model_cfg.img_size or img_size
     if size is not None:
         kw["img_size"] = size

@@ -6,6 +6,7 @@ check (``HF_HUB_OFFLINE`` set, or no TCP connection to the hub within 2 s): offl
 local hub cache are loaded from there (timm's ``pretrained_cfg_overlay={"file": ...}``), and otherwise the
 run stops at once with one line that says what to pass instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,8 @@ def offline_pretrained_overlay(name: str) -> dict[str, Any]:
             path = try_to_load_from_cache(repo, filename)
             if isinstance(path, str) and os.path.isfile(path):
                 return {"file": path}
-    raise LotusError(f"model.pretrained: cannot download pretrained weights for {name} (no network, and they "
-                     "are not in the local hub cache); pass model.checkpoint (a local .safetensors or "
-                     "state-dict file) instead")
+    raise LotusError(
+        f"model.pretrained: cannot download pretrained weights for {name} (no network, and they "
+        "are not in the local hub cache); pass model.checkpoint (a local .safetensors or "
+        "state-dict file) instead"
+    )

@@ -17,11 +17,12 @@ timm's own :class:`~timm.layers.Attention` (``qk_norm=True`` with ``RmsNorm`` fo
 only for tanh soft-capping) and its MLP is timm's ``Mlp`` (``fc1``/``fc2``), so structured head/neuron
 pruning, 2:4 masks, patch tickets (any token count) and forward hooks work exactly as on the Pre-LN block.
 """
+
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Literal, Optional, Type
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -55,12 +56,28 @@ class SoftcapAttention(Attention):
     explicit (non-SDPA) attention path.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, softcap: float = 30.0, **dd: Any) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        softcap: float = 30.0,
+        **dd: Any,
+    ) -> None:
         if not softcap > 0:
             raise ValueError(f"model.op.softcap: expected a float > 0, got {softcap!r}")
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop,
-                         proj_drop=proj_drop, **dd)
+        super().__init__(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            **dd,
+        )
         self.softcap = float(softcap)
 
     def extra_repr(self) -> str:
@@ -69,7 +86,7 @@ class SoftcapAttention(Attention):
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
+        attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
         B, N, _ = x.shape
@@ -94,15 +111,25 @@ class SoftcapAttention(Attention):
         return self.proj_drop(x)
 
 
-def _attention(dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool, attn_drop: float, proj_drop: float,
-               qk_norm: str, softcap: float, dd: dict) -> nn.Module:
+def _attention(
+    dim: int,
+    num_heads: int,
+    qkv_bias: bool,
+    proj_bias: bool,
+    attn_drop: float,
+    proj_drop: float,
+    qk_norm: str,
+    softcap: float,
+    dd: dict,
+) -> nn.Module:
     """Plain timm ``Attention`` (with per-head RmsNorm on q and k for ``rms``) or :class:`SoftcapAttention`.
 
     Using timm's own class wherever it can express the mode keeps structured pruning, checkpoint keys and
     fused SDPA exactly as for standard ViTs.
     """
-    common = dict(num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop,
-                  proj_drop=proj_drop, **dd)
+    common = dict(
+        num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd
+    )
     if qk_norm == "rms":
         return Attention(dim, qk_norm=True, norm_layer=RmsNorm, **common)
     if qk_norm == "none":
@@ -131,18 +158,18 @@ class OPBlock(nn.Module):
         proj_bias: bool = True,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        init_values: Optional[float] = None,
+        init_values: float | None = None,
         drop_path: float = 0.0,
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Optional[Type[nn.Module]] = None,
-        mlp_layer: Type[nn.Module] = Mlp,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] | None = None,
+        mlp_layer: type[nn.Module] = Mlp,
         depth: int = 0,
         *,
         beta: float = 1.0,
         trainable_beta: bool = True,
         qk_norm_type: Literal["rms", "tanh", "none"] = "rms",
         softcap: float = 30.0,
-        input_scale: Optional[float] = None,
+        input_scale: float | None = None,
         trainable_input_scale: bool = True,
         device: Any = None,
         dtype: Any = None,
@@ -166,8 +193,12 @@ class OPBlock(nn.Module):
 
         self.norm2 = nn.Identity()
         self.mlp = mlp_layer(
-            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias,
-            drop=proj_drop, **dd,
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -176,7 +207,7 @@ class OPBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
+        attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
         if self.input_scale is not None:

@@ -6,6 +6,7 @@ prefixes, no DTensor shards), so a state saved on 4 ranks with FSDP2 resumes on 
 one process, and the reverse. Under a process group the full dicts are gathered on rank 0 (other ranks
 get empty dicts: only rank 0 writes files); every rank must call :func:`get_full_state`.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,8 +29,9 @@ from lotus.errors import LotusError
 __all__ = ["get_full_state", "set_full_state", "is_sharded", "fold_parametrized_state"]
 
 
-def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+def get_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(model_state, optimizer_state)`` as full CPU state dicts keyed by parameter names.
 
     Collective under FSDP2 (all ranks call it); rank 0 gets the dicts, other ranks empty ones.
@@ -41,8 +43,12 @@ def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     return model_sd, optim_sd
 
 
-def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                   model_sd: dict[str, Any] | None, optim_sd: dict[str, Any] | None) -> None:
+def set_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_sd: dict[str, Any] | None,
+    optim_sd: dict[str, Any] | None,
+) -> None:
     """Load full state dicts from :func:`get_full_state` (saved at any world size) into this rank's model
     and optimizer. Every rank passes the full dicts; ``None`` skips that part (e.g. the Trainer loads the
     model weights before wrapping and only the optimizer state after)."""
@@ -56,8 +62,9 @@ def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         try:
             set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise LotusError(f"checkpoint: optimizer state does not match this model/optimizer "
-                             f"({_first_line(e)})") from None
+            raise LotusError(
+                f"checkpoint: optimizer state does not match this model/optimizer ({_first_line(e)})"
+            ) from None
 
 
 def is_sharded(model: nn.Module) -> bool:

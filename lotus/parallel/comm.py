@@ -7,6 +7,7 @@ per all-gather or reduce-scatter and twice that for an all-reduce, with ``bandwi
 ``--bandwidth`` / ``parallel.bandwidth`` or a device default (CUDA 50 GB/s: a conservative
 NVLink/InfiniBand figure; CPU/gloo 2 GB/s).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,14 @@ DEFAULT_BANDWIDTH = {"cuda": 50e9, "cpu": 2e9}  # bytes/s used by the ring model
 DEFAULT_LATENCY = {"cuda": 20e-6, "cpu": 100e-6}  # seconds per ring step
 
 
-def comm_costs(nbytes: float, world_size: int, device: torch.device, bandwidth: float | None = None,
-               measure: bool = True, repeats: int = 3) -> tuple[float, float, float, str]:
+def comm_costs(
+    nbytes: float,
+    world_size: int,
+    device: torch.device,
+    bandwidth: float | None = None,
+    measure: bool = True,
+    repeats: int = 3,
+) -> tuple[float, float, float, str]:
     """(all-gather s, reduce-scatter s, all-reduce s, source) for ``nbytes`` of full parameters.
 
     Measured with the real collectives when a process group with ``world_size`` ranks exists (a
@@ -29,8 +36,13 @@ def comm_costs(nbytes: float, world_size: int, device: torch.device, bandwidth: 
     """
     if world_size <= 1:
         return 0.0, 0.0, 0.0, "none"
-    if measure and bandwidth is None and dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() == world_size:
+    if (
+        measure
+        and bandwidth is None
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() == world_size
+    ):
         n = max(1, int(nbytes) // 4 // world_size)
         shard = torch.ones(n, dtype=torch.float32, device=device)
         full = torch.empty(n * world_size, dtype=torch.float32, device=device)

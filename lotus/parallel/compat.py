@@ -21,6 +21,7 @@ Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a 
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
 * ``ema`` under FSDP2: the EMA copy is not sharded.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,12 +48,18 @@ def check_compat(cfg: Any) -> None:
     sharded = mode in ("fsdp", "auto")
     where = f"parallel.mode {mode!r}"
     if _get(cfg, "pruning.enabled", False) and _get(cfg, "pruning.sparse_kernels", False):
-        raise ConfigError(f"pruning.sparse_kernels: not supported with {where} (2:4 sparse weights cannot be "
-                          "sharded or bucketed); train with masked dense weights (sparse_kernels: false)")
+        raise ConfigError(
+            f"pruning.sparse_kernels: not supported with {where} (2:4 sparse weights cannot be "
+            "sharded or bucketed); train with masked dense weights (sparse_kernels: false)"
+        )
     optim = _get(cfg, "optim.name", "adamw")
     if sharded and optim in ("soap", "shampoo"):
-        raise ConfigError(f"optim.name: {optim} is not supported with {where} (its preconditioners need whole "
-                          "parameter matrices, FSDP2 shards them); use parallel.mode ddp or optim.name adamw")
+        raise ConfigError(
+            f"optim.name: {optim} is not supported with {where} (its preconditioners need whole "
+            "parameter matrices, FSDP2 shards them); use parallel.mode ddp or optim.name adamw"
+        )
     if sharded and _get(cfg, "ema.enabled", False):
-        raise ConfigError(f"ema.enabled: not supported with {where} (the EMA copy would need the same FSDP2 "
-                          "sharding); use parallel.mode ddp or none")
+        raise ConfigError(
+            f"ema.enabled: not supported with {where} (the EMA copy would need the same FSDP2 "
+            "sharding); use parallel.mode ddp or none"
+        )

@@ -4,6 +4,7 @@ Disabled by default (``mode: none`` and no activation checkpointing), so a confi
 trains exactly as before. Everything here is validated when the config is loaded; checks that need the
 runtime (a CUDA device, the world size) happen in :func:`lotus.parallel.parallelize`.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,10 +16,20 @@ from lotus.errors import ConfigError
 __all__ = ["ParallelConfig", "parse_bytes", "format_bytes", "parse_bandwidth"]
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -119,7 +130,9 @@ class ParallelConfig:
                 f"{p}mode: 'auto' needs {p}plan (a file from `lotus plan`) or {p}memory_budget (e.g. 8GiB)"
             )
         if self.cpu_offload and self.mode not in ("fsdp", "auto"):
-            raise ConfigError(f"{p}cpu_offload: needs {p}mode 'fsdp' or 'auto' (FSDP2 CPUOffloadPolicy), got mode {self.mode!r}")
+            raise ConfigError(
+                f"{p}cpu_offload: needs {p}mode 'fsdp' or 'auto' (FSDP2 CPUOffloadPolicy), got mode {self.mode!r}"
+            )
         if self.mixed_precision and self.mode not in ("fsdp", "auto"):
             raise ConfigError(
                 f"{p}mixed_precision: needs {p}mode 'fsdp' or 'auto' (FSDP2 MixedPrecisionPolicy); "
@@ -134,9 +147,7 @@ class ParallelConfig:
             if len(set(self.blocks)) != len(self.blocks):
                 raise ConfigError(f"{p}blocks: duplicate block index in {self.blocks!r}")
             if self.activation_checkpoint == "none" and not self.offload_activations:
-                raise ConfigError(
-                    f"{p}blocks: only used with {p}activation_checkpoint or {p}offload_activations"
-                )
+                raise ConfigError(f"{p}blocks: only used with {p}activation_checkpoint or {p}offload_activations")
         if self.offload_activations and self.activation_checkpoint == "full":
             raise ConfigError(
                 f"{p}offload_activations: cannot be combined with {p}activation_checkpoint 'full' "
@@ -146,7 +157,7 @@ class ParallelConfig:
     @property
     def enabled(self) -> bool:
         """True when the section changes anything about training."""
-        return (self.mode != "none" or self.activation_checkpoint != "none" or self.offload_activations)
+        return self.mode != "none" or self.activation_checkpoint != "none" or self.offload_activations
 
     @property
     def budget_bytes(self) -> int | None:

@@ -13,6 +13,7 @@ embedding's activations, the incoming gradient), see :func:`fixed_memory`. ``bac
 the choices of earlier blocks only through the *prefix* sum of kept memory, which is what lets
 :func:`lotus.parallel.planner.solve_dp` search exactly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -71,8 +72,13 @@ def _fixed_time(table: CostTable, mode: str) -> float:
             elif mode == "ddp":
                 t += st.allreduce_s
     if mode == "fsdp" and table.cpu_offload:
-        moved = (sum(b.param_bytes + b.grad_bytes for b in table.blocks)
-                 + table.pre.param_bytes + table.pre.grad_bytes + table.post.param_bytes + table.post.grad_bytes)
+        moved = (
+            sum(b.param_bytes + b.grad_bytes for b in table.blocks)
+            + table.pre.param_bytes
+            + table.pre.grad_bytes
+            + table.post.param_bytes
+            + table.post.grad_bytes
+        )
         t += moved * s / table.host_bandwidth
     return t
 
@@ -111,8 +117,11 @@ def fixed_memory(table: CostTable, mode: str) -> tuple[list[float], float, float
     ks = []
     n = len(blocks)
     for i, b in enumerate(blocks):
-        later = 0.0 if mode == "ddp" else (sum(x.grad_bytes for x in blocks[i + 1:]) + table.post.grad_bytes) * (
-            0.0 if on_host else s)
+        later = (
+            0.0
+            if mode == "ddp"
+            else (sum(x.grad_bytes for x in blocks[i + 1 :]) + table.post.grad_bytes) * (0.0 if on_host else s)
+        )
         prefetch = blocks[i - 1].gathered if (mode == "fsdp" and table.world_size > 1 and i > 0) else 0.0
         ks.append(static + root_gathered + table.pre.retained_bytes + later + b.output_bytes + prefetch)
     k_tail = static + root_gathered + table.pre.retained_bytes + table.post.retained_bytes + table.post.peak_bytes
@@ -140,9 +149,15 @@ def evaluate(table: CostTable, mode: str, choices: list[BlockChoice]) -> Predict
     peaks = [(tail, "head backward"), (k_opt, "optimizer step")]
     peaks += [(p, f"block {i} backward") for i, p in enumerate(block_peaks)]
     peak, where = max(peaks, key=lambda x: x[0])
-    return Prediction(peak_bytes=peak, step_time_s=_fixed_time(table, mode) + sum(block_times), peak_at=where,
-                      block_peak_bytes=block_peaks, block_time_s=block_times, static_bytes=static,
-                      activation_bytes=prefix + table.pre.retained_bytes + table.post.retained_bytes)
+    return Prediction(
+        peak_bytes=peak,
+        step_time_s=_fixed_time(table, mode) + sum(block_times),
+        peak_at=where,
+        block_peak_bytes=block_peaks,
+        block_time_s=block_times,
+        static_bytes=static,
+        activation_bytes=prefix + table.pre.retained_bytes + table.post.retained_bytes,
+    )
 
 
 def candidates(table: CostTable, mode: str, options: Iterable[str] | None) -> list[BlockChoice]:
@@ -152,4 +167,3 @@ def candidates(table: CostTable, mode: str, options: Iterable[str] | None) -> li
         raise ValueError(f"planner: none of the requested memory options was profiled ({', '.join(table.options())})")
     reshards = [True, False] if (mode == "fsdp" and table.world_size > 1) else [True]
     return [BlockChoice(o, r) for o in opts for r in reshards]
-

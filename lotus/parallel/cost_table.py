@@ -4,6 +4,7 @@ A :class:`CostTable` is measured by :func:`lotus.parallel.profiler.profile_model
 ``lotus plan --save-profile`` (:meth:`CostTable.to_dict`) or written by hand in tests. It holds one
 rank's view: full (unsharded) sizes and one rank's compute times; the cost model applies sharding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,7 +92,7 @@ class CostTable:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CostTable":
+    def from_dict(cls, d: dict) -> CostTable:
         d = dict(d)
         d["blocks"] = [
             BlockCost(**{**b, "options": {k: OptionCost(**v) for k, v in b["options"].items()}}) for b in d["blocks"]
@@ -114,5 +115,10 @@ def scale_batch(table: CostTable, batch_size: int) -> CostTable:
     for b in t.blocks:
         b.output_bytes *= f
     for c in [o for b in t.blocks for o in b.options.values()] + [t.pre, t.post]:
-        c.fwd_s, c.bwd_s, c.retained_bytes, c.peak_bytes = c.fwd_s * f, c.bwd_s * f, c.retained_bytes * f, c.peak_bytes * f
+        c.fwd_s, c.bwd_s, c.retained_bytes, c.peak_bytes = (
+            c.fwd_s * f,
+            c.bwd_s * f,
+            c.retained_bytes * f,
+            c.peak_bytes * f,
+        )
     return t

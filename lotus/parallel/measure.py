@@ -10,6 +10,7 @@ selective-checkpoint caches, checkpoint inputs, workspaces):
 
 :func:`measure_training_step` measures a whole real step, to check the planner's predictions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,13 +121,19 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str = "cpu")
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
         sync(device)
-        return out, MemoryMeasure(torch.cuda.memory_allocated(device) - before,
-                                  torch.cuda.max_memory_allocated(device) - before)
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                                            record_shapes=False) as prof:
+        return out, MemoryMeasure(
+            torch.cuda.memory_allocated(device) - before, torch.cuda.max_memory_allocated(device) - before
+        )
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof,
+    ):
         out = fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).upper().endswith("CPU")]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).upper().endswith("CPU")
+    ]
     events.sort(key=lambda e: e.start_ns())
     cur = peak = 0
     for e in events:
@@ -165,9 +172,14 @@ class StepMeasure:
     step_time_s: float  # median wall time of a whole step (no profiler attached)
 
 
-def measure_training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                          optimizer: torch.optim.Optimizer, repeats: int = 3,
-                          autocast_dtype: torch.dtype | None = None) -> StepMeasure:
+def measure_training_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    repeats: int = 3,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepMeasure:
     """Measure one real training step of ``model`` (already wrapped by a plan) at the allocator.
 
     A warm-up step first creates the optimizer state; gradients are dropped (``set_to_none``) before
@@ -201,5 +213,9 @@ def measure_training_step(model: nn.Module, images: torch.Tensor, labels: torch.
         for v in st.values():
             if torch.is_tensor(v) and v.device == device:
                 storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return StepMeasure(activation_bytes=mf.retained_bytes, peak_bytes=ms.peak_bytes,
-                       static_bytes=float(sum(storages.values())), step_time_s=t)
+    return StepMeasure(
+        activation_bytes=mf.retained_bytes,
+        peak_bytes=ms.peak_bytes,
+        static_bytes=float(sum(storages.values())),
+        step_time_s=t,
+    )

@@ -19,6 +19,7 @@ whose state is that prefix sum (discretised into buckets, rounded up so the plan
 budget under the model) finds the optimum; tests check it against brute force. :func:`solve_greedy`
 is the fallback for very large tables.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,8 +45,9 @@ class PlanInfeasible(LotusError):
         self.min_bytes = min_bytes
 
 
-def solve_dp(table: CostTable, mode: str, budget: float, buckets: int = 1024,
-             options: Iterable[str] | None = None) -> list[BlockChoice] | None:
+def solve_dp(
+    table: CostTable, mode: str, budget: float, buckets: int = 1024, options: Iterable[str] | None = None
+) -> list[BlockChoice] | None:
     """Fastest per-block choices whose predicted peak fits ``budget`` (None if none does).
 
     Dynamic programme over blocks; the state is the memory kept by earlier blocks, in ``buckets``
@@ -105,8 +107,9 @@ def solve_dp(table: CostTable, mode: str, budget: float, buckets: int = 1024,
     return list(reversed(out))
 
 
-def brute_force(table: CostTable, mode: str, budget: float,
-                options: Iterable[str] | None = None) -> list[BlockChoice] | None:
+def brute_force(
+    table: CostTable, mode: str, budget: float, options: Iterable[str] | None = None
+) -> list[BlockChoice] | None:
     """Exhaustive search (for tests and tiny models): the fastest assignment that fits."""
     cands = candidates(table, mode, options)
     best, best_t = None, math.inf
@@ -117,8 +120,9 @@ def brute_force(table: CostTable, mode: str, budget: float,
     return best
 
 
-def solve_greedy(table: CostTable, mode: str, budget: float,
-                 options: Iterable[str] | None = None) -> list[BlockChoice] | None:
+def solve_greedy(
+    table: CostTable, mode: str, budget: float, options: Iterable[str] | None = None
+) -> list[BlockChoice] | None:
     """Start from the fastest choice per block; repeatedly take the change that saves the most peak
     memory per second of added step time until the plan fits (None if nothing more helps)."""
     cands = candidates(table, mode, options)
@@ -126,11 +130,11 @@ def solve_greedy(table: CostTable, mode: str, budget: float,
     pred = evaluate(table, mode, choices)
     while pred.peak_bytes > budget:
         best = None
-        for i, b in enumerate(table.blocks):
+        for i in range(len(table.blocks)):
             for c in cands:
                 if c == choices[i]:
                     continue
-                trial = choices[:i] + [c] + choices[i + 1:]
+                trial = choices[:i] + [c] + choices[i + 1 :]
                 p = evaluate(table, mode, trial)
                 saved = pred.peak_bytes - p.peak_bytes
                 if saved <= 0:
@@ -145,14 +149,15 @@ def solve_greedy(table: CostTable, mode: str, budget: float,
     return choices
 
 
-def minimum_memory(table: CostTable, mode: str, options: Iterable[str] | None = None,
-                   buckets: int = 1024) -> float:
+def minimum_memory(table: CostTable, mode: str, options: Iterable[str] | None = None, buckets: int = 1024) -> float:
     """Least predicted peak memory of any assignment (bisection on the budget with :func:`solve_dp`)."""
     cands = candidates(table, mode, options)
     lo = 0.0
     # Memory-lightest choice per block is always feasible at its own peak: an upper bound.
-    light = [min(cands, key=lambda c, b=b: (kept_bytes(table, mode, b, c), own_extra_bytes(table, mode, b, c)))
-             for b in table.blocks]
+    light = [
+        min(cands, key=lambda c, b=b: (kept_bytes(table, mode, b, c), own_extra_bytes(table, mode, b, c)))
+        for b in table.blocks
+    ]
     hi = evaluate(table, mode, light).peak_bytes
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -165,20 +170,43 @@ def minimum_memory(table: CostTable, mode: str, options: Iterable[str] | None = 
     return hi
 
 
-def _plan_from(table: CostTable, mode: str, choices: list[BlockChoice], budget: float | None,
-               mixed_precision: bool = False, meta: dict | None = None) -> Plan:
+def _plan_from(
+    table: CostTable,
+    mode: str,
+    choices: list[BlockChoice],
+    budget: float | None,
+    mixed_precision: bool = False,
+    meta: dict | None = None,
+) -> Plan:
     """A :class:`Plan` of ``choices`` carrying the cost model's predictions and the table's metadata."""
     pred = evaluate(table, mode, choices)
-    return Plan(mode=mode, world_size=table.world_size, blocks=choices, batch_size=table.batch_size,
-                budget_bytes=budget, predicted_peak_bytes=pred.peak_bytes, predicted_step_time_s=pred.step_time_s,
-                peak_at=pred.peak_at, block_peak_bytes=pred.block_peak_bytes, block_time_s=pred.block_time_s,
-                device=table.device, cpu_offload=table.cpu_offload, mixed_precision=mixed_precision,
-                meta={**table.meta, **(meta or {})})
+    return Plan(
+        mode=mode,
+        world_size=table.world_size,
+        blocks=choices,
+        batch_size=table.batch_size,
+        budget_bytes=budget,
+        predicted_peak_bytes=pred.peak_bytes,
+        predicted_step_time_s=pred.step_time_s,
+        peak_at=pred.peak_at,
+        block_peak_bytes=pred.block_peak_bytes,
+        block_time_s=pred.block_time_s,
+        device=table.device,
+        cpu_offload=table.cpu_offload,
+        mixed_precision=mixed_precision,
+        meta={**table.meta, **(meta or {})},
+    )
 
 
-def make_plan(table: CostTable, budget: float, modes: Iterable[str] | None = None, method: str = "dp",
-              buckets: int = 1024, options: Iterable[str] | None = None,
-              mixed_precision: bool = False) -> Plan:
+def make_plan(
+    table: CostTable,
+    budget: float,
+    modes: Iterable[str] | None = None,
+    method: str = "dp",
+    buckets: int = 1024,
+    options: Iterable[str] | None = None,
+    mixed_precision: bool = False,
+) -> Plan:
     """The fastest plan within ``budget`` bytes per rank over the given data-parallel ``modes``.
 
     ``modes`` default: ``none`` for one rank, else ``ddp`` and ``fsdp``. ``method``: ``dp`` (exact up
@@ -193,14 +221,18 @@ def make_plan(table: CostTable, budget: float, modes: Iterable[str] | None = Non
     modes = [m for m in modes if not (m == "none" and table.world_size > 1)]
     bad = [m for m in modes if m not in ("none", "ddp", "fsdp")]
     if not modes or bad:
-        raise ValueError(f"planner modes: expected ddp/fsdp for {table.world_size} ranks (none for one), "
-                         f"got {bad or 'nothing'}")
+        raise ValueError(
+            f"planner modes: expected ddp/fsdp for {table.world_size} ranks (none for one), got {bad or 'nothing'}"
+        )
     if method == "auto":
         method = "dp" if table.num_blocks * buckets * 8 <= 5e7 else "greedy"
     best: Plan | None = None
     for mode in modes:
-        choices = (solve_dp(table, mode, budget, buckets, options) if method == "dp"
-                   else solve_greedy(table, mode, budget, options))
+        choices = (
+            solve_dp(table, mode, budget, buckets, options)
+            if method == "dp"
+            else solve_greedy(table, mode, budget, options)
+        )
         if choices is None:
             continue
         plan = _plan_from(table, mode, choices, budget, mixed_precision, {"solver": method})

@@ -7,6 +7,7 @@ from the allocator (:mod:`lotus.parallel.measure`), communication from :mod:`lot
 Times are the fastest of the (interleaved) repeats; as recomputation cannot make a block faster, a
 checkpointing option measured faster than a lighter one (timing noise) is raised to the lighter one's time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,12 @@ def _grad_nbytes(params: Iterable[nn.Parameter]) -> float:
     return float(sum(p.numel() * p.element_size() for p in params if p.requires_grad))
 
 
-def _measure_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
-                     reset: Callable[[], None], device: torch.device) -> tuple[MemoryMeasure, MemoryMeasure]:
+def _measure_fwd_bwd(
+    fwd: Callable[[], torch.Tensor],
+    bwd: Callable[[torch.Tensor], None],
+    reset: Callable[[], None],
+    device: torch.device,
+) -> tuple[MemoryMeasure, MemoryMeasure]:
     """Allocator footprint of ``fwd()`` and of ``bwd(y)`` on its output, after one warm-up pass
     (allocations, kernel selection); ``reset()`` drops gradients after each pass."""
     y = fwd()
@@ -48,8 +53,9 @@ def _measure_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tenso
     return mf, mb
 
 
-def _time_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
-                  device: torch.device) -> tuple[float, float]:
+def _time_fwd_bwd(
+    fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None], device: torch.device
+) -> tuple[float, float]:
     """(forward s, backward s) of one pass, synchronised so each reading covers its own kernels."""
     sync(device)
     t0 = now()
@@ -61,8 +67,13 @@ def _time_fwd_bwd(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor],
     return t1 - t0, now() - t1
 
 
-def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], repeats: int = 3,
-                  autocast_dtype: torch.dtype | None = None) -> dict[str, OptionCost]:
+def profile_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    options: Iterable[str],
+    repeats: int = 3,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, OptionCost]:
     """Time and memory of one block on input ``x`` under each memory option (on copies of the block).
 
     Timed repetitions run round-robin over the options, and each option keeps its fastest repetition:
@@ -73,8 +84,9 @@ def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], rep
     options = list(options)
     runs = {}
     for opt in options:
-        wrapped = wrap_block(copy.deepcopy(block), ac=opt if opt in ("full", "selective") else "none",
-                             offload=opt == "offload")
+        wrapped = wrap_block(
+            copy.deepcopy(block), ac=opt if opt in ("full", "selective") else "none", offload=opt == "offload"
+        )
         wrapped.train()
         runs[opt] = (wrapped, x.detach().clone().requires_grad_(True))
     grad_out: list[torch.Tensor] = []  # one incoming gradient for every option, drawn after the first forward
@@ -94,8 +106,10 @@ def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], rep
         wrapped.zero_grad(set_to_none=True)
         inp.grad = None
 
-    mem = {opt: _measure_fwd_bwd(functools.partial(fwd, opt), bwd, functools.partial(reset, opt), device)
-           for opt in options}
+    mem = {
+        opt: _measure_fwd_bwd(functools.partial(fwd, opt), bwd, functools.partial(reset, opt), device)
+        for opt in options
+    }
     times: dict[str, tuple[list[float], list[float]]] = {opt: ([], []) for opt in options}
     for _ in range(repeats):
         for opt in options:
@@ -106,8 +120,12 @@ def profile_block(block: nn.Module, x: torch.Tensor, options: Iterable[str], rep
     out_costs: dict[str, OptionCost] = {}
     for opt in options:
         mf, mb = mem[opt]
-        out_costs[opt] = OptionCost(fwd_s=min(times[opt][0]), bwd_s=min(times[opt][1]),
-                                    retained_bytes=mf.retained_bytes, peak_bytes=max(0.0, mb.peak_bytes))
+        out_costs[opt] = OptionCost(
+            fwd_s=min(times[opt][0]),
+            bwd_s=min(times[opt][1]),
+            retained_bytes=mf.retained_bytes,
+            peak_bytes=max(0.0, mb.peak_bytes),
+        )
     # Recomputation never makes a block faster: keep none <= selective <= full in total time so that
     # timing noise on tiny or busy machines cannot make the planner checkpoint for "speed".
     order = [o for o in ("none", "selective", "full") if o in out_costs]
@@ -142,8 +160,9 @@ def _signature(block: nn.Module) -> tuple:
     return (type(block).__name__,) + tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
 
 
-def _optimizer_costs(model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                     device: torch.device, repeats: int) -> tuple[float, float, float]:
+def _optimizer_costs(
+    model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer], device: torch.device, repeats: int
+) -> tuple[float, float, float]:
     """(state bytes, step temporaries, step seconds) of the real optimizer on a copy of the model."""
     m = copy.deepcopy(model)
     opt = build_optimizer(m)
@@ -191,13 +210,42 @@ def profile_model(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # Profiling draws random numbers (gradients, drop-path); leave the caller's RNG streams untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _profile_model(model, batch_size, img_size, in_chans, device, world_size, options, repeats,
-                              build_optimizer, mixed_precision, autocast_dtype, bandwidth, measure_comm,
-                              cpu_offload, meta)
+        return _profile_model(
+            model,
+            batch_size,
+            img_size,
+            in_chans,
+            device,
+            world_size,
+            options,
+            repeats,
+            build_optimizer,
+            mixed_precision,
+            autocast_dtype,
+            bandwidth,
+            measure_comm,
+            cpu_offload,
+            meta,
+        )
 
 
-def _profile_model(model, batch_size, img_size, in_chans, device, world_size, options, repeats, build_optimizer,
-                   mixed_precision, autocast_dtype, bandwidth, measure_comm, cpu_offload, meta) -> CostTable:
+def _profile_model(
+    model,
+    batch_size,
+    img_size,
+    in_chans,
+    device,
+    world_size,
+    options,
+    repeats,
+    build_optimizer,
+    mixed_precision,
+    autocast_dtype,
+    bandwidth,
+    measure_comm,
+    cpu_offload,
+    meta,
+) -> CostTable:
     if options is None:
         options = ["none", "selective", "full"] + (["offload"] if device.type == "cuda" else [])
     options = list(options)
@@ -224,8 +272,14 @@ def _profile_model(model, batch_size, img_size, in_chans, device, world_size, op
     hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach())) for b in blocks]
     hooks.append(blocks[-1].register_forward_hook(lambda m, args, out: last_out.append(out.detach())))
     try:
-        with torch.no_grad(), (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                               else torch.autocast(device.type, enabled=False)):
+        with (
+            torch.no_grad(),
+            (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype
+                else torch.autocast(device.type, enabled=False)
+            ),
+        ):
             model.forward_features(img)
     finally:
         for h in hooks:
@@ -252,43 +306,77 @@ def _profile_model(model, batch_size, img_size, in_chans, device, world_size, op
         ag, rs, ar, comm_src = comm(gathered)
         if mixed_precision:  # gradients are reduced in fp32
             _, rs, ar, _ = comm(pbytes)
-        table_blocks.append(BlockCost(
-            options={k: OptionCost(**vars(v)) for k, v in cache[sig].items()},
-            param_bytes=pbytes, grad_bytes=_grad_nbytes(b.parameters()),
-            output_bytes=float(x.numel() * x.element_size()),
-            gathered_bytes=gathered, allgather_s=ag, reduce_scatter_s=rs, allreduce_s=ar,
-        ))
+        table_blocks.append(
+            BlockCost(
+                options={k: OptionCost(**vars(v)) for k, v in cache[sig].items()},
+                param_bytes=pbytes,
+                grad_bytes=_grad_nbytes(b.parameters()),
+                output_bytes=float(x.numel() * x.element_size()),
+                gathered_bytes=gathered,
+                allgather_s=ag,
+                reduce_scatter_s=rs,
+                allreduce_s=ar,
+            )
+        )
 
     pre = _profile_stage(lambda: pre_fn(img), model, device, repeats, autocast_dtype, tail=None)
     post_in = last_out[-1].clone()
-    post = _profile_stage(lambda xin: F.cross_entropy(post_fn(xin).float(), labels), model, device, repeats,
-                          autocast_dtype, tail=post_in)
+    post = _profile_stage(
+        lambda xin: F.cross_entropy(post_fn(xin).float(), labels), model, device, repeats, autocast_dtype, tail=post_in
+    )
 
     block_params = {id(p) for b in blocks for p in b.parameters()}
-    post_mods = [getattr(model, n) for n in ("norm", "fc_norm", "head", "attn_pool") if
-                 isinstance(getattr(model, n, None), nn.Module)]
+    post_mods = [
+        getattr(model, n)
+        for n in ("norm", "fc_norm", "head", "attn_pool")
+        if isinstance(getattr(model, n, None), nn.Module)
+    ]
     post_ids = {id(p) for m in post_mods for p in m.parameters()}
     other = [p for p in model.parameters() if id(p) not in block_params]
-    for stage, params in ((pre, [p for p in other if id(p) not in post_ids]),
-                          (post, [p for p in other if id(p) in post_ids])):
+    for stage, params in (
+        (pre, [p for p in other if id(p) not in post_ids]),
+        (post, [p for p in other if id(p) in post_ids]),
+    ):
         stage.param_bytes = _nbytes(params)
         stage.grad_bytes = _grad_nbytes(params)
         ag, rs, ar, _ = comm(stage.param_bytes)
         stage.allgather_s, stage.reduce_scatter_s, stage.allreduce_s = ag, rs, ar
 
     state_b, temps_b, step_s = _optimizer_costs(model, build_optimizer or default_optimizer, device, repeats)
-    info = {"model": type(model).__name__, "img_size": list(img_size), "in_chans": in_chans,
-            "options": options, "comm": comm_src, "repeats": repeats,
-            "autocast": str(autocast_dtype) if autocast_dtype else None}
+    info = {
+        "model": type(model).__name__,
+        "img_size": list(img_size),
+        "in_chans": in_chans,
+        "options": options,
+        "comm": comm_src,
+        "repeats": repeats,
+        "autocast": str(autocast_dtype) if autocast_dtype else None,
+    }
     info.update(meta or {})
-    return CostTable(blocks=table_blocks, batch_size=batch_size, world_size=world_size, device=device.type,
-                     pre=pre, post=post, optimizer_state_bytes=state_b, optimizer_step_s=step_s,
-                     optimizer_peak_bytes=temps_b, overlap_comm=device.type == "cuda", cpu_offload=cpu_offload,
-                     meta=info)
+    return CostTable(
+        blocks=table_blocks,
+        batch_size=batch_size,
+        world_size=world_size,
+        device=device.type,
+        pre=pre,
+        post=post,
+        optimizer_state_bytes=state_b,
+        optimizer_step_s=step_s,
+        optimizer_peak_bytes=temps_b,
+        overlap_comm=device.type == "cuda",
+        cpu_offload=cpu_offload,
+        meta=info,
+    )
 
 
-def _profile_stage(fn: Callable, model: nn.Module, device: torch.device, repeats: int,
-                   autocast_dtype: torch.dtype | None, tail: torch.Tensor | None) -> StageCost:
+def _profile_stage(
+    fn: Callable,
+    model: nn.Module,
+    device: torch.device,
+    repeats: int,
+    autocast_dtype: torch.dtype | None,
+    tail: torch.Tensor | None,
+) -> StageCost:
     """Cost of the embedding (``tail is None``: fn() -> block-0 input) or of norm+head+loss (fn(x) -> loss)."""
     tail_in = None if tail is None else tail.detach().clone().requires_grad_(True)
 
@@ -313,5 +401,6 @@ def _profile_stage(fn: Callable, model: nn.Module, device: torch.device, repeats
         b_t.append(b)
         reset()
     # The embedding's output is block 0's input and is counted as its retained memory here.
-    return StageCost(fwd_s=min(f_t), bwd_s=min(b_t),
-                     retained_bytes=mf.retained_bytes, peak_bytes=max(0.0, mb.peak_bytes))
+    return StageCost(
+        fwd_s=min(f_t), bwd_s=min(b_t), retained_bytes=mf.retained_bytes, peak_bytes=max(0.0, mb.peak_bytes)
+    )

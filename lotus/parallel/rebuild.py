@@ -8,6 +8,7 @@ widths, the event changes that copy the same way on every rank, and :func:`swap_
 ``parallel.mode: auto`` solving again for the new widths and logging a ``replan`` event) and rebuilds the
 optimizer with the carried state. :func:`agree` checks that every rank made the same decision.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
     return model_sd, optim_sd
 
 
-def plain_copy(trainer: Any, model_sd: dict[str, torch.Tensor],
-               prepare: Callable[[nn.Module, dict], None] | None = None) -> nn.Module:
+def plain_copy(
+    trainer: Any, model_sd: dict[str, torch.Tensor], prepare: Callable[[nn.Module, dict], None] | None = None
+) -> nn.Module:
     """A fresh plain model on the trainer's device holding ``model_sd``; ``prepare(model, model_sd)`` first
     gives it the saved shapes (thinned widths, mask parametrizations). The global RNG is left untouched."""
     d = trainer.data
@@ -56,12 +58,21 @@ def plain_copy(trainer: Any, model_sd: dict[str, torch.Tensor],
 def _plan_summary(plan: Any) -> dict | None:
     if plan is None:
         return None
-    return {"mode": plan.mode, "blocks": [c.memory + ("" if c.reshard_after_forward else "/keep") for c in plan.blocks],
-            "predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_step_time_s": plan.predicted_step_time_s}
+    return {
+        "mode": plan.mode,
+        "blocks": [c.memory + ("" if c.reshard_after_forward else "/keep") for c in plan.blocks],
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "predicted_step_time_s": plan.predicted_step_time_s,
+    }
 
 
-def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, transform: Callable[[dict], dict] | None = None,
-               replan_reason: str | None = None) -> None:
+def swap_model(
+    trainer: Any,
+    plain: nn.Module,
+    optim_sd: dict,
+    transform: Callable[[dict], dict] | None = None,
+    replan_reason: str | None = None,
+) -> None:
     """Make ``plain`` the trainer's model: wrap it again, rebuild the optimizer with ``transform(optim_sd)``
     (full, name-keyed; e.g. sliced to thinned shapes). With ``replan_reason`` (its shapes changed) and
     ``parallel.mode: auto`` the planner solves again (with ``parallel.memory_budget``) and a ``replan``
@@ -85,9 +96,17 @@ def swap_model(trainer: Any, plain: nn.Module, optim_sd: dict, transform: Callab
     if replan_reason is not None and par.mode == "auto":
         before, after = _plan_summary(old), _plan_summary(get_plan(trainer.model))
         changed = before is None or after is None or any(before[k] != after[k] for k in ("mode", "blocks"))
-        trainer.log("replan", reason=replan_reason, replanned=replan, changed=changed, before=before, after=after,
-                    note=None if replan else "parallel.plan fixes the plan; set parallel.memory_budget to "
-                    "re-plan for the new widths")
+        trainer.log(
+            "replan",
+            reason=replan_reason,
+            replanned=replan,
+            changed=changed,
+            before=before,
+            after=after,
+            note=None
+            if replan
+            else "parallel.plan fixes the plan; set parallel.memory_budget to re-plan for the new widths",
+        )
 
 
 def digest(payload: Any) -> str:

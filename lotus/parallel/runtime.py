@@ -5,6 +5,7 @@ One process without ``torchrun`` is a world of size 1 and needs no process group
 an explicit 1-D :class:`~torch.distributed.device_mesh.DeviceMesh` of the matching device type, which
 FSDP2's ``fully_shard`` shards over.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -68,8 +69,9 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
     raise LotusError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
-def init_distributed(device: str | torch.device | None = "auto", backend: str = "auto",
-                     timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(
+    device: str | torch.device | None = "auto", backend: str = "auto", timeout_s: float = 1800.0
+) -> DistInfo:
     """Read the torchrun environment, initialise the process group and return this rank's :class:`DistInfo`.
 
     Without torchrun (or with ``WORLD_SIZE=1``) no process group is created and the result describes a
@@ -97,10 +99,13 @@ def init_distributed(device: str | torch.device | None = "auto", backend: str = 
             )
         except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RankError(f"could not initialise the {backend} process group (rank {rank}/{world}): {first}") from None
+            raise RankError(
+                f"could not initialise the {backend} process group (rank {rank}/{world}): {first}"
+            ) from None
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, is_main=rank == 0, device=dev,
-                    backend=backend, mesh=mesh)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local, is_main=rank == 0, device=dev, backend=backend, mesh=mesh
+    )
 
 
 def single_process_mesh(device: torch.device) -> DeviceMesh:
@@ -108,8 +113,13 @@ def single_process_mesh(device: torch.device) -> DeviceMesh:
     ``cpu_offload``: parameters, gradients and optimizer state in host memory). Reuses an existing group."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            device_id=device if device.type == "cuda" else None,
+        )
     if dist.get_world_size() != 1:
         raise LotusError("parallel: a process group with several ranks exists; use init_distributed()")
     return init_device_mesh(device.type, (1,), mesh_dim_names=("dp",))

@@ -8,6 +8,7 @@ options, changes it in place and returns it. Blocks are wrapped in proper module
 Order matters and :func:`lotus.parallel.parallelize` follows it: checkpointing/offload wrappers first,
 then FSDP2 ``fully_shard`` on every (wrapped) block and finally on the root, or DDP around everything.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,6 +68,7 @@ def _block_indices(model: nn.Module, blocks: Iterable[int] | None) -> list[int]:
 # Activation checkpointing
 # --------------------------------------------------------------------------------------------------
 
+
 def selective_save_ops() -> set:
     """Compute-heavy ops whose outputs selective checkpointing keeps (matmuls and attention kernels).
 
@@ -75,9 +77,14 @@ def selective_save_ops() -> set:
     """
     aten = torch.ops.aten
     names = [
-        "mm", "addmm", "bmm", "baddbmm",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_fused_attention_overrideable",
     ]
     return {getattr(aten, n).default for n in names if hasattr(aten, n)}
@@ -106,6 +113,7 @@ def _checkpoint_kwargs(mode: str) -> dict:
 # Activation offload
 # --------------------------------------------------------------------------------------------------
 
+
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that move activations saved for backward to (pinned) CPU memory.
 
@@ -121,8 +129,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         def pack(t: torch.Tensor):
             if t.device.type == "cpu" or t.untyped_storage().data_ptr() in keep:
                 return (None, t)
-            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout,
-                               pin_memory=torch.cuda.is_available() and not t.is_sparse)
+            host = torch.empty(
+                t.size(), dtype=t.dtype, layout=t.layout, pin_memory=torch.cuda.is_available() and not t.is_sparse
+            )
             host.copy_(t, non_blocking=True)
             return (t.device, host)
 
@@ -185,6 +194,7 @@ def apply_offload(model: nn.Module, blocks: Iterable[int] | None = None) -> nn.M
 # Data parallelism
 # --------------------------------------------------------------------------------------------------
 
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -211,7 +221,8 @@ def apply_fsdp(
     kwargs = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if mixed_precision else MixedPrecisionPolicy(),
+        if mixed_precision
+        else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
     }
     for i, block in enumerate(seq):
@@ -229,4 +240,3 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,
     )
-

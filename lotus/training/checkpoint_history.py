@@ -7,13 +7,15 @@ epoch's checkpoint and its ``state.pt``) are removed on resume, and files that d
 deleted only after the ``state.pt`` that no longer lists them is written, so a kill at any point resumes
 to the same set.
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lotus.checkpoint import atomic_write_text
 
@@ -42,16 +44,17 @@ class CheckpointHistory:
         (for ``state.pt``). Call :meth:`commit` once ``state.pt`` is written."""
         if self.keep <= 0 or val_acc is None:
             return list(self.kept)
-        entry = {"epoch": epoch, "step": step, "val_acc": float(val_acc),
-                 "file": os.path.basename(self.file(epoch))}
-        ranked = sorted([e for e in self.kept if e["epoch"] != epoch] + [entry],
-                        key=lambda e: (-e["val_acc"], e["epoch"]))  # ties: the earlier epoch stays
-        new, self._drop = ranked[: self.keep], ranked[self.keep:]
+        entry = {"epoch": epoch, "step": step, "val_acc": float(val_acc), "file": os.path.basename(self.file(epoch))}
+        ranked = sorted(
+            [e for e in self.kept if e["epoch"] != epoch] + [entry], key=lambda e: (-e["val_acc"], e["epoch"])
+        )  # ties: the earlier epoch stays
+        new, self._drop = ranked[: self.keep], ranked[self.keep :]
         if entry in new:
             write(self.file(epoch))
         self.kept = new
-        atomic_write_text(self.summary_path, json.dumps({"metric": "val_acc", "keep": self.keep,
-                                                         "checkpoints": self.kept}, indent=2))
+        atomic_write_text(
+            self.summary_path, json.dumps({"metric": "val_acc", "keep": self.keep, "checkpoints": self.kept}, indent=2)
+        )
         return list(self.kept)
 
     def commit(self) -> None:
@@ -70,5 +73,7 @@ class CheckpointHistory:
             if _NAME.search(path) and os.path.basename(path) not in names:
                 os.remove(path)
         if self.keep > 0 or self.kept:
-            atomic_write_text(self.summary_path, json.dumps({"metric": "val_acc", "keep": self.keep,
-                                                             "checkpoints": self.kept}, indent=2))
+            atomic_write_text(
+                self.summary_path,
+                json.dumps({"metric": "val_acc", "keep": self.keep, "checkpoints": self.kept}, indent=2),
+            )

@@ -5,6 +5,7 @@ timm's ``SoftTargetCrossEntropy`` and ``BinaryCrossEntropy`` return the batch me
 per sample (dynamic data pruning scores and re-weights samples), so these are the same formulas without
 the final mean: ``sum(-target * log_softmax(x))`` and timm's smoothed one-hot BCE averaged over classes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,11 +17,17 @@ __all__ = ["per_sample_loss"]
 def _one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
     return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
-        1, labels.view(-1, 1), 1.0 - smoothing + off)
+        1, labels.view(-1, 1), 1.0 - smoothing + off
+    )
 
 
-def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "ce", label_smoothing: float = 0.0,
-                    bce_target_thresh: float | None = None) -> torch.Tensor:
+def per_sample_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    kind: str = "ce",
+    label_smoothing: float = 0.0,
+    bce_target_thresh: float | None = None,
+) -> torch.Tensor:
     """Loss of every sample, shape ``(B,)``. ``targets``: class indices ``(B,)`` or soft targets ``(B, C)``
     (mixup/cutmix, which already hold the label smoothing)."""
     logits = logits.float()

@@ -5,6 +5,7 @@ The lock is an exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` (:class:`lotus.saf
 through a symlink) held for the whole run (the kernel drops it when the process dies, so a SIGKILL never
 leaves a stale lock); the file holds the holder's pid for the error message a second process gets.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,23 @@ from lotus.safe_io import FileLock, open_append, refuse_symlink, remove_temps
 __all__ = ["RunDir", "RUN_FILES", "truncate_log"]
 
 # Files a Lotus run writes (what --force removes; anything else in the folder is left alone).
-RUN_FILES = ("metrics.jsonl", "state.pt", "best.safetensors", "last.safetensors", "summary.json", "report.md",
-             "curves.png", "config.yaml", "config_history.jsonl", "outliers.md", "outliers_history.png",
-             "outliers_layers.png", "dynamic_ticket.npz", "ema.safetensors", "checkpoints.json")
+RUN_FILES = (
+    "metrics.jsonl",
+    "state.pt",
+    "best.safetensors",
+    "last.safetensors",
+    "summary.json",
+    "report.md",
+    "curves.png",
+    "config.yaml",
+    "config_history.jsonl",
+    "outliers.md",
+    "outliers_history.png",
+    "outliers_layers.png",
+    "dynamic_ticket.npz",
+    "ema.safetensors",
+    "checkpoints.json",
+)
 
 
 class RunDir:
@@ -86,8 +101,11 @@ class RunDir:
 
     def clear_run(self, keep: tuple[str, ...] = ()) -> list[str]:
         """Delete the files of the run that is here (only Lotus' own outputs, except ``keep``)."""
-        history = sorted(n for n in os.listdir(self.path) if re.fullmatch(r"checkpoint-\d+\.safetensors", n)) \
-            if os.path.isdir(self.path) else []  # output.keep_checkpoints
+        history = (
+            sorted(n for n in os.listdir(self.path) if re.fullmatch(r"checkpoint-\d+\.safetensors", n))
+            if os.path.isdir(self.path)
+            else []
+        )  # output.keep_checkpoints
         gone = [n for n in (*RUN_FILES, *history) if n not in keep and os.path.exists(self.file(n))]
         for n in gone:
             os.remove(self.file(n))
@@ -109,7 +127,9 @@ class RunDir:
         notes = []
         stale = self.remove_stale_temps()
         if stale:
-            notes.append(f"removed {len(stale)} temp file(s) a killed write left: {', '.join(map(os.path.basename, stale))}")
+            notes.append(
+                f"removed {len(stale)} temp file(s) a killed write left: {', '.join(map(os.path.basename, stale))}"
+            )
         if resume:
             if not self.has_state and self.has_run:
                 self.clear_run(keep=("config.yaml",))
@@ -121,11 +141,15 @@ class RunDir:
             if force:
                 notes.append(f"--force: removed the previous run ({', '.join(self.clear_run())})")
             elif self.has_state:
-                raise LotusError(f"output.dir: {self.path} already holds a run; resume it with --resume {self.path}, "
-                                 "start over with --force, or choose another --out")
+                raise LotusError(
+                    f"output.dir: {self.path} already holds a run; resume it with --resume {self.path}, "
+                    "start over with --force, or choose another --out"
+                )
             else:
-                raise LotusError(f"output.dir: {self.path} holds a run that stopped before its first checkpoint; "
-                                 f"restart it with --resume {self.path}, start over with --force, or choose another --out")
+                raise LotusError(
+                    f"output.dir: {self.path} holds a run that stopped before its first checkpoint; "
+                    f"restart it with --resume {self.path}, start over with --force, or choose another --out"
+                )
         return notes
 
 

@@ -1,4 +1,5 @@
 """The run log: metrics.jsonl records, the event list, console lines and progress bars (rank 0 only)."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,10 @@ def tensorboard_writer(log_dir: str) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency
     except ImportError:
-        raise LotusError("output.tensorboard: needs the tensorboard package (pip install tensorboard, "
-                         "or pip install -e '.[tensorboard]' in the Lotus checkout), or set output.tensorboard: false") from None
+        raise LotusError(
+            "output.tensorboard: needs the tensorboard package (pip install tensorboard, "
+            "or pip install -e '.[tensorboard]' in the Lotus checkout), or set output.tensorboard: false"
+        ) from None
     return SummaryWriter(log_dir=log_dir)
 
 
@@ -75,12 +78,18 @@ class RunLog:
                 self._file.write(json.dumps(record) + "\n")
                 self._file.flush()
             except OSError as e:  # a full disk: name the file (resume cuts a half-written line off)
-                raise LotusError(f"cannot write {self.path}: {e.strerror or e} (the last checkpoint is kept; "
-                                 f"free space, then lotus train --resume {self.run_dir})") from None
+                raise LotusError(
+                    f"cannot write {self.path}: {e.strerror or e} (the last checkpoint is kept; "
+                    f"free space, then lotus train --resume {self.run_dir})"
+                ) from None
         if self._tb is not None and record.get("type") in ("epoch", "step"):
             kind = record["type"]
             for key, value in record.items():
-                if key not in ("type", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (
+                    key not in ("type", "epoch", "step")
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def event(self, record: dict) -> None:
@@ -106,4 +115,3 @@ class RunLog:
             parts += [f"val_loss {m['val_loss']:.4f}", f"val_acc {m['val_acc'] * 100:.2f}%"]
         parts += [f"{m['throughput']} img/s", f"{m['wall_s']:.1f}s"]
         return "  ".join(parts)
-

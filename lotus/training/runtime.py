@@ -1,4 +1,5 @@
 """Where and how a run computes: device, threads, mixed precision, seeding, ``torch.compile``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,6 +58,8 @@ def maybe_compile(model: nn.Module, t: Any, device: torch.device) -> nn.Module:
     if not t.compile:
         return model
     if device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
-        raise LotusError("train.compile: torch.compile on CPU needs a C++ compiler (g++ or c++ on PATH, or CXX); "
-                         "install one or set train.compile: false")
+        raise LotusError(
+            "train.compile: torch.compile on CPU needs a C++ compiler (g++ or c++ on PATH, or CXX); "
+            "install one or set train.compile: false"
+        )
     return torch.compile(model)

@@ -1,4 +1,5 @@
 """The train state: the loop's counters and every random generator, saved and restored as plain data."""
+
 from __future__ import annotations
 
 import random
@@ -37,8 +38,12 @@ def capture_rng(augment: torch.Generator) -> dict:
     return {
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
+        "rng_numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "rng_python": [version, list(internal), gauss],
         "rng_augment": augment.get_state(),
     }

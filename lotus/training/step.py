@@ -1,10 +1,11 @@
 """One optimisation step, and the loss bookkeeping that keeps it free of host syncs.
 
 The step is plain PyTorch: forward (the trainer's possibly-wrapped forward), per-sample loss, callbacks'
-re-weighting, mean, backward (accumulated over micro-batches), clip, optimiser step. The loss is summed on the device; whether it stayed
-finite is tracked on the device too (with the first bad step) and looked at only every
+re-weighting, mean, backward (accumulated over micro-batches), clip, optimiser step. The loss is summed on the
+device; whether it stayed finite is tracked on the device too (with the first bad step) and looked at only every
 ``train.finite_check_every`` steps and at the end of each epoch, so on CUDA no step waits for the host.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -78,9 +79,19 @@ class Stepper:
     def start_epoch(self) -> None:
         self.micro = 0
 
-    def micro_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, forward: Forward,
-                   callbacks: Sequence[Callback], trainer: Any, images: torch.Tensor, targets: torch.Tensor,
-                   index: torch.Tensor, autocast: Callable[[], Any], last: bool) -> tuple[torch.Tensor, bool]:
+    def micro_step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        forward: Forward,
+        callbacks: Sequence[Callback],
+        trainer: Any,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        index: torch.Tensor,
+        autocast: Callable[[], Any],
+        last: bool,
+    ) -> tuple[torch.Tensor, bool]:
         c = self.cfg
         with autocast():
             logits = forward(model, images, index)

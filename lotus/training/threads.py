@@ -16,6 +16,7 @@ Honest caveats:
 * A re-tune is triggered by step time changing. A neighbour *leaving* while we run on fewer threads usually
   leaves our step time unchanged, so it is noticed only by the periodic re-check (``every_n_steps``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,9 +56,13 @@ def default_candidates(max_threads: int | None = None, limit: int = 4) -> list[i
     return values
 
 
-def probe_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-                  autocast: Callable[[], Any] | None = None) -> Callable[[], None]:
+def probe_step_fn(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> Callable[[], None]:
     """A side-effect-free stand-in for one training step: forward + cross-entropy + backward on a deep copy
     of ``model`` with a fixed batch (no optimiser step; ``model`` and its gradients are never touched).
     Build a fresh one for each (re-)tune so the copy matches the current model."""
@@ -93,28 +98,39 @@ class ThreadTuner:
             than this times the best median so far, so an oversubscribed count costs one step, not several.
     """
 
-    def __init__(self, candidates: Sequence[int] | None = None, *, probe_steps: int = 3, warmup_steps: int = 1,
-                 jump_factor: float = 2.0, window: int = 9, every_n_steps: int | None = None,
-                 tie_tolerance: float = 0.05, abort_factor: float = 3.0):
+    def __init__(
+        self,
+        candidates: Sequence[int] | None = None,
+        *,
+        probe_steps: int = 3,
+        warmup_steps: int = 1,
+        jump_factor: float = 2.0,
+        window: int = 9,
+        every_n_steps: int | None = None,
+        tie_tolerance: float = 0.05,
+        abort_factor: float = 3.0,
+    ):
         cands = sorted({int(n) for n in (candidates if candidates is not None else default_candidates())})
         if not cands or cands[0] < 1:
             raise ValueError(f"candidates: expected thread counts >= 1, got {candidates!r}")
         if probe_steps < 1 or warmup_steps < 0 or window < 1 or jump_factor <= 1.0 or abort_factor <= 1.0:
-            raise ValueError("ThreadTuner: need probe_steps >= 1, warmup_steps >= 0, window >= 1, "
-                             "jump_factor > 1 and abort_factor > 1")
+            raise ValueError(
+                "ThreadTuner: need probe_steps >= 1, warmup_steps >= 0, window >= 1, "
+                "jump_factor > 1 and abort_factor > 1"
+            )
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps: expected >= 1 or None, got {every_n_steps}")
         self.candidates = cands
         self.probe_steps, self.warmup_steps = int(probe_steps), int(warmup_steps)
         self.jump_factor, self.window, self.every_n_steps = float(jump_factor), int(window), every_n_steps
         self.tie_tolerance, self.abort_factor = float(tie_tolerance), float(abort_factor)
-        self.threads: int | None = None          # the count chosen by the last tune
-        self.last_probe: dict[int, float] = {}   # candidate -> median probe seconds (partial if aborted)
-        self.aborted: list[int] = []             # candidates given up on in the last tune
-        self.tune_seconds = 0.0                  # wall time of the last tune
+        self.threads: int | None = None  # the count chosen by the last tune
+        self.last_probe: dict[int, float] = {}  # candidate -> median probe seconds (partial if aborted)
+        self.aborted: list[int] = []  # candidates given up on in the last tune
+        self.tune_seconds = 0.0  # wall time of the last tune
         self.tunes = 0
-        self.reason = "start"                    # why a re-tune is due: start, slower, faster, periodic
-        self.baseline: float | None = None       # median step time right after the last tune
+        self.reason = "start"  # why a re-tune is due: start, slower, faster, periodic
+        self.baseline: float | None = None  # median step time right after the last tune
         self._base: list[float] = []
         self._recent: deque[int] = deque(maxlen=self.window)  # +1 above, -1 below the band, 0 inside
         self._hi = self._lo = 0
@@ -179,8 +195,11 @@ class ThreadTuner:
             if len(self._base) >= self.window:
                 self.baseline = statistics.median(self._base)
             return False
-        side = 1 if step_seconds > self.baseline * self.jump_factor else (
-            -1 if step_seconds * self.jump_factor < self.baseline else 0)
+        side = (
+            1
+            if step_seconds > self.baseline * self.jump_factor
+            else (-1 if step_seconds * self.jump_factor < self.baseline else 0)
+        )
         if len(self._recent) == self.window:  # the oldest value leaves the window
             old = self._recent[0]
             self._hi -= old == 1
@@ -202,7 +221,12 @@ class ThreadTuner:
 
     def describe(self) -> dict[str, Any]:
         """Fields for the event log: the chosen count, per-candidate probe medians, what was cut short."""
-        return {"threads": self.threads, "candidates": list(self.candidates),
-                "probe_s": {str(n): round(t, 5) for n, t in self.last_probe.items()},
-                "aborted": list(self.aborted), "tune_s": round(self.tune_seconds, 4), "tunes": self.tunes,
-                "reason": self.reason}
+        return {
+            "threads": self.threads,
+            "candidates": list(self.candidates),
+            "probe_s": {str(n): round(t, 5) for n, t in self.last_probe.items()},
+            "aborted": list(self.aborted),
+            "tune_s": round(self.tune_seconds, 4),
+            "tunes": self.tunes,
+            "reason": self.reason,
+        }

@@ -6,6 +6,7 @@ It wires together parts that each own one concern: the :class:`~lotus.training.s
 (the optimisation step) and the run's :class:`~lotus.features.schedule.plan.Schedule` (what each epoch
 does). Features plug in as :class:`~lotus.callbacks.Callback` objects from :mod:`lotus.features.registry`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,9 +85,17 @@ class Trainer:
     cpu = _Counter()
     best_acc = _Counter()
 
-    def __init__(self, cfg: Config, callbacks: list[Callback] | None = None, run_dir: str | None = None,
-                 resume: bool = False, quiet: bool = False, write: bool = True, force: bool = False,
-                 overrides: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        callbacks: list[Callback] | None = None,
+        run_dir: str | None = None,
+        resume: bool = False,
+        quiet: bool = False,
+        write: bool = True,
+        force: bool = False,
+        overrides: list[str] | None = None,
+    ):
         self.cfg = cfg
         self.resume = resume
         self.force = force
@@ -94,13 +103,16 @@ class Trainer:
         self.quiet = quiet
         self.write = write
         self.dist = _init_distributed(cfg)
-        self.run_dir = run_dir or cfg.output.dir or os.path.join(
-            "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = run_dir or cfg.output.dir or os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.schedule = Schedule(cfg)
         self.callbacks: list[Callback] = build_callbacks(cfg, self.schedule) + list(callbacks or [])
         self.state = TrainState()
-        self.run_log = RunLog(self.run_dir, write=write and self.dist.is_main, show=not quiet and self.dist.is_main,
-                              tensorboard=cfg.output.tensorboard)
+        self.run_log = RunLog(
+            self.run_dir,
+            write=write and self.dist.is_main,
+            show=not quiet and self.dist.is_main,
+            tensorboard=cfg.output.tensorboard,
+        )
         self.checkpoints = CheckpointManager(self.run_dir, write, keep=cfg.output.keep_checkpoints)
         self.dir = RunDir(self.run_dir)
         self.resumed_log_bytes: int | None = None
@@ -124,7 +136,9 @@ class Trainer:
 
     def _setup_data(self) -> None:
         c = self.cfg
-        self.data: DataBundle = build_datasets(c.data, resolve_img_size(c.model), c.model.in_chans, c.model, c.train.seed)
+        self.data: DataBundle = build_datasets(
+            c.data, resolve_img_size(c.model), c.model.in_chans, c.model, c.train.seed
+        )
         self.train_set, self.val_set = self.data.train, self.data.val
         self.loop_set = self.data.train_aug or self.train_set  # timm's random transform, else the batch-sliced set
         self.labels_train = self.data.labels_train
@@ -144,13 +158,20 @@ class Trainer:
         """A plain model on the device, wrapped for training: AC / FSDP2 / DDP per the plan, then compile
         (at set-up, and again after a pruning event rebuilt the model: ``plan``/``replan`` of parallelize)."""
         if self.dist.world_size > 1 or self.cfg.parallel.mode != "none":
-            model = parallelize(model, self.cfg.parallel, self.dist, batch_size=self.cfg.data.batch_size,
-                                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
-                                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16,
-                                **plan)
+            model = parallelize(
+                model,
+                self.cfg.parallel,
+                self.dist,
+                batch_size=self.cfg.data.batch_size,
+                build_optimizer=lambda m: build_optimizer(self.cfg.optim, m),
+                autocast_dtype=None if self.autocast is contextlib.nullcontext else torch.bfloat16,
+                **plan,
+            )
         return maybe_compile(model, self.cfg.train, self.device)
 
-    def rebuild_optimizer(self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
+    def rebuild_optimizer(
+        self, state_transform: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None
+    ) -> None:
         """Build a new optimiser over the current parameters (e.g. after structured thinning), keeping
         the position in the lr schedule; ``state_transform(old, new)`` may carry optimiser state over."""
         old = getattr(self, "optimizer", None)
@@ -164,8 +185,16 @@ class Trainer:
     # ---------------------------------------------------------------- services
     def log(self, event: str, **fields: Any) -> None:
         """Record an event (what, when, how long, result) in metrics.jsonl and the run summary."""
-        self.run_log.event({"type": "event", "event": event, "epoch": self.epoch, "step": self.step,
-                            "wall_s": round(self._wall_now(), 4), **fields})
+        self.run_log.event(
+            {
+                "type": "event",
+                "event": event,
+                "epoch": self.epoch,
+                "step": self.step,
+                "wall_s": round(self._wall_now(), 4),
+                **fields,
+            }
+        )
 
     def count_as_training(self, wall_s: float, cpu_s: float) -> None:
         """Add work done outside the epoch's training segment (e.g. a schedule's probes at an epoch end) to
@@ -179,9 +208,16 @@ class Trainer:
 
     def evaluate(self, model: nn.Module | None = None, dataset: Any = None) -> dict:
         """Top-1 accuracy and mean loss on the validation set (sharded and summed across ranks)."""
-        out = evaluate(model or self.model, dataset or self.val_set, batch_size=self.cfg.data.eval_batch_size,
-                       device=self.device, autocast=self.autocast, num_workers=self.cfg.data.num_workers,
-                       rank=self.dist.rank, world_size=self.dist.world_size)
+        out = evaluate(
+            model or self.model,
+            dataset or self.val_set,
+            batch_size=self.cfg.data.eval_batch_size,
+            device=self.device,
+            autocast=self.autocast,
+            num_workers=self.cfg.data.num_workers,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         return {"val_loss": out["val_loss"], "val_acc": out["val_acc"], "val_acc5": out["val_acc5"]}
 
     # ------------------------------------------------------------ epoch order
@@ -258,8 +294,10 @@ class Trainer:
             capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
             finished = self.epoch >= cfg.train.epochs or capped
             if finished and os.path.exists(self.dir.file("summary.json")):
-                raise LotusError(f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
-                                 "pass --set train.epochs=N (or train.max_steps) with a larger value to continue")
+                raise LotusError(
+                    f"resume: {self.run_dir} already finished ({self.epoch} epochs, {self.step} steps); "
+                    "pass --set train.epochs=N (or train.max_steps) with a larger value to continue"
+                )
         resumed_at = self.step
         self.restored = state is not None  # features log their start-of-run events only when False
         config_pending = self.resume  # a resumed run's --set reaches config.yaml with its first checkpoint
@@ -272,8 +310,11 @@ class Trainer:
             cb.on_fit_start(self)
         for cb in self.callbacks:
             self.forward = cb.wrap_forward(self, self.forward)
-        self.thread_tuner = (ThreadTuner() if cfg.train.threads == "auto" and self.device.type == "cpu"
-                             and self.dist.world_size == 1 else None)
+        self.thread_tuner = (
+            ThreadTuner()
+            if cfg.train.threads == "auto" and self.device.type == "cpu" and self.dist.world_size == 1
+            else None
+        )
         steps_cap = cfg.train.max_steps
         last_metrics: dict = dict(state.get("last_metrics") or {}) if state is not None else {}  # killed
         # after the last checkpoint: the loop below has nothing left and the run is finalised
@@ -307,8 +348,9 @@ class Trainer:
             if self.data.test is not None:  # reported once, at the end: the test split never chooses anything
                 test = self.evaluate(dataset=self.data.test)
                 summary.update(test_acc=test["val_acc"], test_loss=test["val_loss"])
-                self.run_log.print(f"test: acc {test['val_acc']:.4f} loss {test['val_loss']:.4f} "
-                                   f"({len(self.data.test)} images)")
+                self.run_log.print(
+                    f"test: acc {test['val_acc']:.4f} loss {test['val_loss']:.4f} ({len(self.data.test)} images)"
+                )
             for cb in self.callbacks:
                 cb.on_fit_end(self, summary)  # may still log events
             summary["events"] = self.events
@@ -329,10 +371,15 @@ class Trainer:
         bad = meter.first_non_finite(self.dist.world_size)  # every rank checks at the same steps
         if bad is not None:
             step, value = bad
-            kept = (f"the last good checkpoint is kept in {self.run_dir}" if os.path.isfile(self.checkpoints.state_path)
-                    else "no checkpoint was written yet")
-            raise LotusError(f"train: loss became {value} at step {step} (epoch {epoch + 1}); stopped, {kept} "
-                             "(try a lower optim.lr or train.grad_clip)")
+            kept = (
+                f"the last good checkpoint is kept in {self.run_dir}"
+                if os.path.isfile(self.checkpoints.state_path)
+                else "no checkpoint was written yet"
+            )
+            raise LotusError(
+                f"train: loss became {value} at step {step} (epoch {epoch + 1}); stopped, {kept} "
+                "(try a lower optim.lr or train.grad_clip)"
+            )
 
     def _train_epoch(self, epoch: int, steps_cap: int | None) -> dict:
         cfg = self.cfg
@@ -366,8 +413,18 @@ class Trainer:
             if tuner is not None and tuner.threads is None:  # first batch of the run (also after a resume)
                 self._tune_threads(x, y)
             t_step = time.perf_counter()
-            loss, stepped = self.stepper.micro_step(self.model, self.optimizer, self.forward, self.callbacks, self,
-                                                    x, y, idx, self.autocast, last=b + 1 == n_batches)
+            loss, stepped = self.stepper.micro_step(
+                self.model,
+                self.optimizer,
+                self.forward,
+                self.callbacks,
+                self,
+                x,
+                y,
+                idx,
+                self.autocast,
+                last=b + 1 == n_batches,
+            )
             meter.add(loss, len(y), self.step + 1)
             if tuner is not None and tuner.observe(time.perf_counter() - t_step):
                 self._tune_threads(x, y)
@@ -377,10 +434,18 @@ class Trainer:
             if self.step % check_every == 0:
                 self._check_finite(meter, epoch)
             if log_every and self.step % log_every == 0:  # one host sync per record
-                self.run_log.record({"type": "step", "epoch": epoch + 1, "step": self.step, "loss": float(loss),
-                                     "lr": self.optimizer.param_groups[0]["lr"],
-                                     "throughput": round(meter.count * self.dist.world_size /
-                                                         max(time.perf_counter() - t0, 1e-9), 2)})
+                self.run_log.record(
+                    {
+                        "type": "step",
+                        "epoch": epoch + 1,
+                        "step": self.step,
+                        "loss": float(loss),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "throughput": round(
+                            meter.count * self.dist.world_size / max(time.perf_counter() - t0, 1e-9), 2
+                        ),
+                    }
+                )
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step)  # may replace self.model / self.optimizer
         self._check_finite(meter, epoch)
@@ -390,24 +455,41 @@ class Trainer:
         flops = (epoch_flops or 0.0) * 3 * seen_all
         if not math.isnan(flops):
             self.train_flops += flops
-        return {"type": "epoch", "epoch": epoch + 1, "step": self.step, "samples_seen": self.samples_seen,
-                "train_loss": meter.mean(self.dist.world_size), "lr": self.optimizer.param_groups[0]["lr"],
-                "throughput": round(seen_all / dt, 2) if dt > 0 else None, "epoch_samples": seen_all,
-                "train_flops": self.train_flops}
+        return {
+            "type": "epoch",
+            "epoch": epoch + 1,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "train_loss": meter.mean(self.dist.world_size),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "throughput": round(seen_all / dt, 2) if dt > 0 else None,
+            "epoch_samples": seen_all,
+            "train_flops": self.train_flops,
+        }
 
     def _summary(self, last: dict) -> dict:
         bare = unwrap(self.model)
         sd = full_model_state(self.model)  # collective under FSDP2
         nonzero = int(sum(int((v != 0).sum()) for v in sd.values() if v.is_floating_point()))
         return {
-            "name": self.cfg.name, "run_dir": os.path.abspath(self.run_dir), "model": self.cfg.model.name,
-            "epochs": self.epoch, "steps": self.step, "samples_seen": self.samples_seen,
-            "wall_s": round(self.wall, 3), "cpu_s": round(self.cpu, 3), "train_flops": self.train_flops,
+            "name": self.cfg.name,
+            "run_dir": os.path.abspath(self.run_dir),
+            "model": self.cfg.model.name,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "samples_seen": self.samples_seen,
+            "wall_s": round(self.wall, 3),
+            "cpu_s": round(self.cpu, 3),
+            "train_flops": self.train_flops,
             "data": describe(self.cfg.data, self.data),
-            "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
+            "final_val_acc": last.get("val_acc"),
+            "final_val_loss": last.get("val_loss"),
             "best_val_acc": self.best_acc if self.best_acc >= 0 else None,
-            "params": sum(p.numel() for p in bare.parameters()), "nonzero_params": nonzero,
-            "device": str(self.device), "world_size": self.dist.world_size, "events": self.events,
+            "params": sum(p.numel() for p in bare.parameters()),
+            "nonzero_params": nonzero,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "events": self.events,
         }
 
 

@@ -9,6 +9,7 @@ The trainer's soft-target cross-entropy ``sum(-target * log_softmax(student))`` 
 ``alpha * KL(teacher || student) + (1 - alpha) * CE(labels, student)`` up to a constant: Hinton-style
 distillation at temperature 1 (no ``T^2`` rescaling; a hotter temperature is not offered).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,12 +34,16 @@ def build_teacher(path: str, num_classes: int, in_chans: int, img_size: int | No
     file records no model or predicts another number of classes than ``num_classes``."""
     section = read_model_metadata(path, _KEY)
     if not section or not isinstance(section.get("name"), str):
-        raise LotusError(f"{_KEY}: {path} records no model (not written by Lotus, or by an older version); "
-                         "pass a .safetensors file written by lotus train or lotus prune")
+        raise LotusError(
+            f"{_KEY}: {path} records no model (not written by Lotus, or by an older version); "
+            "pass a .safetensors file written by lotus train or lotus prune"
+        )
     recorded = section.get("num_classes")
     if isinstance(recorded, int) and recorded != num_classes:
-        raise LotusError(f"{_KEY}: {path} predicts {recorded} classes, the data has {num_classes}; "
-                         "the teacher must be trained on the same classes")
+        raise LotusError(
+            f"{_KEY}: {path} predicts {recorded} classes, the data has {num_classes}; "
+            "the teacher must be trained on the same classes"
+        )
     mcfg = model_config_from_checkpoint(ModelConfig(name=section["name"]), path, {}, _KEY)
     mcfg.checkpoint, mcfg.pretrained = None, False
     teacher = create_model(mcfg, num_classes, in_chans, img_size)
@@ -84,8 +89,9 @@ class DistillCallback(Callback):
         a = self.cfg.alpha
         return a * probs + (1.0 - a) * hard
 
-    def transform_batch(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
-                        index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transform_batch(
+        self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return images, self.soft_targets(images, labels), index
 
     def on_fit_end(self, trainer: Trainer, summary: dict) -> None:

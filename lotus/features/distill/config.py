@@ -1,4 +1,5 @@
 """The ``distill:`` config section (off by default)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -19,6 +19,7 @@ padded to a multiple of the world size by repeating its first indices, then rank
 ``r, r + W, ...``; so the global batch of a step is the same samples as one process with ``W`` times the
 batch size would take whenever the kept count is a multiple of ``W``.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,10 +54,16 @@ class DynamicPruningCallback(Callback):
         self._weights: torch.Tensor | None = None  # the current plan's loss weights, on the device
         self._digests: list[str] | None = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         n = len(trainer.train_set)
-        self.pruner = DynamicPruner(n, ratio=self.cfg.ratio, num_epochs=trainer.cfg.train.epochs,
-                                    anneal=self.anneal, seed=self.seed, sync_scores=False)  # merged here
+        self.pruner = DynamicPruner(
+            n,
+            ratio=self.cfg.ratio,
+            num_epochs=trainer.cfg.train.epochs,
+            anneal=self.anneal,
+            seed=self.seed,
+            sync_scores=False,
+        )  # merged here
         self._loss_sum = torch.zeros(n, dtype=torch.float32, device=trainer.device)
         self._loss_count = torch.zeros(n, dtype=torch.float32, device=trainer.device)
         if self._pending:
@@ -67,13 +74,21 @@ class DynamicPruningCallback(Callback):
             self.pruned_total = int(self._pending.get("pruned_total", 0))
             self._annealing_logged = bool(self._pending.get("annealing_logged", False))
         if not trainer.restored:  # logged once per run, not again on resume
-            trainer.log("dynamic_pruning", ratio=self.cfg.ratio, anneal=self.anneal, seed=self.seed,
-                        prune_epochs=self.pruner.prune_epochs, train_size=n)
+            trainer.log(
+                "dynamic_pruning",
+                ratio=self.cfg.ratio,
+                anneal=self.anneal,
+                seed=self.seed,
+                prune_epochs=self.pruner.prune_epochs,
+                train_size=n,
+            )
 
-    def epoch_sampler(self, trainer: "Trainer", epoch: int, subset: np.ndarray | None) -> DynamicPruner:
+    def epoch_sampler(self, trainer: Trainer, epoch: int, subset: np.ndarray | None) -> DynamicPruner:
         p = self.pruner
         subset = None if subset is None else np.asarray(subset)
-        if (subset is None) != (p.pool is None) or (subset is not None and not np.array_equal(np.unique(subset), p.pool)):
+        if (subset is None) != (p.pool is None) or (
+            subset is not None and not np.array_equal(np.unique(subset), p.pool)
+        ):
             p.set_indices(subset)
         if self.follow_plan:
             p.set_ratio(trainer.plan.dynamic_ratio)
@@ -84,10 +99,12 @@ class DynamicPruningCallback(Callback):
         st = p.stats
         if st["annealing"] and not self._annealing_logged:
             self._annealing_logged = True
-            trainer.log("dynamic_anneal", message="full data from here on", epochs_left=trainer.cfg.train.epochs - epoch)
+            trainer.log(
+                "dynamic_anneal", message="full data from here on", epochs_left=trainer.cfg.train.epochs - epoch
+            )
         return p
 
-    def per_sample_loss(self, trainer: "Trainer", loss: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, trainer: Trainer, loss: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Record the batch's losses (device scatter, skipping non-finite ones) and apply the plan's weights."""
         idx = index.to(loss.device, non_blocking=True).long()
         val = loss.detach().float()
@@ -96,7 +113,7 @@ class DynamicPruningCallback(Callback):
         self._loss_count.index_put_((idx,), ok.float(), accumulate=True)
         return loss * self._weights[idx].to(loss.dtype)
 
-    def _merge_losses(self, trainer: "Trainer") -> None:
+    def _merge_losses(self, trainer: Trainer) -> None:
         """The epoch's losses (summed over ranks) into the pruner's scores; one host copy per epoch."""
         if trainer.dist.world_size > 1:
             import torch.distributed as dist
@@ -109,37 +126,54 @@ class DynamicPruningCallback(Callback):
         self._loss_sum.zero_()
         self._loss_count.zero_()
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         self._merge_losses(trainer)
         st = self.pruner.stats
         self.pruned_total += st["pruned"]
-        metrics.update(dyn_kept=st["kept"], dyn_pruned=st["pruned"], dyn_below_mean=st["below_mean"],
-                       dyn_pruned_fraction=round(st["pruned"] / max(st["pool"], 1), 6),
-                       dyn_weight=st["weight"], dyn_annealing=st["annealing"])
+        metrics.update(
+            dyn_kept=st["kept"],
+            dyn_pruned=st["pruned"],
+            dyn_below_mean=st["below_mean"],
+            dyn_pruned_fraction=round(st["pruned"] / max(st["pool"], 1), 6),
+            dyn_weight=st["weight"],
+            dyn_annealing=st["annealing"],
+        )
         if self._digests is not None:
             metrics["dyn_rank_digests"] = self._digests
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
         total = self.pruner.pool.size if self.pruner.pool is not None else self.pruner.num_samples
         epochs = max(trainer.epoch, 1)
         summary["dynamic_pruning"] = {
-            "ratio": self.cfg.ratio, "anneal": self.anneal, "pruned_total": int(self.pruned_total),
+            "ratio": self.cfg.ratio,
+            "anneal": self.anneal,
+            "pruned_total": int(self.pruned_total),
             "saved_fraction": round(self.pruned_total / (total * epochs), 6),
         }
         if self.cfg.export_ticket and trainer.write and trainer.dist.is_main:
             path = os.path.join(trainer.run_dir, "dynamic_ticket.npz")
-            ticket = self.pruner.to_ticket(dataset=trainer.train_set, labels=trainer.labels_train,
-                                           extra={"run_dir": os.path.abspath(trainer.run_dir), "config": trainer.cfg.name})
+            ticket = self.pruner.to_ticket(
+                dataset=trainer.train_set,
+                labels=trainer.labels_train,
+                extra={"run_dir": os.path.abspath(trainer.run_dir), "config": trainer.cfg.name},
+            )
             ticket.save(path)
             summary["dynamic_pruning"]["ticket"] = os.path.abspath(path)
-            trainer.log("dynamic_ticket", file=os.path.abspath(path), count=ticket.count,
-                        fraction=round(float(ticket.fraction), 6))
+            trainer.log(
+                "dynamic_ticket",
+                file=os.path.abspath(path),
+                count=ticket.count,
+                fraction=round(float(ticket.fraction), 6),
+            )
 
     def state_dict(self) -> dict:
         if self.pruner is None:
             return dict(self._pending or {})
-        return {"pruner": self.pruner.state_dict(), "pruned_total": int(self.pruned_total),
-                "annealing_logged": self._annealing_logged}
+        return {
+            "pruner": self.pruner.state_dict(),
+            "pruned_total": int(self.pruned_total),
+            "annealing_logged": self._annealing_logged,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._pending = dict(state) if state else None

@@ -1,4 +1,5 @@
 """The ``tickets.dynamic`` config section (see :mod:`lotus.features.dynamic.callback` for what ``ratio`` means)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """The ``ema:`` config section (off by default)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

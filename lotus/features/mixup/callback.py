@@ -6,6 +6,7 @@ and that loss is what gets re-weighted: the InfoBatch rule is unchanged, it just
 timm's Mixup needs an even batch; an odd last batch mixes all but its last sample, which keeps its
 (smoothed) one-hot target. Mixup draws from numpy's global generator, which a resumed run restores.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,14 +27,22 @@ class MixupCallback(Callback):
         self.label_smoothing = label_smoothing
         self.mixup: Mixup | None = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         c = self.cfg
-        self.mixup = Mixup(mixup_alpha=c.mixup_alpha, cutmix_alpha=c.cutmix_alpha, cutmix_minmax=c.cutmix_minmax,
-                           prob=c.prob, switch_prob=c.switch_prob, mode=c.mode, label_smoothing=self.label_smoothing,
-                           num_classes=trainer.data.num_classes)
+        self.mixup = Mixup(
+            mixup_alpha=c.mixup_alpha,
+            cutmix_alpha=c.cutmix_alpha,
+            cutmix_minmax=c.cutmix_minmax,
+            prob=c.prob,
+            switch_prob=c.switch_prob,
+            mode=c.mode,
+            label_smoothing=self.label_smoothing,
+            num_classes=trainer.data.num_classes,
+        )
 
-    def transform_batch(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor,
-                        index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transform_batch(
+        self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = images.clone()  # timm mixes in place; never touch a tensor the dataset may share
         n = len(images) - len(images) % 2
         if n < 2:

@@ -1,4 +1,5 @@
 """The ``mixup:`` config section (off by default); the fields are ``timm.data.Mixup``'s."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ class MixupConfig:
     """One mixing factor per batch, per pair or per sample (elem)."""
 
     def check(self, prefix: str) -> None:
-        if self.cutmix_minmax is not None and (len(self.cutmix_minmax) != 2 or
-                                               not 0.0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1.0):
-            raise ConfigError(f"{prefix}.cutmix_minmax: expected [min, max] with 0 < min < max <= 1, "
-                              f"got {self.cutmix_minmax!r}")
+        if self.cutmix_minmax is not None and (
+            len(self.cutmix_minmax) != 2 or not 0.0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1.0
+        ):
+            raise ConfigError(
+                f"{prefix}.cutmix_minmax: expected [min, max] with 0 < min < max <= 1, got {self.cutmix_minmax!r}"
+            )
         if self.enabled and self.mixup_alpha == 0.0 and self.cutmix_alpha == 0.0 and self.cutmix_minmax is None:
             raise ConfigError(f"{prefix}.mixup_alpha: mixup is enabled but mixup_alpha and cutmix_alpha are both 0")

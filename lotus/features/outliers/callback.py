@@ -1,4 +1,5 @@
 """Training callback: outlier metrics of the residual stream on a fixed probe batch every N steps."""
+
 from __future__ import annotations
 
 import math
@@ -106,10 +107,15 @@ class OutlierMonitor(Callback):
         if self.last is None or self.last_step != trainer.step:
             self.measure(trainer)
         wall = float(getattr(trainer, "wall", 0.0)) or float("nan")
-        out = {"step": self.last_step, **{k: _round(v) for k, v in summarize(self.last).items()},
-               "layers": self.last, "measurements": self.measurements, "probe_s": round(self.probe_s, 4),
-               # share of the training wall time spent in probes (the budget is <= 5% at the default interval)
-               "probe_fraction": round(self.probe_s / wall, 5) if wall == wall and wall > 0 else None}
+        out = {
+            "step": self.last_step,
+            **{k: _round(v) for k, v in summarize(self.last).items()},
+            "layers": self.last,
+            "measurements": self.measurements,
+            "probe_s": round(self.probe_s, 4),
+            # share of the training wall time spent in probes (the budget is <= 5% at the default interval)
+            "probe_fraction": round(self.probe_s / wall, 5) if wall == wall and wall > 0 else None,
+        }
         summary["outliers"] = out
         is_main = getattr(getattr(trainer, "dist", None), "is_main", True)
         if self.cfg.quant_check:
@@ -133,12 +139,15 @@ class OutlierMonitor(Callback):
 
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {"probe_s": self.probe_s, "measurements": self.measurements, "last_step": self.last_step,
-                "last": self.last or {}}
+        return {
+            "probe_s": self.probe_s,
+            "measurements": self.measurements,
+            "last_step": self.last_step,
+            "last": self.last or {},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.probe_s = float(state.get("probe_s", 0.0))
         self.measurements = int(state.get("measurements", 0))
         self.last_step = int(state.get("last_step", -1))
         self.last = state.get("last") or None
-

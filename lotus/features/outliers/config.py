@@ -1,4 +1,5 @@
 """The ``outliers:`` config section: outlier-feature monitoring during training (off by default)."""
+
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ from typing import Literal
 from lotus.errors import ConfigError
 
 __all__ = ["OutliersConfig", "QuantConfig"]
+
 
 @dataclass
 class QuantConfig:

@@ -5,9 +5,10 @@ and the output of the last block (``final``, before the final norm). Works on an
 container (every timm ``VisionTransformer``, DeiT, EVA-style models, Lotus' OP-block ViTs); hooks are plain
 ``register_forward_pre_hook`` / ``register_forward_hook`` handles, removed when the probe closes.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -89,7 +90,7 @@ class ResidualStreamProbe:
 
         return hook
 
-    def open(self) -> "ResidualStreamProbe":
+    def open(self) -> ResidualStreamProbe:
         if self._handles:
             return self
         for i, blk in enumerate(self._blocks):
@@ -108,7 +109,7 @@ class ResidualStreamProbe:
     def reset(self) -> None:
         self.stats = {n: OutlierStats() for n in self.sites}
 
-    def __enter__(self) -> "ResidualStreamProbe":
+    def __enter__(self) -> ResidualStreamProbe:
         return self.open()
 
     def __exit__(self, *exc) -> None:
@@ -120,8 +121,13 @@ class ResidualStreamProbe:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, images: torch.Tensor, layers: Iterable[str] | None = None,
-            chunk_size: int | None = None, forward=None) -> dict[str, dict[str, float]]:
+def measure(
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    forward=None,
+) -> dict[str, dict[str, float]]:
     """Per-site metrics of ``model`` on ``images`` in eval mode (train mode restored afterwards)."""
     was_training = model.training
     model.eval()
@@ -130,8 +136,7 @@ def measure(model: nn.Module, images: torch.Tensor, layers: Iterable[str] | None
         with ResidualStreamProbe(model, layers) as probe:
             step = chunk_size or len(images)
             for start in range(0, len(images), step):
-                fwd(model, images[start:start + step])
+                fwd(model, images[start : start + step])
         return probe.compute()
     finally:
         model.train(was_training)
-

@@ -3,11 +3,12 @@
 ``metrics.jsonl`` records written by the outlier callback look like
 ``{"type": "event", "event": "outliers", "step": 100, "layers": {"blocks.0": {"kurtosis": .., "mmr": ..}, ..}}``.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from lotus.checkpoint import atomic_write, atomic_write_text
 
@@ -53,8 +54,9 @@ def layer_table(layers: dict[str, dict], metrics: Iterable[str] = METRICS) -> st
     metrics = [m for m in metrics if any(m in v for v in layers.values())]
     head = "| layer | " + " | ".join(metrics) + " |"
     sep = "|---|" + "---:|" * len(metrics)
-    rows = [f"| {name} | " + " | ".join(_fmt(v.get(m, float("nan"))) for m in metrics) + " |"
-            for name, v in layers.items()]
+    rows = [
+        f"| {name} | " + " | ".join(_fmt(v.get(m, float("nan"))) for m in metrics) + " |" for name, v in layers.items()
+    ]
     return "\n".join([head, sep, *rows])
 
 
@@ -135,15 +137,25 @@ def write_run_report(run_dir: str | os.PathLike, records: list[dict] | None = No
     if not records:
         raise ValueError(f"{run_dir}: no outlier records in metrics.jsonl")
     last = records[-1]
-    lines = [f"# Outlier features (step {last['step']})", "",
-             "Residual stream on the fixed probe batch: kurtosis (He et al. 2024, Eq. 1; 1 = no outliers, "
-             "up to the width) and mean max/median |x| per token.", "", layer_table(last["layers"]), "",
-             "## Over training", "", "| step | kurtosis max | kurtosis mean | mmr max | mmr mean |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Outlier features (step {last['step']})",
+        "",
+        "Residual stream on the fixed probe batch: kurtosis (He et al. 2024, Eq. 1; 1 = no outliers, "
+        "up to the width) and mean max/median |x| per token.",
+        "",
+        layer_table(last["layers"]),
+        "",
+        "## Over training",
+        "",
+        "| step | kurtosis max | kurtosis mean | mmr max | mmr mean |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in records:
         s = summarize(r["layers"])
-        lines.append(f"| {r['step']} | {_fmt(s['kurtosis_max'])} | {_fmt(s['kurtosis_mean'])} | "
-                     f"{_fmt(s['mmr_max'])} | {_fmt(s['mmr_mean'])} |")
+        lines.append(
+            f"| {r['step']} | {_fmt(s['kurtosis_max'])} | {_fmt(s['kurtosis_mean'])} | "
+            f"{_fmt(s['mmr_max'])} | {_fmt(s['mmr_mean'])} |"
+        )
     md = os.path.join(run_dir, "outliers.md")
     png = plot_history(records, os.path.join(run_dir, "outliers_history.png"), title=os.path.basename(run_dir))
     lines += ["", f"![outliers over training]({os.path.basename(png)})", ""]

@@ -1,4 +1,5 @@
 """Shared by ``lotus outliers`` and ``lotus quantcheck``: a config's model with a checkpoint, and its data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model_and_data(config: str, checkpoint: str, overrides: list[str] | None = None,
-                        device: str = "auto") -> LoadedModel:
+def load_model_and_data(
+    config: str, checkpoint: str, overrides: list[str] | None = None, device: str = "auto"
+) -> LoadedModel:
     """Build the config's model and datasets, then load ``checkpoint`` (safetensors or state dict).
 
     The model section the checkpoint records (Lotus files) supplies every model key the config does not set."""

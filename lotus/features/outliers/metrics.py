@@ -12,6 +12,7 @@ tokens):
 :class:`OutlierStats` accumulates both over several chunks (e.g. one probe batch split for memory) without
 keeping the activations, so the result equals the metric on the concatenated tokens.
 """
+
 from __future__ import annotations
 
 import torch

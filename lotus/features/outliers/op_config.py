@@ -1,5 +1,6 @@
 """``model.op``: the settings of the Outlier-Protected block (:mod:`lotus.models.op_block`); torch-free, so
 the config validates without importing torch or timm."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -17,10 +17,12 @@ package ``pytorch_optimizer``), chosen over ``heavyball`` because:
 nesterov) to the optimiser and passes ``optim.extra`` as constructor keywords, rejecting unknown keys (the
 library would silently ignore a typo).
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -63,8 +65,9 @@ def _check_extra(cls: type, name: str, extra: dict) -> None:
             raise ValueError(f"optim.extra.{key}: not an option of {name} (allowed: {', '.join(allowed)})")
 
 
-def build(name: str, param_groups: Iterable[dict] | Iterable[torch.nn.Parameter], optim_cfg: Any
-          ) -> torch.optim.Optimizer:
+def build(
+    name: str, param_groups: Iterable[dict] | Iterable[torch.nn.Parameter], optim_cfg: Any
+) -> torch.optim.Optimizer:
     """Build SOAP or Shampoo over ``param_groups`` from the ``optim`` config section.
 
     Per-group keys (e.g. ``weight_decay: 0.0`` for norms, biases and OP gains) are kept; ``optim.extra``
@@ -75,14 +78,24 @@ def build(name: str, param_groups: Iterable[dict] | Iterable[torch.nn.Parameter]
     _check_extra(cls, name, extra)
     betas = tuple(float(b) for b in optim_cfg.betas)
     if name == "soap":
-        kwargs: dict[str, Any] = {"lr": optim_cfg.lr, "betas": betas, "eps": optim_cfg.eps,
-                                  "weight_decay": optim_cfg.weight_decay}
+        kwargs: dict[str, Any] = {
+            "lr": optim_cfg.lr,
+            "betas": betas,
+            "eps": optim_cfg.eps,
+            "weight_decay": optim_cfg.weight_decay,
+        }
     else:
         from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
 
-        kwargs = {"lr": optim_cfg.lr, "betas": betas, "diagonal_eps": optim_cfg.eps,
-                  "weight_decay": optim_cfg.weight_decay, "nesterov": bool(optim_cfg.nesterov),
-                  "graft_type": LayerWiseGrafting.RMSPROP, **_SHAMPOO_DEFAULTS}
+        kwargs = {
+            "lr": optim_cfg.lr,
+            "betas": betas,
+            "diagonal_eps": optim_cfg.eps,
+            "weight_decay": optim_cfg.weight_decay,
+            "nesterov": bool(optim_cfg.nesterov),
+            "graft_type": LayerWiseGrafting.RMSPROP,
+            **_SHAMPOO_DEFAULTS,
+        }
         graft = extra.get("graft_type")
         if isinstance(graft, str):
             if graft.lower() not in _GRAFTS:

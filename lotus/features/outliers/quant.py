@@ -12,10 +12,11 @@ of the width rounds to a few levels. This module measures that effect the standa
 Arithmetic is simulated (dequantised int8 values in float, via ``torch.fake_quantize_per_tensor_affine``), which
 gives the same rounding and clipping error as an int8 kernel with int32 accumulation.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,11 @@ import torch.nn.functional as F
 from lotus.features.outliers.config import QuantConfig
 
 __all__ = [
-    "QuantConfig", "W8A8Linear", "block_linear_filter", "calibrate_activation_scales", "quantize_w8a8_",
+    "QuantConfig",
+    "W8A8Linear",
+    "block_linear_filter",
+    "calibrate_activation_scales",
+    "quantize_w8a8_",
     "quantcheck",
 ]
 
@@ -38,8 +43,9 @@ def _qrange(bits: int) -> tuple[int, int]:
 class W8A8Linear(nn.Module):
     """A Linear layer with int8 per-channel weights whose input is fake-quantised to int8 per tensor."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8,
-                 act_bits: int = 8) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits = weight_bits, act_bits
@@ -49,8 +55,7 @@ class W8A8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, act_absmax: float, weight_bits: int = 8,
-                    act_bits: int = 8) -> "W8A8Linear":
+    def from_linear(cls, linear: nn.Linear, act_absmax: float, weight_bits: int = 8, act_bits: int = 8) -> W8A8Linear:
         """Quantise ``linear`` (its current, e.g. masked, weight) with input range ``[-act_absmax, act_absmax]``."""
         w = linear.weight.detach().float()
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits)
@@ -76,8 +81,10 @@ class W8A8Linear(nn.Module):
         return F.linear(xq, w, b).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"w{self.weight_bits}a{self.act_bits}, act_scale={float(self.act_scale):.4g}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"w{self.weight_bits}a{self.act_bits}, act_scale={float(self.act_scale):.4g}"
+        )
 
 
 def block_linear_filter(scope: str = "blocks") -> Callable[[nn.Module, str], bool]:
@@ -96,14 +103,17 @@ def _targets(model: nn.Module, filter_fn) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def calibrate_activation_scales(model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig,
-                                filter_fn=None, forward=None) -> dict[str, float]:
+def calibrate_activation_scales(
+    model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig, filter_fn=None, forward=None
+) -> dict[str, float]:
     """Run ``batches`` through ``model`` (eval mode) and return each target Linear's input range."""
     filter_fn = filter_fn or block_linear_filter(cfg.scope)
     targets = _targets(model, filter_fn)
     if not targets:
-        raise ValueError("quantcheck: the model has no Linear layers to quantise in scope "
-                         f"{cfg.scope!r} (expected a timm ViT with .blocks)")
+        raise ValueError(
+            "quantcheck: the model has no Linear layers to quantise in scope "
+            f"{cfg.scope!r} (expected a timm ViT with .blocks)"
+        )
     seen: dict[str, list[float]] = {n: [] for n in targets}
 
     def make_hook(name: str):
@@ -145,20 +155,26 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_w8a8_(model: nn.Module, act_scales: dict[str, float], cfg: Optional[QuantConfig] = None,
-                   filter_fn=None) -> nn.Module:
+def quantize_w8a8_(
+    model: nn.Module, act_scales: dict[str, float], cfg: QuantConfig | None = None, filter_fn=None
+) -> nn.Module:
     """Swap every targeted Linear with calibrated input range for a :class:`W8A8Linear` (in place)."""
     cfg = cfg or QuantConfig()
     filter_fn = filter_fn or block_linear_filter(cfg.scope)
     for name, module in list(_targets(model, filter_fn).items()):
         if name in act_scales:
-            _set_submodule(model, name, W8A8Linear.from_linear(module, act_scales[name], cfg.weight_bits,
-                                                               cfg.act_bits))
+            _set_submodule(model, name, W8A8Linear.from_linear(module, act_scales[name], cfg.weight_bits, cfg.act_bits))
     return model
 
 
-def quantcheck(model: nn.Module, calib_batches: Iterable[torch.Tensor], eval_loader: Iterable,
-               cfg: Optional[QuantConfig] = None, device: torch.device | str = "cpu", filter_fn=None) -> dict:
+def quantcheck(
+    model: nn.Module,
+    calib_batches: Iterable[torch.Tensor],
+    eval_loader: Iterable,
+    cfg: QuantConfig | None = None,
+    device: torch.device | str = "cpu",
+    filter_fn=None,
+) -> dict:
     """Float vs simulated W8A8 accuracy of ``model`` (left unchanged; a quantised copy is evaluated).
 
     Returns ``{"float_acc", "int8_acc", "drop_pp", "logit_rel_err", "layers", "act_range_max",

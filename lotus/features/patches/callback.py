@@ -9,6 +9,7 @@ epoch comes from the run's :class:`lotus.features.schedule.plan.Schedule` (``sch
 ``lotus:`` phases: full tokens during warm-up so the attention means something before it is used, and again
 at the end so the model adapts to full-token inputs).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ class PatchTicketsCallback(Callback):
         self.cfg = cfg
         self.schedule = keep_rates  # from the run's Schedule
         self.seed = cfg.seed if cfg.seed is not None else seed
-        self.ticket = PatchTicket(keep_rate=self.schedule.min_rate, scorer=cfg.scorer, rollout=cfg.rollout,
-                                  seed=self.seed)
+        self.ticket = PatchTicket(
+            keep_rate=self.schedule.min_rate, scorer=cfg.scorer, rollout=cfg.rollout, seed=self.seed
+        )
         self.rank: np.ndarray | None = None  # (train size, stored patches) ranking, best first
         self.scored: np.ndarray | None = None  # rows of `rank` that hold a ranking
         self.rank_epoch = -1
@@ -56,19 +58,29 @@ class PatchTicketsCallback(Callback):
         self._pending: dict | None = None
 
     # ---------------------------------------------------------------- set-up
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         model = unwrap(trainer.model)
         try:
             self.kept_module = apply_patch_tickets(model)
         except ValueError as e:
             raise LotusError(f"tickets.patches: {e}") from None
         self.num_patches = int(model.patch_embed.num_patches)
-        if getattr(model, "dynamic_img_size", False) and not (self.cfg.scorer == "random" and self.cfg.source == "online"):
-            raise LotusError("tickets.patches: models built with dynamic_img_size train only with scorer: random "
-                             "(patch rankings need a fixed grid)")
-        if self.cfg.scorer == "cls_attention" and self.cfg.source == "online" and getattr(model, "cls_token", None) is None:
-            raise LotusError(f"tickets.patches.scorer: cls_attention needs a model with a class token "
-                             f"({trainer.cfg.model.name} has none); use scorer: random or a ticket file")
+        if getattr(model, "dynamic_img_size", False) and not (
+            self.cfg.scorer == "random" and self.cfg.source == "online"
+        ):
+            raise LotusError(
+                "tickets.patches: models built with dynamic_img_size train only with scorer: random "
+                "(patch rankings need a fixed grid)"
+            )
+        if (
+            self.cfg.scorer == "cls_attention"
+            and self.cfg.source == "online"
+            and getattr(model, "cls_token", None) is None
+        ):
+            raise LotusError(
+                f"tickets.patches.scorer: cls_attention needs a model with a class token "
+                f"({trainer.cfg.model.name} has none); use scorer: random or a ticket file"
+            )
         if self.cfg.scorer == "cls_attention" and self.cfg.source == "online":
             try:  # the scorer reads each block's fused qkv: check now, not at the first refresh
                 with capture_attention(model, [-1]):
@@ -83,22 +95,30 @@ class PatchTicketsCallback(Callback):
             self.scored = self._pending["scored"].numpy().astype(bool)
             self.rank_epoch = int(self._pending.get("rank_epoch", -1))
             if self.rank.shape[0] != n:
-                raise LotusError(f"tickets.patches: saved patch rankings are for {self.rank.shape[0]} samples, "
-                                 f"the train split has {n}")
+                raise LotusError(
+                    f"tickets.patches: saved patch rankings are for {self.rank.shape[0]} samples, "
+                    f"the train split has {n}"
+                )
         if self._pending:
             self.refresh_seconds = float(self._pending.get("refresh_seconds", 0.0))
         if not trainer.restored:  # logged once per run, not again on resume
-            trainer.log("patch_tickets", source=self.cfg.source, scorer=self.cfg.scorer, rollout=self.cfg.rollout,
-                        keep_rate=self.cfg.keep_rate if not self.cfg.schedule else None,
-                        schedule=[list(p) for p in self.schedule.points], num_patches=self.num_patches,
-                        refresh_every=self.cfg.refresh_every if self.cfg.source == "online" else None,
-                        file=os.path.abspath(self.cfg.file) if self.cfg.file else None)
+            trainer.log(
+                "patch_tickets",
+                source=self.cfg.source,
+                scorer=self.cfg.scorer,
+                rollout=self.cfg.rollout,
+                keep_rate=self.cfg.keep_rate if not self.cfg.schedule else None,
+                schedule=[list(p) for p in self.schedule.points],
+                num_patches=self.num_patches,
+                refresh_every=self.cfg.refresh_every if self.cfg.source == "online" else None,
+                file=os.path.abspath(self.cfg.file) if self.cfg.file else None,
+            )
 
-    def on_model_thinned(self, trainer: "Trainer", report: dict) -> None:
+    def on_model_thinned(self, trainer: Trainer, report: dict) -> None:
         # under DDP / FSDP2 thinning swaps in a rebuilt model: give it the kept-token slot again (in place: no-op)
         self.kept_module = apply_patch_tickets(unwrap(trainer.model))
 
-    def wrap_forward(self, trainer: "Trainer", forward: Forward) -> Forward:
+    def wrap_forward(self, trainer: Trainer, forward: Forward) -> Forward:
         def kept_forward(model: torch.nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             keep = self.keep_indices(trainer, images, index)
             if keep is None:
@@ -108,7 +128,7 @@ class PatchTicketsCallback(Callback):
 
         return kept_forward
 
-    def _load_file(self, trainer: "Trainer") -> None:
+    def _load_file(self, trainer: Trainer) -> None:
         ticket = load_ticket(self.cfg.file, key="tickets.patches.file")
         try:
             ticket.validate_against(trainer.train_set, labels=trainer.labels_train)
@@ -116,18 +136,24 @@ class PatchTicketsCallback(Callback):
         except ValueError as e:
             raise LotusError(f"tickets.patches.file: {e}") from None
         if rank.shape[0] != len(trainer.train_set):
-            raise LotusError(f"tickets.patches.file: {self.cfg.file} has patch tickets for {rank.shape[0]} samples, "
-                             f"the train split has {len(trainer.train_set)}")
+            raise LotusError(
+                f"tickets.patches.file: {self.cfg.file} has patch tickets for {rank.shape[0]} samples, "
+                f"the train split has {len(trainer.train_set)}"
+            )
         self.rank = rank
         self.scored = np.ones(rank.shape[0], dtype=bool)
 
     # ---------------------------------------------------------------- per epoch
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.epoch = epoch
         rate = float(self.schedule(epoch))
         if epoch == 0 or rate != float(self.schedule(epoch - 1)):  # a function of the epoch: no repeat on resume
-            trainer.log("keep_rate", keep_rate=round(rate, 6), kept_patches=num_kept(self.num_patches, rate),
-                        num_patches=self.num_patches)
+            trainer.log(
+                "keep_rate",
+                keep_rate=round(rate, 6),
+                kept_patches=num_kept(self.num_patches, rate),
+                num_patches=self.num_patches,
+            )
         self.keep_rate = rate
         self.k = num_kept(self.num_patches, rate)
         if self.k >= self.num_patches:
@@ -137,7 +163,7 @@ class PatchTicketsCallback(Callback):
             if stale:
                 self._refresh(trainer, epoch)
 
-    def refresh_indices(self, trainer: "Trainer") -> np.ndarray:
+    def refresh_indices(self, trainer: Trainer) -> np.ndarray:
         """The train-set indices a refresh ranks now: this epoch's kept samples under dynamic pruning with a
         refresh every epoch, else the selected subset, else the whole train split."""
         sampler = trainer.sampler
@@ -148,7 +174,7 @@ class PatchTicketsCallback(Callback):
         return np.arange(len(trainer.train_set))
 
     @torch.no_grad()
-    def _refresh(self, trainer: "Trainer", epoch: int) -> None:
+    def _refresh(self, trainer: Trainer, epoch: int) -> None:
         """Rank the patches of this epoch's samples with the current model (un-augmented images)."""
         n = len(trainer.train_set)
         idx = self.refresh_indices(trainer)
@@ -171,7 +197,7 @@ class PatchTicketsCallback(Callback):
         self.rank_epoch = epoch
         trainer.log("patch_refresh", samples=int(idx.size), seconds=round(dt, 4), keep_rate=round(self.keep_rate, 6))
 
-    def keep_indices(self, trainer: "Trainer", images: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    def keep_indices(self, trainer: Trainer, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
         """Kept patch indices ``(B, K)`` for a training batch, or ``None`` for all patches."""
         if self.k == 0 or self.k >= self.num_patches:
             return None
@@ -196,13 +222,17 @@ class PatchTicketsCallback(Callback):
             rank[sel] = fresh[:, : rank.shape[1]]
         return PatchTicket.keep_from_rank(rank, self.k).to(images.device)
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         metrics.update(patch_keep_rate=round(self.keep_rate, 6), patch_kept=min(self.k, self.num_patches))
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
-        summary["patch_tickets"] = {"source": self.cfg.source, "scorer": self.cfg.scorer,
-                                    "schedule": [list(p) for p in self.schedule.points],
-                                    "num_patches": self.num_patches, "refresh_seconds": round(self.refresh_seconds, 4)}
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
+        summary["patch_tickets"] = {
+            "source": self.cfg.source,
+            "scorer": self.cfg.scorer,
+            "schedule": [list(p) for p in self.schedule.points],
+            "num_patches": self.num_patches,
+            "refresh_seconds": round(self.refresh_seconds, 4),
+        }
 
     def state_dict(self) -> dict:
         state: dict[str, Any] = {"rank_epoch": int(self.rank_epoch), "refresh_seconds": float(self.refresh_seconds)}

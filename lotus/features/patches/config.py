@@ -1,4 +1,5 @@
 """The ``tickets.patches`` config section (patch tickets, see :mod:`lotus.features.patches.callback`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,11 +45,15 @@ class PatchConfig:
                 raise ConfigError(f"{prefix}.{e}") from None
         if self.source == "file":
             if not self.file:
-                raise ConfigError(f"{prefix}.file: required with {prefix}.source: file (a ticket .npz with patch tickets)")
+                raise ConfigError(
+                    f"{prefix}.file: required with {prefix}.source: file (a ticket .npz with patch tickets)"
+                )
             if not str(self.file).endswith(".npz"):
                 raise ConfigError(f"{prefix}.file: expected a ticket .npz file, got {self.file!r}")
             if self.scorer == "random":
-                raise ConfigError(f"{prefix}.scorer: 'random' draws fresh patches online every epoch; "
-                                  f"use source: online (the file already fixes the patches)")
+                raise ConfigError(
+                    f"{prefix}.scorer: 'random' draws fresh patches online every epoch; "
+                    f"use source: online (the file already fixes the patches)"
+                )
         elif self.file is not None:
             raise ConfigError(f"{prefix}.file: only used with {prefix}.source: file (got source {self.source!r})")

@@ -1,5 +1,6 @@
 """Offline patch tickets: rank every train image's patches with a scorer ViT and store them in a ticket
 file that ``tickets.patches: {source: file}`` trains on (``lotus select --patches``)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,15 @@ from lotus.schema import to_dict
 __all__ = ["make_patch_ticket_file"]
 
 
-def make_patch_ticket_file(cfg: Config, out: str, checkpoint: str | None = None, rollout: bool = False,
-                           keep_rate: float = 1.0, batch_size: int | None = None, progress: bool = True) -> TicketFile:
+def make_patch_ticket_file(
+    cfg: Config,
+    out: str,
+    checkpoint: str | None = None,
+    rollout: bool = False,
+    keep_rate: float = 1.0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> TicketFile:
     """Rank the patches of every train-split image of ``cfg`` with a scorer ViT and save a ticket file.
 
     The scorer is ``cfg.model`` with the weights of ``checkpoint`` (e.g. ``runs/x/best.safetensors``; without
@@ -41,11 +49,24 @@ def make_patch_ticket_file(cfg: Config, out: str, checkpoint: str | None = None,
         raise LotusError(f"model.name: patch tickets rank patches by CLS attention; {mcfg.name} has no class token")
     n = int(model.patch_embed.num_patches)
     ticket = PatchTicket(keep_rate=keep_rate, rollout=rollout, seed=cfg.train.seed)
-    rank = ticket.compute(model, bundle.train, batch_size=batch_size or cfg.data.eval_batch_size,
-                          store=num_kept(n, keep_rate), progress=progress)
-    tf = ticket.to_ticket(rank, num_patches=n, dataset=bundle.train, labels=bundle.labels_train,
-                          extra={"config": cfg.name, "model": mcfg.name,
-                                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None})
+    rank = ticket.compute(
+        model,
+        bundle.train,
+        batch_size=batch_size or cfg.data.eval_batch_size,
+        store=num_kept(n, keep_rate),
+        progress=progress,
+    )
+    tf = ticket.to_ticket(
+        rank,
+        num_patches=n,
+        dataset=bundle.train,
+        labels=bundle.labels_train,
+        extra={
+            "config": cfg.name,
+            "model": mcfg.name,
+            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+        },
+    )
     tf.proxy = {"model": mcfg.name, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
     tf.save(out)
     return tf

@@ -13,6 +13,7 @@
 - Data parallel (DDP / FSDP2 under torchrun): calibration is sharded across ranks and reduced, every rank
   reaches the same decision, and the model is rebuilt and re-wrapped (:mod:`lotus.features.pruning.distributed`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ __all__ = ["PruningCallback"]
 # library field -> config key, for the library's "field: reason" errors
 _MASK_KEYS = {f: f"pruning.{f}" for f in ("sparsity", "scope", "n", "m", "score", "initial_sparsity")}
 _MASK_KEYS["calib_loader"] = "pruning.calib_batches"
-_STRUCTURED_KEYS = {f: f"pruning.structured.{f}" for f in ("heads", "mlp", "importance", "scope", "round_to",
-                                                           "min_heads", "min_mlp")}
+_STRUCTURED_KEYS = {
+    f: f"pruning.structured.{f}" for f in ("heads", "mlp", "importance", "scope", "round_to", "min_heads", "min_mlp")
+}
 _STRUCTURED_KEYS["calib_loader"] = "pruning.calib_batches"
 
 
@@ -70,14 +72,14 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _model(trainer: "Trainer") -> nn.Module:
+    def _model(trainer: Trainer) -> nn.Module:
         return trainer.unwrapped_model
 
-    def _progress(self, trainer: "Trainer") -> float:
+    def _progress(self, trainer: Trainer) -> float:
         spe = max(int(trainer.steps_per_epoch or 0), 1)
         return trainer.epoch + min(self._batch / spe, 1.0)
 
-    def calib_batches(self, trainer: "Trainer") -> list:
+    def calib_batches(self, trainer: Trainer) -> list:
         """``calib_batches`` fixed training batches (seeded, no augmentation), cached for the run; of the global
         batch size (``data.batch_size`` x ranks), so a data-parallel run scores what one process would."""
         if self._calib is None:
@@ -92,12 +94,17 @@ class PruningCallback(Callback):
         c = self.cfg
         if c.schedule == "gradual":
             end = c.end_epoch if c.end_epoch is not None else c.start_epoch + 0.75 * (epochs - c.start_epoch)
-            return pruning.GradualSchedule(final_sparsity=c.sparsity, start_step=c.start_epoch, end_step=end,
-                                           frequency=None, initial_sparsity=c.initial_sparsity)
+            return pruning.GradualSchedule(
+                final_sparsity=c.sparsity,
+                start_step=c.start_epoch,
+                end_step=end,
+                frequency=None,
+                initial_sparsity=c.initial_sparsity,
+            )
         return pruning.OneShotSchedule(sparsity=c.mask_config().sparsity, step=c.at_epoch)
 
     # ---------------------------------------------------------------- pruning
-    def _maybe_structured(self, trainer: "Trainer", progress: float) -> None:
+    def _maybe_structured(self, trainer: Trainer, progress: float) -> None:
         s = self.cfg.structured
         if self.auto is not None:
             due = self.auto.thin_due(progress)
@@ -139,13 +146,21 @@ class PruningCallback(Callback):
             cb.on_model_thinned(trainer, report)
         self.structured_done = True
         self.widths = report["widths"]
-        trainer.log("prune_structured", heads=lib.heads, mlp=lib.mlp, importance=s.importance,
-                    params_before=report["params_before"], params_after=report["params_after"],
-                    optimizer_state_kept=parallel or names is not None, seconds=round(time.perf_counter() - t0, 3),
-                    widths=report["widths"], kept_digest=digest(report["kept"]),
-                    rank_digests=report.get("rank_digests"))
+        trainer.log(
+            "prune_structured",
+            heads=lib.heads,
+            mlp=lib.mlp,
+            importance=s.importance,
+            params_before=report["params_before"],
+            params_after=report["params_after"],
+            optimizer_state_kept=parallel or names is not None,
+            seconds=round(time.perf_counter() - t0, 3),
+            widths=report["widths"],
+            kept_digest=digest(report["kept"]),
+            rank_digests=report.get("rank_digests"),
+        )
 
-    def _ensure_pruner(self, trainer: "Trainer") -> pruning.GradualPruner:
+    def _ensure_pruner(self, trainer: Trainer) -> pruning.GradualPruner:
         """The mask pruner, built on first use (after any thinning, so its layer filter sees the final modules)."""
         if self.pruner is None:
             c, model = self.cfg, self._model(trainer)
@@ -156,17 +171,21 @@ class PruningCallback(Callback):
                 check_nm_shapes(model, keep, nm.m, what)
             needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
             self.pruner = pruning.GradualPruner(
-                model, self._schedule(trainer.cfg.train.epochs), c.mask_config(), filter_fn=keep,
-                calib_loader=(lambda: self._rank_calib(trainer)) if needs_calib else None)
+                model,
+                self._schedule(trainer.cfg.train.epochs),
+                c.mask_config(),
+                filter_fn=keep,
+                calib_loader=(lambda: self._rank_calib(trainer)) if needs_calib else None,
+            )
             self.pruner.current = self.current  # resumed: the masks are back in the model already
         return self.pruner
 
-    def _rank_calib(self, trainer: "Trainer") -> list:
+    def _rank_calib(self, trainer: Trainer) -> list:
         """This rank's share of the calibration batches; sets the pruner's cross-rank ``reduce_sum``."""
         mine, self.pruner.reduce_sum = calibration(trainer, self.calib_batches(trainer))
         return mine
 
-    def _maybe_prune(self, trainer: "Trainer", progress: float) -> None:
+    def _maybe_prune(self, trainer: Trainer, progress: float) -> None:
         if not self.cfg.masks_enabled or progress < self.cfg.mask_epoch:
             return
         pruner = self._ensure_pruner(trainer)
@@ -174,8 +193,9 @@ class PruningCallback(Callback):
         c = self.cfg
         try:
             if is_parallel(trainer):  # DDP / FSDP2: masks on a gathered plain copy, then wrapped again
-                report = prune_masks_parallel(trainer, pruner, progress, self.widths,
-                                              (c.include_head, c.include_patch_embed, c.exclude))
+                report = prune_masks_parallel(
+                    trainer, pruner, progress, self.widths, (c.include_head, c.include_patch_embed, c.exclude)
+                )
             else:
                 report = pruner.step(progress)  # enforces the masks; prunes when the target rose
         except ValueError as e:
@@ -184,26 +204,39 @@ class PruningCallback(Callback):
             return
         self.current = pruner.current
         model = self._model(trainer)
-        trainer.log("prune", method=self.cfg.method, target=round(self.current, 6),
-                    sparsity=round(report["total"]["sparsity"], 6), nonzeros=report["model"]["nonzeros"],
-                    params=report["model"]["params"], layers=len(masked_modules(model)),
-                    skipped=report["skipped"], notes=report["notes"], seconds=round(time.perf_counter() - t0, 3),
-                    rank_digests=report.get("rank_digests"))
+        trainer.log(
+            "prune",
+            method=self.cfg.method,
+            target=round(self.current, 6),
+            sparsity=round(report["total"]["sparsity"], 6),
+            nonzeros=report["model"]["nonzeros"],
+            params=report["model"]["params"],
+            layers=len(masked_modules(model)),
+            skipped=report["skipped"],
+            notes=report["notes"],
+            seconds=round(time.perf_counter() - t0, 3),
+            rank_digests=report.get("rank_digests"),
+        )
         if self.cfg.sparse_kernels:
             self._enable_kernels(trainer)
 
-    def _enable_kernels(self, trainer: "Trainer") -> None:
+    def _enable_kernels(self, trainer: Trainer) -> None:
         if self.kernels_enabled:
             return
         model = self._model(trainer)
         dtype = getattr(trainer.autocast(), "fast_dtype", None) if trainer.device.type == "cuda" else None
         rep = pruning.enable_sparse_training_(model, compute_dtype=dtype)
         self.kernels_enabled = True
-        trainer.log("sparse_kernels", swapped=len(rep["swapped"]), skipped=rep["skipped"], backend=rep["backend"],
-                    note=rep["note"])
+        trainer.log(
+            "sparse_kernels",
+            swapped=len(rep["swapped"]),
+            skipped=rep["skipped"],
+            backend=rep["backend"],
+            note=rep["note"],
+        )
 
     # ---------------------------------------------------------------- callbacks
-    def on_load_checkpoint(self, trainer: "Trainer", state: dict) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, state: dict) -> None:
         model = self._model(trainer)
         restore_shapes(model, state.get("model", {}), self.widths)
         modules = dict(model.named_modules())
@@ -211,11 +244,14 @@ class PruningCallback(Callback):
             backend = resolve_backend("auto") if torch.cuda.is_available() else "cutlass"
             for fqn, mask in self._semi_masks.items():
                 parent, _, child = fqn.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        SemiSparseLinear.from_linear(modules[fqn], mask, backend))
+                setattr(
+                    model.get_submodule(parent) if parent else model,
+                    child,
+                    SemiSparseLinear.from_linear(modules[fqn], mask, backend),
+                )
             self.kernels_enabled = True
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         c = self.cfg
         if c.sparse_kernels and trainer.device.type != "cuda" and not trainer.restored:
             trainer.log("sparse_kernels", swapped=0, note=CPU_NOTE)
@@ -224,13 +260,13 @@ class PruningCallback(Callback):
         self._maybe_structured(trainer, progress)
         self._maybe_prune(trainer, progress)
 
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self._batch = 0
         self._maybe_structured(trainer, float(epoch))
         if self.cfg.schedule == "one_shot":
             self._maybe_prune(trainer, float(epoch))
 
-    def on_step_end(self, trainer: "Trainer", step: int) -> None:
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
         self._batch += 1
         progress = self._progress(trainer)
         self._maybe_structured(trainer, progress)
@@ -242,7 +278,7 @@ class PruningCallback(Callback):
             model = self._model(trainer)
             enforce_masks_sharded(model) if is_sharded(model) else enforce_masks_(model)
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         model = self._model(trainer)
         if self.current > 0:
             metrics["sparsity"] = round(self._sparsity(model), 6)
@@ -256,21 +292,31 @@ class PruningCallback(Callback):
             return mask_sparsity(model)["sparsity"]
         return pruning.sparsity_report(model, masked_modules(model))["total"]["sparsity"]
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
         model = self._model(trainer)
         summary["pruning"] = {
-            "method": self.cfg.method, "target_sparsity": self.current,
+            "method": self.cfg.method,
+            "target_sparsity": self.current,
             "sparsity": self._sparsity(model) if self.current > 0 else None,
-            "structured": self.structured_done, "widths": self.widths, "sparse_kernels": self.kernels_enabled,
+            "structured": self.structured_done,
+            "widths": self.widths,
+            "sparse_kernels": self.kernels_enabled,
         }
 
     def state_dict(self) -> dict:
         semi = {}
         if self.kernels_enabled and self.pruner is not None:
-            semi = {f: m.weight_mask.detach().cpu().clone() for f, m in self.pruner.model.named_modules()
-                    if isinstance(m, SemiSparseLinear)}
-        return {"current": self.current, "structured_done": self.structured_done, "widths": self.widths,
-                "semi_masks": semi}
+            semi = {
+                f: m.weight_mask.detach().cpu().clone()
+                for f, m in self.pruner.model.named_modules()
+                if isinstance(m, SemiSparseLinear)
+            }
+        return {
+            "current": self.current,
+            "structured_done": self.structured_done,
+            "widths": self.widths,
+            "semi_masks": semi,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.current = float(state.get("current", 0.0))

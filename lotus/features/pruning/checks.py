@@ -1,4 +1,5 @@
 """User-facing checks around the :mod:`pruning` library, shared by training (``pruning:``) and ``lotus prune``."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -19,6 +19,7 @@ dense. The section is the library's own configs (:mod:`pruning`) plus *when* to 
     pruning:                      # pruning.StructuredConfig's fields, plus at_epoch
       structured: {heads: 0.25, mlp: 0.5, importance: taylor, round_to: 8, at_epoch: 0}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -133,15 +134,18 @@ class PruningConfig:
                 raise ConfigError(f"{p}{e}") from None
         if self.schedule == "gradual":
             if self.method not in ("magnitude", "wanda"):
-                raise ConfigError(f"{p}schedule: gradual needs method magnitude or wanda (N:M sparsity is fixed), "
-                                  f"got method {self.method!r}")
+                raise ConfigError(
+                    f"{p}schedule: gradual needs method magnitude or wanda (N:M sparsity is fixed), "
+                    f"got method {self.method!r}"
+                )
             if self.initial_sparsity > self.sparsity:
-                raise ConfigError(f"{p}initial_sparsity: expected <= sparsity ({self.sparsity}), "
-                                  f"got {self.initial_sparsity}")
+                raise ConfigError(
+                    f"{p}initial_sparsity: expected <= sparsity ({self.sparsity}), got {self.initial_sparsity}"
+                )
             if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
                 raise ConfigError(f"{p}end_epoch: expected > start_epoch ({self.start_epoch}), got {self.end_epoch}")
         if self.sparse_kernels and self.method != "2:4":
-            raise ConfigError(f"{p}sparse_kernels: needs method \"2:4\", got method {self.method!r}")
+            raise ConfigError(f'{p}sparse_kernels: needs method "2:4", got method {self.method!r}')
         if self.masks_enabled and self.structured.enabled and self.structured.at_epoch > self.mask_epoch:
             raise ConfigError(
                 f"{p}structured.at_epoch: thinning must happen at or before the masks appear "

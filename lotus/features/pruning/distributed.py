@@ -19,6 +19,7 @@ layout change:
   Between prunes, the stored weights are re-zeroed under the masks (:func:`enforce_masks_sharded`: on
   FSDP2 shards with the matching shard of each replicated mask).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,8 +36,16 @@ from lotus.parallel.rebuild import agree, full_state, plain_copy, reduce_sum_fn,
 from pruning.masks import get_mask, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import slice_optimizer_state
 
-__all__ = ["is_parallel", "calibration", "restore_shapes", "thin_parallel", "prune_masks_parallel",
-           "enforce_masks_sharded", "mask_sparsity", "MASK_SUFFIX"]
+__all__ = [
+    "is_parallel",
+    "calibration",
+    "restore_shapes",
+    "thin_parallel",
+    "prune_masks_parallel",
+    "enforce_masks_sharded",
+    "mask_sparsity",
+    "MASK_SUFFIX",
+]
 
 MASK_SUFFIX = ".parametrizations.weight.0.mask"
 
@@ -62,8 +71,10 @@ def restore_shapes(model: nn.Module, model_state: dict, widths: dict | None) -> 
         if key.endswith(MASK_SUFFIX):
             fqn = key[: -len(MASK_SUFFIX)]
             if fqn not in modules:
-                raise LotusError(f"resume: masked layer {fqn} of the saved run is not in this model "
-                                 "(changed model or pruning settings?)")
+                raise LotusError(
+                    f"resume: masked layer {fqn} of the saved run is not in this model "
+                    "(changed model or pruning settings?)"
+                )
             set_mask(modules[fqn], mask)
 
 
@@ -82,13 +93,19 @@ def thin_parallel(trainer: Any, config: pruning.StructuredConfig, calib: list | 
     report["rank_digests"] = agree(report["kept"], "pruning.structured")
     kept = report["kept_indices"]
     why = f"structured thinning: params {report['params_before']} -> {report['params_after']}"
-    swap_model(trainer, plain, optim_sd, lambda sd: slice_optimizer_state(sd, kept, _flat_names(sd)) if sd else sd,
-               replan_reason=why)
+    swap_model(
+        trainer,
+        plain,
+        optim_sd,
+        lambda sd: slice_optimizer_state(sd, kept, _flat_names(sd)) if sd else sd,
+        replan_reason=why,
+    )
     return report
 
 
-def prune_masks_parallel(trainer: Any, pruner: pruning.GradualPruner, progress: float, widths: dict | None,
-                         filter_args: tuple) -> dict | None:
+def prune_masks_parallel(
+    trainer: Any, pruner: pruning.GradualPruner, progress: float, widths: dict | None, filter_args: tuple
+) -> dict | None:
     """One :meth:`GradualPruner.step` of a DDP / FSDP2 model: a plain copy is masked (when the target rose)
     and wrapped again; otherwise the weights are re-zeroed under the masks. Returns the prune report or None."""
     if pruner.target(progress) <= pruner.current + 1e-12:

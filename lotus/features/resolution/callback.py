@@ -4,6 +4,7 @@ side (:func:`lotus.features.resolution.schedule.side_at`) before the forward, so
 Evaluation, probes and the exported model run at the full side. It composes with random patch tickets
 (they drop a share of whatever grid the batch has), dynamic data pruning and thinning; the side is a pure
 function of the epoch, so a resumed run is bit-identical."""
+
 from __future__ import annotations
 
 import torch
@@ -27,39 +28,56 @@ class ResolutionCallback(Callback):
         self.patch = 0
         self.side = 0
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         model = unwrap(trainer.model)
         if not getattr(model, "dynamic_img_size", False):
-            raise LotusError("resolution.enabled: the model must accept smaller images; set "
-                             "model.kwargs.dynamic_img_size: true (a timm ViT interpolates its position embedding)")
+            raise LotusError(
+                "resolution.enabled: the model must accept smaller images; set "
+                "model.kwargs.dynamic_img_size: true (a timm ViT interpolates its position embedding)"
+            )
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if patch is None:
             raise LotusError(f"resolution.enabled: {type(model).__name__} has no patch_embed.patch_size")
         self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.full = int(trainer.data.img_size)
         if self.full % self.patch:
-            raise LotusError(f"resolution.enabled: model.img_size {self.full} is not a multiple of the patch size "
-                             f"{self.patch}")
+            raise LotusError(
+                f"resolution.enabled: model.img_size {self.full} is not a multiple of the patch size {self.patch}"
+            )
 
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         side = side_at(epoch, trainer.cfg.train.epochs, self.full, self.patch, self.cfg.start, self.cfg.full_at)
-        prev = None if epoch == 0 else side_at(epoch - 1, trainer.cfg.train.epochs, self.full, self.patch,
-                                                self.cfg.start, self.cfg.full_at)
+        prev = (
+            None
+            if epoch == 0
+            else side_at(epoch - 1, trainer.cfg.train.epochs, self.full, self.patch, self.cfg.start, self.cfg.full_at)
+        )
         if side != prev:  # a function of the epoch: logged again on resume only where it changes
             tokens = (side // self.patch) ** 2
-            trainer.log("resolution", side=side, tokens=tokens, full_side=self.full,
-                        note=f"from epoch {epoch + 1} training images are {side} px ({tokens} tokens"
-                             f"{'' if side < self.full else ', full size'}); the train loss changes with the input")
+            trainer.log(
+                "resolution",
+                side=side,
+                tokens=tokens,
+                full_side=self.full,
+                note=f"from epoch {epoch + 1} training images are {side} px ({tokens} tokens"
+                f"{'' if side < self.full else ', full size'}); the train loss changes with the input",
+            )
         self.side = side
 
-    def transform_batch(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor,
-                        index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transform_batch(
+        self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.side >= self.full or images.shape[-1] == self.side:
             return images, labels, index
         aa = self.cfg.mode != "area"
-        images = F.interpolate(images, size=(self.side, self.side), mode=self.cfg.mode, antialias=aa,
-                               **({"align_corners": False} if aa else {}))
+        images = F.interpolate(
+            images,
+            size=(self.side, self.side),
+            mode=self.cfg.mode,
+            antialias=aa,
+            **({"align_corners": False} if aa else {}),
+        )
         return images, labels, index
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         metrics.update(img_side=self.side, tokens=(self.side // self.patch) ** 2)

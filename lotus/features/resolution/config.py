@@ -1,4 +1,5 @@
 """The ``resolution:`` config section: train early epochs on smaller images (fewer patch tokens)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """When each epoch trains at which image side: a pure function of the epoch (resume needs no state)."""
+
 from __future__ import annotations
 
 import math

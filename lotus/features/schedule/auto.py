@@ -9,6 +9,7 @@ epoch ``e`` applies from epoch ``e + 1`` (``reduce``, ``dynamic_ratio``, ``keep_
 The decisions are the whole state: the controller saves them with its checkpoint and :meth:`AutoState.load`
 replays them on resume, so a resumed run plans exactly what the uninterrupted one did.
 """
+
 from __future__ import annotations
 
 import math

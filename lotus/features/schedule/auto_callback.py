@@ -10,6 +10,7 @@ its signal, measured value, threshold and reason; the decision list is this call
 Under torchrun every rank runs the same probes on the same reduced numbers; after each round the ranks
 compare digests of their decision lists (``auto_rank_digests`` in the epoch metrics) and stop on a mismatch.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,9 @@ class AutoScheduleCallback(Callback):
         if metrics is not None:
             metrics["auto_rank_digests"] = digests
 
-    def _pay(self, trainer: Trainer, model: Any, k: int, n: int, rank_s: float,
-             epoch_samples: int) -> patch_rules.PatchPay:
+    def _pay(
+        self, trainer: Trainer, model: Any, k: int, n: int, rank_s: float, epoch_samples: int
+    ) -> patch_rules.PatchPay:
         """Seconds per epoch saved (timed steps on all vs ``k`` patches) and spent re-ranking, per rank."""
         pc, world = self.cfg.tickets.patches, trainer.dist.world_size
         x, y = self.probe_batches(trainer)[0]
@@ -84,8 +86,14 @@ class AutoScheduleCallback(Callback):
         if online and pc.refresh_every != 0:
             owner = next(cb for cb in trainer.callbacks if isinstance(cb, PatchTicketsCallback))
             ranked = len(owner.refresh_indices(trainer))
-        cost = patch_rules.rerank_seconds(rank_s, online, pc.refresh_every, ranked, math.ceil(epoch_samples / world),
-                                    self.a.probe_batches * trainer.cfg.data.batch_size)
+        cost = patch_rules.rerank_seconds(
+            rank_s,
+            online,
+            pc.refresh_every,
+            ranked,
+            math.ceil(epoch_samples / world),
+            self.a.probe_batches * trainer.cfg.data.batch_size,
+        )
         return patch_rules.PatchPay(k, n, patch_rules.seconds_saved(full, kept, steps), cost)
 
     # ------------------------------------------------------------------ signals
@@ -93,15 +101,22 @@ class AutoScheduleCallback(Callback):
         loss = float(metrics["train_loss"])
         self._apply(trainer, epoch, rules.warmup_end(self.state, self.a, epoch, loss, self.prev_loss), made)
         self.prev_loss = loss
-        self.plateau = rules.track_plateau(self.plateau, metrics.get("val_acc"), self.state.phase(epoch),
-                                           self.a.plateau_delta)
+        self.plateau = rules.track_plateau(
+            self.plateau, metrics.get("val_acc"), self.state.phase(epoch), self.a.plateau_delta
+        )
         self._apply(trainer, epoch, rules.anneal_start(self.state, self.a, epoch, self.plateau), made)
 
     def _dynamic(self, trainer: Trainer, epoch: int, made: list[str]) -> None:
         losses = probes.seen_losses(trainer.sampler)
         if losses is not None:
-            self._apply(trainer, epoch, rules.dynamic_ratio(self.state, self.a, losses, trainer.data.num_classes,
-                                                            float(self.cfg.tickets.dynamic.ratio)), made)
+            self._apply(
+                trainer,
+                epoch,
+                rules.dynamic_ratio(
+                    self.state, self.a, losses, trainer.data.num_classes, float(self.cfg.tickets.dynamic.ratio)
+                ),
+                made,
+            )
 
     def _keep_rate(self, trainer: Trainer, epoch: int, epoch_samples: int, made: list[str]) -> None:
         """scorer cls_attention: one step lower while the attention mass allows (pays-check at the first)."""
@@ -110,8 +125,9 @@ class AutoScheduleCallback(Callback):
         probe = patch_rules.attention_probe(self.state, self.a, float(self.cfg.tickets.patches.keep_rate), n)
         if probe is None:
             return
-        masses, rank_s = probes.attention_masses(trainer, model, self.probe_batches(trainer), list(probe.ks),
-                                                 self.cfg.tickets.patches.rollout)
+        masses, rank_s = probes.attention_masses(
+            trainer, model, self.probe_batches(trainer), list(probe.ks), self.cfg.tickets.patches.rollout
+        )
         lowest = patch_rules.attention_pay_k(self.state, self.a, probe, masses)
         pay = None if lowest is None else self._pay(trainer, model, lowest, n, rank_s, epoch_samples)
         self._apply(trainer, epoch, patch_rules.cls_attention_keep_rate(self.a, probe, masses, n, pay), made)
@@ -126,8 +142,9 @@ class AutoScheduleCallback(Callback):
             saved = self._pay(trainer, model, num_kept(n, floor), n, 0.0, len(trainer.train_set)).saved
         self._apply(trainer, -1, patch_rules.random_patches_start(floor, n, saved), made)
 
-    def _raise_random_keep_rate(self, trainer: Trainer, epoch: int, metrics: dict, prev_loss: float | None,
-                                made: list[str]) -> None:
+    def _raise_random_keep_rate(
+        self, trainer: Trainer, epoch: int, metrics: dict, prev_loss: float | None, made: list[str]
+    ) -> None:
         """scorer random: probe the current rate's random patches (and rungs above it, lowest first, while they
         give back too much) and let :func:`~lotus.features.schedule.auto_patch_rules.random_keep_rate` decide."""
         current = patch_rules.current_keep_rate(self.state)
@@ -149,8 +166,14 @@ class AutoScheduleCallback(Callback):
             rungs.append((r, probes.random_keep_rises(trainer, model, data, [kk], full=full)[1][kk]))
             if patch_rules.within_keep_tolerance(rungs[-1][1], self.a):
                 break
-        self._apply(trainer, epoch, patch_rules.random_keep_rate(self.state, self.a, epoch, n, rise, rungs,
-                                                           float(metrics["train_loss"]), prev_loss), made)
+        self._apply(
+            trainer,
+            epoch,
+            patch_rules.random_keep_rate(
+                self.state, self.a, epoch, n, rise, rungs, float(metrics["train_loss"]), prev_loss
+            ),
+            made,
+        )
 
     def _thin(self, trainer: Trainer, epoch: int, made: list[str]) -> None:
         """Probe thinned copies, largest first, and thin to the first within tolerance."""
@@ -200,14 +223,20 @@ class AutoScheduleCallback(Callback):
             metrics["auto_decisions"] = made
 
     def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
-        summary["auto_schedule"] = {"decisions": [dict(d) for d in self.state.decisions],
-                                    "probe_seconds": round(self.seconds, 4)}
+        summary["auto_schedule"] = {
+            "decisions": [dict(d) for d in self.state.decisions],
+            "probe_seconds": round(self.seconds, 4),
+        }
 
     def state_dict(self) -> dict:
         p = self.plateau
-        return {"decisions": [dict(d) for d in self.state.decisions], "prev_loss": self.prev_loss,
-                "best_acc": p.best_acc if math.isfinite(p.best_acc) else None, "since_best": p.since_best,
-                "seconds": self.seconds}
+        return {
+            "decisions": [dict(d) for d in self.state.decisions],
+            "prev_loss": self.prev_loss,
+            "best_acc": p.best_acc if math.isfinite(p.best_acc) else None,
+            "since_best": p.since_best,
+            "seconds": self.seconds,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.state.load(list(state.get("decisions", [])))

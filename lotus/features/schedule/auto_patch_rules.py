@@ -3,6 +3,7 @@
 :class:`~lotus.features.schedule.auto_rules.Decision`; the rule table is in
 :mod:`lotus.features.schedule.auto_rules`.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,23 @@ from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.auto_rules import Decision
 from lotus.features.schedule.config import AutoConfig
 
-__all__ = ["AttentionProbe", "PatchPay", "current_keep_rate", "attention_probe", "attention_pay_k", "seconds_saved",
-           "rerank_seconds", "patches_stay_off", "cls_attention_keep_rate", "random_patches_start", "random_keep_gate",
-           "random_keep_ready", "random_keep_rungs", "within_keep_tolerance", "random_keep_rate"]
+__all__ = [
+    "AttentionProbe",
+    "PatchPay",
+    "current_keep_rate",
+    "attention_probe",
+    "attention_pay_k",
+    "seconds_saved",
+    "rerank_seconds",
+    "patches_stay_off",
+    "cls_attention_keep_rate",
+    "random_patches_start",
+    "random_keep_gate",
+    "random_keep_ready",
+    "random_keep_rungs",
+    "within_keep_tolerance",
+    "random_keep_rate",
+]
 
 
 def current_keep_rate(state: AutoState) -> float:
@@ -44,8 +59,10 @@ class PatchPay:
     cost: float
 
     def text(self) -> str:
-        return (f"training on {self.k} of {self.n} patches would save {self.saved:.3g} s per epoch and re-ranking them "
-                f"costs {self.cost:.3g} s per epoch")
+        return (
+            f"training on {self.k} of {self.n} patches would save {self.saved:.3g} s per epoch and re-ranking them "
+            f"costs {self.cost:.3g} s per epoch"
+        )
 
 
 def attention_probe(state: AutoState, a: AutoConfig, floor: float, n: int) -> AttentionProbe | None:
@@ -78,8 +95,9 @@ def seconds_saved(full_step: float, kept_step: float, steps: int) -> float:
     return steps * max(full_step - kept_step, 0.0)
 
 
-def rerank_seconds(rank_s: float, online: bool, refresh_every: int, ranked: int, epoch_samples: int,
-                   probe_samples: int) -> float:
+def rerank_seconds(
+    rank_s: float, online: bool, refresh_every: int, ranked: int, epoch_samples: int, probe_samples: int
+) -> float:
     """Seconds per epoch that online cls_attention re-ranking costs at ``rank_s`` per sample: every training
     sample (``refresh_every`` 0) or the ``ranked`` samples of a refresh every ``refresh_every`` epochs, plus
     this probe's ``probe_samples``; 0 when nothing is re-ranked during training."""
@@ -95,14 +113,25 @@ def patches_stay_off(pay: PatchPay, from_epoch: int | None = None, random: bool 
     """``keep_rate`` 1.0 for the run when ``pay.saved <= pay.cost`` (``patches_must_pay``)."""
     if pay.saved > pay.cost:
         return None
-    text = (f"training on {pay.k} of {pay.n} random patches saves {pay.saved:.3g} s per epoch (timed steps)"
-            if random else pay.text())
-    return Decision("keep_rate", 1.0, "patch_seconds_saved_per_epoch", pay.saved, pay.cost,
-                    f"{text}: patch tickets stay off", from_epoch)
+    text = (
+        f"training on {pay.k} of {pay.n} random patches saves {pay.saved:.3g} s per epoch (timed steps)"
+        if random
+        else pay.text()
+    )
+    return Decision(
+        "keep_rate",
+        1.0,
+        "patch_seconds_saved_per_epoch",
+        pay.saved,
+        pay.cost,
+        f"{text}: patch tickets stay off",
+        from_epoch,
+    )
 
 
-def cls_attention_keep_rate(a: AutoConfig, probe: AttentionProbe, masses: dict[int, float], n: int,
-                            pay: PatchPay | None = None) -> Decision | None:
+def cls_attention_keep_rate(
+    a: AutoConfig, probe: AttentionProbe, masses: dict[int, float], n: int, pay: PatchPay | None = None
+) -> Decision | None:
     """One step lower when the candidate's top patches hold ``attention_mass`` of the CLS attention and, when
     timed (``pay``), they pay; else None (or the stay-off decision)."""
     mass = masses[probe.k]
@@ -113,8 +142,14 @@ def cls_attention_keep_rate(a: AutoConfig, probe: AttentionProbe, masses: dict[i
         if off is not None:
             return off
     pays = "" if pay is None else f" ({pay.text()})"
-    return Decision("keep_rate", probe.rate, "cls_attention_mass_kept", mass, a.attention_mass,
-                    f"the top {probe.k} of {n} patches hold {mass:.1%} of the CLS attention{pays}")
+    return Decision(
+        "keep_rate",
+        probe.rate,
+        "cls_attention_mass_kept",
+        mass,
+        a.attention_mass,
+        f"the top {probe.k} of {n} patches hold {mass:.1%} of the CLS attention{pays}",
+    )
 
 
 def random_patches_start(floor: float, n: int, saved: float | None) -> Decision:
@@ -129,9 +164,16 @@ def random_patches_start(floor: float, n: int, saved: float | None) -> Decision:
         times = f"training on {k} of {n} random patches saves {saved:.3g} s per epoch (timed steps)"
     else:
         times = "the time saved is not checked (lotus.auto.patches_must_pay: false)"
-    return Decision("keep_rate", floor, "random_patches_at_start", None, None,
-                    f"{k} of {n} random patches from the start: {times}; the keep rate rises when the probe says "
-                    "the model needs more", from_epoch=0)
+    return Decision(
+        "keep_rate",
+        floor,
+        "random_patches_at_start",
+        None,
+        None,
+        f"{k} of {n} random patches from the start: {times}; the keep rate rises when the probe says "
+        "the model needs more",
+        from_epoch=0,
+    )
 
 
 def random_keep_gate(a: AutoConfig, num_classes: int) -> float:
@@ -161,8 +203,16 @@ def within_keep_tolerance(rise: float, a: AutoConfig) -> bool:
     return rise <= a.keep_tolerance
 
 
-def random_keep_rate(state: AutoState, a: AutoConfig, epoch: int, n: int, rise: float | None,
-                     rungs: Sequence[tuple[float, float]], loss: float, prev_loss: float | None) -> Decision | None:
+def random_keep_rate(
+    state: AutoState,
+    a: AutoConfig,
+    epoch: int,
+    n: int,
+    rise: float | None,
+    rungs: Sequence[tuple[float, float]],
+    loss: float,
+    prev_loss: float | None,
+) -> Decision | None:
     """scorer random: raise to the first of the probed ``rungs`` (rate, rise) within tolerance (else all
     patches) when ``rise`` (current rate) exceeds ``keep_tolerance``; else one rung when the train loss fell by
     less than ``keep_stall`` (0: off) in an epoch that started on the same patches and model as the one before."""
@@ -170,17 +220,30 @@ def random_keep_rate(state: AutoState, a: AutoConfig, epoch: int, n: int, rise: 
     k = num_kept(n, current)
     if rise is not None and rise > a.keep_tolerance:
         to = next((r for r, x in rungs if within_keep_tolerance(x, a)), 1.0)
-        return Decision("keep_rate", to, "random_keep_loss_rise_of_learned", rise, a.keep_tolerance,
-                        f"the loss on the probe batches with {k} of {n} random patches gives back {rise:.1%} of the "
-                        f"loss learned: {num_kept(n, to)} patches from now on")
-    changed = state.thin is not None and state.thin["epoch"] == epoch or \
-        any(e == epoch for e, _ in state.keep_rates[1:])
+        return Decision(
+            "keep_rate",
+            to,
+            "random_keep_loss_rise_of_learned",
+            rise,
+            a.keep_tolerance,
+            f"the loss on the probe batches with {k} of {n} random patches gives back {rise:.1%} of the "
+            f"loss learned: {num_kept(n, to)} patches from now on",
+        )
+    changed = (
+        state.thin is not None and state.thin["epoch"] == epoch or any(e == epoch for e, _ in state.keep_rates[1:])
+    )
     if prev_loss is None or changed or current >= 1.0:
         return None
     gain = (prev_loss - loss) / prev_loss
     if a.keep_stall > 0 and gain < a.keep_stall:
         to = round(min(current + a.keep_rate_step, 1.0), 6)
-        return Decision("keep_rate", to, "train_loss_improvement_on_kept_patches", gain, a.keep_stall,
-                        f"the train loss on {k} of {n} random patches fell by {gain:.1%} this epoch: "
-                        f"{num_kept(n, to)} patches from now on")
+        return Decision(
+            "keep_rate",
+            to,
+            "train_loss_improvement_on_kept_patches",
+            gain,
+            a.keep_stall,
+            f"the train loss on {k} of {n} random patches fell by {gain:.1%} this epoch: "
+            f"{num_kept(n, to)} patches from now on",
+        )
     return None

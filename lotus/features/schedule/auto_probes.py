@@ -10,6 +10,7 @@ copy (:func:`probe_model`), so every rank feeds the rules the same numbers; :fun
 compares a digest of each rank's decision list
 (:func:`~lotus.features.schedule.auto_rules.check_agreement`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,19 @@ from lotus.data import batches
 from lotus.errors import library_error
 from lotus.features.schedule import auto_rules as rules
 
-__all__ = ["probe_batches", "probe_model", "probe_loss", "random_keep_rises", "attention_masses", "step_seconds",
-           "thinned_loss", "eval_mode", "seen_losses", "mean_over_ranks", "rank_digests"]
+__all__ = [
+    "probe_batches",
+    "probe_model",
+    "probe_loss",
+    "random_keep_rises",
+    "attention_masses",
+    "step_seconds",
+    "thinned_loss",
+    "eval_mode",
+    "seen_losses",
+    "mean_over_ranks",
+    "rank_digests",
+]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -111,8 +123,12 @@ def probe_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, keep: in
         x, y = x.to(trainer.device), y.to(trainer.device)
         kept: Any = contextlib.nullcontext()
         if keep is not None:
-            scores = random_patch_scores(torch.arange(len(x)) + b * len(x), int(model.patch_embed.num_patches),
-                                         seed=trainer.cfg.train.seed + 7919, epoch=keep)
+            scores = random_patch_scores(
+                torch.arange(len(x)) + b * len(x),
+                int(model.patch_embed.num_patches),
+                seed=trainer.cfg.train.seed + 7919,
+                epoch=keep,
+            )
             kept = model.patch_drop.keep(PatchTicket.keep_from_scores(scores, keep).to(x.device))
         with kept, trainer.autocast():
             logits = model(x)
@@ -132,8 +148,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was)
 
 
-def random_keep_rises(trainer: Trainer, model: torch.nn.Module, data: Batches, ks: list[int],
-                      full: float | None = None, gate: float = math.inf) -> tuple[float, dict[int, float]]:
+def random_keep_rises(
+    trainer: Trainer,
+    model: torch.nn.Module,
+    data: Batches,
+    ks: list[int],
+    full: float | None = None,
+    gate: float = math.inf,
+) -> tuple[float, dict[int, float]]:
     """The probe loss on all patches (``full``, when not given), and per ``k`` its rise on ``k`` random patches
     as a share of the loss learned (:func:`~lotus.features.schedule.auto_rules.loss_rise_of_learned`). No ``k``
     is probed (an empty dict) while the loss on all patches is at least ``gate``."""
@@ -142,12 +164,20 @@ def random_keep_rises(trainer: Trainer, model: torch.nn.Module, data: Batches, k
         full = probe_loss(trainer, model, data) if full is None else full
         if full >= gate:
             return full, {}
-        return full, {k: rules.loss_rise_of_learned(probe_loss(trainer, model, data, keep=k), full, classes)
-                      for k in ks}
+        return full, {
+            k: rules.loss_rise_of_learned(probe_loss(trainer, model, data, keep=k), full, classes) for k in ks
+        }
 
 
-def thinned_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, structured: Any, heads: float, mlp: float,
-                 calib: Batches | None) -> float:
+def thinned_loss(
+    trainer: Trainer,
+    model: torch.nn.Module,
+    data: Batches,
+    structured: Any,
+    heads: float,
+    mlp: float,
+    calib: Batches | None,
+) -> float:
     """The probe loss of a copy of ``model`` thinned to ``heads`` / ``mlp`` (``pruning.structured``'s other
     settings; calibrated on ``calib``: sharded across ranks, statistics summed); the model is untouched."""
     from lotus.features.pruning.distributed import calibration
@@ -155,8 +185,9 @@ def thinned_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, struct
     mine, reduce = calibration(trainer, calib) if calib is not None else (None, None)
     trial = copy.deepcopy(model)
     try:
-        pruning.prune_structured(trial, dataclasses.replace(structured.library(), heads=heads, mlp=mlp),
-                                 calib_loader=mine, reduce_sum=reduce)
+        pruning.prune_structured(
+            trial, dataclasses.replace(structured.library(), heads=heads, mlp=mlp), calib_loader=mine, reduce_sum=reduce
+        )
     except ValueError as e:
         raise library_error(e, {}, "pruning.structured") from None
     trial.eval()
@@ -167,8 +198,9 @@ def thinned_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, struct
 
 # ---------------------------------------------------------------------- attention and time
 @torch.no_grad()
-def attention_masses(trainer: Trainer, model: torch.nn.Module, data: Batches, ks: list[int],
-                     rollout: bool) -> tuple[dict[int, float], float]:
+def attention_masses(
+    trainer: Trainer, model: torch.nn.Module, data: Batches, ks: list[int], rollout: bool
+) -> tuple[dict[int, float], float]:
     """Mean CLS attention (rollout if ``rollout``) on each image's top ``k`` patches, and the seconds it took
     per sample (one sample's ranking); both averaged over ranks."""
     t0, seen = time.perf_counter(), sum(len(x) for x, _ in data)
@@ -185,8 +217,9 @@ def attention_masses(trainer: Trainer, model: torch.nn.Module, data: Batches, ks
     return dict(zip(ks, values[:-1], strict=True)), values[-1]
 
 
-def step_seconds(trainer: Trainer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int,
-                 repeats: int = 3) -> tuple[float, float]:
+def step_seconds(
+    trainer: Trainer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, repeats: int = 3
+) -> tuple[float, float]:
     """Fastest of ``repeats`` forward + backward passes of a copy of ``model``, on all patches and on ``k`` of
     them (alternating, after one untimed pass each), averaged over ranks; the model and the RNG streams are
     untouched."""

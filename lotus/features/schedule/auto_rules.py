@@ -46,6 +46,7 @@ decision          signal -> rule                                                
 "The loss learned so far" is ln(classes) - the probe loss on all patches of the unthinned model
 (:func:`loss_rise_of_learned`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,9 +60,21 @@ import numpy as np
 from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.config import AutoConfig
 
-__all__ = ["Decision", "Plateau", "ThinCandidate", "track_plateau", "warmup_end", "anneal_start",
-           "dynamic_ratio_signal", "dynamic_ratio", "loss_rise_of_learned", "thin_candidates", "thin_decision",
-           "decisions_digest", "check_agreement"]
+__all__ = [
+    "Decision",
+    "Plateau",
+    "ThinCandidate",
+    "track_plateau",
+    "warmup_end",
+    "anneal_start",
+    "dynamic_ratio_signal",
+    "dynamic_ratio",
+    "loss_rise_of_learned",
+    "thin_candidates",
+    "thin_decision",
+    "decisions_digest",
+    "check_agreement",
+]
 
 
 @dataclass(frozen=True)
@@ -78,10 +91,15 @@ class Decision:
 
     def record(self, epoch: int) -> dict[str, Any]:
         """The logged / saved form, for a decision taken at the end of ``epoch``."""
-        return {"what": self.what, "from_epoch": epoch + 1 if self.from_epoch is None else self.from_epoch,
-                "value": self.value, "signal": self.signal,
-                "measured": None if self.measured is None else round(float(self.measured), 6),
-                "threshold": None if self.threshold is None else round(float(self.threshold), 6), "reason": self.reason}
+        return {
+            "what": self.what,
+            "from_epoch": epoch + 1 if self.from_epoch is None else self.from_epoch,
+            "value": self.value,
+            "signal": self.signal,
+            "measured": None if self.measured is None else round(float(self.measured), 6),
+            "threshold": None if self.threshold is None else round(float(self.threshold), 6),
+            "reason": self.reason,
+        }
 
 
 # ---------------------------------------------------------------------- phases
@@ -110,12 +128,19 @@ def warmup_end(state: AutoState, a: AutoConfig, epoch: int, loss: float, prev_lo
     nxt = epoch + 1
     gain = (prev_loss - loss) / prev_loss if prev_loss else None
     if gain is not None and gain < a.warmup_improvement:
-        return Decision("reduce", nxt, "train_loss_improvement", gain, a.warmup_improvement,
-                        f"the train loss fell by {gain:.1%} this epoch, less than the threshold: no fast initial "
-                        "descent left to protect")
+        return Decision(
+            "reduce",
+            nxt,
+            "train_loss_improvement",
+            gain,
+            a.warmup_improvement,
+            f"the train loss fell by {gain:.1%} this epoch, less than the threshold: no fast initial "
+            "descent left to protect",
+        )
     if nxt >= state.latest_reduce:
-        return Decision("reduce", nxt, "warmup_budget", epoch + 1, state.latest_reduce,
-                        "lotus.auto.max_warmup of the budget spent")
+        return Decision(
+            "reduce", nxt, "warmup_budget", epoch + 1, state.latest_reduce, "lotus.auto.max_warmup of the budget spent"
+        )
     return None
 
 
@@ -126,17 +151,30 @@ def anneal_start(state: AutoState, a: AutoConfig, epoch: int, p: Plateau) -> Dec
         return None
     nxt = epoch + 1
     if p.since_best >= a.plateau_patience:
-        return Decision("anneal", nxt, "epochs_without_val_gain", p.since_best, a.plateau_patience,
-                        f"val accuracy plateaued at {p.best_acc:.4f}")
+        return Decision(
+            "anneal",
+            nxt,
+            "epochs_without_val_gain",
+            p.since_best,
+            a.plateau_patience,
+            f"val accuracy plateaued at {p.best_acc:.4f}",
+        )
     if nxt >= state.latest_anneal:
-        return Decision("anneal", nxt, "anneal_budget", epoch + 1, state.latest_anneal,
-                        "lotus.auto.anneal_share of the budget reserved for the anneal")
+        return Decision(
+            "anneal",
+            nxt,
+            "anneal_budget",
+            epoch + 1,
+            state.latest_anneal,
+            "lotus.auto.anneal_share of the budget reserved for the anneal",
+        )
     return None
 
 
 # ---------------------------------------------------------------------- dynamic ratio
-def dynamic_ratio_signal(losses: Any, num_classes: int, cap: float, step: float,
-                         learned_loss: float) -> tuple[float, float, float]:
+def dynamic_ratio_signal(
+    losses: Any, num_classes: int, cap: float, step: float, learned_loss: float
+) -> tuple[float, float, float]:
     """``(ratio, share, learned)`` from the last-seen per-sample losses: ``share`` = 1 - (mean of the below-mean
     losses - min) / (mean - min) (how much less the samples InfoBatch would drop carry), ``learned`` = the share
     of those below-mean samples whose loss is under ``learned_loss * ln(num_classes)`` (InfoBatch's premise is
@@ -164,9 +202,15 @@ def dynamic_ratio(state: AutoState, a: AutoConfig, losses: Any, num_classes: int
     current = state.ratios[-1][1] if state.ratios else 0.0
     if ratio == current:
         return None
-    return Decision("dynamic_ratio", ratio, "below_mean_loss_share_learned", min(share, learned), cap,
-                    f"below-mean samples carry {share:.0%} less loss than the mean and {learned:.0%} of them are "
-                    "learned (capped at tickets.dynamic.ratio)")
+    return Decision(
+        "dynamic_ratio",
+        ratio,
+        "below_mean_loss_share_learned",
+        min(share, learned),
+        cap,
+        f"below-mean samples carry {share:.0%} less loss than the mean and {learned:.0%} of them are "
+        "learned (capped at tickets.dynamic.ratio)",
+    )
 
 
 def loss_rise_of_learned(loss: float, base: float, num_classes: int) -> float:
@@ -198,9 +242,15 @@ def thin_decision(a: AutoConfig, cand: ThinCandidate, rise: float) -> Decision |
     candidates in order and takes the first)."""
     if rise > a.thin_tolerance:
         return None
-    return Decision("thin", {"heads": cand.heads, "mlp": cand.mlp}, "probe_loss_rise_of_learned", rise,
-                    a.thin_tolerance, f"thinning to {cand.share:g} of pruning.structured gives back "
-                    f"{max(rise, 0.0):.1%} of the loss learned so far (probe batches)")
+    return Decision(
+        "thin",
+        {"heads": cand.heads, "mlp": cand.mlp},
+        "probe_loss_rise_of_learned",
+        rise,
+        a.thin_tolerance,
+        f"thinning to {cand.share:g} of pruning.structured gives back "
+        f"{max(rise, 0.0):.1%} of the loss learned so far (probe batches)",
+    )
 
 
 # ---------------------------------------------------------------------- ranks
@@ -216,7 +266,8 @@ def check_agreement(digests: list[str], epoch: int) -> None:
     for r, d in enumerate(digests):
         groups.setdefault(d, []).append(r)
     if len(groups) > 1:
-        parts = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {d}"
-                          for d, rs in groups.items())
+        parts = "; ".join(
+            f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {d}" for d, rs in groups.items()
+        )
         when = "before the first epoch" if epoch < 0 else f"at the end of epoch {epoch + 1}"
         raise RuntimeError(f"lotus.schedule: auto: ranks took different decisions {when} (decision digests {parts})")

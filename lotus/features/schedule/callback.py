@@ -1,5 +1,6 @@
 """On-the-fly sample tickets of the ``lotus:`` schedule: score the train split with the current model and
 train on the selected subset during the reduced phase (see :mod:`lotus.features.schedule.plan`)."""
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ class ReselectCallback(Callback):
         self.seed = seed
         self.indices: np.ndarray | None = None
 
-    def epoch_subset(self, trainer: "Trainer", epoch: int) -> np.ndarray | None:
+    def epoch_subset(self, trainer: Trainer, epoch: int) -> np.ndarray | None:
         plan = trainer.plan
         if plan.full_data:
             if plan.phase == "anneal" and self.indices is not None:
@@ -36,18 +37,37 @@ class ReselectCallback(Callback):
             self._select(trainer, epoch)
         return self.indices
 
-    def _select(self, trainer: "Trainer", epoch: int) -> None:
+    def _select(self, trainer: Trainer, epoch: int) -> None:
         r = self.cfg
         t0 = time.perf_counter()
-        scores = score(trainer.model, trainer.train_set, scorer=r.scorer, batch_size=trainer.cfg.data.eval_batch_size,
-                       device=trainer.device, progress=False, seed=self.seed + epoch,
-                       **{k: v for k, v in r.options.items() if k not in _POLICY_KEYS})
-        idx = select(scores, policy=r.policy, fraction=r.fraction, labels=trainer.labels_train,
-                     class_balanced=r.class_balanced, seed=self.seed + epoch,
-                     **{k: v for k, v in r.options.items() if k in _POLICY_KEYS})
+        scores = score(
+            trainer.model,
+            trainer.train_set,
+            scorer=r.scorer,
+            batch_size=trainer.cfg.data.eval_batch_size,
+            device=trainer.device,
+            progress=False,
+            seed=self.seed + epoch,
+            **{k: v for k, v in r.options.items() if k not in _POLICY_KEYS},
+        )
+        idx = select(
+            scores,
+            policy=r.policy,
+            fraction=r.fraction,
+            labels=trainer.labels_train,
+            class_balanced=r.class_balanced,
+            seed=self.seed + epoch,
+            **{k: v for k, v in r.options.items() if k in _POLICY_KEYS},
+        )
         self.indices = np.asarray(idx, dtype=np.int64)
-        trainer.log("reselect", scorer=r.scorer, policy=r.policy, kept=int(len(idx)),
-                    fraction=round(len(idx) / len(trainer.train_set), 4), seconds=round(time.perf_counter() - t0, 3))
+        trainer.log(
+            "reselect",
+            scorer=r.scorer,
+            policy=r.policy,
+            kept=int(len(idx)),
+            fraction=round(len(idx) / len(trainer.train_set), 4),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
 
     def state_dict(self) -> dict:
         return {} if self.indices is None else {"indices": torch.as_tensor(self.indices)}

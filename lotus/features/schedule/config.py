@@ -3,6 +3,7 @@
 Only the user's choices live here; :class:`lotus.features.schedule.plan.Schedule` turns them (with the
 other sections) into a per-epoch plan, without writing anything back into the config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,11 +88,13 @@ class AutoConfig:
 
     def check(self, prefix: str) -> None:
         if not self.thin_candidates or not all(0.0 < c <= 1.0 for c in self.thin_candidates):
-            raise ConfigError(f"{prefix}.thin_candidates: expected a non-empty list of shares in (0, 1], "
-                              f"got {self.thin_candidates!r}")
+            raise ConfigError(
+                f"{prefix}.thin_candidates: expected a non-empty list of shares in (0, 1], got {self.thin_candidates!r}"
+            )
         if self.thin_after > self.thin_by:
-            raise ConfigError(f"{prefix}.thin_after: expected at most {prefix}.thin_by ({self.thin_by:g}), "
-                              f"got {self.thin_after:g}")
+            raise ConfigError(
+                f"{prefix}.thin_after: expected at most {prefix}.thin_by ({self.thin_by:g}), got {self.thin_after:g}"
+            )
 
 
 @dataclass

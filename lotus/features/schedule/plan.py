@@ -27,6 +27,7 @@ auto controller records at epoch ends (and saves with its checkpoint state; see
 :mod:`lotus.features.schedule.auto`); ``lotus.warmup_epochs``/``anneal_epochs``, ``tickets.patches.schedule``,
 ``tickets.dynamic.anneal`` and ``pruning.structured.at_epoch`` are then decided, not given.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,7 @@ class EpochPlan:
 class Schedule:
     """The per-epoch plan of a run; raises :class:`ConfigError` for overlapping or impossible schedules."""
 
-    def __init__(self, cfg: "Config"):
+    def __init__(self, cfg: Config):
         s = cfg.lotus
         self.epochs = int(cfg.train.epochs)
         self.auto: AutoState | None = None
@@ -82,7 +83,8 @@ class Schedule:
         if self.enabled and self.warmup_epochs + self.anneal_epochs >= self.epochs:
             raise ConfigError(
                 f"lotus.anneal_epochs: warmup_epochs + anneal_epochs ({self.warmup_epochs:g} + "
-                f"{self.anneal_epochs:g}) must be < train.epochs ({self.epochs}), leaving room for the reduced phase")
+                f"{self.anneal_epochs:g}) must be < train.epochs ({self.epochs}), leaving room for the reduced phase"
+            )
         self.reselect_epochs: tuple[int, ...] = self._reselect_epochs(cfg)
         self.patch_keep_rates: KeepRateSchedule | None = self._patch_keep_rates(cfg)
         d = cfg.tickets.dynamic
@@ -117,26 +119,37 @@ class Schedule:
         keep = float(self.patch_keep_rates(epoch)) if self.patch_keep_rates is not None else 1.0
         dyn = self.dynamic_ratio if epoch < self.dynamic_prune_epochs() else 0.0
         due = tuple(k for k, e in self.pruning_events.items() if epoch <= e < epoch + 1)
-        return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"),
-                         reselect=phase == "reduce" and epoch in self.reselect_epochs,
-                         patch_keep_rate=keep, dynamic_ratio=dyn, pruning=due)
+        return EpochPlan(
+            epoch=epoch,
+            phase=phase,
+            full_data=phase in ("warmup", "anneal"),
+            reselect=phase == "reduce" and epoch in self.reselect_epochs,
+            patch_keep_rate=keep,
+            dynamic_ratio=dyn,
+            pruning=due,
+        )
 
     def _auto_plan(self, epoch: int) -> EpochPlan:
         a = self.auto
         phase = a.phase(epoch)
         keep = float(self.patch_keep_rates(epoch)) if self.patch_keep_rates is not None else 1.0
         thin = a.thin is not None and a.thin["epoch"] == epoch
-        return EpochPlan(epoch=epoch, phase=phase, full_data=phase in ("warmup", "anneal"),  # type: ignore[arg-type]
-                         reselect=False,
-                         patch_keep_rate=keep, dynamic_ratio=a.dynamic_ratio(epoch) if self.dynamic_ratio else 0.0,
-                         pruning=("pruning.structured",) if thin else ())
+        return EpochPlan(
+            epoch=epoch,
+            phase=phase,
+            full_data=phase in ("warmup", "anneal"),  # type: ignore[arg-type]
+            reselect=False,
+            patch_keep_rate=keep,
+            dynamic_ratio=a.dynamic_ratio(epoch) if self.dynamic_ratio else 0.0,
+            pruning=("pruning.structured",) if thin else (),
+        )
 
     def plans(self) -> list[EpochPlan]:
         """The whole run, one plan per epoch (for reports and ``--print-plan``-style inspection)."""
         return [self.plan(e) for e in range(self.epochs)]
 
     # ----------------------------------------------------------------- building
-    def _reselect_epochs(self, cfg: "Config") -> tuple[int, ...]:
+    def _reselect_epochs(self, cfg: Config) -> tuple[int, ...]:
         r = cfg.lotus.reselect
         if not r.enabled:
             return ()
@@ -145,12 +158,16 @@ class Schedule:
         if r.scorer not in SCORERS:
             raise ConfigError(f"lotus.reselect.scorer: expected one of {', '.join(sorted(SCORERS))}, got {r.scorer!r}")
         if r.scorer in _OFFLINE_SCORERS:
-            raise ConfigError(f"lotus.reselect.scorer: {r.scorer} needs proxy trainings; use lotus select offline "
-                              "and tickets.file, or a single-pass scorer (loss, entropy, margin, grand)")
+            raise ConfigError(
+                f"lotus.reselect.scorer: {r.scorer} needs proxy trainings; use lotus select offline "
+                "and tickets.file, or a single-pass scorer (loss, entropy, margin, grand)"
+            )
         if r.policy not in POLICIES:
             raise ConfigError(f"lotus.reselect.policy: expected one of {', '.join(sorted(POLICIES))}, got {r.policy!r}")
         if cfg.tickets.file:
-            raise ConfigError("lotus.reselect: cannot be combined with tickets.file (choose offline or on-the-fly tickets)")
+            raise ConfigError(
+                "lotus.reselect: cannot be combined with tickets.file (choose offline or on-the-fly tickets)"
+            )
         first = [int(e) for e in r.epochs] if r.epochs else [int(np.ceil(self.warmup_epochs))]
         out = set(first)
         if r.every:
@@ -160,31 +177,42 @@ class Schedule:
                 e += r.every
         for e in sorted(out):
             if e < self.warmup_epochs or e >= self.reduce_end:
-                raise ConfigError(f"lotus.reselect.epochs: epoch {e} is outside the reduced phase "
-                                  f"[{self.warmup_epochs:g}, {self.reduce_end:g})")
+                raise ConfigError(
+                    f"lotus.reselect.epochs: epoch {e} is outside the reduced phase "
+                    f"[{self.warmup_epochs:g}, {self.reduce_end:g})"
+                )
         return tuple(sorted(out))
 
-    def _check_auto(self, cfg: "Config") -> None:
+    def _check_auto(self, cfg: Config) -> None:
         """What ``lotus.schedule: auto`` decides itself must not also be given, and it needs something to drive."""
         s, t = cfg.lotus, cfg.tickets
-        given = [(s.warmup_epochs > 0, "lotus.warmup_epochs"), (s.anneal_epochs > 0, "lotus.anneal_epochs"),
-                 (bool(t.patches.schedule), "tickets.patches.schedule")]
+        given = [
+            (s.warmup_epochs > 0, "lotus.warmup_epochs"),
+            (s.anneal_epochs > 0, "lotus.anneal_epochs"),
+            (bool(t.patches.schedule), "tickets.patches.schedule"),
+        ]
         for bad, key in given:
             if bad:
                 raise ConfigError(f"{key}: decided by lotus.schedule: auto; remove it (or use lotus.schedule: fixed)")
         if s.reselect.enabled:
             raise ConfigError("lotus.reselect.enabled: not driven by lotus.schedule: auto; use lotus.schedule: fixed")
         if t.patches.enabled and t.patches.source != "online":
-            raise ConfigError("tickets.patches.source: lotus.schedule: auto lowers the keep rate from signals of the "
-                              "model being trained; needs source: online (scorer: cls_attention or random)")
+            raise ConfigError(
+                "tickets.patches.source: lotus.schedule: auto lowers the keep rate from signals of the "
+                "model being trained; needs source: online (scorer: cls_attention or random)"
+            )
         if cfg.pruning.masks_enabled and cfg.pruning.structured.enabled:
-            raise ConfigError("pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
-                              "(pruning.structured), which must come first and happens when the probe says so")
+            raise ConfigError(
+                "pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
+                "(pruning.structured), which must come first and happens when the probe says so"
+            )
         if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
-            raise ConfigError("lotus.schedule: auto needs something to drive: enable tickets.dynamic, "
-                              "tickets.patches or pruning.structured")
+            raise ConfigError(
+                "lotus.schedule: auto needs something to drive: enable tickets.dynamic, "
+                "tickets.patches or pruning.structured"
+            )
 
-    def _patch_keep_rates(self, cfg: "Config") -> KeepRateSchedule | AutoKeepRates | None:
+    def _patch_keep_rates(self, cfg: Config) -> KeepRateSchedule | AutoKeepRates | None:
         p = cfg.tickets.patches
         if not p.enabled:
             return None
@@ -196,7 +224,8 @@ class Schedule:
                     if rate < 1.0 and (e < self.warmup_epochs or e >= self.reduce_end):
                         raise ConfigError(
                             f"tickets.patches.schedule: keep rate {rate:g} at epoch {e:g} overlaps the lotus "
-                            f"warm-up/anneal (full tokens before {self.warmup_epochs:g} and from {self.reduce_end:g})")
+                            f"warm-up/anneal (full tokens before {self.warmup_epochs:g} and from {self.reduce_end:g})"
+                        )
             return KeepRateSchedule(p.schedule, p.schedule_mode)
         if not self.enabled:
             return KeepRateSchedule([(0.0, p.keep_rate)], p.schedule_mode)
@@ -206,7 +235,7 @@ class Schedule:
             points.append((self.reduce_end, 1.0))
         return KeepRateSchedule(points, p.schedule_mode)
 
-    def _pruning_events(self, cfg: "Config") -> dict[str, float]:
+    def _pruning_events(self, cfg: Config) -> dict[str, float]:
         pr = cfg.pruning
         events: dict[str, float] = {}
         if pr.masks_enabled:
@@ -215,14 +244,17 @@ class Schedule:
             else:
                 events["pruning.start_epoch"] = pr.start_epoch
                 if pr.end_epoch is not None and pr.end_epoch > self.epochs:
-                    raise ConfigError(f"pruning.end_epoch: expected a value <= train.epochs ({self.epochs}), "
-                                      f"got {pr.end_epoch:g}")
+                    raise ConfigError(
+                        f"pruning.end_epoch: expected a value <= train.epochs ({self.epochs}), got {pr.end_epoch:g}"
+                    )
         if pr.structured.enabled and self.auto is None:  # auto: the thinning epoch is a decision
             events["pruning.structured.at_epoch"] = pr.structured.at_epoch
         for key, e in events.items():
             if e >= self.epochs:
                 raise ConfigError(f"{key}: expected a value < train.epochs ({self.epochs}), got {e:g}")
             if self.enabled and self.auto is None and e < self.warmup_epochs:
-                raise ConfigError(f"{key}: epoch {e:g} falls inside the lotus warm-up (< {self.warmup_epochs:g}); "
-                                  "prune after warm-up or shorten lotus.warmup_epochs")
+                raise ConfigError(
+                    f"{key}: epoch {e:g} falls inside the lotus warm-up (< {self.warmup_epochs:g}); "
+                    "prune after warm-up or shorten lotus.warmup_epochs"
+                )
         return events

@@ -1,5 +1,6 @@
 """Random subsets in lotus training (``tickets.random``): owns the ``subset`` slot with a pure function of
 the epoch (:mod:`data_tickets.random_subsets`), so resume needs no state."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +20,21 @@ class RandomSubsetCallback(Callback):
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.fixed: np.ndarray | None = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.restored:
-            trainer.log("random_subset", mode=self.cfg.mode, fraction=self.cfg.fraction,
-                        note=f"each epoch trains on {self.cfg.fraction:.0%} of the training split "
-                             + ("(one fixed, class-stratified random subset)" if self.cfg.mode == "fixed"
-                                else "(a fresh random share per epoch, RS2 without replacement)"))
+            trainer.log(
+                "random_subset",
+                mode=self.cfg.mode,
+                fraction=self.cfg.fraction,
+                note=f"each epoch trains on {self.cfg.fraction:.0%} of the training split "
+                + (
+                    "(one fixed, class-stratified random subset)"
+                    if self.cfg.mode == "fixed"
+                    else "(a fresh random share per epoch, RS2 without replacement)"
+                ),
+            )
 
-    def epoch_subset(self, trainer: "Trainer", epoch: int) -> np.ndarray:
+    def epoch_subset(self, trainer: Trainer, epoch: int) -> np.ndarray:
         n = len(trainer.train_set)
         if self.cfg.mode == "rs2":
             return rs2_subset(n, self.cfg.fraction, epoch, self.seed)

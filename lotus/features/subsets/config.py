@@ -1,4 +1,5 @@
 """The ``tickets.random`` config section: the random-subset baselines (see :mod:`data_tickets.random_subsets`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

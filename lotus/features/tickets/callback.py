@@ -3,6 +3,7 @@
 The file's dataset fingerprint (size, labels hash, sampled pixels) is checked against the train split
 before training starts, and on resume the indices must be the ones the run started with.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ class TicketSubset(Callback):
         self.indices: np.ndarray | None = None
         self._resumed_sha: str | None = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         ticket = load_ticket(self.path)
         try:
             ticket.validate_against(trainer.train_set, labels=trainer.labels_train)
@@ -46,20 +47,32 @@ class TicketSubset(Callback):
         idx = np.sort(ticket.indices)
         sha = _indices_sha(idx)
         if self._resumed_sha is not None and sha != self._resumed_sha:
-            raise LotusError(f"tickets.file: {self.path} changed since this run started (other indices); "
-                             "restore the original file or start a new run")
+            raise LotusError(
+                f"tickets.file: {self.path} changed since this run started (other indices); "
+                "restore the original file or start a new run"
+            )
         self.indices = idx
         n = len(trainer.train_set)
         if not trainer.restored:  # logged once per run, not again on resume
-            trainer.log("tickets", file=os.path.abspath(self.path), count=int(idx.size), train_size=n,
-                        fraction=round(idx.size / n, 6), scorer=ticket.scorer, policy=ticket.policy, seed=ticket.seed)
+            trainer.log(
+                "tickets",
+                file=os.path.abspath(self.path),
+                count=int(idx.size),
+                train_size=n,
+                fraction=round(idx.size / n, 6),
+                scorer=ticket.scorer,
+                policy=ticket.policy,
+                seed=ticket.seed,
+            )
 
-    def epoch_subset(self, trainer: "Trainer", epoch: int) -> np.ndarray | None:
+    def epoch_subset(self, trainer: Trainer, epoch: int) -> np.ndarray | None:
         return self.indices
 
     def state_dict(self) -> dict:
-        return {"file": os.path.abspath(self.path),
-                "indices_sha256": _indices_sha(self.indices) if self.indices is not None else ""}
+        return {
+            "file": os.path.abspath(self.path),
+            "indices_sha256": _indices_sha(self.indices) if self.indices is not None else "",
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._resumed_sha = state.get("indices_sha256") or None

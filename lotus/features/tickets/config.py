@@ -1,5 +1,6 @@
 """The ``tickets:`` config section: an offline ticket file, plus the dynamic-pruning and patch-ticket
 subsections (each its own feature: :mod:`lotus.features.dynamic`, :mod:`lotus.features.patches`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

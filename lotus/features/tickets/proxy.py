@@ -2,6 +2,7 @@
 same data pipeline, augmentation, optimiser and schedule as real runs, with no run directory. With a cache
 folder (:func:`make_cached_proxy`) each seed trains once and every later scorer or ``lotus select`` replays it
 (:mod:`data_tickets.proxy_cache`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,10 @@ from lotus.training import Trainer
 __all__ = ["ProxyEpochEnd", "proxy_config", "make_proxy", "proxy_cache_key", "make_cached_proxy"]
 
 # settings that do not change what a proxy training computes (speed, logging, where files go)
-_NOT_IN_KEY = {"data": ("root", "download", "num_workers", "eval_batch_size"),
-               "train": ("seed", "threads", "log_every_n_steps", "finite_check_every", "device", "eval_every")}
+_NOT_IN_KEY = {
+    "data": ("root", "download", "num_workers", "eval_batch_size"),
+    "train": ("seed", "threads", "log_every_n_steps", "finite_check_every", "device", "eval_every"),
+}
 
 
 class ProxyEpochEnd(Callback):
@@ -44,8 +47,13 @@ def proxy_config(cfg: Config, epochs: int, seed: int, model: str | None = None) 
     d = config_to_dict(cfg)
     for section in ("tickets", "pruning", "outliers", "lotus"):
         d.pop(section, None)  # back to defaults: no subset, no sparsity, no monitoring, no schedule
-    d["train"].update(epochs=epochs, seed=seed, max_steps=None, eval_every=epochs,
-                      warmup_epochs=min(float(d["train"]["warmup_epochs"]), epochs * 0.2))
+    d["train"].update(
+        epochs=epochs,
+        seed=seed,
+        max_steps=None,
+        eval_every=epochs,
+        warmup_epochs=min(float(d["train"]["warmup_epochs"]), epochs * 0.2),
+    )
     d["output"] = {"dir": None}
     if model is not None:
         d["model"].update(name=model, checkpoint=None, pretrained=False)
@@ -70,17 +78,24 @@ def make_proxy(cfg: Config, epochs: int = 3, model: str | None = None, quiet: bo
     def proxy(seed: int, on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> nn.Module:
         if cache and on_epoch_end is None and seed in trained:
             return trained[seed]
-        trainer = Trainer(proxy_config(cfg, epochs, seed, model), callbacks=[ProxyEpochEnd(on_epoch_end)],
-                          write=False, quiet=quiet)
+        trainer = Trainer(
+            proxy_config(cfg, epochs, seed, model), callbacks=[ProxyEpochEnd(on_epoch_end)], write=False, quiet=quiet
+        )
         trainer.fit()
         out = unwrap(trainer.model).eval()
         if cache:
             trained[seed] = out
         return out
 
-    proxy.config = {"trainer": "lotus.training.Trainer", "epochs": epochs, "model": model or cfg.model.name,
-                    "lr": cfg.optim.lr, "optimizer": cfg.optim.name, "batch_size": cfg.data.batch_size,
-                    "config": cfg.name}
+    proxy.config = {
+        "trainer": "lotus.training.Trainer",
+        "epochs": epochs,
+        "model": model or cfg.model.name,
+        "lr": cfg.optim.lr,
+        "optimizer": cfg.optim.name,
+        "batch_size": cfg.data.batch_size,
+        "config": cfg.name,
+    }
     return proxy
 
 
@@ -91,15 +106,24 @@ def proxy_cache_key(cfg: Config, data: DataBundle, epochs: int, model: str | Non
     for section, keys in _NOT_IN_KEY.items():
         for k in keys:
             d[section].pop(k, None)
-    return {"data": dataset_fingerprint(data.train, data.labels_train),
-            "config": {k: d[k] for k in ("model", "data", "optim", "train", "parallel")},
-            "device": torch.device(device).type,
-            "versions": {"torch": torch.__version__, "timm": timm.__version__, "data_tickets": data_tickets_version}}
+    return {
+        "data": dataset_fingerprint(data.train, data.labels_train),
+        "config": {k: d[k] for k in ("model", "data", "optim", "train", "parallel")},
+        "device": torch.device(device).type,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "data_tickets": data_tickets_version},
+    }
 
 
-def make_cached_proxy(cfg: Config, data: DataBundle, folder: str, epochs: int = 3, model: str | None = None,
-                      quiet: bool = True, device: torch.device | str = "cpu",
-                      log: Callable[[str], None] | None = print) -> Any:
+def make_cached_proxy(
+    cfg: Config,
+    data: DataBundle,
+    folder: str,
+    epochs: int = 3,
+    model: str | None = None,
+    quiet: bool = True,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = print,
+) -> Any:
     """:func:`make_proxy` behind the disk cache in ``folder``: a seed already trained there (same data, model,
     optimiser and schedule) is replayed instead of trained (``log`` says "reusing proxy <fp>")."""
     proxy = make_proxy(cfg, epochs=epochs, model=model, quiet=quiet)
@@ -108,5 +132,6 @@ def make_cached_proxy(cfg: Config, data: DataBundle, folder: str, epochs: int = 
     def model_fn() -> nn.Module:
         return create_model(pcfg.model, data.num_classes, data.in_chans, resolve_img_size(pcfg.model))
 
-    return cached_proxy(proxy, model_fn, folder, proxy_cache_key(cfg, data, epochs, model, device), device=device,
-                        log=log)
+    return cached_proxy(
+        proxy, model_fn, folder, proxy_cache_key(cfg, data, epochs, model, device), device=device, log=log
+    )
