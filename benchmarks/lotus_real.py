@@ -155,8 +155,9 @@ def calibrate() -> float:
         torch.set_num_threads(threads)
 
 
-def _prepare_runs(runs: str, fp: dict) -> None:
-    """Keep finished runs of this machine; remove unfinished runs (restarted) and refuse other machines'."""
+def _prepare_runs(runs: str, fp: dict, seeds: list[int]) -> None:
+    """Keep finished runs of this machine; remove this invocation's unfinished runs (they restart) and refuse
+    another machine's. Runs of other seeds are left alone (another invocation may be training them)."""
     os.makedirs(runs, exist_ok=True)
     stamp = os.path.join(runs, "machine.json")
     if os.path.isfile(stamp):
@@ -169,8 +170,9 @@ def _prepare_runs(runs: str, fp: dict) -> None:
             )
     atomic_write_text(stamp, json.dumps(fp, indent=2))
     for cfg in Path(runs).iterdir():
-        for seed_dir in cfg.glob("seed*") if cfg.is_dir() else []:
-            if not (seed_dir / "summary.json").is_file():
+        for seed in seeds:
+            seed_dir = cfg / f"seed{seed}"
+            if cfg.is_dir() and seed_dir.is_dir() and not (seed_dir / "summary.json").is_file():
                 shutil.rmtree(seed_dir)
 
 
@@ -421,7 +423,7 @@ def main() -> None:
         seeds, budgets, peer, sets = a.seeds or [0, 1, 2], [4, 8, 12], 16, [f"data.limit_train={a.train_size}"]
         out, runs = a.out or "benchmarks/results/lotus_real", a.runs or "bench/lotus_real"
     fp = fingerprint()
-    _prepare_runs(runs, fp)
+    _prepare_runs(runs, fp, seeds)
     ents = entries(budgets, peer)
     load_start, started, t0, calib_start = (
         os.getloadavg()[0],
