@@ -135,13 +135,13 @@ def inference(records: list[dict], rounds: int) -> dict[str, tuple[float, float,
     """img/s (median, min, max over interleaved rounds) of each method's recovered seed-0 model, 1 thread."""
     import torch
 
-    from lotus.bench import _load_inference
+    from lotus.bench_inference import load_inference
 
     torch.set_num_threads(1)
     models = {}
     for r in records:
         if r["seed"] == records[0]["seed"] and r["method"] not in models:
-            model, x, _ = _load_inference(r["run"])
+            model, x, _ = load_inference(r["run"])
             models[r["method"]] = (model, x)
     samples: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():

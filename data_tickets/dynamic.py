@@ -341,31 +341,9 @@ class DynamicPruner(Sampler[int]):
         ``scores`` holds the last seen loss of every dataset index (``nan`` for samples never seen). Pass the
         ``dataset`` (and/or ``labels``) to store its fingerprint so training refuses a mismatched dataset.
         """
-        from .ticket_file import TicketFile
+        from .dynamic_ticket import dynamic_ticket
 
-        idx = self.final_kept_indices()
-        pool_size = self.num_samples if self.pool is None else int(self.pool.size)
-        info = {
-            "dynamic": {
-                "ratio": self.ratio,
-                "anneal": self.anneal,
-                "num_epochs": self.num_epochs,
-                "last_epoch": int(self.epoch),
-                "seen": int(self.seen.sum()),
-            }
-        }
-        info.update(extra or {})
-        fields = dict(
-            scores=np.where(self.seen, self.scores, np.nan).astype(np.float32),
-            scorer="dynamic_last_loss",
-            policy="infobatch",
-            fraction=float(idx.size / pool_size),
-            seed=self.seed,
-            extra=info,
-        )
-        if dataset is None and labels is None:
-            return TicketFile(idx, **fields).check()
-        return TicketFile.create(idx, dataset=dataset, labels=labels, **fields)
+        return dynamic_ticket(self, dataset=dataset, labels=labels, extra=extra)
 
     def export_ticket(
         self, path: str, dataset: Any = None, labels: Any = None, extra: dict[str, Any] | None = None

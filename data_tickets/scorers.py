@@ -31,9 +31,7 @@ under :func:`torch.inference_mode` with the model in eval mode.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,99 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ._batches import Batch, dataset_labels, map_batches, resolve_device
+from ._batches import Batch, dataset_labels, resolve_device
 from .attention import _attn_modules, cls_attention
-from .grad_norms import per_sample_grad_sq_norms, sdpa_math
 from .proxy import Proxy
+from .scorer_registry import SCORERS, ScoreContext, Scorer, mean_over, register_scorer
 
 __all__ = ["Scorer", "ScoreContext", "SCORERS", "register_scorer", "score"]
-
-
-@dataclass
-class ScoreContext:
-    """What a scorer function receives besides its own keyword options."""
-
-    model: nn.Module | None
-    dataset: Dataset
-    proxy: Proxy | None
-    batch_size: int
-    device: torch.device | str | None
-    num_workers: int
-    progress: bool | None
-    seed: int
-    name: str
-
-    def map(
-        self,
-        model: nn.Module,
-        fn: Callable[[nn.Module, Batch], torch.Tensor],
-        *,
-        grad: bool = False,
-        batch_size: int | None = None,
-        desc: str | None = None,
-    ) -> torch.Tensor:
-        return map_batches(
-            model,
-            self.dataset,
-            fn,
-            batch_size=batch_size or self.batch_size,
-            device=self.device,
-            num_workers=self.num_workers,
-            progress=self.progress,
-            desc=desc or self.name,
-            grad=grad,
-        )
-
-    def models(self, repeats: int) -> Iterator[nn.Module]:
-        """``repeats`` proxy-trained models, or the given model once."""
-        if repeats < 1:
-            raise ValueError(f"repeats: expected int >= 1, got {repeats}")
-        if self.proxy is None:
-            if self.model is None:
-                raise ValueError(f"scorer '{self.name}': pass a model or a proxy= trainer")
-            if repeats != 1:
-                raise ValueError(
-                    f"scorer '{self.name}': repeats={repeats} needs proxy= (a trainer for fresh "
-                    "models); with a fixed model use repeats=1"
-                )
-            yield self.model
-            return
-        for k in range(repeats):
-            m = self.proxy(self.seed + k, None)
-            if self.device is not None:
-                m.to(self.device)
-            yield m
-
-
-@dataclass(frozen=True)
-class Scorer:
-    name: str
-    fn: Callable[..., torch.Tensor]
-    needs_labels: bool
-    needs_proxy: bool
-    description: str
-
-    def options(self) -> list[str]:
-        return [p for p in inspect.signature(self.fn).parameters if p != "ctx"]
-
-
-SCORERS: dict[str, Scorer] = {}
-
-
-def register_scorer(
-    name: str, *, needs_labels: bool = True, needs_proxy: bool = False, description: str | None = None
-) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Decorator registering ``fn(ctx: ScoreContext, **options) -> Tensor[len(dataset)]`` under ``name``.
-
-    Convention: higher score = more informative. Re-registering a name replaces the scorer.
-    """
-
-    def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        SCORERS[name] = Scorer(name, fn, needs_labels, needs_proxy, doc)
-        return fn
-
-    return deco
 
 
 def score(
@@ -192,18 +103,10 @@ def score(
     return out
 
 
-def _mean_over(ctx: ScoreContext, repeats: int, fn: Callable[[nn.Module, Batch], torch.Tensor]) -> torch.Tensor:
-    total = None
-    for k, m in enumerate(ctx.models(repeats)):
-        s = ctx.map(m, fn, desc=f"{ctx.name} {k + 1}/{repeats}" if repeats > 1 else ctx.name)
-        total = s if total is None else total + s
-    return total / repeats
-
-
 @register_scorer("loss")
 def _loss(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
     """Cross-entropy loss of the model on each sample (hard/mislabelled samples score high)."""
-    return _mean_over(ctx, repeats, lambda m, b: F.cross_entropy(m(b.images), b.labels, reduction="none"))
+    return mean_over(ctx, repeats, lambda m, b: F.cross_entropy(m(b.images), b.labels, reduction="none"))
 
 
 @register_scorer("el2n")
@@ -217,7 +120,7 @@ def _el2n(ctx: ScoreContext, repeats: int | None = None) -> torch.Tensor:
         err = logits.softmax(-1) - F.one_hot(b.labels, logits.shape[-1]).to(logits.dtype)
         return err.norm(dim=-1)
 
-    return _mean_over(ctx, repeats, fn)
+    return mean_over(ctx, repeats, fn)
 
 
 @register_scorer("entropy", needs_labels=False)
@@ -228,7 +131,7 @@ def _entropy(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
         logp = m(b.images).float().log_softmax(-1)
         return -(logp.exp() * logp).sum(-1)
 
-    return _mean_over(ctx, repeats, fn)
+    return mean_over(ctx, repeats, fn)
 
 
 @register_scorer("margin", needs_labels=False)
@@ -244,112 +147,7 @@ def _margin(ctx: ScoreContext, repeats: int = 1, use_labels: bool = False) -> to
         top = p.topk(2, dim=-1).values
         return 1.0 - (top[:, 0] - top[:, 1])
 
-    return _mean_over(ctx, repeats, fn)
-
-
-def _head_module(model: nn.Module) -> nn.Module:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-        return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("grand params='head': model has no classifier (get_classifier()) or Linear layer")
-    return linears[-1]
-
-
-def _grad_params(model: nn.Module, params: str | Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
-    if params == "all":
-        keep = {k for k, v in named.items() if v.requires_grad}
-    elif params == "head":
-        head_ids = {id(p) for p in _head_module(model).parameters()}
-        keep = {k for k, v in named.items() if id(v) in head_ids}
-    elif callable(params):
-        keep = {k for k in named if params(k)}
-    else:
-        raise ValueError(f"grand params: expected 'all', 'head' or a callable(name) -> bool, got {params!r}")
-    if not keep:
-        raise ValueError("grand: no parameters selected for the gradient norm")
-    return {k: named[k].detach() for k in named if k in keep}
-
-
-@register_scorer("grand")
-def _grand(
-    ctx: ScoreContext,
-    repeats: int = 1,
-    params: str | Callable[[str], bool] = "all",
-    method: str = "vmap",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Per-sample gradient norm of the loss w.r.t. the parameters.
-
-    method: ``vmap`` (torch.func vmap; Linear layers by input/output-gradient factorisation, see
-    :mod:`data_tickets.grad_norms`), ``vmap_plain`` (vmap of the full per-sample gradient) or ``loop``
-    (one backward per sample; the reference). chunk_size: samples per vmap call (default: the whole batch
-    for ``vmap``, whose memory is that of a training batch; 32 for ``vmap_plain``, which holds a full
-    gradient per sample).
-    """
-    from torch.func import functional_call, grad, vmap
-
-    if method not in ("vmap", "vmap_plain", "loop"):
-        raise ValueError(f"grand method: expected 'vmap', 'vmap_plain' or 'loop', got {method!r}")
-
-    checked: dict[int, bool] = {}
-
-    def target(m: nn.Module, b: Batch) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
-        """(module to differentiate, its selected params, its inputs).
-
-        With ``params="head"`` on a timm-style model the embeddings are computed once, batched and without
-        autograd, and only the classifier runs per sample (logits = head(forward_head(.., pre_logits=True))).
-        """
-        if params == "head" and hasattr(m, "forward_features") and hasattr(m, "forward_head"):
-            head = _head_module(m)
-            with torch.no_grad():
-                h = m.forward_head(m.forward_features(b.images), pre_logits=True)
-                if id(m) not in checked:  # the head must map these embeddings to the model's logits
-                    checked[id(m)] = torch.allclose(head(h[:2]), m(b.images[:2]), rtol=1e-4, atol=1e-5)
-            if checked[id(m)]:
-                return head, {k: v.detach() for k, v in head.named_parameters()}, h
-        return m, _grad_params(m, params), b.images
-
-    def per_sample_vmap(m: nn.Module, b: Batch) -> torch.Tensor:
-        mod, p, inputs = target(m, b)
-        return per_sample_grad_sq_norms(mod, p, inputs, b.labels, chunk_size=chunk_size).sqrt()
-
-    def per_sample_vmap_plain(m: nn.Module, b: Batch) -> torch.Tensor:
-        mod, p, inputs = target(m, b)
-        buffers = {k: v.detach() for k, v in mod.named_buffers()}
-
-        def loss_fn(pp: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(mod, (pp, buffers), (x.unsqueeze(0),), strict=False)
-            return F.cross_entropy(out, y.unsqueeze(0))
-
-        def sq_norm(pp: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            g = grad(loss_fn)(pp, x, y)
-            return sum(t.pow(2).sum() for t in g.values())
-
-        with sdpa_math():
-            sq = vmap(sq_norm, in_dims=(None, 0, 0), chunk_size=chunk_size or 32)(p, inputs, b.labels)
-        return sq.sqrt()
-
-    def per_sample_loop(m: nn.Module, b: Batch) -> torch.Tensor:
-        mod, p, inputs = target(m, b)
-        names = set(p)
-        plist = [v for k, v in mod.named_parameters() if k in names]
-        out = []
-        for i in range(b.labels.numel()):
-            loss = F.cross_entropy(mod(inputs[i : i + 1]), b.labels[i : i + 1])
-            gs = torch.autograd.grad(loss, plist)
-            out.append(torch.stack([g.pow(2).sum() for g in gs]).sum())
-        return torch.stack(out).sqrt()
-
-    fn = {"vmap": per_sample_vmap, "vmap_plain": per_sample_vmap_plain, "loop": per_sample_loop}[method]
-    total = None
-    for k, m in enumerate(ctx.models(repeats)):
-        s = ctx.map(m, fn, grad=True, desc=f"grand {k + 1}/{repeats}" if repeats > 1 else "grand")
-        total = s if total is None else total + s
-    return total / repeats
+    return mean_over(ctx, repeats, fn)
 
 
 @register_scorer("forgetting", needs_proxy=True)
@@ -430,3 +228,6 @@ def _cls_attention(ctx: ScoreContext, layer: int | str = -1) -> torch.Tensor:
         return ent / float(np.log(a.shape[-1])) if a.shape[-1] > 1 else ent
 
     return ctx.map(model, fn, desc="cls_attention")
+
+
+from . import scorers_grand  # noqa: E402, F401  (registers "grand": per-sample gradient norms)

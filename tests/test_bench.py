@@ -102,20 +102,25 @@ def test_inference_is_timed_round_robin_on_one_thread(tmp_path, tiny_cfg_dict, m
         quiet=True,
         progress=False,
     )
+    from lotus import bench_inference
+
     order, threads = [], []
-    load = bench._load_inference
+    load = bench_inference.load_inference
 
     def traced(run_dir):
         model, x, info = load(run_dir)
         model.register_forward_hook(lambda m, i, o: (order.append(run_dir), threads.append(torch.get_num_threads())))
         return model, x, info
 
-    monkeypatch.setattr(bench, "_load_inference", traced)
+    monkeypatch.setattr(bench_inference, "load_inference", traced)
     before = torch.get_num_threads()
-    out = bench._measure_inference(res, repeats=3)
+    out = bench_inference.measure_inference(res, repeats=3)
     assert torch.get_num_threads() == before and set(threads) == {1}
     a0, b0, a1, b1 = res[0].runs[0], res[1].runs[0], res[0].runs[1], res[1].runs[1]
     # per seed (the hook sees what follows loading): one warm-up each, then the configs alternate 3 times
     assert order == [a0, b0] * 4 + [a1, b1] * 4
     assert [[sorted(d) for d in row] for row in out] == [[["flops_per_img", "img_per_s", "nonzero", "params"]] * 2] * 2
     assert all(d["img_per_s"] > 0 and d["params"] > 0 for row in out for d in row)
+    # kept with the runs: measured again the same way, nothing is loaded or timed
+    order.clear()
+    assert bench_inference.measure_inference(res, repeats=3) == out and order == []

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pruning
-from lotus.commands import prune_recover
+from lotus.commands import prune_recover, prune_report
 from lotus.errors import LotusError, library_error
 from lotus.run_files import checkpoint_file
 
@@ -244,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     if args.sweep:
-        return _run_sweep(args, model, mcfg.name, bundle, device, dtype, classes_ok)
+        return prune_report.run_sweep(args, model, mcfg.name, bundle, device, dtype, classes_ok)
 
     example = torch.randn(args.batch_size, *input_size(model, bundle), generator=torch.Generator().manual_seed(0))
     example = example.to(device=device, dtype=dtype)
@@ -313,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     full = {
         "model_name": mcfg.name,
         "method": args.method,
-        "device": _device_name(device),
+        "device": prune_report.device_name(device),
         "dtype": dtype_name,
         "before": before,
         "after": after,
@@ -347,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
             **({"teacher": teacher_path} if teacher_path else {}),
             "finetune_dir": rec["run_dir"],
         }
-    return _write_report(args, full)
+    return prune_report.write_report(args, full)
 
 
 def _prune(args: argparse.Namespace, model: nn.Module, calib: list | None) -> dict:
@@ -395,83 +392,3 @@ def _tokens(model: nn.Module, example: torch.Tensor) -> int:
     pe = getattr(model, "patch_embed", None)
     n = getattr(pe, "num_patches", None) or 1
     return int(n) + int(getattr(model, "num_prefix_tokens", 0) or 0)
-
-
-def _device_name(device: torch.device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _run_sweep(
-    args: argparse.Namespace,
-    model: nn.Module,
-    name: str,
-    bundle: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    classes_ok: bool,
-) -> int:
-    from lotus.commands.prune_inputs import accuracy
-    from pruning.masks import make_filter
-    from pruning.sweep import essential_sparsity_sweep, save_sweep, sweep_markdown
-
-    if not classes_ok:
-        raise LotusError(
-            f"--sweep: the model has {getattr(model, 'num_classes', '?')} classes but the data has "
-            f"{bundle.num_classes}; pass a --checkpoint trained on this data"
-        )
-    keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
-    t0 = time.perf_counter()
-    result = essential_sparsity_sweep(
-        model,
-        lambda m: accuracy(m, bundle, device, dtype, args.max_eval),
-        step=args.sweep_step,
-        max_sparsity=args.max_sparsity,
-        scope=args.scope or "layer",
-        tolerance=args.tolerance,
-        filter_fn=keep,
-    )
-    result.update(
-        model=name,
-        seconds=time.perf_counter() - t0,
-        source=args.checkpoint or ("pretrained" if args.pretrained else "random init"),
-    )
-    paths = save_sweep(result, args.out, title=f"Essential sparsity: {name}")
-    print(sweep_markdown(result))
-    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
-    return 0
-
-
-def _write_report(args: argparse.Namespace, report: dict) -> int:
-    from lotus.checkpoint import atomic_write_text
-    from pruning.report import format_report
-
-    text = format_report(report)
-    blocks = report.get("blocks")
-    if blocks:
-        from pruning.report import markdown_table
-
-        rows = [{"block": b, **w} for b, w in blocks.items()]
-        text += "\n\n" + markdown_table(rows)
-        text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
-    if report.get("speedup"):
-        lo, hi = report["speedup_range"]
-        text += (
-            f"\nlatency speed-up (batch {args.batch_size}, {report['device']}): {report['speedup']:.2f}x, "
-            f"median of {report['latency_rounds']} interleaved rounds (range {lo:.2f}-{hi:.2f}x)"
-        )
-    elif report["after"].get("latency"):
-        text += "\nlatency speed-up: not reported (no sparse kernel on this device)"
-    if report.get("recovery"):
-        text += "\n\n" + prune_recover.markdown(report)
-    header = f"# lotus prune: {report['model_name']} ({report['method']})\n\n"
-    json_path, md_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "report.md")
-    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
-    atomic_write_text(md_path, header + text + "\n")
-    print(header + text)
-    print(f"\nwrote {', '.join(map(str, report['files'].values()))}, {json_path}, {md_path}")
-    return 0

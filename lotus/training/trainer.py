@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -20,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lotus.callbacks import Callback, Forward, default_forward
 from lotus.checkpoint import atomic_write_text
 from lotus.config import Config, load_config, save_config
-from lotus.data import Augmenter, DataBundle, batches, build_datasets, describe
+from lotus.data import Augmenter, DataBundle, build_datasets, describe
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
 from lotus.features.registry import build_callbacks
@@ -36,12 +34,13 @@ from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
 from lotus.training.checkpointer import CheckpointManager, full_model_state
+from lotus.training.epoch import train_epoch
 from lotus.training.run_dir import RunDir
 from lotus.training.run_log import RunLog
 from lotus.training.runtime import maybe_compile, setup_runtime
 from lotus.training.state import TrainState
-from lotus.training.step import LossMeter, Stepper
-from lotus.training.threads import ThreadTuner, probe_step_fn
+from lotus.training.step import Stepper
+from lotus.training.threads import ThreadTuner
 
 __all__ = ["Trainer", "train"]
 
@@ -237,37 +236,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_start(self, epoch)
 
-    def _epoch_indices(self, epoch: int) -> np.ndarray:
-        if self.sampler is not None:
-            if hasattr(self.sampler, "set_epoch"):
-                self.sampler.set_epoch(epoch)
-            order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
-        else:
-            base = np.arange(len(self.train_set)) if self.subset is None else np.asarray(self.subset, dtype=np.int64)
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
-            order = base[torch.randperm(len(base), generator=g).numpy()]
-        if self.dist.world_size > 1:  # pad to a multiple of world size, then stripe across ranks
-            w = self.dist.world_size
-            pad = (-len(order)) % w
-            if pad:
-                order = np.concatenate([order, order[:pad]])
-            order = order[self.dist.rank :: w]
-        return order
-
-    def _measure_flops(self, images: torch.Tensor, index: torch.Tensor) -> float:
-        """Forward FLOPs per sample of the current training forward (x3 for forward+backward)."""
-        n = min(2, len(images))
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as fc:
-                self.forward(self.model, images[:n], index[:n])
-            return fc.get_total_flops() / n
-        except Exception:  # noqa: BLE001 - FLOP counting is informational only
-            return float("nan")
-        finally:
-            self.model.train(was)
-
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict:
         """Train for ``train.epochs`` (or until ``train.max_steps``); returns the summary dict.
@@ -325,7 +293,7 @@ class Trainer:
                 self.epoch = epoch
                 self._segment_start, cpu0 = time.perf_counter(), time.process_time()
                 self._start_epoch(epoch)
-                last_metrics = self._train_epoch(epoch, steps_cap)
+                last_metrics = train_epoch(self, epoch, steps_cap)
                 self.wall = self._wall_now()
                 self.cpu = self.cpu + (time.process_time() - cpu0)
                 self._segment_start = None
@@ -361,111 +329,6 @@ class Trainer:
             if cfg.output.report:
                 write_report(self.run_dir)
         return summary
-
-    def _tune_threads(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``train.threads: auto``: time a few probe steps (on a copy of the model) per thread count."""
-        self.thread_tuner.tune(probe_step_fn(unwrap(self.model), x, y, autocast=self.autocast))
-        self.log("threads_tuned", **self.thread_tuner.describe())
-
-    def _check_finite(self, meter: LossMeter, epoch: int) -> None:
-        bad = meter.first_non_finite(self.dist.world_size)  # every rank checks at the same steps
-        if bad is not None:
-            step, value = bad
-            kept = (
-                f"the last good checkpoint is kept in {self.run_dir}"
-                if os.path.isfile(self.checkpoints.state_path)
-                else "no checkpoint was written yet"
-            )
-            raise LotusError(
-                f"train: loss became {value} at step {step} (epoch {epoch + 1}); stopped, {kept} "
-                "(try a lower optim.lr or train.grad_clip)"
-            )
-
-    def _train_epoch(self, epoch: int, steps_cap: int | None) -> dict:
-        cfg = self.cfg
-        order = self._epoch_indices(epoch)
-        bs = cfg.data.batch_size
-        n_batches = max(1, math.ceil(len(order) / bs))
-        self.steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate_steps)  # optimiser steps
-        self.stepper.start_epoch()
-        log_every = cfg.train.log_every_n_steps
-        self.model.train()
-        meter = LossMeter(self.device)
-        check_every = cfg.train.finite_check_every
-        epoch_flops = None
-        t0 = time.perf_counter()
-        if hasattr(self.loop_set, "set_epoch"):  # per-sample transform seeds from (seed, epoch, index)
-            self.loop_set.set_epoch(epoch)
-        loader = batches(self.loop_set, order, bs, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        it = self.run_log.progress(loader, n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}")
-        for b, (x, y, idx) in enumerate(it):
-            if steps_cap is not None and self.step >= steps_cap:
-                break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.augment.active:
-                x = self.augment(x)
-            for cb in self.callbacks:
-                x, y, idx = cb.transform_batch(self, x, y, idx)
-            if epoch_flops is None:
-                epoch_flops = self._measure_flops(x, idx)
-            self.scheduler.set_position(epoch + b / n_batches)
-            tuner = self.thread_tuner
-            if tuner is not None and tuner.threads is None:  # first batch of the run (also after a resume)
-                self._tune_threads(x, y)
-            t_step = time.perf_counter()
-            loss, stepped = self.stepper.micro_step(
-                self.model,
-                self.optimizer,
-                self.forward,
-                self.callbacks,
-                self,
-                x,
-                y,
-                idx,
-                self.autocast,
-                last=b + 1 == n_batches,
-            )
-            meter.add(loss, len(y), self.step + 1)
-            if tuner is not None and tuner.observe(time.perf_counter() - t_step):
-                self._tune_threads(x, y)
-            if not stepped:
-                continue
-            self.step += 1
-            if self.step % check_every == 0:
-                self._check_finite(meter, epoch)
-            if log_every and self.step % log_every == 0:  # one host sync per record
-                self.run_log.record(
-                    {
-                        "type": "step",
-                        "epoch": epoch + 1,
-                        "step": self.step,
-                        "loss": float(loss),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "throughput": round(
-                            meter.count * self.dist.world_size / max(time.perf_counter() - t0, 1e-9), 2
-                        ),
-                    }
-                )
-            for cb in self.callbacks:
-                cb.on_step_end(self, self.step)  # may replace self.model / self.optimizer
-        self._check_finite(meter, epoch)
-        dt = time.perf_counter() - t0
-        seen_all = meter.count * self.dist.world_size
-        self.samples_seen += seen_all
-        flops = (epoch_flops or 0.0) * 3 * seen_all
-        if not math.isnan(flops):
-            self.train_flops += flops
-        return {
-            "type": "epoch",
-            "epoch": epoch + 1,
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "train_loss": meter.mean(self.dist.world_size),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "throughput": round(seen_all / dt, 2) if dt > 0 else None,
-            "epoch_samples": seen_all,
-            "train_flops": self.train_flops,
-        }
 
     def _summary(self, last: dict) -> dict:
         bare = unwrap(self.model)
