@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 import traceback
 
 from lotus import __version__
@@ -82,6 +83,9 @@ def _rank() -> tuple[int, int]:
         return 0, 1
 
 
+_QUIET_RANK_GRACE_S = 2.0  # how long a silent rank waits before exiting on an error every rank raises
+
+
 def report_error(e: BaseException, debug: bool = False) -> int:
     """Print the one-line report of ``e`` (and its traceback with ``debug``); return the exit code.
 
@@ -94,6 +98,8 @@ def report_error(e: BaseException, debug: bool = False) -> int:
     if world > 1:
         shared = code == USER_EXIT and (not isinstance(e, LotusError) or e.same_on_every_rank)
         if shared and rank != 0 and not debug:
+            # torchrun stops every rank once one has exited: leave rank 0 the moment it needs to say it
+            time.sleep(_QUIET_RANK_GRACE_S)
             return code
         if not shared:
             head, _, rest = line.partition(": ")
