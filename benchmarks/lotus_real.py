@@ -50,6 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lotus.bench import _finite, _time_to, analyse, mean_std, run_bench, seed_ratios  # noqa: E402
+from lotus.bench_stats import format_ratio  # noqa: E402
+
+
+def _ratio(d: dict) -> str:
+    return format_ratio(d, "not reached")
+
+
 from lotus.checkpoint import atomic_write_text  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
@@ -233,14 +240,6 @@ def analyse_runs(ents: list[dict], results: list, seeds: list[int], drop: float)
     }
 
 
-def _fmt_ratio(d: dict) -> str:
-    if d["median"] is None:
-        return "not reached"
-    n = len(d["per_seed"])
-    s = f"{d['median']:.2f}x" + (f" ({d['min']:.2f}-{d['max']:.2f})" if n > 1 else "")
-    return s + (f" [{d['seeds_with_ratio']}/{n} seeds]" if d["seeds_with_ratio"] < n else "")
-
-
 def _fmt(values: list[float], digits: int = 0) -> str:
     return ", ".join(f"{v:.{digits}f}" if math.isfinite(v) else "-" for v in values)
 
@@ -263,8 +262,8 @@ def verdict(res: dict) -> list[str]:
         close = r["delta_test_pp"] >= -0.3
         small = r["params"] < rows[res["strongest_dense"]]["params"]
         out.append(
-            f"- **{r['label']}**: CPU-time speed-up {_fmt_ratio(t)} (target >= 2.0x, every seed >= 1.6x: "
-            f"{'met' if fast else 'MISSED'}); FLOP speed-up {_fmt_ratio(f)} (>= 2.5x: {'met' if flops else 'MISSED'}); "
+            f"- **{r['label']}**: CPU-time speed-up {_ratio(t)} (target >= 2.0x, every seed >= 1.6x: "
+            f"{'met' if fast else 'MISSED'}); FLOP speed-up {_ratio(f)} (>= 2.5x: {'met' if flops else 'MISSED'}); "
             f"test {r['delta_test_pp']:+.2f} pp vs {res['strongest_dense']} (within 0.3 pp: "
             f"{'met' if close else 'MISSED'}); final params "
             f"x{r['params'] / rows[res['strongest_dense']]['params']:.2f} "
@@ -329,8 +328,8 @@ def markdown(res: dict, command: str, meta: dict) -> str:
                     mean_std([x["test"] for x in runs]),
                     f"{r['delta_test_pp']:+.2f} pp",
                     _fmt([x["cpu_to_target"] for x in runs]),
-                    _fmt_ratio(r["speedup_time"]),
-                    _fmt_ratio(r["speedup_flops"]),
+                    _ratio(r["speedup_time"]),
+                    _ratio(r["speedup_flops"]),
                     _fmt([x["epoch_to_target"] for x in runs]),
                     f"{statistics.fmean(x['cpu_total'] for x in runs):.0f}",
                     f"{statistics.fmean(x['flops_total'] for x in runs) / 1e12:.2f}",

@@ -39,6 +39,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lotus.bench import _time_to, analyse, mean_std, run_bench, seed_ratios  # noqa: E402
+from lotus.bench_stats import format_ratio  # noqa: E402
+
+
+def _ratio(d: dict) -> str:
+    return format_ratio(d, "not reached")
+
+
 from lotus.checkpoint import atomic_write_text  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
@@ -269,18 +276,6 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
     }
 
 
-def _fmt_ratio(d: dict) -> str:
-    if d["median"] is None:
-        return "not reached"
-    seeds = len(d["per_seed"])
-    s = f"{d['median']:.2f}x"
-    if seeds > 1:
-        s += f" ({d['min']:.2f}-{d['max']:.2f})"
-    if d["seeds_with_ratio"] < seeds:
-        s += f" [{d['seeds_with_ratio']}/{seeds} seeds]"
-    return s
-
-
 def _fmt_times(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" if math.isfinite(v) else "-" for v in values)
 
@@ -299,7 +294,7 @@ def _verdict(res: dict, goal: float) -> list[str]:
         lines.append(
             f"- **{r['name']}: target {'met' if ok else 'MISSED'}** (goal: median per-seed time-to-target speed-up "
             f">= {goal:.1f}x in every seed, final acc within {res['target_drop'] * 100:.1f} pp of "
-            f"{res['strongest_dense']}, smaller and faster final model): speed-up {_fmt_ratio(sp)} "
+            f"{res['strongest_dense']}, smaller and faster final model): speed-up {_ratio(sp)} "
             f"({'ok' if fast else 'missed'}), final {r['delta_final_pp']:+.2f} pp ({'ok' if close else 'missed'}), "
             f"params x{r['param_ratio']:.2f} ({'ok' if smaller else 'missed'}), inference "
             f"{r['inference_speedup_vs_strongest']:.2f}x ({'ok' if faster else 'missed'})."
@@ -349,9 +344,9 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
                     mean_std(r["finals"]),
                     f"{r['delta_final_pp']:+.2f} pp",
                     _fmt_times(r["time_to_target"]),
-                    _fmt_ratio(r["speedup_time_per_seed"]),
-                    _fmt_ratio(r["speedup_flops_per_seed"]),
-                    _fmt_ratio(r["speedup_samples_per_seed"]),
+                    _ratio(r["speedup_time_per_seed"]),
+                    _ratio(r["speedup_flops_per_seed"]),
+                    _ratio(r["speedup_samples_per_seed"]),
                     f"{statistics.fmean(r['total_time']):.1f}",
                     f"{statistics.fmean(r['samples_total']):.0f}",
                     f"{r['params'] / 1e6:.3f} M (x{r['param_ratio']:.2f})",

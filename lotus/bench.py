@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lotus.bench_inference import measure_inference
-from lotus.bench_stats import _finite, _time_to, mean_std, seed_ratios, seed_stats  # noqa: F401 (re-exported)
+from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios, seed_stats  # noqa: F401
 from lotus.callbacks import Callback
 from lotus.checkpoint import atomic_write_text
 from lotus.config import config_to_dict, load_config
@@ -250,15 +250,6 @@ def add_speedups(rows: list[dict]) -> bool:
     return censored
 
 
-def _per_seed_ratio(d: dict | None) -> str:
-    """``median (min-max) [k/n seeds]`` of :func:`seed_ratios`, or ``-`` when no seed has a ratio."""
-    if not d or d["median"] is None:
-        return "-"
-    n = len(d["per_seed"])
-    s = f"{d['median']:.2f}x" + (f" ({d['min']:.2f}-{d['max']:.2f})" if n > 1 else "")
-    return s + (f" [{d['seeds_with_ratio']}/{n} seeds]" if d["seeds_with_ratio"] < n else "")
-
-
 def bench_table(analysis: dict) -> str:
     """Markdown table of an :func:`analyse` result: speed-ups are the median (range) of per-seed ratios
     against the baseline's same seed; a seed where either run missed the target has no ratio."""
@@ -289,8 +280,8 @@ def bench_table(analysis: dict) -> str:
                     else f"{r['final_acc_mean'] * 100:.2f} +- {r['final_acc_std'] * 100:.2f}%",
                     f"{reached}/{r['seeds']}",
                     tt,
-                    _per_seed_ratio(r.get("speedup_time_per_seed")),
-                    _per_seed_ratio(r.get("speedup_flops_per_seed")),
+                    format_ratio(r.get("speedup_time_per_seed")),
+                    format_ratio(r.get("speedup_flops_per_seed")),
                     f"{r['samples_mean']:.0f}",
                     f"{r['params']}",
                     f"{r['nonzero']:.0f}",
@@ -317,7 +308,7 @@ def verdict(analysis: dict) -> list[str]:
         ok = faster and delta >= -drop * 100 - 1e-9
         out.append(
             f"- **{r['name']}: {'faster than' if ok else 'not faster than'} {base['name']}** - reached the "
-            f"target in {reached}/{n} seeds; time speed-up {_per_seed_ratio(sp)} (median per seed); final "
+            f"target in {reached}/{n} seeds; time speed-up {format_ratio(sp)} (median per seed); final "
             f"accuracy {delta:+.2f} pp (allowed: -{drop * 100:.1f} pp)."
         )
     return out

@@ -7,7 +7,7 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["seed_stats", "mean_std", "seed_ratios"]
+__all__ = ["format_ratio", "seed_stats", "mean_std", "seed_ratios"]
 
 
 def _time_to(epochs: list[dict], target: float, key: str) -> float:
@@ -56,3 +56,13 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def format_ratio(d: dict | None, missing: str = "-") -> str:
+    """``median (min-max) [k/n seeds]`` of :func:`seed_ratios` (the range only with several seeds, the count only
+    when some seed has no ratio), or ``missing`` when no seed reached the target."""
+    if not d or d["median"] is None:
+        return missing
+    n = len(d["per_seed"])
+    s = f"{d['median']:.2f}x" + (f" ({d['min']:.2f}-{d['max']:.2f})" if n > 1 else "")
+    return s + (f" [{d['seeds_with_ratio']}/{n} seeds]" if d["seeds_with_ratio"] < n else "")
