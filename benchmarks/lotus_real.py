@@ -82,7 +82,7 @@ def entries(budgets: list[int], peer_epochs: int) -> list[dict]:
         _e(
             f"dense_adamw_{budgets[-1]}ep",
             OP,
-            [f"train.epochs={budgets[-1]}"],
+            [f"train.epochs={budgets[-1]}", "optim.name=adamw"],
             "dense",
             f"dense AdamW, {budgets[-1]} epochs",
         )
