@@ -12,6 +12,9 @@ el2n            ``||softmax(f(x)) - onehot(y)||_2`` (Paul et al. 2021), mean ove
                 briefly trained proxy models (seeds ``seed .. seed+repeats-1``)
 grand           per-sample gradient norm ``||d loss / d theta||_2`` (Paul et al. 2021), all   labels
                 parameters (or ``params="head"``), computed with ``torch.func`` vmap
+aum             negative area under the margin (Pleiss et al. 2020): ``-(z_y - max_{k!=y} z_k)`` labels,
+                of the logits, averaged over the epoch-end evaluations of a proxy training     proxy
+                (a training-dynamics score: steadier across proxy seeds than one end-point)
 forgetting      forgetting events (correct -> wrong between consecutive epoch-end evaluations labels,
                 of a proxy training, Toneva et al. 2019); never-learned samples get          proxy
                 ``max + 1``
@@ -182,6 +185,30 @@ def _forgetting(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
         ev[~state["learned"]] = ev.max() + 1
         total += ev
     return total / repeats
+
+
+@register_scorer("aum", needs_proxy=True)
+def _aum(ctx: ScoreContext, repeats: int = 1) -> torch.Tensor:
+    """Negative area under the margin: the logit margin of the labelled class, averaged over every epoch-end
+    evaluation of ``repeats`` proxy trainings and negated (low, often negative margins = hard or mislabelled)."""
+    assert ctx.proxy is not None
+    total, evals = torch.zeros(len(ctx.dataset)), 0
+
+    def margin(m: nn.Module, b: Batch) -> torch.Tensor:
+        z = m(b.images).float()
+        zy = z.gather(1, b.labels[:, None]).squeeze(1)
+        return zy - z.scatter(1, b.labels[:, None], float("-inf")).amax(1)
+
+    def on_epoch_end(model: nn.Module, epoch: int) -> None:
+        nonlocal total, evals
+        total = total + ctx.map(model, margin, desc=f"aum eval epoch {epoch}")
+        evals += 1
+
+    for k in range(repeats):
+        ctx.proxy(ctx.seed + k, on_epoch_end)
+    if evals == 0:
+        raise ValueError("scorer 'aum': the proxy must call on_epoch_end after each epoch (got no evaluations)")
+    return -total / evals
 
 
 def _embed(m: nn.Module, images: torch.Tensor) -> torch.Tensor:

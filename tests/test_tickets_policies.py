@@ -215,3 +215,14 @@ def test_bad_scores():
         select(np.array([1.0, np.nan, 2.0]), "top", count=1)
     with pytest.raises(ValueError, match="1-D"):
         select(np.zeros((3, 3)), "top", count=1)
+
+
+def test_ccs_beta_follows_the_share_kept():
+    from data_tickets.policies import ccs_beta
+
+    assert [ccs_beta(k) for k in (1.0, 0.5, 0.49, 0.2, 0.19, 0.05)] == [0.0, 0.0, 0.1, 0.1, 0.3, 0.3]
+    scores = np.arange(1000, dtype=float)  # higher = harder
+    # keeping 10 %: the hardest 30 % are never chosen; keeping 50 %: nothing is cut, the hardest can be kept
+    assert select(scores, "ccs", fraction=0.1, seed=0).max() < 700
+    assert select(scores, "ccs", fraction=0.1, seed=0, beta=0.0).max() >= 700
+    assert select(scores, "ccs", fraction=0.6, seed=0).max() >= 900

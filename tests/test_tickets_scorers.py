@@ -236,6 +236,42 @@ def test_forgetting_event_logic_with_scripted_proxy(digits):
     assert s.tolist() == [2.0, 3.0, 1.0, 0.0]
 
 
+def test_aum_is_the_negated_margin_averaged_over_epochs(digits):
+    """A scripted proxy with known logits per epoch: aum = -(z_y - max other z), averaged over 2 epochs."""
+    x, y = digits
+    y = y[:3]
+    logits = torch.randn(2, 3, N_CLASSES, generator=torch.Generator().manual_seed(0))
+
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, images):
+            return logits[self.epoch - 1, images.flatten(1)[:, 0].long()]
+
+    def proxy(seed, on_epoch_end=None):
+        m = Scripted()
+        for e in (1, 2):
+            m.epoch = e
+            on_epoch_end(m, e)
+        return m
+
+    s = dt.score(None, Indexed(torch.arange(3).float().view(3, 1, 1, 1), y), "aum", proxy=proxy, progress=False)
+    zy = logits.gather(2, y.view(1, 3, 1).expand(2, 3, 1)).squeeze(2)
+    other = logits.scatter(2, y.view(1, 3, 1).expand(2, 3, 1), float("-inf")).amax(2)
+    torch.testing.assert_close(s, -(zy - other).mean(0))
+
+
+def test_aum_flags_mislabelled(noisy, proxy):
+    ds, flip = noisy
+    s = dt.score(None, ds, "aum", proxy=proxy, progress=False)
+    assert precision_at(s, flip) >= 0.6, precision_at(s, flip)
+    with pytest.raises(ValueError, match="needs proxy"):
+        dt.score(mlp(), ds, "aum")
+
+
 def test_prototype_is_label_free_and_flags_outliers(digits):
     """Ten tight blobs plus five points midway between blob pairs: the midpoints are the atypical ones."""
     x, y = digits

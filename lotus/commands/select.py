@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         nargs="+",
         metavar="SCORER",
-        help="informativeness score(s), names of data_tickets.SCORERS (default el2n; none needed for --policy "
+        help="informativeness score(s), names of data_tickets.SCORERS (default aum: one proxy training's margins, "
+        "averaged over its epochs; none needed for --policy "
         "random); several scorers write one ticket each (--out must then contain {scorer}) from the same proxy "
         "trainings",
     )
@@ -91,7 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default on; --no-class-balance selects over the whole split)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of proxy trainings and of the policy (default 0)")
-    p.add_argument("--beta", type=float, default=None, help="ccs: fraction of hardest samples dropped (default 0.1)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="ccs: fraction of hardest samples dropped (default by the share kept: 0 from 50 %%, 0.1 below, "
+        "0.3 below 20 %%)",
+    )
     p.add_argument("--strata", type=int, default=None, help="ccs: number of score strata (default 50)")
     p.add_argument("--proxy-epochs", type=int, default=3, help="epochs of each proxy training (default 3)")
     p.add_argument(
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     scorers: list[str | None] = (
         list(dict.fromkeys(args.scorer))
         if args.scorer
-        else [None if args.policy == "random" or args.from_ticket else "el2n"]
+        else [None if args.policy == "random" or args.from_ticket else "aum"]
     )
     outs = _outputs(args, cfg, scorers)
     if args.batch_size is not None and args.batch_size < 1:
