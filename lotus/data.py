@@ -128,6 +128,7 @@ class DataBundle:
     classes: list[str]
     train_aug: Dataset | None = None  # the training loop's view (timm's random transform); None: ``train``
     test: Dataset | None = None  # the official test split (mnist, fashion_mnist, cifar): reported, never chooses
+    source_size: tuple[int, int] | None = None  # (h, w) of the stored images (a folder: its first image)
 
 
 def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +241,8 @@ def build_datasets(
             )
         train, val, classes, chans, mean, std = _imagefolder(cfg, img_size, in_chans, model_cfg)
         labels = train.labels.numpy()
+        w, h = train.pil(0)[0].size if len(train) else (img_size, img_size)
+        source_size = (h, w)
         if timm_on:
             sources = [_folder_source(cfg, train), _folder_source(cfg, val)]
             train_aug, train, val = _timm_views(cfg, model_cfg, img_size, chans, mean, std, seed, sources, classes)
@@ -256,6 +259,7 @@ def build_datasets(
             keep, _ = stratified_split(ytr.numpy(), None, cfg.split_seed, train_size=cfg.limit_train)
             xtr, ytr = xtr[keep], ytr[keep]
         chans = in_chans or xtr.shape[1]
+        source_size = (int(xtr.shape[-2]), int(xtr.shape[-1]))
         if cfg.normalize:
             mean, std = _stats(_fit_channels(xtr, chans))
         else:
@@ -278,7 +282,7 @@ def build_datasets(
     present = np.unique(labels)
     if len(present) < 2:
         raise LotusError(f"data: {cfg.name} training split has only one class ({classes[int(present[0])]}); need >= 2")
-    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes), train_aug, test)
+    return DataBundle(train, val, len(classes), chans, img_size, labels, list(classes), train_aug, test, source_size)
 
 
 def describe(cfg: Any, data: DataBundle) -> dict:
@@ -289,6 +293,8 @@ def describe(cfg: Any, data: DataBundle) -> dict:
         "val_size": len(data.val),
         "test_size": len(data.test) if data.test is not None else None,
         "classes": list(data.classes),
+        "source_size": list(data.source_size) if data.source_size else None,
+        "img_size": data.img_size,
     }
 
 

@@ -150,3 +150,25 @@ def test_augmenter_is_seeded_and_changes_images():
     a, b = Augmenter(cfg.augment, 0), Augmenter(cfg.augment, 0)
     ya, yb = a(x), b(x)
     assert torch.equal(ya, yb) and not torch.equal(ya, x) and ya.shape == x.shape
+
+
+def test_a_resize_of_the_input_images_is_logged_once(tmp_path, tiny_cfg_dict):
+    import json
+
+    from lotus.config import config_from_dict
+    from lotus.training import Trainer
+
+    def events(img_size: int, name: str) -> tuple[list[dict], dict]:
+        d = {**tiny_cfg_dict, "name": name, "output": {"dir": str(tmp_path / name)}}
+        d["model"] = {**d["model"], "img_size": img_size}
+        d["train"] = {**d["train"], "epochs": 2}
+        Trainer(config_from_dict(d), quiet=True).fit()
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            recs = [json.loads(line) for line in f]
+        with open(tmp_path / name / "summary.json") as f:
+            return [r for r in recs if r.get("event") == "data_resized"], json.load(f)["data"]
+
+    resized, data = events(16, "up")  # digits are 8x8 px
+    assert len(resized) == 1 and "8x8 px images are resized to 16x16" in resized[0]["note"]
+    assert data["source_size"] == [8, 8] and data["img_size"] == 16
+    assert events(8, "native")[0] == []

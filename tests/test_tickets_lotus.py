@@ -68,7 +68,7 @@ def test_select_writes_ticket_and_training_uses_only_it(tmp_path, capsys, small_
         0.3,
         "--proxy-epochs",
         1,
-        "--class-balanced",
+        "--class-balance",
         "--out",
         out,
         "--quiet",

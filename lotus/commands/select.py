@@ -84,7 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--count", type=int, help="number of samples to keep")
     p.add_argument(
         "--class-balance",
-        "--class-balanced",
         dest="class_balanced",
         default=True,
         action=argparse.BooleanOptionalAction,

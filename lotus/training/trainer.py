@@ -274,6 +274,9 @@ class Trainer:
         self.run_log.open(truncate_to=self.resumed_log_bytes)
         for note in notes:
             self.log("run_dir", note=note)
+        src, side = self.data.source_size, self.data.img_size
+        if state is None and src is not None and tuple(src) != (side, side):
+            self.log("data_resized", note=f"{src[0]}x{src[1]} px images are resized to {side}x{side} (model.img_size)")
         for cb in self.callbacks:
             cb.on_fit_start(self)
         for cb in self.callbacks:
