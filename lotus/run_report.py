@@ -9,7 +9,7 @@ from typing import Any
 from lotus.errors import LotusError
 from lotus.safe_io import atomic_write_stream, atomic_write_text
 
-__all__ = ["read_metrics", "write_report", "summary_text", "event_line"]
+__all__ = ["read_metrics", "write_report", "summary_text", "event_line", "mark_rows"]
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict], dict]:
@@ -99,6 +99,22 @@ def summary_text(run_dir: str) -> str:
     return "\n".join(lines)
 
 
+_UNMARKED = {"run_dir", "threads_tuned", "data_resized"}  # start-up notes: in the report, not on the curves
+
+
+def mark_rows(xs: list[float], min_gap: float) -> list[int]:
+    """A row per event mark so that marks closer than ``min_gap`` on the x axis never share a row (greedy:
+    each mark, in x order, takes the lowest row whose last mark is far enough away)."""
+    rows, last = [0] * len(xs), []
+    for i in sorted(range(len(xs)), key=lambda k: xs[k]):
+        row = next((r for r, x in enumerate(last) if xs[i] - x >= min_gap), len(last))
+        if row == len(last):
+            last.append(xs[i])
+        last[row] = xs[i]
+        rows[i] = row
+    return rows
+
+
 def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
     import matplotlib
 
@@ -115,22 +131,21 @@ def _plot(epochs: list[dict], events: list[dict], path: str) -> None:
     ax2.plot([r["wall_s"] for r in ev], [r["val_loss"] for r in ev], label="val loss")
     ax2.set_xlabel("train time (s)")
     ax2.set_ylabel("loss")
+    marks = [e for e in events if e.get("event") not in _UNMARKED]
+    xs = [float(e.get("wall_s", 0)) for e in marks]
+    rows = mark_rows(xs, min_gap=0.04 * max(max(t, default=0.0), max(xs, default=0.0), 1e-9))
     for ax in (ax1, ax2):
-        for e in events:
-            ax.axvline(e.get("wall_s", 0), color="grey", ls=":", lw=1)
+        for x in xs:
+            ax.axvline(x, color="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)
-    for e in events:
-        ax1.annotate(
-            e["event"],
-            (e.get("wall_s", 0), ax1.get_ylim()[0]),
-            rotation=90,
-            fontsize=7,
-            va="bottom",
-            ha="right",
-            color="grey",
-        )
+    lo, hi = ax1.get_ylim()
+    for i, (x, row) in enumerate(zip(xs, rows), 1):  # numbered marks, stacked where they would touch
+        ax1.annotate(str(i), (x, lo + (hi - lo) * (0.04 + 0.07 * row)), fontsize=7, ha="center", color="dimgrey")
+    if marks:
+        key = "   ".join(f"{i}: {event_line(e)[:60]}" for i, e in enumerate(marks, 1))
+        fig.text(0.01, 0.005, key, fontsize=6, color="dimgrey", wrap=True, va="bottom")
     ax2.legend()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 if marks else 0, 1, 1))
     atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 

@@ -40,6 +40,8 @@ def test_summary_and_report_name_the_data(tmp_path, tiny_cfg_dict):
         "val_size": 360,
         "test_size": None,
         "classes": [str(i) for i in range(10)],
+        "source_size": [8, 8],
+        "img_size": 16,
     }
     text = summary_text(str(tmp_path / "r"))
     assert "data: digits (100 train, 360 val images; 10 classes: 0, 1, 2" in text
@@ -68,3 +70,39 @@ def test_quiet_hides_progress_not_the_result(tmp_path, tiny_yaml):
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and json.loads(lines[0])["final_val_acc"] is not None  # no epoch lines, one result
+
+
+def test_event_marks_that_would_touch_are_stacked():
+    from lotus.run_report import mark_rows
+
+    # 3 events within 1 s of each other, one far away: the close ones get rows 0, 1, 2, the far one row 0
+    assert mark_rows([10.0, 10.5, 11.0, 50.0], min_gap=2.0) == [0, 1, 2, 0]
+    assert mark_rows([5.0, 1.0, 1.5], min_gap=1.0) == [0, 0, 1]  # order-free: by x, not by input order
+    assert mark_rows([], min_gap=1.0) == []
+
+
+def test_curves_png_is_written_with_numbered_marks(tmp_path):
+    import json
+
+    from lotus.run_report import write_report
+
+    recs = [
+        {
+            "type": "epoch",
+            "epoch": e,
+            "step": e * 10,
+            "wall_s": float(e),
+            "train_loss": 2.0 / e,
+            "val_loss": 1.0 / e,
+            "val_acc": 0.1 * e,
+            "samples_seen": e * 100,
+        }
+        for e in range(1, 6)
+    ]
+    recs += [
+        {"type": "event", "event": name, "epoch": ep, "step": ep * 10, "wall_s": float(ep) + 0.01 * i}
+        for i, (name, ep) in enumerate([("threads_tuned", 0), ("phase_a", 2), ("phase_b", 2), ("thin", 3)])
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    write_report(str(tmp_path))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
