@@ -5,9 +5,10 @@ ranks weights by the loss change their removal costs. Gradients come from labell
 (eval mode, no dropout); each batch's term is taken in absolute value and summed, as the structured Taylor
 importance does, so gradients of different batches do not cancel. A masked layer's gradient is taken with
 respect to its stored weight (``parametrizations.weight.original``): where the mask keeps a weight that is
-``dL/dW`` itself, and a pruned weight scores 0 (its effective weight is 0). When masks already exist (a
-gradual schedule), the pruned entries are ranked below every other, so they stay pruned even where a kept
-weight's gradient vanished too.
+``dL/dW`` itself, and a pruned weight scores 0 (its effective weight is 0). Weights that are exactly zero
+(pruned by an earlier step of a gradual schedule, or in a checkpoint whose masks are re-applied) are ranked
+below every other, since removing them costs nothing: they stay pruned even where a kept weight's gradient
+vanished too (a unit cut off downstream), which would otherwise tie with them at 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torch.nn.utils import parametrize
 from .config import TaylorConfig
 from .handlers import apply_masks, select_layers
 from .mask_scores import masks_from_scores, weight_2d
-from .masks import get_mask
 from .registry import PruneInputs
 from .structured_importance import LossFn, ReduceFn, _calib_batches, _EvalMode, _model_device
 
@@ -88,8 +88,7 @@ def prune_taylor(model: nn.Module, config: TaylorConfig, inputs: PruneInputs) ->
     scores = taylor_scores(
         model, modules, inputs.calib_loader, inputs.loss_fn, config.max_calib_batches, inputs.reduce_sum
     )
-    for fqn, mod in modules.items():  # already pruned weights go first: a weight whose gradient vanished
-        mask = get_mask(mod)  # (its unit is cut off downstream) also scores 0 and must not take their place
-        if mask is not None:
-            scores[fqn] = scores[fqn].masked_fill(~mask.reshape(scores[fqn].shape), float("-inf"))
+    for fqn, mod in modules.items():  # zero weights (pruned ones) go first: a weight whose gradient vanished
+        zero = weight_2d(mod) == 0  # (its unit is cut off downstream) also scores 0 and must not take their place
+        scores[fqn] = scores[fqn].masked_fill(zero, float("-inf"))
     return apply_masks(model, config, modules, masks_from_scores(scores, config.sparsity, config.scope))

@@ -21,6 +21,7 @@ from pruning import (
     StructuredConfig,
     TaylorConfig,
     WandaConfig,
+    make_permanent,
     prune_,
     registry,
 )
@@ -128,6 +129,11 @@ def test_gradual_taylor_keeps_pruned_weights_pruned():
         before = mask.clone()
     assert pruner.current == pytest.approx(0.75) and len(calls) == len(pruner.history) == 4
     assert (~get_mask(model[0])).float().mean() == pytest.approx(0.75)
+    # masks folded into the weights and re-applied at the same sparsity (lotus prune's recovery): the same zeros
+    final = get_mask(model[0]).clone()
+    make_permanent(model)
+    prune_(model, TaylorConfig(0.75), calib_loader=_batches(d=8), filter_fn=LINEAR)
+    assert torch.equal(get_mask(model[0]), final)
 
 
 # ----------------------------------------------------------------------------------------------- the registry
