@@ -1,16 +1,27 @@
 """pruning: sparsity for vision transformers on plain PyTorch/timm (no lotus import).
 
-    from pruning import prune_, MagnitudeConfig, WandaConfig, SemiStructuredConfig, StructuredConfig
+    from pruning import prune_, MagnitudeConfig, WandaConfig, TaylorConfig, SemiStructuredConfig, StructuredConfig
     report = prune_(model, SemiStructuredConfig(score="wanda"), calib_loader=loader)
+
+``prune_`` dispatches on the config's type through one registry (:mod:`pruning.registry`): each config is
+registered with its handler and its capabilities (needs calibration data / gradients, gradual, structured),
+which ``GradualPruner`` and front ends such as ``lotus prune`` read. A new criterion is a config registered
+with ``register_method`` plus its handler.
 
 The package exports the entry point, its configs and the few calls a training loop needs; everything else is
 imported from its module:
 
-- ``pruning.api``: ``prune_`` (any config, in place), ``PruneConfig`` (the union of the configs)
-- ``pruning.config``: ``MagnitudeConfig``, ``WandaConfig``, ``SemiStructuredConfig``, ``StructuredConfig``
+- ``pruning.api``: ``prune_`` (any registered config, in place), ``PruneConfig`` (the built-in configs)
+- ``pruning.config``: ``MagnitudeConfig``, ``WandaConfig``, ``TaylorConfig``, ``SemiStructuredConfig``,
+  ``StructuredConfig``
+- ``pruning.registry``: ``register_method``, ``PruneMethod`` (handler + capabilities), ``method_for``,
+  ``method_named``, ``method_names``, ``config_for``, ``needs_calibration``, ``needs_grad``, ``PruneInputs``
+- ``pruning.handlers``: the built-in handlers and the shared mask plumbing (``select_layers``, ``apply_masks``)
+- ``pruning.taylor``: first-order Taylor masks (``taylor_scores``, ``prune_taylor``)
 - ``pruning.masks``: mask parametrizations (``set_mask``, ``get_mask``, ``is_masked``, ``masked_modules``,
   ``masks_state``/``load_masks``, ``enforce_masks_``, ``make_permanent``) and layer filters (``make_filter``)
-- ``pruning.mask_scores``: magnitude / Wanda / N:M masks, ``is_nm_sparse``, ``collect_input_norms``
+- ``pruning.mask_scores``: magnitude / Wanda / N:M masks, ``masks_from_scores``, ``is_nm_sparse``,
+  ``collect_input_norms``
 - ``pruning.semi_structured``: 2:4 ``torch.sparse`` kernels (``to_semi_structured_``, ``SemiSparseLinear``,
   ``enable_sparse_training_``/``disable_sparse_training_``, ``CPU_NOTE``)
 - ``pruning.structured``: structured thinning (``prune_structured``); ``pruning.structured_widths``
@@ -33,7 +44,10 @@ _WHERE = {
     "MagnitudeConfig": "config",
     "SemiStructuredConfig": "config",
     "StructuredConfig": "config",
+    "TaylorConfig": "config",
     "WandaConfig": "config",
+    "method_for": "registry",
+    "register_method": "registry",
     "make_permanent": "masks",
     "model_stats": "report",
     "sparsity_report": "report",
@@ -52,8 +66,12 @@ __all__ = [
     "prune_",
     "MagnitudeConfig",
     "WandaConfig",
+    "TaylorConfig",
     "SemiStructuredConfig",
     "StructuredConfig",
+    # the method registry: add a criterion, read a config's capabilities
+    "register_method",
+    "method_for",
     # structured thinning
     "prune_structured",
     "get_widths",

@@ -1,5 +1,10 @@
 """Small config dataclasses that say *what* to prune; ``prune_`` decides *how*.
 
+Each config is registered (:func:`pruning.registry.register_method`) with its handler and what it needs
+(calibration data, gradients), whether a schedule can raise its sparsity and whether it changes shapes;
+``prune_``, ``GradualPruner`` and the ``lotus`` front ends read that registry. Configs live here, in a module
+without torch, so the method names are known as soon as a config is read.
+
 Each config validates itself on construction so a bad value fails at the call site with a one-line
 ``ValueError`` naming the field, long before any calibration data is touched. Messages start with the bare
 field name and a colon (``heads: expected ...``) so a caller can prefix its own key path.
@@ -11,11 +16,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .registry import register_method
+
 __all__ = [
     "MagnitudeConfig",
     "WandaConfig",
     "SemiStructuredConfig",
     "StructuredConfig",
+    "TaylorConfig",
     "IMPORTANCE",
     "check_int",
     "check_sparsity",
@@ -42,6 +50,9 @@ def check_sparsity(value: float, field: str = "sparsity") -> float:
     return float(value)
 
 
+@register_method(
+    "magnitude", handler="pruning.handlers:prune_magnitude", description="smallest |w| (no data)", gradual=True
+)
 @dataclass
 class MagnitudeConfig:
     """Unstructured magnitude pruning: zero the ``sparsity`` fraction of smallest-|w| weights.
@@ -59,6 +70,13 @@ class MagnitudeConfig:
             raise ValueError(f"scope: expected 'layer' or 'global', got {self.scope!r}")
 
 
+@register_method(
+    "wanda",
+    handler="pruning.handlers:prune_wanda",
+    description="|w| x input-activation norm (calibration data)",
+    needs_calibration=True,
+    gradual=True,
+)
 @dataclass
 class WandaConfig:
     """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 with input-activation norms from calibration data.
@@ -78,6 +96,13 @@ class WandaConfig:
         check_int(self.max_calib_batches, "max_calib_batches", optional=True)
 
 
+@register_method(
+    "nm",
+    handler="pruning.handlers:prune_nm",
+    description="keep n of every m input weights (--n/--m; 2:4: sparse kernels on CUDA)",
+    needs_calibration=lambda c: c.score == "wanda",
+    presets={"2:4": {"n": 2, "m": 4}},
+)
 @dataclass
 class SemiStructuredConfig:
     """N:M sparsity (2:4 by default): keep the ``n`` best of every ``m`` consecutive input weights.
@@ -116,6 +141,14 @@ class SemiStructuredConfig:
         return 1.0 - self.n / self.m
 
 
+@register_method(
+    "structured",
+    handler="pruning.handlers:prune_structured_handler",
+    description="remove whole attention heads and MLP neurons",
+    needs_calibration=lambda c: c.importance != "magnitude",
+    needs_grad=lambda c: c.importance == "taylor",
+    structured=True,
+)
 @dataclass
 class StructuredConfig:
     """Structured thinning (:func:`pruning.structured.prune_structured`): what to remove and how to rank it.
@@ -154,3 +187,32 @@ class StructuredConfig:
             raise ValueError(f"scope: expected one of layer, global, got {self.scope!r}")
         check_int(self.round_to, "round_to")
         check_int(self.min_heads, "min_heads")
+
+
+@register_method(
+    "taylor",
+    handler="pruning.taylor:prune_taylor",
+    description="first-order Taylor |w x dL/dw| over labelled calibration batches",
+    needs_calibration=True,
+    needs_grad=True,
+    gradual=True,
+)
+@dataclass
+class TaylorConfig:
+    """First-order Taylor pruning (Molchanov et al. 2019, per weight): score ``sum_b |W_ij * dL_b/dW_ij|``.
+
+    ``|w * g|`` estimates how much the loss changes when the weight is zeroed; it is summed over the
+    calibration batches (labelled ``(x, y)``, cross-entropy unless ``prune_`` gets a ``loss_fn``).
+    ``scope="layer"`` prunes every layer to ``sparsity``, ``"row"`` every output row, and ``"global"`` ranks
+    all layers together (the scores estimate the same loss, so they compare across layers).
+    """
+
+    sparsity: float = 0.5
+    scope: Literal["layer", "row", "global"] = "layer"
+    max_calib_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sparsity = check_sparsity(self.sparsity)
+        if self.scope not in ("layer", "row", "global"):
+            raise ValueError(f"scope: expected 'layer', 'row' or 'global', got {self.scope!r}")
+        check_int(self.max_calib_batches, "max_calib_batches", optional=True)

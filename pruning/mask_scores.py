@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from .masks import effective_weight
 
 __all__ = [
+    "masks_from_scores",
     "magnitude_masks",
     "wanda_masks",
     "nm_masks",
     "wanda_scores",
     "topk_mask",
+    "weight_2d",
     "nm_mask",
     "is_nm_sparse",
     "collect_input_norms",
@@ -31,7 +33,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- scores -> masks
-def _weight_2d(module: nn.Module) -> Tensor:
+def weight_2d(module: nn.Module) -> Tensor:
+    """The effective (masked) weight as a float ``(out, in)`` matrix (conv: ``(out, in*kh*kw)``)."""
     w = effective_weight(module).detach()
     return w.reshape(w.shape[0], -1).float()
 
@@ -75,38 +78,44 @@ def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
 
 
-def magnitude_masks(modules: Mapping[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, Tensor]:
-    """Masks pruning the smallest |w|. Scores use the *current* (masked) weights, so pruned entries stay
-    pruned when sparsity grows (gradual schedules)."""
+def masks_from_scores(scores: Mapping[str, Tensor], sparsity: float, scope: str = "layer") -> dict[str, Tensor]:
+    """Boolean masks dropping the lowest scores: per layer (``"layer"``), per output row (``"row"``) or
+    ranked over all layers together (``"global"``). Scores are 2-D ``(out, in)`` tensors keyed by fqn."""
     if scope == "layer":
-        return {fqn: topk_mask(_weight_2d(m).abs(), sparsity) for fqn, m in modules.items()}
+        return {fqn: topk_mask(s, sparsity) for fqn, s in scores.items()}
+    if scope == "row":
+        return {fqn: _rowwise_mask(s, sparsity) for fqn, s in scores.items()}
     if scope != "global":
-        raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
-    if not modules:
+        raise ValueError(f"scope: expected 'layer', 'row' or 'global', got {scope!r}")
+    if not scores:
         return {}
-    scores = [_weight_2d(m).abs() for m in modules.values()]
-    flat_mask = topk_mask(torch.cat([s.reshape(-1).cpu() for s in scores]), sparsity)
+    flat_mask = topk_mask(torch.cat([s.reshape(-1).cpu() for s in scores.values()]), sparsity)
     out: dict[str, Tensor] = {}
     start = 0
-    for (fqn, _), s in zip(modules.items(), scores):
+    for fqn, s in scores.items():
         out[fqn] = flat_mask[start : start + s.numel()].reshape(s.shape).to(s.device)
         start += s.numel()
     return out
+
+
+def magnitude_masks(modules: Mapping[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, Tensor]:
+    """Masks pruning the smallest |w|. Scores use the *current* (masked) weights, so pruned entries stay
+    pruned when sparsity grows (gradual schedules)."""
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+    return masks_from_scores({fqn: weight_2d(m).abs() for fqn, m in modules.items()}, sparsity, scope)
 
 
 def wanda_masks(
     modules: Mapping[str, nn.Module], norms: Mapping[str, Tensor], sparsity: float, scope: str = "row"
 ) -> dict[str, Tensor]:
     """Wanda masks: score ``|W_ij| * ||X_j||_2``; ``scope='row'`` prunes each output row to ``sparsity``."""
-    out = {}
-    for fqn, m in modules.items():
-        scores = wanda_scores(m, norms[fqn])
-        out[fqn] = _rowwise_mask(scores, sparsity) if scope == "row" else topk_mask(scores, sparsity)
-    return out
+    scores = {fqn: wanda_scores(m, norms[fqn]) for fqn, m in modules.items()}
+    return masks_from_scores(scores, sparsity, "row" if scope == "row" else "layer")
 
 
 def wanda_scores(module: nn.Module, norm: Tensor) -> Tensor:
-    w = _weight_2d(module)
+    w = weight_2d(module)
     if norm.numel() != w.shape[1]:
         raise ValueError(f"wanda: activation norm has {norm.numel()} entries, weight has {w.shape[1]} inputs")
     return w.abs() * norm.to(w.device, torch.float32).reshape(1, -1)
@@ -119,7 +128,7 @@ def nm_masks(
     ``skipped`` maps layers whose input dim is not a multiple of ``m`` to the reason."""
     masks, skipped = {}, {}
     for fqn, mod in modules.items():
-        scores = _weight_2d(mod).abs() if norms is None else wanda_scores(mod, norms[fqn])
+        scores = weight_2d(mod).abs() if norms is None else wanda_scores(mod, norms[fqn])
         if scores.shape[1] % m:
             skipped[fqn] = f"input dim {scores.shape[1]} is not a multiple of {m}"
             continue

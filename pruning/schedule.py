@@ -10,6 +10,7 @@ from epoch 1.5 to 6.0); schedules and ``GradualPruner.step`` accept both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -18,8 +19,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from .api import prune_
-from .config import MagnitudeConfig, SemiStructuredConfig, WandaConfig, check_sparsity
+from .config import MagnitudeConfig, check_sparsity
 from .masks import FilterFn, enforce_masks_, load_masks, masks_state
+from .registry import method_for, method_names, methods
+from .registry import needs_calibration as _needs_calibration
 
 __all__ = ["GradualSchedule", "OneShotSchedule", "cubic_sparsity", "GradualPruner", "CalibSource"]
 
@@ -141,44 +144,54 @@ class GradualPruner:
     target sparsity rises, re-scores and re-masks the selected layers. Catching up after a resume is
     automatic: the target is a function of the time, not of how many updates ran.
 
-    ``method`` chooses the scoring (its own sparsity is ignored, the schedule's is used). N:M has a fixed
-    sparsity, so it only works with a ``OneShotSchedule`` (the schedule's sparsity must then be ``1 - n/m``
-    or is ignored). Wanda (and N:M with ``score="wanda"``) re-runs calibration at every prune.
-    ``calib_loader`` is an iterable of batches or a zero-argument callable returning one; the callable is
-    called once per prune that needs calibration data, and never for magnitude scoring. ``reduce_sum`` is
-    passed to :func:`pruning.prune_` (data-parallel calibration: each process passes its share of the batches).
+    ``method`` is any registered mask config (:mod:`pruning.registry`) and chooses the scoring; for a method
+    whose sparsity is a setting (``gradual``: magnitude, Wanda, Taylor) the schedule's sparsity replaces it.
+    N:M has a fixed sparsity, so it only works with a ``OneShotSchedule`` (the schedule's sparsity must then
+    be ``1 - n/m`` or is ignored). Methods that need calibration data (Wanda, Taylor, N:M with
+    ``score="wanda"``) re-run calibration at every prune. ``calib_loader`` is an iterable of batches or a
+    zero-argument callable returning one; the callable is called once per prune that needs calibration data,
+    and never for magnitude scoring. ``reduce_sum`` and ``loss_fn`` are passed to :func:`pruning.prune_`
+    (data-parallel calibration: each process passes its share of the batches).
     """
 
     def __init__(
         self,
         model: nn.Module,
         schedule: GradualSchedule | OneShotSchedule,
-        method: MagnitudeConfig | WandaConfig | SemiStructuredConfig | None = None,
+        method: Any | None = None,
         filter_fn: FilterFn | None = None,
         calib_loader: CalibSource | None = None,
         reduce_sum: Callable[[Tensor], Tensor] | None = None,
+        loss_fn: Callable[[Tensor, Tensor | None], Tensor] | None = None,
     ) -> None:
         method = method if method is not None else MagnitudeConfig()
-        if isinstance(method, SemiStructuredConfig) and not isinstance(schedule, OneShotSchedule):
+        info = method_for(method)
+        if info.structured:
             raise ValueError(
-                "schedule: N:M sparsity is fixed by n:m, use a OneShotSchedule (gradual needs magnitude or wanda)"
+                f"method: {info.name} changes shapes; GradualPruner applies masks "
+                f"(one of {', '.join(method_names(structured=False))})"
+            )
+        if not info.gradual and not isinstance(schedule, OneShotSchedule):
+            gradual = " or ".join(m.name for m in methods() if m.gradual)
+            raise ValueError(
+                f"schedule: {info.name} sparsity is fixed by its config, use a OneShotSchedule "
+                f"(gradual needs {gradual})"
             )
         self.model, self.schedule, self.method = model, schedule, method
-        self.filter_fn, self.calib_loader, self.reduce_sum = filter_fn, calib_loader, reduce_sum
+        self.filter_fn, self.calib_loader, self.reduce_sum, self.loss_fn = filter_fn, calib_loader, reduce_sum, loss_fn
         if self.needs_calibration and calib_loader is None:
-            raise ValueError("calib_loader: Wanda scoring needs calibration data")
+            raise ValueError(f"calib_loader: {info.name} scoring needs calibration data")
         self.current = 0.0
         self.history: list[dict[str, Any]] = []
 
     @property
     def needs_calibration(self) -> bool:
-        """True when pruning scores with Wanda (``WandaConfig`` or N:M with ``score="wanda"``)."""
-        m = self.method
-        return isinstance(m, WandaConfig) or (isinstance(m, SemiStructuredConfig) and m.score == "wanda")
+        """True when the method scores with calibration data (the registry's ``needs_calibration``)."""
+        return _needs_calibration(self.method)
 
     def target(self, step: float) -> float:
-        """The sparsity the schedule asks for at time ``step``."""
-        if isinstance(self.method, SemiStructuredConfig):
+        """The sparsity the schedule asks for at time ``step`` (a fixed-sparsity method: its own, once due)."""
+        if not method_for(self.method).gradual:
             return self.method.sparsity if step >= self.schedule.step else 0.0
         return self.schedule.sparsity_at(step)
 
@@ -189,12 +202,10 @@ class GradualPruner:
         if target <= self.current + 1e-12 or target <= 0.0:
             return None
         cfg = self.method
-        if isinstance(cfg, MagnitudeConfig):
-            cfg = MagnitudeConfig(sparsity=target, scope=cfg.scope)
-        elif isinstance(cfg, WandaConfig):
-            cfg = WandaConfig(sparsity=target, scope=cfg.scope, max_calib_batches=cfg.max_calib_batches)
+        if method_for(cfg).gradual:
+            cfg = dataclasses.replace(cfg, sparsity=target)
         calib = self._calibration_data() if self.needs_calibration else None
-        report = prune_(self.model, cfg, calib_loader=calib, filter_fn=self.filter_fn, reduce_sum=self.reduce_sum)
+        report = prune_(self.model, cfg, calib, self.filter_fn, loss_fn=self.loss_fn, reduce_sum=self.reduce_sum)
         self.current = target
         when = int(step) if isinstance(step, int) else float(step)
         self.history.append({"step": when, "target": target, "sparsity": report["total"]["sparsity"]})

@@ -104,7 +104,7 @@ def test_one_shot_two_four_on_cpu_logs_masked_dense(tmp_path, tiny_cfg_dict):
     "section,message",
     [
         ({"method": 124}, 'write method: "2:4"'),
-        ({"method": "nm", "schedule": "gradual"}, "gradual needs method magnitude or wanda"),
+        ({"method": "nm", "schedule": "gradual"}, "gradual needs method magnitude, wanda or taylor"),
         ({"method": "magnitude", "sparsity": 1.0}, "pruning.sparsity"),
         ({"method": "magnitude", "scope": "row"}, "pruning.scope"),
         ({"method": "magnitude", "sparse_kernels": True}, "sparse_kernels"),

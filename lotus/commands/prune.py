@@ -1,4 +1,7 @@
-"""Prune a timm model (magnitude, Wanda, N:M / 2:4, structured heads+neurons) or sweep its essential sparsity.
+"""Prune a timm model (magnitude, Wanda, Taylor, N:M / 2:4, structured heads+neurons) or sweep its essential sparsity.
+
+--method is any method of the pruning registry (pruning.registry): the flags fill the fields of its config, and
+what it needs (calibration data, which scopes) is read from there.
 
 Writes the pruned weights (safetensors; thinned block widths in the metadata, so `lotus` reloads them) and a
 report (report.json + report.md): params, nonzeros, FLOPs (torch.utils.flop_counter), per-layer sparsity or
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,7 @@ import pruning
 from lotus.commands import prune_recover, prune_report
 from lotus.errors import LotusError, library_error
 from lotus.run_files import checkpoint_file
+from pruning.registry import config_for, field_choices, method_named, method_names, methods, needs_calibration
 
 if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
     import torch
@@ -42,7 +47,6 @@ if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
 
 __all__ = ["add_arguments", "run"]
 
-_METHODS = ("magnitude", "wanda", "nm", "2:4", "structured")
 # library field -> flag, for the pruning library's "field: reason" errors
 _FLAGS = {
     "sparsity": "--sparsity",
@@ -95,23 +99,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a value of --config/--calib (repeatable)",
     )
     how = p.add_argument_group("pruning")
-    how.add_argument("--method", choices=_METHODS, help="what to prune")
     how.add_argument(
-        "--sparsity", type=float, default=0.5, help="magnitude/wanda: fraction of weights removed, in [0, 1)"
+        "--method",
+        choices=method_names(),
+        help="what to prune: " + "; ".join(f"{m.name}: {m.description}" for m in methods()),
     )
     how.add_argument(
-        "--scope",
-        choices=("layer", "global", "row"),
-        help="magnitude: layer (default) | global; wanda: row (default) | layer; structured: layer | global",
+        "--sparsity", type=float, default=0.5, help="unstructured methods: fraction of weights removed, in [0, 1)"
     )
-    how.add_argument("--score", choices=("magnitude", "wanda"), default="magnitude", help="N:M / 2:4 group scoring")
+    how.add_argument("--scope", choices=_scopes(), help="where weights compete; " + _scope_help())
+    how.add_argument(
+        "--score", choices=field_choices("nm", "score"), default="magnitude", help="N:M / 2:4 group scoring"
+    )
     how.add_argument("--n", type=int, default=2, help="N of N:M (method nm)")
     how.add_argument("--m", type=int, default=4, help="M of N:M (method nm)")
     how.add_argument("--heads", type=float, default=0.0, help="structured: fraction of attention heads removed")
     how.add_argument("--mlp", type=float, default=0.0, help="structured: fraction of MLP hidden neurons removed")
     how.add_argument(
         "--importance",
-        choices=("magnitude", "activation", "taylor"),
+        choices=field_choices("structured", "importance"),
         default="magnitude",
         help="structured: head/neuron importance",
     )
@@ -119,7 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     how.add_argument("--include-patch-embed", action="store_true", help="also prune the patch embedding")
     how.add_argument("--calib", help="config whose data section supplies calibration/validation batches")
-    how.add_argument("--calib-batches", type=int, default=8, help="calibration batches (wanda, activation, taylor)")
+    how.add_argument("--calib-batches", type=int, default=8, help="calibration batches (wanda, taylor, activation)")
     sweep = p.add_argument_group("essential-sparsity sweep")
     sweep.add_argument("--sweep", choices=("magnitude",), help="sweep one-shot magnitude sparsity instead of pruning")
     sweep.add_argument("--sweep-step", type=float, default=0.1, help="sparsity step of the sweep")
@@ -139,6 +145,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_.add_argument("--latency-iters", type=int, default=10, help="timed forward passes (0: skip latency)")
     run_.add_argument("--max-eval", type=int, help="evaluate on at most this many validation images")
     prune_recover.add_arguments(p)
+
+
+def _scopes() -> tuple[str, ...]:
+    """Every ``scope`` a registered method accepts."""
+    return tuple(dict.fromkeys(s for m in methods() for s in field_choices(m.config, "scope")))
+
+
+def _scope_help() -> str:
+    """``magnitude: layer (default) | global; ...`` for the methods that have a scope."""
+    parts = []
+    for m in methods():
+        choices = field_choices(m.config, "scope")
+        if choices:
+            default = next(f.default for f in dataclasses.fields(m.config) if f.name == "scope")
+            parts.append(f"{m.name}: " + " | ".join(f"{c} (default)" if c == default else c for c in choices))
+    return "; ".join(parts)
+
+
+def _library_config(args: argparse.Namespace) -> object:
+    """The pruning config of ``--method``, its fields filled from the flags of the same name."""
+    flags = ("sparsity", "scope", "n", "m", "score", "heads", "mlp", "importance", "round_to")
+    try:  # a flag the config has no field for is ignored; --scope not given: the method's default
+        return config_for(args.method, kernels="off", **{f: getattr(args, f) for f in flags})
+    except ValueError as e:
+        raise library_error(e, _FLAGS, f"--method {args.method}") from None
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -170,15 +201,18 @@ def _check_args(args: argparse.Namespace) -> None:
             what = "every attention head" if flag == "heads" else "every MLP neuron"
             extra = f" ({v:g} would remove {what})" if v >= 1.0 else ""
             raise LotusError(f"--{flag}: expected a fraction in [0, 1){extra}, got {v:g}")
-    if args.method == "structured" and args.heads == 0 and args.mlp == 0:
-        raise LotusError("--method structured: pass --heads and/or --mlp (fractions to remove)")
-    if args.method not in (None, "structured") and (args.heads or args.mlp):
+    structured = bool(args.method) and method_named(args.method).structured
+    if structured and args.heads == 0 and args.mlp == 0:
+        raise LotusError(f"--method {args.method}: pass --heads and/or --mlp (fractions to remove)")
+    if args.method and not structured and (args.heads or args.mlp):
         raise LotusError(f"--heads/--mlp: only used with --method structured, got --method {args.method}")
     if args.method == "nm" and not 1 <= args.n < args.m:
         raise LotusError(f"--n/--m: expected 1 <= n < m, got {args.n}:{args.m}")
-    scopes = {"magnitude": ("layer", "global"), "wanda": ("row", "layer"), "structured": ("layer", "global")}
-    if args.scope and args.scope not in scopes.get(args.method or "magnitude", ()):
+    scopes = field_choices(args.method or "magnitude", "scope")
+    if args.scope and args.scope not in scopes:
         raise LotusError(f"--scope: {args.scope!r} does not apply to --method {args.method or 'sweep'}")
+    if args.method:
+        _library_config(args)  # the config's own checks, before any model is built
     if args.sweep and not (0 < args.sweep_step < 1):
         raise LotusError(f"--sweep-step: expected a number in (0, 1), got {args.sweep_step:g}")
     if args.sweep and not (0 <= args.max_sparsity < 1):
@@ -221,12 +255,7 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     data_cfg = load_data_config(args)
-    needs_data = (
-        args.sweep
-        or args.method == "wanda"
-        or (args.method in ("nm", "2:4") and args.score == "wanda")
-        or (args.method == "structured" and args.importance != "magnitude")
-    )
+    needs_data = args.sweep or needs_calibration(_library_config(args))
     if needs_data and data_cfg is None:
         what = "the sweep evaluates on validation data" if args.sweep else "this method needs calibration data"
         raise LotusError(f"--calib: {what}; pass --calib CONFIG.yaml (or --config)")
@@ -276,7 +305,8 @@ def _run(args: argparse.Namespace) -> int:
     report = _prune(args, model, calib_data)
     notes += report.get("notes", [])
     masks = None
-    if args.method != "structured":
+    structured = method_named(args.method).structured
+    if not structured:
         masks = masks_state(model) if finetune else None  # what the fine-tune must keep
         pruning.make_permanent(model)
     weights_path = os.path.join(args.out, "pruned.safetensors" if finetune else "model.safetensors")
@@ -301,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         before["latency"], after["latency"] = lat["before"], lat["after"]
         del dense
-    sparse_kernel = args.method == "structured" or bool(report.get("kernels", {}).get("converted"))
+    sparse_kernel = structured or bool(report.get("kernels", {}).get("converted"))
     if not sparse_kernel:
         notes.append(
             "no sparse kernel on this device: the zeros of the masks run on dense kernels, so no speed-up "
@@ -359,24 +389,13 @@ def _prune_with_library(args: argparse.Namespace, model: nn.Module, calib: list 
     from lotus.features.pruning.checks import check_nm_shapes
     from pruning.masks import make_filter
 
-    if args.method == "structured":
-        cfg = pruning.StructuredConfig(
-            heads=args.heads,
-            mlp=args.mlp,
-            importance=args.importance,
-            scope=args.scope or "layer",
-            round_to=args.round_to,
-        )
+    cfg = _library_config(args)
+    if method_named(args.method).structured:
         return pruning.prune_(model, cfg, calib_loader=calib)
     keep = make_filter(model, include_head=args.include_head, include_patch_embed=args.include_patch_embed)
-    if args.method == "magnitude":
-        cfg = pruning.MagnitudeConfig(sparsity=args.sparsity, scope=args.scope or "layer")
-    elif args.method == "wanda":
-        cfg = pruning.WandaConfig(sparsity=args.sparsity, scope=args.scope or "row")
-    else:
-        n, m = (2, 4) if args.method == "2:4" else (args.n, args.m)
-        cfg = pruning.SemiStructuredConfig(n=n, m=m, score=args.score, kernels="off")
-        check_nm_shapes(model, keep, m, "--method 2:4" if args.method == "2:4" else f"--method nm with --m {m}")
+    if isinstance(cfg, pruning.SemiStructuredConfig):
+        what = "--method 2:4" if args.method == "2:4" else f"--method nm with --m {cfg.m}"
+        check_nm_shapes(model, keep, cfg.m, what)
     return pruning.prune_(model, cfg, calib_loader=calib, filter_fn=keep)
 
 

@@ -31,6 +31,7 @@ from lotus.callbacks import Callback
 from lotus.config import Config, config_from_dict
 from lotus.errors import LotusError
 from lotus.schema import to_dict
+from pruning.registry import method_named
 
 if TYPE_CHECKING:  # annotations only: torch is imported when the command runs
     import torch
@@ -98,7 +99,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _mask_section(args: argparse.Namespace) -> dict | None:
     """The one-shot ``pruning:`` section that re-applies the masks of ``args.method`` at epoch 0."""
-    if args.method == "structured":
+    method = method_named(args.method)
+    if method.structured:
         return None
     sec: dict[str, Any] = {
         "method": args.method,
@@ -107,7 +109,7 @@ def _mask_section(args: argparse.Namespace) -> dict | None:
         "include_head": args.include_head,
         "include_patch_embed": args.include_patch_embed,
     }
-    if args.method in ("magnitude", "wanda"):
+    if method.gradual:  # its sparsity is a setting: re-run it at that sparsity
         sec.update(sparsity=args.sparsity, scope=args.scope)
     else:  # the pruned entries are the zeros of each group: magnitude re-scoring finds them exactly
         sec.update(n=args.n, m=args.m, score="magnitude")

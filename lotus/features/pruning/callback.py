@@ -5,7 +5,7 @@
 - Masks: a :class:`pruning.GradualPruner` whose clock is the fractional epoch (one-shot at ``at_epoch``, or
   Zhu & Gupta's cubic ramp evaluated continuously and re-applied every ``frequency`` optimizer steps); it
   re-zeroes the weights under the masks after every step and re-scores when the target rises. Calibration
-  batches (Wanda) are built only when a prune needs them.
+  batches are built only when a prune needs them (the method's ``needs_calibration`` in :mod:`pruning.registry`).
 - 2:4 with ``sparse_kernels`` on CUDA: masked Linears become ``SemiSparseLinear`` (semi-structured forward
   kernel); on CPU the run logs that masked dense is used.
 - Resume: this callback's state is restored first, then ``on_load_checkpoint`` rebuilds the thinned widths
@@ -42,6 +42,7 @@ from lotus.parallel.checkpoint import is_sharded
 from lotus.parallel.rebuild import digest
 from pruning.masks import enforce_masks_, make_filter, masked_modules
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state
+from pruning.registry import needs_calibration
 from pruning.semi_structured import CPU_NOTE, SemiSparseLinear, resolve_backend
 
 __all__ = ["PruningCallback"]
@@ -117,7 +118,7 @@ class PruningCallback(Callback):
             lib = s.library()
         model = self._model(trainer)
         t0 = time.perf_counter()
-        calib = self.calib_batches(trainer) if s.importance != "magnitude" else None
+        calib = self.calib_batches(trainer) if needs_calibration(lib) else None
         parallel = is_parallel(trainer)
         names = None
         if not parallel:
@@ -165,15 +166,15 @@ class PruningCallback(Callback):
         if self.pruner is None:
             c, model = self.cfg, self._model(trainer)
             keep = make_filter(model, c.include_head, c.include_patch_embed, c.exclude)
-            if c.method in ("nm", "2:4"):
-                nm = c.mask_config()
-                what = 'pruning.method: "2:4"' if c.method == "2:4" else f"pruning.method: nm with pruning.m={nm.m}"
-                check_nm_shapes(model, keep, nm.m, what)
-            needs_calib = c.method == "wanda" or (c.method in ("nm", "2:4") and c.score == "wanda")
+            method = c.mask_config()
+            if isinstance(method, pruning.SemiStructuredConfig):
+                what = 'pruning.method: "2:4"' if c.method == "2:4" else f"pruning.method: nm with pruning.m={method.m}"
+                check_nm_shapes(model, keep, method.m, what)
+            needs_calib = needs_calibration(method)  # the registry's capability: Wanda, Taylor, score="wanda"
             self.pruner = pruning.GradualPruner(
                 model,
                 self._schedule(trainer.cfg.train.epochs),
-                c.mask_config(),
+                method,
                 filter_fn=keep,
                 calib_loader=(lambda: self._rank_calib(trainer)) if needs_calib else None,
             )

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pruning
 from lotus.errors import ConfigError
-from pruning import MagnitudeConfig, SemiStructuredConfig, WandaConfig
+from pruning.registry import config_for, method_named, method_names, methods
 
 __all__ = ["PruningConfig", "StructuredPruningConfig"]
+
+# the mask methods of the pruning registry (a new criterion registered there is a valid ``method`` here)
+MaskMethod = Literal[("none", *method_names(structured=False))]
 
 _RATIO = {"min": 0.0, "max": 1.0, "max_exclusive": True}
 
@@ -56,16 +59,19 @@ class StructuredPruningConfig(pruning.StructuredConfig):
 class PruningConfig:
     """Unstructured / N:M masks on a schedule, plus optional structured thinning.
 
-    ``method`` picks the library config (:class:`pruning.MagnitudeConfig`, :class:`pruning.WandaConfig`,
-    :class:`pruning.SemiStructuredConfig`), which validates ``sparsity``/``scope``/``n``/``m``/``score``.
+    ``method`` picks a mask method of the :mod:`pruning.registry` (e.g. :class:`pruning.MagnitudeConfig`,
+    :class:`pruning.WandaConfig`, :class:`pruning.TaylorConfig`, :class:`pruning.SemiStructuredConfig`), whose
+    config validates ``sparsity``/``scope``/``n``/``m``/``score``; the keys a method has no field for are unused.
     """
 
-    method: Literal["none", "magnitude", "wanda", "nm", "2:4"] | int = "none"
-    """Mask method: none, magnitude, wanda, nm (n:m), or "2:4" (quote it: YAML reads 2:4 as a number)."""
+    method: MaskMethod | int = "none"
+    """Mask method: none or a method of the pruning registry: magnitude, wanda, taylor (|w x grad| over labelled
+    calibration batches), nm (n:m), or "2:4" (quote it: YAML reads 2:4 as a number)."""
     sparsity: float = field(default=0.5, metadata=_RATIO)
-    """Final share of zero weights (magnitude, wanda)."""
+    """Final share of zero weights (magnitude, wanda, taylor)."""
     scope: Literal["layer", "global", "row"] | None = None
-    """Where weights compete: layer, global (magnitude) or row (wanda); default: layer for magnitude, row for wanda."""
+    """Where weights compete: layer, global (magnitude, taylor) or row (wanda, taylor); default: the method's (layer
+    for magnitude and taylor, row for wanda)."""
     n: int = field(default=2, metadata={"min": 1})
     """method nm: keep n of every m consecutive input weights."""
     m: int = field(default=4, metadata={"min": 2})
@@ -73,8 +79,8 @@ class PruningConfig:
     score: Literal["magnitude", "wanda"] = "magnitude"
     """N:M methods: rank weights in a group by magnitude or by wanda (needs calibration data)."""
     schedule: Literal["one_shot", "gradual"] = "one_shot"
-    """one_shot at at_epoch, or gradual (cubic, Zhu & Gupta) from start_epoch to end_epoch; gradual: magnitude and
-    wanda only."""
+    """one_shot at at_epoch, or gradual (cubic, Zhu & Gupta) from start_epoch to end_epoch; gradual: methods whose
+    sparsity is a setting (magnitude, wanda, taylor)."""
     at_epoch: float = field(default=0.0, metadata={"min": 0.0})
     """one_shot: epoch at which the masks are applied."""
     start_epoch: float = field(default=0.0, metadata={"min": 0.0})
@@ -92,7 +98,8 @@ class PruningConfig:
     exclude: list[str] = field(default_factory=list)
     """More layer-name prefixes to keep dense."""
     calib_batches: int = field(default=4, metadata={"min": 1})
-    """Training batches (no augmentation) that feed Wanda and activation/Taylor importance."""
+    """Training batches (no augmentation) that feed Wanda and Taylor masks and structured activation/Taylor
+    importance."""
     sparse_kernels: bool = False
     """method "2:4" on CUDA: train with torch.sparse semi-structured kernels where a probe shows a speed-up."""
     structured: StructuredPruningConfig = field(default_factory=StructuredPruningConfig)
@@ -111,15 +118,12 @@ class PruningConfig:
         """When masks first appear (one-shot epoch, or the start of the gradual ramp)."""
         return self.start_epoch if self.schedule == "gradual" else self.at_epoch
 
-    def mask_config(self, sparsity: float | None = None) -> MagnitudeConfig | WandaConfig | SemiStructuredConfig:
+    def mask_config(self, sparsity: float | None = None) -> Any:
         """The library config of ``method`` (at ``sparsity``, default the final one); N:M ignores it."""
         target = self.sparsity if sparsity is None else sparsity
-        if self.method == "magnitude":
-            return MagnitudeConfig(sparsity=target, scope=self.scope or "layer")
-        if self.method == "wanda":
-            return WandaConfig(sparsity=target, scope=self.scope or "row")
-        n, m = (2, 4) if self.method == "2:4" else (self.n, self.m)
-        return SemiStructuredConfig(n=n, m=m, score=self.score, kernels="off")
+        return config_for(
+            self.method, sparsity=target, scope=self.scope, n=self.n, m=self.m, score=self.score, kernels="off"
+        )
 
     def check(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -133,10 +137,11 @@ class PruningConfig:
             except ValueError as e:
                 raise ConfigError(f"{p}{e}") from None
         if self.schedule == "gradual":
-            if self.method not in ("magnitude", "wanda"):
+            if not self.masks_enabled or not method_named(self.method).gradual:
+                gradual = [m.name for m in methods() if m.gradual]
                 raise ConfigError(
-                    f"{p}schedule: gradual needs method magnitude or wanda (N:M sparsity is fixed), "
-                    f"got method {self.method!r}"
+                    f"{p}schedule: gradual needs method {', '.join(gradual[:-1])} or {gradual[-1]} "
+                    f"(the others have a fixed sparsity), got method {self.method!r}"
                 )
             if self.initial_sparsity > self.sparsity:
                 raise ConfigError(
