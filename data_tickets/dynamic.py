@@ -36,7 +36,7 @@ from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from .dynamic_plan import check_sharding, per_rank_count, prune_epochs, shard_order
-from .rules import DataRule, RuleState, make_rule
+from .rules import DEFAULT_RULE, DataRule, RuleState, make_rule
 
 __all__ = ["DynamicPruner"]
 
@@ -88,7 +88,7 @@ class DynamicPruner(Sampler[int]):
         rank: int | None = None,
         drop_last: bool = False,
         sync_scores: bool = True,
-        rule: str | DataRule = "infobatch",
+        rule: str | DataRule = DEFAULT_RULE,
         rule_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(num_samples, (int, np.integer)):
@@ -284,7 +284,9 @@ class DynamicPruner(Sampler[int]):
         plan = self.rule.epoch_plan(int(epoch), pool, state)
         keep = np.zeros(self.num_samples, dtype=bool)
         keep[plan.indices] = True
-        return keep, plan.weights, {"epoch": int(epoch), **plan.stats}
+        stats = {"epoch": int(epoch), **plan.stats}
+        stats.setdefault("annealing", state.annealing)
+        return keep, plan.weights, stats
 
     def _make_plan(self) -> None:
         epoch = self.epoch

@@ -63,6 +63,8 @@ class RandomSubsetRule(DataRule):
 
     def __init__(self, num_samples: int, *, fraction: float | None = None, **common: Any) -> None:
         super().__init__(num_samples, **common)
+        if fraction is not None:
+            self.ratio = 1.0 - float(fraction)
         self.fraction = 1.0 - self.ratio if fraction is None else float(fraction)
         subset_size(self.num_samples, self.fraction)  # validates the fraction
 
@@ -90,9 +92,15 @@ class RandomSubsetRule(DataRule):
 class FixedSubsetRule(RandomSubsetRule):
     """One seeded random subset of the pool for the whole run (class-stratified when ``labels`` are given)."""
 
+    _cache: tuple[np.ndarray, float, int, np.ndarray] | None = None  # (pool, fraction, seed) -> draw
+
     def draw(self, epoch: int, pool: np.ndarray) -> np.ndarray:
-        labels = None if self.labels is None else self.labels[pool]
-        return fixed_subset(pool.size, self.fraction, self.seed, labels)
+        c = self._cache
+        if c is None or (c[1], c[2]) != (self.fraction, self.seed) or not np.array_equal(c[0], pool):
+            labels = None if self.labels is None else self.labels[pool]
+            draw = fixed_subset(pool.size, self.fraction, self.seed, labels)
+            c = self._cache = (pool.copy(), self.fraction, self.seed, draw)
+        return c[3]
 
 
 @register_rule("rs2")

@@ -30,7 +30,20 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-__all__ = ["DataRule", "RulePlan", "RuleState", "RULES", "register_rule", "get_rule", "make_rule", "rule_names"]
+__all__ = [
+    "DataRule",
+    "RulePlan",
+    "RuleState",
+    "RULES",
+    "DEFAULT_RULE",
+    "register_rule",
+    "get_rule",
+    "make_rule",
+    "rule_names",
+]
+
+DEFAULT_RULE = "infobatch"
+"""The rule a :class:`data_tickets.DynamicPruner` (and ``tickets.dynamic``) uses unless told otherwise."""
 
 # modules that register the built-in rules; imported on the first lookup (they import this module)
 _BUILTIN_MODULES = ("data_tickets.dynamic_plan", "data_tickets.random_subsets")
@@ -60,7 +73,8 @@ class RuleState:
 
 class RulePlan(NamedTuple):
     """One epoch's answer: ``indices`` (sorted kept dataset indices, a subset of the pool), ``weights``
-    (float32 loss weight per dataset index) and ``stats`` (counts; at least ``pool``, ``kept``, ``pruned``)."""
+    (float32 loss weight per dataset index) and ``stats`` (counts; at least ``pool``, ``kept``, ``pruned``; the
+    sampler adds ``annealing`` when missing)."""
 
     indices: np.ndarray
     weights: np.ndarray
