@@ -16,6 +16,7 @@ from data_tickets.random_subsets import fixed_subset, rs2_subset
 from data_tickets.rules import RULES, DataRule, RulePlan, RuleState, get_rule, make_rule, register_rule, rule_names
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
+from lotus.features.schedule.plan import Schedule
 from lotus.parallel.compat import check_compat
 from lotus.training import Trainer
 
@@ -117,6 +118,11 @@ def test_config_names_unknown_rules_and_distributed_ones(tiny_cfg_dict):
     d["tickets"] = {"dynamic": {"enabled": True, "rule": "nope"}}
     with pytest.raises(ConfigError, match=r"^tickets\.dynamic\.rule: unknown data rule 'nope'; expected one of: "):
         config_from_dict(d)
+    d["tickets"]["dynamic"]["rule"] = "rs2"  # no drop_candidates: lotus.schedule: auto has nothing to move
+    d["train"]["epochs"] = 8
+    d["lotus"] = {"schedule": "auto"}
+    with pytest.raises(ConfigError, match="tickets.dynamic.rule: lotus.schedule: auto moves the ratio"):
+        Schedule(config_from_dict(d))
 
     @register_rule("local_only")
     class LocalOnly(EveryOther):
