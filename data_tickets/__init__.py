@@ -27,8 +27,11 @@ proxy_cache     ``cached_proxy`` (each seed's proxy training stored once, replay
                 ``proxy_fingerprint``
 grad_norms      ``per_sample_grad_sq_norms`` (GraNd without per-sample weight gradients)
 attention       ``cls_attention``, ``capture_attention`` (attention weights from q/k, via hooks)
-dynamic         ``DynamicPruner`` (the InfoBatch-style sampler; state, sync, export, resume)
-dynamic_plan    the per-epoch pruning rule and sharding as pure functions
+rules           ``DataRule``, ``RulePlan``, ``RuleState``, ``register_rule``, ``make_rule``, ``rule_names``
+                (dynamic data rules: which samples each epoch, with which loss weights)
+dynamic         ``DynamicPruner`` (the sampler driven by a rule; scores, sync, export, resume)
+dynamic_plan    ``InfoBatchRule`` (rule "infobatch"): InfoBatch's per-epoch plan; the sharding, as pure functions
+random_subsets  ``fixed_subset``, ``rs2_subset``, ``FixedSubsetRule``, ``RS2Rule`` (rules "fixed", "rs2")
 patches         ``PatchTicket`` (keep selection, offline rankings), ``patch_attention``,
                 ``random_patch_scores``, ``rank_patches``
 kept_tokens     ``forward_kept_tokens``, ``KeptPatchTokens``, ``apply_patch_tickets``
@@ -40,10 +43,17 @@ import importlib
 from typing import Any
 
 # name -> module that defines it; imported on first use (module __getattr__), so reading a config section
-# that needs only ``KeepRateSchedule`` or ``POLICIES`` does not import torch
+# that needs only ``KeepRateSchedule``, ``POLICIES`` or ``rule_names`` does not import torch (__all__ lists
+# the main entry points; the rule interface names resolve here too)
 _WHERE = {
     "__version__": "_version",
     "DynamicPruner": "dynamic",
+    "DataRule": "rules",
+    "RulePlan": "rules",
+    "RuleState": "rules",
+    "register_rule": "rules",
+    "make_rule": "rules",
+    "rule_names": "rules",
     "dataset_fingerprint": "fingerprint",
     "per_sample_grad_sq_norms": "grad_norms",
     "KeepRateSchedule": "keep_rate",
@@ -72,6 +82,7 @@ __all__ = [
     "make_proxy",
     "per_sample_grad_sq_norms",
     "DynamicPruner",
+    "register_rule",
     "PatchTicket",
     "KeepRateSchedule",
     "apply_patch_tickets",

@@ -1,10 +1,12 @@
-"""InfoBatch-style dynamic data pruning: a sampler that skips well-learned samples, plus loss re-weighting.
+"""Dynamic data pruning: a sampler that asks a data rule which samples to train on each epoch, plus loss
+re-weighting.
 
 Each sample's score is the last loss seen for it during training (recorded from the per-sample losses of
-every batch). At the start of every epoch the pruner freezes a *plan* for that epoch: it drops a seeded
-random share ``ratio`` of the pool's below-mean-score samples, up-weights the kept below-mean ones by
-``1 / (1 - ratio)`` and trains the final ``anneal`` share of epochs on all data. The rule itself, with
-its exact counts, is in :mod:`data_tickets.dynamic_plan`.
+every batch). At the start of every epoch the pruner freezes a *plan* for that epoch from a registered
+:class:`~data_tickets.rules.DataRule` (``rule=``, default ``"infobatch"``: drop a seeded random share ``ratio``
+of the pool's below-mean-score samples and up-weight the kept below-mean ones by ``1 / (1 - ratio)``, see
+:mod:`data_tickets.dynamic_plan`), and trains the final ``anneal`` share of epochs on all data. The pruner owns
+what every rule shares: scores, pool, epoch, anneal, sharding, resume.
 
 Typical use in a plain PyTorch loop::
 
@@ -33,11 +35,10 @@ import torch
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .dynamic_plan import check_sharding, infobatch_plan, per_rank_count, prune_epochs, shard_order
+from .dynamic_plan import check_sharding, per_rank_count, prune_epochs, shard_order
+from .rules import DEFAULT_RULE, DataRule, RuleState, make_rule
 
 __all__ = ["DynamicPruner"]
-
-_STATE_VERSION = 1
 
 
 def _as_index_array(index: Any, name: str = "index") -> np.ndarray:
@@ -51,14 +52,14 @@ def _as_index_array(index: Any, name: str = "index") -> np.ndarray:
 
 
 class DynamicPruner(Sampler[int]):
-    """Sampler over dataset indices that drops a random fraction ``ratio`` of the below-mean-loss samples.
+    """Sampler over dataset indices that keeps, each epoch, what its data rule plans (InfoBatch by default).
 
     Args:
         num_samples: size of the dataset the indices refer to (or a sized dataset).
-        ratio: r in [0, 1): fraction of the below-mean-score samples dropped per pruning epoch (see ``dynamic_plan``).
+        ratio: r in [0, 1): the rule's strength; InfoBatch drops this share of the below-mean-score samples.
         num_epochs: total training epochs (needed for the anneal); ``None`` never anneals.
         anneal: fraction of the final epochs trained on all data (InfoBatch's ``1 - delta``; 0.125 default).
-        seed: seeds the per-epoch drop choice and shuffle; same seed + same scores = same plan.
+        seed: seeds the rule's per-epoch draws and the shuffle; same seed + same scores = same plan.
         indices: optional base index set (e.g. a static data ticket); pruning acts within it.
         sampler: optional user sampler over dataset indices; its order is kept and pruned indices are skipped.
             Its ``set_epoch`` is forwarded. A ``DistributedSampler`` here is *not* iterated: the pruner
@@ -69,6 +70,8 @@ class DynamicPruner(Sampler[int]):
         sync_scores: merge scores across ranks at ``set_epoch`` when ``torch.distributed`` is initialised with
             more than one rank (also when the pruner itself is not sharded and the training loop shards its
             index list, as ``lotus`` does).
+        rule: a registered rule name (:func:`data_tickets.rules.rule_names`) built with ``num_samples``, ``seed``,
+            ``num_epochs``, ``ratio`` and ``rule_options``, or a :class:`DataRule` instance (its own ratio and seed).
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class DynamicPruner(Sampler[int]):
         rank: int | None = None,
         drop_last: bool = False,
         sync_scores: bool = True,
+        rule: str | DataRule = DEFAULT_RULE,
+        rule_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(num_samples, (int, np.integer)):
             if hasattr(num_samples, "__len__"):
@@ -109,10 +114,12 @@ class DynamicPruner(Sampler[int]):
         num_replicas, rank = check_sharding(num_replicas, rank)
 
         self.num_samples = num_samples
-        self.ratio = float(ratio)
         self.num_epochs = None if num_epochs is None else int(num_epochs)
+        if not isinstance(rule, DataRule):
+            opts = dict(seed=int(seed), num_epochs=self.num_epochs, ratio=float(ratio), **(rule_options or {}))
+            rule = make_rule(rule, num_samples, **opts)
+        self.rule = rule
         self.anneal = float(anneal)
-        self.seed = int(seed)
         self.sampler = sampler
         self.shuffle = bool(shuffle)
         self.num_replicas = num_replicas
@@ -151,13 +158,23 @@ class DynamicPruner(Sampler[int]):
         self.pool = self._check_pool(indices)
         self._version += 1
 
+    @property
+    def ratio(self) -> float:
+        """The rule's strength (``DataRule.ratio``)."""
+        return self.rule.ratio
+
+    @property
+    def seed(self) -> int:
+        """The rule's seed, also the shuffle's."""
+        return self.rule.seed
+
     def set_ratio(self, ratio: float) -> None:
         """Change ``ratio`` (takes effect at the next plan, i.e. the next ``set_epoch``), e.g. from a schedule
         that picks it per epoch; ``0.0`` keeps all data."""
         if not (isinstance(ratio, (int, float)) and 0.0 <= float(ratio) < 1.0):
             raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
         if float(ratio) != self.ratio:
-            self.ratio = float(ratio)
+            self.rule.set_ratio(float(ratio))
             self._version += 1
 
     @property
@@ -186,6 +203,7 @@ class DynamicPruner(Sampler[int]):
             )
         ok = np.isfinite(vals)  # a NaN/inf loss would poison the mean; keep the previous score
         idx, vals = idx[ok], vals[ok]
+        self.rule.observe(idx, vals)
         self.scores[idx] = vals
         self.seen[idx] = True
         self._updated[idx] = True
@@ -262,11 +280,13 @@ class DynamicPruner(Sampler[int]):
         Pure (no state change). ``anneal=False`` ignores the full-data phase.
         """
         pool = (np.arange(self.num_samples) if self.pool is None else self.pool) if pool is None else pool
-        annealing = anneal and self.is_annealing(epoch)
-        keep, weights, counts = infobatch_plan(
-            self.scores, self.seen, pool, self.ratio, self._rng(epoch, 0), annealing=annealing
-        )
-        return keep, weights, {"epoch": int(epoch), **counts}
+        state = RuleState(self.scores, self.seen, annealing=anneal and self.is_annealing(epoch))
+        plan = self.rule.epoch_plan(int(epoch), pool, state)
+        keep = np.zeros(self.num_samples, dtype=bool)
+        keep[plan.indices] = True
+        stats = {"epoch": int(epoch), **plan.stats}
+        stats.setdefault("annealing", state.annealing)
+        return keep, plan.weights, stats
 
     def _make_plan(self) -> None:
         epoch = self.epoch
@@ -328,7 +348,7 @@ class DynamicPruner(Sampler[int]):
     def final_kept_indices(self) -> np.ndarray:
         """The kept set a pruning epoch would use with the final scores (anneal ignored), sorted.
 
-        That is every seen sample at or above the mean loss, every unseen sample, and a seeded random
+        For InfoBatch: every seen sample at or above the mean loss, every unseen sample, and a seeded random
         ``1 - r`` share of the below-mean ones. Deterministic by ``seed`` and the scores.
         """
         epoch = self.num_epochs if self.num_epochs is not None else self.epoch + 1
@@ -355,43 +375,16 @@ class DynamicPruner(Sampler[int]):
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume mid-run (tensors/numbers only, loadable with ``weights_only=True``)."""
+        from .dynamic_state import pruner_state
+
         self._ensure_plan()
-        return {
-            "version": _STATE_VERSION,
-            "num_samples": self.num_samples,
-            "ratio": self.ratio,
-            "anneal": self.anneal,
-            "num_epochs": -1 if self.num_epochs is None else self.num_epochs,
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "scores": torch.from_numpy(self.scores.copy()),
-            "seen": torch.from_numpy(self.seen.copy()),
-            "updated": torch.from_numpy(self._updated.copy()),
-            "order": torch.from_numpy(self._order.copy()),
-            "weights": torch.from_numpy(self._weights.copy()),
-            "plan_stats": dict(self._stats),
-        }
+        return pruner_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the dataset size must match."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("DynamicPruner state: expected a dict from DynamicPruner.state_dict() (version 1)")
-        if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(
-                f"DynamicPruner state: saved for {int(state['num_samples'])} samples, this dataset has "
-                f"{self.num_samples}"
-            )
-        self.ratio = float(state["ratio"])
-        self.anneal = float(state["anneal"])
-        self.num_epochs = None if int(state["num_epochs"]) < 0 else int(state["num_epochs"])
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.scores = state["scores"].numpy().astype(np.float32).copy()
-        self.seen = state["seen"].numpy().astype(bool).copy()
-        self._updated = state["updated"].numpy().astype(bool).copy()
-        self._order = state["order"].numpy().astype(np.int64).copy()
-        self._weights = state["weights"].numpy().astype(np.float32).copy()
-        self._stats = dict(state.get("plan_stats", {}))
+        """Restore :meth:`state_dict` output; the dataset size and the rule must match."""
+        from .dynamic_state import load_pruner_state
+
+        load_pruner_state(self, state)
         self._plan_epoch = self.epoch
         self._version += 1
         self._plan_version = self._version
@@ -400,5 +393,6 @@ class DynamicPruner(Sampler[int]):
     def __repr__(self) -> str:
         return (
             f"DynamicPruner(num_samples={self.num_samples}, ratio={self.ratio}, num_epochs={self.num_epochs}, "
-            f"anneal={self.anneal}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})"
+            f"anneal={self.anneal}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank}, "
+            f"rule={self.rule.name!r})"
         )

@@ -16,8 +16,9 @@ epoch the plan is:
 * **anneal** (InfoBatch's ``1 - delta``): epochs ``e >= ceil((1 - anneal) * num_epochs)`` use all data with
   weight 1, so the final epochs train on the full (unbiased) data (:func:`prune_epochs`).
 
+:class:`InfoBatchRule` is this plan as the registered data rule ``infobatch`` (:mod:`data_tickets.rules`).
 The epoch's index order is then sharded across ranks exactly like ``DistributedSampler``
-(:func:`check_sharding`, :func:`shard_order`, :func:`per_rank_count`).
+(:func:`check_sharding`, :func:`shard_order`, :func:`per_rank_count`), whatever the rule.
 
 Reference: Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR 2024.
 """
@@ -29,7 +30,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["prune_epochs", "infobatch_plan", "check_sharding", "shard_order", "per_rank_count"]
+from .rules import DataRule, RulePlan, RuleState, register_rule
+
+__all__ = [
+    "prune_epochs",
+    "infobatch_plan",
+    "below_mean",
+    "InfoBatchRule",
+    "check_sharding",
+    "shard_order",
+    "per_rank_count",
+]
 
 
 def prune_epochs(num_epochs: int | None, anneal: float) -> int | None:
@@ -78,6 +89,26 @@ def infobatch_plan(
         "annealing": bool(annealing),
     }
     return keep, weights, stats
+
+
+def below_mean(losses: np.ndarray) -> np.ndarray:
+    """The losses strictly below their mean (what InfoBatch may drop)."""
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    return losses[losses < losses.mean()] if losses.size else losses
+
+
+@register_rule("infobatch")
+class InfoBatchRule(DataRule):
+    """InfoBatch: skip a seeded random share ``ratio`` of the pool's below-mean-loss samples, up-weight the
+    kept below-mean ones by ``1 / (1 - ratio)`` (:func:`infobatch_plan`)."""
+
+    def epoch_plan(self, epoch: int, pool: np.ndarray, state: RuleState) -> RulePlan:
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        keep, weights, stats = infobatch_plan(state.scores, state.seen, pool, self.ratio, rng, state.annealing)
+        return RulePlan(np.flatnonzero(keep), weights, stats)
+
+    def drop_candidates(self, losses: np.ndarray) -> np.ndarray | None:
+        return below_mean(losses)
 
 
 def check_sharding(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""A :class:`data_tickets.DynamicPruner`'s final kept set as a ticket file: what InfoBatch-style dynamic pruning
-would keep, reusable offline (``lotus train --set tickets.file=...``)."""
+"""A :class:`data_tickets.DynamicPruner`'s final kept set as a ticket file: what its data rule (InfoBatch by
+default) would keep, reusable offline (``lotus train --set tickets.file=...``); the rule names the policy."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def dynamic_ticket(
     pool_size = pruner.num_samples if pruner.pool is None else int(pruner.pool.size)
     info = {
         "dynamic": {
+            "rule": pruner.rule.name,
             "ratio": pruner.ratio,
             "anneal": pruner.anneal,
             "num_epochs": pruner.num_epochs,
@@ -33,11 +34,11 @@ def dynamic_ticket(
     fields = dict(
         scores=np.where(pruner.seen, pruner.scores, np.nan).astype(np.float32),
         scorer="dynamic_last_loss",
-        policy="infobatch",
         fraction=float(idx.size / pool_size),
         seed=pruner.seed,
         extra=info,
     )
+    fields.update(pruner.rule.ticket_fields())
     if dataset is None and labels is None:
         return TicketFile(idx, **fields).check()
     return TicketFile.create(idx, dataset=dataset, labels=labels, **fields)

@@ -5,8 +5,9 @@ Supported under ``parallel.mode`` ddp / fsdp / auto (and with any activation che
 * ``tickets.file`` (a fixed subset): the Trainer stripes the subset across ranks like the full data.
 * ``tickets.patches`` (patch tickets): token selection happens inside the model's forward on each rank.
 * ``outliers`` monitoring: every rank runs the same probe forward (collective under FSDP2).
-* ``tickets.dynamic`` (dynamic data pruning): each epoch's losses are summed over ranks on the device, so
-  every rank computes the same plan (:mod:`lotus.features.dynamic.callback`).
+* ``tickets.dynamic`` (dynamic data pruning) with any data rule that declares ``distributed`` (all built-in
+  ones): each epoch's losses are summed over ranks on the device, so every rank computes the same plan
+  (:mod:`lotus.features.dynamic.callback`), and the Trainer shards its order like ``DistributedSampler``.
 * ``pruning`` (masks, one-shot or gradual, and structured thinning): calibration is sharded and reduced,
   every rank makes the same decision, and the model is rebuilt and re-wrapped
   (:mod:`lotus.features.pruning.distributed`).
@@ -20,6 +21,8 @@ Not supported (a :class:`~lotus.errors.ConfigError` at load time, rather than a 
   ``torch.sparse`` semi-structured weights that DDP buckets and FSDP2 shards cannot hold.
 * ``optim.name`` soap / shampoo under FSDP2: their preconditioners need whole parameter matrices.
 * ``ema`` under FSDP2: the EMA copy is not sharded.
+* ``tickets.dynamic.rule`` naming a data rule with ``distributed = False`` (its plan is not a function of
+  the merged state, so ranks could disagree).
 """
 
 from __future__ import annotations
@@ -58,6 +61,15 @@ def check_compat(cfg: Any) -> None:
             f"optim.name: {optim} is not supported with {where} (its preconditioners need whole "
             "parameter matrices, FSDP2 shards them); use parallel.mode ddp or optim.name adamw"
         )
+    if _get(cfg, "tickets.dynamic.enabled", False):
+        from data_tickets.rules import get_rule
+
+        rule = _get(cfg, "tickets.dynamic.rule", "infobatch")
+        if not get_rule(rule).distributed:
+            raise ConfigError(
+                f"tickets.dynamic.rule: the data rule {rule!r} does not support {where} (it declares "
+                "distributed = False); use parallel.mode none or a rule whose plan every rank computes alike"
+            )
     if sharded and _get(cfg, "ema.enabled", False):
         raise ConfigError(
             f"ema.enabled: not supported with {where} (the EMA copy would need the same FSDP2 "

@@ -1,11 +1,14 @@
-"""Dynamic data pruning in lotus training (``tickets.dynamic``, InfoBatch-style, :class:`data_tickets.DynamicPruner`).
+"""Dynamic data pruning in lotus training (``tickets.dynamic``, :class:`data_tickets.DynamicPruner` driven by the
+data rule ``tickets.dynamic.rule``, a :mod:`data_tickets.rules` registry name; InfoBatch by default).
 
-Every sample's score is its last seen training loss. Each epoch the loop skips ``round(ratio * |B|)`` random
-samples of B, the samples whose score is below the mean, and multiplies the loss of the kept samples of B by
-``1 / (1 - ratio)``; the last ``anneal`` fraction of the epochs trains on all data (at least the ``lotus:``
-schedule's anneal, see :class:`lotus.features.schedule.plan.Schedule`). ``ratio`` is therefore the fraction
-of the *below-mean* samples skipped, not of the dataset (the skipped dataset fraction is logged each epoch
-as ``dyn_pruned_fraction``). It composes with a ticket subset (pruning acts inside the subset).
+Every sample's score is its last seen training loss. Each epoch the rule plans the kept samples and their
+loss weights from the scores; this callback knows nothing rule-specific. With InfoBatch the loop skips
+``round(ratio * |B|)`` random samples of B, the samples whose score is below the mean, and multiplies the
+loss of the kept samples of B by ``1 / (1 - ratio)``; the last ``anneal`` fraction of the epochs trains on
+all data (at least the ``lotus:`` schedule's anneal, see :class:`lotus.features.schedule.plan.Schedule`).
+``ratio`` is therefore the fraction of the *below-mean* samples skipped, not of the dataset (the skipped
+dataset fraction is logged each epoch as ``dyn_pruned_fraction``). It composes with a ticket subset
+(pruning acts inside the subset).
 
 The losses of an epoch are recorded on the device (a sum and a count per dataset index, scattered in each
 step: no host sync) and merged into the pruner's scores once, at the epoch end. Under torchrun (DDP,
@@ -37,8 +40,8 @@ __all__ = ["DynamicPruningCallback"]
 
 
 class DynamicPruningCallback(Callback):
-    """Owns the epoch sampler (a :class:`data_tickets.DynamicPruner` over the epoch subset) and re-weights
-    the kept samples' losses."""
+    """Owns the epoch sampler (a :class:`data_tickets.DynamicPruner` running ``cfg.rule`` over the epoch subset)
+    and re-weights the kept samples' losses."""
 
     def __init__(self, cfg: DynamicConfig, seed: int, anneal: float, follow_plan: bool = False):
         self.cfg = cfg
@@ -62,8 +65,10 @@ class DynamicPruningCallback(Callback):
             num_epochs=trainer.cfg.train.epochs,
             anneal=self.anneal,
             seed=self.seed,
-            sync_scores=False,
-        )  # merged here
+            sync_scores=False,  # merged here
+            rule=self.cfg.rule,
+            rule_options={"labels": trainer.labels_train},
+        )
         self._loss_sum = torch.zeros(n, dtype=torch.float32, device=trainer.device)
         self._loss_count = torch.zeros(n, dtype=torch.float32, device=trainer.device)
         if self._pending:
@@ -76,6 +81,7 @@ class DynamicPruningCallback(Callback):
         if not trainer.restored:  # logged once per run, not again on resume
             trainer.log(
                 "dynamic_pruning",
+                rule=self.cfg.rule,
                 ratio=self.cfg.ratio,
                 anneal=self.anneal,
                 seed=self.seed,
@@ -133,9 +139,9 @@ class DynamicPruningCallback(Callback):
         metrics.update(
             dyn_kept=st["kept"],
             dyn_pruned=st["pruned"],
-            dyn_below_mean=st["below_mean"],
+            dyn_below_mean=st.get("below_mean", 0),
             dyn_pruned_fraction=round(st["pruned"] / max(st["pool"], 1), 6),
-            dyn_weight=st["weight"],
+            dyn_weight=st.get("weight", 1.0),
             dyn_annealing=st["annealing"],
         )
         if self._digests is not None:
@@ -145,6 +151,7 @@ class DynamicPruningCallback(Callback):
         total = self.pruner.pool.size if self.pruner.pool is not None else self.pruner.num_samples
         epochs = max(trainer.epoch, 1)
         summary["dynamic_pruning"] = {
+            "rule": self.cfg.rule,
             "ratio": self.cfg.ratio,
             "anneal": self.anneal,
             "pruned_total": int(self.pruned_total),

@@ -4,7 +4,8 @@ to the rules and records the decisions the rules return.
 Rules (and the rule table): :mod:`lotus.features.schedule.auto_rules`; measurements:
 :mod:`lotus.features.schedule.auto_probes`; the decision list and what it implies per epoch:
 :class:`lotus.features.schedule.auto.AutoState`. Besides the probes, the signals are the epoch's mean train loss
-and val accuracy (the epoch metrics, already reduced across ranks) and the dynamic pruner's last-seen losses.
+and val accuracy (the epoch metrics, already reduced across ranks) and the dynamic pruner's last-seen losses
+(weighed over what its data rule would drop).
 Probe time counts as training time (``wall_s``). Each decision is logged as an ``auto_decision`` event with
 its signal, measured value, threshold and reason; the decision list is this callback's checkpoint state.
 Under torchrun every rank runs the same probes on the same reduced numbers; after each round the ranks
@@ -107,16 +108,13 @@ class AutoScheduleCallback(Callback):
         self._apply(trainer, epoch, rules.anneal_start(self.state, self.a, epoch, self.plateau), made)
 
     def _dynamic(self, trainer: Trainer, epoch: int, made: list[str]) -> None:
+        """The sampler's data rule names what it would drop (``drop_candidates``); the rule weighs their losses."""
         losses = probes.seen_losses(trainer.sampler)
         if losses is not None:
-            self._apply(
-                trainer,
-                epoch,
-                rules.dynamic_ratio(
-                    self.state, self.a, losses, trainer.data.num_classes, float(self.cfg.tickets.dynamic.ratio)
-                ),
-                made,
-            )
+            cap = float(self.cfg.tickets.dynamic.ratio)
+            drop = trainer.sampler.rule.drop_candidates
+            decision = rules.dynamic_ratio(self.state, self.a, losses, trainer.data.num_classes, cap, drop)
+            self._apply(trainer, epoch, decision, made)
 
     def _keep_rate(self, trainer: Trainer, epoch: int, epoch_samples: int, made: list[str]) -> None:
         """scorer cls_attention: one step lower while the attention mass allows (pays-check at the first)."""

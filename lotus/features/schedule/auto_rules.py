@@ -18,8 +18,9 @@ decision          signal -> rule                                                
 ``anneal``        val accuracy: no gain > ``plateau_delta`` for                     phase reduce -> anneal
                   ``plateau_patience`` reduced epochs, or the last
                   ``anneal_share`` begins -> :func:`anneal_start`
-``dynamic_ratio`` the last-seen per-sample losses: 1 - (mean of the below-mean      ``tickets.dynamic`` ratio
-                  losses - min) / (mean - min), at most the share of them that is
+``dynamic_ratio`` the last-seen per-sample losses: 1 - (mean of the rule's drop      ``tickets.dynamic`` ratio
+                  candidates' losses (InfoBatch: the below-mean ones) - min) /
+                  (mean - min), at most the share of them that is
                   learned (loss < ``learned_loss`` x ln(classes)), capped at
                   ``tickets.dynamic.ratio``, in ``ratio_step`` steps
                   -> :func:`dynamic_ratio`
@@ -52,11 +53,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from data_tickets.rules import DEFAULT_RULE, make_rule
 from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.config import AutoConfig
 
@@ -172,19 +175,26 @@ def anneal_start(state: AutoState, a: AutoConfig, epoch: int, p: Plateau) -> Dec
 
 
 # ---------------------------------------------------------------------- dynamic ratio
+Candidates = Callable[[np.ndarray], "np.ndarray | None"]
+
+
 def dynamic_ratio_signal(
-    losses: Any, num_classes: int, cap: float, step: float, learned_loss: float
+    losses: Any, num_classes: int, cap: float, step: float, learned_loss: float, candidates: Candidates | None = None
 ) -> tuple[float, float, float]:
-    """``(ratio, share, learned)`` from the last-seen per-sample losses: ``share`` = 1 - (mean of the below-mean
-    losses - min) / (mean - min) (how much less the samples InfoBatch would drop carry), ``learned`` = the share
-    of those below-mean samples whose loss is under ``learned_loss * ln(num_classes)`` (InfoBatch's premise is
-    that what it drops is learned), and ``ratio`` = min of both, in ``step`` steps, at most ``cap``."""
+    """``(ratio, share, learned)`` from the last-seen per-sample losses and the data rule's
+    ``candidates(losses)`` (:meth:`data_tickets.rules.DataRule.drop_candidates`: the losses of what it would
+    drop; default: the default rule's, InfoBatch's below-mean ones): ``share`` = 1 - (mean of the candidates'
+    losses - min) / (mean - min) (how much less the samples the rule would drop carry), ``learned`` = the share
+    of the candidates whose loss is under ``learned_loss * ln(num_classes)`` (the premise is that what is
+    dropped is learned), and ``ratio`` = min of both, in ``step`` steps, at most ``cap``; all 0 without
+    candidates."""
     scores = np.asarray(losses, dtype=np.float64).reshape(-1)
     if scores.size < 2:
         return 0.0, 0.0, 0.0
     mean, low = float(scores.mean()), float(scores.min())
-    below = scores[scores < mean]
-    if not below.size or mean <= low:
+    candidates = candidates or make_rule(DEFAULT_RULE, scores.size).drop_candidates
+    below = candidates(scores)
+    if below is None or not below.size or mean <= low:
         return 0.0, 0.0, 0.0
     share = 1.0 - (float(below.mean()) - low) / (mean - low)
     learned = float((below < learned_loss * math.log(num_classes)).mean())
@@ -192,13 +202,15 @@ def dynamic_ratio_signal(
     return ratio, share, learned
 
 
-def dynamic_ratio(state: AutoState, a: AutoConfig, losses: Any, num_classes: int, cap: float) -> Decision | None:
-    """A new ``dynamic_ratio`` when :func:`dynamic_ratio_signal` differs from the ratio in force (none from
-    fewer than two seen losses)."""
+def dynamic_ratio(
+    state: AutoState, a: AutoConfig, losses: Any, num_classes: int, cap: float, candidates: Candidates | None = None
+) -> Decision | None:
+    """A new ``dynamic_ratio`` when :func:`dynamic_ratio_signal` (with the rule's ``candidates``) differs from
+    the ratio in force (none from fewer than two seen losses)."""
     scores = np.asarray(losses, dtype=np.float64).reshape(-1)
     if scores.size < 2:
         return None
-    ratio, share, learned = dynamic_ratio_signal(scores, num_classes, cap, a.ratio_step, a.learned_loss)
+    ratio, share, learned = dynamic_ratio_signal(scores, num_classes, cap, a.ratio_step, a.learned_loss, candidates)
     current = state.ratios[-1][1] if state.ratios else 0.0
     if ratio == current:
         return None
@@ -208,7 +220,7 @@ def dynamic_ratio(state: AutoState, a: AutoConfig, losses: Any, num_classes: int
         "below_mean_loss_share_learned",
         min(share, learned),
         cap,
-        f"below-mean samples carry {share:.0%} less loss than the mean and {learned:.0%} of them are "
+        f"the samples the data rule may drop carry {share:.0%} less loss than the mean and {learned:.0%} of them are "
         "learned (capped at tickets.dynamic.ratio)",
     )
 

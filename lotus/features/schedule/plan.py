@@ -30,13 +30,14 @@ auto controller records at epoch ends (and saves with its checkpoint state; see
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from data_tickets import POLICIES, KeepRateSchedule
+from data_tickets.dynamic_plan import prune_epochs
+from data_tickets.rules import DataRule, get_rule
 from lotus.errors import ConfigError
 from lotus.features.schedule.auto import AutoKeepRates, AutoState
 
@@ -109,8 +110,8 @@ class Schedule:
         return "reduce"
 
     def dynamic_prune_epochs(self) -> int:
-        """Epochs ``0 .. n-1`` prune dynamically, the rest anneal (``data_tickets.DynamicPruner``'s rule)."""
-        return int(math.ceil(self.epochs * (1.0 - self.dynamic_anneal) - 1e-9))
+        """Epochs ``0 .. n-1`` prune dynamically, the rest anneal (the sampler's anneal, whatever the data rule)."""
+        return prune_epochs(self.epochs, self.dynamic_anneal)
 
     def plan(self, epoch: int) -> EpochPlan:
         if self.auto is not None:
@@ -205,6 +206,11 @@ class Schedule:
             raise ConfigError(
                 "pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
                 "(pruning.structured), which must come first and happens when the probe says so"
+            )
+        if t.dynamic.enabled and get_rule(t.dynamic.rule).drop_candidates is DataRule.drop_candidates:
+            raise ConfigError(
+                f"tickets.dynamic.rule: lotus.schedule: auto moves the ratio from the data rule's drop_candidates; "
+                f"{t.dynamic.rule!r} has none (use lotus.schedule: fixed)"
             )
         if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
             raise ConfigError(

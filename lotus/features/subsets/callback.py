@@ -1,11 +1,13 @@
-"""Random subsets in lotus training (``tickets.random``): owns the ``subset`` slot with a pure function of
-the epoch (:mod:`data_tickets.random_subsets`), so resume needs no state."""
+"""Random subsets in lotus training (``tickets.random``): owns the ``subset`` slot with the registered data rule
+``tickets.random.mode`` (``rs2`` or ``fixed``, :mod:`data_tickets.rules`), planned over the whole training split.
+The rules are pure functions of the epoch and seed (:mod:`data_tickets.random_subsets`), so resume needs no state.
+The same rules also run as ``tickets.dynamic.rule`` (then they own the sampler and compose with a ticket)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from data_tickets.random_subsets import fixed_subset, rs2_subset
+from data_tickets.rules import DataRule, RuleState, make_rule
 from lotus.callbacks import Callback, Trainer
 from lotus.features.subsets.config import RandomSubsetConfig
 
@@ -13,12 +15,12 @@ __all__ = ["RandomSubsetCallback"]
 
 
 class RandomSubsetCallback(Callback):
-    """The epoch's train indices: a fixed random subset or RS2's draw."""
+    """The epoch's train indices: the plan of the rule ``cfg.mode`` (a fixed random subset or RS2's draw)."""
 
     def __init__(self, cfg: RandomSubsetConfig, seed: int):
         self.cfg = cfg
         self.seed = cfg.seed if cfg.seed is not None else seed
-        self.fixed: np.ndarray | None = None
+        self.rule: DataRule | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.restored:
@@ -36,8 +38,7 @@ class RandomSubsetCallback(Callback):
 
     def epoch_subset(self, trainer: Trainer, epoch: int) -> np.ndarray:
         n = len(trainer.train_set)
-        if self.cfg.mode == "rs2":
-            return rs2_subset(n, self.cfg.fraction, epoch, self.seed)
-        if self.fixed is None:
-            self.fixed = fixed_subset(n, self.cfg.fraction, self.seed, trainer.labels_train)
-        return self.fixed
+        if self.rule is None:
+            opts = dict(seed=self.seed, num_epochs=trainer.cfg.train.epochs, labels=trainer.labels_train)
+            self.rule = make_rule(self.cfg.mode, n, fraction=self.cfg.fraction, **opts)
+        return self.rule.epoch_plan(epoch, np.arange(n), RuleState.empty(n)).indices
