@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from tqdm import tqdm
@@ -66,7 +66,7 @@ class EpochBar(Callback):
     def __init__(self, desc: str, enabled: bool):
         self.desc, self.enabled, self.bar = desc, enabled, None
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         if self.enabled:
             self.bar = tqdm(
                 total=trainer.cfg.train.epochs,
@@ -77,13 +77,13 @@ class EpochBar(Callback):
                 unit="ep",
             )
 
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         if self.bar is not None:
             if metrics.get("val_acc") is not None:
                 self.bar.set_postfix_str(f"val {metrics['val_acc'] * 100:.1f}%")
             self.bar.update(1)
 
-    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -12,21 +12,71 @@ top and the CLI can define a callback without importing torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
     from torch import nn
 
-Trainer = Any
-"""Annotation for ``lotus.training.Trainer`` in hooks (that module imports the features, so they cannot
-import it back; its attributes are documented in docs/architecture.md)."""
+    from lotus.config import Config
+    from lotus.data import DataBundle
+
+
+class Trainer(Protocol):
+    """What a feature may read on the training loop (``lotus.training.Trainer`` satisfies it; that module
+    imports the features, so they name this protocol instead). Features change the loop only through their
+    hooks' return values and the methods below, never by assigning attributes."""
+
+    cfg: Config
+    data: DataBundle
+    train_set: Any
+    val_set: Any
+    labels_train: np.ndarray
+    device: torch.device
+    dist: Any  # lotus.training.runtime.DistInfo: rank, world_size, is_main
+    autocast: Callable[[], Any]
+    model: nn.Module  # as trained (possibly wrapped for data parallelism)
+    unwrapped_model: nn.Module  # the bare timm model
+    optimizer: torch.optim.Optimizer
+    forward: Forward
+    plan: Any  # lotus.features.schedule.plan.Plan: this epoch's schedule phase
+    subset: np.ndarray | None  # the epoch's train indices, None = all
+    sampler: Any  # the epoch sampler a feature installed, if any
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    restored: bool  # resumed from a checkpoint: start-of-run events are not logged again
+    write: bool
+    run_dir: str | None
+    features: Mapping[str, Callback]  # what the feature registry published: config section -> callback
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Record an event in metrics.jsonl and the run summary."""
+
+    def evaluate(self, model: nn.Module | None = None) -> dict:
+        """Validation metrics of ``model`` (default: the trained model)."""
+
+    def count_as_training(self, wall_s: float, cpu_s: float) -> None:
+        """Add work done outside the epoch's training segment (probes) to the run's training time."""
+
+    def rebuild_optimizer(self) -> None:
+        """Rebuild the optimiser (and its schedule) for the model's current parameters."""
+
+    def wrap_model(self, plain: nn.Module, **kw: Any) -> nn.Module:
+        """Wrap a bare model for this run's parallelism."""
+
+    def replace_model(self, plain: nn.Module, wrapped: nn.Module) -> None:
+        """Train ``wrapped`` (built from the bare ``plain``) from now on, e.g. after thinning changed shapes."""
+
+    def model_thinned(self, report: dict) -> None:
+        """Tell every callback (``on_model_thinned``) that the model's shapes changed."""
+
 
 __all__ = ["Callback", "Forward", "Trainer", "default_forward", "HOOKS", "overrides"]
 
-Forward = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+Forward = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # noqa: F821
 """``forward(model, images, index) -> logits``: the training forward (patch tickets replace it)."""
 
 

@@ -168,3 +168,33 @@ def test_features_write_only_the_slots_they_declare(tiny_cfg_dict, tmp_path):
         feature = owners[type(cb).__name__]
         for slot, hook in SLOT_HOOKS.items():
             assert overrides(cb, hook) == (slot in feature.writes), (feature.name, slot)
+
+
+def test_features_use_the_typed_trainer_contract():
+    """Hooks see the ``Trainer`` protocol, never ``Any``; features reach each other through
+    ``trainer.features`` (what the registry publishes), not by scanning ``trainer.callbacks``."""
+    import re
+
+    offenders = []
+    for folder in ("lotus/features", "lotus/parallel"):
+        for path in sorted(Path(ROOT, folder).rglob("*.py")):
+            text = path.read_text()
+            for pattern in (r"trainer: Any\b", r"trainer\.callbacks\b", r"trainer\.(model|unwrapped_model) = "):
+                offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert offenders == []
+
+
+def test_the_trainer_satisfies_its_protocol(tiny_cfg):
+    from lotus.callbacks import Trainer as Contract
+    from lotus.training import Trainer
+
+    cfg = tiny_cfg
+    t = Trainer(cfg, write=False, quiet=True)
+    t.fit()
+    missing = [
+        name
+        for name in [*Contract.__annotations__, *vars(Contract)]
+        if not name.startswith("_") and not hasattr(t, name)
+    ]
+    assert missing == []
+    assert t.features == {}  # the tiny config turns no feature on

@@ -38,7 +38,7 @@ from lotus.features.schedule.plan import Schedule
 from lotus.features.subsets.callback import RandomSubsetCallback
 from lotus.features.tickets.callback import TicketSubset
 
-__all__ = ["Feature", "FEATURES", "SLOT_HOOKS", "build_callbacks"]
+__all__ = ["Feature", "FEATURES", "SLOT_HOOKS", "build_callbacks", "published"]
 
 SLOT_HOOKS: dict[str, str] = {
     "subset": "epoch_subset",
@@ -138,6 +138,17 @@ FEATURES: tuple[Feature, ...] = (
 )
 
 
+def published(callbacks: list[Callback]) -> dict[str, Callback]:
+    """What features may reach of each other: config section -> its callback (``trainer.features``), for the
+    enabled features among ``callbacks`` (user callbacks are not published)."""
+    out: dict[str, Callback] = {}
+    for cb in callbacks:
+        section = getattr(cb, "_lotus_section", None)
+        if section is not None:
+            out.setdefault(section, cb)
+    return out
+
+
 def build_callbacks(cfg: Config, schedule: Schedule) -> list[Callback]:
     """Every enabled feature's callbacks, in :data:`FEATURES` order; a callback that implements the hook
     of a slot its feature does not declare is a bug (raised here, not left to silently race)."""
@@ -150,5 +161,6 @@ def build_callbacks(cfg: Config, schedule: Schedule) -> list[Callback]:
                     f"feature {feature.name}: {type(cb).__name__} writes {', '.join(stray)} "
                     "without declaring it in lotus.features.registry.FEATURES"
                 )
+            cb._lotus_section = feature.section  # what published() keys it by
             out.append(cb)
     return out

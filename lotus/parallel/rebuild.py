@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from lotus.callbacks import Trainer
 from lotus.parallel.apply import get_plan
 from lotus.parallel.checkpoint import set_full_state
 
@@ -39,7 +40,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
 
 
 def plain_copy(
-    trainer: Any, model_sd: dict[str, torch.Tensor], prepare: Callable[[nn.Module, dict], None] | None = None
+    trainer: Trainer, model_sd: dict[str, torch.Tensor], prepare: Callable[[nn.Module, dict], None] | None = None
 ) -> nn.Module:
     """A fresh plain model on the trainer's device holding ``model_sd``; ``prepare(model, model_sd)`` first
     gives it the saved shapes (thinned widths, mask parametrizations). The global RNG is left untouched."""
@@ -67,7 +68,7 @@ def _plan_summary(plan: Any) -> dict | None:
 
 
 def swap_model(
-    trainer: Any,
+    trainer: Trainer,
     plain: nn.Module,
     optim_sd: dict,
     transform: Callable[[dict], dict] | None = None,
@@ -80,8 +81,8 @@ def swap_model(
     par = trainer.cfg.parallel
     old = get_plan(trainer.model)
     replan = replan_reason is not None and par.mode == "auto" and par.memory_budget is not None
-    trainer.model = trainer.wrap_model(plain, replan=True) if replan else trainer.wrap_model(plain, plan=old)
-    trainer.unwrapped_model = plain
+    wrapped = trainer.wrap_model(plain, replan=True) if replan else trainer.wrap_model(plain, plan=old)
+    trainer.replace_model(plain, wrapped)
     for m in plain.modules():  # FSDP2 allocates its unsharded parameters at the first all-gather: do it
         if isinstance(m, FSDPModule):  # here, not inside the next evaluation's inference_mode
             m.unshard()

@@ -26,7 +26,7 @@ from lotus.config import Config, load_config, save_config
 from lotus.data import Augmenter, DataBundle, build_datasets, describe
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
-from lotus.features.registry import build_callbacks
+from lotus.features.registry import build_callbacks, published
 from lotus.features.schedule.plan import EpochPlan, Schedule
 from lotus.models import create_model, resolve_img_size, unwrap
 from lotus.optim import LrSchedule, build_optimizer
@@ -105,6 +105,7 @@ class Trainer:
         self.run_dir = run_dir or cfg.output.dir or os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.schedule = Schedule(cfg)
         self.callbacks: list[Callback] = build_callbacks(cfg, self.schedule) + list(callbacks or [])
+        self.features = published(self.callbacks)
         self.state = TrainState()
         self.run_log = RunLog(
             self.run_dir,
@@ -180,6 +181,16 @@ class Trainer:
         state = self.scheduler.state_dict() if hasattr(self, "scheduler") else {"position": 0.0}
         self.scheduler = LrSchedule(self.optimizer, self.cfg.optim, self.cfg.train)
         self.scheduler.load_state_dict(state)  # the position (and plateau counters) carry over
+
+    def replace_model(self, plain: nn.Module, wrapped: nn.Module) -> None:
+        """Train ``wrapped`` (``plain`` wrapped by :meth:`wrap_model`) from now on: the one place the model
+        is swapped after set-up (structured thinning under data parallelism rebuilds it)."""
+        self.model, self.unwrapped_model = wrapped, plain
+
+    def model_thinned(self, report: dict) -> None:
+        """Fire ``on_model_thinned`` on every callback (e.g. the EMA copy is thinned the same way)."""
+        for cb in self.callbacks:
+            cb.on_model_thinned(self, report)
 
     # ---------------------------------------------------------------- services
     def log(self, event: str, **fields: Any) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
-from lotus.callbacks import Callback
+from lotus.callbacks import Callback, Trainer
 from lotus.data import batches
 from lotus.errors import LotusError
 from lotus.features.outliers.config import OutliersConfig
@@ -45,7 +44,7 @@ class OutlierMonitor(Callback):
         self._images: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- setup
-    def _probe_images(self, trainer: Any) -> torch.Tensor:
+    def _probe_images(self, trainer: Trainer) -> torch.Tensor:
         dataset = trainer.val_set if self.cfg.probe_split == "val" else trainer.train_set
         n = min(self.cfg.probe_batch_size, len(dataset))
         g = torch.Generator().manual_seed(int(trainer.cfg.train.seed) + 2024)
@@ -53,7 +52,7 @@ class OutlierMonitor(Callback):
         images = torch.cat([x for x, _, _ in batches(dataset, idx, n)])
         return images.to(trainer.device)
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         model = getattr(trainer, "unwrapped_model", None) or trainer.model
         try:
             find_blocks(model)
@@ -66,7 +65,7 @@ class OutlierMonitor(Callback):
 
     # -------------------------------------------------------------- measure
     @torch.no_grad()
-    def measure(self, trainer: Any) -> dict:
+    def measure(self, trainer: Trainer) -> dict:
         """Run the probe now and log an ``outliers`` event; returns ``{site: metrics}``."""
         t0 = time.perf_counter()
         target = getattr(trainer, "unwrapped_model", None) or trainer.model
@@ -88,11 +87,11 @@ class OutlierMonitor(Callback):
         trainer.log("outliers", **summary, probe_s=round(dt, 4), layers=layers)
         return layers
 
-    def on_step_end(self, trainer: Any, step: int) -> None:
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
         if step % self.cfg.every_n_steps == 0:
             self.measure(trainer)
 
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         # The final measurement happens here, while metrics.jsonl is still open (on_fit_end runs after it closed).
         cap = trainer.cfg.train.max_steps
         last_epoch = epoch + 1 >= trainer.cfg.train.epochs or (cap is not None and trainer.step >= cap)
@@ -101,7 +100,7 @@ class OutlierMonitor(Callback):
         if self.last is not None:
             metrics.update({k: _round(v) for k, v in summarize(self.last).items()})
 
-    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
         if self._images is None:
             return
         if self.last is None or self.last_step != trainer.step:
@@ -131,7 +130,7 @@ class OutlierMonitor(Callback):
                 records.append({"step": self.last_step, "layers": self.last})
             out["report"] = write_run_report(trainer.run_dir, records)
 
-    def _quant_check(self, trainer: Any) -> dict:
+    def _quant_check(self, trainer: Trainer) -> dict:
         model = getattr(trainer, "unwrapped_model", None) or trainer.model
         calib = calibration_batches(trainer.train_set, trainer.cfg, self.cfg.quant.calib_batches)
         evals = EvalBatches(trainer.val_set, trainer.cfg.data.eval_batch_size)

@@ -143,8 +143,7 @@ class PruningCallback(Callback):
                     new.load_state_dict(slice_optimizer_state(old_state, report["kept_indices"], names))
 
             trainer.rebuild_optimizer(carry_state)
-        for cb in trainer.callbacks:  # e.g. the EMA copy is thinned the same way
-            cb.on_model_thinned(trainer, report)
+        trainer.model_thinned(report)  # e.g. the EMA copy is thinned the same way
         self.structured_done = True
         self.widths = report["widths"]
         trainer.log(

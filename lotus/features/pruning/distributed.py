@@ -23,13 +23,13 @@ layout change:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import pruning
+from lotus.callbacks import Trainer
 from lotus.errors import LotusError
 from lotus.parallel.checkpoint import is_sharded
 from lotus.parallel.rebuild import agree, full_state, plain_copy, reduce_sum_fn, shard_batches, swap_model
@@ -50,12 +50,12 @@ __all__ = [
 MASK_SUFFIX = ".parametrizations.weight.0.mask"
 
 
-def is_parallel(trainer: Any) -> bool:
+def is_parallel(trainer: Trainer) -> bool:
     """True when the run is data parallel (several ranks) or its model is FSDP2-sharded."""
     return trainer.dist.world_size > 1 or is_sharded(trainer.unwrapped_model)
 
 
-def calibration(trainer: Any, batches: list) -> tuple[list, Callable | None]:
+def calibration(trainer: Trainer, batches: list) -> tuple[list, Callable | None]:
     """This rank's calibration batches and the ``reduce_sum`` that completes their statistics (or None)."""
     mine, sharded = shard_batches(batches, trainer.dist.rank, trainer.dist.world_size)
     return mine, (reduce_sum_fn(trainer.device) if sharded else None)
@@ -82,7 +82,7 @@ def _flat_names(optim_sd: dict) -> list:
     return [p for g in optim_sd.get("param_groups", []) for p in g["params"]]
 
 
-def thin_parallel(trainer: Any, config: pruning.StructuredConfig, calib: list | None, widths: dict | None) -> dict:
+def thin_parallel(trainer: Trainer, config: pruning.StructuredConfig, calib: list | None, widths: dict | None) -> dict:
     """Structured thinning of a DDP / FSDP2 model (see the module docstring); returns the library's report
     with ``rank_digests`` (one digest of the kept heads/neurons per rank) added."""
     model_sd, optim_sd = full_state(trainer.model, trainer.optimizer)
@@ -104,7 +104,7 @@ def thin_parallel(trainer: Any, config: pruning.StructuredConfig, calib: list | 
 
 
 def prune_masks_parallel(
-    trainer: Any, pruner: pruning.GradualPruner, progress: float, widths: dict | None, filter_args: tuple
+    trainer: Trainer, pruner: pruning.GradualPruner, progress: float, widths: dict | None, filter_args: tuple
 ) -> dict | None:
     """One :meth:`GradualPruner.step` of a DDP / FSDP2 model: a plain copy is masked (when the target rose)
     and wrapped again; otherwise the weights are re-zeroed under the masks. Returns the prune report or None."""

@@ -20,8 +20,6 @@ from typing import Any
 
 from data_tickets.keep_rate import num_kept
 from lotus.callbacks import Callback, Trainer
-from lotus.features.patches.callback import PatchTicketsCallback
-from lotus.features.pruning.callback import PruningCallback
 from lotus.features.schedule import auto_patch_rules as patch_rules
 from lotus.features.schedule import auto_probes as probes
 from lotus.features.schedule import auto_rules as rules
@@ -52,7 +50,7 @@ class AutoScheduleCallback(Callback):
         return self._probe
 
     def _model(self, trainer: Trainer) -> Any:
-        owner = next((cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)), None)
+        owner = trainer.features.get("pruning")
         return probes.probe_model(trainer, owner.widths if owner is not None else None)
 
     def _apply(self, trainer: Trainer, epoch: int, d: rules.Decision | None, made: list[str]) -> bool:
@@ -85,7 +83,7 @@ class AutoScheduleCallback(Callback):
         online = pc.scorer == "cls_attention" and pc.source == "online"
         ranked = 0
         if online and pc.refresh_every != 0:
-            owner = next(cb for cb in trainer.callbacks if isinstance(cb, PatchTicketsCallback))
+            owner = trainer.features["tickets.patches"]
             ranked = len(owner.refresh_indices(trainer))
         cost = patch_rules.rerank_seconds(
             rank_s,
@@ -179,7 +177,7 @@ class AutoScheduleCallback(Callback):
         cands = rules.thin_candidates(self.state, self.a, epoch, s.heads, s.mlp)
         if not cands:
             return
-        owner = next(cb for cb in trainer.callbacks if isinstance(cb, PruningCallback))
+        owner = trainer.features["pruning"]
         calib = owner.calib_batches(trainer) if s.importance != "magnitude" else None
         model, data = self._model(trainer), self.probe_batches(trainer)
         with probes.eval_mode(model):
