@@ -1,4 +1,5 @@
-"""Training throughput of the default config with and without a busy neighbour: torch's default threads vs ``auto``.
+"""Training throughput of the default config with and without a busy neighbour: torch's default threads vs ``auto``,
+and what the tuning costs.
 
 Each measurement is a fresh process running lotus' own Trainer on ``configs/digits_preln.yaml`` (lotus_vit_tiny at
 16 px, batch 64, augmentation on) for ``--steps`` optimiser steps (or until ``--max-seconds``), with
@@ -7,17 +8,18 @@ Each measurement is a fresh process running lotus' own Trainer on ``configs/digi
 
 * neighbour: ``none``; ``busy`` (a separate ``python -c "while True: pass"`` spinning one core, started before
   the measurement, killed after it); ``arrives`` (the same neighbour started by the worker after
-  ``--arrive-at`` steps: exercises the re-check);
-* threads: ``default`` (torch's default thread count of a fresh process, ``train.threads`` unset) or ``auto``
-  (a callback does what the Trainer integration will do: in ``on_fit_start`` :class:`ThreadTuner` probes
-  forward+backward of a deep copy of the model on a fixed batch and sets the thread count; every step's wall
-  time goes to ``tuner.observe``, and a flag triggers a re-tune).
+  ``--arrive-at`` steps: exercises the re-tune on a sustained slowdown);
+* threads: ``default`` (``train.threads: null``, torch's default thread count of a fresh process) or ``auto``
+  (``train.threads: auto``, the Trainer's own ThreadTuner: it cycles the thread counts over the first real steps
+  and re-tunes on a sustained slowdown; nothing of it is emulated here).
 
-img/s counts the samples of steps 2..N over the wall time from the end of step 1 to the end of step N
-(re-tunes included, the start-up tune excluded and reported separately as ``tune_s``).
+img/s counts the samples of all steps over the wall time from ``on_fit_start`` to the end of the last step, so the
+tuning (its steps at slower counts and its stall checks) is inside it. The tuning overhead is the tuner's own
+estimate (``total_overhead_s``: the extra time of the steps run at slower counts plus the stall checks) as a %
+of that training time; the target is <= 2 %.
 
     python benchmarks/threads.py            # full: 150 steps, 3 rounds (~10 minutes on 2 cores)
-    python benchmarks/threads.py --quick    # smoke run: 12 steps, 1 round (written under benchmarks/results/quick/)
+    python benchmarks/threads.py --quick    # smoke run: 40 steps, 1 round (written under benchmarks/results/quick/)
     python benchmarks/threads.py --render benchmarks/results/threads.json   # re-write the .md from saved runs
 """
 
@@ -49,35 +51,25 @@ def worker(args: argparse.Namespace) -> dict:
     from lotus.callbacks import Callback
     from lotus.config import load_config
     from lotus.training import Trainer
-    from lotus.training.threads import ThreadTuner, probe_step_fn
 
     torch_default = torch.get_num_threads()
-    cfg = load_config(args.config, [f"train.max_steps={args.steps}", "train.eval_every=100000", "train.device=cpu"])
-    auto = args.worker == "auto"
+    threads = "auto" if args.worker == "auto" else "null"
+    cfg = load_config(
+        args.config,
+        [f"train.max_steps={args.steps}", "train.eval_every=100000", "train.device=cpu", f"train.threads={threads}"],
+    )
 
     class Meter(Callback):
         def __init__(self) -> None:
-            self.tuner = ThreadTuner() if auto else None
             self.times: list[float] = []
             self.samples: list[int] = []
             self.threads: list[int] = []
-            self.events: list[dict] = []
             self.neighbour: subprocess.Popen | None = None
-            self.tune_s = 0.0
-
-        def _tune(self, trainer: Trainer) -> None:
-            idx = torch.arange(cfg.data.batch_size)
-            x, y = trainer.train_set.get_batch(idx)[:2]
-            self.tuner.tune(probe_step_fn(trainer.unwrapped_model, x, y, autocast=trainer.autocast))
-            self.events.append({"step": trainer.step, **self.tuner.describe()})
+            self.start = 0.0
+            self._n = 0
 
         def on_fit_start(self, trainer: Trainer) -> None:
-            t0 = time.perf_counter()
-            if self.tuner is not None:
-                self._tune(trainer)
-            self.prev = time.perf_counter()
-            self.tune_s = self.prev - t0
-            self._n = 0
+            self.start = time.perf_counter()
 
         def transform_batch(self, trainer, images, labels, index):
             self._n = len(labels)
@@ -87,16 +79,10 @@ def worker(args: argparse.Namespace) -> dict:
             now = time.perf_counter()
             self.times.append(now)
             self.samples.append(self._n)
-            self.threads.append(torch.get_num_threads())
-            dt, self.prev = now - self.prev, now
+            self.threads.append(torch.get_num_threads())  # the count this step ran at
             if args.arrive_at and step == args.arrive_at and self.neighbour is None:
                 self.neighbour = subprocess.Popen(NEIGHBOUR)
-            if self.tuner is not None and self.tuner.observe(dt):
-                reason = self.tuner.reason
-                self._tune(trainer)
-                self.events[-1]["reason"] = reason
-                self.prev = time.perf_counter()  # the re-tune is in the wall time, not in the next step's dt
-            if now - self.times[0] > args.max_seconds:
+            if now - self.start > args.max_seconds:
                 raise _Stop
 
     meter = Meter()
@@ -110,16 +96,25 @@ def worker(args: argparse.Namespace) -> dict:
             meter.neighbour.kill()
             meter.neighbour.wait()
     n = len(meter.times)
-    wall = meter.times[-1] - meter.times[0] if n > 1 else float("nan")
+    wall = meter.times[-1] - meter.start if n else float("nan")
+    tuner = trainer.thread_tuner
+    overhead = tuner.total_overhead_s if tuner is not None else 0.0
+    events = [
+        {k: e[k] for k in ("step", "threads", "step_s", "stalled", "aborted", "overhead_s", "tune_steps", "reason")}
+        for e in trainer.events
+        if e["event"] == "threads_tuned"
+    ]
     return {
         "mode": args.worker,
         "torch_default_threads": torch_default,
         "steps": n,
-        "img_s": sum(meter.samples[1:]) / wall if n > 1 else float("nan"),
+        "img_s": sum(meter.samples) / wall if n else float("nan"),
         "wall_s": wall,
-        "tune_s": meter.tune_s,
+        "overhead_s": overhead,
+        "overhead_pct": 100 * overhead / wall if n else float("nan"),
+        "tune_steps": sum(e["tune_steps"] for e in events),
         "threads_used": sorted(set(meter.threads)),
-        "tune_events": meter.events,
+        "tune_events": events,
         "capped": n < args.steps,
     }
 
@@ -169,29 +164,33 @@ def summarize(runs: list[dict]) -> dict:
             "max_img_s": max(v),
             "n": len(v),
             "threads": sorted({t for r in rs for t in r["threads_used"]}),
-            "median_tune_s": statistics.median(r["tune_s"] for r in rs),
+            "median_overhead_s": statistics.median(r["overhead_s"] for r in rs),
+            "median_overhead_pct": statistics.median(r["overhead_pct"] for r in rs),
+            "max_overhead_pct": max(r["overhead_pct"] for r in rs),
             "retunes": [max(0, len(r["tune_events"]) - 1) for r in rs],
             "capped": sum(r["capped"] for r in rs),
         }
     return out
 
 
-def _retune_lines(runs: list[dict]) -> list[str]:
-    """One line per auto run that re-tuned: when, why, to what, and the probe timings behind it."""
-    lines = []
-    for r in runs:
-        for e in r["tune_events"][1:] if r["mode"] == "auto" else []:
-            probe = ", ".join(
-                f"{n} thr {t:.3f} s" + (" (cut short)" if int(n) in e["aborted"] else "")
-                for n, t in e["probe_s"].items()
-            )
-            first = ", ".join(f"{n} thr {t:.3f} s" for n, t in r["tune_events"][0]["probe_s"].items())
-            lines.append(
-                f"- {r['neighbour']}/auto round {r['round']}: start probe {first} -> "
-                f"{r['tune_events'][0]['threads']} thr; step {e['step']} {e['reason']}: probe {probe} "
-                f"-> {e['threads']} thr"
-            )
-    return lines
+def _event(e: dict) -> str:
+    medians = ", ".join(
+        f"{n} thr {t:.3f} s" + (" (cut)" if int(n) in e["aborted"] else "") for n, t in e["step_s"].items()
+    )
+    stalled = "".join(f", {n} thr stalled" for n in e["stalled"])
+    return (
+        f"step {e['step']} {e['reason']}: {medians}{stalled} -> {e['threads']} thr "
+        f"({e['tune_steps']} steps, overhead {e['overhead_s']:.3f} s)"
+    )
+
+
+def _tune_lines(runs: list[dict]) -> list[str]:
+    """One line per auto run: each tune, when, why, the per-count medians and what it cost."""
+    return [
+        f"- {r['neighbour']}/auto round {r['round']}: " + "; ".join(_event(e) for e in r["tune_events"])
+        for r in runs
+        if r["mode"] == "auto"
+    ]
 
 
 def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, dict]:
@@ -211,7 +210,8 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
             f"{s['min_img_s']:.1f} - {s['max_img_s']:.1f}",
             s["n"],
             ", ".join(map(str, s["threads"])),
-            f"{s['median_tune_s']:.2f}",
+            f"{s['median_overhead_s']:.3f}",
+            f"{s['median_overhead_pct']:.2f} (max {s['max_overhead_pct']:.2f})",
             ",".join(map(str, s["retunes"])),
             s["capped"],
         ]
@@ -224,7 +224,8 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
             "range",
             "runs",
             "threads used",
-            "tune s",
+            "tuning overhead s",
+            "overhead % of run",
             "re-tunes per run",
             "runs capped",
         ],
@@ -236,7 +237,7 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
         + ("" if args["steps"] == 150 or args["quick"] else f" --steps {args['steps']}")
         + ("" if args["rounds"] == 3 or args["quick"] else f" --rounds {args['rounds']}")
     )
-    retunes = _retune_lines(runs)
+    tunes = _tune_lines(runs)
     md = "\n".join(
         [
             "# Thread count under a busy neighbour: torch default vs `train.threads: auto`",
@@ -248,8 +249,9 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
                 "Measured with lotus' own Trainer (`configs/digits_preln.yaml`: lotus_vit_tiny 16 px, batch 64) for "
                 f"{args['steps']} steps or {args['max_seconds']:.0f} s of steps, whichever comes first ('runs "
                 "capped'); "
-                "`auto` = ThreadTuner in a callback (start-up probe + observe/re-tune), `default` = `train.threads` "
-                "unset. Busy neighbour = one `python -c \"while True: pass\"` process; 'arrives' = it starts at step "
+                "`auto` = `train.threads: auto` (the Trainer's ThreadTuner on the real steps), `default` = "
+                '`train.threads: null`. Busy neighbour = one `python -c "while True: pass"` process; '
+                "'arrives' = it starts at step "
                 f"{args['arrive_at']}."
             ),
             "",
@@ -258,20 +260,22 @@ def report(args: dict, runs: list[dict], cpu_count: int | None) -> tuple[str, di
             md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in {**ratios, **slowdown}.items()]),
             "",
             (
-                "img/s: samples of steps 2..N over the wall time of those steps (re-tunes included); 'tune s' is the "
-                "start-up probe, not in img/s. The machine is shared, so other processes add noise to every condition."
+                "img/s: samples of all steps over the wall time from fit start to the last step (tuning included). "
+                "Tuning overhead: the tuner's estimate (extra time of the steps at slower counts + stall checks), "
+                "as a % of that wall time; target <= 2 %. The machine is shared, so other processes add noise to "
+                "every condition."
             ),
             "",
-            "Re-tunes triggered by `observe()` (auto runs):",
+            "Tunes (`threads_tuned` events of the auto runs):",
             "",
-            *(retunes or ["- none"]),
+            *(tunes or ["- none"]),
             *(["", f"Note: {args['note']}"] if args.get("note") else []),
         ]
     )
     payload = {
         "args": args,
         "command": cmd,
-        "method": "lotus Trainer (configs/digits_preln.yaml) with a ThreadTuner callback for auto",
+        "method": "lotus Trainer (configs/digits_preln.yaml), train.threads auto vs null",
         "summary": summary,
         "ratios": ratios,
         "slowdown_from_neighbour": slowdown,
@@ -287,7 +291,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=45.0, help="cap on one measurement's timed steps")
     ap.add_argument("--arrive-at", type=int, default=30, help="step at which the 'arrives' neighbour starts")
-    add_harness_args(ap, "threads", quick="smoke run: 12 steps, 1 round")
+    add_harness_args(ap, "threads", quick="smoke run: 40 steps, 1 round")
     ap.add_argument("--note", help="a remark to print under the results (kept in the JSON)")
     ap.add_argument("--render", metavar="JSON", help="re-write the report from a saved threads.json (no runs)")
     ap.add_argument("--worker", choices=["default", "auto"], help=argparse.SUPPRESS)
@@ -304,7 +308,7 @@ def main() -> None:
         write_results(args.out or args.render, {**payload, "machine": saved["machine"]}, md)
         return
     if args.quick:
-        args.steps, args.rounds, args.max_seconds, args.arrive_at = 12, 1, 10.0, 4
+        args.steps, args.rounds, args.max_seconds, args.arrive_at = 40, 1, 20.0, 15
     runs: list[dict] = []
     for r in range(args.rounds):
         k = r % len(CONDITIONS)
@@ -314,7 +318,8 @@ def main() -> None:
             runs.append(rec)
             print(
                 f"round {r} {nb:8s} {mode:8s} {rec['img_s']:8.1f} img/s  threads {rec['threads_used']} "
-                f"steps {rec['steps']} tune {rec['tune_s']:.2f}s load {rec['load_before']}",
+                f"steps {rec['steps']} tuning {rec['overhead_s']:.3f}s ({rec['overhead_pct']:.2f} %) "
+                f"load {rec['load_before']}",
                 flush=True,
             )
     md, payload = report(

@@ -212,8 +212,8 @@ class TrainConfig:
     deterministic: bool = True
     """torch.use_deterministic_algorithms (warn only)."""
     threads: int | Literal["auto"] | None = field(default="auto", metadata={"min": 1})
-    """CPU threads: auto = the fastest count for this model, timed at start and re-checked when step time jumps (not
-    bit-reproducible across machine loads); an int pins it; null keeps torch's default."""
+    """CPU threads: auto = the fastest count for this model, timed on the run's first steps and re-tuned when steps
+    stay slower (not bit-reproducible across machine loads); an int pins it; null keeps torch's default."""
     eval_every: int = field(default=1, metadata={"min": 1})
     """Evaluate every N epochs (and always after the last)."""
     max_steps: int | None = field(default=None, metadata={"min": 1})

@@ -15,11 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lotus.data import batches
 from lotus.errors import LotusError
-from lotus.models import unwrap
 from lotus.training.step import LossMeter
-from lotus.training.threads import probe_step_fn
 
-__all__ = ["epoch_order", "forward_flops", "check_finite", "tune_threads", "train_epoch"]
+__all__ = ["epoch_order", "forward_flops", "check_finite", "observe_threads", "train_epoch"]
 
 
 def epoch_order(trainer: Any, epoch: int) -> np.ndarray:
@@ -58,10 +56,12 @@ def forward_flops(trainer: Any, images: torch.Tensor, index: torch.Tensor) -> fl
         trainer.model.train(was)
 
 
-def tune_threads(trainer: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-    """``train.threads: auto``: time a few probe steps (on a copy of the model) per thread count."""
-    trainer.thread_tuner.tune(probe_step_fn(unwrap(trainer.model), x, y, autocast=trainer.autocast))
-    trainer.log("threads_tuned", **trainer.thread_tuner.describe())
+def observe_threads(trainer: Any, step_seconds: float | None = None) -> None:
+    """``train.threads: auto`` on the real steps (no probe copies): before a step (``step_seconds`` None) set the
+    tuner's count, after an optimiser step feed its host wall time; log ``threads_tuned`` when a tune settles."""
+    tuner = trainer.thread_tuner
+    if tuner.apply() if step_seconds is None else tuner.observe(step_seconds):
+        trainer.log("threads_tuned", **tuner.describe())
 
 
 def check_finite(trainer: Any, meter: LossMeter, epoch: int) -> None:
@@ -93,6 +93,8 @@ def train_epoch(trainer: Any, epoch: int, steps_cap: int | None) -> dict:
     meter = LossMeter(trainer.device)
     check_every = cfg.train.finite_check_every
     epoch_flops = None
+    tuner = trainer.thread_tuner
+    step_s = 0.0  # host seconds of the current optimiser step's micro-steps
     t0 = time.perf_counter()
     if hasattr(trainer.loop_set, "set_epoch"):  # per-sample transform seeds from (seed, epoch, index)
         trainer.loop_set.set_epoch(epoch)
@@ -109,9 +111,8 @@ def train_epoch(trainer: Any, epoch: int, steps_cap: int | None) -> dict:
         if epoch_flops is None:
             epoch_flops = forward_flops(trainer, x, idx)
         trainer.scheduler.set_position(epoch + b / n_batches)
-        tuner = trainer.thread_tuner
-        if tuner is not None and tuner.threads is None:  # first batch of the run (also after a resume)
-            tune_threads(trainer, x, y)
+        if tuner is not None:
+            observe_threads(trainer)  # the count changes only between optimiser steps
         t_step = time.perf_counter()
         loss, stepped = trainer.stepper.micro_step(
             trainer.model,
@@ -125,12 +126,14 @@ def train_epoch(trainer: Any, epoch: int, steps_cap: int | None) -> dict:
             trainer.autocast,
             last=b + 1 == n_batches,
         )
+        step_s += time.perf_counter() - t_step
         meter.add(loss, len(y), trainer.step + 1)
-        if tuner is not None and tuner.observe(time.perf_counter() - t_step):
-            tune_threads(trainer, x, y)
         if not stepped:
             continue
         trainer.step += 1
+        if tuner is not None:
+            observe_threads(trainer, step_s)
+        step_s = 0.0
         if trainer.step % check_every == 0:
             check_finite(trainer, meter, epoch)
         if log_every and trainer.step % log_every == 0:  # one host sync per record

@@ -292,7 +292,7 @@ class Trainer:
             cb.on_fit_start(self)
         for cb in self.callbacks:
             self.forward = cb.wrap_forward(self, self.forward)
-        self.thread_tuner = (
+        self.thread_tuner = (  # threads: auto tunes on the run's first real steps (epoch.observe_threads)
             ThreadTuner()
             if cfg.train.threads == "auto" and self.device.type == "cpu" and self.dist.world_size == 1
             else None
