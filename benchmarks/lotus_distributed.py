@@ -129,7 +129,7 @@ def main() -> None:
     if a.quick:
         seeds = seeds[:1]
         sets += ["model.name=lotus_vit_micro", "train.epochs=6", "data.limit_train=512"]
-    lotus_sets = sets + (["pruning.structured.at_epoch=2", "lotus.anneal_epochs=1"] if a.quick else [])
+    lotus_sets = sets + (["pruning.structured.at_epoch=2", "schedule.anneal_epochs=1"] if a.quick else [])
     rows, runs = [], []
     with tempfile.TemporaryDirectory() as work:
         for seed in seeds:  # interleaved: dense, then LOTUS, seed by seed

@@ -10,8 +10,8 @@ Configs (all ``configs/fashion_*.yaml``: one model, OP block, recipe and data; o
 * peers alone: a fixed random 50 % subset, RS2 (a fresh random 50 % every epoch),
   InfoBatch at its defaults (r 0.5, the last 12.5 % of epochs on all data), FLIP (50 % random patches),
   progressive resolution (``configs/fashion_res.yaml``);
-* the hand-made LOTUS schedule (``configs/fashion_lotus.yaml``), ``lotus.schedule: auto``
-  (``configs/fashion_auto.yaml``, the lotus.auto settings of ``configs/digits32_auto.yaml``) and the same auto
+* the hand-made LOTUS schedule (``configs/fashion_lotus.yaml``), ``schedule.mode: auto``
+  (``configs/fashion_auto.yaml``, the schedule.auto settings of ``configs/digits32_auto.yaml``) and the same auto
   config on top of progressive resolution (the auto rules do not choose the resolution yet).
 
 Data: a fixed class-stratified 8 000-image training subset of the 55 000 training images left after the

@@ -81,11 +81,16 @@ _AUTO_SWITCHES = (
     ("no_patches", "tickets.patches.enabled=false"),
     ("no_thinning", "pruning.structured.mlp=0.0"),
     ("with_dynamic", "tickets.dynamic.enabled=true"),
-    ("patches_forced", "lotus.auto.patches_must_pay=false"),
+    ("patches_forced", "schedule.auto.patches_must_pay=false"),
 )
 
 # the hand-made 64-token schedule (12 epochs) stretched to a 40-epoch budget: the same rates, longer phases
-_HAND_40EP = ["train.epochs=40", "lotus.warmup_epochs=4", "lotus.anneal_epochs=8", "pruning.structured.at_epoch=6"]
+_HAND_40EP = [
+    "train.epochs=40",
+    "schedule.warmup_epochs=4",
+    "schedule.anneal_epochs=8",
+    "pruning.structured.at_epoch=6",
+]
 
 # tokens per image, the speed-up target (median per-seed ratio), the data to generate, and the configs
 SUITES: dict[str, dict] = {
@@ -99,7 +104,7 @@ SUITES: dict[str, dict] = {
             _lotus(
                 "configs/digits_lotus.yaml",
                 "digits_lotus_15ep",
-                ["train.epochs=15", "pruning.structured.at_epoch=3", "lotus.anneal_epochs=3"],
+                ["train.epochs=15", "pruning.structured.at_epoch=3", "schedule.anneal_epochs=3"],
             ),
             _lotus("configs/digits_auto.yaml", "digits_auto"),
             _lotus("configs/digits_auto.yaml", "digits_auto_soap", _SOAP),
@@ -209,7 +214,7 @@ _DECISION_KEYS = ("what", "from_epoch", "value", "signal", "measured", "threshol
 
 
 def _decisions(run_dir: str) -> list[dict]:
-    """The ``auto_decision`` events of a run (``lotus.schedule: auto``)."""
+    """The ``auto_decision`` events of a run (``schedule.mode: auto``)."""
     return [
         {k: e.get(k) for k in _DECISION_KEYS} for e in read_metrics(run_dir)[1] if e.get("event") == "auto_decision"
     ]

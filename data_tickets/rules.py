@@ -87,7 +87,7 @@ class DataRule(ABC):
     Every rule is built with the same keywords, so a trainer can build any registered rule from one config:
     ``num_samples``, ``seed`` (draws must be a pure function of it and the epoch, for resume), ``num_epochs``,
     ``ratio`` (the rule's strength, the share of the pool it may skip: what ``tickets.dynamic.ratio`` sets and
-    ``lotus.schedule: auto`` moves) and ``labels`` (optional, per dataset index). A subclass may add its own
+    ``schedule.mode: auto`` moves) and ``labels`` (optional, per dataset index). A subclass may add its own
     keyword options.
     """
 
@@ -123,7 +123,7 @@ class DataRule(ABC):
 
     def drop_candidates(self, losses: np.ndarray) -> np.ndarray | None:
         """The losses (of the pool's seen samples) of the samples this rule would skip at a higher ratio, which
-        ``lotus.schedule: auto`` weighs to move the ratio; None: the auto controller leaves the ratio alone."""
+        ``schedule.mode: auto`` weighs to move the ratio; None: the auto controller leaves the ratio alone."""
         return None
 
     def set_ratio(self, ratio: float) -> None:

@@ -270,7 +270,7 @@ class Config:
     """Outlier-feature monitoring during training (off by default)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Data parallelism (DDP, FSDP2) and per-block memory optimisations (off by default)."""
-    lotus: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """The LOTUS schedule: dense warm-up, a reduced phase, a full-data anneal; fixed or auto (off by default)."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
     """timm's Mixup / CutMix (off by default)."""
@@ -342,6 +342,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """Validate a raw dict (plus overrides) into a :class:`Config`."""
     source = apply_overrides(data or {}, overrides or [])
+    if isinstance(source, dict) and "lotus" in source:
+        raise ConfigError(
+            "lotus: this section is now called schedule: (and lotus.schedule: auto|fixed is schedule.mode); "
+            "rename it in the config or --set"
+        )
     cfg = validate(Config, source, "")
     check_compat(cfg)  # feature combinations that cannot run data-parallel
     cfg.source = source

@@ -159,7 +159,7 @@ def test_features_write_only_the_slots_they_declare(tiny_cfg_dict, tmp_path):
     d["pruning"] = {"method": "magnitude", "at_epoch": 2, "structured": {"mlp": 0.25, "at_epoch": 1}}
     d["outliers"] = {"enabled": True}
     d["distill"] = {"enabled": True, "teacher": str(tmp_path / "teacher.safetensors")}  # built at fit start
-    d["lotus"] = {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1, "reselect": {"enabled": True}}
+    d["schedule"] = {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1, "reselect": {"enabled": True}}
     cfg = config_from_dict(d)
     cbs = build_callbacks(cfg, Schedule(cfg))
     owners = {type(cb).__name__: f for f in FEATURES for cb in f.build(cfg, Schedule(cfg))}

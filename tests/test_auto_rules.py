@@ -1,4 +1,4 @@
-"""The rules of ``lotus.schedule: auto`` (:mod:`lotus.features.schedule.auto_rules`, ``auto_patch_rules``) as pure
+"""The rules of ``schedule.mode: auto`` (:mod:`lotus.features.schedule.auto_rules`, ``auto_patch_rules``) as pure
 functions: signals as plain numbers, no Trainer, no model. Thresholds exactly met, no signal yet, resumed state."""
 
 from __future__ import annotations

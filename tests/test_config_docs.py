@@ -65,7 +65,7 @@ def test_print_config_shows_each_meaning_and_parses_back(capsys):
     docs = {k.path: k.doc for k in config_docs.walk()}
     assert f"  lr: 0.002  # {docs['optim.lr']}\n" in out
     assert f"optim:  # {docs['optim']}\n" in out
-    assert f"  auto:  # {docs['lotus.auto']}\n" in out
+    assert f"  auto:  # {docs['schedule.auto']}\n" in out
 
 
 def test_commented_yaml_round_trips_odd_values():

@@ -118,10 +118,10 @@ def test_config_names_unknown_rules_and_distributed_ones(tiny_cfg_dict):
     d["tickets"] = {"dynamic": {"enabled": True, "rule": "nope"}}
     with pytest.raises(ConfigError, match=r"^tickets\.dynamic\.rule: unknown data rule 'nope'; expected one of: "):
         config_from_dict(d)
-    d["tickets"]["dynamic"]["rule"] = "rs2"  # no drop_candidates: lotus.schedule: auto has nothing to move
+    d["tickets"]["dynamic"]["rule"] = "rs2"  # no drop_candidates: schedule.mode: auto has nothing to move
     d["train"]["epochs"] = 8
-    d["lotus"] = {"schedule": "auto"}
-    with pytest.raises(ConfigError, match="tickets.dynamic.rule: lotus.schedule: auto moves the ratio"):
+    d["schedule"] = {"mode": "auto"}
+    with pytest.raises(ConfigError, match="tickets.dynamic.rule: schedule.mode: auto moves the ratio"):
         Schedule(config_from_dict(d))
 
     @register_rule("local_only")

@@ -1,4 +1,4 @@
-"""``lotus.schedule: auto`` under torchrun (2 processes, gloo, CPU, DDP): the probes' signals are averaged over
+"""``schedule.mode: auto`` under torchrun (2 processes, gloo, CPU, DDP): the probes' signals are averaged over
 ranks, every rank takes the same decisions (the all-gathered digests of the ranks' decision lists, logged in each
 epoch record, are equal), and the features follow them on both ranks.
 
@@ -30,8 +30,8 @@ CFG = {
         "patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"},
     },
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
-    "lotus": {
-        "schedule": "auto",
+    "schedule": {
+        "mode": "auto",
         "auto": {
             "thin_tolerance": 10.0,
             "anneal_share": 0.25,

@@ -39,7 +39,7 @@ CFG = {
         "end_epoch": 3.5,
         "frequency": 2,
     },
-    "lotus": {"anneal_epochs": 1},
+    "schedule": {"anneal_epochs": 1},
 }
 
 

@@ -1,4 +1,4 @@
-"""The lotus: schedule: validation of phases, events at the right time, resume across events, bench."""
+"""The schedule: section: validation of phases, events at the right time, resume across events, bench."""
 
 import json
 import math
@@ -42,12 +42,12 @@ def _cfg(d, **sections):
         (
             {"enabled": True, "anneal_epochs": 1, "reselect": {"enabled": True, "epochs": [3]}},
             {},
-            "lotus.reselect.epochs: epoch 3 is outside the reduced phase",
+            "schedule.reselect.epochs: epoch 3 is outside the reduced phase",
         ),
         (
             {"enabled": True, "reselect": {"enabled": True, "scorer": "nope"}},
             {},
-            "lotus.reselect.scorer: expected one of",
+            "schedule.reselect.scorer: expected one of",
         ),
         ({"enabled": True, "reselect": {"enabled": True, "scorer": "el2n"}}, {}, "el2n needs proxy trainings"),
         (
@@ -55,7 +55,7 @@ def _cfg(d, **sections):
             {"tickets": {"file": "t.npz"}},
             "cannot be combined with tickets.file",
         ),
-        ({"enabled": False, "reselect": {"enabled": True}}, {}, "needs lotus.enabled: true"),
+        ({"enabled": False, "reselect": {"enabled": True}}, {}, "needs schedule.enabled: true"),
         (
             {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
             {"tickets": {"patches": {"enabled": True, "schedule": [[0, 0.5]]}}},
@@ -65,7 +65,7 @@ def _cfg(d, **sections):
 )
 def test_impossible_schedules_are_errors(tiny_cfg_dict, lotus, extra, message):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_cfg(tiny_cfg_dict, lotus=lotus, **extra))
+        config_from_dict(_cfg(tiny_cfg_dict, schedule=lotus, **extra))
     assert message in str(e.value)
 
 
@@ -76,7 +76,7 @@ def test_schedule_derives_phase_settings_without_changing_the_config(tiny_cfg_di
     cfg = config_from_dict(
         _cfg(
             tiny_cfg_dict,
-            lotus={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
+            schedule={"enabled": True, "warmup_epochs": 1, "anneal_epochs": 1},
             tickets={"patches": {"enabled": True, "keep_rate": 0.5}, "dynamic": {"enabled": True, "anneal": 0.0}},
         )
     )
@@ -121,7 +121,7 @@ class _Record(Callback):
 def _lotus_cfg(tiny_cfg_dict):
     d = _cfg(
         tiny_cfg_dict,
-        lotus={
+        schedule={
             "enabled": True,
             "warmup_epochs": 1,
             "anneal_epochs": 1,
@@ -278,7 +278,7 @@ def test_resume_op_block_with_dynamic_pruning_and_thinning(tmp_path, tiny_cfg_di
     d = _cfg(
         tiny_cfg_dict,
         model={**tiny_cfg_dict["model"], "block": "op"},
-        lotus={"enabled": True, "anneal_epochs": 1},
+        schedule={"enabled": True, "anneal_epochs": 1},
         tickets={"dynamic": {"enabled": True, "ratio": 0.5}},
         pruning={"structured": {"mlp": 0.5, "heads": 0.5, "at_epoch": 2, "importance": "taylor"}},
     )
@@ -293,3 +293,15 @@ def test_resume_op_block_with_dynamic_pruning_and_thinning(tmp_path, tiny_cfg_di
     resumed.fit()
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_old_lotus_section_names_its_new_key(tiny_cfg_dict):
+    from lotus.config import config_from_dict
+    from lotus.errors import ConfigError
+
+    for source, overrides in (
+        ({**tiny_cfg_dict, "lotus": {"schedule": "auto"}}, []),
+        (tiny_cfg_dict, ["lotus.enabled=true"]),
+    ):
+        with pytest.raises(ConfigError, match=r"^lotus: this section is now called schedule: .*schedule\.mode"):
+            config_from_dict(source, overrides)

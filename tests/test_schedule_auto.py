@@ -1,4 +1,4 @@
-"""``lotus.schedule: auto``: decisions logged with their signals, config errors, bit-identical resume, and
+"""``schedule.mode: auto``: decisions logged with their signals, config errors, bit-identical resume, and
 the fixed schedule untouched."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ AUTO = {
     },
     "pruning": {"structured": {"mlp": 0.5, "importance": "taylor"}},
     # loose thresholds so that a 4-epoch run takes every kind of decision
-    "lotus": {
-        "schedule": "auto",
+    "schedule": {
+        "mode": "auto",
         "auto": {
             "thin_tolerance": 10.0,
             "attention_mass": 0.05,
@@ -109,12 +109,12 @@ def test_resume_after_a_decision_is_bit_identical(tmp_path, tiny_cfg_dict, one_t
 @pytest.mark.parametrize(
     "change, key",
     [
-        ({"lotus": {"schedule": "sometimes"}}, "lotus.schedule"),
-        ({"lotus": {"schedule": "auto", "auto": {"patience": 2}}}, "lotus.auto.patience"),
-        ({"lotus": {"schedule": "auto", "auto": {"thin_tolerance": -1}}}, "lotus.auto.thin_tolerance"),
-        ({"lotus": {"schedule": "auto", "auto": {"thin_candidates": [0.0]}}}, "lotus.auto.thin_candidates"),
-        ({"lotus": {"schedule": "auto", "anneal_epochs": 1}}, "lotus.anneal_epochs"),
-        ({"lotus": {"schedule": "auto", "reselect": {"enabled": True}}}, "lotus.reselect.enabled"),
+        ({"schedule": {"mode": "sometimes"}}, "schedule.mode"),
+        ({"schedule": {"mode": "auto", "auto": {"patience": 2}}}, "schedule.auto.patience"),
+        ({"schedule": {"mode": "auto", "auto": {"thin_tolerance": -1}}}, "schedule.auto.thin_tolerance"),
+        ({"schedule": {"mode": "auto", "auto": {"thin_candidates": [0.0]}}}, "schedule.auto.thin_candidates"),
+        ({"schedule": {"mode": "auto", "anneal_epochs": 1}}, "schedule.anneal_epochs"),
+        ({"schedule": {"mode": "auto", "reselect": {"enabled": True}}}, "schedule.reselect.enabled"),
         ({"tickets": {"patches": {"enabled": True, "source": "file", "file": "ticket.npz"}}}, "tickets.patches.source"),
         ({"pruning": {"method": "magnitude", "at_epoch": 2}}, "pruning.method"),
         ({"tickets": {"patches": {"enabled": True, "schedule": [[0, 1.0], [1, 0.5]]}}}, "tickets.patches.schedule"),
@@ -138,13 +138,13 @@ def test_auto_is_accepted_data_parallel(tiny_cfg_dict, mode):
     d = _auto_dict(tiny_cfg_dict)
     d["parallel"] = {"mode": mode}
     cfg = config_from_dict(d)
-    assert cfg.lotus.schedule == "auto" and cfg.parallel.mode == mode
+    assert cfg.schedule.mode == "auto" and cfg.parallel.mode == mode
 
 
 def test_auto_needs_a_feature_to_drive(tiny_cfg_dict):
     d = copy.deepcopy(tiny_cfg_dict)
-    d["lotus"] = {"schedule": "auto"}
-    with pytest.raises(ConfigError, match="^lotus.schedule: auto needs something to drive"):
+    d["schedule"] = {"mode": "auto"}
+    with pytest.raises(ConfigError, match="^schedule.mode: auto needs something to drive"):
         config_from_dict(d)
 
 
@@ -171,7 +171,7 @@ def test_decision_log_replays_to_the_same_plan():
 
 def test_fixed_schedule_is_unchanged():
     cfg = load_config(CONFIGS / "digits_lotus.yaml")
-    assert cfg.lotus.schedule == "fixed"
+    assert cfg.schedule.mode == "fixed"
     s = Schedule(cfg)
     assert s.auto is None
     plans = s.plans()
@@ -187,7 +187,7 @@ def test_fixed_schedule_is_unchanged():
 def test_auto_configs_load_through_base(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     s = Schedule(cfg)
-    assert cfg.lotus.schedule == "auto" and s.auto is not None and s.enabled
+    assert cfg.schedule.mode == "auto" and s.auto is not None and s.enabled
     assert any(isinstance(cb, AutoScheduleCallback) for cb in build_callbacks(cfg, s))
 
 
@@ -198,8 +198,8 @@ def _thin_run(tmp_path, tiny_cfg_dict, monkeypatch, rise_of, auto: dict | None =
 
     d = _auto_dict(tiny_cfg_dict, epochs=8)
     d["tickets"] = {}
-    d["lotus"]["auto"] = {"thin_tolerance": 0.2, "max_warmup": 0.125, "anneal_share": 0.125, "thin_by": 1.0}
-    d["lotus"]["auto"].update(auto or {})
+    d["schedule"]["auto"] = {"thin_tolerance": 0.2, "max_warmup": 0.125, "anneal_share": 0.125, "thin_by": 1.0}
+    d["schedule"]["auto"].update(auto or {})
     seen: dict = {}
 
     def probe(trainer, model, data, keep=None):
@@ -231,8 +231,8 @@ def test_thinning_waits_for_thin_after(tmp_path, tiny_cfg_dict, monkeypatch, one
     assert len(thin) == 1 and thin[0]["epoch"] == 3 and thin[0]["from_epoch"] == 4
     assert [e["epoch"] for e in summary["events"] if e["event"] == "prune_structured"] == [4]
     d = _auto_dict(tiny_cfg_dict, epochs=8)
-    d["lotus"]["auto"].update({"thin_after": 0.75, "thin_by": 0.5})
-    with pytest.raises(ConfigError, match=r"lotus\.auto\.thin_after: expected at most lotus\.auto\.thin_by"):
+    d["schedule"]["auto"].update({"thin_after": 0.75, "thin_by": 0.5})
+    with pytest.raises(ConfigError, match=r"schedule\.auto\.thin_after: expected at most schedule\.auto\.thin_by"):
         config_from_dict(d)
 
 
@@ -246,7 +246,7 @@ def test_thinning_takes_a_smaller_share_only_at_thin_by(tmp_path, tiny_cfg_dict,
 def test_warmup_never_ends_on_the_first_epoch(tmp_path, tiny_cfg_dict, one_thread):
     # every epoch "improves too little" (threshold 1.0), yet the first one is no signal: it starts untrained
     d = _auto_dict(tiny_cfg_dict, epochs=6)
-    d["lotus"]["auto"].update({"warmup_improvement": 1.0, "max_warmup": 0.9})
+    d["schedule"]["auto"].update({"warmup_improvement": 1.0, "max_warmup": 0.9})
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
     reduce = [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "reduce"]
     assert len(reduce) == 1 and reduce[0]["from_epoch"] == 2 and reduce[0]["signal"] == "train_loss_improvement"
@@ -277,7 +277,7 @@ def _patch_run(tmp_path, tiny_cfg_dict, monkeypatch, step_seconds) -> tuple[dict
     d = _auto_dict(tiny_cfg_dict, epochs=6)
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "refresh_every": 2}}
     d["pruning"] = {}
-    d["lotus"]["auto"] = {"attention_mass": 0.05, "max_warmup": 0.2, "anneal_share": 0.2}
+    d["schedule"]["auto"] = {"attention_mass": 0.05, "max_warmup": 0.2, "anneal_share": 0.2}
     monkeypatch.setattr(auto_probes, "step_seconds", lambda trainer, model, x, y, k: step_seconds(k))
     summary = Trainer(config_from_dict(d), run_dir=str(tmp_path / "run"), quiet=True).fit()
     return summary, [e for e in summary["events"] if e["event"] == "auto_decision" and e["what"] == "keep_rate"]
@@ -324,7 +324,7 @@ def _random_patch_dict(tiny_cfg_dict, keep_stall: float = 0.0, epochs: int = 6) 
     d = _auto_dict(tiny_cfg_dict, epochs=epochs)
     d["tickets"] = {"patches": {"enabled": True, "keep_rate": 0.5, "scorer": "random"}}
     d["pruning"] = {}
-    d["lotus"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2, "keep_stall": keep_stall}
+    d["schedule"]["auto"] = {"keep_tolerance": 0.2, "max_warmup": 0.2, "anneal_share": 0.2, "keep_stall": keep_stall}
     return d
 
 

@@ -246,7 +246,7 @@ def test_select_class_balance_default_and_opt_out(tmp_path, capsys, small_yaml, 
 
 @pytest.mark.parametrize("balanced", [True, False])
 def test_reselect_selects_through_the_same_class_balance(balanced, one_thread):
-    """lotus.reselect calls data_tickets.select with its class_balanced flag (default True) and the labels."""
+    """schedule.reselect calls data_tickets.select with its class_balanced flag (default True) and the labels."""
     from types import SimpleNamespace
 
     from data_tickets import select

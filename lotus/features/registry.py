@@ -75,13 +75,13 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "schedule",
-        "lotus.reselect",
+        "schedule.reselect",
         ("subset",),
-        lambda cfg, s: [ReselectCallback(cfg.lotus.reselect, cfg.train.seed)] if s.reselect_epochs else [],
+        lambda cfg, s: [ReselectCallback(cfg.schedule.reselect, cfg.train.seed)] if s.reselect_epochs else [],
     ),
     Feature(
         "schedule",
-        "lotus.schedule",
+        "schedule.mode",
         (),  # auto: decides the plan; the features below follow it
         lambda cfg, s: [AutoScheduleCallback(cfg, s.auto)] if s.auto is not None else [],
     ),

@@ -11,7 +11,7 @@ Supported under ``parallel.mode`` ddp / fsdp / auto (and with any activation che
 * ``pruning`` (masks, one-shot or gradual, and structured thinning): calibration is sharded and reduced,
   every rank makes the same decision, and the model is rebuilt and re-wrapped
   (:mod:`lotus.features.pruning.distributed`).
-* ``lotus.schedule: auto``: every rank probes the same batches (an FSDP2 model through a plain full copy),
+* ``schedule.mode: auto``: every rank probes the same batches (an FSDP2 model through a plain full copy),
   the measured signals are averaged over ranks before the rules see them, and the ranks compare digests of
   their decision lists after each round (:mod:`lotus.features.schedule.auto_probes`).
 

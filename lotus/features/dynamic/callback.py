@@ -5,7 +5,7 @@ Every sample's score is its last seen training loss. Each epoch the rule plans t
 loss weights from the scores; this callback knows nothing rule-specific. With InfoBatch the loop skips
 ``round(ratio * |B|)`` random samples of B, the samples whose score is below the mean, and multiplies the
 loss of the kept samples of B by ``1 / (1 - ratio)``; the last ``anneal`` fraction of the epochs trains on
-all data (at least the ``lotus:`` schedule's anneal, see :class:`lotus.features.schedule.plan.Schedule`).
+all data (at least the ``schedule:`` section's anneal, see :class:`lotus.features.schedule.plan.Schedule`).
 ``ratio`` is therefore the fraction of the *below-mean* samples skipped, not of the dataset (the skipped
 dataset fraction is logged each epoch as ``dyn_pruned_fraction``). It composes with a ticket subset
 (pruning acts inside the subset).
@@ -45,8 +45,8 @@ class DynamicPruningCallback(Callback):
 
     def __init__(self, cfg: DynamicConfig, seed: int, anneal: float, follow_plan: bool = False):
         self.cfg = cfg
-        self.anneal = anneal  # the schedule's: at least lotus.anneal_epochs / train.epochs
-        self.follow_plan = follow_plan  # lotus.schedule: auto: the ratio of each epoch is trainer.plan's
+        self.anneal = anneal  # the schedule's: at least schedule.anneal_epochs / train.epochs
+        self.follow_plan = follow_plan  # schedule.mode: auto: the ratio of each epoch is trainer.plan's
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.pruner = None
         self._pending: dict | None = None

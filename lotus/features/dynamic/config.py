@@ -22,7 +22,7 @@ class DynamicConfig:
     """Share of the below-mean-loss samples skipped each epoch (not of the dataset); the kept ones are weighted 1/(1
     - ratio). Other rules: their strength (rs2, fixed: the share of the data skipped)."""
     anneal: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0})
-    """The last share of the epochs trains on all data (at least the lotus: schedule's anneal)."""
+    """The last share of the epochs trains on all data (at least the schedule: section's anneal)."""
     seed: int | None = None
     """Seed of the random skips; default: train.seed."""
     export_ticket: bool = False

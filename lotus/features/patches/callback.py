@@ -6,7 +6,7 @@ rankings stored in a ticket file (``source: file``, from :meth:`data_tickets.Pat
 ``scorer: random`` is the baseline with the same keep rate. Blocks really run on ``prefix + K`` tokens
 (timm's ``patch_drop`` slot holds a kept-token module); evaluation always uses all patches. The keep rate per
 epoch comes from the run's :class:`lotus.features.schedule.plan.Schedule` (``schedule`` points, or the
-``lotus:`` phases: full tokens during warm-up so the attention means something before it is used, and again
+``schedule:`` phases: full tokens during warm-up so the attention means something before it is used, and again
 at the end so the model adapts to full-token inputs).
 """
 

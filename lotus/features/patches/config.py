@@ -18,7 +18,7 @@ class PatchConfig:
     enabled: bool = False
     """Patch tickets: train on the top keep_rate share of each image's patches (evaluation uses all)."""
     keep_rate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
-    """Share of the patches kept (the lowest rate under lotus.schedule: auto)."""
+    """Share of the patches kept (the lowest rate under schedule.mode: auto)."""
     schedule: list[list[float]] = field(default_factory=list)
     """Keep rate per epoch as [[epoch, keep_rate], ...] points; overrides keep_rate."""
     schedule_mode: Literal["step", "linear"] = "step"

@@ -61,7 +61,7 @@ class PruningCallback(Callback):
 
     def __init__(self, cfg: PruningConfig, auto: AutoState | None = None) -> None:
         self.cfg = cfg
-        self.auto = auto  # lotus.schedule: auto decides when and how much to thin (pruning.structured: the most)
+        self.auto = auto  # schedule.mode: auto decides when and how much to thin (pruning.structured: the most)
         self.pruner: pruning.GradualPruner | None = None
         self.current = 0.0  # mask sparsity target applied so far (restored into the pruner)
         self.structured_done = False

@@ -1,2 +1,2 @@
-"""The LOTUS schedule (``lotus:``): phases, per-epoch plans, on-the-fly sample tickets, and the decisions of
-``lotus.schedule: auto`` (``auto.py``) with their controller (``auto_callback.py``)."""
+"""The LOTUS schedule (``schedule:``): phases, per-epoch plans, on-the-fly sample tickets, and the decisions of
+``schedule.mode: auto`` (``auto.py``) with their controller (``auto_callback.py``)."""

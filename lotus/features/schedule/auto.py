@@ -1,4 +1,4 @@
-"""``lotus.schedule: auto``: the phases and rates of the LOTUS schedule, decided during training.
+"""``schedule.mode: auto``: the phases and rates of the LOTUS schedule, decided during training.
 
 Given only the epoch budget, the controller (:class:`lotus.features.schedule.auto_callback.AutoScheduleCallback`)
 measures signals at every epoch end (:mod:`lotus.features.schedule.auto_probes`), passes them to the rules

@@ -1,4 +1,4 @@
-"""The controller of ``lotus.schedule: auto``: at each epoch end it calls the probes, hands what they measured
+"""The controller of ``schedule.mode: auto``: at each epoch end it calls the probes, hands what they measured
 to the rules and records the decisions the rules return.
 
 Rules (and the rule table): :mod:`lotus.features.schedule.auto_rules`; measurements:
@@ -33,7 +33,7 @@ class AutoScheduleCallback(Callback):
 
     def __init__(self, cfg: Any, state: AutoState):
         self.cfg = cfg  # the run's lotus.config.Config
-        self.a = cfg.lotus.auto
+        self.a = cfg.schedule.auto
         self.state = state  # shared with the run's Schedule, which plans from it
         self.prev_loss: float | None = None
         self.plateau = rules.Plateau()

@@ -1,4 +1,4 @@
-"""The patch keep-rate rules of ``lotus.schedule: auto`` (scorer ``cls_attention``, scorer ``random``, and
+"""The patch keep-rate rules of ``schedule.mode: auto`` (scorer ``cls_attention``, scorer ``random``, and
 ``patches_must_pay``): pure functions from measured signals to a ``keep_rate``
 :class:`~lotus.features.schedule.auto_rules.Decision`; the rule table is in
 :mod:`lotus.features.schedule.auto_rules`.
@@ -163,7 +163,7 @@ def random_patches_start(floor: float, n: int, saved: float | None) -> Decision:
             return off
         times = f"training on {k} of {n} random patches saves {saved:.3g} s per epoch (timed steps)"
     else:
-        times = "the time saved is not checked (lotus.auto.patches_must_pay: false)"
+        times = "the time saved is not checked (schedule.auto.patches_must_pay: false)"
     return Decision(
         "keep_rate",
         floor,

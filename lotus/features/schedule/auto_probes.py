@@ -1,7 +1,7 @@
-"""The probes of ``lotus.schedule: auto``: what its rules (:mod:`lotus.features.schedule.auto_rules`, where the
+"""The probes of ``schedule.mode: auto``: what its rules (:mod:`lotus.features.schedule.auto_rules`, where the
 rule table is) read, measured on the model.
 
-Probes run on ``lotus.auto.probe_batches`` fixed, un-augmented train batches (:func:`probe_batches`: the same
+Probes run on ``schedule.auto.probe_batches`` fixed, un-augmented train batches (:func:`probe_batches`: the same
 seeded draw on every rank) and leave the model, its mode and the RNG streams as they found them. Under torchrun
 every measurement is reduced across ranks before a rule sees it (:func:`mean_over_ranks`: probe losses and
 attention masses are averaged, step timings too), thinned copies are calibrated on sharded batches whose

@@ -1,13 +1,13 @@
-"""The rules of ``lotus.schedule: auto``: pure functions from measured signals to decisions.
+"""The rules of ``schedule.mode: auto``: pure functions from measured signals to decisions.
 
 Each rule takes plain numbers (what :mod:`lotus.features.schedule.auto_probes` measured), the thresholds
-(:class:`~lotus.features.schedule.config.AutoConfig`, ``lotus.auto``) and the decisions so far
+(:class:`~lotus.features.schedule.config.AutoConfig`, ``schedule.auto``) and the decisions so far
 (:class:`~lotus.features.schedule.auto.AutoState`), and returns a :class:`Decision` or ``None``; it builds no
 model, reads no trainer and changes nothing (the controller,
 :class:`~lotus.features.schedule.auto_callback.AutoScheduleCallback`, records what it returns). A decision
 taken at the end of epoch ``e`` applies from epoch ``e + 1``.
 
-The rule table (threshold keys under ``lotus.auto``; ``patch_rules`` = :mod:`.auto_patch_rules`):
+The rule table (threshold keys under ``schedule.auto``; ``patch_rules`` = :mod:`.auto_patch_rules`):
 
 ================= ================================================================= ==========================
 decision          signal -> rule                                                    drives
@@ -142,7 +142,12 @@ def warmup_end(state: AutoState, a: AutoConfig, epoch: int, loss: float, prev_lo
         )
     if nxt >= state.latest_reduce:
         return Decision(
-            "reduce", nxt, "warmup_budget", epoch + 1, state.latest_reduce, "lotus.auto.max_warmup of the budget spent"
+            "reduce",
+            nxt,
+            "warmup_budget",
+            epoch + 1,
+            state.latest_reduce,
+            "schedule.auto.max_warmup of the budget spent",
         )
     return None
 
@@ -169,7 +174,7 @@ def anneal_start(state: AutoState, a: AutoConfig, epoch: int, p: Plateau) -> Dec
             "anneal_budget",
             epoch + 1,
             state.latest_anneal,
-            "lotus.auto.anneal_share of the budget reserved for the anneal",
+            "schedule.auto.anneal_share of the budget reserved for the anneal",
         )
     return None
 
@@ -282,4 +287,4 @@ def check_agreement(digests: list[str], epoch: int) -> None:
             f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {d}" for d, rs in groups.items()
         )
         when = "before the first epoch" if epoch < 0 else f"at the end of epoch {epoch + 1}"
-        raise RuntimeError(f"lotus.schedule: auto: ranks took different decisions {when} (decision digests {parts})")
+        raise RuntimeError(f"schedule.mode: auto: ranks took different decisions {when} (decision digests {parts})")

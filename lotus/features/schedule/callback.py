@@ -1,4 +1,4 @@
-"""On-the-fly sample tickets of the ``lotus:`` schedule: score the train split with the current model and
+"""On-the-fly sample tickets of the ``schedule:`` section: score the train split with the current model and
 train on the selected subset during the reduced phase (see :mod:`lotus.features.schedule.plan`)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _POLICY_KEYS = {"beta", "strata"}
 
 
 class ReselectCallback(Callback):
-    """Owns the epoch subset while ``lotus.reselect`` is on: a fresh ticket at the plan's ``reselect``
+    """Owns the epoch subset while ``schedule.reselect`` is on: a fresh ticket at the plan's ``reselect``
     epochs, kept until the anneal (``plan.full_data``), where training returns to all data."""
 
     def __init__(self, cfg: ReselectConfig, seed: int):

@@ -1,4 +1,4 @@
-"""The ``lotus:`` config section: the LOTUS schedule's phases and on-the-fly sample tickets.
+"""The ``schedule:`` config section: the LOTUS schedule's phases and on-the-fly sample tickets.
 
 Only the user's choices live here; :class:`lotus.features.schedule.plan.Schedule` turns them (with the
 other sections) into a per-epoch plan, without writing anything back into the config.
@@ -31,7 +31,7 @@ class ReselectConfig:
     class_balanced: bool = True
     """Per-class quotas proportional to the class frequencies."""
     epochs: list[float] = field(default_factory=list)
-    """Epochs at which to re-select; default: [lotus.warmup_epochs]."""
+    """Epochs at which to re-select; default: [schedule.warmup_epochs]."""
     every: int = field(default=0, metadata={"min": 0})
     """Then re-select every N epochs; 0: no more."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -43,7 +43,7 @@ _SHARE = {"min": 0.0, "max": 1.0}
 
 @dataclass
 class AutoConfig:
-    """``lotus.auto``: the thresholds of ``lotus.schedule: auto`` (see :mod:`lotus.features.schedule.auto`).
+    """``schedule.auto``: the thresholds of ``schedule.mode: auto`` (see :mod:`lotus.features.schedule.auto`).
     Every decision is taken at an epoch boundary and applies from the next epoch on."""
 
     warmup_improvement: float = field(default=0.05, metadata=_SHARE)
@@ -99,7 +99,7 @@ class AutoConfig:
 
 @dataclass
 class ScheduleConfig:
-    """``lotus:``: dense warm-up, a reduced phase (tickets, dynamic pruning, patch tickets, pruning events),
+    """``schedule:``: dense warm-up, a reduced phase (tickets, dynamic pruning, patch tickets, pruning events),
     then a full-data anneal, in (fractional) epochs."""
 
     enabled: bool = False
@@ -111,7 +111,7 @@ class ScheduleConfig:
     """Full-data, all-patch epochs at the end (fractional allowed)."""
     reselect: ReselectConfig = field(default_factory=ReselectConfig)
     """On-the-fly sample tickets scored with the model being trained."""
-    schedule: Literal["fixed", "auto"] = "fixed"
-    """fixed: the phases set here; auto: Lotus decides them during training from measured signals (lotus.auto)."""
+    mode: Literal["fixed", "auto"] = "fixed"
+    """fixed: the phases set here; auto: Lotus decides them during training from measured signals (schedule.auto)."""
     auto: AutoConfig = field(default_factory=AutoConfig)
-    """Thresholds of lotus.schedule: auto (see docs/schedule.md for the rules)."""
+    """Thresholds of schedule.mode: auto (see docs/schedule.md for the rules)."""

@@ -1,6 +1,6 @@
 """The LOTUS schedule as an object: built once from the user's config, it answers per epoch with a plan.
 
-Phases, in fractional epochs (``lotus.enabled``; without it every epoch is phase ``train``)::
+Phases, in fractional epochs (``schedule.enabled``; without it every epoch is phase ``train``)::
 
     0 ........ warmup_epochs ............................ epochs - anneal_epochs ........ epochs
     dense, full data, all tokens | data reduction (tickets, dynamic pruning,   | full data, all tokens
@@ -8,7 +8,7 @@ Phases, in fractional epochs (``lotus.enabled``; without it every epoch is phase
 
 What the schedule decides for the features (each keeps its own config section; nothing is written back):
 
-* ``lotus.reselect``: on-the-fly sample tickets are scored at :attr:`Schedule.reselect_epochs` (default: the
+* ``schedule.reselect``: on-the-fly sample tickets are scored at :attr:`Schedule.reselect_epochs` (default: the
   end of warm-up, then every ``reselect.every`` epochs) and trained on until the anneal.
 * ``tickets.dynamic``: its anneal fraction is at least ``anneal_epochs / epochs``
   (:attr:`Schedule.dynamic_anneal`).
@@ -21,10 +21,10 @@ What the schedule decides for the features (each keeps its own config section; n
 logs phase changes, and the features read ``trainer.plan``. Resume needs no schedule state: the plan is a
 function of the config and the epoch.
 
-With ``lotus.schedule: auto`` the phases, the dynamic ratio, the patch keep rate and the structured thinning
+With ``schedule.mode: auto`` the phases, the dynamic ratio, the patch keep rate and the structured thinning
 come from the decisions in :attr:`Schedule.auto` (:class:`lotus.features.schedule.auto.AutoState`), which the
 auto controller records at epoch ends (and saves with its checkpoint state; see
-:mod:`lotus.features.schedule.auto`); ``lotus.warmup_epochs``/``anneal_epochs``, ``tickets.patches.schedule``,
+:mod:`lotus.features.schedule.auto`); ``schedule.warmup_epochs``/``anneal_epochs``, ``tickets.patches.schedule``,
 ``tickets.dynamic.anneal`` and ``pruning.structured.at_epoch`` are then decided, not given.
 """
 
@@ -69,10 +69,10 @@ class Schedule:
     """The per-epoch plan of a run; raises :class:`ConfigError` for overlapping or impossible schedules."""
 
     def __init__(self, cfg: Config):
-        s = cfg.lotus
+        s = cfg.schedule
         self.epochs = int(cfg.train.epochs)
         self.auto: AutoState | None = None
-        if s.schedule == "auto":
+        if s.mode == "auto":
             self._check_auto(cfg)
             self.auto = AutoState(self.epochs, s.auto.anneal_share, s.auto.max_warmup)
         self.enabled = bool(s.enabled) or self.auto is not None
@@ -80,10 +80,10 @@ class Schedule:
         self.anneal_epochs = float(s.anneal_epochs) if self.enabled else 0.0
         self.reduce_end = self.epochs - self.anneal_epochs
         if not self.enabled and s.reselect.enabled:
-            raise ConfigError("lotus.reselect.enabled: needs lotus.enabled: true")
+            raise ConfigError("schedule.reselect.enabled: needs schedule.enabled: true")
         if self.enabled and self.warmup_epochs + self.anneal_epochs >= self.epochs:
             raise ConfigError(
-                f"lotus.anneal_epochs: warmup_epochs + anneal_epochs ({self.warmup_epochs:g} + "
+                f"schedule.anneal_epochs: warmup_epochs + anneal_epochs ({self.warmup_epochs:g} + "
                 f"{self.anneal_epochs:g}) must be < train.epochs ({self.epochs}), leaving room for the reduced phase"
             )
         self.reselect_epochs: tuple[int, ...] = self._reselect_epochs(cfg)
@@ -151,23 +151,27 @@ class Schedule:
 
     # ----------------------------------------------------------------- building
     def _reselect_epochs(self, cfg: Config) -> tuple[int, ...]:
-        r = cfg.lotus.reselect
+        r = cfg.schedule.reselect
         if not r.enabled:
             return ()
         from data_tickets import SCORERS  # the scorer registry imports torch: read only when reselect is on
 
         if r.scorer not in SCORERS:
-            raise ConfigError(f"lotus.reselect.scorer: expected one of {', '.join(sorted(SCORERS))}, got {r.scorer!r}")
+            raise ConfigError(
+                f"schedule.reselect.scorer: expected one of {', '.join(sorted(SCORERS))}, got {r.scorer!r}"
+            )
         if r.scorer in _OFFLINE_SCORERS:
             raise ConfigError(
-                f"lotus.reselect.scorer: {r.scorer} needs proxy trainings; use lotus select offline "
+                f"schedule.reselect.scorer: {r.scorer} needs proxy trainings; use lotus select offline "
                 "and tickets.file, or a single-pass scorer (loss, entropy, margin, grand)"
             )
         if r.policy not in POLICIES:
-            raise ConfigError(f"lotus.reselect.policy: expected one of {', '.join(sorted(POLICIES))}, got {r.policy!r}")
+            raise ConfigError(
+                f"schedule.reselect.policy: expected one of {', '.join(sorted(POLICIES))}, got {r.policy!r}"
+            )
         if cfg.tickets.file:
             raise ConfigError(
-                "lotus.reselect: cannot be combined with tickets.file (choose offline or on-the-fly tickets)"
+                "schedule.reselect: cannot be combined with tickets.file (choose offline or on-the-fly tickets)"
             )
         first = [int(e) for e in r.epochs] if r.epochs else [int(np.ceil(self.warmup_epochs))]
         out = set(first)
@@ -179,42 +183,42 @@ class Schedule:
         for e in sorted(out):
             if e < self.warmup_epochs or e >= self.reduce_end:
                 raise ConfigError(
-                    f"lotus.reselect.epochs: epoch {e} is outside the reduced phase "
+                    f"schedule.reselect.epochs: epoch {e} is outside the reduced phase "
                     f"[{self.warmup_epochs:g}, {self.reduce_end:g})"
                 )
         return tuple(sorted(out))
 
     def _check_auto(self, cfg: Config) -> None:
-        """What ``lotus.schedule: auto`` decides itself must not also be given, and it needs something to drive."""
-        s, t = cfg.lotus, cfg.tickets
+        """What ``schedule.mode: auto`` decides itself must not also be given, and it needs something to drive."""
+        s, t = cfg.schedule, cfg.tickets
         given = [
-            (s.warmup_epochs > 0, "lotus.warmup_epochs"),
-            (s.anneal_epochs > 0, "lotus.anneal_epochs"),
+            (s.warmup_epochs > 0, "schedule.warmup_epochs"),
+            (s.anneal_epochs > 0, "schedule.anneal_epochs"),
             (bool(t.patches.schedule), "tickets.patches.schedule"),
         ]
         for bad, key in given:
             if bad:
-                raise ConfigError(f"{key}: decided by lotus.schedule: auto; remove it (or use lotus.schedule: fixed)")
+                raise ConfigError(f"{key}: decided by schedule.mode: auto; remove it (or use schedule.mode: fixed)")
         if s.reselect.enabled:
-            raise ConfigError("lotus.reselect.enabled: not driven by lotus.schedule: auto; use lotus.schedule: fixed")
+            raise ConfigError("schedule.reselect.enabled: not driven by schedule.mode: auto; use schedule.mode: fixed")
         if t.patches.enabled and t.patches.source != "online":
             raise ConfigError(
-                "tickets.patches.source: lotus.schedule: auto lowers the keep rate from signals of the "
+                "tickets.patches.source: schedule.mode: auto lowers the keep rate from signals of the "
                 "model being trained; needs source: online (scorer: cls_attention or random)"
             )
         if cfg.pruning.masks_enabled and cfg.pruning.structured.enabled:
             raise ConfigError(
-                "pruning.method: masks cannot be combined with lotus.schedule: auto thinning "
+                "pruning.method: masks cannot be combined with schedule.mode: auto thinning "
                 "(pruning.structured), which must come first and happens when the probe says so"
             )
         if t.dynamic.enabled and get_rule(t.dynamic.rule).drop_candidates is DataRule.drop_candidates:
             raise ConfigError(
-                f"tickets.dynamic.rule: lotus.schedule: auto moves the ratio from the data rule's drop_candidates; "
-                f"{t.dynamic.rule!r} has none (use lotus.schedule: fixed)"
+                f"tickets.dynamic.rule: schedule.mode: auto moves the ratio from the data rule's drop_candidates; "
+                f"{t.dynamic.rule!r} has none (use schedule.mode: fixed)"
             )
         if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
             raise ConfigError(
-                "lotus.schedule: auto needs something to drive: enable tickets.dynamic, "
+                "schedule.mode: auto needs something to drive: enable tickets.dynamic, "
                 "tickets.patches or pruning.structured"
             )
 
@@ -261,6 +265,6 @@ class Schedule:
             if self.enabled and self.auto is None and e < self.warmup_epochs:
                 raise ConfigError(
                     f"{key}: epoch {e:g} falls inside the lotus warm-up (< {self.warmup_epochs:g}); "
-                    "prune after warm-up or shorten lotus.warmup_epochs"
+                    "prune after warm-up or shorten schedule.warmup_epochs"
                 )
         return events

@@ -45,7 +45,7 @@ class ProxyEpochEnd(Callback):
 def proxy_config(cfg: Config, epochs: int, seed: int, model: str | None = None) -> Config:
     """The config a proxy training runs: dense, full train split, ``epochs`` epochs, no run directory."""
     d = config_to_dict(cfg)
-    for section in ("tickets", "pruning", "outliers", "lotus"):
+    for section in ("tickets", "pruning", "outliers", "schedule"):
         d.pop(section, None)  # back to defaults: no subset, no sparsity, no monitoring, no schedule
     d["train"].update(
         epochs=epochs,
