@@ -49,16 +49,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lotus.bench import _finite, _time_to, analyse, mean_std, run_bench, seed_ratios  # noqa: E402
-from lotus.bench_stats import format_ratio  # noqa: E402
+from lotus.bench import run_bench  # noqa: E402
+from lotus.bench_report import analyse  # noqa: E402
+from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
 
 
 def _ratio(d: dict) -> str:
     return format_ratio(d, "not reached")
 
 
-from lotus.checkpoint import atomic_write_text  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
+from lotus.safe_io import atomic_write_text  # noqa: E402
 
 OP, RES, LOTUS, AUTO = (f"configs/fashion_{n}.yaml" for n in ("op", "res", "lotus", "auto"))
 

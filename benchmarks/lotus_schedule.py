@@ -38,16 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lotus.bench import _time_to, analyse, mean_std, run_bench, seed_ratios  # noqa: E402
-from lotus.bench_stats import format_ratio  # noqa: E402
+from lotus.bench import run_bench  # noqa: E402
+from lotus.bench_report import analyse  # noqa: E402
+from lotus.bench_stats import _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
 
 
 def _ratio(d: dict) -> str:
     return format_ratio(d, "not reached")
 
 
-from lotus.checkpoint import atomic_write_text  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
+from lotus.safe_io import atomic_write_text  # noqa: E402
 
 
 def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = None) -> list[dict]:
@@ -499,7 +500,7 @@ def main() -> None:
         )
         res["meta"], res["command"] = meta, command
         os.makedirs(a.results, exist_ok=True)
-        from lotus.bench import _finite
+        from lotus.bench_stats import _finite
 
         atomic_write_text(
             os.path.join(a.results, f"{suite}.json"), json.dumps(_finite(res), indent=2, default=str, allow_nan=False)

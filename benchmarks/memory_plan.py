@@ -43,7 +43,7 @@ from lotus.parallel.cost_model import evaluate  # noqa: E402
 from lotus.parallel.cost_table import scale_batch  # noqa: E402
 from lotus.parallel.measure import measure_training_step, use_clock  # noqa: E402
 from lotus.parallel.measure import now as _now  # noqa: E402
-from lotus.parallel.plan import uniform_choices  # noqa: E402
+from lotus.parallel.plan_file import uniform_choices  # noqa: E402
 from lotus.parallel.planner import PlanInfeasible, make_plan, minimum_memory  # noqa: E402
 from lotus.parallel.profiler import profile_model  # noqa: E402
 from lotus.parallel.strategies import wrap_block  # noqa: E402

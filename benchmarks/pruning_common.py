@@ -21,11 +21,11 @@ def trained_model(
     config: str, overrides: list[str], checkpoint: str | None, out: str
 ) -> tuple[nn.Module, Any, Any, dict]:
     """(model, cfg, data bundle, info): train ``config`` with lotus into ``out/train`` or load ``checkpoint``."""
-    from lotus.checkpoint import load_weights
     from lotus.config import load_config
     from lotus.data import build_datasets
     from lotus.models import create_model, resolve_img_size
     from lotus.training import Trainer
+    from lotus.weights import load_weights
 
     cfg = load_config(config, overrides)
     info: dict[str, Any] = {"config": config, "overrides": overrides}

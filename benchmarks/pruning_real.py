@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import add_harness_args, args_dict, machine, md_table, out_path, write_results  # noqa: E402
 
-from lotus.checkpoint import atomic_write_text  # noqa: E402
+from lotus.safe_io import atomic_write_text  # noqa: E402
 
 METHODS = ("lotus_structured_25", "lotus_structured_50", "tp_structured_50", "2:4_magnitude", "2:4_wanda")
 MODEL = ["model.block=pre_ln", "model.kwargs.embed_dim=64", "model.kwargs.num_heads=4", "optim.name=soap"]

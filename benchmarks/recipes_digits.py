@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._common import add_harness_args, md_table, out_path, write_results  # noqa: E402
-from lotus.bench import analyse, run_bench  # noqa: E402
+from lotus.bench import run_bench  # noqa: E402
+from lotus.bench_report import analyse  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
 CONFIGS = ["configs/recipes_digits_base.yaml", "configs/recipes_digits_timm.yaml"]

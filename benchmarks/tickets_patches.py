@@ -126,11 +126,11 @@ def throughput(spec: str, batch: int, keep_rate: float, repeats: int, iters: int
 # ------------------------------------------------------------------------------------------ part 2
 def _file_ticket(seed: int, extra: list[str], scorer_epochs: int, workdir: Path) -> tuple[list[str], float]:
     """LOTUS offline pipeline: train a dense scorer briefly, rank every train image's patches, save a ticket."""
-    from lotus.checkpoint import save_weights
     from lotus.config import load_config
-    from lotus.features.patches.ticket_file import make_patch_ticket_file
+    from lotus.features.patches.rankings_file import make_patch_ticket_file
     from lotus.models import unwrap
     from lotus.training import Trainer
+    from lotus.weights import save_weights
 
     t0 = time.perf_counter()
     scfg = load_config(

@@ -82,7 +82,7 @@ def score_seed(args: argparse.Namespace, base: list[str], seed: int, folder: str
         src = os.path.join(folder, f"aum-default-{first}.npz")
         out = os.path.join(folder, f"aum-default-{_pct(frac)}.npz")
         subprocess.run([*common, "--from-ticket", src, "--fraction", str(frac), "--out", out], check=True, env=env)
-    from lotus.checkpoint import atomic_write_text
+    from lotus.safe_io import atomic_write_text
 
     atomic_write_text(record_path, json.dumps(cost))  # the seed's scoring is reused by a rerun
     return cost

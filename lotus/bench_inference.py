@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lotus.checkpoint import atomic_write_text, read_state_dict
 from lotus.config import load_config
 from lotus.data import build_datasets
 from lotus.models import create_model, resolve_img_size
+from lotus.safe_io import atomic_write_text
+from lotus.weights import read_state_dict
 
 __all__ = ["load_inference", "measure_inference"]
 

@@ -41,7 +41,7 @@ class Trainer(Protocol):
     unwrapped_model: nn.Module  # the bare timm model
     optimizer: torch.optim.Optimizer
     forward: Forward
-    plan: Any  # lotus.features.schedule.plan.Plan: this epoch's schedule phase
+    plan: Any  # lotus.features.schedule.phases.Plan: this epoch's schedule phase
     subset: np.ndarray | None  # the epoch's train indices, None = all
     sampler: Any  # the epoch sampler a feature installed, if any
     epoch: int

@@ -18,11 +18,11 @@ from lotus.features.outliers.op_config import OPConfig
 from lotus.features.pruning.config import PruningConfig
 from lotus.features.resolution.config import ResolutionConfig
 from lotus.features.schedule.config import ScheduleConfig
-from lotus.features.schedule.plan import Schedule
+from lotus.features.schedule.phases import Schedule
 from lotus.features.tickets.config import TicketsConfig
 from lotus.parallel.compat import check_compat
 from lotus.parallel.config import ParallelConfig
-from lotus.safe_io import check_run_name
+from lotus.safe_io import atomic_write_text, check_run_name
 from lotus.schema import to_dict, validate
 from lotus.transform_config import TransformConfig
 
@@ -407,6 +407,4 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str) -> None:
     """Write what the user gave (``cfg.source``; the full config when it was built in code), so a resumed
     run re-reads the same choices and takes defaults from the code it runs with."""
-    from lotus.checkpoint import atomic_write_text  # imports torch: only when a run writes its config
-
     atomic_write_text(path, yaml.safe_dump(cfg.source or config_to_dict(cfg), sort_keys=False))

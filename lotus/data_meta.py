@@ -70,7 +70,7 @@ def data_metadata(bundle: Any, data_cfg: Any, model_cfg: Any = None) -> dict:
 
 def read_data_metadata(path: str | os.PathLike, key: str = "checkpoint") -> dict | None:
     """The ``"data"`` entry of a Lotus weights file, or None (a file of an older version, or not Lotus')."""
-    from lotus.checkpoint import read_metadata
+    from lotus.weights_meta import read_metadata
 
     data = read_metadata(path, key).get("data")
     return data if isinstance(data, dict) and data.get("mean") is not None else None

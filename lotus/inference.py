@@ -63,9 +63,9 @@ def _weights_of(source: str, which: str | None, key: str) -> str:
 def load_source(source: str, which: str | None = None, config: str | None = None, key: str = "SOURCE") -> Source:
     """The model in ``source`` (run folder: ``best``/``last`` by ``which``; export folder; weights file) with
     its data metadata; ``config`` (or the run's config.yaml) fills in what an older file does not record."""
-    from lotus.checkpoint import read_metadata
     from lotus.commands.export import _lotus_model, _model_config
     from lotus.commands.export_content import export_data_metadata
+    from lotus.weights_meta import read_metadata
 
     if config is not None and not os.path.isfile(config):
         raise LotusError(f"--config: config file not found: {config}")

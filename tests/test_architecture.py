@@ -151,7 +151,7 @@ def test_features_write_only_the_slots_they_declare(tiny_cfg_dict, tmp_path):
     from lotus.callbacks import overrides
     from lotus.config import config_from_dict
     from lotus.features.registry import FEATURES, SLOT_HOOKS, build_callbacks
-    from lotus.features.schedule.plan import Schedule
+    from lotus.features.schedule.phases import Schedule
 
     d = tiny_cfg_dict
     d["train"]["epochs"] = 4

@@ -18,7 +18,7 @@ def _tiny(tmp_path, tiny_cfg_dict, epochs: int = 1):
 
 
 def test_mean_std_and_seed_ratios():
-    from lotus.bench import mean_std, seed_ratios
+    from lotus.bench_stats import mean_std, seed_ratios
 
     assert mean_std([0.9]) == "90.00% (n=1)"
     assert mean_std([0.9, 0.8]) == "85.00 +- 7.07%"
@@ -50,7 +50,8 @@ def test_epoch_bar_counts_epochs_and_is_silent_when_off():
 
 
 def test_single_seed_table_says_n1_and_variants_take_overrides(tmp_path, tiny_cfg_dict, capsys):
-    from lotus.bench import analyse, bench_table, run_bench
+    from lotus.bench import run_bench
+    from lotus.bench_report import analyse, bench_table
 
     base = _tiny(tmp_path, tiny_cfg_dict)
     res = run_bench([base, (base, ["name=base_lr", "optim.lr=0.01"])], seeds=[0], out=str(tmp_path / "b"), quiet=True)

@@ -10,18 +10,12 @@ import yaml
 from safetensors.torch import save_file
 
 import pruning
-from lotus.checkpoint import (
-    load_weights,
-    model_config_from_checkpoint,
-    model_metadata,
-    read_metadata,
-    read_model_metadata,
-    save_weights,
-)
 from lotus.cli import main
 from lotus.config import ModelConfig, config_from_dict
 from lotus.errors import LotusError
 from lotus.models import create_model
+from lotus.weights import load_weights, save_weights
+from lotus.weights_meta import model_config_from_checkpoint, model_metadata, read_metadata, read_model_metadata
 
 # a timm ViT with model.kwargs (like beit with depth=4): the sizes and kwargs must survive a round trip
 NATIVE = {

@@ -16,7 +16,7 @@ from data_tickets.random_subsets import fixed_subset, rs2_subset
 from data_tickets.rules import RULES, DataRule, RulePlan, RuleState, get_rule, make_rule, register_rule, rule_names
 from lotus.config import config_from_dict
 from lotus.errors import ConfigError
-from lotus.features.schedule.plan import Schedule
+from lotus.features.schedule.phases import Schedule
 from lotus.parallel.compat import check_compat
 from lotus.training import Trainer
 

@@ -13,13 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pruning
-from lotus.checkpoint import load_weights, read_model_metadata, save_weights
 from lotus.cli import main
 from lotus.config import config_from_dict
 from lotus.data import build_datasets
 from lotus.data_meta import read_data_metadata
 from lotus.models import create_model
 from lotus.training import Trainer
+from lotus.weights import load_weights, save_weights
+from lotus.weights_meta import read_model_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 

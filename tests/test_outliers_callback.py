@@ -13,7 +13,7 @@ from lotus.errors import ConfigError
 from lotus.features.outliers.callback import OutlierMonitor
 from lotus.features.outliers.layer_report import layer_table, read_outlier_records
 from lotus.features.registry import build_callbacks
-from lotus.features.schedule.plan import Schedule
+from lotus.features.schedule.phases import Schedule
 
 TINY_OP = {
     "model": {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4, "block": "op"},

@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 
-from lotus.checkpoint import save_weights
 from lotus.cli import main
 from lotus.config import config_from_dict
 from lotus.models import create_model
 from lotus.safe_io import output_lock
 from lotus.training.run_dir import RunDir
+from lotus.weights import save_weights
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     from lotus.parallel import get_full_state
-    from lotus.parallel.plan import BlockChoice, Plan, write_plan
+    from lotus.parallel.plan_file import BlockChoice, Plan, write_plan
 
     out = tmp_path_factory.mktemp("dist")
     plan = Plan(mode="fsdp", world_size=2, blocks=[BlockChoice("full", False), BlockChoice("selective", True)])
@@ -233,8 +233,8 @@ def test_gathered_masked_state_folds_to_the_plain_keys():
     from torch import nn
     from torch.nn.utils import parametrize
 
-    from lotus.checkpoint import export_state_dict
-    from lotus.parallel.checkpoint import fold_parametrized_state
+    from lotus.parallel.full_state import fold_parametrized_state
+    from lotus.weights import export_state_dict
     from pruning.masks import WeightMask
 
     torch.manual_seed(0)

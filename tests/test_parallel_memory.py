@@ -8,7 +8,7 @@ import torch
 
 from lotus.parallel.cost_model import evaluate
 from lotus.parallel.measure import measure_memory, measure_training_step, saved_activation_bytes
-from lotus.parallel.plan import BlockChoice, uniform_choices
+from lotus.parallel.plan_file import BlockChoice, uniform_choices
 from lotus.parallel.planner import make_plan
 from lotus.parallel.profiler import profile_model
 from lotus.parallel.strategies import wrap_block

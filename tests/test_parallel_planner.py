@@ -13,7 +13,7 @@ from lotus.errors import ConfigError, LotusError
 from lotus.parallel.config import ParallelConfig, format_bytes, parse_bandwidth, parse_bytes
 from lotus.parallel.cost_model import evaluate
 from lotus.parallel.cost_table import BlockCost, CostTable, OptionCost, StageCost
-from lotus.parallel.plan import BlockChoice, Plan, read_plan, uniform_choices, write_plan
+from lotus.parallel.plan_file import BlockChoice, Plan, read_plan, uniform_choices, write_plan
 from lotus.parallel.planner import PlanInfeasible, brute_force, make_plan, minimum_memory, solve_dp, solve_greedy
 
 

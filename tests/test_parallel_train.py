@@ -29,8 +29,8 @@ def _free_port() -> int:
 
 def test_torchrun_fsdp_train_then_resume_in_one_process(tmp_path):
     mode, extra = "fsdp", ["--set", "parallel.activation_checkpoint=full"]
-    from lotus.checkpoint import load_weights
     from lotus.cli import main
+    from lotus.weights import load_weights
 
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(CFG))

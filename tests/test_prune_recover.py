@@ -41,9 +41,10 @@ def _err(capsys, argv: list[str]) -> str:
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_structured_prune_then_finetune_recovers_accuracy(trained, distill):
-    from lotus.checkpoint import load_weights, model_config_from_checkpoint, read_model_metadata
     from lotus.config import ModelConfig
     from lotus.models import create_model
+    from lotus.weights import load_weights
+    from lotus.weights_meta import model_config_from_checkpoint, read_model_metadata
     from pruning import get_widths
 
     tmp, cfg, ckpt = trained
@@ -264,8 +265,8 @@ def test_teacher_of_other_classes_or_without_model_record_is_an_error(tmp_path, 
     import timm
 
     import lotus.models  # noqa: F401 - registers lotus_vit_micro
-    from lotus.checkpoint import save_weights
     from lotus.config import ModelConfig
+    from lotus.weights import save_weights
 
     five = timm.create_model("lotus_vit_micro", img_size=16, patch_size=4, num_classes=5, in_chans=1)
     path = tmp_path / "five.safetensors"

@@ -19,7 +19,7 @@ def setup(tmp_path):
     import timm
 
     import lotus.models  # noqa: F401 - registers lotus_vit_micro
-    from lotus.checkpoint import save_weights
+    from lotus.weights import save_weights
 
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(

@@ -238,8 +238,8 @@ def test_lotus_prune_method_taylor(tmp_path, capsys, one_thread):
     import yaml
 
     import lotus.models  # noqa: F401 - registers lotus_vit_micro
-    from lotus.checkpoint import save_weights
     from lotus.cli import main
+    from lotus.weights import save_weights
 
     cfg = tmp_path / "micro.yaml"
     model_sec = {"name": "lotus_vit_micro", "img_size": 16, "patch_size": 4}

@@ -73,8 +73,9 @@ def test_gradual_pruning_with_thinning_reaches_target_and_resume_matches(tmp_pat
 
 def _check_export_reloads(d, path):
     """Exported weights are plain, thinned and sparse, and load into a fresh model through lotus."""
-    from lotus.checkpoint import load_weights, read_metadata
     from lotus.models import create_model
+    from lotus.weights import load_weights
+    from lotus.weights_meta import read_metadata
 
     assert read_metadata(path).get("widths"), (
         "save_weights wrote no block widths: pruning.structured.get_widths must accept masked (parametrized) layers"
@@ -130,6 +131,6 @@ def test_schedule_past_training_is_an_error(tmp_path, tiny_cfg_dict):
 
 def test_disabled_by_default(tiny_cfg):
     from lotus.features.registry import build_callbacks
-    from lotus.features.schedule.plan import Schedule
+    from lotus.features.schedule.phases import Schedule
 
     assert not tiny_cfg.pruning.enabled and build_callbacks(tiny_cfg, Schedule(tiny_cfg)) == []

@@ -148,7 +148,7 @@ class _StopAt(Callback):
 
 
 def test_ema_follows_thinning_is_evaluated_saved_and_resumes_bit_identically(tmp_path, tiny_cfg_dict):
-    from lotus.checkpoint import read_metadata
+    from lotus.weights_meta import read_metadata
     from pruning import get_widths
 
     d = _cfg(

@@ -40,7 +40,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     import timm
     from PIL import Image
 
-    from lotus.checkpoint import save_weights
+    from lotus.weights import save_weights
 
     d = tmp_path_factory.mktemp("inputs")
     w = {"dir": d, "tiny": _yaml(d / "tiny.yaml", SMALL)}

@@ -71,7 +71,7 @@ def test_impossible_schedules_are_errors(tiny_cfg_dict, lotus, extra, message):
 
 def test_schedule_derives_phase_settings_without_changing_the_config(tiny_cfg_dict):
     from lotus.config import config_to_dict
-    from lotus.features.schedule.plan import Schedule
+    from lotus.features.schedule.phases import Schedule
 
     cfg = config_from_dict(
         _cfg(
@@ -166,7 +166,8 @@ def test_resume_across_events(tmp_path, tiny_cfg_dict):
 
 
 def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
-    from lotus.bench import analyse, run_bench, write_bench
+    from lotus.bench import run_bench
+    from lotus.bench_report import analyse, write_bench
 
     tiny_cfg_dict["train"]["epochs"] = 2
     base = tmp_path / "base.yaml"
@@ -215,7 +216,7 @@ def test_bench_end_to_end(tmp_path, tiny_cfg_dict):
 
 
 def test_bench_speedups_lower_bound_when_baseline_misses_target():
-    from lotus.bench import add_speedups, bench_table
+    from lotus.bench_report import add_speedups, bench_table
 
     def row(name, tt, ft, curves):
         mean = lambda xs: sum(xs) / len(xs) if all(map(math.isfinite, xs)) else math.inf  # noqa: E731
@@ -258,7 +259,7 @@ def test_bench_speedups_lower_bound_when_baseline_misses_target():
         "4.00x (4.00-4.00) [1/2 seeds]",
     ]
     assert lines["| slow"][2:6] == ["1/2", "10.0, -", "4.00x (4.00-4.00) [1/2 seeds]", "4.00x (4.00-4.00) [1/2 seeds]"]
-    from lotus.bench import verdict
+    from lotus.bench_report import verdict
 
     said = verdict({"target": 0.9, "target_drop": 0.005, "rows": [base, fast, slow]})
     assert said[0].startswith("- **fast: not faster than base**") and "2/2 seeds" in said[0]  # 1 seed has a ratio

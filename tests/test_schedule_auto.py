@@ -17,7 +17,7 @@ from lotus.features.registry import build_callbacks
 from lotus.features.schedule import auto_probes
 from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.auto_callback import AutoScheduleCallback
-from lotus.features.schedule.plan import Schedule
+from lotus.features.schedule.phases import Schedule
 from lotus.training import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

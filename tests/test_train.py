@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lotus.callbacks import Callback
-from lotus.checkpoint import read_state_dict
 from lotus.config import config_from_dict
 from lotus.errors import LotusError
 from lotus.training import Trainer
+from lotus.weights import read_state_dict
 
 
 def test_training_learns_and_writes_outputs(tmp_path, tiny_cfg_dict):
@@ -136,8 +136,8 @@ def test_callback_hooks_fire_in_order(tiny_cfg_dict):
 
 
 def test_load_weights_errors(tmp_path, tiny_cfg_dict):
-    from lotus.checkpoint import load_weights, save_weights
     from lotus.models import create_model
+    from lotus.weights import load_weights, save_weights
 
     cfg = config_from_dict(tiny_cfg_dict)
     m = create_model(cfg.model, 10, 1)
@@ -176,7 +176,7 @@ def test_load_weights_errors(tmp_path, tiny_cfg_dict):
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    from lotus.checkpoint import atomic_write, atomic_write_text
+    from lotus.safe_io import atomic_write, atomic_write_text
 
     p = tmp_path / "f.txt"
     atomic_write_text(p, "old")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lotus.checkpoint import read_metadata
 from lotus.cli import main
 from lotus.config import config_from_dict
 from lotus.training import Trainer
+from lotus.weights_meta import read_metadata
 
 
 def _digits_folder(root, per_class_train=30, per_class_val=10):

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
             "alone and comparable only within this bench (every config runs under the same load)",
             file=sys.stderr,
         )
-    from lotus.bench import analyse, run_bench, write_bench  # imports torch: once the arguments are checked
+    from lotus.bench import run_bench  # imports torch
+    from lotus.bench_report import analyse, write_bench  # (with run_bench): once the arguments are checked
     from lotus.safe_io import output_lock, refuse_symlink
 
     refuse_symlink(args.out, "--out")

@@ -94,7 +94,7 @@ def _check_out(out: str, force: bool) -> None:
 
 def _model_config(path: str, config: str | None) -> ModelConfig:
     """The recorded model section; a config (--config, or the run's config.yaml) fills in what it lacks."""
-    from lotus.checkpoint import model_config_from_checkpoint, read_model_metadata
+    from lotus.weights_meta import model_config_from_checkpoint, read_model_metadata
 
     section = read_model_metadata(path, "export")
     complete = bool(section) and "img_size" in section
@@ -117,9 +117,10 @@ def _model_config(path: str, config: str | None) -> ModelConfig:
 
 def _lotus_model(path: str, mcfg: ModelConfig) -> tuple[nn.Module, ModelConfig, dict | None]:
     """(model with the file's weights, its config with sizes filled in, its widths before loading)."""
-    from lotus.checkpoint import load_weights, model_metadata
     from lotus.commands.prune_inputs import checkpoint_shapes
     from lotus.models import create_model, resolve_img_size
+    from lotus.weights import load_weights
+    from lotus.weights_meta import model_metadata
 
     classes, chans = checkpoint_shapes(path, mcfg.name)
     mcfg = dataclasses.replace(mcfg, num_classes=mcfg.num_classes or classes, in_chans=mcfg.in_chans or chans)
@@ -188,7 +189,8 @@ def _publish(tmp: str, out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotus.checkpoint import atomic_write_text, save_weights
+    from lotus.safe_io import atomic_write_text
+    from lotus.weights import save_weights
 
     path = _weights_file(args.source, args.which)
     _check_out(args.out, args.force)

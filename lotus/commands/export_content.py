@@ -136,7 +136,7 @@ def config_json(model: Any, mcfg: Any, default_widths: dict | None, source: str,
     import timm
     import torch
 
-    from lotus.checkpoint import model_metadata
+    from lotus.weights_meta import model_metadata
 
     section = model_metadata(mcfg, model)
     kw = _create_kwargs(section)

@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from lotus.checkpoint import atomic_write_text
     from lotus.data import batches
     from lotus.features.outliers.hooks import ResidualStreamProbe
     from lotus.features.outliers.layer_report import (
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         summarize,
     )
     from lotus.features.outliers.loading import load_model_and_data
+    from lotus.safe_io import atomic_write_text
 
     if args.samples < 1:
         raise LotusError(f"--samples: expected an integer >= 1, got {args.samples}")

@@ -174,12 +174,12 @@ def _profile_from_config(cfg, args, world_size: int, device_name: str):
 def run(args: argparse.Namespace) -> int:
     """Profile (or load a profile), solve, print the plan against uniform baselines, write it."""
     # torch and the planner: imported when the command runs, not when the CLI starts
-    from lotus.checkpoint import atomic_write_text
     from lotus.parallel.cost_model import evaluate
     from lotus.parallel.cost_table import CostTable
-    from lotus.parallel.plan import plan_table, uniform_choices, write_plan
+    from lotus.parallel.plan_file import plan_table, uniform_choices, write_plan
     from lotus.parallel.planner import make_plan
     from lotus.parallel.runtime import destroy, init_distributed, launched_by_torchrun
+    from lotus.safe_io import atomic_write_text
 
     if bool(args.config) == bool(args.profile):
         raise LotusError("plan: pass exactly one of --config FILE or --profile FILE")

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print(text, end="")
         return 0
-    from lotus.checkpoint import atomic_write_text
+    from lotus.safe_io import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_text(args.out, text)

@@ -248,9 +248,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from lotus.checkpoint import save_weights
     from lotus.commands.prune_inputs import accuracy, build, calib, input_size, load_data_config, stats
     from lotus.data_meta import carried_data_metadata
+    from lotus.weights import save_weights
     from pruning.masks import masks_state
 
     _check_args(args)

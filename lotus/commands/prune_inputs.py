@@ -13,12 +13,13 @@ import timm
 import torch
 from torch import nn
 
-from lotus.checkpoint import load_weights, model_config_from_checkpoint, read_model_metadata, read_state_dict
 from lotus.config import ModelConfig, load_config
 from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
 from lotus.models import create_model, resolve_img_size
+from lotus.weights import load_weights, read_state_dict
+from lotus.weights_meta import model_config_from_checkpoint, read_model_metadata
 from pruning import model_stats
 
 __all__ = ["load_data_config", "checkpoint_shapes", "build", "input_size", "calib", "accuracy", "stats"]

@@ -118,7 +118,7 @@ def _mask_section(args: argparse.Namespace) -> dict | None:
 
 def finetune_config(args: argparse.Namespace, data_cfg: Config, mcfg: Any, pruned: str, teacher: str | None) -> Config:
     """The fine-tune run's config (see the module docstring)."""
-    from lotus.checkpoint import model_config_from_checkpoint
+    from lotus.weights_meta import model_config_from_checkpoint
 
     src = copy.deepcopy(data_cfg.source)
     model = to_dict(model_config_from_checkpoint(mcfg, pruned, {}, "--finetune-epochs"))
@@ -190,10 +190,10 @@ def recover(
     masks: dict | None,
 ) -> dict:
     """Fine-tune ``pruned``, write ``OUT/model.safetensors`` and return the report's ``recovery`` section."""
-    from lotus.checkpoint import save_weights
     from lotus.commands.prune_inputs import accuracy
     from lotus.data_meta import run_data_metadata
     from lotus.training import Trainer
+    from lotus.weights import save_weights
     from pruning.masks import masked_modules
 
     cfg = finetune_config(args, data_cfg, mcfg, pruned, teacher)

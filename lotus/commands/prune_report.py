@@ -70,7 +70,7 @@ def run_sweep(
 
 
 def write_report(args: argparse.Namespace, report: dict) -> int:
-    from lotus.checkpoint import atomic_write_text
+    from lotus.safe_io import atomic_write_text
     from pruning.report import format_report
 
     text = format_report(report)

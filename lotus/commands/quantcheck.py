@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         f"{qcfg.calib_batches} batches, largest input range {res['act_range_max']:.4g})"
     )
     if args.json:
-        from lotus.checkpoint import atomic_write_text
+        from lotus.safe_io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(res, indent=2))
         print(f"json: {args.json}")

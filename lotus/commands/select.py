@@ -201,10 +201,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data_tickets import PatchTicket
-    from lotus.checkpoint import load_weights, model_config_from_checkpoint
     from lotus.data import build_datasets
     from lotus.features.tickets.proxy import make_cached_proxy
     from lotus.models import create_model, resolve_img_size
+    from lotus.weights import load_weights
+    from lotus.weights_meta import model_config_from_checkpoint
 
     cfg = load_config(args.config, args.set)
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if n:
             print(f"  {k:<{width}}  {acc:.4f}  ({n} images)")
     if args.out:
-        from lotus.checkpoint import atomic_write_text
+        from lotus.safe_io import atomic_write_text
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

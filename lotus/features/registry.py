@@ -34,7 +34,7 @@ from lotus.features.pruning.callback import PruningCallback
 from lotus.features.resolution.callback import ResolutionCallback
 from lotus.features.schedule.auto_callback import AutoScheduleCallback
 from lotus.features.schedule.callback import ReselectCallback
-from lotus.features.schedule.plan import Schedule
+from lotus.features.schedule.phases import Schedule
 from lotus.features.subsets.callback import RandomSubsetCallback
 from lotus.features.tickets.callback import TicketSubset
 

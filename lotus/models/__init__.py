@@ -11,11 +11,11 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
-from lotus.checkpoint import load_weights
 from lotus.errors import ConfigError, LotusError
 from lotus.models import vit as _vit  # noqa: F401  (registers lotus_vit_* with timm)
 from lotus.models.hub import hub_reachable, offline_pretrained_overlay
 from lotus.models.op_block import op_model_kwargs
+from lotus.weights import load_weights
 
 __all__ = ["create_model", "model_kwargs", "resolve_img_size", "unwrap"]
 

@@ -9,9 +9,9 @@
   :mod:`~lotus.parallel.cost_table`).
 * :mod:`~lotus.parallel.cost_model`: predicted peak memory and step time of an assignment (:func:`evaluate`).
 * :mod:`~lotus.parallel.planner`: the DP / greedy search (:func:`make_plan`).
-* :mod:`~lotus.parallel.plan`: the :class:`Plan` (per-block :class:`BlockChoice`) and its JSON file.
+* :mod:`~lotus.parallel.plan_file`: the :class:`Plan` (per-block :class:`BlockChoice`) and its JSON file.
 * :mod:`~lotus.parallel.apply`: :func:`parallelize`, the Trainer's entry point.
-* :mod:`~lotus.parallel.checkpoint`: full, rank-agnostic state dicts.
+* :mod:`~lotus.parallel.full_state`: full, rank-agnostic state dicts.
 * :mod:`~lotus.parallel.compat`: which feature combinations are supported under DDP/FSDP2.
 
 Names are resolved lazily (module ``__getattr__``), so ``import lotus.parallel.config`` (done by the
@@ -61,16 +61,16 @@ _WHERE = {
     "solve_greedy": "planner",
     "brute_force": "planner",
     "minimum_memory": "planner",
-    "BlockChoice": "plan",
-    "Plan": "plan",
-    "uniform_choices": "plan",
-    "read_plan": "plan",
-    "write_plan": "plan",
-    "plan_table": "plan",
+    "BlockChoice": "plan_file",
+    "Plan": "plan_file",
+    "uniform_choices": "plan_file",
+    "read_plan": "plan_file",
+    "write_plan": "plan_file",
+    "plan_table": "plan_file",
     "parallelize": "apply",
     "get_plan": "apply",
-    "get_full_state": "checkpoint",
-    "set_full_state": "checkpoint",
+    "get_full_state": "full_state",
+    "set_full_state": "full_state",
     "check_compat": "compat",
 }
 

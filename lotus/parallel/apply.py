@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lotus.errors import LotusError
 from lotus.parallel.config import ParallelConfig
-from lotus.parallel.plan import BlockChoice, Plan, read_plan
+from lotus.parallel.plan_file import BlockChoice, Plan, read_plan
 from lotus.parallel.planner import PlanInfeasible, make_plan
 from lotus.parallel.profiler import profile_model
 from lotus.parallel.runtime import DistInfo, single_process_mesh

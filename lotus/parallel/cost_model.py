@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lotus.parallel.cost_table import BlockCost, CostTable
-from lotus.parallel.plan import BlockChoice
+from lotus.parallel.plan_file import BlockChoice
 
 __all__ = ["Prediction", "evaluate", "candidates", "block_time", "kept_bytes", "own_extra_bytes", "fixed_memory"]
 

@@ -32,7 +32,7 @@ from lotus.errors import LotusError
 from lotus.parallel.config import format_bytes
 from lotus.parallel.cost_model import block_time, candidates, evaluate, fixed_memory, kept_bytes, own_extra_bytes
 from lotus.parallel.cost_table import CostTable
-from lotus.parallel.plan import BlockChoice, Plan
+from lotus.parallel.plan_file import BlockChoice, Plan
 
 __all__ = ["PlanInfeasible", "solve_dp", "solve_greedy", "brute_force", "minimum_memory", "make_plan"]
 

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lotus.callbacks import Trainer
 from lotus.parallel.apply import get_plan
-from lotus.parallel.checkpoint import set_full_state
+from lotus.parallel.full_state import set_full_state
 
 __all__ = ["full_state", "plain_copy", "swap_model", "agree", "digest", "reduce_sum_fn", "shard_batches"]
 

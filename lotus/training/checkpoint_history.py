@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from lotus.checkpoint import atomic_write_text
+from lotus.safe_io import atomic_write_text
 
 __all__ = ["CheckpointHistory"]
 

@@ -1,13 +1,13 @@
 """The checkpoint manager: what a run writes at each epoch end and how a resumed run reads it back.
 
-Files in the run directory (every write atomic, see :mod:`lotus.checkpoint`):
+Files in the run directory (every write atomic, see :mod:`lotus.safe_io`):
 
 * ``state.pt``: model and optimiser (full, rank-agnostic state dicts), lr-schedule position, the
   :class:`~lotus.training.state.TrainState` counters, every RNG, the epoch subset, each callback's state
   (keyed by class name) and the events so far; loaded with ``weights_only=True``.
 * ``best.safetensors`` / ``last.safetensors``: plain weights with the full model section (name, resolved
   sizes, kwargs, block, widths) in the metadata, so a thinned model loads anywhere (``lotus export``,
-  ``lotus.checkpoint.load_weights`` / ``pruning.apply_widths``) and commands take ``--checkpoint`` alone.
+  ``lotus.weights.load_weights`` / ``pruning.apply_widths``) and commands take ``--checkpoint`` alone.
 * ``checkpoint-<epoch>.safetensors`` + ``checkpoints.json``: the ``output.keep_checkpoints`` best epochs
   (:mod:`lotus.training.checkpoint_history`).
 
@@ -25,16 +25,16 @@ import torch
 from torch import nn
 
 from lotus.callbacks import Trainer
-from lotus.checkpoint import export_state_dict, load_state, save_state, save_weights
 from lotus.data_meta import run_data_metadata
 from lotus.errors import LotusError
 from lotus.models import unwrap
 from lotus.parallel.apply import get_plan
-from lotus.parallel.checkpoint import fold_parametrized_state, get_full_state, is_sharded, set_full_state
-from lotus.parallel.plan import Plan, plan_from_dict
+from lotus.parallel.full_state import fold_parametrized_state, get_full_state, is_sharded, set_full_state
+from lotus.parallel.plan_file import Plan, plan_from_dict
 from lotus.parallel.strategies import transformer_blocks
 from lotus.training.checkpoint_history import CheckpointHistory
 from lotus.training.state import capture_rng, restore_rng
+from lotus.weights import export_state_dict, load_state, save_state, save_weights
 
 __all__ = ["CheckpointManager", "callback_keys", "full_model_state", "REQUIRED_KEYS"]
 

@@ -3,7 +3,7 @@
 It wires together parts that each own one concern: the :class:`~lotus.training.state.TrainState`
 (counters, RNG), the :class:`~lotus.training.run_log.RunLog` (metrics.jsonl, console, progress), the
 :class:`~lotus.training.checkpointer.CheckpointManager` (save, resume), :func:`~lotus.training.step.train_step`
-(the optimisation step) and the run's :class:`~lotus.features.schedule.plan.Schedule` (what each epoch
+(the optimisation step) and the run's :class:`~lotus.features.schedule.phases.Schedule` (what each epoch
 does). Features plug in as :class:`~lotus.callbacks.Callback` objects from :mod:`lotus.features.registry`.
 """
 
@@ -21,18 +21,18 @@ import torch
 from torch import nn
 
 from lotus.callbacks import Callback, Forward, default_forward
-from lotus.checkpoint import atomic_write_text
 from lotus.config import Config, load_config, save_config
 from lotus.data import Augmenter, DataBundle, build_datasets, describe
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
 from lotus.features.registry import build_callbacks, published
-from lotus.features.schedule.plan import EpochPlan, Schedule
+from lotus.features.schedule.phases import EpochPlan, Schedule
 from lotus.models import create_model, resolve_img_size, unwrap
 from lotus.optim import LrSchedule, build_optimizer
 from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
+from lotus.safe_io import atomic_write_text
 from lotus.training.checkpointer import CheckpointManager, full_model_state
 from lotus.training.epoch import train_epoch
 from lotus.training.run_dir import RunDir

@@ -1,6 +1,6 @@
 """Soft-label knowledge distillation on the training batch (``distill:``).
 
-At ``on_fit_start`` the teacher is rebuilt from the model section its file records (``lotus.checkpoint``:
+At ``on_fit_start`` the teacher is rebuilt from the model section its file records (``lotus.weights_meta``:
 name, sizes, block, thinned widths), loaded, frozen and put in eval mode on the trainer's device. Each
 training batch then gets the targets ``alpha * softmax(teacher(images)) + (1 - alpha) * labels``, where
 ``labels`` are the one-hot labels (with ``train.label_smoothing``) or, when an earlier batch feature already
@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from lotus.callbacks import Callback, Trainer
-from lotus.checkpoint import load_weights, model_config_from_checkpoint, read_model_metadata
 from lotus.config import ModelConfig
 from lotus.errors import LotusError
 from lotus.features.distill.config import DistillConfig
 from lotus.models import create_model
+from lotus.weights import load_weights
+from lotus.weights_meta import model_config_from_checkpoint, read_model_metadata
 
 __all__ = ["DistillCallback", "build_teacher"]
 

@@ -5,7 +5,7 @@ Every sample's score is its last seen training loss. Each epoch the rule plans t
 loss weights from the scores; this callback knows nothing rule-specific. With InfoBatch the loop skips
 ``round(ratio * |B|)`` random samples of B, the samples whose score is below the mean, and multiplies the
 loss of the kept samples of B by ``1 / (1 - ratio)``; the last ``anneal`` fraction of the epochs trains on
-all data (at least the ``schedule:`` section's anneal, see :class:`lotus.features.schedule.plan.Schedule`).
+all data (at least the ``schedule:`` section's anneal, see :class:`lotus.features.schedule.phases.Schedule`).
 ``ratio`` is therefore the fraction of the *below-mean* samples skipped, not of the dataset (the skipped
 dataset fraction is logged each epoch as ``dyn_pruned_fraction``). It composes with a ticket subset
 (pruning acts inside the subset).

@@ -14,10 +14,10 @@ import torch
 from timm.utils import ModelEmaV3
 
 from lotus.callbacks import Callback, Trainer
-from lotus.checkpoint import save_weights
 from lotus.data_meta import run_data_metadata
 from lotus.errors import LotusError
 from lotus.features.ema.config import EmaConfig
+from lotus.weights import save_weights
 from pruning.structured import apply_kept
 
 __all__ = ["EmaCallback"]

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable
 
-from lotus.checkpoint import atomic_write, atomic_write_text
+from lotus.safe_io import atomic_write, atomic_write_text
 
 __all__ = ["read_outlier_records", "layer_table", "summarize", "plot_history", "plot_layers", "write_run_report"]
 

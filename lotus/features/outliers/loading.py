@@ -11,11 +11,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lotus.checkpoint import load_weights, model_config_from_checkpoint
 from lotus.config import load_config
 from lotus.data import batches, build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
+from lotus.weights import load_weights
+from lotus.weights_meta import model_config_from_checkpoint
 
 __all__ = ["LoadedModel", "load_model_and_data", "resolve_device", "calibration_batches", "EvalBatches"]
 

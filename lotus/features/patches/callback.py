@@ -5,7 +5,7 @@ attention (last block or rollout, mean over heads) of the model being trained (`
 rankings stored in a ticket file (``source: file``, from :meth:`data_tickets.PatchTicket.compute`);
 ``scorer: random`` is the baseline with the same keep rate. Blocks really run on ``prefix + K`` tokens
 (timm's ``patch_drop`` slot holds a kept-token module); evaluation always uses all patches. The keep rate per
-epoch comes from the run's :class:`lotus.features.schedule.plan.Schedule` (``schedule`` points, or the
+epoch comes from the run's :class:`lotus.features.schedule.phases.Schedule` (``schedule`` points, or the
 ``schedule:`` phases: full tokens during warm-up so the attention means something before it is used, and again
 at the end so the model adapts to full-token inputs).
 """

@@ -38,7 +38,7 @@ from lotus.features.pruning.distributed import (
     thin_parallel,
 )
 from lotus.features.schedule.auto import AutoState
-from lotus.parallel.checkpoint import is_sharded
+from lotus.parallel.full_state import is_sharded
 from lotus.parallel.rebuild import digest
 from pruning.masks import enforce_masks_, make_filter, masked_modules
 from pruning.optimizer_state import optimizer_param_names, slice_optimizer_state

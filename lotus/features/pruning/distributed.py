@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import pruning
 from lotus.callbacks import Trainer
 from lotus.errors import LotusError
-from lotus.parallel.checkpoint import is_sharded
+from lotus.parallel.full_state import is_sharded
 from lotus.parallel.rebuild import agree, full_state, plain_copy, reduce_sum_fn, shard_batches, swap_model
 from pruning.masks import get_mask, make_filter, masked_modules, set_mask
 from pruning.optimizer_state import slice_optimizer_state

@@ -3,7 +3,7 @@
 Given only the epoch budget, the controller (:class:`lotus.features.schedule.auto_callback.AutoScheduleCallback`)
 measures signals at every epoch end (:mod:`lotus.features.schedule.auto_probes`), passes them to the rules
 (:mod:`lotus.features.schedule.auto_rules`, which holds the rule table) and records the *decisions* here;
-:class:`lotus.features.schedule.plan.Schedule` answers ``plan(epoch)`` from them. A decision taken at the end of
+:class:`lotus.features.schedule.phases.Schedule` answers ``plan(epoch)`` from them. A decision taken at the end of
 epoch ``e`` applies from epoch ``e + 1`` (``reduce``, ``dynamic_ratio``, ``keep_rate``, ``thin``, ``anneal``).
 
 The decisions are the whole state: the controller saves them with its checkpoint and :meth:`AutoState.load`

@@ -89,7 +89,7 @@ def probe_model(trainer: Trainer, widths: dict | None = None) -> torch.nn.Module
     """The model to probe: the live (unwrapped) model, or for an FSDP2-sharded one a plain full copy with the
     thinned ``widths`` (a collective: every rank calls it)."""
     model = trainer.unwrapped_model
-    from lotus.parallel.checkpoint import is_sharded
+    from lotus.parallel.full_state import is_sharded
 
     if not is_sharded(model):
         return model

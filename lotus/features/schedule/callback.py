@@ -1,5 +1,5 @@
 """On-the-fly sample tickets of the ``schedule:`` section: score the train split with the current model and
-train on the selected subset during the reduced phase (see :mod:`lotus.features.schedule.plan`)."""
+train on the selected subset during the reduced phase (see :mod:`lotus.features.schedule.phases`)."""
 
 from __future__ import annotations
 

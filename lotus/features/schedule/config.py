@@ -1,6 +1,6 @@
 """The ``schedule:`` config section: the LOTUS schedule's phases and on-the-fly sample tickets.
 
-Only the user's choices live here; :class:`lotus.features.schedule.plan.Schedule` turns them (with the
+Only the user's choices live here; :class:`lotus.features.schedule.phases.Schedule` turns them (with the
 other sections) into a per-epoch plan, without writing anything back into the config.
 """
 

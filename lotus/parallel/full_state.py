@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from lotus.checkpoint import _first_line
 from lotus.errors import LotusError
+from lotus.weights_meta import first_line
 
 __all__ = ["get_full_state", "set_full_state", "is_sharded", "fold_parametrized_state"]
 
@@ -57,13 +57,13 @@ def set_full_state(
         try:
             set_model_state_dict(model, model_sd, options=opts)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise LotusError(f"checkpoint: model state does not match this model ({_first_line(e)})") from None
+            raise LotusError(f"checkpoint: model state does not match this model ({first_line(e)})") from None
     if optimizer is not None and optim_sd:
         try:
             set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
         except (RuntimeError, KeyError, ValueError) as e:
             raise LotusError(
-                f"checkpoint: optimizer state does not match this model/optimizer ({_first_line(e)})"
+                f"checkpoint: optimizer state does not match this model/optimizer ({first_line(e)})"
             ) from None
 
 

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from lotus.checkpoint import atomic_write_text
 from lotus.errors import LotusError
 from lotus.parallel.config import format_bytes
 from lotus.parallel.cost_table import MEMORY_OPTIONS
+from lotus.safe_io import atomic_write_text
 
 __all__ = ["BlockChoice", "uniform_choices", "Plan", "write_plan", "read_plan", "plan_from_dict", "plan_table"]
 

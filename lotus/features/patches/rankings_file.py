@@ -7,12 +7,13 @@ import os
 
 from data_tickets import PatchTicket, TicketFile
 from data_tickets.keep_rate import num_kept
-from lotus.checkpoint import load_weights, model_config_from_checkpoint
 from lotus.config import Config
 from lotus.data import build_datasets
 from lotus.errors import LotusError
 from lotus.models import create_model, resolve_img_size
 from lotus.schema import to_dict
+from lotus.weights import load_weights
+from lotus.weights_meta import model_config_from_checkpoint
 
 __all__ = ["make_patch_ticket_file"]
 
