@@ -12,9 +12,11 @@ benchmark resumes where it stopped). Then, per dataset:
 * each config's speed-up is the per-seed ratio baseline / config (median and range over seeds), and its
   final model's params and inference img/s (batch 256, 1 thread) are compared with the strongest dense one.
 
-Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``--runs``, git-ignored)::
+Writes ``<out>/<dataset>.{json,md}`` through ``benchmarks/_common.py`` (``--out``: the results folder, default
+``benchmarks/results/lotus_schedule``; ``--results`` is its deprecated alias), runs under ``--runs`` (git-ignored)::
 
     python benchmarks/lotus_schedule.py                                    # every dataset, seeds 0-2
+    python benchmarks/lotus_schedule.py --quick    # smoke run, a few minutes: digits16, seed 0, 200 images, 6 epochs
     python benchmarks/lotus_schedule.py --datasets digits32 --seeds 0      # quick, one seed
     python benchmarks/lotus_schedule.py --datasets digits32_ablation shapes32_ablation  # ablations
     python benchmarks/lotus_schedule.py --datasets digits16 --configs configs/my_lotus.yaml  # add a config
@@ -25,7 +27,6 @@ Writes ``benchmarks/results/lotus_schedule/<dataset>.{json,md}`` (runs under ``-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks._common import RESULTS, add_harness_args, out_path, write_results  # noqa: E402
 from lotus.bench import run_bench  # noqa: E402
 from lotus.bench_report import analyse  # noqa: E402
-from lotus.bench_stats import _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
+from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
 
 
 def _ratio(d: dict) -> str:
@@ -48,7 +50,6 @@ def _ratio(d: dict) -> str:
 
 
 from lotus.run_report import read_metrics  # noqa: E402
-from lotus.safe_io import atomic_write_text  # noqa: E402
 
 
 def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = None) -> list[dict]:
@@ -187,6 +188,17 @@ SUITES: dict[str, dict] = {
             _lotus("configs/textures_flip.yaml", "textures_flip_soap"),
         ],
     },
+}
+
+
+# --quick: the first suite only, seed 0, 200 training images, and every run at 6 epochs, the fewest
+# configs/digits_lotus.yaml accepts (its thinning at epoch 5 must fall before train.epochs; its 3 anneal epochs
+# need warm-up + anneal < train.epochs); digits_auto decides its phases itself. Runs under <--runs>_quick.
+QUICK = {
+    "suite": "digits16",
+    "only": ["digits_lotus", "digits_auto"],
+    "epochs": 6,
+    "sets": ["data.limit_train=200"],
 }
 
 
@@ -409,8 +421,13 @@ def _markdown(res: dict, command: str, meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=[s for s in SUITES if "ablation" not in s], choices=list(SUITES))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seed offsets (default 0 1 2)")
+    ap.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        choices=list(SUITES),
+        help="suites (default every non-ablation suite; --quick: digits16)",
+    )
     ap.add_argument(
         "--configs",
         nargs="+",
@@ -428,8 +445,11 @@ def main() -> None:
         help="dense epoch budgets instead of the suite's (e.g. 20 alone when compute is short)",
     )
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these config names")
-    ap.add_argument("--runs", default="bench/lotus_schedule", help="run folders (git-ignored; reused when rerun)")
-    ap.add_argument("--results", default="benchmarks/results/lotus_schedule")
+    ap.add_argument(
+        "--runs",
+        default="bench/lotus_schedule",
+        help="run folders (git-ignored; reused when rerun; --quick: this + _quick)",
+    )
     ap.add_argument("--target-drop", type=float, default=0.005)
     ap.add_argument(
         "--set",
@@ -440,9 +460,32 @@ def main() -> None:
         help="override for every run (before each config's own; e.g. data.limit_train=200 for a smoke test)",
     )
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: timings comparable)")
+    add_harness_args(
+        ap,
+        "lotus_schedule",
+        seeds=[0, 1, 2],
+        quick=f"smoke run: {QUICK['suite']}, the first seed, 200 images, {QUICK['epochs']} epochs, "
+        + " and ".join(QUICK["only"]),
+    )
+    for action in ap._actions:  # here --out names a folder: one result pair per suite
+        if action.dest == "out":
+            action.help = (
+                f"results folder: writes PATH/<dataset>.json and .md (default {RESULTS}/lotus_schedule; "
+                f"--quick: {RESULTS}/quick/lotus_schedule)"
+            )
+    ap.add_argument("--results", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old --out
     a = ap.parse_args()
+    if a.quick and a.datasets not in (None, [QUICK["suite"]]):
+        ap.error(f"--quick runs {QUICK['suite']} only")
+    datasets = a.datasets or ([QUICK["suite"]] if a.quick else [s for s in SUITES if "ablation" not in s])
+    seeds, budgets, only, sets, runs = a.seeds, a.budgets, a.only, a.sets, a.runs
+    if a.quick:
+        seeds, budgets, only = seeds[:1], budgets or [QUICK["epochs"]], only or QUICK["only"]
+        sets = QUICK["sets"] + [f"train.epochs={QUICK['epochs']}"] + sets
+        runs = runs.rstrip("/") + "_quick"
+    results_dir = a.out or out_path(a)  # out_path: the default folder, benchmarks/results[/quick]/lotus_schedule
     os.chdir(ROOT)
-    for suite in a.datasets:
+    for suite in datasets:
         spec = SUITES[suite]
         _ensure_data(spec["data"])
         entries = (
@@ -450,27 +493,27 @@ def main() -> None:
             + [_parse_extra(c, "lotus") for c in a.configs]
             + [_parse_extra(c, "dense") for c in a.dense]
         )
-        if a.budgets:
+        if budgets:
             dense = [e for e in entries if e["role"] == "dense" and e in spec["configs"]]
             variants: dict[tuple[str, str], list[str]] = {}
             for e in dense:  # one per path and optimiser: its name and overrides without the epoch budget
                 variants.setdefault(
                     (e["path"], e["name"].rsplit("_", 1)[0]), [x for x in e["set"] if not x.startswith("train.epochs=")]
                 )
-            entries = [d for (path, name), extra in variants.items() for d in _dense(path, name, a.budgets, extra)] + [
+            entries = [d for (path, name), extra in variants.items() for d in _dense(path, name, budgets, extra)] + [
                 e for e in entries if e not in dense
             ]
-        if a.only:
-            entries = [e for e in entries if e["name"] in a.only or e["role"] == "dense"]
+        if only:
+            entries = [e for e in entries if e["name"] in only or e["role"] == "dense"]
         load_start, started, t0 = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
         results = run_bench(
             [(e["path"], [f"name={e['name']}"] + e["set"]) for e in entries],
-            a.seeds,
-            os.path.join(a.runs, spec.get("runs", suite)),
-            overrides=["train.threads=1"] + a.sets,
+            seeds,
+            os.path.join(runs, spec.get("runs", suite)),
+            overrides=["train.threads=1"] + sets,
             jobs=a.jobs,
         )
-        res = _analyse_suite(suite, entries, results, a.seeds, a.target_drop)
+        res = _analyse_suite(suite, entries, results, seeds, a.target_drop)
         done = [os.path.getmtime(os.path.join(d, "summary.json")) for r in results for d in r.runs]
         span = " - ".join(time.strftime("%H:%M", time.gmtime(t)) for t in (min(done), max(done)))
         meta = {
@@ -485,8 +528,10 @@ def main() -> None:
             "runs_reused": sum(t < t0 for t in done),
             "runs": len(done),
         }
-        command = (
-            "python benchmarks/lotus_schedule.py --datasets "
+        command = (  # the flags as given (--quick implies its own seeds, budgets, --only, --set and --runs)
+            "python benchmarks/lotus_schedule.py"
+            + (" --quick" if a.quick else "")
+            + " --datasets "
             + suite
             + ("" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds)))
             + ("" if not a.configs else " --configs " + " ".join(a.configs))
@@ -496,18 +541,12 @@ def main() -> None:
             + "".join(f" --set {x}" for x in a.sets)
             + ("" if a.jobs == 1 else f" --jobs {a.jobs}")
             + ("" if a.runs == ap.get_default("runs") else f" --runs {a.runs}")
-            + ("" if a.results == ap.get_default("results") else f" --results {a.results}")
+            + ("" if a.target_drop == ap.get_default("target_drop") else f" --target-drop {a.target_drop:g}")
+            + ("" if a.out is None else f" --out {a.out}")
         )
         res["meta"], res["command"] = meta, command
-        os.makedirs(a.results, exist_ok=True)
-        from lotus.bench_stats import _finite
-
-        atomic_write_text(
-            os.path.join(a.results, f"{suite}.json"), json.dumps(_finite(res), indent=2, default=str, allow_nan=False)
-        )
-        md = _markdown(res, command, meta)
-        atomic_write_text(os.path.join(a.results, f"{suite}.md"), md)
-        print(md, flush=True)
+        md = _markdown(res, command, meta)  # before _finite: the table reads the infinite times as "not reached"
+        write_results(os.path.join(results_dir, suite), _finite(res), md, quick=a.quick)
 
 
 if __name__ == "__main__":
