@@ -46,6 +46,29 @@ __all__ = ["prune_structured", "apply_kept"]
 # selection
 
 
+def rounding_notes(before: dict, after: dict, asked: dict[str, float]) -> list[str]:
+    """One line per field whose removed share differs from the ratio asked for (whole heads or neurons are
+    removed: counts round to the nearest, halves up, then to ``round_to``), e.g. "heads: asked 0.5, removed
+    2 of 3 per block (0.67)"."""
+    notes = []
+    for field, ratio in asked.items():
+        if not ratio:
+            continue
+        n0 = [w[field] for w in before.values() if field in w]
+        n1 = [after[b][field] for b, w in before.items() if field in w]
+        if not n0 or sum(n0) == 0:
+            continue
+        share = 1 - sum(n1) / sum(n0)
+        if abs(share - ratio) > 1e-9:
+            per = " per block" if len(set(n0)) == 1 and len(set(n1)) == 1 else " in all"
+            rm, tot = (n0[0] - n1[0], n0[0]) if per == " per block" else (sum(n0) - sum(n1), sum(n0))
+            notes.append(
+                f"{field}: asked {ratio:g}, removed {rm} of {tot}{per} ({share:.2f}; whole "
+                f"{'heads' if field == 'heads' else 'neurons'}, rounded to the nearest)"
+            )
+    return notes
+
+
 def _n_remove(ratio: float, n: int) -> int:
     """Number of groups a fraction removes: nearest integer, halves rounded up."""
     return int(math.floor(ratio * n + 0.5))
@@ -184,6 +207,7 @@ def prune_structured(
     return {
         "method": "structured",
         "config": asdict(config),
+        "rounded": rounding_notes(widths_before, widths_after, {"heads": config.heads, "mlp": config.mlp}),
         "blocks": per_block,
         "widths": widths_after,
         "params_before": params_before,

@@ -137,6 +137,24 @@ def test_round_to_and_partial_ratios():
         assert w["mlp"] % 8 == 0 and w["mlp"] == 176  # 256 - round(76.8) = 179 -> nearest multiple of 8
         assert w["heads"] == 3
         assert report["blocks"][name] == {"heads_before": 4, "heads_after": 3, "mlp_before": 256, "mlp_after": 176}
+    # what the ratios rounded to is said: 1 of 4 heads is exactly 0.25; 80 of 256 neurons is not 0.3
+    assert report["rounded"] == [
+        "mlp: asked 0.3, removed 80 of 256 per block (0.31; whole neurons, rounded to the nearest)"
+    ]
+
+
+def test_a_ratio_that_rounds_says_so():
+    from pruning.structured import rounding_notes
+
+    before = {"b0": {"heads": 3, "mlp": 100}, "b1": {"heads": 3, "mlp": 100}}
+    after = {"b0": {"heads": 1, "mlp": 50}, "b1": {"heads": 1, "mlp": 50}}
+    assert rounding_notes(before, after, {"heads": 0.5, "mlp": 0.5}) == [
+        "heads: asked 0.5, removed 2 of 3 per block (0.67; whole heads, rounded to the nearest)"
+    ]
+    uneven = {"b0": {"heads": 2}, "b1": {"heads": 3}}
+    assert rounding_notes(before, uneven, {"heads": 0.5, "mlp": 0.0}) == [
+        "heads: asked 0.5, removed 1 of 6 in all (0.17; whole heads, rounded to the nearest)"
+    ]
 
 
 def test_global_scope_prunes_unevenly_and_respects_min_heads():

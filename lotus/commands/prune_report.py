@@ -81,6 +81,7 @@ def write_report(args: argparse.Namespace, report: dict) -> int:
         rows = [{"block": b, **w} for b, w in blocks.items()]
         text += "\n\n" + markdown_table(rows)
         text += f"\n\nparams {report['params_before']} -> {report['params_after']}"
+        text += "".join(f"\nnote: {n}" for n in report.get("rounded") or [])
     if report.get("speedup"):
         lo, hi = report["speedup_range"]
         text += (
