@@ -246,6 +246,11 @@ class OutputConfig:
     """Write report.md and curves.png at the end of the run."""
     tensorboard: bool = False
     """Also write epoch/step scalars to RUN_DIR/tensorboard (pip install tensorboard)."""
+    wandb: Literal["off", "offline", "online"] = "off"
+    """Also log epoch/step scalars to Weights & Biases (pip install wandb): offline writes RUN_DIR/wandb for a later
+    wandb sync; a resumed run continues the same W&B run."""
+    wandb_project: str = "lotus"
+    """W&B project of output.wandb."""
     keep_checkpoints: int = field(default=0, metadata={"min": 0})
     """Also keep the N best epochs' weights by val_acc (checkpoint-<epoch>.safetensors, checkpoints.json); 0: off."""
 

@@ -269,3 +269,47 @@ def test_thinning_under_soap_keeps_its_preconditioners(tiny_cfg_dict):
     fc1 = t.model.blocks[0].mlp.fc1.weight
     gg = t.optimizer.state[fc1]["GG"]
     assert tuple(gg[0].shape) == (fc1.shape[0],) * 2 and tuple(gg[1].shape) == (fc1.shape[1],) * 2
+
+
+def test_wandb_logs_the_same_scalars_offline(tmp_path, tiny_cfg_dict, monkeypatch):
+    """output.wandb: one W&B run per run folder (id from the folder, resume allowed), scalars at their step."""
+    import sys
+    import types
+
+    calls: dict = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((dict(values), step))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    d = _cfg(tiny_cfg_dict, output={"wandb": "offline", "wandb_project": "p"})
+    d["train"].update(epochs=1, log_every_n_steps=4)
+    _fit(d, run_dir=str(tmp_path / "r"), write=True)
+    (init,) = calls["init"]
+    assert init["mode"] == "offline" and init["project"] == "p" and init["dir"] == str(tmp_path / "r")
+    assert init["resume"] == "allow" and len(init["id"]) == 16 and init["config"]["output"]["wandb"] == "offline"
+    recs = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    epoch = next(r for r in recs if r["type"] == "epoch")
+    assert ({k: v for k, v in calls["log"][-1][0].items()}["epoch/val_acc"], calls["log"][-1][1]) == (
+        epoch["val_acc"],
+        epoch["step"],
+    )
+    assert any("step/loss" in v for v, _ in calls["log"]) and calls["finish"] == 1
+    with pytest.raises(Exception, match="output.wandb: expected .off. | .offline. | .online., got .yes."):
+        _fit(_cfg(tiny_cfg_dict, output={"wandb": "yes"}), run_dir=str(tmp_path / "bad"), write=True)
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, tiny_cfg_dict, monkeypatch):
+    import sys
+
+    from lotus.errors import LotusError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(LotusError, match=r"output.wandb: needs the wandb package \(pip install wandb"):
+        _fit(_cfg(tiny_cfg_dict, output={"wandb": "offline"}), run_dir=str(tmp_path / "r"), write=True)

@@ -15,20 +15,9 @@ from lotus.errors import LotusError
 from lotus.run_report import event_line
 from lotus.safe_io import open_append
 from lotus.training.run_dir import truncate_log
+from lotus.training.trackers import WandbSink, scalars, tensorboard_writer
 
-__all__ = ["RunLog", "tensorboard_writer"]
-
-
-def tensorboard_writer(log_dir: str) -> Any:
-    """A ``torch.utils.tensorboard.SummaryWriter`` (the optional ``tensorboard`` package)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional dependency
-    except ImportError:
-        raise LotusError(
-            "output.tensorboard: needs the tensorboard package (pip install tensorboard, "
-            "or pip install -e '.[tensorboard]' in the Lotus checkout), or set output.tensorboard: false"
-        ) from None
-    return SummaryWriter(log_dir=log_dir)
+__all__ = ["RunLog"]
 
 
 class RunLog:
@@ -38,12 +27,14 @@ class RunLog:
     ``show``: whether it prints epoch lines and events (``quiet`` off, rank 0).
     """
 
-    def __init__(self, run_dir: str, write: bool, show: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: str, write: bool, show: bool, tensorboard: bool = False, wandb: dict | None = None):
         self.run_dir, self.write, self.show = run_dir, write, show
         self.events: list[dict] = []
         self._file: IO[str] | None = None
         self.tensorboard = tensorboard and write
+        self.wandb = wandb if write else None  # WandbSink's keyword arguments (mode, project, name, config)
         self._tb: Any = None
+        self._wb: WandbSink | None = None
 
     @property
     def path(self) -> str:
@@ -58,6 +49,8 @@ class RunLog:
             self._file = io.TextIOWrapper(open_append(self.path), encoding="utf-8")  # never through a symlink
         if self.tensorboard:
             self._tb = tensorboard_writer(os.path.join(self.run_dir, "tensorboard"))
+        if self.wandb is not None:
+            self._wb = WandbSink(self.run_dir, **self.wandb)
 
     def size(self) -> int | None:
         """Bytes written to metrics.jsonl so far (saved with each checkpoint)."""
@@ -67,6 +60,9 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wb is not None:
+            self._wb.close()
+            self._wb = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -82,15 +78,12 @@ class RunLog:
                     f"cannot write {self.path}: {e.strerror or e} (the last checkpoint is kept; "
                     f"free space, then lotus train --resume {self.run_dir})"
                 ) from None
-        if self._tb is not None and record.get("type") in ("epoch", "step"):
-            kind = record["type"]
-            for key, value in record.items():
-                if (
-                    key not in ("type", "epoch", "step")
-                    and isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                ):
-                    self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+        values = scalars(record) if self._tb is not None or self._wb is not None else {}
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wb is not None:
+            self._wb.add(values, record["step"])
 
     def event(self, record: dict) -> None:
         """Keep an event for the summary, write it, and print its scalar fields."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lotus.callbacks import Callback, Forward, default_forward
-from lotus.config import Config, load_config, save_config
+from lotus.config import Config, config_to_dict, load_config, save_config
 from lotus.data import Augmenter, DataBundle, build_datasets, describe
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
@@ -112,6 +112,14 @@ class Trainer:
             write=write and self.dist.is_main,
             show=not quiet and self.dist.is_main,
             tensorboard=cfg.output.tensorboard,
+            wandb=None
+            if cfg.output.wandb == "off"
+            else {
+                "mode": cfg.output.wandb,
+                "project": cfg.output.wandb_project,
+                "name": cfg.name,
+                "config": config_to_dict(cfg),
+            },
         )
         self.checkpoints = CheckpointManager(self.run_dir, write, keep=cfg.output.keep_checkpoints)
         self.dir = RunDir(self.run_dir)
