@@ -23,6 +23,7 @@ from torch import nn
 from lotus.callbacks import Callback, Forward, default_forward
 from lotus.config import Config, config_to_dict, load_config, save_config
 from lotus.data import Augmenter, DataBundle, build_datasets, describe
+from lotus.data_meta import run_data_metadata
 from lotus.errors import LotusError
 from lotus.evaluation import evaluate
 from lotus.features.registry import build_callbacks, published
@@ -33,7 +34,7 @@ from lotus.parallel.apply import parallelize
 from lotus.parallel.runtime import DistInfo, init_distributed
 from lotus.run_report import write_report
 from lotus.safe_io import atomic_write_text
-from lotus.training.checkpointer import CheckpointManager, full_model_state
+from lotus.training.checkpointer import CheckpointManager, TrainingStates, full_model_state
 from lotus.training.epoch import train_epoch
 from lotus.training.run_dir import RunDir
 from lotus.training.run_log import RunLog
@@ -158,8 +159,12 @@ class Trainer:
         self.unwrapped_model = self.model
         plan = None
         if state is not None:
-            self.checkpoints.restore_model(self, state)
-            plan = self.checkpoints.saved_plan(self, state)
+            self.checkpoints.restore_model(
+                self.model, self.callbacks, state, lambda cb: cb.on_load_checkpoint(self, state)
+            )
+            plan = self.checkpoints.saved_plan(
+                self.model, self.cfg.parallel, self.dist.world_size, self.cfg.data.batch_size, state
+            )
         self.model = self.wrap_model(self.model, plan=plan)  # plan=None: resolved from the config
 
     def wrap_model(self, model: nn.Module, **plan: Any) -> nn.Module:
@@ -189,6 +194,21 @@ class Trainer:
         state = self.scheduler.state_dict() if hasattr(self, "scheduler") else {"position": 0.0}
         self.scheduler = LrSchedule(self.optimizer, self.cfg.optim, self.cfg.train)
         self.scheduler.load_state_dict(state)  # the position (and plateau counters) carry over
+
+    def states(self) -> TrainingStates:
+        """What a checkpoint holds, handed to the checkpoint manager (it reads nothing else of the trainer)."""
+        return TrainingStates(
+            self.model,
+            getattr(self, "optimizer", None),
+            self.scheduler,
+            self.state,
+            self.stepper,
+            self.augment.gen,
+            self.callbacks,
+            self.run_log.events,
+            self.subset,
+            self.run_log.size(),
+        )
 
     def replace_model(self, plain: nn.Module, wrapped: nn.Module) -> None:
         """Train ``wrapped`` (``plain`` wrapped by :meth:`wrap_model`) from now on: the one place the model
@@ -277,7 +297,8 @@ class Trainer:
         self._setup_model(state)
         self.rebuild_optimizer()
         if state is not None:
-            self.checkpoints.restore_training(self, state)
+            restored = self.checkpoints.restore_training(self.states(), state, self.dist.is_main)
+            self.subset, self.resumed_log_bytes = restored.subset, restored.log_bytes
             capped = cfg.train.max_steps is not None and self.step >= cfg.train.max_steps
             finished = self.epoch >= cfg.train.epochs or capped
             if finished and os.path.exists(self.dir.file("summary.json")):
@@ -330,7 +351,7 @@ class Trainer:
                 self.epoch = epoch + 1
                 self.run_log.record(last_metrics)
                 self.run_log.print(RunLog.epoch_line(last_metrics, cfg.train.epochs))
-                self.checkpoints.save(self, last_metrics)
+                self.checkpoints.save(self.states(), last_metrics, cfg, run_data_metadata(self), self.dist.is_main)
                 if config_pending and self.run_log.write:
                     self.dir.record_config(cfg, resumed_at, self.overrides)
                     config_pending = False
