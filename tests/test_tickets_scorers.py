@@ -203,12 +203,9 @@ def test_forgetting_counts_events_and_flags_mislabelled(noisy, proxy):
     torch.testing.assert_close(s, dt.score(None, ds, "forgetting", proxy=proxy, progress=False))
 
 
-def test_forgetting_event_logic_with_scripted_proxy(digits):
-    """A scripted proxy whose per-epoch predictions are known: events and never-learned handling."""
-    x, y = digits
-    x, y = x[:4], y[:4]
-    # rows: epochs; columns: samples; 1 = predicted correctly
-    script = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+def scripted_proxy(logits_at, epochs: int):
+    """A proxy whose model returns ``logits_at(epoch, idx)`` for images that encode their own index, calling
+    ``on_epoch_end`` after each of ``epochs`` epochs."""
 
     class Scripted(nn.Module):
         def __init__(self):
@@ -217,18 +214,31 @@ def test_forgetting_event_logic_with_scripted_proxy(digits):
             self.w = nn.Parameter(torch.zeros(()))
 
         def forward(self, images):
-            idx = images.flatten(1)[:, 0].long()  # image encodes its own index
-            right = F.one_hot(y[idx], N_CLASSES).float()
-            wrong = F.one_hot((y[idx] + 1) % N_CLASSES, N_CLASSES).float()
-            ok = script[self.epoch - 1, idx][:, None]
-            return torch.where(ok, right, wrong)
+            return logits_at(self.epoch, images.flatten(1)[:, 0].long())
 
     def proxy(seed, on_epoch_end=None):
         m = Scripted()
-        for e in range(1, 5):
+        for e in range(1, epochs + 1):
             m.epoch = e
             on_epoch_end(m, e)
         return m
+
+    return proxy
+
+
+def test_forgetting_event_logic_with_scripted_proxy(digits):
+    """A scripted proxy whose per-epoch predictions are known: events and never-learned handling."""
+    x, y = digits
+    x, y = x[:4], y[:4]
+    # rows: epochs; columns: samples; 1 = predicted correctly
+    script = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+
+    def logits_at(epoch, idx):  # the image encodes its own index
+        right = F.one_hot(y[idx], N_CLASSES).float()
+        wrong = F.one_hot((y[idx] + 1) % N_CLASSES, N_CLASSES).float()
+        return torch.where(script[epoch - 1, idx][:, None], right, wrong)
+
+    proxy = scripted_proxy(logits_at, epochs=4)
 
     xs = torch.arange(4).float().view(4, 1, 1, 1)
     s = dt.score(None, Indexed(xs, y), "forgetting", proxy=proxy, progress=False)
@@ -242,21 +252,7 @@ def test_aum_is_the_negated_margin_averaged_over_epochs(digits):
     y = y[:3]
     logits = torch.randn(2, 3, N_CLASSES, generator=torch.Generator().manual_seed(0))
 
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.epoch = 0
-            self.w = nn.Parameter(torch.zeros(()))
-
-        def forward(self, images):
-            return logits[self.epoch - 1, images.flatten(1)[:, 0].long()]
-
-    def proxy(seed, on_epoch_end=None):
-        m = Scripted()
-        for e in (1, 2):
-            m.epoch = e
-            on_epoch_end(m, e)
-        return m
+    proxy = scripted_proxy(lambda epoch, idx: logits[epoch - 1, idx], epochs=2)
 
     s = dt.score(None, Indexed(torch.arange(3).float().view(3, 1, 1, 1), y), "aum", proxy=proxy, progress=False)
     zy = logits.gather(2, y.view(1, 3, 1).expand(2, 3, 1)).squeeze(2)
