@@ -67,6 +67,12 @@ def _dense_both(path: str, name: str, epochs: list[int]) -> list[dict]:
     return _dense(path, name, epochs) + _dense(path, f"{name}_soap", epochs, _SOAP)
 
 
+def _dense_soap(path: str, name: str, epochs: list[int]) -> list[dict]:
+    """The dense OP model with SOAP alone: in every stored table of the 32 px suites (digits32, textures,
+    shapes32) dense AdamW ends 0.1-20 pp below dense SOAP at each budget and is never the fastest to the target."""
+    return _dense(path, f"{name}_soap", epochs, _SOAP)
+
+
 def _lotus(path: str, name: str, extra: list[str] | None = None, role: str = "lotus") -> dict:
     return {"name": name, "path": path, "set": list(extra or []), "role": role}
 
@@ -123,7 +129,7 @@ SUITES: dict[str, dict] = {
         "tokens": 64,
         "target_speedup": 2.0,
         "data": None,
-        "configs": _dense_both("configs/digits32_op.yaml", "digits32_op", [10, 20])
+        "configs": _dense_soap("configs/digits32_op.yaml", "digits32_op", [10, 20])
         + [
             _lotus("configs/digits32_lotus.yaml", "digits32_lotus"),
             _lotus("configs/digits32_auto.yaml", "digits32_auto"),
@@ -158,7 +164,7 @@ SUITES: dict[str, dict] = {
         "tokens": 64,
         "target_speedup": 2.0,
         "data": ("make_shapes", "data/shapes32", 250, 60),
-        "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
+        "configs": _dense_soap("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
         + [
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
@@ -180,7 +186,7 @@ SUITES: dict[str, dict] = {
         "tokens": 64,
         "target_speedup": 2.0,
         "data": ("make_textures", "data/textures", 350, 150),
-        "configs": _dense_both("configs/textures_op.yaml", "textures_op", [10, 20])
+        "configs": _dense_soap("configs/textures_op.yaml", "textures_op", [10, 20])
         + [
             _lotus("configs/textures_lotus.yaml", "textures_lotus"),
             _lotus("configs/textures_auto.yaml", "textures_auto"),
