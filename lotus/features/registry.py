@@ -109,7 +109,7 @@ FEATURES: tuple[Feature, ...] = (
         "resolution",
         "resolution",
         ("batch",),  # before mixup: mixup mixes the resized images
-        lambda cfg, s: [ResolutionCallback(cfg.resolution)] if cfg.resolution.enabled else [],
+        lambda cfg, s: [ResolutionCallback(cfg.resolution, s.auto)] if cfg.resolution.enabled else [],
     ),
     Feature(
         "mixup",

@@ -3,17 +3,18 @@ side (:func:`lotus.features.resolution.schedule.side_at`) before the forward, so
 ``(side / patch)^2`` tokens; timm's ``dynamic_img_size`` interpolates the position embedding to that grid.
 Evaluation, probes and the exported model run at the full side. It composes with random patch tickets
 (they drop a share of whatever grid the batch has), dynamic data pruning and thinning; the side is a pure
-function of the epoch, so a resumed run is bit-identical."""
+function of the epoch (``schedule.mode: fixed``) or of the auto schedule's decisions, which a resumed run replays
+(:mod:`lotus.features.schedule.auto_side_rules`), so a resumed run is bit-identical."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lotus.callbacks import Callback, Trainer
 from lotus.errors import LotusError
 from lotus.features.resolution.config import ResolutionConfig
-from lotus.features.resolution.schedule import side_at
+from lotus.features.resolution.schedule import resize, side_at
+from lotus.features.schedule.auto import AutoState
 from lotus.models import unwrap
 
 __all__ = ["ResolutionCallback"]
@@ -22,8 +23,9 @@ __all__ = ["ResolutionCallback"]
 class ResolutionCallback(Callback):
     """Writes the ``batch`` slot: resizes training images to the epoch's side."""
 
-    def __init__(self, cfg: ResolutionConfig):
+    def __init__(self, cfg: ResolutionConfig, auto: AutoState | None = None):
         self.cfg = cfg
+        self.auto = auto  # schedule.mode: auto decides the side
         self.full = 0
         self.patch = 0
         self.side = 0
@@ -45,13 +47,16 @@ class ResolutionCallback(Callback):
                 f"resolution.enabled: model.img_size {self.full} is not a multiple of the patch size {self.patch}"
             )
 
+    def side_of(self, trainer: Trainer, epoch: int) -> int:
+        """The training side of ``epoch``: the auto schedule's decision, or :func:`side_at`."""
+        if self.auto is not None:
+            side = self.auto.side(epoch)
+            return self.full if side is None else int(side)
+        return side_at(epoch, trainer.cfg.train.epochs, self.full, self.patch, self.cfg.start, self.cfg.full_at)
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        side = side_at(epoch, trainer.cfg.train.epochs, self.full, self.patch, self.cfg.start, self.cfg.full_at)
-        prev = (
-            None
-            if epoch == 0
-            else side_at(epoch - 1, trainer.cfg.train.epochs, self.full, self.patch, self.cfg.start, self.cfg.full_at)
-        )
+        side = self.side_of(trainer, epoch)
+        prev = None if epoch == 0 else self.side_of(trainer, epoch - 1)
         if side != prev:  # a function of the epoch: logged again on resume only where it changes
             tokens = (side // self.patch) ** 2
             trainer.log(
@@ -69,14 +74,7 @@ class ResolutionCallback(Callback):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.side >= self.full or images.shape[-1] == self.side:
             return images, labels, index
-        aa = self.cfg.mode != "area"
-        images = F.interpolate(
-            images,
-            size=(self.side, self.side),
-            mode=self.cfg.mode,
-            antialias=aa,
-            **({"align_corners": False} if aa else {}),
-        )
+        images = resize(images, self.side, self.cfg.mode)
         return images, labels, index
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:

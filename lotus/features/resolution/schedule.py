@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["side_at"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["side_at", "resize"]
 
 
 def side_at(epoch: int, epochs: int, full: int, patch: int, start: float, full_at: float) -> int:
@@ -20,3 +23,12 @@ def side_at(epoch: int, epochs: int, full: int, patch: int, start: float, full_a
     t = epoch / end
     side = lo + t * (full - lo)
     return max(lo, min(full, int(math.floor(side / patch + 1e-9)) * patch))
+
+
+def resize(images: torch.Tensor, side: int, mode: str = "bilinear") -> torch.Tensor:
+    """``images`` (N, C, H, W) resized to ``side`` x ``side`` (bilinear and bicubic antialiased, like
+    torchvision's resize of a downscaled image); unchanged when already that size."""
+    if images.shape[-1] == side and images.shape[-2] == side:
+        return images
+    aa = mode != "area"
+    return F.interpolate(images, size=(side, side), mode=mode, antialias=aa, **({"align_corners": False} if aa else {}))

@@ -4,7 +4,8 @@ Given only the epoch budget, the controller (:class:`lotus.features.schedule.aut
 measures signals at every epoch end (:mod:`lotus.features.schedule.auto_probes`), passes them to the rules
 (:mod:`lotus.features.schedule.auto_rules`, which holds the rule table) and records the *decisions* here;
 :class:`lotus.features.schedule.phases.Schedule` answers ``plan(epoch)`` from them. A decision taken at the end of
-epoch ``e`` applies from epoch ``e + 1`` (``reduce``, ``dynamic_ratio``, ``keep_rate``, ``thin``, ``anneal``).
+epoch ``e`` applies from epoch ``e + 1`` (``reduce``, ``dynamic_ratio``, ``keep_rate``, ``side``, ``thin``,
+``anneal``).
 
 The decisions are the whole state: the controller saves them with its checkpoint and :meth:`AutoState.load`
 replays them on resume, so a resumed run plans exactly what the uninterrupted one did.
@@ -17,7 +18,7 @@ from typing import Any
 
 __all__ = ["AutoState", "AutoKeepRates", "DECISIONS"]
 
-DECISIONS = ("reduce", "dynamic_ratio", "keep_rate", "thin", "anneal")
+DECISIONS = ("reduce", "dynamic_ratio", "keep_rate", "side", "thin", "anneal")
 
 
 class AutoState:
@@ -41,6 +42,7 @@ class AutoState:
         self.anneal_start: int | None = None
         self.ratios: list[tuple[int, float]] = []
         self.keep_rates: list[tuple[int, float]] = []
+        self.sides: list[tuple[int, int]] = []
         self.thin: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ decisions
@@ -55,6 +57,8 @@ class AutoState:
             self.ratios.append((epoch, float(value)))
         elif what == "keep_rate":
             self.keep_rates.append((epoch, float(value)))
+        elif what == "side":
+            self.sides.append((epoch, int(value)))
         elif what == "thin":
             self.thin = {"epoch": epoch, "heads": float(value["heads"]), "mlp": float(value["mlp"])}
         else:
@@ -93,6 +97,25 @@ class AutoState:
     def keep_rate(self, epoch: float) -> float:
         """The decided patch keep rate in force (1.0 in the anneal; random patches may start in the warm-up)."""
         return self._step_value(self.keep_rates, epoch, 1.0) if self.phase(epoch) != "anneal" else 1.0
+
+    def side(self, epoch: float) -> int | None:
+        """The decided training image side in force (px), or None: full size (no decision, or the anneal)."""
+        if self.phase(epoch) == "anneal" or not self.sides:
+            return None
+        value: int | None = None
+        for e, v in self.sides:
+            if e <= epoch:
+                value = v
+        return value
+
+    def lever_changed(self, epoch: int) -> bool:
+        """Whether thinning, a patch keep rate or a side took effect at ``epoch`` (after the start decisions):
+        then its train loss is not comparable with the epoch before's."""
+        return (
+            (self.thin is not None and self.thin["epoch"] == epoch)
+            or any(e == epoch for e, _ in self.keep_rates[1:])
+            or any(e == epoch for e, _ in self.sides[1:])
+        )
 
     def thin_due(self, progress: float) -> tuple[float, float] | None:
         """``(heads, mlp)`` ratios once the decided thinning epoch is reached, else ``None``."""

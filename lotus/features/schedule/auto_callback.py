@@ -23,6 +23,7 @@ from lotus.callbacks import Callback, Trainer
 from lotus.features.schedule import auto_patch_rules as patch_rules
 from lotus.features.schedule import auto_probes as probes
 from lotus.features.schedule import auto_rules as rules
+from lotus.features.schedule import auto_side_rules as side_rules
 from lotus.features.schedule.auto import AutoState
 
 __all__ = ["AutoScheduleCallback"]
@@ -41,6 +42,8 @@ class AutoScheduleCallback(Callback):
         self._probe: probes.Batches | None = None
         p = cfg.tickets.patches
         self.random_patches = bool(p.enabled and p.scorer == "random")  # no ranking: start low, raise on signal
+        self.resolution = bool(cfg.resolution.enabled)  # the side: start low, raise on signal
+        self._grid: side_rules.SideGrid | None = None
 
     # ------------------------------------------------------------------ helpers
     def probe_batches(self, trainer: Trainer) -> probes.Batches:
@@ -48,6 +51,14 @@ class AutoScheduleCallback(Callback):
         if self._probe is None:
             self._probe = probes.probe_batches(trainer, self.a.probe_batches)
         return self._probe
+
+    def grid(self, trainer: Trainer) -> side_rules.SideGrid:
+        """The sides the resolution rule may choose (from ``resolution.start`` of the full side, whole patches)."""
+        if self._grid is None:
+            patch = self._model(trainer).patch_embed.patch_size
+            patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+            self._grid = side_rules.SideGrid.of(int(trainer.data.img_size), patch, self.cfg.resolution.start)
+        return self._grid
 
     def _model(self, trainer: Trainer) -> Any:
         owner = trainer.features.get("pruning")
@@ -138,20 +149,94 @@ class AutoScheduleCallback(Callback):
             saved = self._pay(trainer, model, num_kept(n, floor), n, 0.0, len(trainer.train_set)).saved
         self._apply(trainer, -1, patch_rules.random_patches_start(floor, n, saved), made)
 
-    def _raise_random_keep_rate(
+    def _start_side(self, trainer: Trainer, made: list[str]) -> None:
+        """resolution, before the first epoch: the lowest side from epoch 0 unless timed steps save nothing."""
+        grid, saved = self.grid(trainer), None
+        if self.a.patches_must_pay and grid.low < grid.full:
+            x, y = self.probe_batches(trainer)[0]
+            full, low = probes.step_seconds(
+                trainer, self._model(trainer), x.to(trainer.device), y.to(trainer.device), None, side=grid.low
+            )
+            steps = math.ceil(len(trainer.train_set) / (trainer.cfg.data.batch_size * trainer.dist.world_size))
+            saved = patch_rules.seconds_saved(full, low, steps)
+        self._apply(trainer, -1, side_rules.side_start(grid, saved), made)
+
+    def _raise_tokens(
         self, trainer: Trainer, epoch: int, metrics: dict, prev_loss: float | None, made: list[str]
     ) -> None:
-        """scorer random: probe the current rate's random patches (and rungs above it, lowest first, while they
-        give back too much) and let :func:`~lotus.features.schedule.auto_patch_rules.random_keep_rate` decide."""
-        current = patch_rules.current_keep_rate(self.state)
-        if current >= 1.0:
+        """The token levers (random patches, resolution): probe what each gives back at its current setting,
+        give a train-loss stall to the one that gives back more (:func:`~.auto_side_rules.stall_lever`), and let
+        each rule decide."""
+        keep_on = self.random_patches and patch_rules.current_keep_rate(self.state) < 1.0
+        grid = self.grid(trainer) if self.resolution else None
+        side = None if grid is None else side_rules.current_side(self.state, grid)
+        side_on = grid is not None and side is not None and side < grid.full
+        if not (keep_on or side_on):
             return
         model, data = self._model(trainer), self.probe_batches(trainer)
-        n = int(model.patch_embed.num_patches)
-        k = num_kept(n, current)
         gate = patch_rules.random_keep_gate(self.a, trainer.data.num_classes)
-        full, rises = probes.random_keep_rises(trainer, model, data, [k], gate=gate)
-        rise = rises.get(k)
+        keep_rise = side_rise = None
+        if keep_on:
+            k = num_kept(int(model.patch_embed.num_patches), patch_rules.current_keep_rate(self.state))
+            full, rises = probes.random_keep_rises(trainer, model, data, [k], gate=gate)
+            keep_rise = rises.get(k)
+        else:
+            with probes.eval_mode(model):
+                full = probes.probe_loss(trainer, model, data)
+        if side_on:
+            side_rise = probes.side_rises(trainer, model, data, [side], full, gate).get(side)
+        lever = side_rules.stall_lever(side_rise, keep_rise, keep_on, not side_on)
+        if keep_on:
+            self._raise_random_keep_rate(
+                trainer, epoch, metrics, prev_loss, made, model, full, keep_rise, stall_taken=lever == "side"
+            )
+        if side_on:
+            self._raise_side(trainer, epoch, metrics, prev_loss, made, model, full, side_rise, lever == "side")
+
+    def _raise_side(
+        self,
+        trainer: Trainer,
+        epoch: int,
+        metrics: dict,
+        prev_loss: float | None,
+        made: list[str],
+        model: Any,
+        full: float,
+        rise: float | None,
+        takes_stall: bool,
+    ) -> None:
+        """resolution: probe the sides above the current one while they give back too much, then let
+        :func:`~lotus.features.schedule.auto_side_rules.side_decision` decide."""
+        if not patch_rules.random_keep_ready(self.state, epoch, rise):
+            return
+        if rise is not None:
+            metrics["auto_side_rise"] = round(rise, 6)
+        grid, data = self.grid(trainer), self.probe_batches(trainer)
+        rungs: list[tuple[int, float]] = []
+        for s in side_rules.side_rungs(self.state, self.a, grid, rise):
+            rungs.append((s, probes.side_rises(trainer, model, data, [s], full)[s]))
+            if rungs[-1][1] <= self.a.keep_tolerance:
+                break
+        loss = float(metrics["train_loss"])
+        decision = side_rules.side_decision(self.state, self.a, epoch, grid, rise, rungs, loss, prev_loss, takes_stall)
+        self._apply(trainer, epoch, decision, made)
+
+    def _raise_random_keep_rate(
+        self,
+        trainer: Trainer,
+        epoch: int,
+        metrics: dict,
+        prev_loss: float | None,
+        made: list[str],
+        model: Any,
+        full: float,
+        rise: float | None,
+        stall_taken: bool,
+    ) -> None:
+        """scorer random: probe the rungs above the current rate's random patches (lowest first, while they give
+        back too much) and let :func:`~lotus.features.schedule.auto_patch_rules.random_keep_rate` decide."""
+        data = self.probe_batches(trainer)
+        n = int(model.patch_embed.num_patches)
         if not patch_rules.random_keep_ready(self.state, epoch, rise):
             return  # too early to tell: nothing learned on the probe batches, and the warm-up just ended
         if rise is not None:
@@ -166,7 +251,7 @@ class AutoScheduleCallback(Callback):
             trainer,
             epoch,
             patch_rules.random_keep_rate(
-                self.state, self.a, epoch, n, rise, rungs, float(metrics["train_loss"]), prev_loss
+                self.state, self.a, epoch, n, rise, rungs, float(metrics["train_loss"]), prev_loss, stall_taken
             ),
             made,
         )
@@ -190,8 +275,11 @@ class AutoScheduleCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if self.random_patches and epoch == 0 and not self.state.keep_rates:  # a resumed run has its decisions
-            self._start_random_patches(trainer, [])
+        if epoch == 0 and (self.random_patches or self.resolution):
+            if self.random_patches and not self.state.keep_rates:  # a resumed run has its decisions
+                self._start_random_patches(trainer, [])
+            if self.resolution and not self.state.sides:
+                self._start_side(trainer, [])
             self._agree(trainer, -1, None)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
@@ -201,8 +289,8 @@ class AutoScheduleCallback(Callback):
         made: list[str] = []
         prev_loss = self.prev_loss
         self._phases(trainer, epoch, metrics, made)
-        if self.random_patches and self.state.phase(epoch + 1) != "anneal":
-            self._raise_random_keep_rate(trainer, epoch, metrics, prev_loss, made)
+        if (self.random_patches or self.resolution) and self.state.phase(epoch + 1) != "anneal":
+            self._raise_tokens(trainer, epoch, metrics, prev_loss, made)
         if self.state.phase(epoch + 1) == "reduce":
             if self.cfg.tickets.dynamic.enabled:
                 self._dynamic(trainer, epoch, made)

@@ -212,10 +212,13 @@ def random_keep_rate(
     rungs: Sequence[tuple[float, float]],
     loss: float,
     prev_loss: float | None,
+    stall_taken: bool = False,
 ) -> Decision | None:
     """scorer random: raise to the first of the probed ``rungs`` (rate, rise) within tolerance (else all
     patches) when ``rise`` (current rate) exceeds ``keep_tolerance``; else one rung when the train loss fell by
-    less than ``keep_stall`` (0: off) in an epoch that started on the same patches and model as the one before."""
+    less than ``keep_stall`` (0: off) in an epoch that started on the same patches, side and model as the one
+    before, unless the resolution rule takes that stall (``stall_taken``: see
+    :func:`~lotus.features.schedule.auto_side_rules.stall_lever`)."""
     current = current_keep_rate(state)
     k = num_kept(n, current)
     if rise is not None and rise > a.keep_tolerance:
@@ -229,10 +232,7 @@ def random_keep_rate(
             f"the loss on the probe batches with {k} of {n} random patches gives back {rise:.1%} of the "
             f"loss learned: {num_kept(n, to)} patches from now on",
         )
-    changed = (
-        state.thin is not None and state.thin["epoch"] == epoch or any(e == epoch for e, _ in state.keep_rates[1:])
-    )
-    if prev_loss is None or changed or current >= 1.0:
+    if prev_loss is None or stall_taken or state.lever_changed(epoch) or current >= 1.0:
         return None
     gain = (prev_loss - loss) / prev_loss
     if a.keep_stall > 0 and gain < a.keep_stall:

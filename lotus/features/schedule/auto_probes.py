@@ -32,6 +32,7 @@ from data_tickets.patches import patch_attention, random_patch_scores
 from lotus.callbacks import Trainer
 from lotus.data import batches
 from lotus.errors import library_error
+from lotus.features.resolution.schedule import resize
 from lotus.features.schedule import auto_rules as rules
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "probe_model",
     "probe_loss",
     "random_keep_rises",
+    "side_rises",
     "attention_masses",
     "step_seconds",
     "thinned_loss",
@@ -115,12 +117,16 @@ def seen_losses(sampler: Any) -> np.ndarray | None:
 
 # ---------------------------------------------------------------------- losses
 @torch.no_grad()
-def probe_loss(trainer: Trainer, model: torch.nn.Module, data: Batches, keep: int | None = None) -> float:
+def probe_loss(
+    trainer: Trainer, model: torch.nn.Module, data: Batches, keep: int | None = None, side: int | None = None
+) -> float:
     """Mean loss on ``data`` (averaged over ranks); with ``keep``, on that many random patches per image (seeded:
-    the same draw at every call)."""
+    the same draw at every call); with ``side``, on the images resized to that side (``resolution.mode``)."""
     total, n = 0.0, 0
     for b, (x, y) in enumerate(data):
         x, y = x.to(trainer.device), y.to(trainer.device)
+        if side is not None:
+            x = resize(x, side, trainer.cfg.resolution.mode)
         kept: Any = contextlib.nullcontext()
         if keep is not None:
             scores = random_patch_scores(
@@ -167,6 +173,18 @@ def random_keep_rises(
         return full, {
             k: rules.loss_rise_of_learned(probe_loss(trainer, model, data, keep=k), full, classes) for k in ks
         }
+
+
+def side_rises(
+    trainer: Trainer, model: torch.nn.Module, data: Batches, sides: list[int], full: float, gate: float = math.inf
+) -> dict[int, float]:
+    """Per side, the rise of the probe loss with the images at that side over ``full`` (the loss at full size, on
+    all patches) as a share of the loss learned; nothing while ``full`` is at least ``gate``."""
+    if full >= gate:
+        return {}
+    classes = trainer.data.num_classes
+    with eval_mode(model):
+        return {s: rules.loss_rise_of_learned(probe_loss(trainer, model, data, side=s), full, classes) for s in sides}
 
 
 def thinned_loss(
@@ -218,29 +236,38 @@ def attention_masses(
 
 
 def step_seconds(
-    trainer: Trainer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, repeats: int = 3
+    trainer: Trainer,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int | None,
+    repeats: int = 3,
+    side: int | None = None,
 ) -> tuple[float, float]:
-    """Fastest of ``repeats`` forward + backward passes of a copy of ``model``, on all patches and on ``k`` of
-    them (alternating, after one untimed pass each), averaged over ranks; the model and the RNG streams are
-    untouched."""
+    """Fastest of ``repeats`` forward + backward passes of a copy of ``model``, on all patches at full size and
+    on ``k`` of them (all: None) at ``side`` (full: None), alternating, after one untimed pass each, averaged over
+    ranks; the model and the RNG streams are untouched."""
     trial = copy.deepcopy(model)
     trial.train()
-    kept = trial.patch_drop
-    keep = torch.arange(k, device=x.device).expand(len(x), k)
+    kept = getattr(trial, "patch_drop", None)  # a model without patch tickets (resolution alone) has none
+    keep = None if k is None else torch.arange(k, device=x.device).expand(len(x), k)
+    small = x if side is None else resize(x, side, trainer.cfg.resolution.mode)
     sync: Callable[[], None] = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    best = {None: math.inf, k: math.inf}
+    best = {None: math.inf, "reduced": math.inf}
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         for r in range(repeats + 1):
-            for which in (None, k):
+            for which in (None, "reduced"):
                 sync()
                 t0 = time.perf_counter()
-                with kept.keep(None if which is None else keep), trainer.autocast():
-                    loss = F.cross_entropy(trial(x).float(), y)
+                xs = x if which is None or side is None else small
+                drop = contextlib.nullcontext() if keep is None else kept.keep(None if which is None else keep)
+                with drop, trainer.autocast():
+                    loss = F.cross_entropy(trial(xs).float(), y)
                 loss.backward()
                 sync()
                 if r:
                     best[which] = min(best[which], time.perf_counter() - t0)
                 trial.zero_grad(set_to_none=True)
     del trial
-    full, kept_s = mean_over_ranks([best[None], best[k]], trainer.device)
+    full, kept_s = mean_over_ranks([best[None], best["reduced"]], trainer.device)
     return full, kept_s

@@ -37,6 +37,15 @@ decision          signal -> rule                                                
 ``keep_rate`` 1.0 ``patches_must_pay``, before the first lowering: timed steps say   patch tickets off (run)
                   the seconds saved per epoch are not more than re-ranking costs
                   -> ``patch_rules.patches_stay_off``
+``side``          resolution: ``resolution.start`` of the full side from epoch 0     ``resolution`` side
+                  (``side_rules.side_start``; full size when timed steps save
+                  nothing); raised to the lowest side whose probe gives back at
+                  most ``keep_tolerance`` of the loss learned when the current
+                  side gives back more, or one patch larger on a train-loss
+                  stall (< ``keep_stall``) that the side takes: with random
+                  patches on, the lever whose probe gives back more takes it
+                  (``side_rules.stall_lever``); full size in the anneal
+                  -> ``side_rules.side_decision``
 ``thin``          a thinned copy's probe-batch loss gives back at most              ``pruning.structured``
                   ``thin_tolerance`` of the loss learned so far (the largest of     (once)
                   ``thin_candidates``; at ``thin_by`` the largest within it; no
@@ -45,7 +54,7 @@ decision          signal -> rule                                                
 ================= ================================================================= ==========================
 
 "The loss learned so far" is ln(classes) - the probe loss on all patches of the unthinned model
-(:func:`loss_rise_of_learned`).
+(:func:`loss_rise_of_learned`); ``side_rules`` = :mod:`.auto_side_rules`.
 """
 
 from __future__ import annotations

@@ -216,10 +216,10 @@ class Schedule:
                 f"tickets.dynamic.rule: schedule.mode: auto moves the ratio from the data rule's drop_candidates; "
                 f"{t.dynamic.rule!r} has none (use schedule.mode: fixed)"
             )
-        if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled):
+        if not (t.dynamic.enabled or t.patches.enabled or cfg.pruning.structured.enabled or cfg.resolution.enabled):
             raise ConfigError(
                 "schedule.mode: auto needs something to drive: enable tickets.dynamic, "
-                "tickets.patches or pruning.structured"
+                "tickets.patches, resolution or pruning.structured"
             )
 
     def _patch_keep_rates(self, cfg: Config) -> KeepRateSchedule | AutoKeepRates | None:
