@@ -68,6 +68,20 @@ def _e(name: str, path: str, sets: list[str], role: str, label: str) -> dict:
     return {"name": name, "path": path, "set": sets, "role": role, "label": label}
 
 
+# schedule.mode: auto deciding the resolution too (auto_side_rules): both token levers from about a quarter of the
+# tokens (20 of 28 px = 25 of 49 tokens, half of them kept at random), or the resolution alone from 12 px (9 tokens)
+AUTO_TOKENS = [
+    "model.kwargs.dynamic_img_size=true",
+    "resolution.enabled=true",
+    "resolution.start=0.75",
+    "tickets.patches.keep_rate=0.5",
+]
+AUTO_SIDE = [
+    "model.kwargs.dynamic_img_size=true",
+    "resolution.enabled=true",
+    "resolution.start=0.5",
+    "tickets.patches.enabled=false",
+]
 SOAP = ["optim.name=soap"]  # the stronger optimiser here (dense SOAP beats dense AdamW by ~5 pp at 12 epochs)
 
 
@@ -116,19 +130,8 @@ def entries(budgets: list[int], peer_epochs: int) -> list[dict]:
             "LOTUS, hand-made",
         ),
         _e("lotus_auto", AUTO, ep, "lotus", "LOTUS, schedule: auto"),
-        _e(
-            "lotus_auto_res",
-            AUTO,
-            ep
-            + [
-                "model.kwargs.dynamic_img_size=true",
-                "resolution.enabled=true",
-                "resolution.start=0.5",
-                "resolution.full_at=0.5",
-            ],
-            "lotus",
-            "LOTUS auto + progressive resolution",
-        ),
+        _e("lotus_auto_tokens", AUTO, ep + AUTO_TOKENS, "lotus", "LOTUS auto, both token levers"),
+        _e("lotus_auto_side", AUTO, ep + AUTO_SIDE, "lotus", "LOTUS auto, resolution lever"),
     ]
     return out
 

@@ -40,15 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks._common import RESULTS, add_harness_args, out_path, write_results  # noqa: E402
+from benchmarks.lotus_schedule_report import decisions, markdown  # noqa: E402
 from lotus.bench import run_bench  # noqa: E402
 from lotus.bench_report import analyse  # noqa: E402
-from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
-
-
-def _ratio(d: dict) -> str:
-    return format_ratio(d, "not reached")
-
-
+from lotus.bench_stats import _finite, _time_to, seed_ratios  # noqa: E402
 from lotus.run_report import read_metrics  # noqa: E402
 
 
@@ -229,32 +224,6 @@ def _parse_extra(text: str, role: str) -> dict:
     return {"name": name, "path": path, "set": [s for s in sets if not s.startswith("name=")], "role": role}
 
 
-_DECISION_KEYS = ("what", "from_epoch", "value", "signal", "measured", "threshold", "reason")
-
-
-def _decisions(run_dir: str) -> list[dict]:
-    """The ``auto_decision`` events of a run (``schedule.mode: auto``)."""
-    return [
-        {k: e.get(k) for k in _DECISION_KEYS} for e in read_metrics(run_dir)[1] if e.get("event") == "auto_decision"
-    ]
-
-
-def _fmt_decision(d: dict) -> str:
-    """One decision, short: what it set from which epoch, and the signal against its threshold."""
-    value = d["value"]
-    if d["what"] == "thin":
-        value = ", ".join(f"{k} {v:g}" for k, v in value.items() if v) or "none"
-    elif d["what"] in ("reduce", "anneal"):
-        value = None
-    head = f"{d['what']}{'' if value is None else ' ' + str(value)} from epoch {d['from_epoch']}"
-    if d.get("measured") is None:
-        return head
-    thr = "" if d.get("threshold") is None else f" vs {d['threshold']:.3g}"
-    reason = d.get("reason") or ""
-    timed = reason[reason.index("(training on") + 1 :].rstrip(")") if "(training on" in reason else ""
-    return f"{head} ({d['signal']} {d['measured']:.3g}{thr}{'; ' + timed if timed else ''})"
-
-
 def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[int], drop: float) -> dict:
     finals = {}
     for e, res in zip(entries, results):
@@ -269,12 +238,14 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         r["overrides"] = e["set"]
         epochs = [read_metrics(d)[0] for d in res.runs]
         r["epoch_to_target"] = [_time_to(ep, target, "epoch") for ep in epochs]
-        r["auto_decisions"] = [_decisions(d) for d in res.runs]
+        r["auto_decisions"] = [decisions(d) for d in res.runs]
+        r["cpu_to_target"] = [_time_to(ep, target, "cpu_s") for ep in epochs]
+        r["cpu_total"] = [ep[-1]["cpu_s"] for ep in epochs]
         r["samples_to_target"] = [_time_to(ep, target, "samples_seen") for ep in epochs]
         r["total_time"] = [ep[-1]["wall_s"] for ep in epochs]
         r["samples_total"] = [ep[-1]["samples_seen"] for ep in epochs]
     base = {}
-    for key in ("time_to_target", "flops_to_target", "samples_to_target"):
+    for key in ("time_to_target", "cpu_to_target", "flops_to_target", "samples_to_target"):
         per_seed = []
         for k in range(len(seeds)):
             reached = [(rows[n][key][k], n) for n in dense if math.isfinite(rows[n][key][k])]
@@ -282,7 +253,12 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         base[key] = per_seed
     ref = rows[strongest]
     for r in analysis["rows"]:
-        for key, short in (("time_to_target", "time"), ("flops_to_target", "flops"), ("samples_to_target", "samples")):
+        for key, short in (
+            ("time_to_target", "time"),
+            ("cpu_to_target", "cpu"),
+            ("flops_to_target", "flops"),
+            ("samples_to_target", "samples"),
+        ):
             r[f"speedup_{short}_per_seed"] = seed_ratios([b for b, _ in base[key]], r[key])
         r["delta_final_pp"] = (r["final_acc_mean"] - ref["final_acc_mean"]) * 100
         r["param_ratio"] = r["params"] / ref["params"]
@@ -297,132 +273,38 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
         "strongest_dense": strongest,
         "baseline_per_seed": {k: [{"value": v, "config": n} for v, n in b] for k, b in base.items()},
         "rows": analysis["rows"],
+        "auto_vs_hand": _auto_vs_hand(analysis["rows"]),
     }
 
 
-def _fmt_times(values: list[float]) -> str:
-    return ", ".join(f"{v:.1f}" if math.isfinite(v) else "-" for v in values)
+def _auto_vs_hand(rows: list[dict]) -> list[dict]:
+    """Each auto config (role ``auto``) against the best hand-made schedule (role ``lotus``: the most seeds at the
+    target, then the lowest median CPU time to it): per-seed CPU-time ratios hand / auto."""
+    hand = [r for r in rows if r["role"] == "lotus"]
+    if not hand:
+        return []
 
+    def reached(r: dict) -> int:
+        return sum(map(math.isfinite, r["cpu_to_target"]))
 
-def _verdict(res: dict, goal: float) -> list[str]:
-    lines = []
-    for r in res["rows"]:
-        if r["role"] != "lotus":
-            continue
-        sp = r["speedup_time_per_seed"]
-        fast = sp["median"] is not None and sp["median"] >= goal and sp["seeds_with_ratio"] == len(sp["per_seed"])
-        close = r["delta_final_pp"] >= -res["target_drop"] * 100 - 1e-9
-        smaller = r["params"] < min(x["params"] for x in res["rows"] if x["role"] == "dense")
-        faster = r["inference_speedup_vs_strongest"] > 1.0
-        ok = fast and close and smaller and faster
-        lines.append(
-            f"- **{r['name']}: target {'met' if ok else 'MISSED'}** (goal: median per-seed time-to-target speed-up "
-            f">= {goal:.1f}x in every seed, final acc within {res['target_drop'] * 100:.1f} pp of "
-            f"{res['strongest_dense']}, smaller and faster final model): speed-up {_ratio(sp)} "
-            f"({'ok' if fast else 'missed'}), final {r['delta_final_pp']:+.2f} pp ({'ok' if close else 'missed'}), "
-            f"params x{r['param_ratio']:.2f} ({'ok' if smaller else 'missed'}), inference "
-            f"{r['inference_speedup_vs_strongest']:.2f}x ({'ok' if faster else 'missed'})."
-        )
-    return lines
+    def key(r: dict) -> tuple:
+        times = [t for t in r["cpu_to_target"] if math.isfinite(t)]
+        return (-reached(r), statistics.median(times) if times else math.inf)
 
-
-def _markdown(res: dict, command: str, meta: dict) -> str:
-    head = [
-        "config",
-        "role",
-        "final val acc",
-        "vs strongest dense",
-        f"time to {res['target'] * 100:.2f}% (s, per seed)",
-        "time speed-up",
-        "FLOP speed-up",
-        "samples speed-up",
-        "total train time (s)",
-        "samples forwarded",
-        "params",
-        "inf img/s",
+    best = min(hand, key=key)
+    return [
+        {
+            "auto": r["name"],
+            "hand": best["name"],
+            "speedup_cpu_per_seed": seed_ratios(best["cpu_to_target"], r["cpu_to_target"]),
+            "auto_seeds_reached": reached(r),
+            "hand_seeds_reached": reached(best),
+            "auto_delta_final_pp": r["delta_final_pp"],
+            "hand_delta_final_pp": best["delta_final_pp"],
+        }
+        for r in rows
+        if r["role"] == "auto"
     ]
-    out = [
-        f"# LOTUS schedule vs the strongest dense baseline: {res['suite']}",
-        "",
-        f"`{command}`",
-        "",
-        f"{res['tokens']} tokens per image; seeds {res['seeds']}; every run 1 thread"
-        + (f", {meta['jobs']} runs side by side (one per core)" if meta.get("jobs", 1) > 1 else "")
-        + f", all runs interleaved seed by seed in one process. Target = {res['strongest_dense']}'s mean "
-        "final val accuracy - "
-        f"{res['target_drop'] * 100:.1f} pp = **{res['target'] * 100:.2f}%**. Speed-ups are per-seed ratios "
-        "(median, range): the seed's baseline is the fastest dense config/budget that reaches the target in that "
-        "seed (wall time, FLOPs and samples each on their own), counted from the epoch it first reaches it. "
-        "Times are training time (evaluation excluded; scoring, ranking and pruning included).",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for r in res["rows"]:
-        out.append(
-            "| "
-            + " | ".join(
-                [
-                    r["name"],
-                    r["role"],
-                    mean_std(r["finals"]),
-                    f"{r['delta_final_pp']:+.2f} pp",
-                    _fmt_times(r["time_to_target"]),
-                    _ratio(r["speedup_time_per_seed"]),
-                    _ratio(r["speedup_flops_per_seed"]),
-                    _ratio(r["speedup_samples_per_seed"]),
-                    f"{statistics.fmean(r['total_time']):.1f}",
-                    f"{statistics.fmean(r['samples_total']):.0f}",
-                    f"{r['params'] / 1e6:.3f} M (x{r['param_ratio']:.2f})",
-                    f"{r['inf_img_per_s']:.0f} ({r['inference_speedup_vs_strongest']:.2f}x)",
-                ]
-            )
-            + " |"
-        )
-    base = res["baseline_per_seed"]["time_to_target"]
-    out += [
-        "",
-        "Dense baseline per seed (time): "
-        + ", ".join(
-            f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
-            for s, b in zip(res["seeds"], base)
-        ),
-        "",
-    ]
-    out += _verdict(res, meta["target_speedup"])
-    out += [
-        "",
-        "Epoch at which each run first reaches the target (per seed; - = never): "
-        + "; ".join(
-            f"{r['name']} " + ", ".join(f"{e:.0f}" if math.isfinite(e) else "-" for e in r["epoch_to_target"])
-            for r in res["rows"]
-        )
-        + ".",
-    ]
-    auto = [(r["name"], s, ds) for r in res["rows"] for s, ds in zip(res["seeds"], r["auto_decisions"]) if ds]
-    if auto:
-        out += [
-            "",
-            "Auto-schedule decisions (`auto_decision` events: what, from which epoch, signal vs threshold):",
-            "",
-        ]
-        out += [f"- {name} seed {s}: " + "; ".join(_fmt_decision(d) for d in ds) for name, s, ds in auto]
-    out += [
-        "",
-        f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']:.2f} at the start of this invocation, "
-        f"{meta['load_end']:.2f} at the end (other jobs shared the cores; interleaving spreads that over all "
-        f"configs). This invocation: {meta['started']} - {meta['finished']}; its runs (reused ones included) "
-        f"finished {meta['runs_finished_utc']} UTC"
-        + (
-            f"; {meta['runs_reused']} of its {meta['runs']} runs were reused from earlier invocations (their times "
-            "are from those)"
-            if meta.get("runs_reused")
-            else ""
-        )
-        + ".",
-        "",
-    ]
-    return "\n".join(out)
 
 
 def main() -> None:
@@ -551,7 +433,7 @@ def main() -> None:
             + ("" if a.out is None else f" --out {a.out}")
         )
         res["meta"], res["command"] = meta, command
-        md = _markdown(res, command, meta)  # before _finite: the table reads the infinite times as "not reached"
+        md = markdown(res, command, meta)  # before _finite: the table reads the infinite times as "not reached"
         write_results(os.path.join(results_dir, suite), _finite(res), md, quick=a.quick)
 
 
