@@ -22,7 +22,7 @@ from typing import Union
 from tqdm import tqdm
 
 from lotus.callbacks import Callback
-from lotus.config import config_to_dict, load_config
+from lotus.config import config_to_dict, load_config, load_saved_config
 from lotus.errors import LotusError
 from lotus.training import Trainer
 
@@ -147,7 +147,7 @@ def run_bench(
 def _check_reusable(run_dir: str, path: str, run_overrides: list[str]) -> None:
     """A finished run is reused only if it was trained with the same config (the bench is resumable)."""
     wanted = config_to_dict(load_config(path, run_overrides))
-    saved = config_to_dict(load_config(os.path.join(run_dir, "config.yaml")))
+    saved = config_to_dict(load_saved_config(os.path.join(run_dir, "config.yaml")))
     for d in (wanted, saved):
         d["output"]["dir"] = None
     saved["name"] = wanted["name"]

@@ -6,6 +6,7 @@ import io
 import math
 import os
 
+import pytest
 import yaml
 
 
@@ -125,3 +126,29 @@ def test_inference_is_timed_round_robin_on_one_thread(tmp_path, tiny_cfg_dict, m
     # kept with the runs: measured again the same way, nothing is loaded or timed
     order.clear()
     assert bench_inference.measure_inference(res, repeats=3) == out and order == []
+
+
+def test_runs_saved_before_the_schedule_rename_are_reused(tmp_path, tiny_cfg_dict, one_thread):
+    """A finished run whose config.yaml still says ``lotus:`` (before it was renamed ``schedule:``) is the same
+    config: bench reuses it instead of refusing it; user configs keep the one-line error."""
+    from lotus.bench import run_bench
+    from lotus.config import config_from_dict, upgrade_saved
+    from lotus.errors import ConfigError
+
+    tiny_cfg_dict["schedule"] = {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 0}
+    base = _tiny(tmp_path, tiny_cfg_dict, epochs=2)
+    out = str(tmp_path / "b")
+    first = run_bench([base], seeds=[0], out=out, quiet=True, progress=False)
+    saved = os.path.join(first[0].runs[0], "config.yaml")
+    data = yaml.safe_load(open(saved))
+    data["lotus"] = data.pop("schedule")
+    data["lotus"]["schedule"] = "fixed"
+    with open(saved, "w") as f:
+        yaml.safe_dump(data, f)
+    mtime = os.path.getmtime(os.path.join(first[0].runs[0], "summary.json"))
+    again = run_bench([base], seeds=[0], out=out, quiet=True, progress=False)
+    assert again[0].runs == first[0].runs
+    assert os.path.getmtime(os.path.join(first[0].runs[0], "summary.json")) == mtime  # reused, not retrained
+    assert upgrade_saved(data)["schedule"]["mode"] == "fixed" and "lotus" not in upgrade_saved(data)
+    with pytest.raises(ConfigError, match="^lotus: this section is now called schedule:"):
+        config_from_dict(data)
