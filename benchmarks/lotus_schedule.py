@@ -81,6 +81,7 @@ def _ablations(path: str, name: str, switches: tuple, extra: list[str] | None = 
 # ablations are where that choice comes from; patches_forced lowers the keep rate even where the timed check
 # says the dropped patches save less than re-ranking costs)
 _AUTO_SWITCHES = (
+    ("no_resolution", "resolution.enabled=false"),
     ("no_patches", "tickets.patches.enabled=false"),
     ("no_thinning", "pruning.structured.mlp=0.0"),
     ("with_dynamic", "tickets.dynamic.enabled=true"),
@@ -127,8 +128,7 @@ SUITES: dict[str, dict] = {
         "configs": _dense_soap("configs/digits32_op.yaml", "digits32_op", [10, 20])
         + [
             _lotus("configs/digits32_lotus.yaml", "digits32_lotus"),
-            _lotus("configs/digits32_auto.yaml", "digits32_auto"),
-            _lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP),
+            _lotus("configs/digits32_auto.yaml", "digits32_auto", role="auto"),  # the one auto config
             _lotus("configs/digits32_flip.yaml", "digits32_flip_soap"),
         ],
     },
@@ -150,8 +150,8 @@ SUITES: dict[str, dict] = {
                 ("no_thinning", "pruning.structured.mlp=0.0"),
             ),
         )
-        + [_lotus("configs/digits32_auto.yaml", "digits32_auto_soap", _SOAP)]
-        + _ablations("configs/digits32_auto.yaml", "digits32_auto_soap", _AUTO_SWITCHES, _SOAP),
+        + [_lotus("configs/digits32_auto.yaml", "digits32_auto", role="auto")]
+        + _ablations("configs/digits32_auto.yaml", "digits32_auto", _AUTO_SWITCHES),
     },
     # 20 epochs are far from converged on shapes (dense SOAP 85 +- 4 %, still rising): the budgets here are 20 and
     # 40 epochs, and the auto configs (configs/shapes32_auto.yaml) train 40
@@ -163,8 +163,7 @@ SUITES: dict[str, dict] = {
         + [
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
-            _lotus("configs/shapes32_auto.yaml", "shapes32_auto"),
-            _lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP),
+            _lotus("configs/shapes32_auto.yaml", "shapes32_auto", role="auto"),  # the one auto config
             _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap"),
         ],
     },
@@ -174,8 +173,8 @@ SUITES: dict[str, dict] = {
         "data": ("make_shapes", "data/shapes32", 250, 60),
         "runs": "shapes32",
         "configs": _dense_both("configs/shapes32_op.yaml", "shapes32_op", [20, 40])
-        + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto_soap", _SOAP)]
-        + _ablations("configs/shapes32_auto.yaml", "shapes32_auto_soap", _AUTO_SWITCHES, _SOAP),
+        + [_lotus("configs/shapes32_auto.yaml", "shapes32_auto", role="auto")]
+        + _ablations("configs/shapes32_auto.yaml", "shapes32_auto", _AUTO_SWITCHES),
     },
     "textures": {
         "tokens": 64,
@@ -184,8 +183,7 @@ SUITES: dict[str, dict] = {
         "configs": _dense_soap("configs/textures_op.yaml", "textures_op", [10, 20])
         + [
             _lotus("configs/textures_lotus.yaml", "textures_lotus"),
-            _lotus("configs/textures_auto.yaml", "textures_auto"),
-            _lotus("configs/textures_auto.yaml", "textures_auto_soap", _SOAP),
+            _lotus("configs/textures_auto.yaml", "textures_auto", role="auto"),  # the one auto config
             _lotus("configs/textures_flip.yaml", "textures_flip_soap"),
         ],
     },

@@ -56,9 +56,19 @@ def test_rungs_are_probed_only_when_the_side_gives_back_too_much():
 def test_a_rise_raises_to_the_first_rung_within_tolerance_else_full():
     st = _state((0, 12))
     d = sr.side_decision(st, A, 3, GRID, 0.5, [(16, 0.4), (20, 0.15)], 1.0, 1.0)
-    assert (d.what, d.value, d.signal, d.measured, d.threshold) == ("side", 20, "side_loss_rise_of_learned", 0.5, 0.2)
+    assert (d.what, d.value, d.signal, d.measured, d.threshold) == ("side", 20, "side_loss_gap_of_learned", 0.5, 0.2)
     assert "at 12 px gives back 50.0%" in d.reason and "20 px (25 tokens)" in d.reason
     assert sr.side_decision(st, A, 3, GRID, 0.5, [(16, 0.4), (20, 0.3), (24, 0.25)], 1.0, 1.0).value == 28
+
+
+def test_a_model_fitting_its_small_side_better_than_full_size_raises_it_too():
+    # the gap counts either way: lower loss at 12 px than at 28 px means the model fits the side it trains at
+    st = _state((0, 12))
+    assert sr.side_rungs(st, A, GRID, -0.3) == [16, 20, 24] and sr.side_rungs(st, A, GRID, -0.2) == []
+    d = sr.side_decision(st, A, 3, GRID, -0.3, [(16, -0.25), (20, 0.1)], 1.0, 1.0)
+    assert (d.value, d.signal, d.measured) == (20, "side_loss_gap_of_learned", -0.3)
+    assert "30.0% of the loss learned below the loss at 28 px" in d.reason
+    assert sr.side_off(-0.21, A) and not sr.side_off(0.2, A) and not sr.side_off(None, A)
 
 
 def test_a_stall_raises_one_patch_when_this_lever_takes_it():
@@ -80,6 +90,7 @@ def test_a_stall_raises_one_patch_when_this_lever_takes_it():
         (0.1, 0.3, True, False, "patches"),  # random patches give back more: they take the stall
         (0.3, 0.1, True, False, "side"),
         (0.2, 0.2, True, False, "side"),  # a tie: the side (every part of the image stays)
+        (-0.3, 0.1, True, False, "side"),  # the side's gap counts either way
         (None, 0.3, True, False, "side"),  # nothing measured yet
         (0.1, 0.3, False, False, "side"),  # patches off or at all
         (0.3, 0.1, True, True, "patches"),  # the side is full size already

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,7 +66,7 @@ def test_side_starts_low_rises_on_the_probe_and_is_full_in_the_anneal(tmp_path, 
     _script(monkeypatch, side_rise=lambda s: 0.5 if s < 12 else 0.1)  # 8 px gives back too much, 12 px does not
     run = tmp_path / "run"
     summary = Trainer(config_from_dict(_dict(tiny_cfg_dict)), run_dir=str(run), quiet=True).fit()
-    assert _decided(summary, "side") == [(8, 0, "side_at_start"), (12, 1, "side_loss_rise_of_learned")]
+    assert _decided(summary, "side") == [(8, 0, "side_at_start"), (12, 1, "side_loss_gap_of_learned")]
     eps = _epochs(run)
     assert [e["img_side"] for e in eps] == [8, 12, 12, 12, 16, 16]  # the anneal (last 2 epochs) at full size
     assert eps[0]["auto_side_rise"] == 0.5 and "auto_side_rise" not in eps[-1]
@@ -126,4 +127,28 @@ def test_side_probe_measures_the_live_model_at_full_size_and_smaller(tmp_path, t
         assert auto_probes.probe_loss(trainer, model, data, side=16) == full
     rises = auto_probes.side_rises(trainer, model, data, [8, 16], full)
     assert rises[16] == 0.0 and rises[8] != 0.0
-    assert auto_probes.side_rises(trainer, model, data, [8], full, gate=full) == {}  # not learned: no rise
+    assert auto_probes.side_rises(trainer, model, data, [8], full, gate=0.0) == {}  # nothing learned: no gap
+    gap = auto_probes.side_gap(0.5, 1.0, 10)  # lower at the side: negative, over the better loss's learned share
+    assert gap == pytest.approx(-0.5 / (math.log(10) - 0.5))
+
+
+AUTO_CONFIGS = ("fashion_auto", "digits32_auto", "textures_auto", "shapes32_auto")
+
+
+def test_one_auto_config_for_every_dataset():
+    """The auto configs of the benchmarks share every section that decides the method; only the dataset's data,
+    model and training length / recipe (the dense baseline's) differ."""
+    from pathlib import Path
+
+    from lotus.config import config_to_dict, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfgs = {n: config_to_dict(load_config(configs / f"{n}.yaml")) for n in AUTO_CONFIGS}
+    may_differ = {"name", "data", "model", "train", "output"}  # the dataset, its model and its recipe / budget
+    first = cfgs[AUTO_CONFIGS[0]]
+    for name, cfg in cfgs.items():
+        assert cfg["schedule"]["mode"] == "auto" and cfg["resolution"]["enabled"], name
+        assert cfg["model"]["kwargs"]["dynamic_img_size"] is True, name
+        assert cfg.keys() == first.keys()
+        for section in sorted(set(cfg) - may_differ):
+            assert cfg[section] == first[section], f"{name}: {section} differs from {AUTO_CONFIGS[0]}"

@@ -215,7 +215,7 @@ class AutoScheduleCallback(Callback):
         rungs: list[tuple[int, float]] = []
         for s in side_rules.side_rungs(self.state, self.a, grid, rise):
             rungs.append((s, probes.side_rises(trainer, model, data, [s], full)[s]))
-            if rungs[-1][1] <= self.a.keep_tolerance:
+            if not side_rules.side_off(rungs[-1][1], self.a):
                 break
         loss = float(metrics["train_loss"])
         decision = side_rules.side_decision(self.state, self.a, epoch, grid, rise, rungs, loss, prev_loss, takes_stall)

@@ -41,6 +41,7 @@ __all__ = [
     "probe_loss",
     "random_keep_rises",
     "side_rises",
+    "side_gap",
     "attention_masses",
     "step_seconds",
     "thinned_loss",
@@ -178,13 +179,22 @@ def random_keep_rises(
 def side_rises(
     trainer: Trainer, model: torch.nn.Module, data: Batches, sides: list[int], full: float, gate: float = math.inf
 ) -> dict[int, float]:
-    """Per side, the rise of the probe loss with the images at that side over ``full`` (the loss at full size, on
-    all patches) as a share of the loss learned; nothing while ``full`` is at least ``gate``."""
-    if full >= gate:
-        return {}
-    classes = trainer.data.num_classes
+    """Per side, the probe loss with the images at that side minus ``full`` (the loss at full size, on all
+    patches), as a share of the loss learned at the better of the two (:func:`side_gap`): positive when the
+    smaller side loses what the model needs, negative when the model fits the side it trains at better than
+    the full size it is evaluated at. A side is left out while neither loss is under ``gate``."""
+    classes, out = trainer.data.num_classes, {}
     with eval_mode(model):
-        return {s: rules.loss_rise_of_learned(probe_loss(trainer, model, data, side=s), full, classes) for s in sides}
+        for s in sides:
+            loss = probe_loss(trainer, model, data, side=s)
+            if min(loss, full) < gate:
+                out[s] = side_gap(loss, full, classes)
+    return out
+
+
+def side_gap(side_loss: float, full_loss: float, num_classes: int) -> float:
+    """(``side_loss`` - ``full_loss``) / (ln(classes) - the lower of both)."""
+    return (side_loss - full_loss) / max(math.log(num_classes) - min(side_loss, full_loss), 1e-3)
 
 
 def thinned_loss(

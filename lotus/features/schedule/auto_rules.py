@@ -39,12 +39,14 @@ decision          signal -> rule                                                
                   -> ``patch_rules.patches_stay_off``
 ``side``          resolution: ``resolution.start`` of the full side from epoch 0     ``resolution`` side
                   (``side_rules.side_start``; full size when timed steps save
-                  nothing); raised to the lowest side whose probe gives back at
-                  most ``keep_tolerance`` of the loss learned when the current
-                  side gives back more, or one patch larger on a train-loss
-                  stall (< ``keep_stall``) that the side takes: with random
-                  patches on, the lever whose probe gives back more takes it
-                  (``side_rules.stall_lever``); full size in the anneal
+                  nothing); raised to the lowest side whose probe loss is within
+                  ``keep_tolerance`` of the loss learned of full size's (either
+                  way: lower means the model fits the small side, not the full
+                  size it is evaluated at) when the current side is not, or one
+                  patch larger on a train-loss stall (< ``keep_stall``) that the
+                  side takes: with random patches on, the lever whose probe is
+                  further off takes it (``side_rules.stall_lever``); full size
+                  in the anneal
                   -> ``side_rules.side_decision``
 ``thin``          a thinned copy's probe-batch loss gives back at most              ``pruning.structured``
                   ``thin_tolerance`` of the loss learned so far (the largest of     (once)

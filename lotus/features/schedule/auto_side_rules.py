@@ -3,8 +3,11 @@
 Random patch tickets drop tokens by position; a lower input resolution drops them by frequency (EfficientTrain:
 low frequencies first). Under auto the training side is a decision, not a function of the epoch: it starts at
 ``resolution.start`` of the full side from epoch 0 (:func:`side_start`) and rises in whole patches on the same
-two signals as random patches (:func:`side_decision`): the probe batches at the current side give back more than
-``keep_tolerance`` of the loss learned so far, or the train loss stalls (``keep_stall``). When both levers are on,
+two signals as random patches (:func:`side_decision`): the probe loss at the current side and at full size are
+more than ``keep_tolerance`` of the loss learned apart, or the train loss stalls (``keep_stall``). The gap counts
+both ways: higher at the side means the smaller images lose what the model needs; lower means the model fits
+the side it trains at better than the full size it is evaluated at (the train/test resolution discrepancy of
+Touvron et al., FixRes 2019), which no val accuracy taken at full size would forgive. When both levers are on,
 a stall raises the one whose probe gives back more (:func:`stall_lever`), so the data decides which tokens
 matter: a small object lost among random patches raises the keep rate, fine texture lost at low resolution
 raises the side. Pure functions; the rule table is in :mod:`lotus.features.schedule.auto_rules`.
@@ -18,7 +21,7 @@ from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.auto_rules import Decision
 from lotus.features.schedule.config import AutoConfig
 
-__all__ = ["SideGrid", "side_start", "current_side", "side_rungs", "stall_lever", "side_decision"]
+__all__ = ["SideGrid", "side_start", "current_side", "side_off", "side_rungs", "stall_lever", "side_decision"]
 
 
 @dataclass(frozen=True)
@@ -75,25 +78,31 @@ def side_start(grid: SideGrid, saved: float | None) -> Decision:
     )
 
 
+def side_off(gap: float | None, a: AutoConfig) -> bool:
+    """Whether a side's probe loss is more than ``keep_tolerance`` of the loss learned away from full size's
+    (either way; None: not measured)."""
+    return gap is not None and abs(gap) > a.keep_tolerance
+
+
 def side_rungs(state: AutoState, a: AutoConfig, grid: SideGrid, rise: float | None) -> list[int]:
-    """The sides to probe, lowest first, when the current one gives back more than ``keep_tolerance``
-    (the controller stops at the first within it); full size is never probed (it gives back nothing)."""
-    if rise is None or rise <= a.keep_tolerance:
+    """The sides to probe, lowest first, when the current one is off (:func:`side_off`; the controller stops at
+    the first that is not); full size is never probed (it is the reference)."""
+    if not side_off(rise, a):
         return []
     return grid.above(current_side(state, grid))[:-1]
 
 
 def stall_lever(side_rise: float | None, patch_rise: float | None, patches: bool, side_full: bool) -> str:
-    """Which lever a train-loss stall raises: ``side`` or ``patches``. The one whose probe gives back more of
-    the loss learned (a lever at full size, or off, cannot take it); without both rises, the side (a lower
-    resolution keeps every part of the image, random patches do not)."""
+    """Which lever a train-loss stall raises: ``side`` or ``patches``. The one whose probe is further from the
+    all-token loss (the side's gap counts either way; a lever at full size, or off, cannot take it); without both,
+    the side (a lower resolution keeps every part of the image, random patches do not)."""
     if not patches:
         return "side"
     if side_full:
         return "patches"
     if side_rise is None or patch_rise is None:
         return "side"
-    return "side" if side_rise >= patch_rise else "patches"
+    return "side" if abs(side_rise) >= patch_rise else "patches"
 
 
 def side_decision(
@@ -107,23 +116,28 @@ def side_decision(
     prev_loss: float | None,
     takes_stall: bool = True,
 ) -> Decision | None:
-    """Raise to the first probed ``rungs`` (side, rise) within ``keep_tolerance`` (else full size) when the
-    current side's ``rise`` exceeds it; else one patch larger when the train loss fell by less than
+    """Raise to the first probed ``rungs`` (side, gap) within ``keep_tolerance`` (else full size) when the
+    current side is off (:func:`side_off`); else one patch larger when the train loss fell by less than
     ``keep_stall`` (0: off) in an epoch that started on the same tokens and model as the one before, and this
     lever ``takes_stall`` (:func:`stall_lever`)."""
     side = current_side(state, grid)
     if side >= grid.full:
         return None
-    if rise is not None and rise > a.keep_tolerance:
-        to = next((s for s, x in rungs if x <= a.keep_tolerance), grid.full)
+    if rise is not None and side_off(rise, a):
+        to = next((s for s, x in rungs if not side_off(x, a)), grid.full)
+        what = (
+            f"gives back {rise:.1%} of the loss learned"
+            if rise > 0
+            else f"is {-rise:.1%} of the loss learned below the loss at {grid.full} px (the model fits the side it "
+            "trains at, not the one it is evaluated at)"
+        )
         return Decision(
             "side",
             to,
-            "side_loss_rise_of_learned",
+            "side_loss_gap_of_learned",
             rise,
             a.keep_tolerance,
-            f"the loss on the probe batches at {side} px gives back {rise:.1%} of the loss learned: {to} px "
-            f"({grid.tokens(to)} tokens) from now on",
+            f"the loss on the probe batches at {side} px {what}: {to} px ({grid.tokens(to)} tokens) from now on",
         )
     if prev_loss is None or not takes_stall or state.lever_changed(epoch):
         return None
