@@ -38,7 +38,7 @@ def _script(monkeypatch, side_rise, keep_rise=lambda k: 0.0, full=0.1, seconds=(
     monkeypatch.setattr(
         auto_probes,
         "side_rises",
-        lambda trainer, model, data, sides, f, gate=math.inf: {} if f >= gate else {s: side_rise(s) for s in sides},
+        lambda trainer, model, data, sides, f, gate=math.inf: {s: side_rise(s) for s in sides if f < gate},
     )
     monkeypatch.setattr(
         auto_probes,
@@ -76,6 +76,17 @@ def test_side_starts_low_rises_on_the_probe_and_is_full_in_the_anneal(tmp_path, 
     assert summary["final_val_acc"] > 0.12  # above chance, evaluated at full size
 
 
+def test_a_checkpoint_from_before_auto_decided_the_side_is_refused(tiny_cfg_dict):
+    from lotus.errors import LotusError
+    from lotus.features.schedule.auto import AutoState
+    from lotus.features.schedule.auto_callback import AutoScheduleCallback
+
+    cb = AutoScheduleCallback(config_from_dict(_dict(tiny_cfg_dict)), AutoState(6, 0.2, 0.2))
+    with pytest.raises(LotusError, match="^resolution.enabled: this checkpoint was written before"):
+        cb.load_state_dict({"decisions": [{"what": "reduce", "from_epoch": 1, "value": 1}]})
+    cb.load_state_dict({"decisions": []})  # a checkpoint before any decision: nothing to replay
+
+
 def test_side_stays_full_when_a_smaller_side_saves_nothing(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
     _script(monkeypatch, side_rise=lambda s: 0.0, seconds=(1.0, 1.0))
     run = tmp_path / "run"
@@ -102,8 +113,10 @@ def test_a_stall_raises_the_lever_that_gives_back_more(tmp_path, tiny_cfg_dict, 
 
 
 def test_resume_replays_the_sides_and_the_weights(tmp_path, tiny_cfg_dict, monkeypatch, one_thread):
-    _script(monkeypatch, side_rise=lambda s: 0.5 if s < 12 else 0.1)
-    d = _dict(tiny_cfg_dict)
+    # a stall every epoch: the side rises at the end of epochs 2 and 4 (not right after a change), so one decision
+    # is replayed from the checkpoint and one is taken after the resume
+    _script(monkeypatch, side_rise=lambda s: 0.1)
+    d = _dict(tiny_cfg_dict, keep_stall=1.0, epochs=8)
     full = Trainer(config_from_dict(d), run_dir=str(tmp_path / "full"), quiet=True).fit()
     steps = next(r["step"] for r in _epochs(tmp_path / "full") if r["epoch"] == 2)
     d1 = copy.deepcopy(d)
@@ -111,6 +124,8 @@ def test_resume_replays_the_sides_and_the_weights(tmp_path, tiny_cfg_dict, monke
     Trainer(config_from_dict(d1), run_dir=str(tmp_path / "part"), quiet=True).fit()
     resumed = Trainer(config_from_dict(d), run_dir=str(tmp_path / "part"), resume=True, quiet=True).fit()
     assert resumed["auto_schedule"]["decisions"] == full["auto_schedule"]["decisions"]
+    sides = [(v, e) for v, e, _ in _decided(full, "side")]
+    assert sides[0] == (8, 0) and any(e <= 2 for _, e in sides[1:]) and any(e > 2 for _, e in sides[1:])
     assert [e["img_side"] for e in _epochs(tmp_path / "part")] == [e["img_side"] for e in _epochs(tmp_path / "full")]
     a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(tmp_path / "part" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -127,7 +142,12 @@ def test_side_probe_measures_the_live_model_at_full_size_and_smaller(tmp_path, t
         assert auto_probes.probe_loss(trainer, model, data, side=16) == full
     rises = auto_probes.side_rises(trainer, model, data, [8, 16], full)
     assert rises[16] == 0.0 and rises[8] != 0.0
-    assert auto_probes.side_rises(trainer, model, data, [8], full, gate=0.0) == {}  # nothing learned: no gap
+    low = auto_probes.probe_loss(trainer, model, data, side=8)
+    assert auto_probes.side_rises(trainer, model, data, [8], full, gate=min(low, full)) == {}  # not learned: no gap
+    assert auto_probes.side_rises(trainer, model, data, [8], full, gate=min(low, full) + 1e-6) == {8: rises[8]}
+    x, y = data[0]
+    whole, small = auto_probes.step_seconds(trainer, model, x, y, None, side=8)  # resolution alone: no patch_drop
+    assert whole > 0 and small > 0
     gap = auto_probes.side_gap(0.5, 1.0, 10)  # lower at the side: negative, over the better loss's learned share
     assert gap == pytest.approx(-0.5 / (math.log(10) - 0.5))
 

@@ -1,10 +1,11 @@
 """Progressive resolution in lotus training (``resolution``): each training batch is resized to the epoch's
 side (:func:`lotus.features.resolution.schedule.side_at`) before the forward, so the ViT sees
 ``(side / patch)^2`` tokens; timm's ``dynamic_img_size`` interpolates the position embedding to that grid.
-Evaluation, probes and the exported model run at the full side. It composes with random patch tickets
-(they drop a share of whatever grid the batch has), dynamic data pruning and thinning; the side is a pure
-function of the epoch (``schedule.mode: fixed``) or of the auto schedule's decisions, which a resumed run replays
-(:mod:`lotus.features.schedule.auto_side_rules`), so a resumed run is bit-identical."""
+Evaluation and the exported model run at the full side (the auto schedule's probes also try smaller ones). It
+composes with random patch tickets (they drop a share of whatever grid the batch has), dynamic data pruning and
+thinning; the side is a pure function of the epoch (``schedule.mode: fixed``) or of the auto schedule's
+decisions, which a resumed run replays (:mod:`lotus.features.schedule.auto_side_rules`), so a resumed run is
+bit-identical."""
 
 from __future__ import annotations
 

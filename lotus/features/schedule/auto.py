@@ -109,12 +109,12 @@ class AutoState:
         return value
 
     def lever_changed(self, epoch: int) -> bool:
-        """Whether thinning, a patch keep rate or a side took effect at ``epoch`` (after the start decisions):
-        then its train loss is not comparable with the epoch before's."""
+        """Whether thinning, a patch keep rate or a side took effect at ``epoch``: then its train loss is not
+        comparable with the epoch before's (asked from epoch 1 on; the start decisions apply from epoch 0)."""
         return (
             (self.thin is not None and self.thin["epoch"] == epoch)
-            or any(e == epoch for e, _ in self.keep_rates[1:])
-            or any(e == epoch for e, _ in self.sides[1:])
+            or any(e == epoch for e, _ in self.keep_rates)
+            or any(e == epoch for e, _ in self.sides)
         )
 
     def thin_due(self, progress: float) -> tuple[float, float] | None:

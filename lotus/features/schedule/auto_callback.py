@@ -20,6 +20,7 @@ from typing import Any
 
 from data_tickets.keep_rate import num_kept
 from lotus.callbacks import Callback, Trainer
+from lotus.errors import LotusError
 from lotus.features.schedule import auto_patch_rules as patch_rules
 from lotus.features.schedule import auto_probes as probes
 from lotus.features.schedule import auto_rules as rules
@@ -30,7 +31,8 @@ __all__ = ["AutoScheduleCallback"]
 
 
 class AutoScheduleCallback(Callback):
-    """Decides the phases, dynamic ratio, patch keep rate and thinning of an auto-scheduled run."""
+    """Decides the phases, dynamic ratio, patch keep rate, training image side and thinning of an auto-scheduled
+    run."""
 
     def __init__(self, cfg: Any, state: AutoState):
         self.cfg = cfg  # the run's lotus.config.Config
@@ -55,7 +57,7 @@ class AutoScheduleCallback(Callback):
     def grid(self, trainer: Trainer) -> side_rules.SideGrid:
         """The sides the resolution rule may choose (from ``resolution.start`` of the full side, whole patches)."""
         if self._grid is None:
-            patch = self._model(trainer).patch_embed.patch_size
+            patch = trainer.unwrapped_model.patch_embed.patch_size
             patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
             self._grid = side_rules.SideGrid.of(int(trainer.data.img_size), patch, self.cfg.resolution.start)
         return self._grid
@@ -214,8 +216,11 @@ class AutoScheduleCallback(Callback):
         grid, data = self.grid(trainer), self.probe_batches(trainer)
         rungs: list[tuple[int, float]] = []
         for s in side_rules.side_rungs(self.state, self.a, grid, rise):
-            rungs.append((s, probes.side_rises(trainer, model, data, [s], full)[s]))
-            if not side_rules.side_off(rungs[-1][1], self.a):
+            gap = probes.side_rises(trainer, model, data, [s], full).get(s)
+            if gap is None:  # not finite: no verdict on this side
+                continue
+            rungs.append((s, gap))
+            if not side_rules.side_off(gap, self.a):
                 break
         loss = float(metrics["train_loss"])
         decision = side_rules.side_decision(self.state, self.a, epoch, grid, rise, rungs, loss, prev_loss, takes_stall)
@@ -323,7 +328,14 @@ class AutoScheduleCallback(Callback):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.state.load(list(state.get("decisions", [])))
+        decisions = list(state.get("decisions", []))
+        if self.resolution and decisions and not any(d["what"] == "side" for d in decisions):
+            raise LotusError(
+                "resolution.enabled: this checkpoint was written before schedule.mode: auto decided the image side "
+                "(its sides followed resolution.full_at); resume it with the Lotus version that wrote it, or train "
+                "afresh"
+            )
+        self.state.load(decisions)
         self.prev_loss = state.get("prev_loss")
         best = state.get("best_acc")
         self.plateau = rules.Plateau(-math.inf if best is None else float(best), int(state.get("since_best", 0)))

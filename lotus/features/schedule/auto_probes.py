@@ -259,7 +259,7 @@ def step_seconds(
     ranks; the model and the RNG streams are untouched."""
     trial = copy.deepcopy(model)
     trial.train()
-    kept = getattr(trial, "patch_drop", None)  # a model without patch tickets (resolution alone) has none
+    kept = trial.patch_drop  # timm's Identity when the model has no patch tickets: then k is None, never used
     keep = None if k is None else torch.arange(k, device=x.device).expand(len(x), k)
     small = x if side is None else resize(x, side, trainer.cfg.resolution.mode)
     sync: Callable[[], None] = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)

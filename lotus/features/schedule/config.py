@@ -70,15 +70,15 @@ class AutoConfig:
     attention."""
     keep_tolerance: float = field(default=0.25, metadata={"min": 0.0})
     """scorer random: raise the keep rate when that many random patches give back more than this share of the loss
-    learned so far."""
+    learned so far (resolution: raise the side when its probe loss is further than this from full size's)."""
     keep_stall: float = field(default=0.05, metadata=_SHARE)
-    """scorer random: raise the keep rate one rung when the train loss fell by less than this share in an epoch; 0:
-    off."""
+    """scorer random (and resolution): raise the keep rate (or the side, whichever probe is further off) one rung
+    when the train loss fell by less than this share in an epoch; 0: off."""
     keep_rate_step: float = field(default=0.125, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     """Step between keep-rate rungs."""
     patches_must_pay: bool = True
     """Keep patch tickets off for the run when a timed step shows they save no more time per epoch than their ranking
-    costs."""
+    costs (resolution: train at full size when a timed step at the lowest side saves nothing)."""
     ratio_step: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
     """The dynamic-pruning ratio moves in steps of this size."""
     learned_loss: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "min_exclusive": True})
