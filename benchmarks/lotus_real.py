@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from lotus.bench import run_bench  # noqa: E402
 from lotus.bench_report import analyse  # noqa: E402
-from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios  # noqa: E402
+from lotus.bench_stats import _finite, _time_to, baselines_line, format_ratio, mean_std, seed_ratios  # noqa: E402
 
 
 def _ratio(d: dict) -> str:
@@ -346,11 +346,7 @@ def markdown(res: dict, command: str, meta: dict) -> str:
     base = res["baseline_per_seed"]["cpu_to_target"]
     out += [
         "",
-        "Dense baseline per seed (CPU time): "
-        + ", ".join(
-            f"seed {s}: {b['config']} {b['value']:.0f} s" if b["config"] else f"seed {s}: none reached"
-            for s, b in zip(res["seeds"], base)
-        ),
+        baselines_line(res["seeds"], base, digits=0),
         "",
         "Targets (issue: auto >= 2.0x CPU time, >= 2.5x FLOPs, within "
         "0.3 pp on test, smaller model, faster than each peer):",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from lotus.bench_stats import format_ratio, mean_std
+from lotus.bench_stats import baselines_line, format_ratio, mean_std
 from lotus.run_report import read_metrics
 
 __all__ = ["ratio", "decisions", "markdown"]
@@ -125,11 +125,7 @@ def markdown(res: dict, command: str, meta: dict) -> str:
     base = res["baseline_per_seed"]["cpu_to_target"]
     out += [
         "",
-        "Dense baseline per seed (CPU time): "
-        + ", ".join(
-            f"seed {s}: {b['config']} {b['value']:.1f} s" if b["config"] else f"seed {s}: none reached"
-            for s, b in zip(res["seeds"], base)
-        ),
+        baselines_line(res["seeds"], base, digits=1),
         "",
     ]
     out += _verdict(res, meta["target_speedup"])

@@ -7,7 +7,7 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["format_ratio", "seed_stats", "mean_std", "seed_ratios"]
+__all__ = ["format_ratio", "seed_stats", "mean_std", "seed_ratios", "baselines_line"]
 
 
 def _time_to(epochs: list[dict], target: float, key: str) -> float:
@@ -66,3 +66,11 @@ def format_ratio(d: dict | None, missing: str = "-") -> str:
     n = len(d["per_seed"])
     s = f"{d['median']:.2f}x" + (f" ({d['min']:.2f}-{d['max']:.2f})" if n > 1 else "")
     return s + (f" [{d['seeds_with_ratio']}/{n} seeds]" if d["seeds_with_ratio"] < n else "")
+
+
+def baselines_line(seeds: list[int], base: list[dict], what: str = "CPU time", digits: int = 1) -> str:
+    """One line naming each seed's baseline config and its value (``base``: ``{"config", "value"}`` per seed)."""
+    return f"Dense baseline per seed ({what}): " + ", ".join(
+        f"seed {s}: {b['config']} {b['value']:.{digits}f} s" if b["config"] else f"seed {s}: none reached"
+        for s, b in zip(seeds, base)
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from data_tickets.keep_rate import num_kept
@@ -28,6 +29,19 @@ from lotus.features.schedule import auto_side_rules as side_rules
 from lotus.features.schedule.auto import AutoState
 
 __all__ = ["AutoScheduleCallback"]
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """What the token-lever rules share at an epoch end: the epoch, its metrics, the epoch before's train loss,
+    the decisions made so far this round, the probed model and its probe loss on all tokens at full size."""
+
+    epoch: int
+    metrics: dict
+    prev_loss: float | None
+    made: list[str]
+    model: Any
+    full: float
 
 
 class AutoScheduleCallback(Callback):
@@ -188,27 +202,16 @@ class AutoScheduleCallback(Callback):
         if side_on:
             side_rise = probes.side_rises(trainer, model, data, [side], full, gate).get(side)
         lever = side_rules.stall_lever(side_rise, keep_rise, keep_on, not side_on)
+        seen = _Probed(epoch, metrics, prev_loss, made, model, full)
         if keep_on:
-            self._raise_random_keep_rate(
-                trainer, epoch, metrics, prev_loss, made, model, full, keep_rise, stall_taken=lever == "side"
-            )
+            self._raise_random_keep_rate(trainer, seen, keep_rise, stall_taken=lever == "side")
         if side_on:
-            self._raise_side(trainer, epoch, metrics, prev_loss, made, model, full, side_rise, lever == "side")
+            self._raise_side(trainer, seen, side_rise, takes_stall=lever == "side")
 
-    def _raise_side(
-        self,
-        trainer: Trainer,
-        epoch: int,
-        metrics: dict,
-        prev_loss: float | None,
-        made: list[str],
-        model: Any,
-        full: float,
-        rise: float | None,
-        takes_stall: bool,
-    ) -> None:
+    def _raise_side(self, trainer: Trainer, seen: _Probed, rise: float | None, takes_stall: bool) -> None:
         """resolution: probe the sides above the current one while they give back too much, then let
         :func:`~lotus.features.schedule.auto_side_rules.side_decision` decide."""
+        epoch, metrics, model, full = seen.epoch, seen.metrics, seen.model, seen.full
         if not patch_rules.random_keep_ready(self.state, epoch, rise):
             return
         if rise is not None:
@@ -223,23 +226,15 @@ class AutoScheduleCallback(Callback):
             if not side_rules.side_off(gap, self.a):
                 break
         loss = float(metrics["train_loss"])
-        decision = side_rules.side_decision(self.state, self.a, epoch, grid, rise, rungs, loss, prev_loss, takes_stall)
-        self._apply(trainer, epoch, decision, made)
+        decision = side_rules.side_decision(
+            self.state, self.a, epoch, grid, rise, rungs, loss, seen.prev_loss, takes_stall
+        )
+        self._apply(trainer, epoch, decision, seen.made)
 
-    def _raise_random_keep_rate(
-        self,
-        trainer: Trainer,
-        epoch: int,
-        metrics: dict,
-        prev_loss: float | None,
-        made: list[str],
-        model: Any,
-        full: float,
-        rise: float | None,
-        stall_taken: bool,
-    ) -> None:
+    def _raise_random_keep_rate(self, trainer: Trainer, seen: _Probed, rise: float | None, stall_taken: bool) -> None:
         """scorer random: probe the rungs above the current rate's random patches (lowest first, while they give
         back too much) and let :func:`~lotus.features.schedule.auto_patch_rules.random_keep_rate` decide."""
+        epoch, metrics, model, full = seen.epoch, seen.metrics, seen.model, seen.full
         data = self.probe_batches(trainer)
         n = int(model.patch_embed.num_patches)
         if not patch_rules.random_keep_ready(self.state, epoch, rise):
@@ -256,9 +251,9 @@ class AutoScheduleCallback(Callback):
             trainer,
             epoch,
             patch_rules.random_keep_rate(
-                self.state, self.a, epoch, n, rise, rungs, float(metrics["train_loss"]), prev_loss, stall_taken
+                self.state, self.a, epoch, n, rise, rungs, float(metrics["train_loss"]), seen.prev_loss, stall_taken
             ),
-            made,
+            seen.made,
         )
 
     def _thin(self, trainer: Trainer, epoch: int, made: list[str]) -> None:
