@@ -55,6 +55,14 @@ def _dense(path: str, name: str, epochs: list[int], extra: list[str] | None = No
 
 
 _SOAP = ["optim.name=soap"]  # the LOTUS configs on SOAP: the same schedule, the stronger optimiser
+# the resolution lever of schedule.mode: auto added to the one auto config: both token levers from about a quarter of
+# the tokens (the side from 3/4 of the full side, half of the patches at random), decided by the same rules
+_TOKENS = [
+    "model.kwargs.dynamic_img_size=true",
+    "resolution.enabled=true",
+    "resolution.start=0.75",
+    "tickets.patches.keep_rate=0.5",
+]
 
 
 def _dense_both(path: str, name: str, epochs: list[int]) -> list[dict]:
@@ -81,7 +89,6 @@ def _ablations(path: str, name: str, switches: tuple, extra: list[str] | None = 
 # ablations are where that choice comes from; patches_forced lowers the keep rate even where the timed check
 # says the dropped patches save less than re-ranking costs)
 _AUTO_SWITCHES = (
-    ("no_resolution", "resolution.enabled=false"),
     ("no_patches", "tickets.patches.enabled=false"),
     ("no_thinning", "pruning.structured.mlp=0.0"),
     ("with_dynamic", "tickets.dynamic.enabled=true"),
@@ -129,6 +136,7 @@ SUITES: dict[str, dict] = {
         + [
             _lotus("configs/digits32_lotus.yaml", "digits32_lotus"),
             _lotus("configs/digits32_auto.yaml", "digits32_auto", role="auto"),  # the one auto config
+            _lotus("configs/digits32_auto.yaml", "digits32_auto_tokens", _TOKENS, role="ablation"),
             _lotus("configs/digits32_flip.yaml", "digits32_flip_soap"),
         ],
     },
@@ -164,6 +172,7 @@ SUITES: dict[str, dict] = {
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus"),
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
             _lotus("configs/shapes32_auto.yaml", "shapes32_auto", role="auto"),  # the one auto config
+            _lotus("configs/shapes32_auto.yaml", "shapes32_auto_tokens", _TOKENS, role="ablation"),
             _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap"),
         ],
     },
@@ -184,6 +193,7 @@ SUITES: dict[str, dict] = {
         + [
             _lotus("configs/textures_lotus.yaml", "textures_lotus"),
             _lotus("configs/textures_auto.yaml", "textures_auto", role="auto"),  # the one auto config
+            _lotus("configs/textures_auto.yaml", "textures_auto_tokens", _TOKENS, role="ablation"),
             _lotus("configs/textures_flip.yaml", "textures_flip_soap"),
         ],
     },

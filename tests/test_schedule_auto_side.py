@@ -167,8 +167,7 @@ def test_one_auto_config_for_every_dataset():
     may_differ = {"name", "data", "model", "train", "output"}  # the dataset, its model and its recipe / budget
     first = cfgs[AUTO_CONFIGS[0]]
     for name, cfg in cfgs.items():
-        assert cfg["schedule"]["mode"] == "auto" and cfg["resolution"]["enabled"], name
-        assert cfg["model"]["kwargs"]["dynamic_img_size"] is True, name
+        assert cfg["schedule"]["mode"] == "auto" and cfg["tickets"]["patches"]["enabled"], name
         assert cfg.keys() == first.keys()
         for section in sorted(set(cfg) - may_differ):
             assert cfg[section] == first[section], f"{name}: {section} differs from {AUTO_CONFIGS[0]}"
