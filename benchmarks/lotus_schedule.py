@@ -287,7 +287,8 @@ def _analyse_suite(suite: str, entries: list[dict], results: list, seeds: list[i
 
 def _auto_vs_hand(rows: list[dict]) -> list[dict]:
     """Each auto config (role ``auto``) against the best hand-made schedule (role ``lotus``: the most seeds at the
-    target, then the lowest median CPU time to it): per-seed CPU-time ratios hand / auto."""
+    target, then the lowest median CPU time to it, then the highest final accuracy): per-seed CPU-time ratios
+    hand / auto."""
     hand = [r for r in rows if r["role"] == "lotus"]
     if not hand:
         return []
@@ -295,9 +296,9 @@ def _auto_vs_hand(rows: list[dict]) -> list[dict]:
     def reached(r: dict) -> int:
         return sum(map(math.isfinite, r["cpu_to_target"]))
 
-    def key(r: dict) -> tuple:
+    def key(r: dict) -> tuple:  # the most seeds at the target, then the fastest there, then the highest final
         times = [t for t in r["cpu_to_target"] if math.isfinite(t)]
-        return (-reached(r), statistics.median(times) if times else math.inf)
+        return (-reached(r), statistics.median(times) if times else math.inf, -r["final_acc_mean"])
 
     best = min(hand, key=key)
     return [

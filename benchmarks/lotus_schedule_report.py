@@ -171,14 +171,15 @@ def _auto_verdict(res: dict) -> list[str]:
     lines = []
     for a in res.get("auto_vs_hand", []):
         sp = a["speedup_cpu_per_seed"]
-        fast = sp["median"] is not None and sp["median"] >= 1.0
-        reached = a["auto_seeds_reached"] >= a["hand_seeds_reached"]
+        auto_n, hand_n = a["auto_seeds_reached"], a["hand_seeds_reached"]
+        # more seeds at the target is faster (the other never gets there); as many: the per-seed ratios decide
+        fast = auto_n > hand_n or (auto_n == hand_n > 0 and sp["median"] is not None and sp["median"] >= 1.0)
         close = a["auto_delta_final_pp"] >= -res["target_drop"] * 100 - 1e-9
-        ok = fast and reached and close
+        ok = fast and close
         lines.append(
             f"- **{a['auto']} vs the best hand-made schedule ({a['hand']}): target {'met' if ok else 'MISSED'}** "
-            f"(goal: at least as fast to the target, median per-seed CPU-time ratio >= 1.0 over the seeds where "
-            f"both reach it, in at least as many seeds, final within {res['target_drop'] * 100:.1f} pp of "
+            f"(goal: at least as fast to the target: at the target in more seeds, or in as many with a median "
+            f"per-seed CPU-time ratio >= 1.0; final within {res['target_drop'] * 100:.1f} pp of "
             f"{res['strongest_dense']}): {ratio(sp)}; seeds at the target {a['auto_seeds_reached']} vs "
             f"{a['hand_seeds_reached']}; final {a['auto_delta_final_pp']:+.2f} pp (hand-made "
             f"{a['hand_delta_final_pp']:+.2f} pp)."
