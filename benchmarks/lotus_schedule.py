@@ -63,6 +63,13 @@ _TOKENS = [
     "resolution.start=0.75",
     "tickets.patches.keep_rate=0.5",
 ]
+# the resolution lever alone (no random patches: shapes32's small objects are where dropping patches hurts)
+_SIDE = [
+    "model.kwargs.dynamic_img_size=true",
+    "resolution.enabled=true",
+    "resolution.start=0.75",
+    "tickets.patches.enabled=false",
+]
 
 
 def _dense_both(path: str, name: str, epochs: list[int]) -> list[dict]:
@@ -173,6 +180,7 @@ SUITES: dict[str, dict] = {
             _lotus("configs/shapes32_lotus.yaml", "shapes32_lotus_40ep", _HAND_40EP),
             _lotus("configs/shapes32_auto.yaml", "shapes32_auto", role="auto"),  # the one auto config
             _lotus("configs/shapes32_auto.yaml", "shapes32_auto_tokens", _TOKENS, role="ablation"),
+            _lotus("configs/shapes32_auto.yaml", "shapes32_auto_side", _SIDE, role="ablation"),
             _lotus("configs/shapes32_flip.yaml", "shapes32_flip_soap"),
         ],
     },
