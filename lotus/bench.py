@@ -22,7 +22,8 @@ from typing import Union
 from tqdm import tqdm
 
 from lotus.callbacks import Callback
-from lotus.config import config_to_dict, load_config, load_saved_config
+from lotus.config import config_to_dict, load_config
+from lotus.config_upgrade import load_saved_config
 from lotus.errors import LotusError
 from lotus.training import Trainer
 

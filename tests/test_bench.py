@@ -132,7 +132,8 @@ def test_runs_saved_before_the_schedule_rename_are_reused(tmp_path, tiny_cfg_dic
     """A finished run whose config.yaml still says ``lotus:`` (before it was renamed ``schedule:``) is the same
     config: bench reuses it instead of refusing it; user configs keep the one-line error."""
     from lotus.bench import run_bench
-    from lotus.config import config_from_dict, upgrade_saved
+    from lotus.config import config_from_dict
+    from lotus.config_upgrade import upgrade_saved
     from lotus.errors import ConfigError
 
     tiny_cfg_dict["schedule"] = {"enabled": True, "warmup_epochs": 1, "anneal_epochs": 0}
