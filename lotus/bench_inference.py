@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lotus.config import load_config
+from lotus.config_upgrade import load_saved_config
 from lotus.data import build_datasets
 from lotus.models import create_model, resolve_img_size
 from lotus.safe_io import atomic_write_text
@@ -24,7 +24,7 @@ __all__ = ["load_inference", "measure_inference"]
 def load_inference(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     """The run's final model (eval mode), a val batch of up to 256 images, and its params, nonzeros and
     forward FLOPs/img."""
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    cfg = load_saved_config(os.path.join(run_dir, "config.yaml"))
     img = resolve_img_size(cfg.model)
     data = build_datasets(cfg.data, img, cfg.model.in_chans, model_cfg=cfg.model)
     cfg.model.pretrained = False

@@ -14,7 +14,7 @@ import numpy as np
 
 from lotus.bench_inference import measure_inference
 from lotus.bench_stats import _finite, _time_to, format_ratio, mean_std, seed_ratios
-from lotus.config import load_config
+from lotus.config_upgrade import load_saved_config
 from lotus.run_report import read_metrics
 from lotus.safe_io import atomic_write_stream, atomic_write_text
 
@@ -41,7 +41,7 @@ def analyse(
         finals = [ep[-1]["val_acc"] for ep, _, _ in runs]
         tt = [_time_to(ep, target, "wall_s") for ep, _, _ in runs]
         ft = [_time_to(ep, target, "train_flops") for ep, _, _ in runs]
-        cfg = load_config(os.path.join(res.runs[0], "config.yaml"))
+        cfg = load_saved_config(os.path.join(res.runs[0], "config.yaml"))
         rows.append(
             {
                 "name": res.name,
