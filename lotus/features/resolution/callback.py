@@ -73,10 +73,9 @@ class ResolutionCallback(Callback):
     def transform_batch(
         self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.side >= self.full or images.shape[-1] == self.side:
+        if self.side >= self.full:
             return images, labels, index
-        images = resize(images, self.side, self.cfg.mode)
-        return images, labels, index
+        return resize(images, self.side, self.cfg.mode), labels, index
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         metrics.update(img_side=self.side, tokens=(self.side // self.patch) ** 2)

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["side_at", "resize"]
+__all__ = ["side_at", "lowest_side", "resize"]
 
 
 def side_at(epoch: int, epochs: int, full: int, patch: int, start: float, full_at: float) -> int:
@@ -16,13 +16,18 @@ def side_at(epoch: int, epochs: int, full: int, patch: int, start: float, full_a
     least two patches per side; ``full`` itself when it is not a multiple of ``patch``."""
     if full % patch or full // patch <= 2:
         return full
-    lo = max(2 * patch, int(start * full) // patch * patch)
+    lo = lowest_side(full, patch, start)
     end = round(full_at * epochs)
     if epoch >= end or lo >= full:
         return full
     t = epoch / end
     side = lo + t * (full - lo)
     return max(lo, min(full, int(math.floor(side / patch + 1e-9)) * patch))
+
+
+def lowest_side(full: int, patch: int, start: float) -> int:
+    """``start * full`` rounded down to whole patches, at least two patches per side."""
+    return max(2 * patch, int(start * full) // patch * patch)
 
 
 def resize(images: torch.Tensor, side: int, mode: str = "bilinear") -> torch.Tensor:

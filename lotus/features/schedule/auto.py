@@ -100,13 +100,10 @@ class AutoState:
 
     def side(self, epoch: float) -> int | None:
         """The decided training image side in force (px), or None: full size (no decision, or the anneal)."""
-        if self.phase(epoch) == "anneal" or not self.sides:
+        if self.phase(epoch) == "anneal":
             return None
-        value: int | None = None
-        for e, v in self.sides:
-            if e <= epoch:
-                value = v
-        return value
+        side = self._step_value(self.sides, epoch, 0)
+        return int(side) if side else None
 
     def lever_changed(self, epoch: int) -> bool:
         """Whether thinning, a patch keep rate or a side took effect at ``epoch``: then its train loss is not

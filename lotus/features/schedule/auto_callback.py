@@ -71,10 +71,14 @@ class AutoScheduleCallback(Callback):
     def grid(self, trainer: Trainer) -> side_rules.SideGrid:
         """The sides the resolution rule may choose (from ``resolution.start`` of the full side, whole patches)."""
         if self._grid is None:
-            patch = trainer.unwrapped_model.patch_embed.patch_size
-            patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-            self._grid = side_rules.SideGrid.of(int(trainer.data.img_size), patch, self.cfg.resolution.start)
+            res = trainer.features["resolution"]  # its on_fit_start checked the model and read full side and patch
+            self._grid = side_rules.SideGrid.of(res.full, res.patch, self.cfg.resolution.start)
         return self._grid
+
+    @staticmethod
+    def _steps(trainer: Trainer, epoch_samples: int) -> int:
+        """Optimiser steps per rank in an epoch of ``epoch_samples`` samples."""
+        return math.ceil(max(epoch_samples, 1) / (trainer.cfg.data.batch_size * trainer.dist.world_size))
 
     def _model(self, trainer: Trainer) -> Any:
         owner = trainer.features.get("pruning")
@@ -106,7 +110,7 @@ class AutoScheduleCallback(Callback):
         pc, world = self.cfg.tickets.patches, trainer.dist.world_size
         x, y = self.probe_batches(trainer)[0]
         full, kept = probes.step_seconds(trainer, model, x.to(trainer.device), y.to(trainer.device), k)
-        steps = math.ceil(max(epoch_samples, 1) / (trainer.cfg.data.batch_size * world))
+        steps = self._steps(trainer, epoch_samples)
         online = pc.scorer == "cls_attention" and pc.source == "online"
         ranked = 0
         if online and pc.refresh_every != 0:
@@ -173,8 +177,7 @@ class AutoScheduleCallback(Callback):
             full, low = probes.step_seconds(
                 trainer, self._model(trainer), x.to(trainer.device), y.to(trainer.device), None, side=grid.low
             )
-            steps = math.ceil(len(trainer.train_set) / (trainer.cfg.data.batch_size * trainer.dist.world_size))
-            saved = patch_rules.seconds_saved(full, low, steps)
+            saved = patch_rules.seconds_saved(full, low, self._steps(trainer, len(trainer.train_set)))
         self._apply(trainer, -1, side_rules.side_start(grid, saved), made)
 
     def _raise_tokens(

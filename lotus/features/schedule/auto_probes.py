@@ -269,7 +269,7 @@ def step_seconds(
             for which in (None, "reduced"):
                 sync()
                 t0 = time.perf_counter()
-                xs = x if which is None or side is None else small
+                xs = x if which is None else small
                 drop = contextlib.nullcontext() if keep is None else kept.keep(None if which is None else keep)
                 with drop, trainer.autocast():
                     loss = F.cross_entropy(trial(xs).float(), y)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lotus.features.resolution.schedule import lowest_side
 from lotus.features.schedule.auto import AutoState
 from lotus.features.schedule.auto_rules import Decision
 from lotus.features.schedule.config import AutoConfig
@@ -34,9 +35,8 @@ class SideGrid:
 
     @classmethod
     def of(cls, full: int, patch: int, start: float) -> SideGrid:
-        """``start`` of ``full``, rounded down to whole patches, at least two patches per side."""
-        low = max(2 * patch, int(start * full) // patch * patch)
-        return cls(min(low, full), full, patch)
+        """``start`` of ``full`` (:func:`~lotus.features.resolution.schedule.lowest_side`), at most ``full``."""
+        return cls(min(lowest_side(full, patch, start), full), full, patch)
 
     def above(self, side: int) -> list[int]:
         """The sides above ``side``, up to ``full``, lowest first."""
